@@ -1,0 +1,49 @@
+# pydstack: `make up` runs the control plane, `make test` runs every check.
+# Both install whatever is missing first (Debian packages, then the .venv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the project needs; installed only when missing.
+DEB_PACKAGES := python3-venv ca-certificates
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: up test lint typecheck unit deps sysdeps bench clean
+
+up: deps
+	$(BIN)/pydstack up
+
+test: deps lint typecheck unit
+
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: deps
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/pytest -q -p no:cacheprovider
+
+deps: sysdeps $(STAMP)
+
+sysdeps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+bench: deps
+	for b in append replay; do $(BIN)/python -m bench.$$b --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,19 @@
+"""The NATS JetStream event store."""
+
+from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
+from .store import (
+    DEFAULT_STREAM,
+    NEW,
+    Change,
+    EventStore,
+    Recorded,
+    StreamSettings,
+    Version,
+    new_event_id,
+)
+
+__all__ = [
+    "DEFAULT_STREAM", "NEW", "Change", "ConflictError", "EventStore", "PermissionDenied",
+    "Recorded", "StoreError", "StreamMissing", "StreamSettings", "Unreachable", "Version",
+    "new_event_id",
+]  # fmt: skip

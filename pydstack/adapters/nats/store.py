@@ -1,0 +1,491 @@
+"""The event store: one JetStream stream, optimistic appends, aggregate reads and followers.
+
+Usage::
+
+    async with await EventStore.connect("nats://127.0.0.1:4222", signer) as store:
+        await store.ensure_stream()
+        history, version = await store.read_aggregate("dstack.vm.v1")
+        await store.append("dstack.vm.v1", [VmRejected(vm_id="v1", reason="full")], version)
+
+Appends are compare-and-set on a subject (``Nats-Expected-Last-Subject-Sequence``) and
+idempotent (``Nats-Msg-Id`` = event id). Several aggregates can be changed in one atomic batch
+(``commit``), each guarded by its own expected sequence: the server stores all or none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
+
+from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
+
+DEFAULT_STREAM: Final = "DSTACK"
+_WRONG_LAST_SEQ: Final = 10071
+_BATCH_DUP_ID: Final = 10201
+_STREAM_NOT_FOUND: Final = 10059
+_H_EXPECT: Final = "Nats-Expected-Last-Subject-Sequence"
+_H_MSGID: Final = "Nats-Msg-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """Where an aggregate stands: stream sequence of its last event and that event's hash."""
+
+    seq: int = 0
+    hash: bytes = b""
+
+
+NEW: Final = Version()
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One message as stored: its stream sequence, subject, exact bytes and server time."""
+
+    seq: int
+    subject: str
+    data: bytes
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One aggregate's part of a commit."""
+
+    subject: str
+    events: Sequence[Event]
+    expected: Version
+    event_ids: Sequence[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    name: str = DEFAULT_STREAM
+    replicas: int = 1
+    duplicate_window_s: float = 120.0
+    # An audit log should refuse deletes and purges; tests that simulate tampering turn it off.
+    deny_delete: bool = True
+
+
+def new_event_id() -> str:
+    """Time-ordered unique id (UUIDv7 layout), so ids sort roughly by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = uuid.uuid4().int & ((1 << 74) - 1)
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    return uuid.UUID(int=value).hex
+
+
+def _stamp(msg: Msg) -> int:
+    raw = (msg.headers or {}).get("Nats-Time-Stamp", "")
+    if not raw:
+        return 0
+    # RFC 3339 with nanoseconds; the sub-second part is what makes ordering readable.
+    from datetime import datetime
+
+    head, _, frac = raw.rstrip("Z").partition(".")
+    secs = datetime.fromisoformat(head + "+00:00").timestamp()
+    return int(secs) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+@dataclass
+class EventStore:
+    nc: Client
+    js: JetStreamContext
+    signer: Signer
+    url: str
+    settings: StreamSettings = field(default_factory=StreamSettings)
+    timeout: float = 5.0
+    retries: int = 3
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        signer: Signer,
+        *,
+        settings: StreamSettings | None = None,
+        nkey_seed: str | None = None,
+        name: str | None = None,
+        connect_timeout: float = 2.0,
+        reconnect: bool = True,
+    ) -> EventStore:
+        """Connect to NATS; fail fast with `Unreachable` instead of retrying forever."""
+        opts: dict[str, Any] = {
+            "servers": [u.strip() for u in url.split(",")],
+            "name": name or signer.actor,
+            "connect_timeout": connect_timeout,
+            "allow_reconnect": reconnect,
+            "max_reconnect_attempts": -1 if reconnect else 0,
+            "reconnect_time_wait": 0.5,
+        }
+        if nkey_seed:
+            opts["nkeys_seed_str"] = nkey_seed
+
+        async def quiet(_: Exception) -> None:  # nats-py logs every failed attempt otherwise
+            return None
+
+        opts["error_cb"] = quiet
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(**opts), timeout=connect_timeout * 2 + 1
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            raise Unreachable(url, str(exc) or type(exc).__name__) from None
+        return cls(nc=nc, js=nc.jetstream(timeout=5.0), signer=signer, url=url,
+                   settings=settings or StreamSettings())
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def stream(self) -> str:
+        return self.settings.name
+
+    # -- stream -------------------------------------------------------------------------------
+
+    def stream_config(self) -> StreamConfig:
+        s = self.settings
+        return StreamConfig(
+            name=s.name,
+            subjects=[ALL_SUBJECTS],
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window_s,
+            max_msgs=-1,
+            max_bytes=-1,
+            max_age=0,
+            deny_delete=s.deny_delete,
+            deny_purge=s.deny_delete,
+            allow_direct=True,
+            allow_atomic=True,
+        )
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or leave an existing one as it is (idempotent)."""
+        try:
+            await self.js.stream_info(self.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await self.js.add_stream(self.stream_config())
+        except nats.js.errors.APIError as exc:
+            raise StoreError(f"cannot create stream {self.stream!r}: {exc.description}") from None
+
+    async def last_seq(self) -> int:
+        try:
+            info = await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            raise StreamMissing(self.stream) from None
+        return int(info.state.last_seq)
+
+    # -- append -------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        subject: str,
+        events: Sequence[Event],
+        expected: Version | int,
+        *,
+        correlation: str = "",
+        causation: str = "",
+        event_ids: Sequence[str] | None = None,
+    ) -> Version:
+        """Append events to one aggregate if it still stands at `expected`; returns its new version.
+
+        Raises ConflictError when another writer got there first.
+        """
+        if isinstance(expected, int):
+            expected = await self.version_at(subject, expected)
+        result = await self.commit(
+            [Change(subject, events, expected, event_ids)],
+            correlation=correlation, causation=causation,
+        )
+        return result[subject]
+
+    async def commit(
+        self,
+        changes: Sequence[Change],
+        *,
+        correlation: str = "",
+        causation: str = "",
+    ) -> dict[str, Version]:
+        """Append to several aggregates atomically; each change is guarded by its expected version."""
+        if not changes or not any(c.events for c in changes):
+            raise ValueError("commit needs at least one event")
+        if len({c.subject for c in changes}) != len(changes):
+            raise ValueError("commit takes each subject once; put all its events in one Change")
+        msgs: list[tuple[str, bytes, dict[str, str]]] = []
+        now = time.time_ns()
+        correlation = correlation or new_event_id()
+        for change in changes:
+            prev = change.expected.hash
+            ids = change.event_ids or [new_event_id() for _ in change.events]
+            if len(ids) != len(change.events):
+                raise ValueError(f"{change.subject}: {len(ids)} ids for {len(change.events)} events")
+            for i, (event, eid) in enumerate(zip(change.events, ids, strict=True)):
+                data = seal(self.signer, event, subject=change.subject, event_id=eid,
+                            time_ns=now, correlation=correlation, causation=causation, prev=prev)
+                headers = {_H_MSGID: eid}
+                if i == 0:
+                    headers[_H_EXPECT] = str(change.expected.seq)
+                msgs.append((change.subject, data, headers))
+                prev = message_hash(data)
+        if len(msgs) == 1:
+            subj, data, headers = msgs[0]
+            seq = await self._publish_one(subj, data, headers, changes[0].expected.seq)
+            return {subj: Version(seq, message_hash(data))}
+        last_seq = await self._publish_batch(msgs, changes)
+        return _versions_after(msgs, last_seq)
+
+    async def _publish_one(self, subject: str, data: bytes, headers: dict[str, str], exp: int) -> int:
+        for attempt in range(self.retries + 1):
+            try:
+                ack = await self.js.publish(subject, data, timeout=self.timeout, headers=headers)
+                return int(ack.seq)
+            except nats.js.errors.APIError as exc:
+                raise self._api_error(exc.err_code, exc.description or "", subject, exp) from None
+            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
+                # Same Nats-Msg-Id on retry: if the first try was stored, the server answers
+                # with that sequence (duplicate) instead of storing it twice.
+                if attempt == self.retries:
+                    raise StoreError(f"append to {subject} got no answer: {type(exc).__name__}") from None
+                await asyncio.sleep(0.1 * (attempt + 1))
+            except nats.errors.PermissionsViolation:
+                raise PermissionDenied(subject) from None
+        raise AssertionError("unreachable")
+
+    async def _publish_batch(
+        self, msgs: list[tuple[str, bytes, dict[str, str]]], changes: Sequence[Change]
+    ) -> int:
+        batch_id = new_event_id()
+        for attempt in range(self.retries + 1):
+            try:
+                for i, (subj, data, headers) in enumerate(msgs, 1):
+                    h = dict(headers, **{"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)})
+                    if i < len(msgs):
+                        await self.nc.publish(subj, data, headers=h)
+                    else:
+                        h["Nats-Batch-Commit"] = "1"
+                        reply = await self.nc.request(subj, data, headers=h, timeout=self.timeout)
+                resp = json.loads(reply.data)
+            except nats.errors.NoRespondersError:
+                raise StreamMissing(self.stream) from None
+            except nats.errors.TimeoutError:
+                if attempt == self.retries:
+                    raise StoreError("atomic append got no answer; check the NATS server") from None
+                batch_id = new_event_id()  # a fresh batch; the msg ids still dedupe
+                await asyncio.sleep(0.1 * (attempt + 1))
+                continue
+            err = resp.get("error")
+            if err is None:
+                return int(resp["seq"])
+            code, desc = int(err.get("err_code", 0)), str(err.get("description", ""))
+            if code == _BATCH_DUP_ID and attempt > 0:
+                return await self._already_committed(msgs, changes)
+            subject = next((c.subject for c in changes if c.events), "?")
+            if code == _WRONG_LAST_SEQ:
+                # The server does not say which subject moved; find it, for a precise error.
+                subject = await self._moved_subject(changes) or subject
+                exp = next(c.expected.seq for c in changes if c.subject == subject)
+                raise ConflictError(subject, exp, desc)
+            raise self._api_error(code, desc, subject, 0)
+        raise AssertionError("unreachable")
+
+    async def _already_committed(
+        self, msgs: list[tuple[str, bytes, dict[str, str]]], changes: Sequence[Change]
+    ) -> int:
+        """A retried batch hit its own message ids: confirm the first try landed, return its seq."""
+        last_subject, last_data, _ = msgs[-1]
+        got = await self.last_by_subject(last_subject)
+        if got is None or got.data != last_data:
+            raise ConflictError(last_subject, changes[-1].expected.seq, "batch retry saw other writes")
+        return got.seq
+
+    async def _moved_subject(self, changes: Sequence[Change]) -> str | None:
+        for c in changes:
+            last = await self.last_by_subject(c.subject)
+            if (last.seq if last else 0) != c.expected.seq:
+                return c.subject
+        return None
+
+    def _api_error(self, code: int, desc: str, subject: str, exp: int) -> StoreError:
+        if code == _WRONG_LAST_SEQ:
+            return ConflictError(subject, exp, desc)
+        if code == _STREAM_NOT_FOUND:
+            return StreamMissing(self.stream)
+        return StoreError(f"append to {subject} refused: {desc} (code {code})")
+
+    # -- read ---------------------------------------------------------------------------------
+
+    async def last_by_subject(self, subject: str) -> Recorded | None:
+        try:
+            msg = await self.js.get_msg(self.stream, subject=subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return Recorded(seq=int(msg.seq or 0), subject=msg.subject or subject, data=msg.data or b"")
+
+    async def version_at(self, subject: str, seq: int) -> Version:
+        """The version of `subject` if its last event is at `seq` (hash looked up on the server)."""
+        if seq == 0:
+            return NEW
+        try:
+            msg = await self.js.get_msg(self.stream, seq=seq, direct=True)
+        except nats.js.errors.NotFoundError:
+            raise ConflictError(subject, seq, f"no message at sequence {seq}") from None
+        if msg.subject != subject:
+            raise ConflictError(subject, seq, f"sequence {seq} belongs to {msg.subject}")
+        return Version(seq, message_hash(msg.data or b""))
+
+    async def read_aggregate(self, subject: str, after: int = 0) -> tuple[list[Recorded], Version]:
+        """Every event of one aggregate (after stream seq `after`), and its current version.
+
+        Uses batched direct gets (no consumer to create), so a decide loop costs one round trip
+        per ~256 events.
+        """
+        out: list[Recorded] = []
+        start = after + 1
+        while True:
+            batch, pending = await self._direct_batch(subject, start, 256)
+            out.extend(batch)
+            if not batch or pending == 0:
+                break
+            start = batch[-1].seq + 1
+        if out:
+            return out, Version(out[-1].seq, message_hash(out[-1].data))
+        if after:
+            return out, await self.version_at(subject, after)
+        return out, NEW
+
+    async def _direct_batch(self, subject: str, start: int, n: int) -> tuple[list[Recorded], int]:
+        inbox = self.nc.new_inbox()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def collect(msg: Msg) -> None:
+            await queue.put(msg)
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        try:
+            req = json.dumps({"seq": start, "next_by_subj": subject, "batch": n}).encode()
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", req, reply=inbox)
+            out: list[Recorded] = []
+            pending = 0
+            while True:
+                msg = await asyncio.wait_for(queue.get(), timeout=self.timeout)
+                hdrs = msg.headers or {}
+                status = hdrs.get("Status", "")
+                if status == "404":
+                    return out, 0
+                if status == "408" or status.startswith("5"):
+                    raise StoreError(f"read {subject} failed: {hdrs.get('Description', status)}")
+                if status == "204":  # end of batch
+                    return out, pending
+                if status:
+                    raise StoreError(f"read {subject}: unexpected status {status}")
+                pending = int(hdrs.get("Nats-Num-Pending", "0"))
+                out.append(Recorded(int(hdrs["Nats-Sequence"]), hdrs.get("Nats-Subject", subject),
+                                    msg.data, _stamp(msg)))
+        except nats.errors.NoRespondersError:
+            raise StreamMissing(self.stream) from None
+        except TimeoutError:
+            raise StoreError(f"read {subject}: no answer from the server") from None
+        finally:
+            await sub.unsubscribe()
+
+    async def read(
+        self,
+        *,
+        subject: str = ALL_SUBJECTS,
+        from_seq: int = 1,
+        from_time: float | None = None,
+        follow: bool = False,
+        until_seq: int | None = None,
+    ) -> AsyncIterator[Recorded]:
+        """Every stored message in order (ordered consumer); with `follow`, then new ones forever."""
+        stop = until_seq
+        if not follow and stop is None:
+            stop = await self.last_seq()
+            if stop == 0:
+                return
+        if from_time is not None:
+            from datetime import UTC, datetime
+
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                 opt_start_time=datetime.fromtimestamp(from_time, UTC).isoformat())
+        else:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                 opt_start_seq=max(from_seq, 1))
+        if stop is not None and from_time is None and from_seq > stop:
+            return
+        sub = await self.js.subscribe(subject, ordered_consumer=True, config=cfg,
+                                      stream=self.stream, pending_msgs_limit=1_000_000)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=None if follow else self.timeout)
+                except nats.errors.TimeoutError:
+                    if follow:
+                        continue
+                    raise StoreError("reading the stream stalled; check the NATS server") from None
+                meta = msg.metadata
+                seq = int(meta.sequence.stream)
+                if stop is not None and seq > stop:
+                    return
+                yield Recorded(seq, msg.subject, msg.data, int(meta.timestamp.timestamp() * 1e9))
+                if stop is not None and (seq >= stop or (not follow and meta.num_pending == 0)):
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def durable(
+        self, name: str, subjects: Iterable[str], *, ack_wait_s: float = 30.0,
+        max_deliver: int = 20,
+    ) -> JetStreamContext.PullSubscription:
+        """A durable pull consumer for an actor: survives restarts, redelivers unacked events."""
+        cfg = ConsumerConfig(
+            durable_name=name,
+            filter_subjects=list(subjects),
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait_s,
+            max_deliver=max_deliver,
+            max_ack_pending=10_000,
+        )
+        try:
+            await self.js.add_consumer(self.stream, cfg)
+        except nats.js.errors.NotFoundError:
+            raise StreamMissing(self.stream) from None
+        return await self.js.pull_subscribe_bind(durable=name, stream=self.stream)
+
+
+def _versions_after(msgs: list[tuple[str, bytes, dict[str, str]]], last_seq: int) -> dict[str, Version]:
+    # An atomic batch occupies consecutive sequences ending at last_seq.
+    first = last_seq - len(msgs) + 1
+    out: dict[str, Version] = {}
+    for offset, (subj, data, _) in enumerate(msgs):
+        out[subj] = Version(first + offset, message_hash(data))
+    return out

@@ -1,0 +1,68 @@
+"""Typed events, their signed and hash-chained envelope, and aggregate subjects."""
+
+from ._base import Event, tag_of
+from .apps import AppRegistered, AppRemoved, AppUpgraded
+from .catalogue import (
+    EVENT_TYPES,
+    AnyEvent,
+    AppEvent,
+    CvmEvent,
+    GatewayEvent,
+    HostEvent,
+    KmsEvent,
+    VmEvent,
+)
+from .envelope import (
+    CodecError,
+    Envelope,
+    SignatureError,
+    Signer,
+    decode_any,
+    decode_body,
+    encode_body,
+    message_hash,
+    open_envelope,
+    seal,
+    verify,
+)
+from .gateways import (
+    CvmLiveness,
+    CvmRecycled,
+    CvmRegistered,
+    GatewayNodeDown,
+    GatewayNodeJoined,
+    GatewayNodeUp,
+)
+from .hosts import HostHeartbeat, HostJoined, HostLeft, HostVmPlaced, HostVmReleased
+from .kms import BootInfo, KeyDenied, KeyIssued, KeyRequested, KmsReplicaOnboarded, KmsRootCreated
+from .subjects import ALL as ALL_SUBJECTS
+from .subjects import SubjectError, kind_filter, parse_subject, subject
+from .vms import (
+    PortMap,
+    VmBootError,
+    VmBootProgress,
+    VmExited,
+    VmRejected,
+    VmRemoved,
+    VmRemoveRequested,
+    VmRequested,
+    VmResources,
+    VmScheduled,
+    VmStarted,
+    VmStartRequested,
+    VmStopped,
+    VmStopRequested,
+)
+
+__all__ = [
+    "ALL_SUBJECTS", "EVENT_TYPES", "AnyEvent", "AppEvent", "AppRegistered", "AppRemoved", "AppUpgraded",
+    "BootInfo", "CodecError", "CvmEvent", "CvmLiveness", "CvmRecycled", "CvmRegistered",
+    "Envelope", "Event", "GatewayEvent", "GatewayNodeDown", "GatewayNodeJoined", "GatewayNodeUp",
+    "HostEvent", "HostHeartbeat", "HostJoined", "HostLeft", "HostVmPlaced", "HostVmReleased",
+    "KeyDenied", "KeyIssued", "KeyRequested", "KmsEvent", "KmsReplicaOnboarded",
+    "KmsRootCreated", "PortMap", "SignatureError", "Signer", "SubjectError", "VmBootError",
+    "VmBootProgress", "VmEvent", "VmExited", "VmRejected", "VmRemoveRequested", "VmRemoved",
+    "VmRequested", "VmResources", "VmScheduled", "VmStartRequested", "VmStarted",
+    "VmStopRequested", "VmStopped", "decode_any", "decode_body", "encode_body", "kind_filter",
+    "message_hash", "open_envelope", "parse_subject", "seal", "subject", "tag_of", "verify",
+]  # fmt: skip

@@ -1,0 +1,29 @@
+"""Events of the app aggregate, subject ``dstack.app.<app_id>``."""
+
+from __future__ import annotations
+
+from ._base import Event
+
+
+class AppRegistered(Event, tag="AppRegistered"):
+    """An app-compose was registered; ``app_id`` is derived from it as dstack does."""
+
+    app_id: str
+    compose_hash: str
+    name: str = ""
+    compose: bytes = b""  # the raw app-compose.json bytes whose sha256 is compose_hash
+    owner: str = ""
+
+
+class AppUpgraded(Event, tag="AppUpgraded"):
+    """A new compose for the same app id (the KMS policy must still allow it)."""
+
+    app_id: str
+    compose_hash: str
+    previous_compose_hash: str
+    compose: bytes = b""
+
+
+class AppRemoved(Event, tag="AppRemoved"):
+    app_id: str
+    reason: str = ""

@@ -1,0 +1,67 @@
+"""Every event type pydstack knows, and the union that decodes any of them.
+
+Adding a type: define it in its aggregate's module with a new tag, then list it here.
+Never reuse or change a tag (``docs/schema-evolution.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .apps import AppRegistered, AppRemoved, AppUpgraded
+from .gateways import (
+    CvmLiveness,
+    CvmRecycled,
+    CvmRegistered,
+    GatewayNodeDown,
+    GatewayNodeJoined,
+    GatewayNodeUp,
+)
+from .hosts import HostHeartbeat, HostJoined, HostLeft, HostVmPlaced, HostVmReleased
+from .kms import KeyDenied, KeyIssued, KeyRequested, KmsReplicaOnboarded, KmsRootCreated
+from .vms import (
+    VmBootError,
+    VmBootProgress,
+    VmExited,
+    VmRejected,
+    VmRemoved,
+    VmRemoveRequested,
+    VmRequested,
+    VmScheduled,
+    VmStarted,
+    VmStartRequested,
+    VmStopped,
+    VmStopRequested,
+)
+
+AppEvent = AppRegistered | AppUpgraded | AppRemoved
+VmEvent = (
+    VmRequested
+    | VmScheduled
+    | VmRejected
+    | VmStartRequested
+    | VmStopRequested
+    | VmRemoveRequested
+    | VmStarted
+    | VmBootProgress
+    | VmBootError
+    | VmExited
+    | VmStopped
+    | VmRemoved
+)
+HostEvent = HostJoined | HostHeartbeat | HostLeft | HostVmPlaced | HostVmReleased
+KmsEvent = KmsRootCreated | KeyRequested | KeyIssued | KeyDenied | KmsReplicaOnboarded
+GatewayEvent = GatewayNodeJoined | GatewayNodeDown | GatewayNodeUp
+CvmEvent = CvmRegistered | CvmLiveness | CvmRecycled
+
+AnyEvent = AppEvent | VmEvent | HostEvent | KmsEvent | GatewayEvent | CvmEvent
+
+EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
+    AppRegistered, AppUpgraded, AppRemoved,
+    VmRequested, VmScheduled, VmRejected, VmStartRequested, VmStopRequested, VmRemoveRequested,
+    VmStarted, VmBootProgress, VmBootError, VmExited, VmStopped, VmRemoved,
+    HostJoined, HostHeartbeat, HostLeft, HostVmPlaced, HostVmReleased,
+    KmsRootCreated, KeyRequested, KeyIssued, KeyDenied, KmsReplicaOnboarded,
+    GatewayNodeJoined, GatewayNodeDown, GatewayNodeUp,
+    CvmRegistered, CvmLiveness, CvmRecycled,
+)  # fmt: skip

@@ -1,0 +1,97 @@
+"""Events of the VM aggregate, subject ``dstack.vm.<vm_id>``."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ._base import Event
+
+
+class PortMap(msgspec.Struct, frozen=True, kw_only=True):
+    """A host port forwarded to a guest port, like dstack's ``PortMapping``."""
+
+    protocol: str = "tcp"
+    host_address: str = "127.0.0.1"
+    host_port: int
+    vm_port: int
+
+
+class VmResources(msgspec.Struct, frozen=True, kw_only=True):
+    vcpu: int
+    memory_mb: int
+    disk_gb: int = 0
+    gpus: tuple[str, ...] = ()
+
+
+class VmRequested(Event, tag="VmRequested"):
+    """A command: run one CVM of an app with these resources."""
+
+    vm_id: str
+    app_id: str
+    name: str
+    resources: VmResources
+    image: str = ""
+    compose_hash: str = ""
+    ports: tuple[PortMap, ...] = ()
+    encrypted_env: bytes = b""  # sealed to the app's env key; never plaintext
+    host: str = ""  # pin to a host when set
+
+
+class VmScheduled(Event, tag="VmScheduled"):
+    """The scheduler placed the VM; mirrors ``HostVmPlaced`` on the host aggregate."""
+
+    vm_id: str
+    host: str
+    cid: int
+    ports: tuple[PortMap, ...] = ()
+    placement_event: str = ""  # id of the HostVmPlaced event that reserved the room
+
+
+class VmRejected(Event, tag="VmRejected"):
+    vm_id: str
+    reason: str
+
+
+class VmStartRequested(Event, tag="VmStartRequested"):
+    vm_id: str
+
+
+class VmStopRequested(Event, tag="VmStopRequested"):
+    vm_id: str
+    force: bool = False
+
+
+class VmRemoveRequested(Event, tag="VmRemoveRequested"):
+    vm_id: str
+
+
+class VmStarted(Event, tag="VmStarted"):
+    vm_id: str
+    host: str
+    pid: int = 0
+
+
+class VmBootProgress(Event, tag="VmBootProgress"):
+    vm_id: str
+    stage: str
+    detail: str = ""
+
+
+class VmBootError(Event, tag="VmBootError"):
+    vm_id: str
+    stage: str
+    error: str
+
+
+class VmExited(Event, tag="VmExited"):
+    vm_id: str
+    reason: str
+    exit_code: int | None = None
+
+
+class VmStopped(Event, tag="VmStopped"):
+    vm_id: str
+
+
+class VmRemoved(Event, tag="VmRemoved"):
+    vm_id: str
