@@ -1,6 +1,7 @@
 """The NATS JetStream event store."""
 
 from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
+from .server import NatsServer, NatsServerConfig, NatsUser, free_port, nats_server_binary
 from .store import (
     DEFAULT_STREAM,
     NEW,
@@ -13,7 +14,8 @@ from .store import (
 )
 
 __all__ = [
-    "DEFAULT_STREAM", "NEW", "Change", "ConflictError", "EventStore", "PermissionDenied",
+    "DEFAULT_STREAM", "NEW", "Change", "ConflictError", "EventStore", "NatsServer",
+    "NatsServerConfig", "NatsUser", "PermissionDenied", "free_port", "nats_server_binary",
     "Recorded", "StoreError", "StreamMissing", "StreamSettings", "Unreachable", "Version",
     "new_event_id",
 ]  # fmt: skip
