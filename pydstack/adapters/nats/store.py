@@ -269,6 +269,12 @@ class EventStore:
                 ack = await self.js.publish(subject, data, timeout=self.timeout, headers=headers)
                 return int(ack.seq)
             except nats.js.errors.APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQ:
+                    # nats-server checks the expected sequence BEFORE Msg-Id dedupe, so a retry
+                    # of an append that did land comes back as a conflict: recognise our own.
+                    landed = await self.last_by_subject(subject)
+                    if landed is not None and landed.data == data:
+                        return landed.seq
                 raise self._api_error(exc.err_code, exc.description or "", subject, exp) from None
             except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
                 # Same Nats-Msg-Id on retry: if the first try was stored, the server answers
@@ -401,6 +407,8 @@ class EventStore:
                 status = hdrs.get("Status", "")
                 if status == "404":
                     return out, 0
+                if status == "503":
+                    raise StreamMissing(self.stream)
                 if status == "408" or status.startswith("5"):
                     raise StoreError(f"read {subject} failed: {hdrs.get('Description', status)}")
                 if status == "204":  # end of batch

@@ -77,7 +77,10 @@ class Signer:
 
 
 def encode_body(event: Event) -> bytes:
-    return _body_encoder.encode(event)
+    try:
+        return _body_encoder.encode(event)
+    except OverflowError as exc:  # msgpack integers are 64-bit
+        raise CodecError(f"{type(event).__name__}: {exc}") from None
 
 
 def seal(
@@ -102,7 +105,7 @@ def seal(
         correlation=correlation,
         causation=causation,
         prev=prev,
-        body=msgspec.Raw(_body_encoder.encode(event)),
+        body=msgspec.Raw(encode_body(event)),
     )
     raw = _envelope_encoder.encode(env)
     return raw + signer.private_key.sign(raw)
@@ -119,7 +122,7 @@ def open_envelope(data: bytes) -> Envelope:
         raise CodecError(f"message of {len(data)} bytes is too short to hold an envelope")
     try:
         return _envelope_decoder.decode(data[:-SIG_LEN])
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise CodecError(f"not a pydstack envelope: {exc}") from None
 
 
@@ -145,7 +148,7 @@ def decode_body(env: Envelope) -> AnyEvent | None:
         return None
     try:
         event: AnyEvent = decoder.decode(env.body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise CodecError(f"event {env.id}: bad {env.type} body: {exc}") from None
     return event
 
@@ -154,5 +157,5 @@ def decode_any(body: bytes) -> AnyEvent:
     """Decode a body by its own tag (used by tests and tools that hold just a body)."""
     try:
         return _any_decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise CodecError(f"bad event body: {exc}") from None
