@@ -28,8 +28,15 @@ def main() -> None:
         event = sample_event(event_type)
         body_path.write_bytes(encode_body(event))
         (HERE / f"{tag}.json").write_text(json.dumps(msgspec.to_builtins(event), indent=1) + "\n")
-        wire = seal(SIGNER, event, subject="dstack.vm.golden", event_id=f"golden-{tag}",
-                    time_ns=1_700_000_000_000_000_000, correlation="golden", prev=bytes(32))
+        wire = seal(
+            SIGNER,
+            event,
+            subject="dstack.vm.golden",
+            event_id=f"golden-{tag}",
+            time_ns=1_700_000_000_000_000_000,
+            correlation="golden",
+            prev=bytes(32),
+        )
         (HERE / f"{tag}.message").write_bytes(wire)
         print(f"wrote {tag}")
 

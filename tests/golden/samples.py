@@ -36,7 +36,9 @@ def sample_value(tp: Any, name: str) -> Any:
 
 def sample(event_type: type[Any]) -> Any:
     hints = typing.get_type_hints(event_type)
-    values = {f.name: sample_value(hints[f.name], f.name) for f in msgspec.structs.fields(event_type)}
+    values = {
+        f.name: sample_value(hints[f.name], f.name) for f in msgspec.structs.fields(event_type)
+    }
     return event_type(**values)
 
 

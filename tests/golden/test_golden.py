@@ -20,8 +20,11 @@ def test_every_event_type_has_a_golden_sample() -> None:
     assert set(TAGS) <= have
 
 
-@pytest.mark.parametrize("path", [p for d in GOLDEN for p in sorted(d.glob("*.msgpack"))],
-                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "path",
+    [p for d in GOLDEN for p in sorted(d.glob("*.msgpack"))],
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
 def test_golden_body_still_decodes_to_the_same_values(path: Path) -> None:
     event = decode_any(path.read_bytes())
     expected = json.loads(path.with_suffix(".json").read_text())
@@ -31,8 +34,11 @@ def test_golden_body_still_decodes_to_the_same_values(path: Path) -> None:
     assert {k: now[k] for k in expected} == expected
 
 
-@pytest.mark.parametrize("path", [p for d in GOLDEN for p in sorted(d.glob("*.message"))],
-                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "path",
+    [p for d in GOLDEN for p in sorted(d.glob("*.message"))],
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
 def test_golden_message_still_verifies(path: Path) -> None:
     env = verify(path.read_bytes())
     assert env.type == path.stem
@@ -41,7 +47,8 @@ def test_golden_message_still_verifies(path: Path) -> None:
 
 def test_unknown_fields_are_accepted() -> None:
     """A newer writer may add fields; this version ignores them instead of failing."""
-    body = msgspec.msgpack.encode({"type": "VmRejected", "vm_id": "v", "reason": "r",
-                                   "added_in_v9": [1, 2]})
+    body = msgspec.msgpack.encode(
+        {"type": "VmRejected", "vm_id": "v", "reason": "r", "added_in_v9": [1, 2]}
+    )
     event = decode_any(body)
     assert msgspec.to_builtins(event) == {"type": "VmRejected", "vm_id": "v", "reason": "r"}

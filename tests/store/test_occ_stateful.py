@@ -46,7 +46,9 @@ class _LoopThread:
 
 
 @pytest.fixture(scope="module")
-def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_LoopThread, EventStore]]:
+def shared_store(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[_LoopThread, EventStore]]:
     lt = _LoopThread()
     server = NatsServer(NatsServerConfig(data_dir=Path(tmp_path_factory.mktemp("occ"))))
     lt.run(server.start())
@@ -122,15 +124,19 @@ async def test_concurrent_increments_all_land_exactly_once(store: EventStore) ->
                 last = decode_body(open_envelope(recs[-1].data)) if recs else None
                 n = last.running_vms if isinstance(last, HostHeartbeat) else 0
                 try:
-                    await store.append(subject, [HostHeartbeat(host_id="c", running_vms=n + 1)],
-                                       version)
+                    await store.append(
+                        subject, [HostHeartbeat(host_id="c", running_vms=n + 1)], version
+                    )
                     break
                 except ConflictError:
                     await asyncio.sleep(0)
 
     await asyncio.gather(*(writer() for _ in range(8)))
     recs, _ = await store.read_aggregate(subject)
-    values = [b.running_vms for r in recs if isinstance(b := decode_body(open_envelope(r.data)),
-                                                         HostHeartbeat)]
+    values = [
+        b.running_vms
+        for r in recs
+        if isinstance(b := decode_body(open_envelope(r.data)), HostHeartbeat)
+    ]
     assert values == list(range(1, 121))
     assert recs[-1].seq == 120 and NEW.seq == 0

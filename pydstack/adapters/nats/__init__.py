@@ -14,8 +14,22 @@ from .store import (
 )
 
 __all__ = [
-    "DEFAULT_STREAM", "NEW", "Change", "ConflictError", "EventStore", "NatsServer",
-    "NatsServerConfig", "NatsUser", "PermissionDenied", "free_port", "nats_server_binary",
-    "Recorded", "StoreError", "StreamMissing", "StreamSettings", "Unreachable", "Version",
+    "DEFAULT_STREAM",
+    "NEW",
+    "Change",
+    "ConflictError",
+    "EventStore",
+    "NatsServer",
+    "NatsServerConfig",
+    "NatsUser",
+    "PermissionDenied",
+    "Recorded",
+    "StoreError",
+    "StreamMissing",
+    "StreamSettings",
+    "Unreachable",
+    "Version",
+    "free_port",
+    "nats_server_binary",
     "new_event_id",
 ]  # fmt: skip

@@ -106,6 +106,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # Like the server's own listener: connections of a killed server left in TIME_WAIT
+        # must not count, only a live listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

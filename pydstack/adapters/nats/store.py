@@ -33,7 +33,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
 
-from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
+from .errors import ConflictError, StoreError, StreamMissing, Unreachable
 
 DEFAULT_STREAM: Final = "DSTACK"
 _WRONG_LAST_SEQ: Final = 10071
@@ -87,7 +87,9 @@ def new_event_id() -> str:
     """Time-ordered unique id (UUIDv7 layout), so ids sort roughly by creation time."""
     ms = time.time_ns() // 1_000_000
     rand = uuid.uuid4().int & ((1 << 74) - 1)
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    value = (
+        (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    )
     return uuid.UUID(int=value).hex
 
 
@@ -142,13 +144,16 @@ class EventStore:
 
         opts["error_cb"] = quiet
         try:
-            nc = await asyncio.wait_for(
-                nats.connect(**opts), timeout=connect_timeout * 2 + 1
-            )
+            nc = await asyncio.wait_for(nats.connect(**opts), timeout=connect_timeout * 2 + 1)
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             raise Unreachable(url, str(exc) or type(exc).__name__) from None
-        return cls(nc=nc, js=nc.jetstream(timeout=5.0), signer=signer, url=url,
-                   settings=settings or StreamSettings())
+        return cls(
+            nc=nc,
+            js=nc.jetstream(timeout=5.0),
+            signer=signer,
+            url=url,
+            settings=settings or StreamSettings(),
+        )
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -224,7 +229,8 @@ class EventStore:
             expected = await self.version_at(subject, expected)
         result = await self.commit(
             [Change(subject, events, expected, event_ids)],
-            correlation=correlation, causation=causation,
+            correlation=correlation,
+            causation=causation,
         )
         return result[subject]
 
@@ -235,7 +241,7 @@ class EventStore:
         correlation: str = "",
         causation: str = "",
     ) -> dict[str, Version]:
-        """Append to several aggregates atomically; each change is guarded by its expected version."""
+        """Append to several aggregates atomically, each guarded by its expected version."""
         if not changes or not any(c.events for c in changes):
             raise ValueError("commit needs at least one event")
         if len({c.subject for c in changes}) != len(changes):
@@ -247,10 +253,20 @@ class EventStore:
             prev = change.expected.hash
             ids = change.event_ids or [new_event_id() for _ in change.events]
             if len(ids) != len(change.events):
-                raise ValueError(f"{change.subject}: {len(ids)} ids for {len(change.events)} events")
+                raise ValueError(
+                    f"{change.subject}: {len(ids)} ids for {len(change.events)} events"
+                )
             for i, (event, eid) in enumerate(zip(change.events, ids, strict=True)):
-                data = seal(self.signer, event, subject=change.subject, event_id=eid,
-                            time_ns=now, correlation=correlation, causation=causation, prev=prev)
+                data = seal(
+                    self.signer,
+                    event,
+                    subject=change.subject,
+                    event_id=eid,
+                    time_ns=now,
+                    correlation=correlation,
+                    causation=causation,
+                    prev=prev,
+                )
                 headers = {_H_MSGID: eid}
                 if i == 0:
                     headers[_H_EXPECT] = str(change.expected.seq)
@@ -263,7 +279,9 @@ class EventStore:
         last_seq = await self._publish_batch(msgs, changes)
         return _versions_after(msgs, last_seq)
 
-    async def _publish_one(self, subject: str, data: bytes, headers: dict[str, str], exp: int) -> int:
+    async def _publish_one(
+        self, subject: str, data: bytes, headers: dict[str, str], exp: int
+    ) -> int:
         for attempt in range(self.retries + 1):
             try:
                 ack = await self.js.publish(subject, data, timeout=self.timeout, headers=headers)
@@ -275,15 +293,17 @@ class EventStore:
                     landed = await self.last_by_subject(subject)
                     if landed is not None and landed.data == data:
                         return landed.seq
-                raise self._api_error(exc.err_code, exc.description or "", subject, exp) from None
+                raise self._api_error(
+                    exc.err_code or 0, exc.description or "", subject, exp
+                ) from None
             except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
                 # Same Nats-Msg-Id on retry: if the first try was stored, the server answers
                 # with that sequence (duplicate) instead of storing it twice.
                 if attempt == self.retries:
-                    raise StoreError(f"append to {subject} got no answer: {type(exc).__name__}") from None
+                    raise StoreError(
+                        f"append to {subject} got no answer: {type(exc).__name__}"
+                    ) from None
                 await asyncio.sleep(0.1 * (attempt + 1))
-            except nats.errors.PermissionsViolation:
-                raise PermissionDenied(subject) from None
         raise AssertionError("unreachable")
 
     async def _publish_batch(
@@ -330,7 +350,9 @@ class EventStore:
         last_subject, last_data, _ = msgs[-1]
         got = await self.last_by_subject(last_subject)
         if got is None or got.data != last_data:
-            raise ConflictError(last_subject, changes[-1].expected.seq, "batch retry saw other writes")
+            raise ConflictError(
+                last_subject, changes[-1].expected.seq, "batch retry saw other writes"
+            )
         return got.seq
 
     async def _moved_subject(self, changes: Sequence[Change]) -> str | None:
@@ -416,8 +438,14 @@ class EventStore:
                 if status:
                     raise StoreError(f"read {subject}: unexpected status {status}")
                 pending = int(hdrs.get("Nats-Num-Pending", "0"))
-                out.append(Recorded(int(hdrs["Nats-Sequence"]), hdrs.get("Nats-Subject", subject),
-                                    msg.data, _stamp(msg)))
+                out.append(
+                    Recorded(
+                        int(hdrs["Nats-Sequence"]),
+                        hdrs.get("Nats-Subject", subject),
+                        msg.data,
+                        _stamp(msg),
+                    )
+                )
         except nats.errors.NoRespondersError:
             raise StreamMissing(self.stream) from None
         except TimeoutError:
@@ -434,7 +462,7 @@ class EventStore:
         follow: bool = False,
         until_seq: int | None = None,
     ) -> AsyncIterator[Recorded]:
-        """Every stored message in order (ordered consumer); with `follow`, then new ones forever."""
+        """Every stored message in order (ordered consumer); with `follow`, then new ones too."""
         stop = until_seq
         if not follow and stop is None:
             stop = await self.last_seq()
@@ -443,15 +471,23 @@ class EventStore:
         if from_time is not None:
             from datetime import UTC, datetime
 
-            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                 opt_start_time=datetime.fromtimestamp(from_time, UTC).isoformat())
+            cfg = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=datetime.fromtimestamp(from_time, UTC),
+            )
         else:
-            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                 opt_start_seq=max(from_seq, 1))
+            cfg = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
+            )
         if stop is not None and from_time is None and from_seq > stop:
             return
-        sub = await self.js.subscribe(subject, ordered_consumer=True, config=cfg,
-                                      stream=self.stream, pending_msgs_limit=1_000_000)
+        sub = await self.js.subscribe(
+            subject,
+            ordered_consumer=True,
+            config=cfg,
+            stream=self.stream,
+            pending_msgs_limit=1_000_000,
+        )
         try:
             while True:
                 try:
@@ -471,7 +507,11 @@ class EventStore:
             await sub.unsubscribe()
 
     async def durable(
-        self, name: str, subjects: Iterable[str], *, ack_wait_s: float = 30.0,
+        self,
+        name: str,
+        subjects: Iterable[str],
+        *,
+        ack_wait_s: float = 30.0,
         max_deliver: int = 20,
     ) -> JetStreamContext.PullSubscription:
         """A durable pull consumer for an actor: survives restarts, redelivers unacked events."""
@@ -490,7 +530,9 @@ class EventStore:
         return await self.js.pull_subscribe_bind(durable=name, stream=self.stream)
 
 
-def _versions_after(msgs: list[tuple[str, bytes, dict[str, str]]], last_seq: int) -> dict[str, Version]:
+def _versions_after(
+    msgs: list[tuple[str, bytes, dict[str, str]]], last_seq: int
+) -> dict[str, Version]:
     # An atomic batch occupies consecutive sequences ending at last_seq.
     first = last_seq - len(msgs) + 1
     out: dict[str, Version] = {}

@@ -55,7 +55,8 @@ from .vms import (
 )
 
 __all__ = [
-    "ALL_SUBJECTS", "EVENT_TYPES", "AnyEvent", "AppEvent", "AppRegistered", "AppRemoved", "AppUpgraded",
+    "ALL_SUBJECTS", "EVENT_TYPES", "AnyEvent", "AppEvent", "AppRegistered", "AppRemoved",
+    "AppUpgraded",
     "BootInfo", "CodecError", "CvmEvent", "CvmLiveness", "CvmRecycled", "CvmRegistered",
     "Envelope", "Event", "GatewayEvent", "GatewayNodeDown", "GatewayNodeJoined", "GatewayNodeUp",
     "HostEvent", "HostHeartbeat", "HostJoined", "HostLeft", "HostVmPlaced", "HostVmReleased",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._base import Event
 
 
-class AppRegistered(Event, tag="AppRegistered"):
+class AppRegistered(Event, tag="AppRegistered", frozen=True):
     """An app-compose was registered; ``app_id`` is derived from it as dstack does."""
 
     app_id: str
@@ -15,7 +15,7 @@ class AppRegistered(Event, tag="AppRegistered"):
     owner: str = ""
 
 
-class AppUpgraded(Event, tag="AppUpgraded"):
+class AppUpgraded(Event, tag="AppUpgraded", frozen=True):
     """A new compose for the same app id (the KMS policy must still allow it)."""
 
     app_id: str
@@ -24,6 +24,6 @@ class AppUpgraded(Event, tag="AppUpgraded"):
     compose: bytes = b""
 
 
-class AppRemoved(Event, tag="AppRemoved"):
+class AppRemoved(Event, tag="AppRemoved", frozen=True):
     app_id: str
     reason: str = ""

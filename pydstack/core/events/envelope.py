@@ -156,6 +156,7 @@ def decode_body(env: Envelope) -> AnyEvent | None:
 def decode_any(body: bytes) -> AnyEvent:
     """Decode a body by its own tag (used by tests and tools that hold just a body)."""
     try:
-        return _any_decoder.decode(body)
+        event: AnyEvent = _any_decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise CodecError(f"bad event body: {exc}") from None
+    return event

@@ -1,11 +1,11 @@
-"""Events of gateway clusters (``dstack.gateway.<node_id>``) and CVMs (``dstack.cvm.<instance_id>``)."""
+"""Events of gateway nodes (``dstack.gateway.<node_id>``) and CVMs (``dstack.cvm.<instance_id>``)."""
 
 from __future__ import annotations
 
 from ._base import Event
 
 
-class GatewayNodeJoined(Event, tag="GatewayNodeJoined"):
+class GatewayNodeJoined(Event, tag="GatewayNodeJoined", frozen=True):
     node_id: str
     wg_public_key: str
     tunnel_ip: str
@@ -13,16 +13,16 @@ class GatewayNodeJoined(Event, tag="GatewayNodeJoined"):
     base_domain: str
 
 
-class GatewayNodeDown(Event, tag="GatewayNodeDown"):
+class GatewayNodeDown(Event, tag="GatewayNodeDown", frozen=True):
     node_id: str
     reason: str = ""
 
 
-class GatewayNodeUp(Event, tag="GatewayNodeUp"):
+class GatewayNodeUp(Event, tag="GatewayNodeUp", frozen=True):
     node_id: str
 
 
-class CvmRegistered(Event, tag="CvmRegistered"):
+class CvmRegistered(Event, tag="CvmRegistered", frozen=True):
     app_id: str
     instance_id: str
     compose_hash: str
@@ -32,7 +32,7 @@ class CvmRegistered(Event, tag="CvmRegistered"):
     attestation_hash: str = ""
 
 
-class CvmLiveness(Event, tag="CvmLiveness"):
+class CvmLiveness(Event, tag="CvmLiveness", frozen=True):
     instance_id: str
     node_id: str
     last_handshake: int  # unix seconds
@@ -40,6 +40,6 @@ class CvmLiveness(Event, tag="CvmLiveness"):
     tx_bytes: int = 0
 
 
-class CvmRecycled(Event, tag="CvmRecycled"):
+class CvmRecycled(Event, tag="CvmRecycled", frozen=True):
     instance_id: str
     reason: str = ""

@@ -11,7 +11,7 @@ from ._base import Event
 from .vms import PortMap, VmResources
 
 
-class HostJoined(Event, tag="HostJoined"):
+class HostJoined(Event, tag="HostJoined", frozen=True):
     host_id: str
     vcpu: int = 20  # dstack's per-host defaults
     memory_mb: int = 100 * 1024
@@ -21,17 +21,17 @@ class HostJoined(Event, tag="HostJoined"):
     address: str = ""
 
 
-class HostHeartbeat(Event, tag="HostHeartbeat"):
+class HostHeartbeat(Event, tag="HostHeartbeat", frozen=True):
     host_id: str
     running_vms: int = 0
 
 
-class HostLeft(Event, tag="HostLeft"):
+class HostLeft(Event, tag="HostLeft", frozen=True):
     host_id: str
     reason: str = ""
 
 
-class HostVmPlaced(Event, tag="HostVmPlaced"):
+class HostVmPlaced(Event, tag="HostVmPlaced", frozen=True):
     """Room on this host is reserved for a VM: its resources, its CID and its host ports."""
 
     host_id: str
@@ -41,7 +41,7 @@ class HostVmPlaced(Event, tag="HostVmPlaced"):
     ports: tuple[PortMap, ...] = ()
 
 
-class HostVmReleased(Event, tag="HostVmReleased"):
+class HostVmReleased(Event, tag="HostVmReleased", frozen=True):
     """The reservation is given back (VM removed, or placed elsewhere by a racing scheduler)."""
 
     host_id: str

@@ -24,21 +24,21 @@ class BootInfo(msgspec.Struct, frozen=True, kw_only=True):
     device_id: str = ""
 
 
-class KmsRootCreated(Event, tag="KmsRootCreated"):
+class KmsRootCreated(Event, tag="KmsRootCreated", frozen=True):
     cluster: str
     ca_public_key: bytes
     k256_public_key: bytes
     attestation_hash: str = ""
 
 
-class KeyRequested(Event, tag="KeyRequested"):
+class KeyRequested(Event, tag="KeyRequested", frozen=True):
     request_id: str
     app_id: str
     instance_id: str = ""
     quote_hash: str = ""
 
 
-class KeyIssued(Event, tag="KeyIssued"):
+class KeyIssued(Event, tag="KeyIssued", frozen=True):
     request_id: str
     boot_info: BootInfo
     quote_hash: str
@@ -46,14 +46,14 @@ class KeyIssued(Event, tag="KeyIssued"):
     verdict: str = ""
 
 
-class KeyDenied(Event, tag="KeyDenied"):
+class KeyDenied(Event, tag="KeyDenied", frozen=True):
     request_id: str
     reason: str
     boot_info: BootInfo | None = None
     quote_hash: str = ""
 
 
-class KmsReplicaOnboarded(Event, tag="KmsReplicaOnboarded"):
+class KmsReplicaOnboarded(Event, tag="KmsReplicaOnboarded", frozen=True):
     cluster: str
     replica_id: str
     attestation_hash: str = ""

@@ -23,7 +23,7 @@ class VmResources(msgspec.Struct, frozen=True, kw_only=True):
     gpus: tuple[str, ...] = ()
 
 
-class VmRequested(Event, tag="VmRequested"):
+class VmRequested(Event, tag="VmRequested", frozen=True):
     """A command: run one CVM of an app with these resources."""
 
     vm_id: str
@@ -37,7 +37,7 @@ class VmRequested(Event, tag="VmRequested"):
     host: str = ""  # pin to a host when set
 
 
-class VmScheduled(Event, tag="VmScheduled"):
+class VmScheduled(Event, tag="VmScheduled", frozen=True):
     """The scheduler placed the VM; mirrors ``HostVmPlaced`` on the host aggregate."""
 
     vm_id: str
@@ -47,51 +47,51 @@ class VmScheduled(Event, tag="VmScheduled"):
     placement_event: str = ""  # id of the HostVmPlaced event that reserved the room
 
 
-class VmRejected(Event, tag="VmRejected"):
+class VmRejected(Event, tag="VmRejected", frozen=True):
     vm_id: str
     reason: str
 
 
-class VmStartRequested(Event, tag="VmStartRequested"):
+class VmStartRequested(Event, tag="VmStartRequested", frozen=True):
     vm_id: str
 
 
-class VmStopRequested(Event, tag="VmStopRequested"):
+class VmStopRequested(Event, tag="VmStopRequested", frozen=True):
     vm_id: str
     force: bool = False
 
 
-class VmRemoveRequested(Event, tag="VmRemoveRequested"):
+class VmRemoveRequested(Event, tag="VmRemoveRequested", frozen=True):
     vm_id: str
 
 
-class VmStarted(Event, tag="VmStarted"):
+class VmStarted(Event, tag="VmStarted", frozen=True):
     vm_id: str
     host: str
     pid: int = 0
 
 
-class VmBootProgress(Event, tag="VmBootProgress"):
+class VmBootProgress(Event, tag="VmBootProgress", frozen=True):
     vm_id: str
     stage: str
     detail: str = ""
 
 
-class VmBootError(Event, tag="VmBootError"):
+class VmBootError(Event, tag="VmBootError", frozen=True):
     vm_id: str
     stage: str
     error: str
 
 
-class VmExited(Event, tag="VmExited"):
+class VmExited(Event, tag="VmExited", frozen=True):
     vm_id: str
     reason: str
     exit_code: int | None = None
 
 
-class VmStopped(Event, tag="VmStopped"):
+class VmStopped(Event, tag="VmStopped", frozen=True):
     vm_id: str
 
 
-class VmRemoved(Event, tag="VmRemoved"):
+class VmRemoved(Event, tag="VmRemoved", frozen=True):
     vm_id: str
