@@ -1,4 +1,4 @@
-"""Events of gateway nodes (``dstack.gateway.<node_id>``) and CVMs (``dstack.cvm.<instance_id>``)."""
+"""Events of gateway nodes (``dstack.gateway.<id>``) and CVMs (``dstack.cvm.<instance_id>``)."""
 
 from __future__ import annotations
 
