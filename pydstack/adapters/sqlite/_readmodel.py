@@ -1,0 +1,349 @@
+"""SQLite read models of apps, VMs and hosts, with the stream position in the same transaction.
+
+Each row holds the fold's state for one aggregate, encoded as msgpack in ``data``, plus a few
+plain columns for queries. A batch is folded with the pure folds of
+``pydstack.core.projections`` (the states of the aggregates it touches are loaded once, folded
+in memory, and upserted at the end), then the rows and the checkpoint are written in one
+transaction. So a crash leaves either both or neither, a redelivered event (``seq`` at or below
+the checkpoint) changes nothing, and deleting the file and replaying the log rebuilds exactly the
+same rows. One process writes a given file; any number may read it (WAL).
+
+Usage::
+
+    with ReadModel.open("state/readmodel.db") as rm:
+        rm.apply_messages(store_batch)  # objects with .seq, .data, .time_ns
+        rm.position()                   # last stream sequence applied
+        rm.list_vms(host="h1", state="running")
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Protocol, Self, TypeVar
+
+import msgspec
+import sqlite_utils
+
+from pydstack.core.events import CodecError
+from pydstack.core.projections import (
+    App,
+    Applied,
+    Host,
+    Projections,
+    Vm,
+    VmState,
+    applied,
+    apps,
+    hosts,
+    route,
+    vms,
+)
+
+# Bump when a state Struct changes incompatibly: the file is then rebuilt from the log.
+SCHEMA: Final = 1
+DEFAULT_NAME: Final = "main"
+
+_S = TypeVar("_S", App, Vm, Host)
+
+_encode: Final = msgspec.msgpack.Encoder().encode
+_decode_app: Final = msgspec.msgpack.Decoder(App).decode
+_decode_vm: Final = msgspec.msgpack.Decoder(Vm).decode
+_decode_host: Final = msgspec.msgpack.Decoder(Host).decode
+
+_TABLES: Final[dict[str, dict[str, type]]] = {
+    "apps": {
+        "app_id": str, "name": str, "owner": str, "compose_hash": str, "upgrades": int,
+        "removed": int, "registered_ns": int, "updated_ns": int, "seq": int, "data": bytes,
+    },
+    "vms": {
+        "vm_id": str, "app_id": str, "name": str, "host": str, "cid": int, "vcpu": int,
+        "memory_mb": int, "state": str, "desired": str, "reason": str, "boot_stage": str,
+        "last_error": str, "restarts": int, "updated_ns": int, "seq": int, "data": bytes,
+    },
+    "hosts": {
+        "host_id": str, "address": str, "vcpu": int, "memory_mb": int, "vcpu_used": int,
+        "memory_used_mb": int, "vms": int, "left": int, "last_heartbeat_ns": int, "seq": int,
+        "data": bytes,
+    },
+}  # fmt: skip
+_PK: Final = {"apps": "app_id", "vms": "vm_id", "hosts": "host_id"}
+_INDEXES: Final = {"vms": (["host"], ["app_id"], ["state"])}
+
+
+def _insert_sql(table: str) -> str:
+    cols = list(_TABLES[table])
+    marks = ", ".join("?" * len(cols))
+    return f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({marks})"
+
+
+_INSERT: Final = {t: _insert_sql(t) for t in _TABLES}
+
+
+def _app_row(s: App) -> tuple[Any, ...]:
+    return (
+        s.app_id, s.name, s.owner, s.compose_hash, s.upgrades, int(s.removed),
+        s.registered_ns, s.updated_ns, s.seq, _encode(s),
+    )  # fmt: skip
+
+
+def _vm_row(s: Vm) -> tuple[Any, ...]:
+    r = s.resources
+    return (
+        s.vm_id, s.app_id, s.name, s.host, s.cid, r.vcpu, r.memory_mb, s.state, s.desired,
+        s.reason, s.boot_stage, s.last_error, s.restarts, s.updated_ns, s.seq, _encode(s),
+    )  # fmt: skip
+
+
+def _host_row(s: Host) -> tuple[Any, ...]:
+    return (
+        s.host_id, s.address, s.vcpu, s.memory_mb, s.vcpu_used, s.memory_used_mb,
+        len(s.placements), int(s.left), s.last_heartbeat_ns, s.seq, _encode(s),
+    )  # fmt: skip
+
+
+class StoredMessage(Protocol):
+    """A message as the event store returns it (``pydstack.adapters.nats.Recorded`` fits)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def time_ns(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    applied: int = 0  # events folded into a read model
+    ignored: int = 0  # events past the checkpoint that no read model uses (KMS, unknown tags…)
+    redelivered: int = 0  # events at or below the checkpoint: skipped
+    malformed: int = 0  # messages that did not decode (the auditor reports them)
+    position: int = 0  # the checkpoint after the batch
+
+
+class _Batch:
+    """The states one batch touches, loaded lazily inside the transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.apps: dict[str, App | None] = {}
+        self.vms: dict[str, Vm | None] = {}
+        self.hosts: dict[str, Host | None] = {}
+
+    def _load(self, table: str, key: str) -> bytes | None:
+        row = self.conn.execute(
+            f"SELECT data FROM {table} WHERE {_PK[table]} = ?", (key,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def fold(self, a: Applied) -> bool:
+        target = route(a.event)
+        if target is None:
+            return False
+        model, key = target
+        if model == "vms":
+            if key in self.vms:
+                vm = self.vms[key]
+            else:
+                raw = self._load("vms", key)
+                vm = None if raw is None else _decode_vm(raw)
+            self.vms[key] = vms.apply(vm, a)
+        elif model == "hosts":
+            if key in self.hosts:
+                host = self.hosts[key]
+            else:
+                raw = self._load("hosts", key)
+                host = None if raw is None else _decode_host(raw)
+            self.hosts[key] = hosts.apply(host, a)
+        else:
+            if key in self.apps:
+                app = self.apps[key]
+            else:
+                raw = self._load("apps", key)
+                app = None if raw is None else _decode_app(raw)
+            self.apps[key] = apps.apply(app, a)
+        return True
+
+    def write(self) -> None:
+        # Only aggregates that exist are written; a fold never deletes one.
+        ex = self.conn.executemany
+        ex(_INSERT["apps"], [_app_row(s) for s in self.apps.values() if s is not None])
+        ex(_INSERT["vms"], [_vm_row(s) for s in self.vms.values() if s is not None])
+        ex(_INSERT["hosts"], [_host_row(s) for s in self.hosts.values() if s is not None])
+
+
+class ReadModel:
+    """Apps, VMs and hosts folded from the log into one SQLite file, with its checkpoint."""
+
+    def __init__(self, db: sqlite_utils.Database, name: str = DEFAULT_NAME) -> None:
+        self.db = db
+        self.name = name
+
+    @classmethod
+    def open(cls, path: str | Path, *, name: str = DEFAULT_NAME) -> ReadModel:
+        """Open or create the file (tables are created idempotently, WAL mode).
+
+        A file written with another ``SCHEMA`` is emptied so that it is rebuilt from the log.
+        """
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_utils.Database(str(path), execute_plugins=False)
+        db.enable_wal()
+        db.execute("PRAGMA synchronous=NORMAL")
+        rm = cls(db, name)
+        rm._create()
+        return rm
+
+    def _create(self) -> None:
+        with self.db.atomic():
+            for table, cols in _TABLES.items():
+                self.db.table(table).create(cols, pk=_PK[table], if_not_exists=True)
+            for table, indexes in _INDEXES.items():
+                for index in indexes:
+                    self.db.table(table).create_index(index, if_not_exists=True)
+            self.db.table("checkpoints").create(
+                {"name": str, "seq": int, "schema": int}, pk="name", if_not_exists=True
+            )
+            row = self.db.execute(
+                "SELECT schema FROM checkpoints WHERE name = ?", [self.name]
+            ).fetchone()
+            if row is None or row[0] != SCHEMA:
+                self._clear()
+
+    def _clear(self) -> None:
+        for table in _TABLES:
+            self.db.execute(f"DELETE FROM {table}")
+        self.db.execute(
+            "INSERT OR REPLACE INTO checkpoints (name, seq, schema) VALUES (?, 0, ?)",
+            [self.name, SCHEMA],
+        )
+
+    def reset(self) -> None:
+        """Forget everything (rows and checkpoint) so the next batches rebuild from seq 1."""
+        with self.db.atomic():
+            self._clear()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def position(self) -> int:
+        """The last stream sequence applied (0 for an empty read model)."""
+        row = self.db.execute("SELECT seq FROM checkpoints WHERE name = ?", [self.name]).fetchone()
+        return int(row[0]) if row else 0
+
+    def apply_batch(self, events: Iterable[Applied], *, upto: int = 0) -> BatchResult:
+        """Fold ``events`` (ascending seq) and write rows + checkpoint in one transaction.
+
+        Events at or below the checkpoint are skipped. ``upto`` moves the checkpoint further
+        (to the seq of the last message read, when trailing messages did not decode). If
+        anything raises, nothing of the batch is written.
+        """
+        return self._run(((a.seq, a, False) for a in events), upto)
+
+    def apply_messages(self, messages: Iterable[StoredMessage]) -> BatchResult:
+        """Decode stored messages and apply them as one batch.
+
+        Unknown event types and messages that do not decode still advance the checkpoint:
+        they are counted in the result, and reported by the auditor, not retried forever.
+        """
+
+        def decoded() -> Iterator[tuple[int, Applied | None, bool]]:
+            for m in messages:
+                try:
+                    yield m.seq, applied(m.seq, m.data, m.time_ns), False
+                except CodecError:
+                    yield m.seq, None, True
+
+        return self._run(decoded(), 0)
+
+    def _run(self, items: Iterable[tuple[int, Applied | None, bool]], upto: int) -> BatchResult:
+        """Apply ``(seq, event or None, malformed)`` items in one transaction."""
+        done = ignored = redelivered = malformed = 0
+        with self.db.atomic():
+            conn = self.db.conn
+            start = pos = self.position()
+            batch = _Batch(conn)
+            for seq, a, bad in items:
+                if seq <= pos:
+                    redelivered += 1
+                    continue
+                pos = seq
+                if bad:
+                    malformed += 1
+                elif a is None:
+                    ignored += 1
+                elif batch.fold(a):
+                    done += 1
+                else:
+                    ignored += 1
+            pos = max(pos, upto)
+            if pos > start:
+                batch.write()
+                conn.execute("UPDATE checkpoints SET seq = ? WHERE name = ?", (pos, self.name))
+        return BatchResult(done, ignored, redelivered, malformed, pos)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _states(self, table: str, decode: Any, where: list[str], args: list[object]) -> list[Any]:
+        rows = self.db.table(table).rows_where(
+            " AND ".join(where) or None, args, order_by=_PK[table], select="data"
+        )
+        return [decode(r["data"]) for r in rows]
+
+    def list_apps(self, *, include_removed: bool = True) -> list[App]:
+        where = [] if include_removed else ["removed = 0"]
+        out: list[App] = self._states("apps", _decode_app, where, [])
+        return out
+
+    def get_app(self, app_id: str) -> App | None:
+        got: list[App] = self._states("apps", _decode_app, ["app_id = ?"], [app_id])
+        return got[0] if got else None
+
+    def list_vms(
+        self, *, host: str | None = None, app: str | None = None, state: VmState | None = None
+    ) -> list[Vm]:
+        where: list[str] = []
+        args: list[object] = []
+        for col, val in (("host", host), ("app_id", app), ("state", state)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        out: list[Vm] = self._states("vms", _decode_vm, where, args)
+        return out
+
+    def get_vm(self, vm_id: str) -> Vm | None:
+        got: list[Vm] = self._states("vms", _decode_vm, ["vm_id = ?"], [vm_id])
+        return got[0] if got else None
+
+    def list_hosts(self, *, include_left: bool = True) -> list[Host]:
+        where = [] if include_left else ["left = 0"]
+        out: list[Host] = self._states("hosts", _decode_host, where, [])
+        return out
+
+    def get_host(self, host_id: str) -> Host | None:
+        got: list[Host] = self._states("hosts", _decode_host, ["host_id = ?"], [host_id])
+        return got[0] if got else None
+
+    def snapshot(self) -> Projections:
+        """Everything as in-memory fold state (equal to ``fold`` of the same events)."""
+        with self.db.atomic():  # one consistent read
+            return Projections(
+                apps={s.app_id: s for s in self.list_apps()},
+                vms={s.vm_id: s for s in self.list_vms()},
+                hosts={s.host_id: s for s in self.list_hosts()},
+                seq=self.position(),
+            )
