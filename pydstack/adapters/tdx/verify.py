@@ -23,6 +23,7 @@ import msgspec
 
 from .collateral import Collateral, flatten_error
 from .errors import QuoteParseError
+from .eventlog import EventLogError, TdxEvent, replay_and_compare
 from .quote import Quote, parse_quote
 
 _MEASUREMENTS = ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id")
@@ -98,12 +99,12 @@ def verify_quote(
     now: int,
     root_ca_der: bytes | None = None,
     *,
-    replayed_rtmrs: Sequence[bytes] | None = None,
+    event_log: Sequence[TdxEvent] | None = None,
 ) -> Verdict:
     """Verify `raw` at unix time `now`; never raises for a bad quote, the verdict says why.
 
-    `replayed_rtmrs` (RTMR0-3 recomputed from an event log) are compared with the quote, so
-    an event log that does not replay to the signed RTMRs refuses the quote.
+    With `event_log`, the log is replayed (eventlog.replay_and_compare) and must reproduce the
+    quote's RTMR0-3, runtime events included, else each mismatch is a reason.
     """
     try:
         quote = parse_quote(raw)
@@ -119,17 +120,9 @@ def verify_quote(
     # Policy checks run even after a dcap-qvl failure, so one verdict lists every problem;
     # ok stays False whenever the signature chain failed.
     reasons += policy_reasons(quote, policy, tcb_status, advisory_ids)
-    if replayed_rtmrs is not None:
-        reasons += replay_reasons(quote, replayed_rtmrs)
+    if event_log is not None:
+        try:
+            reasons += replay_and_compare(event_log, quote.report.rtmrs).reasons
+        except EventLogError as e:
+            reasons.append(f"event log: {e}")
     return Verdict(not reasons, tcb_status, advisory_ids, quote, reasons)
-
-
-def replay_reasons(quote: Quote, replayed: Sequence[bytes]) -> list[str]:
-    """Compare RTMR values replayed from an event log with the quote's signed RTMRs."""
-    if len(replayed) != 4:
-        return [f"event log replay gave {len(replayed)} RTMRs, expected 4"]
-    return [
-        f"rtmr{i} does not match the event log: quote {got.hex()}, replay {want.hex()}"
-        for i, (got, want) in enumerate(zip(quote.report.rtmrs, replayed, strict=True))
-        if got != want
-    ]
