@@ -1,0 +1,142 @@
+"""The scheduler's in-memory view of the log: hosts, undecided VMs, and aggregate versions.
+
+The view is a fold of every message up to ``cursor`` (a consistent snapshot across
+aggregates), kept current by reading the stream from the cursor. Besides the host and VM
+folds it records each relevant subject's :class:`Version` (sequence and hash of its last
+message, valid or not), which is what an optimistic append must name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import msgspec
+import structlog
+from msgspec.structs import replace
+
+from pydstack.adapters.nats import Recorded, Version
+from pydstack.core.events import HostJoined, message_hash, parse_subject
+from pydstack.core.projections import Applied, Host, Vm, hosts, vms
+
+from .decode import Malformed, decode_message
+
+_log = structlog.get_logger("pydstack.scheduler")
+
+
+@dataclass(frozen=True, slots=True)
+class HostDefaults:
+    """Capacity assumed for what a ``HostJoined`` leaves out (dstack's defaults)."""
+
+    vcpu: int = 20
+    memory_mb: int = 100 * 1024
+    cid_start: int = 1000
+    cid_count: int = 1000
+    port_range: tuple[int, int] = (20000, 29999)
+
+
+_DEFAULTABLE: Final = ("vcpu", "memory_mb", "cid_start", "cid_count", "port_range")
+
+
+@dataclass(slots=True)
+class Pending:
+    """A requested VM nobody has decided on yet."""
+
+    vm: Vm
+    version: Version
+    request_id: str  # envelope id of the VmRequested (causation of the decision)
+    correlation: str
+
+
+@dataclass(slots=True)
+class PlacementView:
+    defaults: HostDefaults = field(default_factory=HostDefaults)
+    check_signatures: bool = True
+    cursor: int = 0
+    hosts: dict[str, Host] = field(default_factory=dict)
+    host_versions: dict[str, Version] = field(default_factory=dict)
+    pending: dict[str, Pending] = field(default_factory=dict)
+    decided: set[str] = field(default_factory=set)
+    skipped: int = 0  # malformed messages passed over while folding
+
+    def fold(self, records: Iterable[Recorded]) -> None:
+        """Fold stored messages in stream order; messages at or below the cursor are skipped."""
+        for rec in records:
+            if rec.seq <= self.cursor:
+                continue
+            self.cursor = rec.seq
+            try:
+                kind, agg_id = parse_subject(rec.subject)
+            except ValueError:
+                continue
+            if kind == "host":
+                self._fold_host(agg_id, rec)
+            elif kind == "vm":
+                self._fold_vm(agg_id, rec)
+
+    def _decode(self, rec: Recorded) -> tuple[Applied, str] | None:
+        """The event as the folds take it, and its correlation id; None if malformed."""
+        try:
+            env, event = decode_message(
+                rec.subject, rec.data, check_signature=self.check_signatures
+            )
+        except Malformed as bad:
+            self.skipped += 1
+            _log.debug("fold skips malformed message", seq=rec.seq, reason=bad.reason)
+            return None
+        if isinstance(event, HostJoined):
+            event = self._with_defaults(event, env.body)
+        return Applied(rec.seq, rec.time_ns or env.time_ns, event, env.id), env.correlation
+
+    def _with_defaults(self, event: HostJoined, body: bytes) -> HostJoined:
+        # The event's own defaults are dstack's; a field the host did not send takes ours.
+        present = msgspec.msgpack.decode(body)
+        missing = {k: getattr(self.defaults, k) for k in _DEFAULTABLE if k not in present}
+        return replace(event, **missing) if missing else event
+
+    def _fold_host(self, host_id: str, rec: Recorded) -> None:
+        subject = rec.subject
+        self.host_versions[subject] = Version(rec.seq, message_hash(rec.data))
+        got = self._decode(rec)
+        if got is None or getattr(got[0].event, "host_id", host_id) != host_id:
+            return
+        a = got[0]
+        host = hosts.apply(self.hosts.get(host_id), a)
+        if host is not None:
+            self.hosts[host_id] = host
+
+    def _fold_vm(self, vm_id: str, rec: Recorded) -> None:
+        if vm_id in self.decided:
+            return
+        version = Version(rec.seq, message_hash(rec.data))
+        got = self._decode(rec)
+        pending = self.pending.get(vm_id)
+        if got is None or getattr(got[0].event, "vm_id", vm_id) != vm_id:
+            if pending is not None:
+                pending.version = version
+            return
+        a, correlation = got
+        vm = vms.apply(pending.vm if pending else None, a)
+        if vm is None:  # an event for a VM never requested: nothing to decide
+            return
+        if vm.state != "requested":
+            self.pending.pop(vm_id, None)
+            self.decided.add(vm_id)
+        elif pending is None:
+            self.pending[vm_id] = Pending(vm, version, a.id, correlation)
+        else:
+            pending.vm = vm
+            pending.version = version
+
+    def mark_decided(self, vm_id: str) -> None:
+        self.pending.pop(vm_id, None)
+        self.decided.add(vm_id)
+
+    def place(self, host_subject: str, applied: Applied, version: Version) -> None:
+        """Record our own committed reservation before the stream read catches up with it."""
+        host_id = parse_subject(host_subject)[1]
+        host = hosts.apply(self.hosts.get(host_id), applied)
+        if host is not None:
+            self.hosts[host_id] = host
+        self.host_versions[host_subject] = version

@@ -1,0 +1,254 @@
+"""The actor runtime: a durable pull consumer plus a level-triggered reconcile loop.
+
+An actor names its durable consumer and subjects, handles one verified event at a time and
+can reconcile (compare what the log wants with what has been done, and do the rest)::
+
+    class Echo:
+        name = "echo"
+        subjects = ("dstack.vm.*",)
+
+        async def handle(self, d: Delivery) -> None: ...
+        async def reconcile(self) -> int: return 0
+
+    async with ActorRunner(store, Echo(), RuntimeConfig()) as runner:
+        await runner.wait()          # until runner.stop() (e.g. on SIGTERM) or cancellation
+
+Delivery is at least once: a message is acked only after ``handle`` returned, so handlers
+check the aggregate before deciding, and optimistic appends turn a duplicate decision into a
+conflict that the handler resolves by re-reading. A handler failure naks the message with a
+growing delay; a malformed message is logged with its sequence, counted in
+``pydstack_actor_malformed_total{actor,reason}`` and terminated, so it never blocks the
+actor. Reconcile runs at start and every ``reconcile_interval_s``; that, not redelivery, is
+what makes a crash at any point safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+
+from pydstack.adapters.nats import EventStore
+from pydstack.core.events import AnyEvent, Envelope
+
+from . import metrics
+from .decode import Malformed, decode_message
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One verified event as a handler sees it."""
+
+    seq: int
+    subject: str
+    envelope: Envelope
+    event: AnyEvent
+    data: bytes
+    delivered: int = 1  # how many times the server has delivered it (1 = first time)
+
+
+class Actor(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def subjects(self) -> Sequence[str]: ...
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Act on one event; raise to have it redelivered later (after a delay)."""
+
+    async def reconcile(self) -> int:
+        """Do whatever the log wants and is not done yet; returns how many things it did."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    batch: int = 32
+    fetch_timeout_s: float = 1.0
+    reconcile_interval_s: float = 10.0
+    nak_delay_s: float = 0.5  # first redelivery delay; doubles per delivery up to max
+    nak_max_delay_s: float = 30.0
+    ack_wait_s: float = 30.0
+    max_deliver: int = 20
+    check_signatures: bool = True
+    shutdown_grace_s: float = 10.0  # how long the in-flight message may take after a stop
+
+
+class ActorRunner:
+    """Runs one actor until stopped; owns its consumer subscription."""
+
+    def __init__(self, store: EventStore, actor: Actor, config: RuntimeConfig | None = None):
+        self.store = store
+        self.actor = actor
+        self.config = config or RuntimeConfig()
+        self.log = structlog.get_logger("pydstack.actor").bind(actor=actor.name)
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reconcile_now = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop fetching; the message in flight is finished, then the runner returns."""
+        self._stopping.set()
+
+    def reconcile_soon(self) -> None:
+        """Run a reconcile pass before the next fetch (e.g. after an adapter noticed drift)."""
+        self._reconcile_now.set()
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self.run(), name=f"actor-{self.actor.name}")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.config.shutdown_grace_s + 2)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait(self) -> None:
+        """Wait for the runner started by ``async with`` to end; re-raises its failure."""
+        if self._task is not None:
+            await self._task
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        sub = await self.store.durable(
+            self.actor.name,
+            self.actor.subjects,
+            ack_wait_s=cfg.ack_wait_s,
+            max_deliver=cfg.max_deliver,
+        )
+        self.log.info("actor started", subjects=list(self.actor.subjects))
+        loop = asyncio.get_running_loop()
+        next_reconcile = 0.0
+        try:
+            while not self._stopping.is_set():
+                if loop.time() >= next_reconcile or self._reconcile_now.is_set():
+                    self._reconcile_now.clear()
+                    await self._reconcile(sub)
+                    next_reconcile = loop.time() + cfg.reconcile_interval_s
+                batch = await self._fetch(sub)
+                for i, msg in enumerate(batch):
+                    if self._stopping.is_set():
+                        # Hand the rest back at once so another instance can take them.
+                        for rest in batch[i:]:
+                            with contextlib.suppress(Exception):
+                                await rest.nak()
+                        break
+                    await self._finish(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            self.log.info("actor stopped")
+
+    async def _fetch(self, sub: Any) -> list[Msg]:
+        fetch = asyncio.ensure_future(sub.fetch(self.config.batch, self.config.fetch_timeout_s))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (fetch, stop):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+        if not fetch.done() or fetch.cancelled():
+            return []
+        exc = fetch.exception()
+        if exc is None:
+            msgs: list[Msg] = fetch.result()
+            return msgs
+        if isinstance(exc, nats.errors.TimeoutError | TimeoutError):
+            return []
+        if self.store.nc.is_closed:
+            raise exc
+        metrics.ERRORS.labels(self.actor.name, "fetch").inc()
+        self.log.warning("fetch failed; retrying", error=str(exc) or type(exc).__name__)
+        await asyncio.sleep(min(self.config.fetch_timeout_s, 1.0))
+        return []
+
+    async def _finish(self, msg: Msg) -> None:
+        """Process one message even if the runner is cancelled meanwhile (bounded by grace)."""
+        task = asyncio.ensure_future(self._process(msg))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._stopping.set()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, self.config.shutdown_grace_s)
+            raise
+
+    async def _process(self, msg: Msg) -> None:
+        name = self.actor.name
+        meta = msg.metadata
+        seq = int(meta.sequence.stream)
+        delivered = int(meta.num_delivered)
+        try:
+            env, event = decode_message(
+                msg.subject, msg.data, check_signature=self.config.check_signatures
+            )
+        except Malformed as bad:
+            metrics.MALFORMED.labels(name, bad.reason).inc()
+            self.log.warning("malformed message skipped", subject=msg.subject, seq=seq,
+                             reason=bad.reason, detail=bad.detail)  # fmt: skip
+            await msg.term()
+            return
+        ctx = {"subject": msg.subject, "seq": seq, "correlation": env.correlation,
+               "event": env.type, "event_id": env.id}  # fmt: skip
+        with structlog.contextvars.bound_contextvars(actor=name, **ctx):
+            started = time.perf_counter()
+            try:
+                await self.actor.handle(Delivery(seq, msg.subject, env, event, msg.data, delivered))
+            except Exception as exc:
+                metrics.ERRORS.labels(name, "handler").inc()
+                delay = min(self.config.nak_delay_s * 2 ** (delivered - 1),
+                            self.config.nak_max_delay_s)  # fmt: skip
+                self.log.warning("handler failed; will be redelivered", error=str(exc),
+                                 error_type=type(exc).__name__, delivered=delivered,
+                                 retry_in_s=delay)  # fmt: skip
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=delay)
+                return
+            await msg.ack()
+            metrics.HANDLED.labels(name).inc()
+            metrics.LAST_SEQ.labels(name).set(seq)
+            metrics.LAG.labels(name).set(int(meta.num_pending))
+            self.log.debug("handled", ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _reconcile(self, sub: Any) -> None:
+        name = self.actor.name
+        started = time.perf_counter()
+        try:
+            with structlog.contextvars.bound_contextvars(actor=name):
+                done = await self.actor.reconcile()
+        except Exception as exc:
+            metrics.ERRORS.labels(name, "reconcile").inc()
+            self.log.warning("reconcile failed; next pass will retry", error=str(exc),
+                             error_type=type(exc).__name__)  # fmt: skip
+            return
+        metrics.RECONCILES.labels(name).inc()
+        lag: int | None = None
+        with contextlib.suppress(Exception):
+            info = await sub.consumer_info()
+            lag = int(info.num_pending) + int(info.num_ack_pending)
+            metrics.LAG.labels(name).set(lag)
+        self.log.info("reconciled", acted=done, lag=lag,
+                      ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
