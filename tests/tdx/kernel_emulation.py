@@ -1,0 +1,126 @@
+"""The kernel side of configfs-tsm and the TSM measurements sysfs, emulated in a temp dir.
+
+A thread plays the TDX guest driver: it fills a new report entry (provider, generation,
+inblob, outblob) after mkdir, turns a 48-byte write to `rtmrN:sha384` into an extend, and
+answers each inblob write with a simulator quote over its current RTMRs, then bumps
+`generation`. Unlike the real driver it is asynchronous, so tests call `settle()` before
+reading back. `mode` injects the races the backend must detect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class EmulatedTdxKernel:
+    def __init__(
+        self,
+        root: Path,
+        simulator: QuoteSimulator,
+        *,
+        provider: str = "tdx_guest\n",
+        mode: str = "normal",  # "normal" | "double_bump" | "bump_during_read" | "silent"
+        outblob: bytes | None = None,
+    ) -> None:
+        self.report_root = root / "tsm" / "report"
+        self.measurements = root / "measurements"
+        self.report_root.mkdir(parents=True)
+        self.measurements.mkdir(parents=True)
+        self.sim = simulator
+        self.provider = provider
+        self.mode = mode
+        self.fixed_outblob = outblob
+        self.rtmrs = [bytes(48)] * 4
+        self.mr_td = hashlib.sha384(b"emulated TD").digest()
+        for i in range(4):
+            (self.measurements / f"rtmr{i}:sha384").write_bytes(self.rtmrs[i])
+        self.generations: dict[Path, int] = {}
+        self.quotes_served = 0
+        self.iterations = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> EmulatedTdxKernel:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def settle(self) -> None:
+        """Wait until the emulator has looked at everything written before this call."""
+        start = self.iterations
+        deadline = time.monotonic() + 5
+        while self.iterations < start + 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._scan_rtmrs()
+            for entry in list(self.report_root.iterdir()):
+                if entry.is_dir():
+                    self._serve(entry)
+            self.iterations += 1
+            time.sleep(0.0005)
+
+    def _scan_rtmrs(self) -> None:
+        for i in range(4):
+            path = self.measurements / f"rtmr{i}:sha384"
+            data = path.read_bytes()
+            if data != self.rtmrs[i] and len(data) == 48:  # a write: extend by it
+                self.rtmrs[i] = hashlib.sha384(self.rtmrs[i] + data).digest()
+                _atomic_write(path, self.rtmrs[i])
+
+    def _serve(self, entry: Path) -> None:
+        if entry not in self.generations:  # mkdir just happened: populate like configfs
+            (entry / "inblob").write_bytes(b"")
+            (entry / "outblob").write_bytes(b"")
+            (entry / "generation").write_text("0\n")
+            self.generations[entry] = 0
+            _atomic_write(entry / "provider", self.provider.encode())  # last: entry complete
+            return
+        inblob = entry / "inblob"
+        data = inblob.read_bytes()
+        if not data or self.mode == "silent":
+            return
+        inblob.write_bytes(b"")  # consumed; the next write is visible even if identical
+        self._scan_rtmrs()  # an extend written before this inblob must be in the quote
+        r = self.rtmrs
+        quote = self.fixed_outblob or self.sim.quote(
+            data[:64], TdMeasurements(mr_td=self.mr_td, rtmrs=(r[0], r[1], r[2], r[3]))
+        )
+        gen = self.generations[entry] + 1
+        if self.mode == "bump_during_read":
+            # outblob becomes a FIFO: the reader blocks until we bump generation again and
+            # only then receive the data, so the race is deterministic.
+            out = entry / "outblob"
+            out.unlink()
+            os.mkfifo(out)
+            self._set_gen(entry, gen)
+            with open(out, "wb") as f:
+                self._set_gen(entry, gen + 1)
+                f.write(quote)
+            out.unlink()
+            out.write_bytes(b"")
+            self.quotes_served += 1
+            return
+        _atomic_write(entry / "outblob", quote)
+        self.quotes_served += 1  # before the bump: the backend returns as soon as it sees it
+        self._set_gen(entry, gen + 1 if self.mode == "double_bump" else gen)
+
+    def _set_gen(self, entry: Path, gen: int) -> None:
+        self.generations[entry] = gen
+        _atomic_write(entry / "generation", f"{gen}\n".encode())
