@@ -1,0 +1,267 @@
+"""HTTP face of the guest agent: dstack's JSON RPC on dstack.sock, legacy tappd on tappd.sock.
+
+Requests are JSON objects (bytes as hex, as dstack's prpc JSON mode has them), answers too.
+A caller mistake is a 400 `{"error": ..., "field": ...}` naming the field; an unknown
+method is a 404.
+
+    app = make_app(agent)                      # POST /GetQuote {"report_data": "ab.."}
+    async with serve_agent(agent, dstack_sock=path, tappd_sock=path2):
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .agent import GuestAgent, RequestError
+
+AGENT_KEY: web.AppKey[GuestAgent] = web.AppKey("agent", GuestAgent)
+DEFAULT_DSTACK_SOCK = "/var/run/dstack.sock"
+DEFAULT_TAPPD_SOCK = "/var/run/tappd.sock"
+
+
+class _Args(msgspec.Struct, frozen=True):
+    """Every RPC's arguments; proto3 semantics: absent fields take their zero value."""
+
+    report_data: str = ""
+    path: str = ""
+    purpose: str = ""
+    algorithm: str = ""
+    subject: str = ""
+    alt_names: list[str] = []
+    usage_ra_tls: bool = False
+    usage_server_auth: bool = False
+    usage_client_auth: bool = False
+    not_before: int | None = None
+    not_after: int | None = None
+    with_app_info: bool = False
+    random_seed: bool = False
+    data: str = ""
+    signature: str = ""
+    public_key: str = ""
+    event: str = ""
+    payload: str = ""
+    hash_algorithm: str = ""
+    prefix: str = ""
+
+
+_decoder = msgspec.json.Decoder(_Args)
+
+
+def _hex(value: str, field: str) -> bytes:
+    try:
+        return bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise RequestError(field, f"{field} must be hex") from None
+
+
+async def _args(request: web.Request) -> _Args:
+    body = await request.read()
+    if not body.strip():
+        return _Args()
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as e:
+        # msgspec names the path, e.g. "Expected `bool`, got `str` - at `$.usage_ra_tls`".
+        field = str(e).rsplit("$.", 1)[-1].rstrip("`") if "$." in str(e) else "body"
+        raise RequestError(field, str(e)) from None
+    except msgspec.DecodeError as e:
+        raise RequestError("body", f"request body is not JSON: {e}") from None
+
+
+Method = Callable[[GuestAgent, _Args], Awaitable[dict[str, Any]]]
+
+
+async def _get_quote(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return await a.get_quote(_hex(x.report_data, "report_data"))
+
+
+async def _attest(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return await a.attest_rpc(_hex(x.report_data, "report_data"))
+
+
+async def _info(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return await a.info()
+
+
+async def _version(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return a.version()
+
+
+async def _get_key(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return a.get_key(x.path, x.purpose, x.algorithm)
+
+
+async def _sign(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return a.sign(x.algorithm, _hex(x.data, "data"))
+
+
+async def _verify(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return a.verify(
+        x.algorithm,
+        _hex(x.data, "data"),
+        _hex(x.signature, "signature"),
+        _hex(x.public_key, "public_key"),
+    )
+
+
+async def _emit_event(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return await a.emit_event(x.event, _hex(x.payload, "payload"))
+
+
+async def _get_tls_key(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return await a.tls_key(
+        a.fresh_tls_key(),
+        subject=x.subject,
+        alt_names=x.alt_names,
+        usage_ra_tls=x.usage_ra_tls,
+        usage_server_auth=x.usage_server_auth,
+        usage_client_auth=x.usage_client_auth,
+        with_app_info=x.with_app_info,
+        not_before=x.not_before,
+        not_after=x.not_after,
+    )
+
+
+# --- tappd (dstack < 0.5 API) ---
+
+
+async def _derive_key(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return await a.tls_key(
+        a.derived_tls_key(x.path, x.random_seed),
+        subject=x.subject or x.path,
+        alt_names=x.alt_names,
+        usage_ra_tls=x.usage_ra_tls,
+        usage_server_auth=x.usage_server_auth,
+        usage_client_auth=x.usage_client_auth,
+    )
+
+
+async def _derive_k256_key(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    r = a.get_key(x.path, x.purpose, x.algorithm)
+    return {"k256_key": r["key"], "k256_signature_chain": r["signature_chain"]}
+
+
+async def _tdx_quote(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    algo = x.hash_algorithm or "sha512"
+    report_data = a.quote_report_data(_hex(x.report_data, "report_data"), algo, x.prefix)
+    r = await a.get_quote(report_data)
+    prefix = "" if algo == "raw" else (x.prefix or "app-data")
+    return {
+        "quote": r["quote"],
+        "event_log": r["event_log"],
+        "hash_algorithm": algo,
+        "prefix": prefix,
+    }
+
+
+async def _raw_quote(a: GuestAgent, x: _Args) -> dict[str, Any]:
+    return await _tdx_quote(a, msgspec.structs.replace(x, hash_algorithm="raw", prefix=""))
+
+
+DSTACK_METHODS: dict[str, Method] = {
+    "Info": _info,
+    "GetQuote": _get_quote,
+    "GetKey": _get_key,
+    "GetTlsKey": _get_tls_key,
+    "Sign": _sign,
+    "Verify": _verify,
+    "Attest": _attest,
+    "EmitEvent": _emit_event,
+    "Version": _version,
+}
+TAPPD_METHODS: dict[str, Method] = {
+    "DeriveKey": _derive_key,
+    "DeriveK256Key": _derive_k256_key,
+    "TdxQuote": _tdx_quote,
+    "RawQuote": _raw_quote,
+    "Info": _info,
+    "Version": _version,
+}
+
+
+def _dispatch(
+    methods: dict[str, Method], strip: str
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        name = request.match_info["method"].removeprefix(strip)
+        method = methods.get(name)
+        if method is None:
+            return web.json_response({"error": f"no such method {name!r}"}, status=404)
+        try:
+            result = await method(request.app[AGENT_KEY], await _args(request))
+        except RequestError as e:
+            return web.json_response({"error": str(e), "field": e.field}, status=400)
+        return web.json_response(result)
+
+    return handle
+
+
+def make_app(agent: GuestAgent) -> web.Application:
+    """The dstack API (`/Info`, `/GetQuote`, ...); GET works for argument-less calls."""
+    app = web.Application()
+    app[AGENT_KEY] = agent
+    handle = _dispatch(DSTACK_METHODS, "")
+    app.router.add_route("POST", "/{method}", handle)
+    app.router.add_route("GET", "/{method}", handle)
+    return app
+
+
+def make_tappd_app(agent: GuestAgent) -> web.Application:
+    """The legacy tappd API (`/prpc/Tappd.TdxQuote`, ...)."""
+    app = web.Application()
+    app[AGENT_KEY] = agent
+    handle = _dispatch(TAPPD_METHODS, "Tappd.")
+    app.router.add_route("POST", "/prpc/{method}", handle)
+    app.router.add_route("GET", "/prpc/{method}", handle)
+    return app
+
+
+def _prepare_socket_path(path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()  # a stale socket from a previous run would make bind fail
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+async def _unix_site(runner: web.AppRunner, path: str) -> None:
+    _prepare_socket_path(path)
+    await web.UnixSite(runner, path).start()
+    os.chmod(path, 0o660)  # apps reach it through the socket's group, as with dstack
+
+
+@contextlib.asynccontextmanager
+async def serve_agent(
+    agent: GuestAgent,
+    *,
+    dstack_sock: str = DEFAULT_DSTACK_SOCK,
+    tappd_sock: str | None = None,
+) -> AsyncIterator[None]:
+    """Serve the agent on unix sockets until the block exits (sockets are removed then)."""
+    runners = [web.AppRunner(make_app(agent))]
+    paths = [dstack_sock]
+    if tappd_sock is not None:
+        runners.append(web.AppRunner(make_tappd_app(agent)))
+        paths.append(tappd_sock)
+    try:
+        for runner, path in zip(runners, paths, strict=True):
+            await runner.setup()
+            await _unix_site(runner, path)
+        yield
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        for path in paths:
+            _remove(path)
