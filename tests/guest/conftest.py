@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 import time
@@ -30,7 +31,7 @@ APP_ID = bytes.fromhex("5bb4ff9a3837357f19dc176407a5709c62eb6c56")
 INSTANCE_ID = bytes.fromhex("1691ed1b47506cad7d08834668691d88246f5b1f")
 OS_IMAGE_HASH = hashlib.sha256(b"pydstack test image").digest()
 APP_COMPOSE = '{"manifest_version":2,"name":"web","runner":"docker-compose"}'
-VM_CONFIG = '{"os_image_hash":"%s","cpu_count":2,"memory_size":2147483648}' % OS_IMAGE_HASH.hex()
+VM_CONFIG = json.dumps({"os_image_hash": OS_IMAGE_HASH.hex(), "cpu_count": 2})
 
 
 @dataclass

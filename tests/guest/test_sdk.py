@@ -1,4 +1,4 @@
-"""The unchanged PyPI dstack-sdk client against our agent's socket; results checked by our verifier."""
+"""The unchanged PyPI dstack-sdk client on our agent's socket; our verifier checks results."""
 
 from __future__ import annotations
 
