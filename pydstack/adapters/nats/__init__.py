@@ -1,5 +1,6 @@
 """The NATS JetStream event store."""
 
+from .cluster import NatsCluster, read_node
 from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
 from .server import NatsServer, NatsServerConfig, NatsUser, free_port, nats_server_binary
 from .store import (
@@ -19,6 +20,7 @@ __all__ = [
     "Change",
     "ConflictError",
     "EventStore",
+    "NatsCluster",
     "NatsServer",
     "NatsServerConfig",
     "NatsUser",
@@ -32,4 +34,5 @@ __all__ = [
     "free_port",
     "nats_server_binary",
     "new_event_id",
+    "read_node",
 ]  # fmt: skip
