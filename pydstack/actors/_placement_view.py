@@ -91,6 +91,8 @@ class PlacementView:
 
     def _with_defaults(self, event: HostJoined, body: bytes) -> HostJoined:
         # The event's own defaults are dstack's; a field the host did not send takes ours.
+        # Bodies are encoded with omit_defaults, so a host that states exactly dstack's
+        # default value looks the same as one that is silent, and gets ours too.
         present = msgspec.msgpack.decode(body)
         missing = {k: getattr(self.defaults, k) for k in _DEFAULTABLE if k not in present}
         return replace(event, **missing) if missing else event

@@ -139,6 +139,7 @@ class ActorRunner:
         self.log.info("actor started", subjects=list(self.actor.subjects))
         loop = asyncio.get_running_loop()
         next_reconcile = 0.0
+        unhandled: list[Msg] = []
         try:
             while not self._stopping.is_set():
                 if loop.time() >= next_reconcile or self._reconcile_now.is_set():
@@ -148,16 +149,31 @@ class ActorRunner:
                 batch = await self._fetch(sub)
                 for i, msg in enumerate(batch):
                     if self._stopping.is_set():
-                        # Hand the rest back at once so another instance can take them.
-                        for rest in batch[i:]:
-                            with contextlib.suppress(Exception):
-                                await rest.nak()
+                        unhandled = batch[i:]
                         break
                     await self._finish(msg)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self._hand_back(sub, unhandled)
             self.log.info("actor stopped")
+
+    async def _hand_back(self, sub: Any, unhandled: list[Msg]) -> None:
+        """Unsubscribe, then nak what was delivered but not handled, so another instance can
+        take it now instead of after ``ack_wait``. Unsubscribing first matters: a pull request
+        still open on the server would otherwise receive the nak'd message again."""
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        # Messages the open pull request delivered after the last fetch returned wait in the
+        # subscription's queue; nats-py has no public way to take them, hence the private read.
+        queue = getattr(getattr(sub, "_sub", None), "_pending_queue", None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply and msg.reply.startswith("$JS.ACK."):
+                unhandled.append(msg)
+        for msg in unhandled:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        with contextlib.suppress(Exception):
+            await self.store.nc.flush(timeout=2)
 
     async def _fetch(self, sub: Any) -> list[Msg]:
         fetch = asyncio.ensure_future(sub.fetch(self.config.batch, self.config.fetch_timeout_s))
