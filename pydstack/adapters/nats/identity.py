@@ -1,0 +1,240 @@
+"""Per-actor identities: one nkey per actor, which is also its event-signing key.
+
+An identity's secret is a 32-byte Ed25519 seed, stored as an nkey user seed (``SU…``). The
+same seed authenticates the actor to NATS and signs its events, so the ``key`` in an envelope
+is the nkey's public key: the server knows who publishes, the log proves who wrote.
+
+Who may write what is decided here, in one table (:data:`ROLES`). The embedded server turns
+it into NATS permissions (:func:`nats_user`); the auditor checks the log against the same
+subjects through the keyring file (:func:`load_keyring`). Usage::
+
+    ids = IdentityStore(data_dir / "identities")
+    scheduler = ids.ensure("scheduler", "scheduler")
+    store = await EventStore.connect(url, scheduler.signer, nkey_seed=scheduler.seed)
+
+Files: ``identities/<name>.nk`` (the seed, mode 0600) and ``identities/keyring.json`` (public
+keys, roles and subjects: safe to copy to auditors and other hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import nkeys
+
+from pydstack.core.audit import Signatory, make_keyring
+from pydstack.core.events import Signer
+
+from .errors import StoreError
+from .server import NatsUser
+from .store import DEFAULT_STREAM
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """What an actor of this role may append (event subjects) and whether it manages the stream."""
+
+    subjects: tuple[str, ...]
+    admin: bool = False
+    doc: str = ""
+
+
+# The one place that says who writes which aggregates.
+ROLES: Final[dict[str, Role]] = {
+    "admin": Role(("dstack.>",), admin=True, doc="`pydstack up`: creates and manages the stream"),
+    "operator": Role(("dstack.app.*", "dstack.vm.*"), doc="the CLI: AppRegistered, VmRequested…"),
+    "scheduler": Role(("dstack.vm.*", "dstack.host.*"), doc="VmScheduled/VmRejected, placements"),
+    "vmm": Role(("dstack.vm.*", "dstack.host.*"), doc="a host: HostJoined, VmStarted, VmExited…"),
+    "kms": Role(("dstack.kms.*",), doc="KeyIssued/KeyDenied, root keys, replicas"),
+    "gateway": Role(("dstack.gateway.*", "dstack.cvm.*"), doc="gateway nodes, CVM registration"),
+    "auditor": Role((), doc="reads everything, writes nothing"),
+}
+
+
+def _reader_api(stream: str) -> list[str]:
+    """The JetStream API an actor needs to read, follow and consume; no stream changes at all."""
+    api = "$JS.API"
+    return [
+        f"{api}.INFO",
+        f"{api}.STREAM.NAMES",
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.CONSUMER.CREATE.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"{api}.CONSUMER.INFO.{stream}.>",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+        f"{api}.CONSUMER.DELETE.{stream}.>",
+        f"{api}.CONSUMER.LIST.{stream}",
+        f"{api}.CONSUMER.NAMES.{stream}",
+        f"$JS.ACK.{stream}.>",
+        "$JS.FC.>",  # flow-control replies of ordered consumers
+    ]
+
+
+_NAME: Final = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    name: str
+    role: str
+    seed: str  # nkey user seed, "SU…"
+
+    @classmethod
+    def generate(cls, name: str, role: str) -> Identity:
+        _check(name, role)
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+        return cls(name, role, seed)
+
+    @property
+    def raw_seed(self) -> bytes:
+        prefix, raw = nkeys.decode_seed(self.seed.encode())
+        if prefix != nkeys.PREFIX_BYTE_USER or len(raw) != 32:
+            raise StoreError(f"identity {self.name}: not an nkey user seed")
+        return bytes(raw)
+
+    @property
+    def signer(self) -> Signer:
+        return Signer.from_private_bytes(self.name, self.raw_seed)
+
+    @property
+    def key(self) -> bytes:
+        """The Ed25519 public key: the ``key`` of every envelope this identity signs."""
+        return self.signer.public_key
+
+    @property
+    def nkey(self) -> str:
+        """The public nkey (``U…``) the server authenticates."""
+        return str(nkeys.from_seed(self.seed.encode()).public_key.decode())
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        return ROLES[self.role].subjects
+
+    def signatory(self) -> Signatory:
+        return Signatory(self.name, self.key, self.subjects)
+
+
+def _check(name: str, role: str) -> None:
+    if not _NAME.match(name):
+        raise StoreError(f"bad identity name {name!r}: use 1-64 letters, digits, '_' or '-'")
+    if role not in ROLES:
+        raise StoreError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+
+
+def nats_user(identity: Identity, stream: str = DEFAULT_STREAM) -> NatsUser:
+    """Server permissions: its own event subjects plus the read/consume API (admin: all)."""
+    role = ROLES[identity.role]
+    if role.admin:
+        return NatsUser(identity.nkey, publish=(">",), subscribe=(">",))
+    return NatsUser(
+        identity.nkey,
+        publish=(*role.subjects, *_reader_api(stream)),
+        subscribe=("_INBOX.>",),
+    )
+
+
+def read_seed_file(path: Path) -> str:
+    """The nkey seed in a seed file or in the seed block of a NATS ``.creds`` file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise StoreError(f"cannot read credentials {path}: {exc.strerror}") from None
+    match = re.search(r"\bSU[A-Z2-7]{56}\b", text)
+    if match is None:
+        raise StoreError(f"{path} holds no nkey user seed (a line starting with SU)")
+    return match.group(0)
+
+
+class IdentityStore:
+    """The identities of one data dir: a seed file per actor and the public keyring."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.dir / "keyring.json"
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.nk"
+
+    def load(self, name: str) -> Identity | None:
+        """The identity called `name`, or None if this data dir has none."""
+        path = self.path(name)
+        if not path.exists():
+            return None
+        role = self._roles().get(name)
+        if role is None:
+            raise StoreError(f"{path} exists but {self.keyring_path} does not list {name!r}")
+        return Identity(name, role, read_seed_file(path))
+
+    def ensure(self, name: str, role: str) -> Identity:
+        """Load `name`, or create it (seed file 0600, keyring entry) the first time."""
+        found = self.load(name)
+        if found is not None:
+            if found.role != role:
+                raise StoreError(f"identity {name!r} has role {found.role!r}, not {role!r}")
+            return found
+        identity = Identity.generate(name, role)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(identity.seed + "\n")
+        self._write_keyring([*self.all(), identity])
+        return identity
+
+    def ensure_all(self, wanted: Iterable[tuple[str, str]]) -> dict[str, Identity]:
+        return {name: self.ensure(name, role) for name, role in wanted}
+
+    def all(self) -> list[Identity]:
+        out = []
+        for name in sorted(self._roles()):
+            identity = self.load(name)
+            if identity is not None:
+                out.append(identity)
+        return out
+
+    def _roles(self) -> dict[str, str]:
+        if not self.keyring_path.exists():
+            return {}
+        return {e["name"]: e["role"] for e in _read_keyring_json(self.keyring_path)}
+
+    def _write_keyring(self, identities: Sequence[Identity]) -> None:
+        entries = [
+            {"name": i.name, "role": i.role, "nkey": i.nkey, "key": i.key.hex(),
+             "subjects": list(i.subjects)}
+            for i in sorted(identities, key=lambda i: i.name)
+        ]  # fmt: skip
+        tmp = self.keyring_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": 1, "identities": entries}, indent=2) + "\n")
+        tmp.replace(self.keyring_path)
+
+
+def _read_keyring_json(path: Path) -> list[dict[str, str]]:
+    try:
+        doc = json.loads(path.read_text())
+        entries = doc["identities"]
+        for e in entries:
+            str(e["name"]), str(e["role"]), bytes.fromhex(e["key"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"bad keyring {path}: {exc}") from None
+    return list(entries)
+
+
+def load_keyring(path: Path) -> dict[bytes, Signatory]:
+    """The auditor's keyring: Ed25519 key → actor and the subjects it may write."""
+    entries = _read_keyring_json(path)
+    return make_keyring(
+        Signatory(e["name"], bytes.fromhex(e["key"]), tuple(e.get("subjects", ()))) for e in entries
+    )
