@@ -33,7 +33,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
 
-from .errors import ConflictError, StoreError, StreamMissing, Unreachable
+from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
 
 DEFAULT_STREAM: Final = "DSTACK"
 _WRONG_LAST_SEQ: Final = 10071
@@ -114,6 +114,7 @@ class EventStore:
     settings: StreamSettings = field(default_factory=StreamSettings)
     timeout: float = 5.0
     retries: int = 3
+    denials: dict[str, str] = field(default_factory=dict)  # lower-cased subject -> refusal
 
     @classmethod
     async def connect(
@@ -139,10 +140,17 @@ class EventStore:
         if nkey_seed:
             opts["nkeys_seed_str"] = nkey_seed
 
-        async def quiet(_: Exception) -> None:  # nats-py logs every failed attempt otherwise
-            return None
+        denials: dict[str, str] = {}
 
-        opts["error_cb"] = quiet
+        async def note(exc: Exception) -> None:
+            # nats-py logs every failed attempt otherwise. A refused publish shows up only here
+            # (the request itself just times out), so remember it for a precise error.
+            # nats-py lower-cases the server's text, so subjects are compared lower-cased.
+            text = str(exc).lower()
+            if "permissions violation for publish to" in text:
+                denials[text.split("publish to", 1)[1].strip().strip("'\"")] = text
+
+        opts["error_cb"] = note
         try:
             nc = await asyncio.wait_for(nats.connect(**opts), timeout=connect_timeout * 2 + 1)
         except (OSError, nats.errors.Error, TimeoutError) as exc:
@@ -153,6 +161,7 @@ class EventStore:
             signer=signer,
             url=url,
             settings=settings or StreamSettings(),
+            denials=denials,
         )
 
     async def close(self) -> None:
@@ -297,6 +306,8 @@ class EventStore:
                     exc.err_code or 0, exc.description or "", subject, exp
                 ) from None
             except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
+                if subject.lower() in self.denials:
+                    raise PermissionDenied(subject) from None
                 # Same Nats-Msg-Id on retry: if the first try was stored, the server answers
                 # with that sequence (duplicate) instead of storing it twice.
                 if attempt == self.retries:
@@ -323,6 +334,9 @@ class EventStore:
             except nats.errors.NoRespondersError:
                 raise StreamMissing(self.stream) from None
             except nats.errors.TimeoutError:
+                denied = next((m[0] for m in msgs if m[0].lower() in self.denials), None)
+                if denied is not None:
+                    raise PermissionDenied(denied) from None
                 if attempt == self.retries:
                     raise StoreError("atomic append got no answer; check the NATS server") from None
                 batch_id = new_event_id()  # a fresh batch; the msg ids still dedupe
