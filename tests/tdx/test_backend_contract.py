@@ -12,8 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from kernel_emulation import EmulatedTdxKernel
-from sim_support import NOW, dev_collateral, dev_pki, dev_sim
 
 from pydstack.adapters.tdx.backend import RecordingBackend, SimulatorBackend
 from pydstack.adapters.tdx.configfs import ConfigfsBackend
@@ -21,6 +19,9 @@ from pydstack.adapters.tdx.errors import BackendError
 from pydstack.adapters.tdx.eventlog import replay_rtmrs, runtime_event_digest
 from pydstack.adapters.tdx.quote import parse_quote
 from pydstack.adapters.tdx.verify import Policy, verify_quote
+
+from .kernel_emulation import EmulatedTdxKernel
+from .sim_support import NOW, dev_collateral, dev_pki, dev_sim
 
 D = hashlib.sha384(b"digest").digest()
 
@@ -31,13 +32,12 @@ class BackendContract:
     def settle(self) -> None:
         """Let an asynchronous (emulated) kernel catch up; the real kernel is synchronous."""
 
-    def test_quote_carries_padded_report_data_and_verifies(
-        self, backend: RecordingBackend
-    ) -> None:
+    def test_quote_carries_padded_report_data_and_verifies(self, backend: RecordingBackend) -> None:
         """get_quote pads report_data to 64 bytes and the quote verifies with the dev root."""
         quote = backend.get_quote(b"nonce")
-        v = verify_quote(quote, dev_collateral(), Policy(report_data=b"nonce"), NOW,
-                         dev_pki().root_der)
+        v = verify_quote(
+            quote, dev_collateral(), Policy(report_data=b"nonce"), NOW, dev_pki().root_der
+        )
         assert v.ok, v.reasons
 
     def test_report_data_over_64_bytes_refused(self, backend: RecordingBackend) -> None:
@@ -69,8 +69,7 @@ class BackendContract:
         quote, log = backend.attest(b"")
         assert log[-1] == ev
         assert replay_rtmrs(log) == parse_quote(quote).report.rtmrs
-        v = verify_quote(quote, dev_collateral(), Policy(), NOW, dev_pki().root_der,
-                         event_log=log)
+        v = verify_quote(quote, dev_collateral(), Policy(), NOW, dev_pki().root_der, event_log=log)
         assert v.ok, v.reasons
 
 
@@ -107,16 +106,17 @@ class TestConfigfsBackend(BackendContract):
     def backend(self, tmp_path: Path) -> Iterator[ConfigfsBackend]:
         with EmulatedTdxKernel(tmp_path, dev_sim()) as kernel:
             self.kernel = kernel
-            yield ConfigfsBackend(report_root=kernel.report_root,
-                                  measurements_dir=kernel.measurements, timeout=2.0,
-                                  poll_interval=0.001)
+            yield ConfigfsBackend(
+                report_root=kernel.report_root,
+                measurements_dir=kernel.measurements,
+                timeout=2.0,
+                poll_interval=0.001,
+            )
 
     def settle(self) -> None:
         self.kernel.settle()
 
-    def test_entry_created_and_report_data_reaches_kernel(
-        self, backend: ConfigfsBackend
-    ) -> None:
+    def test_entry_created_and_report_data_reaches_kernel(self, backend: ConfigfsBackend) -> None:
         """The backend mkdirs its entry and the kernel side sees the padded inblob."""
         quote = backend.get_quote(b"\xaa")
         assert (self.kernel.report_root / "com.intel.dcap" / "provider").exists()
@@ -133,11 +133,20 @@ class TestConfigfsBackend(BackendContract):
             assert parse_quote(q).report.report_data[:1] == bytes([i])
 
 
-def _emulated(tmp_path: Path, **kw: object) -> tuple[EmulatedTdxKernel, ConfigfsBackend]:
-    kernel = EmulatedTdxKernel(tmp_path, dev_sim(), **kw)  # type: ignore[arg-type]
-    backend = ConfigfsBackend(report_root=kernel.report_root,
-                              measurements_dir=kernel.measurements, timeout=0.5,
-                              poll_interval=0.001)
+def _emulated(
+    tmp_path: Path,
+    *,
+    provider: str = "tdx_guest\n",
+    mode: str = "normal",
+    outblob: bytes | None = None,
+) -> tuple[EmulatedTdxKernel, ConfigfsBackend]:
+    kernel = EmulatedTdxKernel(tmp_path, dev_sim(), provider=provider, mode=mode, outblob=outblob)
+    backend = ConfigfsBackend(
+        report_root=kernel.report_root,
+        measurements_dir=kernel.measurements,
+        timeout=0.5,
+        poll_interval=0.001,
+    )
     return kernel, backend
 
 
@@ -165,7 +174,7 @@ def test_no_generation_change_times_out(tmp_path: Path) -> None:
 def test_wrong_provider_refused(tmp_path: Path) -> None:
     """An entry served by another TSM provider (e.g. SEV-SNP) is refused."""
     kernel, backend = _emulated(tmp_path, provider="sev_guest\n")
-    with kernel, pytest.raises(BackendError, match="provider .* is 'sev_guest'"):
+    with kernel, pytest.raises(BackendError, match=r"provider .* is 'sev_guest'"):
         backend.get_quote(b"x")
 
 
@@ -181,7 +190,7 @@ def test_missing_configfs_is_explained(tmp_path: Path) -> None:
     backend = ConfigfsBackend(report_root=tmp_path / "absent", measurements_dir=tmp_path)
     with pytest.raises(BackendError, match="not a TDX guest"):
         backend.get_quote(b"x")
-    with pytest.raises(BackendError, match="Linux >= 6.16"):
+    with pytest.raises(BackendError, match=r"Linux >= 6\.16"):
         backend.extend_rtmr(3, D)
 
 
@@ -192,7 +201,10 @@ def test_emulated_kernel_extends_from_written_digest(tmp_path: Path) -> None:
     with kernel:
         backend.emit_event("compose-hash", b"\x02" * 32)
         kernel.settle()
-        assert kernel.rtmrs[3] == hashlib.sha384(
-            bytes(48) + runtime_event_digest("compose-hash", b"\x02" * 32)
-        ).digest()
+        assert (
+            kernel.rtmrs[3]
+            == hashlib.sha384(
+                bytes(48) + runtime_event_digest("compose-hash", b"\x02" * 32)
+            ).digest()
+        )
         assert replay_rtmrs(backend.event_log()) == tuple(kernel.rtmrs)

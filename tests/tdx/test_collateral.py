@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from sim_support import NOW, VECTORS, dev_pki, dev_sim
 
 from pydstack.adapters.tdx.collateral import (
     cached_collateral,
@@ -18,6 +17,8 @@ from pydstack.adapters.tdx.collateral import (
 from pydstack.adapters.tdx.devpccs import devpccs_app
 from pydstack.adapters.tdx.errors import CollateralError, QuoteParseError
 from pydstack.adapters.tdx.verify import Policy, verify_quote
+
+from .sim_support import NOW, VECTORS, dev_pki, dev_sim
 
 
 @pytest.fixture

@@ -7,11 +7,12 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sim_support import dev_sim, dstack_quote, vector
 
 from pydstack.adapters.tdx.errors import QuoteParseError, TdxError
 from pydstack.adapters.tdx.quote import BODY_TD10, BODY_TD15, parse_quote
 from pydstack.adapters.tdx.simulator import TdMeasurements
+
+from .sim_support import dev_sim, dstack_quote, vector
 
 INTEL = vector("dcap-qvl/tdx_quote")
 

@@ -9,7 +9,6 @@ import dcap_qvl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sim_support import NOW, dev_collateral, dev_pki, dev_sim
 
 from pydstack.adapters.tdx.collateral import collateral_from_json
 from pydstack.adapters.tdx.errors import TdxError
@@ -17,6 +16,8 @@ from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.quote import BODY_TD15, parse_quote
 from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
 from pydstack.adapters.tdx.verify import Policy, verify_quote
+
+from .sim_support import NOW, dev_collateral, dev_pki, dev_sim
 
 RTMRS = (bytes([1]) * 48, bytes([2]) * 48, bytes([3]) * 48, bytes([4]) * 48)
 QUOTE = dev_sim().quote(b"report-data", TdMeasurements(rtmrs=RTMRS))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from sim_support import NOW, dev_collateral, dev_pki, dev_sim
 
 from pydstack.adapters.tdx.simulator import TdMeasurements
-from pydstack.adapters.tdx.verify import Policy, verify_quote
+from pydstack.adapters.tdx.verify import Policy, Verdict, verify_quote
+
+from .sim_support import NOW, dev_collateral, dev_pki, dev_sim
 
 R = [hashlib.sha384(bytes([i])).digest() for i in range(4)]
 MRTD = hashlib.sha384(b"mrtd").digest()
@@ -16,14 +17,23 @@ CONFIG_ID = b"\x01" + bytes(47)
 M = TdMeasurements(mr_td=MRTD, mr_config_id=CONFIG_ID, rtmrs=(R[0], R[1], R[2], R[3]))
 
 
-def _verify(quote: bytes, policy: Policy, tcb: str = "UpToDate", adv: tuple[str, ...] = ()):
+def _verify(
+    quote: bytes, policy: Policy, tcb: str = "UpToDate", adv: tuple[str, ...] = ()
+) -> Verdict:
     return verify_quote(quote, dev_collateral(tcb, adv), policy, NOW, dev_pki().root_der)
 
 
 def test_matching_policy_accepts() -> None:
     """All expected measurements equal to the quote's: ok, no reasons."""
-    policy = Policy(mr_td=MRTD, rtmr0=R[0], rtmr1=R[1], rtmr2=R[2], rtmr3=R[3],
-                    mr_config_id=CONFIG_ID, report_data=b"nonce")
+    policy = Policy(
+        mr_td=MRTD,
+        rtmr0=R[0],
+        rtmr1=R[1],
+        rtmr2=R[2],
+        rtmr3=R[3],
+        mr_config_id=CONFIG_ID,
+        report_data=b"nonce",
+    )
     v = _verify(dev_sim().quote(b"nonce", M), policy)
     assert (v.ok, v.reasons, v.tcb_status) == (True, [], "UpToDate")
 
@@ -37,8 +47,9 @@ def test_rtmr_mismatch_reason_is_exact() -> None:
 
 def test_several_mismatches_all_listed_in_order() -> None:
     """MRTD, mr_config_id and report_data mismatches are all reported, in a fixed order."""
-    v = _verify(dev_sim().quote(b"abc", M),
-                Policy(mr_td=R[0], mr_config_id=bytes(48), report_data=b"abd"))
+    v = _verify(
+        dev_sim().quote(b"abc", M), Policy(mr_td=R[0], mr_config_id=bytes(48), report_data=b"abd")
+    )
     got_rd = (b"abc" + bytes(61)).hex()
     assert v.reasons == [
         f"mr_td mismatch: expected {R[0].hex()}, got {MRTD.hex()}",
@@ -59,15 +70,19 @@ def test_out_of_date_refused_by_default_with_advisories() -> None:
 
 def test_out_of_date_accepted_when_policy_allows() -> None:
     """Accepting the status and the advisory id makes the same quote pass."""
-    policy = Policy(accepted_tcb_statuses=frozenset({"UpToDate", "OutOfDate"}),
-                    allowed_advisory_ids=frozenset({"INTEL-SA-00837"}))
+    policy = Policy(
+        accepted_tcb_statuses=frozenset({"UpToDate", "OutOfDate"}),
+        allowed_advisory_ids=frozenset({"INTEL-SA-00837"}),
+    )
     assert _verify(dev_sim().quote(b""), policy, "OutOfDate", ("INTEL-SA-00837",)).ok
 
 
 def test_other_advisory_still_refused() -> None:
     """Allowing one advisory does not allow another."""
-    policy = Policy(accepted_tcb_statuses=frozenset({"SWHardeningNeeded"}),
-                    allowed_advisory_ids=frozenset({"INTEL-SA-00837"}))
+    policy = Policy(
+        accepted_tcb_statuses=frozenset({"SWHardeningNeeded"}),
+        allowed_advisory_ids=frozenset({"INTEL-SA-00837"}),
+    )
     v = _verify(dev_sim().quote(b""), policy, "SWHardeningNeeded", ("INTEL-SA-00615",))
     assert v.reasons == ["advisory INTEL-SA-00615 not allowed"]
 

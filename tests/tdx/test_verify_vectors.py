@@ -6,7 +6,10 @@ import json
 
 import dcap_qvl
 import pytest
-from sim_support import (
+
+from pydstack.adapters.tdx.verify import Policy, verify_quote
+
+from .sim_support import (
     NOW,
     OUTDATED_NOW,
     dstack_quote,
@@ -14,8 +17,6 @@ from sim_support import (
     outdated_collateral,
     vector,
 )
-
-from pydstack.adapters.tdx.verify import Policy, verify_quote
 
 
 @pytest.mark.parametrize("now", [NOW, 1750329147, 1752919234])
@@ -66,8 +67,9 @@ def test_intel_root_explicit_equals_builtin() -> None:
 
 def test_outdated_sample_quote_has_no_tcb_level() -> None:
     """The second sample quote is a negative vector: no matching TCB level."""
-    v = verify_quote(vector("dcap-qvl/tdx_quote_outdated"), outdated_collateral(), Policy(),
-                     OUTDATED_NOW)
+    v = verify_quote(
+        vector("dcap-qvl/tdx_quote_outdated"), outdated_collateral(), Policy(), OUTDATED_NOW
+    )
     assert v.reasons == ["dcap-qvl: Verification failed: No matching TCB level found"]
 
 
@@ -111,8 +113,9 @@ def test_dstack_quote_with_its_event_log_replays() -> None:
     v = verify_quote(dstack_quote(), outdated_collateral(), Policy(), OUTDATED_NOW, event_log=log)
     assert v.ok, v.reasons
     broken = [*log[:-1], log[-1].__class__(imr=3, event_type=1, digest=bytes(48))]
-    v = verify_quote(dstack_quote(), outdated_collateral(), Policy(), OUTDATED_NOW,
-                     event_log=broken)
+    v = verify_quote(
+        dstack_quote(), outdated_collateral(), Policy(), OUTDATED_NOW, event_log=broken
+    )
     assert not v.ok and any(r.startswith("RTMR3 mismatch") for r in v.reasons)
 
 

@@ -10,6 +10,9 @@ about authenticity; `verify.verify_quote` does that through dcap-qvl.
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
 import msgspec
 
 from .errors import QuoteParseError
@@ -158,7 +161,76 @@ class _Reader:
         return self.base + self.pos
 
 
+_TD10_FIELDS = tuple(
+    (f"td_report.{name}", n)
+    for name, n in (
+        ("tee_tcb_svn", 16),
+        ("mr_seam", 48),
+        ("mr_signer_seam", 48),
+        ("seam_attributes", 8),
+        ("td_attributes", 8),
+        ("xfam", 8),
+        ("mr_td", 48),
+        ("mr_config_id", 48),
+        ("mr_owner", 48),
+        ("mr_owner_config", 48),
+        ("rtmr0", 48),
+        ("rtmr1", 48),
+        ("rtmr2", 48),
+        ("rtmr3", 48),
+        ("report_data", 64),
+    )
+)
+_TD15_FIELDS = (*_TD10_FIELDS, ("td_report.tee_tcb_svn2", 16), ("td_report.mr_service_td", 48))
+_HEADER_FIELDS = (
+    ("header.version", 2),
+    ("header.att_key_type", 2),
+    ("header.tee_type", 4),
+    ("header.qe_svn", 2),
+    ("header.pce_svn", 2),
+    ("header.qe_vendor_id", 16),
+    ("header.user_data", 20),
+)
+_ENCLAVE_FIELDS = tuple(
+    (f"qe_report.{name}", n)
+    for name, n in (
+        ("cpu_svn", 16),
+        ("misc_select", 4),
+        ("reserved1", 28),
+        ("attributes", 16),
+        ("mr_enclave", 32),
+        ("reserved2", 32),
+        ("mr_signer", 32),
+        ("reserved3", 96),
+        ("isv_prod_id", 2),
+        ("isv_svn", 2),
+        ("reserved4", 60),
+        ("report_data", 64),
+    )
+)
+
+
+# Fixed layouts are unpacked by one precompiled struct after one bounds check: parsing runs
+# on every verification, and per-field reads cost more than dcap-qvl's budget allows.
+_TD10 = struct.Struct("<" + "".join(f"{n}s" for _, n in _TD10_FIELDS))
+_TD15 = struct.Struct("<" + "".join(f"{n}s" for _, n in _TD15_FIELDS))
+_HEADER = struct.Struct("<HHIHH16s20s")
+_ENCLAVE = struct.Struct("<16sI28x16s32s32x32s96xHH60x64s")
+
+
+def _fixed(
+    r: _Reader, layout: struct.Struct, fields: tuple[tuple[str, int], ...]
+) -> tuple[Any, ...]:
+    if r.pos + layout.size > len(r.buf):
+        for name, n in fields:  # slow path, only to name the field that does not fit
+            r.take(n, name)
+    out = layout.unpack_from(r.buf, r.pos)
+    r.pos += layout.size
+    return out
+
+
 def _header(r: _Reader) -> QuoteHeader:
+    # Check the discriminating fields first so junk gets the most useful message.
     version = r.u16("header.version")
     if version not in (4, 5):
         raise QuoteParseError(f"unsupported quote version {version} at offset 0 (want 4 or 5)")
@@ -170,69 +242,19 @@ def _header(r: _Reader) -> QuoteHeader:
     tee_type = r.u32("header.tee_type")
     if tee_type != TEE_TYPE_TDX:
         raise QuoteParseError(f"not a TDX quote: tee_type {tee_type:#x} at offset 4 (want 0x81)")
-    return QuoteHeader(
-        version=version,
-        att_key_type=att_key_type,
-        tee_type=tee_type,
-        qe_svn=r.u16("header.qe_svn"),
-        pce_svn=r.u16("header.pce_svn"),
-        qe_vendor_id=r.take(16, "header.qe_vendor_id"),
-        user_data=r.take(20, "header.user_data"),
-    )
+    r.pos = 0
+    return QuoteHeader(*_fixed(r, _HEADER, _HEADER_FIELDS))
 
 
 def _td_report(r: _Reader, td15: bool) -> TdReport:
-    t = r.take
-    report = TdReport(
-        tee_tcb_svn=t(16, "td_report.tee_tcb_svn"),
-        mr_seam=t(48, "td_report.mr_seam"),
-        mr_signer_seam=t(48, "td_report.mr_signer_seam"),
-        seam_attributes=t(8, "td_report.seam_attributes"),
-        td_attributes=t(8, "td_report.td_attributes"),
-        xfam=t(8, "td_report.xfam"),
-        mr_td=t(48, "td_report.mr_td"),
-        mr_config_id=t(48, "td_report.mr_config_id"),
-        mr_owner=t(48, "td_report.mr_owner"),
-        mr_owner_config=t(48, "td_report.mr_owner_config"),
-        rtmr0=t(48, "td_report.rtmr0"),
-        rtmr1=t(48, "td_report.rtmr1"),
-        rtmr2=t(48, "td_report.rtmr2"),
-        rtmr3=t(48, "td_report.rtmr3"),
-        report_data=t(64, "td_report.report_data"),
-    )
-    if not td15:
-        return report
-    return msgspec.structs.replace(
-        report,
-        tee_tcb_svn2=t(16, "td_report.tee_tcb_svn2"),
-        mr_service_td=t(48, "td_report.mr_service_td"),
-    )
+    if td15:
+        return TdReport(*_fixed(r, _TD15, _TD15_FIELDS))
+    return TdReport(*_fixed(r, _TD10, _TD10_FIELDS))
 
 
 def parse_enclave_report(raw: bytes, base: int = 0) -> EnclaveReport:
     """Parse a 384-byte SGX report body (the QE report); `base` is its quote offset."""
-    r = _Reader(raw, base)
-    cpu_svn = r.take(16, "qe_report.cpu_svn")
-    misc_select = r.u32("qe_report.misc_select")
-    r.take(28, "qe_report.reserved1")
-    attributes = r.take(16, "qe_report.attributes")
-    mr_enclave = r.take(32, "qe_report.mr_enclave")
-    r.take(32, "qe_report.reserved2")
-    mr_signer = r.take(32, "qe_report.mr_signer")
-    r.take(96, "qe_report.reserved3")
-    isv_prod_id = r.u16("qe_report.isv_prod_id")
-    isv_svn = r.u16("qe_report.isv_svn")
-    r.take(60, "qe_report.reserved4")
-    return EnclaveReport(
-        cpu_svn=cpu_svn,
-        misc_select=misc_select,
-        attributes=attributes,
-        mr_enclave=mr_enclave,
-        mr_signer=mr_signer,
-        isv_prod_id=isv_prod_id,
-        isv_svn=isv_svn,
-        report_data=r.take(64, "qe_report.report_data"),
-    )
+    return EnclaveReport(*_fixed(_Reader(raw, base), _ENCLAVE, _ENCLAVE_FIELDS))
 
 
 def _signature(r: _Reader) -> QuoteSignature:
