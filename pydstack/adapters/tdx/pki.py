@@ -299,7 +299,11 @@ class DevPki:
             **module,
             "id": f"TDX_{p.tee_tcb_svn[1]:02X}",
             "tcbLevels": [
-                {"tcb": {"isvsvn": p.tee_tcb_svn[0]}, "tcbDate": _iso(issued), "tcbStatus": "UpToDate"}
+                {
+                    "tcb": {"isvsvn": p.tee_tcb_svn[0]},
+                    "tcbDate": _iso(issued),
+                    "tcbStatus": "UpToDate",
+                }
             ],
         }
         return _canonical(

@@ -64,10 +64,9 @@ class QuoteSimulator:
         nums = att_key.public_key().public_numbers()
         self._att_key = att_key
         self.attestation_pub = nums.x.to_bytes(32, "big") + nums.y.to_bytes(32, "big")
+        # qe_svn/pce_svn 0; user_data is not checked by dcap-qvl (Intel puts a QE id there).
         self._header = {
-            v: _le16(v) + _le16(2) + _le32(0x81) + _le16(0) + _le16(0) + INTEL_QE_VENDOR_ID
-            # user_data: dcap-qvl does not check it; Intel puts the QE id prefix here.
-            + bytes(20)
+            v: b"".join((_le16(v), _le16(2), _le32(0x81), bytes(4), INTEL_QE_VENDOR_ID, bytes(20)))
             for v in (4, 5)
         }
         self._seam = p.tee_tcb_svn + DEFAULT_MR_SEAM + p.mr_signer_seam + bytes(8)
