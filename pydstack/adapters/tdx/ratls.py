@@ -36,9 +36,7 @@ from .errors import TdxError
 from .eventlog import (
     EventLogError,
     parse_json_event_log,
-    replay_rtmrs,
     replay_runtime_events,
-    runtime_digest_problems,
     runtime_events_of,
 )
 from .identity import AppInfo, decode_app_info, measurements_of
@@ -330,16 +328,11 @@ def check_attestation(
     root_ca_der: bytes | None = None,
 ) -> tuple[list[str], str | None, Quote | None, AppInfo | None]:
     """Verify quote + event log of `att`: (reasons, tcb_status, quote, app_info)."""
-    reasons: list[str] = []
-    try:
-        replayed = replay_rtmrs(att.event_log)
-    except EventLogError as e:
-        return [f"event log: {e}"], None, None, None
+    # verify_quote replays the log (RTMR0-3 and the runtime digest rule) against the quote.
     verdict = verify_quote(
-        att.quote, collateral, policy or Policy(), now, root_ca_der, replayed_rtmrs=replayed
+        att.quote, collateral, policy or Policy(), now, root_ca_der, event_log=att.event_log
     )
-    reasons += verdict.reasons
-    reasons += runtime_digest_problems(att.event_log)
+    reasons = list(verdict.reasons)
     quote = verdict.quote
     if quote is None:
         return reasons, verdict.tcb_status, None, None
