@@ -19,11 +19,11 @@ Usage::
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, TypeVar
+from typing import Any, Final, Protocol, Self
 
 import msgspec
 import sqlite_utils
@@ -33,6 +33,7 @@ from pydstack.core.projections import (
     App,
     Applied,
     Host,
+    Model,
     Projections,
     Vm,
     VmState,
@@ -46,8 +47,6 @@ from pydstack.core.projections import (
 # Bump when a state Struct changes incompatibly: the file is then rebuilt from the log.
 SCHEMA: Final = 1
 DEFAULT_NAME: Final = "main"
-
-_S = TypeVar("_S", App, Vm, Host)
 
 _encode: Final = msgspec.msgpack.Encoder().encode
 _decode_app: Final = msgspec.msgpack.Decoder(App).decode
@@ -70,7 +69,7 @@ _TABLES: Final[dict[str, dict[str, type]]] = {
         "data": bytes,
     },
 }  # fmt: skip
-_PK: Final = {"apps": "app_id", "vms": "vm_id", "hosts": "host_id"}
+_PK: Final[dict[str, str]] = {"apps": "app_id", "vms": "vm_id", "hosts": "host_id"}
 _INDEXES: Final = {"vms": (["host"], ["app_id"], ["state"])}
 
 
@@ -125,55 +124,50 @@ class BatchResult:
     position: int = 0  # the checkpoint after the batch
 
 
-class _Batch:
-    """The states one batch touches, loaded lazily inside the transaction."""
+_DECODE: Final[dict[Model, Callable[[bytes], Any]]] = {
+    "apps": _decode_app,
+    "vms": _decode_vm,
+    "hosts": _decode_host,
+}
+_APPLY: Final[dict[Model, Callable[[Any, Applied], Any]]] = {
+    "apps": apps.apply,
+    "vms": vms.apply,
+    "hosts": hosts.apply,
+}
+_ROW: Final[dict[Model, Callable[[Any], tuple[Any, ...]]]] = {
+    "apps": _app_row,
+    "vms": _vm_row,
+    "hosts": _host_row,
+}
+_LOAD_CHUNK: Final = 500
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.apps: dict[str, App | None] = {}
-        self.vms: dict[str, Vm | None] = {}
-        self.hosts: dict[str, Host | None] = {}
 
-    def _load(self, table: str, key: str) -> bytes | None:
-        row = self.conn.execute(
-            f"SELECT data FROM {table} WHERE {_PK[table]} = ?", (key,)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
+def _load(conn: sqlite3.Connection, model: Model, keys: set[str]) -> dict[str, Any]:
+    """The stored states of ``keys`` (missing ones are absent), a few queries per batch."""
+    decode, pk, out = _DECODE[model], _PK[model], {}
+    ordered = sorted(keys)
+    for i in range(0, len(ordered), _LOAD_CHUNK):
+        chunk = ordered[i : i + _LOAD_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT {pk}, data FROM {model} WHERE {pk} IN ({marks})"
+        for key, data in conn.execute(sql, chunk):
+            out[key] = decode(data)
+    return out
 
-    def fold(self, a: Applied) -> bool:
-        target = route(a.event)
-        if target is None:
-            return False
-        model, key = target
-        if model == "vms":
-            if key in self.vms:
-                vm = self.vms[key]
-            else:
-                raw = self._load("vms", key)
-                vm = None if raw is None else _decode_vm(raw)
-            self.vms[key] = vms.apply(vm, a)
-        elif model == "hosts":
-            if key in self.hosts:
-                host = self.hosts[key]
-            else:
-                raw = self._load("hosts", key)
-                host = None if raw is None else _decode_host(raw)
-            self.hosts[key] = hosts.apply(host, a)
-        else:
-            if key in self.apps:
-                app = self.apps[key]
-            else:
-                raw = self._load("apps", key)
-                app = None if raw is None else _decode_app(raw)
-            self.apps[key] = apps.apply(app, a)
-        return True
 
-    def write(self) -> None:
-        # Only aggregates that exist are written; a fold never deletes one.
-        ex = self.conn.executemany
-        ex(_INSERT["apps"], [_app_row(s) for s in self.apps.values() if s is not None])
-        ex(_INSERT["vms"], [_vm_row(s) for s in self.vms.values() if s is not None])
-        ex(_INSERT["hosts"], [_host_row(s) for s in self.hosts.values() if s is not None])
+def _fold_and_write(conn: sqlite3.Connection, todo: list[tuple[Model, str, Applied]]) -> None:
+    """Fold ``todo`` onto the stored states of the aggregates it touches and upsert them."""
+    keys: dict[Model, set[str]] = {"apps": set(), "vms": set(), "hosts": set()}
+    for model, key, _ in todo:
+        keys[model].add(key)
+    states = {m: _load(conn, m, k) if k else {} for m, k in keys.items()}
+    for model, key, a in todo:
+        got = states[model]
+        got[key] = _APPLY[model](got.get(key), a)
+    for model, got in states.items():
+        rows = [_ROW[model](s) for s in got.values() if s is not None]
+        if rows:
+            conn.executemany(_INSERT[model], rows)
 
 
 class ReadModel:
@@ -272,29 +266,27 @@ class ReadModel:
 
     def _run(self, items: Iterable[tuple[int, Applied | None, bool]], upto: int) -> BatchResult:
         """Apply ``(seq, event or None, malformed)`` items in one transaction."""
-        done = ignored = redelivered = malformed = 0
+        ignored = redelivered = malformed = 0
         with self.db.atomic():
-            conn = self.db.conn
             start = pos = self.position()
-            batch = _Batch(conn)
+            todo: list[tuple[Model, str, Applied]] = []
             for seq, a, bad in items:
                 if seq <= pos:
                     redelivered += 1
                     continue
                 pos = seq
-                if bad:
+                target = None if a is None else route(a.event)
+                if target is not None and a is not None:
+                    todo.append((target[0], target[1], a))
+                elif bad:
                     malformed += 1
-                elif a is None:
-                    ignored += 1
-                elif batch.fold(a):
-                    done += 1
                 else:
                     ignored += 1
             pos = max(pos, upto)
             if pos > start:
-                batch.write()
-                conn.execute("UPDATE checkpoints SET seq = ? WHERE name = ?", (pos, self.name))
-        return BatchResult(done, ignored, redelivered, malformed, pos)
+                _fold_and_write(self.db.conn, todo)
+                self.db.execute("UPDATE checkpoints SET seq = ? WHERE name = ?", [pos, self.name])
+        return BatchResult(len(todo), ignored, redelivered, malformed, pos)
 
     # -- reading ---------------------------------------------------------------------------
 

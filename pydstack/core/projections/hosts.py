@@ -91,34 +91,37 @@ class Host(Struct, frozen=True, kw_only=True):
         return None
 
 
+def _joined(state: Host | None, e: HostJoined, a: Applied) -> Host:
+    # Joining again updates capacity and returns from "left"; reservations stay.
+    base = state or Host(
+        host_id=e.host_id, vcpu=0, memory_mb=0, cid_start=0, cid_count=0, port_range=(0, 0)
+    )
+    return replace(
+        base,
+        address=e.address,
+        vcpu=e.vcpu,
+        memory_mb=e.memory_mb,
+        cid_start=e.cid_start,
+        cid_count=e.cid_count,
+        port_range=e.port_range,
+        left=False,
+        left_reason="",
+        joined_ns=a.time_ns,
+        last_heartbeat_ns=a.time_ns,
+        seq=a.seq,
+    )
+
+
 def apply(state: Host | None, a: Applied) -> Host | None:
-    """Fold one event into the host; only ``HostJoined`` creates one."""
+    """Fold one event into the host; only ``HostJoined`` creates one.
+
+    Cases are ordered by how often they occur (they are disjoint, so order is free).
+    """
+    if state is None:
+        return _joined(None, a.event, a) if isinstance(a.event, HostJoined) else None
     match a.event:
-        case HostJoined() as e:
-            # Joining again updates capacity and returns from "left"; reservations stay.
-            base = state or Host(
-                host_id=e.host_id, vcpu=0, memory_mb=0, cid_start=0, cid_count=0, port_range=(0, 0)
-            )
-            return replace(
-                base,
-                address=e.address,
-                vcpu=e.vcpu,
-                memory_mb=e.memory_mb,
-                cid_start=e.cid_start,
-                cid_count=e.cid_count,
-                port_range=e.port_range,
-                left=False,
-                left_reason="",
-                joined_ns=a.time_ns,
-                last_heartbeat_ns=a.time_ns,
-                seq=a.seq,
-            )
-        case _ if state is None:
-            return None
         case HostHeartbeat() as e:
             return replace(state, running_vms=e.running_vms, last_heartbeat_ns=a.time_ns, seq=a.seq)
-        case HostLeft() as e:
-            return replace(state, left=True, left_reason=e.reason, seq=a.seq)
         case HostVmPlaced() as e:
             old = state.placements.get(e.vm_id)
             new = Placement(
@@ -145,6 +148,10 @@ def apply(state: Host | None, a: Applied) -> Host | None:
                 placements={vm: p for vm, p in state.placements.items() if vm != e.vm_id},
                 seq=a.seq,
             )
+        case HostJoined() as e:
+            return _joined(state, e, a)
+        case HostLeft() as e:
+            return replace(state, left=True, left_reason=e.reason, seq=a.seq)
         case _:
             return state
 

@@ -74,48 +74,48 @@ class Vm(Struct, frozen=True, kw_only=True):
     seq: int = 0  # stream sequence of the last event that changed this VM
 
 
-def _at(vm: Vm, a: Applied, /, **changes: object) -> Vm:
-    return replace(vm, updated_ns=a.time_ns, seq=a.seq, **changes)
+def _created(e: VmRequested, a: Applied) -> Vm:
+    return Vm(
+        vm_id=e.vm_id,
+        app_id=e.app_id,
+        name=e.name,
+        resources=e.resources,
+        image=e.image,
+        compose_hash=e.compose_hash,
+        requested_ports=e.ports,
+        encrypted_env=e.encrypted_env,
+        pinned_host=e.host,
+        requested_ns=a.time_ns,
+        updated_ns=a.time_ns,
+        seq=a.seq,
+    )
 
 
 def apply(state: Vm | None, a: Applied) -> Vm | None:
-    """Fold one event into the VM. Nothing changes a removed VM, and only ``VmRequested``
-    creates one (events for a VM never requested are ignored)."""
-    if state is not None and state.state == "removed":
+    """Fold one event into the VM. Only ``VmRequested`` creates one (events for a VM never
+    requested are ignored), and nothing changes a removed VM.
+
+    Cases are ordered by how often they occur (they are disjoint, so order is free).
+    """
+    if state is None:
+        return _created(a.event, a) if isinstance(a.event, VmRequested) else None
+    if state.state == "removed":
         return state
+    t, seq = a.time_ns, a.seq
     match a.event:
-        case VmRequested() as e if state is None:
-            return Vm(
-                vm_id=e.vm_id,
-                app_id=e.app_id,
-                name=e.name,
-                resources=e.resources,
-                image=e.image,
-                compose_hash=e.compose_hash,
-                requested_ports=e.ports,
-                encrypted_env=e.encrypted_env,
-                pinned_host=e.host,
-                requested_ns=a.time_ns,
-                updated_ns=a.time_ns,
-                seq=a.seq,
-            )
-        case _ if state is None:
-            return None
-        case VmScheduled() as e:
-            new_state = "scheduled" if state.state in ("requested", "rejected") else state.state
-            return _at(state, a, host=e.host, cid=e.cid, ports=e.ports, state=new_state, reason="")
-        case VmRejected() as e if state.state == "requested":
-            return _at(state, a, state="rejected", reason=e.reason)
-        case VmStartRequested():
-            return _at(state, a, desired="running")
-        case VmStopRequested():
-            return _at(state, a, desired="stopped")
-        case VmRemoveRequested():
-            return _at(state, a, desired="removed")
-        case VmStarted() as e:
-            return _at(
+        case VmBootProgress() as e:
+            ready = state.state == "starting" and e.stage in READY_STAGES
+            return replace(
                 state,
-                a,
+                boot_stage=e.stage,
+                boot_detail=e.detail,
+                state="running" if ready else state.state,
+                updated_ns=t,
+                seq=seq,
+            )
+        case VmStarted() as e:
+            return replace(
+                state,
                 state="starting",
                 host=e.host or state.host,
                 pid=e.pid,
@@ -125,23 +125,47 @@ def apply(state: Vm | None, a: Applied) -> Vm | None:
                 exit_code=None,
                 boot_stage="",
                 boot_detail="",
+                updated_ns=t,
+                seq=seq,
             )
-        case VmBootProgress() as e:
-            ready = state.state == "starting" and e.stage in READY_STAGES
-            return _at(
+        case VmScheduled() as e:
+            placed = "scheduled" if state.state in ("requested", "rejected") else state.state
+            return replace(
                 state,
-                a,
-                boot_stage=e.stage,
-                boot_detail=e.detail,
-                state="running" if ready else state.state,
+                host=e.host,
+                cid=e.cid,
+                ports=e.ports,
+                state=placed,
+                reason="",
+                updated_ns=t,
+                seq=seq,
             )
-        case VmBootError() as e:
-            return _at(state, a, boot_stage=e.stage, last_error=f"{e.stage}: {e.error}")
         case VmExited() as e:
-            return _at(state, a, state="exited", reason=e.reason, exit_code=e.exit_code, pid=0)
+            return replace(
+                state,
+                state="exited",
+                reason=e.reason,
+                exit_code=e.exit_code,
+                pid=0,
+                updated_ns=t,
+                seq=seq,
+            )
         case VmStopped():
-            return _at(state, a, state="stopped", reason="stopped on request", pid=0)
+            return replace(
+                state, state="stopped", reason="stopped on request", pid=0, updated_ns=t, seq=seq
+            )
+        case VmStartRequested():
+            return replace(state, desired="running", updated_ns=t, seq=seq)
+        case VmStopRequested():
+            return replace(state, desired="stopped", updated_ns=t, seq=seq)
+        case VmRemoveRequested():
+            return replace(state, desired="removed", updated_ns=t, seq=seq)
         case VmRemoved():
-            return _at(state, a, state="removed", pid=0)
-        case _:
+            return replace(state, state="removed", pid=0, updated_ns=t, seq=seq)
+        case VmBootError() as e:
+            error = f"{e.stage}: {e.error}"
+            return replace(state, boot_stage=e.stage, last_error=error, updated_ns=t, seq=seq)
+        case VmRejected() as e if state.state == "requested":
+            return replace(state, state="rejected", reason=e.reason, updated_ns=t, seq=seq)
+        case _:  # a repeated VmRequested, a late VmRejected, other aggregates' events
             return state
