@@ -223,23 +223,38 @@ class ActorRunner:
             )
         except Malformed as bad:
             metrics.MALFORMED.labels(name, bad.reason).inc()
-            self.log.warning("malformed message skipped", subject=msg.subject, seq=seq,
-                             reason=bad.reason, detail=bad.detail)  # fmt: skip
+            self.log.warning(
+                "malformed message skipped",
+                subject=msg.subject,
+                seq=seq,
+                reason=bad.reason,
+                detail=bad.detail,
+            )
             await msg.term()
             return
-        ctx = {"subject": msg.subject, "seq": seq, "correlation": env.correlation,
-               "event": env.type, "event_id": env.id}  # fmt: skip
+        ctx = {
+            "subject": msg.subject,
+            "seq": seq,
+            "correlation": env.correlation,
+            "event": env.type,
+            "event_id": env.id,
+        }
         with structlog.contextvars.bound_contextvars(actor=name, **ctx):
             started = time.perf_counter()
             try:
                 await self.actor.handle(Delivery(seq, msg.subject, env, event, msg.data, delivered))
             except Exception as exc:
                 metrics.ERRORS.labels(name, "handler").inc()
-                delay = min(self.config.nak_delay_s * 2 ** (delivered - 1),
-                            self.config.nak_max_delay_s)  # fmt: skip
-                self.log.warning("handler failed; will be redelivered", error=str(exc),
-                                 error_type=type(exc).__name__, delivered=delivered,
-                                 retry_in_s=delay)  # fmt: skip
+                delay = min(
+                    self.config.nak_delay_s * 2 ** (delivered - 1), self.config.nak_max_delay_s
+                )
+                self.log.warning(
+                    "handler failed; will be redelivered",
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                    delivered=delivered,
+                    retry_in_s=delay,
+                )
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=delay)
                 return
@@ -257,8 +272,11 @@ class ActorRunner:
                 done = await self.actor.reconcile()
         except Exception as exc:
             metrics.ERRORS.labels(name, "reconcile").inc()
-            self.log.warning("reconcile failed; next pass will retry", error=str(exc),
-                             error_type=type(exc).__name__)  # fmt: skip
+            self.log.warning(
+                "reconcile failed; next pass will retry",
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
             return
         metrics.RECONCILES.labels(name).inc()
         lag: int | None = None
@@ -266,5 +284,6 @@ class ActorRunner:
             info = await sub.consumer_info()
             lag = int(info.num_pending) + int(info.num_ack_pending)
             metrics.LAG.labels(name).set(lag)
-        self.log.info("reconciled", acted=done, lag=lag,
-                      ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
+        self.log.info(
+            "reconciled", acted=done, lag=lag, ms=round((time.perf_counter() - started) * 1000, 1)
+        )

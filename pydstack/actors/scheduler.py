@@ -147,9 +147,14 @@ class Scheduler:
         if vm.desired == "removed":
             decision = VmRejected(vm_id=vm_id, reason="removed before it was scheduled")
         else:
-            request = VmRequested(vm_id=vm_id, app_id=vm.app_id, name=vm.name,
-                                  resources=vm.resources, ports=vm.requested_ports,
-                                  host=vm.pinned_host)  # fmt: skip
+            request = VmRequested(
+                vm_id=vm_id,
+                app_id=vm.app_id,
+                name=vm.name,
+                resources=vm.resources,
+                ports=vm.requested_ports,
+                host=vm.pinned_host,
+            )
             silence = self.config.max_silence_s
             decision = decide_placement(
                 self.view.hosts,
@@ -160,8 +165,9 @@ class Scheduler:
         host_version = None
         if isinstance(decision, HostVmPlaced):
             host_version = self.view.host_versions[subject("host", decision.host_id)]
-        return Plan(vm_id, decision, pending.version, host_version, pending.request_id,
-                    pending.correlation)  # fmt: skip
+        return Plan(
+            vm_id, decision, pending.version, host_version, pending.request_id, pending.correlation
+        )
 
     async def execute(self, plan: Plan) -> Outcome:
         """Append the plan's outcome; raises ConflictError if either aggregate moved."""
@@ -178,22 +184,31 @@ class Scheduler:
         host_subject = subject("host", d.host_id)
         held = self.view.hosts[d.host_id].placements.get(plan.vm_id)
         placed_id = held.event if held is not None else new_event_id()
-        scheduled = VmScheduled(vm_id=plan.vm_id, host=d.host_id, cid=d.cid, ports=d.ports,
-                                placement_event=placed_id)  # fmt: skip
+        scheduled = VmScheduled(
+            vm_id=plan.vm_id, host=d.host_id, cid=d.cid, ports=d.ports, placement_event=placed_id
+        )
         if held is not None:  # the room is already reserved for this VM: just record it
             await self.store.append(vm_subject, [scheduled], plan.vm_version, **trace)
         else:
             versions = await self.store.commit(
-                [Change(host_subject, [d], plan.host_version, [placed_id]),
-                 Change(vm_subject, [scheduled], plan.vm_version)],
+                [
+                    Change(host_subject, [d], plan.host_version, [placed_id]),
+                    Change(vm_subject, [scheduled], plan.vm_version),
+                ],
                 **trace,
-            )  # fmt: skip
+            )
             hv = versions[host_subject]
             self.view.place(host_subject, Applied(hv.seq, time.time_ns(), d, placed_id), hv)
         self.view.mark_decided(plan.vm_id)
         metrics.DECISIONS.labels(self.name, "scheduled").inc()
-        _log.info("vm scheduled", vm_id=plan.vm_id, host=d.host_id, cid=d.cid,
-                  ports=[p.host_port for p in d.ports], **trace)  # fmt: skip
+        _log.info(
+            "vm scheduled",
+            vm_id=plan.vm_id,
+            host=d.host_id,
+            cid=d.cid,
+            ports=[p.host_port for p in d.ports],
+            **trace,
+        )
         return "scheduled"
 
     async def schedule(self, vm_id: str) -> Outcome:
@@ -212,8 +227,9 @@ class Scheduler:
                 return await self.execute(plan)
             except ConflictError as exc:
                 metrics.DECISIONS.labels(self.name, "conflict").inc()
-                _log.debug("lost a race; deciding again", vm_id=vm_id, moved=exc.subject,
-                           attempt=attempt)  # fmt: skip
+                _log.debug(
+                    "lost a race; deciding again", vm_id=vm_id, moved=exc.subject, attempt=attempt
+                )
                 pause = min(cfg.retry_max_s, cfg.retry_base_s * 2**attempt)
                 await asyncio.sleep(random.uniform(0, pause))
                 await self.catch_up()
@@ -266,8 +282,9 @@ async def _run(args: argparse.Namespace, signer: Signer, nkey: str | None) -> in
     except StoreError as exc:
         _log.error("cannot start", error=str(exc))
         return 2
-    stop_metrics = metrics.serve_metrics(args.metrics_port, args.metrics_host) \
-        if args.metrics_port else None  # fmt: skip
+    stop_metrics = None
+    if args.metrics_port:
+        stop_metrics = metrics.serve_metrics(args.metrics_port, args.metrics_host)
     async with store:
         if args.create_stream:
             await store.ensure_stream()

@@ -37,8 +37,14 @@ async def request(
     host: str = "",
 ) -> None:
     maps = tuple(PortMap(host_port=h, vm_port=v) for h, v in ports)
-    req = VmRequested(vm_id=vm_id, app_id="app", name=vm_id, host=host, ports=maps,
-                      resources=VmResources(vcpu=vcpu, memory_mb=memory_mb))  # fmt: skip
+    req = VmRequested(
+        vm_id=vm_id,
+        app_id="app",
+        name=vm_id,
+        host=host,
+        ports=maps,
+        resources=VmResources(vcpu=vcpu, memory_mb=memory_mb),
+    )
     await store.append(subject("vm", vm_id), [req], NEW)
 
 

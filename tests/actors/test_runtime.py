@@ -83,8 +83,9 @@ async def test_malformed_messages_are_logged_counted_and_do_not_stop_the_actor(
     seqs = {}
     for reason, data in samples.items():
         seqs[reason] = (await js.publish("dstack.vm.x", data)).seq
-    before = {r: sample("pydstack_actor_malformed_total", {"actor": name, "reason": r})
-              for r in samples}  # fmt: skip
+    before = {
+        r: sample("pydstack_actor_malformed_total", {"actor": name, "reason": r}) for r in samples
+    }
     scheduler = Scheduler(store, SchedulerConfig(name=name))
     with capture_logs() as logs:
         async with ActorRunner(store, scheduler, FAST) as runner:
@@ -115,8 +116,10 @@ async def test_a_failed_handler_is_redelivered_then_acked(store: EventStore) -> 
     assert actor.seen == [(seq, 1), (seq, 2)]
     info = await store.js.consumer_info(store.stream, actor.name)
     assert info.ack_floor.stream_seq == seq  # acked after the second, successful delivery
-    assert sample("pydstack_actor_errors_total", {"actor": actor.name, "kind": "handler"}) \
-        == errors + 1  # fmt: skip
+    assert (
+        sample("pydstack_actor_errors_total", {"actor": actor.name, "kind": "handler"})
+        == errors + 1
+    )
     assert sample("pydstack_actor_handled_total", {"actor": actor.name}) >= 1
 
 

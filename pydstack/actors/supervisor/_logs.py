@@ -35,7 +35,7 @@ def rotate_if_large(path: Path, max_bytes: int, backups: int) -> bool:
             older = backup_path(path, n)
             if older.exists():
                 older.rename(backup_path(path, n + 1))
-        tmp = backup_path(path, 1).with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.rotating")
         shutil.copyfile(path, tmp)
         tmp.rename(backup_path(path, 1))
     with path.open("r+b") as f:

@@ -30,6 +30,7 @@ class ProcessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     stderr: str = ""
     pidfile: str = ""  # an extra plain pid file for other tools (dstack's ``pidfile``)
     cid: int | None = None  # vsock guest CID this process holds (never two at once)
+    logs: tuple[str, ...] = ()  # more files it appends to (QEMU's serial log), rotated too
     note: str = ""  # opaque to the supervisor (the VMM keeps its annotation here)
     stop_timeout_s: float = 10.0  # SIGTERM grace before SIGKILL
     log_max_bytes: int = 0  # 0: the supervisor's default

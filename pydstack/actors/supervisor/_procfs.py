@@ -32,7 +32,7 @@ def start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
 def is_alive(pid: int, proc: Path = Path("/proc")) -> bool:
     """True when ``pid`` exists and has not exited (a zombie nobody reaped counts as dead)."""
     fields = _stat_fields(pid, proc)
-    return bool(fields) and fields[0] not in ("Z", "X", "x")
+    return fields is not None and fields[0] not in ("Z", "X", "x")
 
 
 def cmdline(pid: int, proc: Path = Path("/proc")) -> tuple[str, ...] | None:
