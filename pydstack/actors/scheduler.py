@@ -219,10 +219,17 @@ class Scheduler:
 
     async def _schedule(self, vm_id: str) -> Outcome:
         cfg = self.config
+        fresh = False  # a rejection is final, so it is decided on the newest log, not a cache
         for attempt in range(cfg.max_attempts):
             plan = self.plan(vm_id)
             if plan is None:
                 return "noop"
+            if isinstance(plan.decision, VmRejected) and not fresh:
+                await self.catch_up()
+                fresh = True
+                plan = self.plan(vm_id)
+                if plan is None:
+                    return "noop"
             try:
                 return await self.execute(plan)
             except ConflictError as exc:
@@ -233,6 +240,7 @@ class Scheduler:
                 pause = min(cfg.retry_max_s, cfg.retry_base_s * 2**attempt)
                 await asyncio.sleep(random.uniform(0, pause))
                 await self.catch_up()
+                fresh = True
         raise Contended(f"vm {vm_id}: lost {cfg.max_attempts} placement races in a row")
 
 

@@ -162,3 +162,15 @@ async def test_scheduled_vm_and_host_reservation_are_one_atomic_commit(store: Ev
     assert isinstance(scheduled, VmScheduled)
     assert scheduled.placement_event  # names the HostVmPlaced that reserved the room
     assert NEW.seq == 0
+
+
+async def test_a_rejection_is_decided_on_the_newest_log_not_the_cached_view(
+    store: EventStore,
+) -> None:
+    sched = Scheduler(store)
+    await request(store, "a")
+    await sched.catch_up()  # the view has the request but no host yet
+    await join(store, "late")  # a host joins after the view was built
+    async with sched._lock:
+        assert await sched._schedule("a") == "scheduled"
+    assert (await read_log(store)).state.vms["a"].host == "late"
