@@ -54,7 +54,7 @@ def test_placement_reserves_vcpu_memory_cid_and_ports() -> None:
     assert h.cids_in_use == {1000}
     assert h.ports_in_use == (("v1", P80[0]),)
     assert h.placements["v1"] == Placement(
-        cid=1000, vcpu=4, memory_mb=8192, ports=P80, seq=2, event="e2"
+        cid=1000, resources=VmResources(vcpu=4, memory_mb=8192), ports=P80, seq=2, event="e2"
     )
 
 

@@ -196,3 +196,9 @@ def test_nonpositive_resources_are_rejected() -> None:
     assert reason(decide_placement(hosts_of(H1), request("v1", vcpu=0))) == (
         "vm v1 asks for 0 vCPU and 2048 MB memory; both must be > 0"
     )
+
+
+def test_a_repeated_request_with_other_resources_gets_the_original_reservation() -> None:
+    hosts = place_all(hosts_of(H1), [request("v1", vcpu=2)])
+    again = decide_placement(hosts, request("v1", vcpu=8))
+    assert isinstance(again, HostVmPlaced) and again.resources.vcpu == 2

@@ -29,6 +29,7 @@ from pydstack.core.events import (
     PortMap,
     VmRejected,
     VmRequested,
+    VmResources,
 )
 
 from ._applied import Applied
@@ -40,11 +41,18 @@ class Placement(Struct, frozen=True, kw_only=True):
     """Room reserved on a host for one VM."""
 
     cid: int
-    vcpu: int
-    memory_mb: int
+    resources: VmResources
     ports: tuple[PortMap, ...] = ()
     seq: int = 0  # stream sequence of the HostVmPlaced
     event: str = ""  # its event id (what VmScheduled.placement_event names)
+
+    @property
+    def vcpu(self) -> int:
+        return self.resources.vcpu
+
+    @property
+    def memory_mb(self) -> int:
+        return self.resources.memory_mb
 
 
 class Host(Struct, frozen=True, kw_only=True):
@@ -126,8 +134,7 @@ def apply(state: Host | None, a: Applied) -> Host | None:
             old = state.placements.get(e.vm_id)
             new = Placement(
                 cid=e.cid,
-                vcpu=e.resources.vcpu,
-                memory_mb=e.resources.memory_mb,
+                resources=e.resources,
                 ports=e.ports,
                 seq=a.seq,
                 event=a.id,
@@ -238,9 +245,9 @@ def _summary(misses: list[_Miss], req: VmRequested) -> str:
     return f"no host can take vm {req.vm_id}: {shown}{more}"
 
 
-def _placed(host_id: str, vm_id: str, p: Placement, req: VmRequested) -> HostVmPlaced:
+def _placed(host_id: str, vm_id: str, p: Placement) -> HostVmPlaced:
     return HostVmPlaced(
-        host_id=host_id, vm_id=vm_id, cid=p.cid, resources=req.resources, ports=p.ports
+        host_id=host_id, vm_id=vm_id, cid=p.cid, resources=p.resources, ports=p.ports
     )
 
 
@@ -261,14 +268,14 @@ def decide_placement(
     host id; the CID is the lowest free one in the host's pool. The decision depends only on
     the arguments, so every replay decides the same.
 
-    A VM that already holds a reservation gets that reservation back, so a scheduler that
-    crashed between appending ``HostVmPlaced`` and ``VmScheduled`` finishes its work instead
-    of reserving twice.
+    A VM that already holds a reservation gets that reservation back unchanged (its resources,
+    CID and ports, whatever the request now says), so a scheduler that crashed between
+    appending ``HostVmPlaced`` and ``VmScheduled`` finishes its work instead of reserving twice.
     """
     for host_id in sorted(hosts):
         held = hosts[host_id].placements.get(request.vm_id)
         if held is not None:
-            return _placed(host_id, request.vm_id, held, request)
+            return _placed(host_id, request.vm_id, held)
     problem = _check_request(request)
     if problem is not None:
         return VmRejected(vm_id=request.vm_id, reason=problem)
