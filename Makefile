@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the project needs; installed only when missing.
-DEB_PACKAGES := python3-venv ca-certificates
+DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: up test lint typecheck unit deps sysdeps bench clean

@@ -1,0 +1,194 @@
+"""Network namespaces, veth pairs, addresses and routes through pyroute2 (netlink, no `ip`).
+
+``netns=None`` everywhere means the caller's (host) namespace. Errors come out as
+`NetnsError` naming the object and the operation.
+
+Usage::
+
+    await create_netns("gw1")
+    await add_veth("gw1", "ve-gw", "cvm1", "ve-cvm")
+    await add_address("gw1", "ve-gw", "10.9.0.1/30")
+    await link_up("gw1", "ve-gw")
+    await add_unreachable_route(None, "10.9.0.0/16")   # host: never route test subnets out
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]  # pyroute2 ships no stubs
+from pyroute2 import netns as _netns
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]  # no stubs
+
+from .errors import NetnsError
+
+NETNS_DIR = "/var/run/netns"
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(netns_path(name))
+
+
+async def create_netns(name: str) -> None:
+    """Create a named namespace (like `ip netns add`) with its loopback up."""
+    try:
+        await asyncio.to_thread(_netns.create, name)
+    except (OSError, NetlinkError) as exc:
+        raise NetnsError(f"create netns {name!r}: {exc}") from exc
+    await link_up(name, "lo")
+
+
+async def delete_netns(name: str) -> None:
+    """Remove a named namespace; links inside it go with it. Missing is not an error."""
+    if not netns_exists(name):
+        return
+    try:
+        await asyncio.to_thread(_netns.remove, name)
+    except (OSError, NetlinkError) as exc:
+        raise NetnsError(f"delete netns {name!r}: {exc}") from exc
+
+
+@asynccontextmanager
+async def temporary_netns(name: str) -> AsyncIterator[str]:
+    """A namespace that exists for the duration of the block."""
+    await create_netns(name)
+    try:
+        yield name
+    finally:
+        await delete_netns(name)
+
+
+@asynccontextmanager
+async def _ipr(netns: str | None) -> AsyncIterator[AsyncIPRoute]:
+    ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
+    async with ipr:
+        yield ipr
+
+
+async def _index(ipr: AsyncIPRoute, netns: str | None, ifname: str) -> int:
+    found = await ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetnsError(f"no link {ifname!r} in netns {netns or '<host>'}")
+    return int(found[0])
+
+
+async def _run(what: str, netns: str | None, op: Any) -> None:
+    try:
+        await op
+    except NetlinkError as exc:
+        raise NetnsError(f"{what} in netns {netns or '<host>'}: {exc}") from exc
+
+
+async def link_exists(netns: str | None, ifname: str) -> bool:
+    async with _ipr(netns) as ipr:
+        return bool(await ipr.link_lookup(ifname=ifname))
+
+
+async def link_up(netns: str | None, ifname: str) -> None:
+    async with _ipr(netns) as ipr:
+        idx = await _index(ipr, netns, ifname)
+        await _run(f"set {ifname} up", netns, ipr.link("set", index=idx, state="up"))
+
+
+async def delete_link(netns: str | None, ifname: str) -> None:
+    """Delete a link; a missing link is not an error."""
+    async with _ipr(netns) as ipr:
+        found = await ipr.link_lookup(ifname=ifname)
+        if found:
+            await _run(f"delete {ifname}", netns, ipr.link("del", index=found[0]))
+
+
+async def add_veth(netns_a: str | None, ifname_a: str, netns_b: str, ifname_b: str) -> None:
+    """A veth pair with one end in each namespace, both up."""
+    async with _ipr(netns_a) as ipr:
+        peer = {"ifname": ifname_b, "net_ns_fd": netns_b}
+        op = ipr.link("add", ifname=ifname_a, kind="veth", peer=peer)
+        await _run(f"add veth {ifname_a}<->{netns_b}/{ifname_b}", netns_a, op)
+    await link_up(netns_a, ifname_a)
+    await link_up(netns_b, ifname_b)
+
+
+async def add_address(netns: str | None, ifname: str, cidr: str) -> None:
+    """Add ``addr/prefix`` to a link; adding an address it already has is not an error."""
+    iface = ipaddress.ip_interface(cidr)
+    async with _ipr(netns) as ipr:
+        idx = await _index(ipr, netns, ifname)
+        try:
+            await ipr.addr(
+                "add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen
+            )
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST: already there, the goal is met
+                raise NetnsError(f"add {cidr} to {ifname} in {netns or '<host>'}: {exc}") from exc
+
+
+async def addresses(netns: str | None, ifname: str) -> list[str]:
+    """The ``addr/prefix`` strings on a link."""
+    async with _ipr(netns) as ipr:
+        idx = await _index(ipr, netns, ifname)
+        out = []
+        async for msg in await ipr.addr("dump", index=idx):
+            out.append(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
+        return out
+
+
+async def add_route(
+    netns: str | None, dst: str, *, ifname: str | None = None, gateway: str | None = None
+) -> None:
+    """A unicast route to ``dst`` via a link and/or gateway; an existing one is kept."""
+    net = ipaddress.ip_network(dst, strict=False)
+    kwargs: dict[str, Any] = {"dst": str(net)}
+    async with _ipr(netns) as ipr:
+        if ifname is not None:
+            kwargs["oif"] = await _index(ipr, netns, ifname)
+        if gateway is not None:
+            kwargs["gateway"] = gateway
+        try:
+            await ipr.route("add", **kwargs)
+        except NetlinkError as exc:
+            if exc.code != 17:
+                raise NetnsError(f"add route {dst} in {netns or '<host>'}: {exc}") from exc
+
+
+async def add_unreachable_route(netns: str | None, dst: str) -> None:
+    """An ``unreachable`` route: traffic to ``dst`` fails locally instead of leaving the host."""
+    net = ipaddress.ip_network(dst, strict=False)
+    async with _ipr(netns) as ipr:
+        try:
+            await ipr.route("add", dst=str(net), type="unreachable")
+        except NetlinkError as exc:
+            if exc.code != 17:
+                raise NetnsError(f"add unreachable {dst} in {netns or '<host>'}: {exc}") from exc
+
+
+async def delete_route(netns: str | None, dst: str, *, unreachable: bool = False) -> None:
+    """Delete a route to ``dst``; a missing route is not an error."""
+    net = ipaddress.ip_network(dst, strict=False)
+    kwargs: dict[str, Any] = {"dst": str(net)}
+    if unreachable:
+        kwargs["type"] = "unreachable"
+    async with _ipr(netns) as ipr:
+        try:
+            await ipr.route("del", **kwargs)
+        except NetlinkError as exc:
+            if exc.code not in (3, 2):  # ESRCH / ENOENT: already gone
+                raise NetnsError(f"delete route {dst} in {netns or '<host>'}: {exc}") from exc
+
+
+async def routes(netns: str | None) -> list[tuple[str, int]]:
+    """(destination CIDR, route type) for every IPv4 route in the main table."""
+    async with _ipr(netns) as ipr:
+        out = []
+        async for msg in await ipr.route("dump", family=2, table=254):
+            dst = msg.get("RTA_DST") or "0.0.0.0"
+            out.append((f"{dst}/{msg['dst_len']}", int(msg["type"])))
+        return out
