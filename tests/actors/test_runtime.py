@@ -26,11 +26,11 @@ from .helpers import join, read_log, request, wait_decided, wait_for
 FAST = RuntimeConfig(fetch_timeout_s=0.2, reconcile_interval_s=3600, nak_delay_s=0.1)
 
 
-class FutureThing(Event, tag="FutureThing"):  # a type this version does not know
+class FutureThing(Event, frozen=True, tag="FutureThing"):  # a type this version does not know
     x: int
 
 
-class WrongShape(Event, tag="VmRequested"):  # a known tag with a body that does not fit
+class WrongShape(Event, frozen=True, tag="VmRequested"):  # known tag, body that does not fit
     vm_id: int
 
 
