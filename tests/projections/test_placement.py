@@ -13,7 +13,7 @@ from pydstack.core.events import (
     VmRequested,
 )
 from pydstack.core.events.catalogue import AnyEvent
-from pydstack.core.projections import Host, decide_placement, fold
+from pydstack.core.projections import Host, Projections, decide_placement, fold
 
 
 def hosts_of(*events: AnyEvent) -> dict[str, Host]:
@@ -31,10 +31,8 @@ def place_all(hosts: dict[str, Host], requests: Iterable[VmRequested]) -> dict[s
     return hosts
 
 
-def _proj(hosts: dict[str, Host]):  # type: ignore[no-untyped-def]
-    from pydstack.core.projections import Projections
-
-    return Projections(hosts=hosts, seq=0)
+def _proj(hosts: dict[str, Host]) -> Projections:
+    return Projections(hosts=hosts)
 
 
 def reason(got: object) -> str:

@@ -195,3 +195,14 @@ def test_unknown_vm_request_field_values_round_trip(tmp_path: Path) -> None:
         rm.apply_batch(stamp([req]))
         vm = rm.get_vm("v1")
         assert vm is not None and (vm.encrypted_env, vm.pinned_host) == (b"\x01\x02", "h1")
+
+
+def test_read_model_can_be_used_from_another_thread(tmp_path: Path) -> None:
+    import threading
+
+    rm = ReadModel.open(tmp_path / "rm.db")
+    worker = threading.Thread(target=rm.apply_batch, args=(stamp(EVENTS[:50]),))
+    worker.start()
+    worker.join()
+    assert rm.position() == 50
+    rm.close()

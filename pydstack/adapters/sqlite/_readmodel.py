@@ -6,7 +6,8 @@ plain columns for queries. A batch is folded with the pure folds of
 in memory, and upserted at the end), then the rows and the checkpoint are written in one
 transaction. So a crash leaves either both or neither, a redelivered event (``seq`` at or below
 the checkpoint) changes nothing, and deleting the file and replaying the log rebuilds exactly the
-same rows. One process writes a given file; any number may read it (WAL).
+same rows. One process writes a given file; any number may read it (WAL). A ``ReadModel`` is
+used by one thread at a time (handing it to ``asyncio.to_thread`` is fine).
 
 Usage::
 
@@ -185,7 +186,9 @@ class ReadModel:
         """
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite_utils.Database(str(path), execute_plugins=False)
+        # One thread at a time, but not always the opening one (asyncio.to_thread is fine).
+        conn = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False)
+        db = sqlite_utils.Database(conn, execute_plugins=False)
         db.enable_wal()
         db.execute("PRAGMA synchronous=NORMAL")
         rm = cls(db, name)
