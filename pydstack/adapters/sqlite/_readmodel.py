@@ -179,7 +179,7 @@ class ReadModel:
         self.name = name
 
     @classmethod
-    def open(cls, path: str | Path, *, name: str = DEFAULT_NAME) -> ReadModel:
+    def open(cls, path: str | Path) -> ReadModel:
         """Open or create the file (tables are created idempotently, WAL mode).
 
         A file written with another ``SCHEMA`` is emptied so that it is rebuilt from the log.
@@ -191,7 +191,7 @@ class ReadModel:
         db = sqlite_utils.Database(conn, execute_plugins=False)
         db.enable_wal()
         db.execute("PRAGMA synchronous=NORMAL")
-        rm = cls(db, name)
+        rm = cls(db)
         rm._create()
         return rm
 
