@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# solc for contracts/: npm's solc package (solcjs, WebAssembly) compiles offline once installed.
+SOLC_VERSION := 0.8.28
+SOLCJS := $(VENV)/solcjs/.installed-$(SOLC_VERSION)
 # Debian packages the project needs; installed only when missing.
 DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2
 export PYTHONDONTWRITEBYTECODE := 1
@@ -27,7 +30,7 @@ typecheck: deps
 unit: deps
 	$(BIN)/pytest -q -p no:cacheprovider
 
-deps: sysdeps $(STAMP)
+deps: sysdeps $(STAMP) $(SOLCJS)
 
 sysdeps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -41,6 +44,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(SOLCJS): | $(STAMP)
+	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	npm install --silent --prefix $(VENV)/solcjs --no-save --no-package-lock --no-audit --no-fund solc@$(SOLC_VERSION)
+	touch $@
 
 bench: deps
 	for b in append replay; do $(BIN)/python -m bench.$$b --quick || exit 1; done
