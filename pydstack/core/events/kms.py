@@ -29,6 +29,10 @@ class KmsRootCreated(Event, tag="KmsRootCreated", frozen=True):
     ca_public_key: bytes
     k256_public_key: bytes
     attestation_hash: str = ""
+    # Added: the public certificates every replica serves byte for byte (no private key).
+    ca_cert_pem: str = ""
+    temp_ca_cert_pem: str = ""
+    instance_id: str = ""
 
 
 class KeyRequested(Event, tag="KeyRequested", frozen=True):
@@ -36,6 +40,13 @@ class KeyRequested(Event, tag="KeyRequested", frozen=True):
     app_id: str
     instance_id: str = ""
     quote_hash: str = ""
+    # Added: the evidence and the rules a decision relied on, so an auditor can re-check it.
+    # `attestation` is dstack's SCALE V0 attestation (quote + event logs + sys config): public.
+    attestation: bytes = b""
+    vm_config: str = ""
+    policy: str = ""  # JSON of the verifier policy applied
+    verified_at: int = 0  # unix seconds the quote was verified at
+    method: str = ""  # the RPC: GetAppKey, GetKmsKey, SignCert
 
 
 class KeyIssued(Event, tag="KeyIssued", frozen=True):
@@ -44,6 +55,7 @@ class KeyIssued(Event, tag="KeyIssued", frozen=True):
     quote_hash: str
     backend: str
     verdict: str = ""
+    gateway_app_id: str = ""  # added: the backend's answer, returned with the keys
 
 
 class KeyDenied(Event, tag="KeyDenied", frozen=True):
@@ -57,3 +69,5 @@ class KmsReplicaOnboarded(Event, tag="KmsReplicaOnboarded", frozen=True):
     cluster: str
     replica_id: str
     attestation_hash: str = ""
+    boot_info: BootInfo | None = None  # added: the replica's attested identity
+    request_id: str = ""  # added: the GetKmsKey request that carried the root keys

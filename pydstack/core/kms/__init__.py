@@ -1,5 +1,70 @@
-"""Pure KMS logic: authorization types, dstack-compatible key derivation, decisions, audit."""
+"""Pure KMS logic: authorization types, dstack-compatible key derivation, decisions, audit.
 
+root = RootKeys(ca_scalar=..., k256=...)
+keys = app_key_material(root, app_id, instance_id)     # identical on every replica
+requested, outcome = decide(req, reasons=[], boot=boot, verdict=v, backend="webhook")
+problems = audit_kms_log(events, recheck)
+"""
+
+from .audit import KmsState, Recheck, apply, audit_key_issued, audit_kms_log, fold
 from .auth import AuthBackend, AuthVerdict, BootInfo
+from .csr import CertConfig, Csr, CsrError, decode_csr, encode_csr
+from .decision import (
+    KeyRequest,
+    backend_failure,
+    boot_info,
+    boot_info_from_webhook,
+    decide,
+    quote_hash,
+    webhook_body,
+)
+from .derive import (
+    AppKeyMaterial,
+    DerivationError,
+    EnvPubKey,
+    RootKeys,
+    app_ca_scalar,
+    app_key_material,
+    dh_secret,
+    env_pubkey_signer,
+    env_public_key,
+    hkdf,
+    k256_public,
+    temp_ca_scalar,
+)
 
-__all__ = ["AuthBackend", "AuthVerdict", "BootInfo"]
+__all__ = [
+    "AppKeyMaterial",
+    "AuthBackend",
+    "AuthVerdict",
+    "BootInfo",
+    "CertConfig",
+    "Csr",
+    "CsrError",
+    "DerivationError",
+    "EnvPubKey",
+    "KeyRequest",
+    "KmsState",
+    "Recheck",
+    "RootKeys",
+    "app_ca_scalar",
+    "app_key_material",
+    "apply",
+    "audit_key_issued",
+    "audit_kms_log",
+    "backend_failure",
+    "boot_info",
+    "boot_info_from_webhook",
+    "decide",
+    "decode_csr",
+    "dh_secret",
+    "encode_csr",
+    "env_pubkey_signer",
+    "env_public_key",
+    "fold",
+    "hkdf",
+    "k256_public",
+    "quote_hash",
+    "temp_ca_scalar",
+    "webhook_body",
+]  # fmt: skip

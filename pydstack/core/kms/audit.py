@@ -1,0 +1,120 @@
+"""The KMS aggregate fold and the audit of its decisions. Pure.
+
+Decision: every ``KeyRequested`` carries the whole SCALE attestation the client presented
+(quote, event log, runtime events, sys config: all public), the verifier policy as JSON and
+the unix time it was verified at. An auditor can therefore re-run the exact check
+(`Recheck`, provided by the attestation adapter) and compare: the quote hash, the BootInfo
+and an empty list of reasons must all come out the same. Collateral is not stored on the log
+(it is large and shared); the auditor supplies the collateral valid at ``verified_at``.
+
+    state = fold(events)                       # root, replicas, open/duplicate requests
+    problems = audit_kms_log(events, recheck)  # [] when every KeyIssued re-verifies
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import msgspec
+
+from pydstack.core.events.kms import (
+    BootInfo,
+    KeyDenied,
+    KeyIssued,
+    KeyRequested,
+    KmsReplicaOnboarded,
+    KmsRootCreated,
+)
+
+# (attestation, vm_config, policy JSON, verified_at) -> (reasons, BootInfo or None, quote hash)
+Recheck = Callable[[bytes, str, str, int], tuple[list[str], BootInfo | None, str]]
+
+
+class KmsState(msgspec.Struct, frozen=True):
+    root: KmsRootCreated | None = None
+    replicas: tuple[str, ...] = ()
+    requested: frozenset[str] = frozenset()
+    decided: frozenset[str] = frozenset()
+    issued: int = 0
+    denied: int = 0
+    duplicates: tuple[str, ...] = ()  # request ids seen twice (requested or decided)
+
+    @property
+    def open_requests(self) -> frozenset[str]:
+        """Requests on the log without a decision (must stay empty: decisions are atomic)."""
+        return self.requested - self.decided
+
+
+def apply(state: KmsState, event: object) -> KmsState:
+    r = msgspec.structs.replace
+    match event:
+        case KmsRootCreated() if state.root is None:
+            return r(state, root=event)
+        case KmsReplicaOnboarded(replica_id=rid) if rid not in state.replicas:
+            return r(state, replicas=(*state.replicas, rid))
+        case KeyRequested(request_id=rid):
+            if rid in state.requested:
+                return r(state, duplicates=(*state.duplicates, rid))
+            return r(state, requested=state.requested | {rid})
+        case KeyIssued(request_id=rid) | KeyDenied(request_id=rid):
+            if rid in state.decided:
+                return r(state, duplicates=(*state.duplicates, rid))
+            issued = 1 if isinstance(event, KeyIssued) else 0
+            return r(
+                state,
+                decided=state.decided | {rid},
+                issued=state.issued + issued,
+                denied=state.denied + 1 - issued,
+            )
+        case _:
+            return state
+
+
+def fold(events: Iterable[object], state: KmsState | None = None) -> KmsState:
+    state = state or KmsState()
+    for ev in events:
+        state = apply(state, ev)
+    return state
+
+
+def audit_key_issued(requested: KeyRequested, issued: KeyIssued, recheck: Recheck) -> list[str]:
+    """Re-verify one KeyIssued against its recorded evidence; [] when it holds."""
+    rid = issued.request_id
+    if requested.request_id != rid:
+        return [f"{rid}: KeyIssued paired with KeyRequested {requested.request_id}"]
+    problems: list[str] = []
+    if not requested.attestation:
+        return [f"{rid}: KeyRequested has no attestation to re-check"]
+    if not requested.policy:
+        problems.append(f"{rid}: no policy recorded")
+    reasons, boot, qh = recheck(
+        requested.attestation, requested.vm_config, requested.policy, requested.verified_at
+    )
+    if qh != issued.quote_hash or qh != requested.quote_hash:
+        problems.append(f"{rid}: quote hash {qh} differs from the recorded {issued.quote_hash}")
+    problems += [f"{rid}: re-verification refuses: {reason}" for reason in reasons]
+    if boot != issued.boot_info:
+        problems.append(f"{rid}: re-derived BootInfo differs from the recorded one")
+    if not issued.backend:
+        problems.append(f"{rid}: no authorization backend recorded")
+    return problems
+
+
+def audit_kms_log(events: Iterable[object], recheck: Recheck) -> list[str]:
+    """Audit a KMS aggregate: pairing, duplicates, and a re-check of every KeyIssued."""
+    problems: list[str] = []
+    requests: dict[str, KeyRequested] = {}
+    state = KmsState()
+    for ev in events:
+        state = apply(state, ev)
+        if isinstance(ev, KeyRequested):
+            requests.setdefault(ev.request_id, ev)
+        elif isinstance(ev, KeyIssued | KeyDenied):
+            req = requests.get(ev.request_id)
+            if req is None:
+                problems.append(f"{ev.request_id}: decision without a KeyRequested before it")
+            elif isinstance(ev, KeyIssued):
+                problems += audit_key_issued(req, ev, recheck)
+    problems += [f"{rid}: appears twice" for rid in state.duplicates]
+    problems += [f"{rid}: requested but never decided" for rid in sorted(state.open_requests)]
+    return problems

@@ -1,0 +1,165 @@
+"""The KMS decision: from checked evidence and a backend verdict to the events on the log. Pure.
+
+Every key request produces exactly two events, appended together in one atomic batch:
+``KeyRequested`` (the evidence: attestation, quote hash, policy, time) and then either
+``KeyIssued`` (BootInfo, backend, verdict) or ``KeyDenied`` (reason). Neither ever carries key
+material: keys are re-derivable from the root keys and the BootInfo. Writing the pair in one
+batch means a KMS killed mid-request leaves either both or nothing, never half a decision.
+
+    requested, outcome = decide(req, reasons=[], boot=boot, verdict=verdict, backend="webhook")
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import msgspec
+
+from pydstack.core.events.kms import BootInfo, KeyDenied, KeyIssued, KeyRequested
+
+from .auth import AuthVerdict
+
+APP_ID_LEN = 20
+
+
+class KeyRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One incoming request's evidence, as the actor gathered it."""
+
+    request_id: str
+    method: str  # GetAppKey, GetKmsKey, SignCert
+    attestation: bytes = b""  # SCALE V0 attestation from the client certificate
+    quote: bytes = b""
+    vm_config: str = ""
+    policy: str = ""
+    verified_at: int = 0
+
+
+def quote_hash(quote: bytes) -> str:
+    """How the log names a quote: hex sha256 of its bytes ("" when there is none)."""
+    return hashlib.sha256(quote).hexdigest() if quote else ""
+
+
+def boot_info(
+    *,
+    tcb_status: str,
+    advisory_ids: Sequence[str],
+    app_id: bytes,
+    compose_hash: bytes,
+    instance_id: bytes,
+    device_id: bytes,
+    mr_system: bytes,
+    mr_aggregated: bytes,
+    os_image_hash: bytes,
+) -> BootInfo:
+    """dstack's BootInfo with every byte field as lower-case hex."""
+    return BootInfo(
+        tcb_status=tcb_status,
+        advisory_ids=tuple(advisory_ids),
+        mr_aggregated=mr_aggregated.hex(),
+        os_image_hash=os_image_hash.hex(),
+        mr_system=mr_system.hex(),
+        app_id=app_id.hex(),
+        compose_hash=compose_hash.hex(),
+        instance_id=instance_id.hex(),
+        device_id=device_id.hex(),
+    )
+
+
+def webhook_body(boot: BootInfo) -> dict[str, object]:
+    """The auth-simple `/bootAuth/*` request body (camelCase, hex without 0x)."""
+    return {
+        "teeVariant": "dstack-tdx",
+        "tcbStatus": boot.tcb_status,
+        "advisoryIds": list(boot.advisory_ids),
+        "mrAggregated": boot.mr_aggregated,
+        "osImageHash": boot.os_image_hash,
+        "mrSystem": boot.mr_system,
+        "appId": boot.app_id,
+        "composeHash": boot.compose_hash,
+        "instanceId": boot.instance_id,
+        "deviceId": boot.device_id,
+    }
+
+
+def boot_info_from_webhook(body: dict[str, object]) -> BootInfo:
+    """The inverse of `webhook_body` (a webhook server's view); missing fields are empty."""
+
+    def s(name: str) -> str:
+        v = body.get(name, "")
+        return v.lower().removeprefix("0x") if isinstance(v, str) else ""
+
+    adv = body.get("advisoryIds", [])
+    return BootInfo(
+        tcb_status=str(body.get("tcbStatus", "")),
+        advisory_ids=tuple(str(a) for a in adv) if isinstance(adv, list) else (),
+        mr_aggregated=s("mrAggregated"),
+        os_image_hash=s("osImageHash"),
+        mr_system=s("mrSystem"),
+        app_id=s("appId"),
+        compose_hash=s("composeHash"),
+        instance_id=s("instanceId"),
+        device_id=s("deviceId"),
+    )
+
+
+def precheck(boot: BootInfo | None, reasons: Sequence[str]) -> list[str]:
+    """Reasons to refuse before asking a backend: bad evidence, or no usable app id."""
+    out = list(reasons)
+    if boot is not None and not out and len(boot.app_id) != 2 * APP_ID_LEN:
+        out.append(f"app_id must be {APP_ID_LEN} bytes, got {len(boot.app_id) // 2}")
+    if boot is None and not out:
+        out.append("no boot info could be built from the attestation")
+    return out
+
+
+def decide(
+    req: KeyRequest,
+    *,
+    reasons: Sequence[str],
+    boot: BootInfo | None,
+    verdict: AuthVerdict | None,
+    backend: str,
+) -> tuple[KeyRequested, KeyIssued | KeyDenied]:
+    """The two events for one request. `reasons` are the attestation's refusal reasons;
+    `verdict` is None when the backend was not asked (evidence already refused)."""
+    qh = quote_hash(req.quote)
+    requested = KeyRequested(
+        request_id=req.request_id,
+        app_id=boot.app_id if boot else "",
+        instance_id=boot.instance_id if boot else "",
+        quote_hash=qh,
+        attestation=req.attestation,
+        vm_config=req.vm_config,
+        policy=req.policy,
+        verified_at=req.verified_at,
+        method=req.method,
+    )
+    refused = precheck(boot, reasons)
+    if refused:
+        reason = "attestation refused: " + "; ".join(refused)
+        return requested, KeyDenied(
+            request_id=req.request_id, reason=reason, boot_info=boot, quote_hash=qh
+        )
+    assert boot is not None  # precheck refuses a missing BootInfo
+    if verdict is None or not verdict.is_allowed:
+        why = verdict.reason if verdict is not None and verdict.reason else "no reason given"
+        return requested, KeyDenied(
+            request_id=req.request_id,
+            reason=f"backend {backend} denied: {why}",
+            boot_info=boot,
+            quote_hash=qh,
+        )
+    return requested, KeyIssued(
+        request_id=req.request_id,
+        boot_info=boot,
+        quote_hash=qh,
+        backend=backend,
+        verdict="allowed" + (f": {verdict.reason}" if verdict.reason else ""),
+        gateway_app_id=verdict.gateway_app_id,
+    )
+
+
+def backend_failure(backend: str, error: str) -> AuthVerdict:
+    """A backend that could not answer refuses: fail closed, with the error as the reason."""
+    return AuthVerdict(False, f"backend {backend} unavailable: {error}")
