@@ -16,13 +16,14 @@ Everything here is pure: keys, times and ids are passed in.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from nacl.bindings import crypto_sign as _sodium_sign
 
 from ._base import Event, tag_of
 from .catalogue import EVENT_TYPES, AnyEvent
@@ -68,12 +69,22 @@ class Signer:
     actor: str
     private_key: Ed25519PrivateKey
     public_key: bytes
+    # libsodium's form of the same key (seed || public key). Ed25519 signatures are
+    # deterministic, so libsodium and OpenSSL produce identical bytes; libsodium is ~30%
+    # faster per signature, and signing is the largest cost of an append.
+    sodium_key: bytes = field(default=b"", repr=False)
 
     @classmethod
     def from_private_bytes(cls, actor: str, seed: bytes) -> Signer:
         key = Ed25519PrivateKey.from_private_bytes(seed)
         pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return cls(actor=actor, private_key=key, public_key=pub)
+        return cls(actor=actor, private_key=key, public_key=pub, sodium_key=seed + pub)
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of `data`."""
+        if self.sodium_key:
+            return _sodium_sign(data, self.sodium_key)[:SIG_LEN]
+        return self.private_key.sign(data)
 
 
 def encode_body(event: Event) -> bytes:
@@ -108,7 +119,7 @@ def seal(
         body=msgspec.Raw(encode_body(event)),
     )
     raw = _envelope_encoder.encode(env)
-    return raw + signer.private_key.sign(raw)
+    return raw + signer.sign(raw)
 
 
 def message_hash(data: bytes) -> bytes:
