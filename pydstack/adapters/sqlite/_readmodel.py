@@ -77,7 +77,12 @@ _INDEXES: Final = {"vms": (["host"], ["app_id"], ["state"])}
 def _insert_sql(table: str) -> str:
     cols = list(_TABLES[table])
     marks = ", ".join("?" * len(cols))
-    return f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({marks})"
+    # An upsert updates in place, so indexes on unchanged columns are not rewritten.
+    update = ", ".join(f"{c} = excluded.{c}" for c in cols if c != _PK[table])
+    return (
+        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks}) "
+        f"ON CONFLICT ({_PK[table]}) DO UPDATE SET {update}"
+    )
 
 
 _INSERT: Final = {t: _insert_sql(t) for t in _TABLES}
