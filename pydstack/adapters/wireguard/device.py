@@ -69,9 +69,11 @@ class WireGuardDevice(ABC):
         if change is None:
             return False
         await self._set(
-            (), private_key=change.private_key, listen_port=change.listen_port,
+            (),
+            private_key=change.private_key,
+            listen_port=change.listen_port,
             fwmark=change.fwmark,
-        )  # fmt: skip
+        )
         return True
 
     async def apply(self, ops: Sequence[PeerOp]) -> None:

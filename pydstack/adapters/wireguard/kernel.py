@@ -100,8 +100,9 @@ class KernelDevice(WireGuardDevice):
             listen_port = int(msg.get_attr("WGDEVICE_A_LISTEN_PORT") or listen_port)
             fwmark = int(msg.get_attr("WGDEVICE_A_FWMARK") or fwmark)
             peers.extend(_peer_status(p) for p in msg.get_attr("WGDEVICE_A_PEERS") or ())
-        return DeviceStatus(public_key=public_key, listen_port=listen_port, fwmark=fwmark,
-                            peers=tuple(peers))  # fmt: skip
+        return DeviceStatus(
+            public_key=public_key, listen_port=listen_port, fwmark=fwmark, peers=tuple(peers)
+        )
 
     async def _set(
         self,

@@ -15,8 +15,11 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import os
+import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 from .errors import NetnsError
 
 NETNS_DIR = "/var/run/netns"
+_CLONE_NEWNET = 0x40000000
 
 
 def netns_path(name: str) -> str:
@@ -192,3 +196,37 @@ async def routes(netns: str | None) -> list[tuple[str, int]]:
             dst = msg.get("RTA_DST") or "0.0.0.0"
             out.append((f"{dst}/{msg['dst_len']}", int(msg["type"])))
         return out
+
+
+def socket_in_netns(
+    netns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """A new socket that lives in ``netns``, usable from any thread of this process.
+
+    A socket stays in the namespace it was created in, so a short-lived thread enters the
+    namespace (setns only changes the calling thread), creates the socket and exits; the
+    caller's threads never change namespace.
+    """
+    out: list[socket.socket | BaseException] = []
+
+    def enter_and_create() -> None:
+        try:
+            fd = os.open(netns_path(netns), os.O_RDONLY)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            out.append(socket.socket(family, type))
+        except BaseException as exc:  # handed to the caller's thread below
+            out.append(exc)
+
+    worker = threading.Thread(target=enter_and_create, name=f"netns-{netns}")
+    worker.start()
+    worker.join()
+    result = out[0]
+    if isinstance(result, BaseException):
+        raise NetnsError(f"socket in netns {netns!r}: {result}") from result
+    return result

@@ -191,5 +191,6 @@ def parse_get(answer: bytes) -> DeviceStatus:
         raise UapiError(code, "get")
     if current is not None:
         peers.append(current.build())
-    return DeviceStatus(public_key=public_key, listen_port=listen_port, fwmark=fwmark,
-                        peers=tuple(peers))  # fmt: skip
+    return DeviceStatus(
+        public_key=public_key, listen_port=listen_port, fwmark=fwmark, peers=tuple(peers)
+    )

@@ -66,9 +66,13 @@ class UserspaceDevice(WireGuardDevice):
     """A device carried by a wireguard-go child process."""
 
     def __init__(
-        self, ifname: str, netns: str | None, proc: asyncio.subprocess.Process,
-        sock_dir: Path, log_path: Path,
-    ) -> None:  # fmt: skip
+        self,
+        ifname: str,
+        netns: str | None,
+        proc: asyncio.subprocess.Process,
+        sock_dir: Path,
+        log_path: Path,
+    ) -> None:
         super().__init__(ifname, netns)
         self._proc = proc
         self._sock_dir = sock_dir
@@ -150,16 +154,31 @@ class UserspaceBackend(WireGuardBackend):
         sock_dir = self._sock_dir(ifname, netns)
         sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = sock_dir.with_suffix(".log")
-        argv = ["unshare", "--mount", "--propagation", "private", "--",
-                "sh", "-c", _LAUNCH, "sh", str(sock_dir), binary, ifname]  # fmt: skip
+        argv = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            _LAUNCH,
+            "sh",
+            str(sock_dir),
+            binary,
+            ifname,
+        ]
         if netns is not None:
             argv = ["nsenter", f"--net={_ns.netns_path(netns)}", "--", *argv]
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 env={**os.environ, "LOG_LEVEL": "error"},
-            )  # fmt: skip
+            )
         finally:
             os.close(log)
         device = UserspaceDevice(ifname, netns, proc, sock_dir, log_path)
