@@ -170,14 +170,16 @@ def test_reset_forgets_everything(tmp_path: Path) -> None:
 
 
 def test_rebuild_is_fast(tmp_path: Path) -> None:
-    """Fold + write path: well above 100k events/s on a developer machine; CI gets slack."""
+    """Fold + write path: above 100k events/s of CPU time on a developer machine; CI gets slack.
+
+    CPU time, not wall time, so that other jobs on a shared runner do not make it flaky."""
     events = workload(60_000, hosts=50)
     records = stamp(events)
     with ReadModel.open(tmp_path / "rm.db") as rm:
-        t = time.perf_counter()
+        t = time.process_time()
         for i in range(0, len(records), 10_000):
             rm.apply_batch(records[i : i + 10_000])
-        rate = len(records) / (time.perf_counter() - t)
+        rate = len(records) / (time.process_time() - t)
     print(f"rebuild: {rate:,.0f} events/s")
     assert rate > 30_000
 
