@@ -33,6 +33,7 @@ class KmsRootCreated(Event, tag="KmsRootCreated", frozen=True):
     ca_cert_pem: str = ""
     temp_ca_cert_pem: str = ""
     instance_id: str = ""
+    attestation: bytes = b""  # SCALE V0, report_data binds sha512(tag:ca_spki||k256_pub)
 
 
 class KeyRequested(Event, tag="KeyRequested", frozen=True):

@@ -1,0 +1,111 @@
+"""Authorization backends the KMS asks before releasing keys (`AuthBackend` implementations).
+
+- `WebhookBackend`: dstack's auth-simple protocol: POST `<url>/bootAuth/app` or
+  `<url>/bootAuth/kms` with the BootInfo (camelCase, hex) -> `{isAllowed, reason,
+  gatewayAppId}`. Any transport or format error refuses (fail closed) with the error as reason.
+- `DevBackend`: allows everything. Refused unless explicitly enabled; warns loudly on start and
+  names itself in every verdict, so a dev decision is recognisable on the log.
+- `eth`: on-chain allow-lists, in `pydstack.adapters.eth` (built separately).
+
+    backend = make_backend("webhook", url="http://127.0.0.1:8000")
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import structlog
+
+from pydstack.core.kms import AuthBackend, AuthVerdict, BootInfo, webhook_body
+
+log = structlog.get_logger("pydstack.kms")
+
+
+class BackendConfigError(ValueError):
+    """The backend cannot be built as configured; the message says what to change."""
+
+
+class WebhookBackend:
+    name = "webhook"
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise BackendConfigError(f"webhook url {url!r} must start with http:// or https://")
+        self.url = url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def _ask(self, path: str, boot: BootInfo) -> AuthVerdict:
+        url = f"{self.url}/{path}"
+        try:
+            async with self._http().post(url, json=webhook_body(boot)) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    return AuthVerdict(False, f"webhook {url} answered {resp.status}: {text[:200]}")
+                body: Any = json.loads(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            return AuthVerdict(False, f"webhook {url} failed: {type(e).__name__}: {e}")
+        if not isinstance(body, dict) or not isinstance(body.get("isAllowed"), bool):
+            return AuthVerdict(False, f"webhook {url} answered without a boolean isAllowed")
+        return AuthVerdict(
+            body["isAllowed"], str(body.get("reason", "")), str(body.get("gatewayAppId", ""))
+        )
+
+    async def authorize_app(self, boot: BootInfo) -> AuthVerdict:
+        return await self._ask("bootAuth/app", boot)
+
+    async def authorize_kms(self, boot: BootInfo) -> AuthVerdict:
+        return await self._ask("bootAuth/kms", boot)
+
+
+class DevBackend:
+    """Allow-all, for development only."""
+
+    name = "dev"
+
+    def __init__(self, *, enabled: bool = False, gateway_app_id: str = "") -> None:
+        if not enabled:
+            raise BackendConfigError(
+                "the dev authorization backend allows every app; enable it explicitly "
+                "(--allow-dev-auth / PYDSTACK_KMS_ALLOW_DEV=1), never in production"
+            )
+        self.gateway_app_id = gateway_app_id
+        log.warning(
+            "DEV AUTHORIZATION BACKEND: EVERY ATTESTED APP GETS ITS KEYS. NOT FOR PRODUCTION.",
+            backend="dev",
+        )
+
+    async def authorize_app(self, boot: BootInfo) -> AuthVerdict:
+        return AuthVerdict(True, "dev backend allows all", self.gateway_app_id)
+
+    async def authorize_kms(self, boot: BootInfo) -> AuthVerdict:
+        return AuthVerdict(True, "dev backend allows all", self.gateway_app_id)
+
+
+def make_backend(kind: str, *, url: str = "", allow_dev: bool = False) -> AuthBackend:
+    if kind == "webhook":
+        return WebhookBackend(url)
+    if kind == "dev":
+        return DevBackend(enabled=allow_dev)
+    raise BackendConfigError(f"unknown auth backend {kind!r}: use webhook or dev (eth: see docs)")

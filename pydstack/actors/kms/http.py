@@ -1,0 +1,238 @@
+"""The KMS RPC over HTTPS: dstack's prpc paths `/prpc/KMS.<Method>` with JSON bodies.
+
+Bytes are hex in JSON (as dstack's prpc serde). A malformed body is answered 400 naming the
+field, before anything is appended; a refused decision is 403 with the reason and the request
+id (the refusal is on the log); a method that needs evidence and got no client certificate is
+401. The server asks for a client certificate (issued under the cluster's temp CA) but does not
+require one, so `GetTempCaCert`, `GetMeta` and `GetAppEnvEncryptPubKey` work without.
+
+    async with serve_kms(svc, "127.0.0.1", 0) as url: ...
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pydstack.adapters.tdx.ratls import build_ratls_cert
+from pydstack.adapters.tdx.ratls_tls import peer_cert_der, server_ssl_context
+from pydstack.core.kms import CsrError, decode_csr
+
+from .evidence import check_csr_attestation
+from .service import Denied, KmsService, pem
+
+SERVICE: web.AppKey[KmsService] = web.AppKey("kms", KmsService)
+Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _str(body: dict[str, Any], name: str, default: str = "") -> str:
+    v = body.get(name, default)
+    if not isinstance(v, str):
+        raise BadRequest(name, f"field {name} must be a string")
+    return v
+
+
+def _int(body: dict[str, Any], name: str, default: int = 0) -> int:
+    v = body.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise BadRequest(name, f"field {name} must be a non-negative integer")
+    return v
+
+
+def _bytes(body: dict[str, Any], name: str) -> bytes:
+    """Hex (optionally 0x-prefixed), else base64, as dstack accepts."""
+    v = _str(body, name)
+    try:
+        return bytes.fromhex(v.removeprefix("0x"))
+    except ValueError:
+        pass
+    try:
+        return base64.b64decode(v, validate=True)
+    except ValueError:
+        raise BadRequest(name, f"field {name} must be hex or base64") from None
+
+
+def _denied(d: Denied) -> web.Response:
+    return web.json_response({"error": d.reason, "request_id": d.request_id}, status=403)
+
+
+def _peer(request: web.Request) -> bytes:
+    der = peer_cert_der(request.transport)
+    if der is None:
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": "this method needs an RA-TLS client certificate"}),
+            content_type="application/json",
+        )
+    return der
+
+
+async def get_app_key(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    if _int(body, "api_version") > 1:
+        raise BadRequest("api_version", f"unsupported api_version {body['api_version']}")
+    vm_config = _str(body, "vm_config")
+    try:
+        return web.json_response(await request.app[SERVICE].get_app_key(_peer(request), vm_config))
+    except Denied as d:
+        return _denied(d)
+
+
+async def get_kms_key(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    vm_config = _str(body, "vm_config")
+    try:
+        return web.json_response(await request.app[SERVICE].get_kms_key(_peer(request), vm_config))
+    except Denied as d:
+        return _denied(d)
+
+
+async def env_pubkey(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    app_id = _bytes(body, "app_id")
+    if len(app_id) != 20:
+        raise BadRequest("app_id", f"app_id must be 20 bytes, got {len(app_id)}")
+    return web.json_response(request.app[SERVICE].env_pubkey(app_id))
+
+
+async def get_meta(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    return web.json_response(request.app[SERVICE].meta())
+
+
+async def get_temp_ca(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    return web.json_response(request.app[SERVICE].temp_ca())
+
+
+async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    svc = request.app[SERVICE]
+    if _int(body, "api_version") != 2:
+        raise BadRequest("api_version", "SignCert supports api_version 2 (CertSigningRequestV2)")
+    raw, sig, vm_config = _bytes(body, "csr"), _bytes(body, "signature"), _str(body, "vm_config")
+    try:
+        csr, att_raw = decode_csr(raw)
+        pub = serialization.load_der_public_key(csr.pubkey)
+    except (CsrError, ValueError) as e:
+        raise BadRequest("csr", f"csr: {e}") from None
+    if csr.confirm != "please sign cert:":
+        raise BadRequest("csr", "csr confirm word must be 'please sign cert:'")
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise BadRequest("csr", "csr public key must be ECDSA P-256")
+    try:
+        pub.verify(sig, raw, ec.ECDSA(hashes.SHA256()))
+    except Exception:
+        raise BadRequest("signature", "csr signature does not verify") from None
+    now = int(svc.clock())
+    ev = await check_csr_attestation(
+        att_raw,
+        csr.pubkey,
+        svc.collateral,
+        policy=svc.settings.policy,
+        now=now,
+        root_ca_der=svc.settings.root_ca_der,
+        vm_config=vm_config,
+    )
+    try:
+        _, issued = await svc.decide("SignCert", ev, vm_config, now)
+    except Denied as d:
+        return _denied(d)
+    app_id = bytes.fromhex(issued.boot_info.app_id)
+    ca_cert, ca_key = svc.app_ca(app_id)
+    c = csr.config
+    # build_ratls_cert only reads key.public_key() when an issuer signs: a public key will do.
+    cert = build_ratls_cert(
+        cast(ec.EllipticCurvePrivateKey, _PublicOnly(pub)),
+        None,
+        subject=c.subject,
+        org_name=c.org_name,
+        alt_names=c.subject_alt_names,
+        issuer=(ca_cert, ca_key),
+        usage_server_auth=c.usage_server_auth,
+        usage_client_auth=c.usage_client_auth,
+        app_id=app_id,
+        special_usage="app:custom",
+        not_before=c.not_before or now - 3600,
+        not_after=c.not_after or now + 365 * 86400,
+    )
+    chain = [pem(cert), pem(ca_cert), svc.created.ca_cert_pem]
+    return web.json_response({"certificate_chain": chain})
+
+
+class _PublicOnly:
+    def __init__(self, pub: ec.EllipticCurvePublicKey) -> None:
+        self._pub = pub
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._pub
+
+
+METHODS: dict[str, Handler] = {
+    "GetAppKey": get_app_key,
+    "GetKmsKey": get_kms_key,
+    "GetAppEnvEncryptPubKey": env_pubkey,
+    "GetMeta": get_meta,
+    "GetTempCaCert": get_temp_ca,
+    "SignCert": sign_cert,
+}
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    method = request.match_info["method"].removeprefix("KMS.")
+    handler = METHODS.get(method)
+    if handler is None:
+        return web.json_response({"error": f"unknown method {method}"}, status=404)
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        return web.json_response({"error": f"body is not JSON: {e}", "field": ""}, status=400)
+    if not isinstance(body, dict):
+        return web.json_response({"error": "body must be a JSON object", "field": ""}, status=400)
+    try:
+        return await handler(request, body)
+    except BadRequest as e:
+        return web.json_response({"error": str(e), "field": e.field}, status=400)
+
+
+def make_app(svc: KmsService) -> web.Application:
+    app = web.Application(client_max_size=1 << 20)
+    app[SERVICE] = svc
+    app.router.add_route("*", "/prpc/{method}", dispatch)
+    return app
+
+
+async def server_context(svc: KmsService) -> ssl.SSLContext:
+    chain, key = await svc.rpc_identity()
+    ctx = server_ssl_context(chain, key, svc.temp_cert_pem)
+    ctx.verify_mode = ssl.CERT_OPTIONAL  # public methods need no client certificate
+    return ctx
+
+
+@contextlib.asynccontextmanager
+async def serve_kms(svc: KmsService, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve the KMS RPC over TLS; yields its base URL (`https://host:port`)."""
+    runner = web.AppRunner(make_app(svc), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=await server_context(svc))
+    await site.start()
+    server = site._server  # aiohttp keeps the bound socket here; port 0 needs the real one
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    try:
+        yield f"https://{host}:{bound}"
+    finally:
+        await runner.cleanup()
+
+
+def ca_of(pem_text: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem_text.encode())

@@ -1,0 +1,409 @@
+"""The KMS actor: root keys, evidence checks, authorization, decisions on the log, derivation.
+
+    svc = await KmsService.open(store, KmsSettings(cluster="main", ...), backend=b,
+                                collateral=src, keyfile=RootKeyFile(...), attester=agent)
+    async with svc:                      # starts the group-commit writer
+        keys = await svc.get_app_key(peer_cert_der, vm_config)
+
+A request is answered only after its `KeyRequested` + `KeyIssued`/`KeyDenied` pair is stored,
+so a KMS killed mid-request leaves either the whole decision or nothing; the client retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pydstack.adapters.nats import EventStore
+from pydstack.adapters.nats.store import new_event_id
+from pydstack.adapters.tdx.ratls import Attester, build_ratls_cert, report_data_for
+from pydstack.adapters.tdx.verify import Policy
+from pydstack.core.events import (
+    Event,
+    KmsReplicaOnboarded,
+    KmsRootCreated,
+    decode_body,
+    open_envelope,
+    subject,
+)
+from pydstack.core.kms import (
+    AuthBackend,
+    KeyRequest,
+    KmsState,
+    RootKeys,
+    app_ca_scalar,
+    app_key_material,
+    backend_failure,
+    decide,
+    env_public_key,
+    fold,
+    temp_ca_scalar,
+)
+from pydstack.core.kms.derive import k256_public
+
+from .evidence import CollateralSource, Evidence, attestation_hash, check_certificate, policy_json
+from .keystore import RootKeyFile
+from .writer import DecisionLog
+
+log = structlog.get_logger("pydstack.kms")
+ROOT_TAG = b"pydstack-kms-root"
+YEAR = 365 * 86400
+
+
+class KmsError(Exception):
+    """The KMS cannot start or serve; the message says what to do."""
+
+
+class NotOnboarded(KmsError):
+    """The cluster has root keys on the log but this instance holds none: onboard it."""
+
+
+class Denied(Exception):
+    def __init__(self, reason: str, request_id: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+class KmsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    cluster: str
+    policy: Policy = Policy()
+    root_ca_der: bytes | None = None  # dev PKI root for simulator quotes; None = Intel
+    max_cert_age: int = 3600
+    rpc_domain: str = "kms.pydstack.local"
+    instance_id: str = ""
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def _self_signed_ca(
+    key: ec.EllipticCurvePrivateKey, subject: str, path_len: int, now: int
+) -> x509.Certificate:
+    return build_ratls_cert(
+        key,
+        None,
+        subject=subject,
+        org_name="Dstack",
+        ca_path_len=path_len,
+        not_before=now - 3600,
+        not_after=now + 20 * YEAR,
+    )
+
+
+async def _load_state(store: EventStore, subj: str) -> KmsState:
+    records, _ = await store.read_aggregate(subj)
+    return fold(decode_body(open_envelope(r.data)) for r in records)
+
+
+class KmsService:
+    def __init__(
+        self,
+        store: EventStore,
+        settings: KmsSettings,
+        *,
+        backend: AuthBackend,
+        collateral: CollateralSource,
+        root: RootKeys,
+        created: KmsRootCreated,
+        attester: Attester | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.backend = backend
+        self.collateral = collateral
+        self.root = root
+        self.created = created
+        self.attester = attester
+        self.clock = clock
+        self.subject = subject("kms", settings.cluster)
+        self.log = DecisionLog(store, self.subject)
+        self._policy_json = policy_json(settings.policy)
+        self.ca_cert = x509.load_pem_x509_certificate(created.ca_cert_pem.encode())
+        if self.ca_cert.public_key() != root.ca_key().public_key():
+            raise KmsError("root CA key does not match the KmsRootCreated certificate on the log")
+        if k256_public(root.k256) != created.k256_public_key:
+            raise KmsError("root k256 key does not match the KmsRootCreated public key")
+        self.temp_key = ec.derive_private_key(temp_ca_scalar(root), ec.SECP256R1())
+        self.temp_cert_pem = created.temp_ca_cert_pem
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        store: EventStore,
+        settings: KmsSettings,
+        *,
+        backend: AuthBackend,
+        collateral: CollateralSource,
+        keyfile: RootKeyFile,
+        attester: Attester | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> KmsService:
+        """Load this instance's root keys; create them (once per cluster) if the log has none."""
+        subj = subject("kms", settings.cluster)
+        state = await _load_state(store, subj)
+        if state.root is None:
+            root, created = await cls._bootstrap(store, settings, keyfile, attester, clock)
+        else:
+            if not keyfile.exists():
+                raise NotOnboarded(
+                    f"cluster {settings.cluster!r} already has root keys (created by "
+                    f"{state.root.instance_id or 'another instance'}); onboard this instance "
+                    "from a running replica (pydstack kms onboard --source URL)"
+                )
+            root, created = await keyfile.load(), state.root
+        return cls(
+            store,
+            settings,
+            backend=backend,
+            collateral=collateral,
+            root=root,
+            created=created,
+            attester=attester,
+            clock=clock,
+        )
+
+    @staticmethod
+    async def _bootstrap(
+        store: EventStore,
+        settings: KmsSettings,
+        keyfile: RootKeyFile,
+        attester: Attester | None,
+        clock: Callable[[], float],
+    ) -> tuple[RootKeys, KmsRootCreated]:
+        now = int(clock())
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        root = RootKeys(ca_scalar=ca_key.private_numbers().private_value, k256=_k256_secret())
+        temp_key = ec.derive_private_key(temp_ca_scalar(root), ec.SECP256R1())
+        ca_spki = root.ca_public_der()
+        raw_att = b""
+        if attester is not None:
+            from pydstack.adapters.tdx.attestation import encode_attestation
+
+            rd = report_data_for(ROOT_TAG, ca_spki + root.k256_public())
+            raw_att = encode_attestation(await attester.attest(rd))
+        created = KmsRootCreated(
+            cluster=settings.cluster,
+            ca_public_key=ca_spki,
+            k256_public_key=root.k256_public(),
+            attestation_hash=attestation_hash(raw_att),
+            ca_cert_pem=pem(_self_signed_ca(ca_key, "Dstack KMS CA", 1, now)),
+            temp_ca_cert_pem=pem(_self_signed_ca(temp_key, "Dstack Client Temp CA", 0, now)),
+            instance_id=settings.instance_id,
+            attestation=raw_att,
+        )
+        # Sealed to disk first: a root on the log that no instance can open would brick it.
+        await keyfile.save(root)
+        subj = subject("kms", settings.cluster)
+        try:
+            await store.append(subj, [created], 0)
+        except Exception:
+            keyfile.path.unlink(missing_ok=True)
+            raise
+        log.info("kms root created", cluster=settings.cluster, k256=created.k256_public_key.hex())
+        return root, created
+
+    async def __aenter__(self) -> Self:
+        await self.log.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.log.__aexit__(et, e, tb)
+
+    # -- TLS identity -----------------------------------------------------------------------------
+
+    async def rpc_identity(self) -> tuple[str, str]:
+        """(chain PEM, key PEM) of this instance's `kms:rpc` RA-TLS certificate."""
+        now = int(self.clock())
+        key = ec.generate_private_key(ec.SECP256R1())
+        att = None
+        if self.attester is not None:
+            from pydstack.adapters.tdx.ratls import ratls_report_data
+
+            att = await self.attester.attest(ratls_report_data(key.public_key()))
+        cert = build_ratls_cert(
+            key,
+            att,
+            subject=self.settings.rpc_domain,
+            alt_names=[self.settings.rpc_domain, "localhost"],
+            issuer=(self.ca_cert, self.root.ca_key()),
+            usage_server_auth=True,
+            special_usage="kms:rpc",
+            not_before=now - 3600,
+            not_after=now + YEAR,
+        )
+        return pem(cert) + self.created.ca_cert_pem, key_pem(key)
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    async def _evidence(self, der: bytes, vm_config: str, now: int) -> Evidence:
+        return await check_certificate(
+            der,
+            self.collateral,
+            policy=self.settings.policy,
+            now=now,
+            root_ca_der=self.settings.root_ca_der,
+            max_age=self.settings.max_cert_age,
+            vm_config=vm_config,
+        )
+
+    async def decide(
+        self, method: str, ev: Evidence, vm_config: str, now: int, *, kms: bool = False
+    ) -> tuple[str, Any]:
+        """Ask the backend (if the evidence holds), store the decision; Denied on refusal."""
+        rid = new_event_id()
+        verdict = None
+        if not ev.reasons and ev.boot is not None:
+            ask = self.backend.authorize_kms if kms else self.backend.authorize_app
+            try:
+                verdict = await ask(ev.boot)
+            except Exception as e:  # a broken backend refuses; it never allows
+                verdict = backend_failure(self.backend.name, f"{type(e).__name__}: {e}")
+        req = KeyRequest(
+            request_id=rid,
+            method=method,
+            attestation=ev.attestation,
+            quote=ev.quote,
+            vm_config=vm_config,
+            policy=self._policy_json,
+            verified_at=now,
+        )
+        requested, outcome = decide(
+            req, reasons=ev.reasons, boot=ev.boot, verdict=verdict, backend=self.backend.name
+        )
+        events: list[Event] = [requested, outcome]
+        issued = not hasattr(outcome, "reason")
+        if issued and kms and ev.boot is not None:
+            events.append(
+                KmsReplicaOnboarded(
+                    cluster=self.settings.cluster,
+                    replica_id=ev.boot.instance_id,
+                    attestation_hash=attestation_hash(ev.attestation),
+                    boot_info=ev.boot,
+                    request_id=rid,
+                )
+            )
+        await self.log.append(events)
+        log.info(
+            "kms decision",
+            method=method,
+            request_id=rid,
+            issued=issued,
+            app_id=requested.app_id,
+            reason=getattr(outcome, "reason", ""),
+        )
+        if not issued:
+            raise Denied(str(getattr(outcome, "reason", "")), rid)
+        return rid, outcome
+
+    async def get_app_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
+        now = int(self.clock())
+        ev = await self._evidence(der, vm_config, now)
+        _, issued = await self.decide("GetAppKey", ev, vm_config, now)
+        boot = issued.boot_info
+        keys = app_key_material(
+            self.root, bytes.fromhex(boot.app_id), bytes.fromhex(boot.instance_id)
+        )
+        return {
+            "ca_cert": self.created.ca_cert_pem,
+            "disk_crypt_key": keys.disk_crypt_key.hex(),
+            "env_crypt_key": keys.env_crypt_key.hex(),
+            "k256_key": keys.k256_key.hex(),
+            "k256_signature": keys.k256_signature.hex(),
+            "tproxy_app_id": issued.gateway_app_id,
+            "gateway_app_id": issued.gateway_app_id,
+            "os_image_hash": boot.os_image_hash,
+        }
+
+    async def get_kms_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
+        now = int(self.clock())
+        ev = await self._evidence(der, vm_config, now)
+        await self.decide("GetKmsKey", ev, vm_config, now, kms=True)
+        return {
+            "temp_ca_key": key_pem(self.temp_key),
+            "keys": [{"ca_key": key_pem(self.root.ca_key()), "k256_key": self.root.k256.hex()}],
+        }
+
+    def env_pubkey(self, app_id: bytes) -> dict[str, Any]:
+        resp = env_public_key(self.root, app_id, int(self.clock()))
+        return {
+            "public_key": resp.public_key.hex(),
+            "signature": resp.signature.hex(),
+            "timestamp": resp.timestamp,
+            "signature_v1": resp.signature_v1.hex(),
+        }
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "ca_cert": self.created.ca_cert_pem,
+            "allow_any_upgrade": self.backend.name == "dev",
+            "k256_pubkey": self.created.k256_public_key.hex(),
+            "bootstrap_info": {
+                "ca_pubkey": self.created.ca_public_key.hex(),
+                "k256_pubkey": self.created.k256_public_key.hex(),
+                "attestation": self.created.attestation.hex(),
+            },
+            "is_dev": self.backend.name == "dev",
+        }
+
+    def temp_ca(self) -> dict[str, Any]:
+        return {
+            "temp_ca_cert": self.temp_cert_pem,
+            "temp_ca_key": key_pem(self.temp_key),
+            "ca_cert": self.created.ca_cert_pem,
+        }
+
+    def app_ca(self, app_id: bytes) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """dstack `derive_app_ca`: a per-app CA (derived key) signed by the root CA."""
+        key = ec.derive_private_key(app_ca_scalar(self.root, app_id), ec.SECP256R1())
+        now = int(self.clock())
+        cert = build_ratls_cert(
+            key,
+            None,
+            subject="Dstack App CA",
+            org_name="Dstack",
+            ca_path_len=0,
+            issuer=(self.ca_cert, self.root.ca_key()),
+            app_id=app_id,
+            special_usage="app:ca",
+            not_before=now - 3600,
+            not_after=now + 10 * YEAR,
+        )
+        return cert, key
+
+
+def _k256_secret() -> bytes:
+    while True:
+        k = secrets.token_bytes(32)
+        if (
+            0
+            < int.from_bytes(k, "big")
+            < int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141", 16)
+        ):
+            return k
+
+
+def fingerprint(pem_text: str) -> str:
+    return hashlib.sha256(pem_text.encode()).hexdigest()[:16]

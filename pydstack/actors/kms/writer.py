@@ -1,0 +1,98 @@
+"""Group commit of KMS decisions onto the one aggregate `dstack.kms.<cluster>`.
+
+Every event on a subject names the hash of the one before it, so appends to one aggregate are
+a chain and must be serialized. Under load, one append per request would queue requests
+behind each other; instead a single writer task takes everything queued while the previous
+append was in flight and appends it as one atomic batch (OCC on the version it holds). A
+conflict means another replica appended: re-read the version and append again; the event ids
+are fixed, so an append that did land is not stored twice.
+
+    async with DecisionLog(store, subject) as log:
+        await log.append([requested, decided])       # returns once stored
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+from pydstack.adapters.nats import EventStore
+from pydstack.adapters.nats.errors import ConflictError
+from pydstack.adapters.nats.store import Change, Version, new_event_id
+from pydstack.core.events import Event, message_hash
+
+_MAX_BATCH = 200  # events per atomic batch (the server caps batches at 1000 messages)
+
+_Item = tuple[list[Event], list[str], asyncio.Future[None]]
+
+
+class DecisionLog:
+    def __init__(self, store: EventStore, subject: str) -> None:
+        self.store = store
+        self.subject = subject
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._version: Version | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run(), name=f"kms-writer {self.subject}")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            *_, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError("KMS decision log closed"))
+
+    async def append(self, events: Sequence[Event]) -> None:
+        """Store `events` together (all or none) after everything queued before them."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put((list(events), [new_event_id() for _ in events], fut))
+        await fut
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            n = len(items[0][0])
+            while not self._queue.empty() and n < _MAX_BATCH:
+                item = self._queue.get_nowait()
+                items.append(item)
+                n += len(item[0])
+            try:
+                await self._commit(items)
+            except Exception as exc:  # every waiter learns the store's error
+                self._version = None
+                for *_, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for *_, fut in items:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _commit(self, items: list[_Item]) -> None:
+        events = [ev for evs, _, _ in items for ev in evs]
+        ids = [i for _, eids, _ in items for i in eids]
+        for _attempt in range(20):
+            if self._version is None:
+                last = await self.store.last_by_subject(self.subject)
+                self._version = (
+                    Version(last.seq, message_hash(last.data)) if last is not None else Version()
+                )
+            try:
+                out = await self.store.commit([Change(self.subject, events, self._version, ids)])
+            except ConflictError:
+                self._version = None
+                continue
+            self._version = out[self.subject]
+            return
+        raise ConflictError(self.subject, 0, "KMS decision log kept conflicting")
