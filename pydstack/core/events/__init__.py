@@ -29,9 +29,14 @@ from .gateways import (
     CvmLiveness,
     CvmRecycled,
     CvmRegistered,
+    CvmRegistrationRefused,
+    CvmRemoved,
     GatewayNodeDown,
     GatewayNodeJoined,
     GatewayNodeUp,
+    PortAttrs,
+    TunnelIpAllocated,
+    TunnelIpReleased,
 )
 from .hosts import HostHeartbeat, HostJoined, HostLeft, HostVmPlaced, HostVmReleased
 from .kms import BootInfo, KeyDenied, KeyIssued, KeyRequested, KmsReplicaOnboarded, KmsRootCreated
@@ -58,10 +63,12 @@ __all__ = [
     "ALL_SUBJECTS", "EVENT_TYPES", "AnyEvent", "AppEvent", "AppRegistered", "AppRemoved",
     "AppUpgraded",
     "BootInfo", "CodecError", "CvmEvent", "CvmLiveness", "CvmRecycled", "CvmRegistered",
+    "CvmRegistrationRefused", "CvmRemoved",
     "Envelope", "Event", "GatewayEvent", "GatewayNodeDown", "GatewayNodeJoined", "GatewayNodeUp",
     "HostEvent", "HostHeartbeat", "HostJoined", "HostLeft", "HostVmPlaced", "HostVmReleased",
     "KeyDenied", "KeyIssued", "KeyRequested", "KmsEvent", "KmsReplicaOnboarded",
-    "KmsRootCreated", "PortMap", "SignatureError", "Signer", "SubjectError", "VmBootError",
+    "KmsRootCreated", "PortAttrs", "PortMap", "SignatureError", "Signer", "SubjectError",
+    "TunnelIpAllocated", "TunnelIpReleased", "VmBootError",
     "VmBootProgress", "VmEvent", "VmExited", "VmRejected", "VmRemoveRequested", "VmRemoved",
     "VmRequested", "VmResources", "VmScheduled", "VmStartRequested", "VmStarted",
     "VmStopRequested", "VmStopped", "decode_any", "decode_body", "encode_body", "kind_filter",

@@ -13,9 +13,13 @@ from .gateways import (
     CvmLiveness,
     CvmRecycled,
     CvmRegistered,
+    CvmRegistrationRefused,
+    CvmRemoved,
     GatewayNodeDown,
     GatewayNodeJoined,
     GatewayNodeUp,
+    TunnelIpAllocated,
+    TunnelIpReleased,
 )
 from .hosts import HostHeartbeat, HostJoined, HostLeft, HostVmPlaced, HostVmReleased
 from .kms import KeyDenied, KeyIssued, KeyRequested, KmsReplicaOnboarded, KmsRootCreated
@@ -51,8 +55,10 @@ VmEvent = (
 )
 HostEvent = HostJoined | HostHeartbeat | HostLeft | HostVmPlaced | HostVmReleased
 KmsEvent = KmsRootCreated | KeyRequested | KeyIssued | KeyDenied | KmsReplicaOnboarded
-GatewayEvent = GatewayNodeJoined | GatewayNodeDown | GatewayNodeUp
-CvmEvent = CvmRegistered | CvmLiveness | CvmRecycled
+GatewayEvent = (
+    GatewayNodeJoined | GatewayNodeDown | GatewayNodeUp | TunnelIpAllocated | TunnelIpReleased
+)
+CvmEvent = CvmRegistered | CvmLiveness | CvmRecycled | CvmRemoved | CvmRegistrationRefused
 
 AnyEvent = AppEvent | VmEvent | HostEvent | KmsEvent | GatewayEvent | CvmEvent
 
@@ -64,4 +70,5 @@ EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     KmsRootCreated, KeyRequested, KeyIssued, KeyDenied, KmsReplicaOnboarded,
     GatewayNodeJoined, GatewayNodeDown, GatewayNodeUp,
     CvmRegistered, CvmLiveness, CvmRecycled,
+    TunnelIpAllocated, TunnelIpReleased, CvmRemoved, CvmRegistrationRefused,
 )  # fmt: skip
