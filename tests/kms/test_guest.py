@@ -1,0 +1,91 @@
+"""The guest side: a simulated CVM's agent gets its keys from the KMS; env vars both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dstack_sdk import AsyncDstackClient
+from dstack_sdk.encrypt_env_vars import EnvVar, encrypt_env_vars
+
+from pydstack.adapters.tdx.collateral import Collateral
+from pydstack.adapters.tdx.pki import DevPki
+from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
+from pydstack.cli.env import env as env_cli
+from pydstack.core.events import KeyIssued
+from pydstack_guest import GuestAgent, GuestConfig, KeyProviderError, serve_agent
+from pydstack_guest.keys import key_public, verify_key_chain
+from pydstack_guest.kms_provider import KmsKeyProvider, decrypt_env
+
+from .conftest import APP_ID, VM_CONFIG, Kms, make_cvm
+
+
+def verifier(kms: Kms, pki: DevPki) -> RaTlsVerifier:
+    async def source(quote: bytes) -> Collateral:
+        return kms.collateral.get(quote)
+
+    return RaTlsVerifier(source, root_ca_der=pki.root_der)
+
+
+async def test_guest_agent_boots_on_kms_keys(kms: Kms, pki: DevPki) -> None:
+    """The agent's GetKey chain (via dstack-sdk) ends at the KMS root; KeyIssued is logged."""
+    cvm = make_cvm(pki)
+    provider = KmsKeyProvider(
+        kms.url, cvm.backend, vm_config=VM_CONFIG, verifier=verifier(kms, pki)
+    )
+    agent = await GuestAgent.create(cvm.backend, provider, GuestConfig(vm_config=VM_CONFIG))
+    assert agent.keys.kms_root_public == kms.svc.root.k256_public()
+    d = Path(tempfile.mkdtemp(prefix="pyds-", dir="/tmp"))
+    try:
+        async with serve_agent(agent, dstack_sock=str(d / "d.sock"), tappd_sock=str(d / "t.sock")):
+            async with AsyncDstackClient(str(d / "d.sock")) as c:
+                r = await c.get_key("wallet/eth", "signing")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    pub = key_public(r.decode_key(), "secp256k1")
+    chain = r.decode_signature_chain()
+    assert verify_key_chain(pub, "signing", chain, APP_ID, kms.svc.root.k256_public()) == []
+    issued = [e for e in await kms.events() if isinstance(e, KeyIssued)]
+    assert issued[-1].boot_info.app_id == APP_ID.hex()
+
+
+async def test_guest_refuses_a_kms_without_attestation(kms: Kms, pki: DevPki) -> None:
+    """A KMS whose RPC cert carries no acceptable evidence gets no request from the guest."""
+    kms.collateral.status = "OutOfDate"  # the KMS's own quote now fails the guest's policy
+    cvm = make_cvm(pki)
+    provider = KmsKeyProvider(
+        kms.url, cvm.backend, vm_config=VM_CONFIG, verifier=verifier(kms, pki)
+    )
+    with pytest.raises(KeyProviderError, match="RA-TLS server refused"):
+        await provider.app_keys()
+    assert not [e for e in await kms.events() if isinstance(e, KeyIssued)]
+
+
+async def test_env_vars_encrypted_by_sdk_and_by_cli_decrypt_in_the_guest(
+    kms: Kms, pki: DevPki, tmp_path: Path
+) -> None:
+    """dstack-sdk's encrypt_env_vars and `pydstack env encrypt` both reach the guest's key."""
+    cvm = make_cvm(pki)
+    keys = await KmsKeyProvider(kms.url, cvm.backend, vm_config=VM_CONFIG).app_keys()
+    async with kms.client() as c:
+        pub = await c.call("GetAppEnvEncryptPubKey", {"app_id": APP_ID.hex()})
+    blob = bytes.fromhex(
+        await encrypt_env_vars([EnvVar("DB_PASS", "s3cr3t"), EnvVar("X", "=1")], pub["public_key"])
+    )
+    assert decrypt_env(keys.env_crypt_key, blob) == [("DB_PASS", "s3cr3t"), ("X", "=1")]
+
+    (tmp_path / ".env").write_text('# comment\nDB_PASS="s3cr3t"\nexport TOKEN=abc\n')
+    root = kms.svc.root.k256_public().hex()
+    args = ["encrypt", "--app-id", APP_ID.hex(), "--kms", kms.url, "--kms-root", root]
+    result = await asyncio.to_thread(CliRunner().invoke, env_cli, [*args, str(tmp_path / ".env")])
+    assert result.exit_code == 0, result.output
+    blob = bytes.fromhex(result.stdout.strip().splitlines()[-1])
+    assert decrypt_env(keys.env_crypt_key, blob) == [("DB_PASS", "s3cr3t"), ("TOKEN", "abc")]
+    # A wrong pinned root is refused before anything is encrypted.
+    bad = [*args[:-1], "02" + "11" * 32, str(tmp_path / ".env")]
+    result = await asyncio.to_thread(CliRunner().invoke, env_cli, bad)
+    assert result.exit_code != 0 and "not the pinned KMS root" in result.output
