@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from web3 import EthereumTesterProvider, Web3
@@ -28,19 +30,29 @@ def artifacts(solc_cache: Path) -> dict[str, Artifact]:
     return compile_contracts(cache_dir=solc_cache)
 
 
-@pytest.fixture
-def w3() -> Web3:
+@pytest.fixture(scope="session")
+def _chain() -> Web3:
     return Web3(EthereumTesterProvider())
 
 
 @pytest.fixture
-def owner(w3: Web3) -> str:
-    return str(w3.eth.accounts[0])
+def w3(_chain: Web3) -> Iterator[Web3]:
+    """The session's chain, rolled back after each test (a fresh chain + deployment costs more)."""
+    tester = cast(EthereumTesterProvider, _chain.provider).ethereum_tester
+    assert tester is not None
+    snapshot = tester.take_snapshot()
+    yield _chain
+    tester.revert_to_snapshot(snapshot)
 
 
-@pytest.fixture
-def stranger(w3: Web3) -> str:
-    return str(w3.eth.accounts[1])
+@pytest.fixture(scope="session")
+def owner(_chain: Web3) -> str:
+    return str(next(iter(_chain.eth.accounts)))
+
+
+@pytest.fixture(scope="session")
+def stranger(_chain: Web3) -> str:
+    return str(list(_chain.eth.accounts)[1])
 
 
 @dataclass(frozen=True)
@@ -51,8 +63,9 @@ class Deployment:
     boot: BootInfo  # a boot the policy allows
 
 
-@pytest.fixture
-def deployed(w3: Web3, artifacts: dict[str, Artifact], owner: str) -> Deployment:
+@pytest.fixture(scope="session")
+def _deployment(_chain: Web3, artifacts: dict[str, Artifact], owner: str) -> Deployment:
+    w3 = _chain
     kms = KmsAdmin.deploy(w3, artifacts, sender=owner)
     kms.add_os_image(OS_IMAGE)
     kms.set_gateway_app_id(GATEWAY_APP_ID)
@@ -69,3 +82,9 @@ def deployed(w3: Web3, artifacts: dict[str, Artifact], owner: str) -> Deployment
         device_id=DEVICE[2:],
     )
     return Deployment(kms, app, EthAuthBackend(w3, kms.address), boot)
+
+
+@pytest.fixture
+def deployed(w3: Web3, _deployment: Deployment) -> Deployment:
+    """KmsAuth allowing OS_IMAGE, with one app allowing COMPOSE on DEVICE; rolled back after."""
+    return _deployment
