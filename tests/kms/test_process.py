@@ -1,0 +1,178 @@
+"""A KMS process killed mid-request, and a replica onboarded from a running instance."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from pydstack.actors.kms import (
+    DevBackend,
+    KmsCallError,
+    KmsClient,
+    KmsService,
+    KmsSettings,
+    WebhookBackend,
+    onboard_replica,
+    serve_kms,
+)
+from pydstack.adapters.nats import EventStore, NatsServer
+from pydstack.adapters.tdx.pki import DevPki
+from pydstack.core.events import (
+    KeyIssued,
+    KeyRequested,
+    KmsReplicaOnboarded,
+    decode_body,
+    open_envelope,
+)
+from pydstack.core.kms import fold
+from pydstack_guest import create_dev_app_keys
+
+from .conftest import CLUSTER, VM_CONFIG, Kms, Webhook, bound_identity, kms_guest, make_cvm
+
+
+async def _start(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.actors.kms", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+    assert line.startswith(b"KMS_URL="), line
+    return proc, line.decode().strip().split("=", 1)[1]
+
+
+async def _kms_events(store: EventStore) -> list[object]:
+    records, _ = await store.read_aggregate(f"dstack.kms.{CLUSTER}")
+    return [decode_body(open_envelope(r.data)) for r in records]
+
+
+@pytest.mark.timeout(90)
+async def test_kill_mid_request_leaves_no_half_decision(
+    nats_server: NatsServer, store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    """SIGKILL while the backend is deciding: nothing of that request is on the log; after a
+    restart the retried request is decided once, as a complete pair."""
+    hold = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def boot_auth(request: web.Request) -> web.Response:
+        arrived.set()
+        await hold.wait()
+        return web.json_response({"isAllowed": True, "reason": "", "gatewayAppId": ""})
+
+    app = web.Application()
+    app.router.add_post("/bootAuth/app", boot_auth)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    pki.save(tmp_path / "pki")
+    _, text = create_dev_app_keys(b"\x42" * 20, now=0)
+    (tmp_path / "appkeys.json").write_text(text)
+    args = [
+        "--nats", nats_server.url, "--cluster", CLUSTER, "--port", "0", "--key-file",
+        str(tmp_path / "root.sealed"), "--seal-appkeys", str(tmp_path / "appkeys.json"),
+        "--auth", "webhook", "--auth-url", hook, "--dev-pki", str(tmp_path / "pki"),
+    ]  # fmt: skip
+    proc, url = await _start(args)
+    cvm = make_cvm(pki)
+    try:
+        async with KmsClient(url) as c:
+            temp = await c.call("GetTempCaCert")
+        identity = await bound_identity(cvm, temp)
+        body = {"api_version": 1, "vm_config": VM_CONFIG}
+
+        async def ask() -> dict[str, object]:
+            async with KmsClient(url, ca_pem=temp["ca_cert"], identity=identity) as c:
+                return await c.call("GetAppKey", body)
+
+        pending = asyncio.create_task(ask())
+        await asyncio.wait_for(arrived.wait(), 20)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with pytest.raises(Exception):  # noqa: B017 - any transport error: the server died
+            await pending
+        evs = await _kms_events(store)
+        assert not [e for e in evs if isinstance(e, KeyRequested)], "half-written decision"
+        hold.set()
+        proc, url = await _start(args)
+        async with KmsClient(url, ca_pem=temp["ca_cert"], identity=identity) as c:
+            keys = await c.call("GetAppKey", body)
+        assert keys["k256_key"]
+        state = fold(await _kms_events(store))
+        assert state.issued == 1 and not state.open_requests and not state.duplicates
+        assert state.root is not None  # the same root survived the restart (sealed file)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        await runner.cleanup()
+
+
+async def test_replica_onboards_and_answers_identically(
+    kms: Kms, pki: DevPki, tmp_path: Path, store: EventStore
+) -> None:
+    """Replica B gets the root over mutual RA-TLS; A and B derive the same keys for an app."""
+    agent_b, keyfile_b = kms_guest(pki, tmp_path, "kms-b")
+    with pytest.raises(Exception, match="onboard"):
+        await KmsService.open(
+            store, KmsSettings(cluster=CLUSTER, root_ca_der=pki.root_der),
+            backend=DevBackend(enabled=True), collateral=kms.collateral, keyfile=keyfile_b,
+        )  # fmt: skip
+    backend_b = DevBackend(enabled=True)
+    await onboard_replica(
+        store, CLUSTER, source_url=kms.url, attester=agent_b, backend=backend_b,
+        collateral=kms.collateral, keyfile=keyfile_b, root_ca_der=pki.root_der,
+        vm_config=VM_CONFIG,
+    )  # fmt: skip
+    assert os.stat(keyfile_b.path).st_mode & 0o777 == 0o600
+    evs = await kms.events()
+    onboarded = [e for e in evs if isinstance(e, KmsReplicaOnboarded)]
+    assert len(onboarded) == 1 and onboarded[0].boot_info is not None
+    assert onboarded[0].replica_id == hashlib.sha256(b"kms-b").digest()[:20].hex()
+    assert isinstance(kms.svc.backend, WebhookBackend)
+    svc_b = await KmsService.open(
+        store, KmsSettings(cluster=CLUSTER, root_ca_der=pki.root_der, instance_id="kms-b"),
+        backend=WebhookBackend(kms.svc.backend.url), collateral=kms.collateral,
+        keyfile=keyfile_b, attester=agent_b,
+    )  # fmt: skip
+    cvm = make_cvm(pki)
+    async with svc_b, serve_kms(svc_b) as url_b:
+        answers = []
+        for url in (kms.url, url_b):
+            async with KmsClient(url) as c:
+                temp = await c.call("GetTempCaCert")
+                meta = await c.call("GetMeta")
+            identity = await bound_identity(cvm, temp)
+            async with KmsClient(url, ca_pem=temp["ca_cert"], identity=identity) as c:
+                answers.append((await c.call("GetAppKey", {"vm_config": VM_CONFIG}), temp, meta))
+    assert answers[0] == answers[1]
+    issued = [e for e in await kms.events() if isinstance(e, KeyIssued)]
+    assert len(issued) == 3  # onboarding + one GetAppKey per replica, all on the one subject
+    await svc_b.backend.close()  # type: ignore[attr-defined]
+
+
+async def test_replica_refused_when_backend_denies_kms(
+    kms: Kms, pki: DevPki, tmp_path: Path, store: EventStore, webhook: Webhook
+) -> None:
+    """The source's backend decides whether a KMS may join; the refusal is on the log."""
+    webhook.config["kms"] = {"allowAny": False}
+    agent_c, keyfile_c = kms_guest(pki, tmp_path, "kms-c")
+    with pytest.raises(KmsCallError, match="KMS not allowed"):
+        await onboard_replica(
+            store, CLUSTER, source_url=kms.url, attester=agent_c,
+            backend=DevBackend(enabled=True), collateral=kms.collateral, keyfile=keyfile_c,
+            root_ca_der=pki.root_der,
+        )  # fmt: skip
+    assert not keyfile_c.exists()
+    state = fold(await kms.events())
+    assert state.denied == 1 and not state.replicas
