@@ -1,0 +1,239 @@
+"""What every command shares: where NATS is, who we are, one-line errors, output helpers.
+
+Connection settings come, in order, from the command's own options, the group's options
+(``pydstack --nats URL events``), the environment (``PYDSTACK_NATS``, ``PYDSTACK_CREDS``,
+``PYDSTACK_HOME``, ``PYDSTACK_STREAM``), the data dir of a local ``pydstack up``
+(``state.json``, ``config.json``, ``identities/``), and finally ``nats://127.0.0.1:4222``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import click
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from pydstack.adapters.nats import EventStore, StoreError, StreamSettings, Unreachable
+from pydstack.adapters.nats.identity import Identity, load_keyring, read_seed_file
+from pydstack.controlplane import DEFAULT_PORT, DataDir
+from pydstack.core.events import Signer
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Settings:
+    nats: str | None = None
+    data_dir: str | None = None
+    creds: str | None = None
+    identity: str | None = None
+    stream: str | None = None
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None and param.name is not None:
+        setattr(ctx.ensure_object(Settings), param.name, value)
+    return value
+
+
+def connection_options(f: F) -> F:
+    """--nats/--data-dir/--creds/--as/--stream, accepted on the group and on each command."""
+    opts = [
+        click.option("--nats", envvar="PYDSTACK_NATS", metavar="URL", expose_value=False,
+                     callback=_remember, is_eager=True,
+                     help="NATS server(s), comma-separated [env PYDSTACK_NATS; default: the "
+                          "local `pydstack up`, else nats://127.0.0.1:4222]"),
+        click.option("--data-dir", envvar="PYDSTACK_HOME", metavar="DIR", expose_value=False,
+                     callback=_remember, is_eager=True,
+                     help="data dir of a local `up` [env PYDSTACK_HOME; default ./.pydstack]"),
+        click.option("--creds", envvar="PYDSTACK_CREDS", metavar="FILE", expose_value=False,
+                     callback=_remember, is_eager=True,
+                     help="nkey seed file (or .creds) to connect and sign with"),
+        click.option("--as", "identity", metavar="NAME", expose_value=False,
+                     callback=_remember, is_eager=True,
+                     help="identity from the data dir to use [default: operator]"),
+        click.option("--stream", envvar="PYDSTACK_STREAM", metavar="NAME", expose_value=False,
+                     callback=_remember, is_eager=True, help="stream name [default: DSTACK]"),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="one JSON object per line instead of text")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Conn:
+    url: str
+    signer: Signer
+    seed: str | None
+    stream: str
+    data: DataDir
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.data.identities.keyring_path
+
+
+def resolve(ctx: click.Context) -> Conn:
+    s = ctx.ensure_object(Settings)
+    data = DataDir.resolve(s.data_dir)
+    cfg = data.load_config()
+    url = s.nats or data.state().get("nats_url") or cfg.nats_url
+    if not url:
+        url = f"nats://{cfg.host}:{cfg.port}" if data.config_path.exists() else \
+            f"nats://127.0.0.1:{DEFAULT_PORT}"  # fmt: skip
+    stream = s.stream or cfg.stream
+    name = s.identity or "operator"
+    seed: str | None = None
+    if s.creds:
+        seed = read_seed_file(Path(s.creds))
+        raw = Identity(name, "operator", seed).raw_seed
+        ring = data.identities.keyring_path
+        if not s.identity and ring.exists():  # sign under the name the keyring knows it by
+            known = load_keyring(ring).get(Signer.from_private_bytes(name, raw).public_key)
+            name = known.actor if known else name
+        signer = Signer.from_private_bytes(name, raw)
+    else:
+        ident = data.identities.load(name)
+        if ident is None and s.identity:
+            raise StoreError(f"no identity {name!r} in {data.identities.dir}")
+        seed = ident.seed if ident else None
+        # No identity at all: sign with a throwaway key (the audit reports an unknown signer).
+        signer = ident.signer if ident else Signer.from_private_bytes(name, os.urandom(32))
+    return Conn(url=url, signer=signer, seed=seed, stream=stream, data=data)
+
+
+async def _probe(url: str) -> None:
+    """Fail in milliseconds when no server listens (nats-py would retry until its timeout)."""
+    errors = []
+    for server in url.split(","):
+        parts = urlsplit(server.strip() if "://" in server else f"nats://{server.strip()}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), 3.0
+            )
+        except (OSError, TimeoutError) as exc:
+            refused = isinstance(exc, ConnectionRefusedError)
+            errors.append("connection refused" if refused else str(exc) or type(exc).__name__)
+            continue
+        writer.close()
+        return
+    raise Unreachable(url, "; ".join(dict.fromkeys(e.lower() for e in errors)))
+
+
+async def connect(conn: Conn) -> EventStore:
+    await _probe(conn.url)
+    try:
+        return await EventStore.connect(
+            conn.url,
+            conn.signer,
+            nkey_seed=conn.seed,
+            settings=StreamSettings(name=conn.stream),
+            name=f"pydstack-cli-{conn.signer.actor}",
+            reconnect=False,
+        )
+    except Unreachable as exc:
+        if "authorization" in str(exc).lower():
+            raise StoreError(
+                f"NATS at {conn.url} refused our credentials; pass --creds FILE, or --data-dir "
+                "of the `pydstack up` that created the identities"
+            ) from None
+        raise
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; every expected failure becomes one line and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    except nats.js.errors.NotFoundError as exc:
+        raise click.ClickException(f"not found on the server: {exc.description or exc}") from None
+    except (nats.errors.TimeoutError, TimeoutError):
+        raise click.ClickException(
+            "the NATS server did not answer in time (is this identity allowed to do that?)"
+        ) from None
+    except nats.errors.Error as exc:
+        raise click.ClickException(f"NATS error: {exc}") from None
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(msgspec.json.encode(obj).decode())
+
+
+# -- points in the log: a sequence or a time ---------------------------------------------------
+
+Point = tuple[Literal["seq", "time"], float]
+_DURATION: Final = re.compile(r"^-?(\d+(?:\.\d+)?)(s|m|h|d)$")
+_UNIT: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_point(value: str, now: float | None = None) -> Point:
+    """``123`` (a sequence), ``2025-01-31T12:00:00Z`` (a time) or ``10m`` (that long ago)."""
+    v = value.strip()
+    if v.isdigit():
+        return ("seq", int(v))
+    m = _DURATION.match(v)
+    if m:
+        return ("time", (now or time.time()) - float(m.group(1)) * _UNIT[m.group(2)])
+    try:
+        dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a sequence (123), a time (2025-01-31T12:00:00Z) or an age (10m)"
+        ) from None
+    return ("time", (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
+
+
+class PointType(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.2
+    name = "SEQ|TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        return parse_point(str(value))
+
+
+def fmt_time(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+# -- progress on long work ---------------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+@contextmanager
+def progress(total: int, label: str) -> Iterator[_Progress]:
+    """A progress bar on stderr for long work, only when a person is watching (a TTY)."""
+    if total < 2000 or not sys.stderr.isatty():
+        yield _Progress(None)
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield _Progress(bar)

@@ -1,0 +1,178 @@
+"""``pydstack audit`` (re-verify the whole log) and ``pydstack status`` (server, stream, actors)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pydstack.adapters.nats import StreamMissing
+from pydstack.adapters.nats.identity import load_keyring
+from pydstack.core.audit import Auditor, Finding, Keyring, Summary
+
+from ._common import connect, connection_options, echo_json, json_option, progress, resolve, run
+
+
+def _summary_line(s: Summary, keyring: Path | None) -> str:
+    signers = ", ".join(f"{name} {n}" for name, n in sorted(s.signers.items())) or "none"
+    ring = f"keyring {keyring}" if keyring else "no keyring (signers not checked against one)"
+    span = f"seq {s.first_seq}-{s.last_seq}" if s.events else "empty stream"
+    return (f"audited {s.events} events ({span}) on {s.aggregates} aggregates; signers: "
+            f"{signers}; {ring}; {s.errors} errors, {s.warnings} warnings")  # fmt: skip
+
+
+@click.command("audit")
+@connection_options
+@click.option(
+    "--keyring",
+    "keyring_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="keyring.json of allowed signers [default: the data dir's, if any]",
+)
+@click.option("--no-keyring", is_flag=True, help="check signatures without a keyring")
+@json_option
+@click.pass_context
+def audit_cmd(
+    ctx: click.Context, keyring_file: Path | None, no_keyring: bool, as_json: bool
+) -> None:
+    """Re-verify every signature, hash chain and sequence of the log.
+
+    Exits non-zero when anything is wrong, naming the stream sequence and the reason (a
+    forged or altered event, a broken chain, a deleted or reordered message, a signer
+    writing outside its subjects). Unknown event types are warnings.
+    """
+    conn = resolve(ctx)
+    ring_path = None if no_keyring else (keyring_file or conn.keyring_path)
+    if ring_path is not None and not ring_path.exists():
+        if keyring_file is not None:
+            raise click.BadParameter(f"{keyring_file} does not exist", param_hint="--keyring")
+        ring_path = None
+    ring: Keyring | None = None
+    if ring_path is not None:
+        ring = run(_load(ring_path))
+    first_error: list[Finding] = []
+
+    def emit(findings: list[Finding]) -> None:
+        for f in findings:
+            if f.severity == "error" and not first_error:
+                first_error.append(f)
+            if as_json:
+                echo_json(f)
+            else:
+                click.echo(f.reason if f.severity == "error" else f"warning: {f.reason}")
+
+    async def check() -> Summary:
+        auditor = Auditor(keyring=ring, first_seq=1)
+        async with await connect(conn) as store:
+            last = await store.last_seq()
+            with progress(last, "auditing") as bar:
+                if last:
+                    async for rec in store.read(until_seq=last):
+                        emit(auditor.check(rec.seq, rec.subject, rec.data))
+                        bar.update()
+            emit(auditor.finish(last))
+        return auditor.summary()
+
+    summary = run(check())
+    if as_json:
+        echo_json({"summary": {**asdict(summary), "ok": summary.ok,
+                               "keyring": str(ring_path) if ring_path else None}})  # fmt: skip
+    else:
+        click.echo(_summary_line(summary, ring_path))
+    if first_error:
+        f = first_error[0]
+        more = f" ({summary.errors - 1} more above)" if summary.errors > 1 else ""
+        raise click.ClickException(f"audit failed at {f.reason}{more}")
+
+
+async def _load(path: Path) -> Keyring:
+    return load_keyring(path)
+
+
+@click.command("status")
+@connection_options
+@json_option
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Server, stream state, actors' consumers and their lag, aggregate counts."""
+    conn = resolve(ctx)
+
+    async def gather() -> dict[str, Any]:
+        import nats.js.errors
+
+        async with await connect(conn) as store:
+            nc = store.nc
+            try:
+                si = await store.js.stream_info(conn.stream, subjects_filter="dstack.>")
+            except nats.js.errors.NotFoundError:
+                raise StreamMissing(conn.stream) from None
+            consumers = await store.js.consumers_info(conn.stream)
+        st = si.state
+        server: dict[str, Any] = dict(nc._server_info or {})  # nats-py has no public accessor
+        kinds: Counter[str] = Counter()
+        events: Counter[str] = Counter()
+        for subj, n in (st.subjects or {}).items():
+            kind = subj.split(".")[1] if subj.count(".") >= 2 else subj
+            kinds[kind] += 1
+            events[kind] += n
+        local = conn.data.state()
+        running = bool(local) and _alive(int(local.get("pid", 0)))
+        return {
+            "server": {"url": conn.url, "version": server.get("version", "?"),
+                       "name": server.get("server_name", "")},
+            "local": {"data_dir": str(conn.data.path), "up_running": running,
+                      "pid": local.get("pid") if running else None,
+                      "metrics_url": local.get("metrics_url") if running else None},
+            "stream": {"name": conn.stream, "messages": st.messages, "bytes": st.bytes,
+                       "first_seq": st.first_seq, "last_seq": st.last_seq,
+                       "deleted": st.num_deleted or 0, "replicas": si.config.num_replicas,
+                       "deny_delete": bool(si.config.deny_delete),
+                       "leader": si.cluster.leader if si.cluster else None},
+            "aggregates": {k: {"aggregates": kinds[k], "events": events[k]} for k in sorted(kinds)},
+            "consumers": [
+                {"name": c.name, "lag": c.num_pending or 0, "ack_pending": c.num_ack_pending or 0,
+                 "redelivered": c.num_redelivered or 0,
+                 "last_delivered": c.delivered.stream_seq if c.delivered else 0,
+                 "durable": bool(c.config.durable_name)}
+                for c in consumers
+            ],
+        }  # fmt: skip
+
+    info = run(gather())
+    if as_json:
+        echo_json(info)
+        return
+    srv, loc, s = info["server"], info["local"], info["stream"]
+    up = f"`up` pid {loc['pid']}, metrics {loc['metrics_url'] or 'off'}" if loc["up_running"] \
+        else "no local `up` running"  # fmt: skip
+    click.echo(f"server     {srv['url']}  nats-server {srv['version']}  ({up}; {loc['data_dir']})")
+    click.echo(f"stream     {s['name']}  {s['messages']} messages  {s['bytes']} bytes  "
+               f"seq {s['first_seq']}-{s['last_seq']}  deleted {s['deleted']}  replicas "
+               f"{s['replicas']}  deny_delete {'yes' if s['deny_delete'] else 'NO'}")  # fmt: skip
+    aggs = "  ".join(f"{k} {v['aggregates']} ({v['events']} events)"
+                     for k, v in info["aggregates"].items()) or "none"  # fmt: skip
+    click.echo(f"aggregates {aggs}")
+    if not info["consumers"]:
+        click.echo("consumers  none (no actor has connected yet)")
+    for c in info["consumers"]:
+        if c["durable"]:
+            click.echo(
+                f"consumer   {c['name']:<12} lag {c['lag']}  ack pending {c['ack_pending']}"
+                f"  redelivered {c['redelivered']}  at seq {c['last_delivered']}"
+            )
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,57 @@
+"""The ``pydstack`` command. Shell completion::
+
+eval "$(_PYDSTACK_COMPLETE=bash_source pydstack)"     # zsh: zsh_source, fish: fish_source
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from ._common import Settings, connection_options
+from .audit import audit_cmd, status_cmd
+from .commands import app_group, vm_group
+from .events import events_cmd, replay_cmd
+from .up import up_cmd
+
+
+class _LazyGroup(click.Group):
+    """Loads commands that live in heavier modules only when they are used (fast completion)."""
+
+    lazy: dict[str, str] = {"attest": "pydstack.cli.attest:attest"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, _, attr = self.lazy[cmd_name].partition(":")
+            try:
+                command = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                raise click.ClickException(f"`{cmd_name}` is not available: {exc}") from None
+            if not isinstance(command, click.Command):
+                return None
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@connection_options
+@click.version_option(package_name="pydstack")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """pydstack: an event-sourced dstack control plane on NATS JetStream.
+
+    Start one with `pydstack up`, then use the other commands against it (they find it
+    through ./.pydstack, $PYDSTACK_HOME or --nats).
+    """
+    ctx.ensure_object(Settings)
+
+
+for command in (up_cmd, vm_group, app_group, events_cmd, replay_cmd, audit_cmd, status_cmd):
+    main.add_command(command)

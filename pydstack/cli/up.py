@@ -1,0 +1,107 @@
+"""``pydstack up``: run the control plane here (embedded nats-server) or join a NATS cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from pydstack.adapters.nats import StoreError
+from pydstack.controlplane import ControlPlane, DataDir, UpOptions, default_host_id
+from pydstack.logs import configure
+
+from ._common import Settings, connection_options
+
+
+@click.command("up")
+@connection_options
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="client port of the embedded nats-server [default: as last time, else 4222]",
+)
+@click.option(
+    "--listen",
+    "host",
+    metavar="ADDR",
+    default=None,
+    help="address nats-server listens on [default: 127.0.0.1]",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(-1, 65535),
+    default=0,
+    show_default=True,
+    help="Prometheus /metrics port (0: any free port, -1: off)",
+)
+@click.option(
+    "--host-id",
+    default=default_host_id(),
+    show_default=True,
+    help="join this machine as a VM host under this id",
+)
+@click.option("--no-host", is_flag=True, help="do not join this machine as a VM host")
+@click.option("--host-vcpu", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--host-memory-mb", type=click.IntRange(1), default=100 * 1024, show_default=True)
+@click.option(
+    "--reconcile-interval",
+    type=click.FloatRange(0.1),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+)
+@click.option(
+    "--allow-delete",
+    is_flag=True,
+    hidden=True,
+    help="create the stream without deny_delete (tamper tests only)",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--log-json/--log-console",
+    default=None,
+    help="log format [default: JSON unless stderr is a terminal]",
+)
+@click.pass_context
+def up_cmd(
+    ctx: click.Context,
+    port: int | None,
+    host: str | None,
+    metrics_port: int,
+    host_id: str,
+    no_host: bool,
+    host_vcpu: int,
+    host_memory_mb: int,
+    reconcile_interval: float,
+    allow_delete: bool,
+    log_level: str,
+    log_json: bool | None,
+) -> None:
+    """Start the control plane: nats-server + JetStream, the stream, the actors.
+
+    With no NATS URL configured it runs its own nats-server in the data dir (a second `up`
+    reuses it). With --nats URL (or PYDSTACK_NATS, or nats_url in DATA_DIR/config.json) it
+    joins that server or cluster instead, using the identities of the data dir.
+    Stop with Ctrl-C: actors first, then nats-server.
+    """
+    s = ctx.ensure_object(Settings)
+    configure(level=log_level, json=log_json)
+    opts = UpOptions(
+        port=port, host=host, nats_url=s.nats, stream=s.stream, allow_delete=allow_delete,
+        metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
+        host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval,
+    )  # fmt: skip
+    plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
+    try:
+        code = asyncio.run(plane.run())
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        raise SystemExit(130) from None
+    ctx.exit(code)

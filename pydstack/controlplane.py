@@ -1,0 +1,328 @@
+"""The embedded control plane behind ``pydstack up``: nats-server, the stream, the actors.
+
+Usage::
+
+    plane = ControlPlane(DataDir.resolve(None), UpOptions(port=4222))
+    await plane.run()        # until SIGINT/SIGTERM or plane.stop(); actors stop before NATS
+
+With ``UpOptions.nats_url`` set it joins that server (or cluster) instead of starting one.
+Everything lives in the data dir (``$PYDSTACK_HOME`` or ``./.pydstack``)::
+
+    config.json        port, host, stream, optional nats_url — reused by the next `up`
+    identities/        <name>.nk seeds (0600) and keyring.json (public)
+    nats/              nats-server.conf, nats-server.log, jetstream/
+    state.json         while running: pid, NATS URL, metrics URL (read by the CLI)
+    up.lock            held while an `up` runs on this data dir
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+import structlog
+
+from pydstack.adapters.nats import (
+    EventStore,
+    NatsServer,
+    NatsServerConfig,
+    StoreError,
+    StreamSettings,
+    free_port,
+)
+from pydstack.adapters.nats.identity import ROLES, Identity, IdentityStore, nats_user
+from pydstack.core.events import HostJoined, subject
+
+DEFAULT_PORT: Final = 4222
+# Every role gets an identity named after it, so later actors find theirs in the data dir.
+STANDARD_IDENTITIES: Final = tuple((role, role) for role in ROLES)
+
+_log = structlog.get_logger("pydstack.up")
+
+
+@dataclass
+class PlaneConfig:
+    """What `up` remembers in config.json between runs."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    stream: str = "DSTACK"
+    nats_url: str = ""  # set: join this server instead of starting one
+    deny_delete: bool = True  # applied when the stream is created
+
+
+class DataDir:
+    """The files of one control plane."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.absolute()
+
+    @classmethod
+    def resolve(cls, path: str | Path | None) -> DataDir:
+        return cls(Path(path or os.environ.get("PYDSTACK_HOME") or ".pydstack"))
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.path / "nats"
+
+    @property
+    def identities(self) -> IdentityStore:
+        return IdentityStore(self.path / "identities")
+
+    def load_config(self) -> PlaneConfig:
+        if not self.config_path.exists():
+            return PlaneConfig()
+        try:
+            raw = json.loads(self.config_path.read_text())
+            return PlaneConfig(**{k: v for k, v in raw.items() if k in PlaneConfig.__annotations__})
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreError(f"bad config {self.config_path}: {exc}") from None
+
+    def save_config(self, cfg: PlaneConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    def state(self) -> dict[str, Any]:
+        """What a running `up` published about itself ({} when none runs)."""
+        try:
+            state: dict[str, Any] = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return state
+
+    def lock(self) -> IO[str]:
+        """Hold the data dir for this process, or fail naming the `up` that holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = (self.path / "up.lock").open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise StoreError(
+                f"another `pydstack up` (pid {pid}) is running on {self.path}; stop it first "
+                "or use another --data-dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
+
+
+async def _shielded(aw: Coroutine[Any, Any, None]) -> None:
+    await asyncio.shield(aw)
+
+
+def default_host_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9_\-]", "-", socket.gethostname())[:64].strip("-")
+    return name or "local"
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    port: int | None = None  # None: the data dir's (4222 the first time)
+    host: str | None = None
+    nats_url: str | None = None
+    stream: str | None = None
+    allow_delete: bool = False  # only for tamper tests: the stream then allows deletes
+    metrics_port: int = 0  # 0: any free port; -1: off
+    host_id: str | None = field(default_factory=default_host_id)  # None: join no host
+    host_vcpu: int = 20
+    host_memory_mb: int = 100 * 1024
+    reconcile_interval_s: float = 10.0
+
+
+class ControlPlane:
+    """Owns nats-server (unless joining), the admin connection and the actor runners."""
+
+    def __init__(self, data: DataDir, opts: UpOptions) -> None:
+        self.data = data
+        self.opts = opts
+        self.server: NatsServer | None = None
+        self.url = ""
+        self._stop = asyncio.Event()
+        self._stop_metrics: Callable[[], None] | None = None
+        self.metrics_url = ""
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _config(self) -> PlaneConfig:
+        cfg = self.data.load_config()
+        o = self.opts
+        cfg.port = o.port if o.port is not None else cfg.port
+        cfg.host = o.host or cfg.host
+        cfg.stream = o.stream or cfg.stream
+        if o.allow_delete:
+            cfg.deny_delete = False
+        self.data.save_config(cfg)
+        if o.nats_url:  # for this run only; put nats_url in config.json to make it stick
+            cfg.nats_url = o.nats_url
+        return cfg
+
+    async def run(self) -> int:
+        """Start everything, wait for a stop signal, stop everything; returns an exit code."""
+        lock = self.data.lock()
+        try:
+            return await self._run()
+        finally:
+            self.data.state_path.unlink(missing_ok=True)
+            lock.close()
+
+    async def _run(self) -> int:
+        cfg = self._config()
+        ids = self.data.identities.ensure_all(STANDARD_IDENTITIES)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if cfg.nats_url:
+                    self.url = cfg.nats_url
+                else:
+                    self.server = NatsServer(NatsServerConfig(
+                        data_dir=self.data.nats_dir, host=cfg.host, port=cfg.port,
+                        users=[nats_user(i, cfg.stream) for i in ids.values()],
+                    ))  # fmt: skip
+                    await self.server.start()
+                    stack.push_async_callback(self._stop_server)
+                    self.url = self.server.url
+                settings = StreamSettings(name=cfg.stream, deny_delete=cfg.deny_delete)
+                admin = await self._connect(ids["admin"], settings)
+                stack.push_async_callback(admin.close)
+                await admin.ensure_stream()
+                if self.opts.host_id:
+                    await self._join_host(ids["vmm"], settings, self.opts.host_id)
+                self._serve_metrics()
+                stack.callback(self._close_metrics)
+                await self._run_actors(ids, settings, cfg)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        _log.info("control plane stopped", data_dir=str(self.data.path))
+        return 0
+
+    async def _connect(self, ident: Identity, settings: StreamSettings) -> EventStore:
+        # An unauthenticated server (joined with --nats) just ignores the nkey.
+        return await EventStore.connect(
+            self.url,
+            ident.signer,
+            nkey_seed=ident.seed,
+            settings=settings,
+            name=f"pydstack-{ident.name}",
+        )
+
+    async def _join_host(self, vmm: Identity, settings: StreamSettings, host_id: str) -> None:
+        """Record this machine as a host with room for VMs (once; later runs find it)."""
+        async with await self._connect(vmm, settings) as store:
+            subj = subject("host", host_id)
+            history, version = await store.read_aggregate(subj)
+            if history:
+                return
+            joined = HostJoined(
+                host_id=host_id,
+                vcpu=self.opts.host_vcpu,
+                memory_mb=self.opts.host_memory_mb,
+                address=socket.gethostname(),
+            )
+            await store.append(subj, [joined], version)
+            _log.info("host joined", host_id=host_id, vcpu=joined.vcpu, memory_mb=joined.memory_mb)
+
+    def _serve_metrics(self) -> None:
+        if self.opts.metrics_port < 0:
+            return
+        from pydstack.actors import metrics
+
+        port = self.opts.metrics_port or free_port()
+        try:
+            self._stop_metrics = metrics.serve_metrics(port, "127.0.0.1")
+        except OSError as exc:
+            raise StoreError(
+                f"metrics port {port} is unavailable ({exc.strerror}); choose another with "
+                "--metrics-port"
+            ) from None
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+
+    def _close_metrics(self) -> None:
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+
+    async def _run_actors(
+        self, ids: dict[str, Identity], settings: StreamSettings, cfg: PlaneConfig
+    ) -> None:
+        from pydstack.actors import ActorRunner, RuntimeConfig, Scheduler, SchedulerConfig
+
+        runtime = RuntimeConfig(reconcile_interval_s=self.opts.reconcile_interval_s)
+        async with contextlib.AsyncExitStack() as stack:
+            store = await self._connect(ids["scheduler"], settings)
+            stack.push_async_callback(store.close)
+            scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
+            runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
+            self._ready(cfg, ["scheduler"])
+            waits = {
+                asyncio.create_task(self._stop.wait(), name="stop"),
+                # shield: cancelling this waiter must not cancel the runner, which stops below
+                asyncio.create_task(_shielded(runner.wait()), name="actor-scheduler"),
+            }
+            if self.server is not None:
+                waits.add(asyncio.create_task(self._watch_server(), name="nats-server"))
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                if task.get_name() != "stop" and not task.cancelled():
+                    exc = task.exception()
+                    what = f"{task.get_name()} ended" + (f": {exc}" if exc else "")
+                    raise StoreError(f"{what}; stopping the control plane")
+            _log.info("stopping", reason="signal")
+        # Leaving the stack stops the runner (in-flight event finished) and closes its store.
+
+    async def _watch_server(self) -> None:
+        assert self.server is not None and self.server.proc is not None
+        await asyncio.to_thread(self.server.proc.wait)  # returns once we stop it, at the latest
+
+    async def _stop_server(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            _log.info("nats-server stopped")
+
+    def _ready(self, cfg: PlaneConfig, actors: list[str]) -> None:
+        state = {
+            "pid": os.getpid(), "nats_url": self.url, "stream": cfg.stream,
+            "metrics_url": self.metrics_url, "actors": actors, "started": time.time(),
+            "embedded": self.server is not None,
+        }  # fmt: skip
+        self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
+        where: dict[str, Any] = {
+            "nats_url": self.url, "data_dir": str(self.data.path), "stream": cfg.stream,
+            "actors": actors, "metrics": self.metrics_url or None, "dashboard": None,
+            "identities": str(self.data.identities.dir),
+        }  # fmt: skip
+        if self.server is not None:
+            where["nats_log"] = str(self.server.log_path)
+        _log.info(
+            "control plane ready",
+            **where,
+            hint="pydstack events --follow  |  pydstack status  |  Ctrl-C to stop",
+        )
