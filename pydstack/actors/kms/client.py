@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pydstack.adapters.tdx.ratls import Attester, issue_ratls_cert
-from pydstack.adapters.tdx.ratls_tls import RaTlsConnector, RaTlsVerifier, client_ssl_context
+from pydstack.adapters.tdx.ratls_tls import RaTlsConnector, RaTlsVerifier, _pem_files
 
 from .service import key_pem, pem
 
@@ -38,7 +38,10 @@ class KmsCallError(Exception):
 
 
 def plain_context(ca_pem: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
+    # Not create_default_context(): loading the system CA store costs tens of ms per client,
+    # and a KMS is never checked against public CAs anyway.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False  # identity is the pinned CA / the attestation, not a DNS name
     if ca_pem is None:
         ctx.verify_mode = ssl.CERT_NONE  # trust comes from signatures checked by the caller
@@ -61,7 +64,9 @@ class KmsClient:
         if identity is not None:
             if ca_pem is None:
                 raise ValueError("mutual RA-TLS needs the KMS CA (ca_pem) to check the server")
-            ctx = client_ssl_context(identity[0], identity[1], ca_pem)
+            ctx = plain_context(ca_pem)
+            with _pem_files(identity[0], identity[1]) as (chain_path, key_path):
+                ctx.load_cert_chain(chain_path, key_path)
         else:
             ctx = plain_context(ca_pem)
         conn: aiohttp.TCPConnector = (
