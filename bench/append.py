@@ -45,6 +45,8 @@ class Results:
     raw_eps: list[float] = field(default_factory=list)
     ours_conc_eps: list[float] = field(default_factory=list)
     ours_batch_eps: list[float] = field(default_factory=list)
+    raw_cpu_us: list[float] = field(default_factory=list)  # client CPU per event
+    ours_cpu_us: list[float] = field(default_factory=list)
 
 
 class Bench:
@@ -146,15 +148,19 @@ async def run(sizes: Sizes) -> Results:
                 (r.ours_sync_us, lambda: b.ours_sync(sizes.sync_n)),
                 (r.raw_eps, lambda: b.raw_async(sizes.async_n)),
                 (r.ours_conc_eps, lambda: b.ours_concurrent(sizes.async_n)),
-                (r.ours_batch_eps, lambda: b.ours_batched(sizes.async_n)),
             ]
             for _ in range(sizes.rounds):
                 for sink, step in steps:
+                    cpu = time.process_time()
                     got = await step()
                     if isinstance(got, list):
                         sink.extend(got)
                     else:
                         sink.append(got)
+                        cpu_sink = r.raw_cpu_us if sink is r.raw_eps else r.ours_cpu_us
+                        cpu_sink.append((time.process_time() - cpu) / sizes.async_n * 1e6)
+            # Atomic batches make the server fsync per commit; run them last, apart.
+            r.ours_batch_eps.append(await b.ours_batched(sizes.async_n))
         await raw_nc.close()
     return r
 
@@ -177,6 +183,8 @@ def main() -> None:
           f"{conc_eps / raw_eps:.2f}")  # fmt: skip
     print(f"ours batched {sizes.batch} ev/append {batch_eps:10.0f} ev/s  ratio "
           f"{batch_eps / raw_eps:.2f}")  # fmt: skip
+    raw_cpu, ours_cpu = median(r.raw_cpu_us), median(r.ours_cpu_us)
+    print(f"client CPU per event: raw {raw_cpu:.1f} us, ours {ours_cpu:.1f} us")
     print(f"best ours / raw throughput {ours_eps / raw_eps:.2f} (goal >= 0.7)")
     emit({
         "ratio": ours_eps / raw_eps,
@@ -189,6 +197,8 @@ def main() -> None:
         "ours_p99_us": percentile(r.ours_sync_us, 99),
         "ours_concurrent_eps": conc_eps,
         "ours_batched_eps": batch_eps,
+        "raw_cpu_us_per_event": raw_cpu,
+        "ours_cpu_us_per_event": ours_cpu,
     })  # fmt: skip
 
 
