@@ -9,8 +9,9 @@ Two aggregates feed it (``docs`` in ``core/events/gateways.py``):
   ``CvmRemoved`` - written in the same atomic commit as the ledger entry they go with.
 
 An instance is *routed* exactly when its last ``CvmRegistered`` matches its active lease
-(same key and address) and no ``CvmRecycled``/``CvmRemoved`` came after it; a record that
-ended comes back only through a new registration. Usage::
+(same key and address; each ledger entry admits one record) and no ``CvmRecycled`` /
+``CvmRemoved`` came after it; a record that ended comes back only through a new
+registration. Usage::
 
     state = fold(applied_events, ClusterState(cluster="default"))
     match decide_register(state, request, AddressPlan("10.0.0.0/25")):
@@ -229,6 +230,8 @@ def _apply(s: ClusterState, a: Applied) -> None:
             ):
                 return  # not admitted by this cluster's ledger
             prev = s.instances.get(e.instance_id)
+            if prev is not None and prev.seq > lease.seq:
+                return  # one ledger entry admits one record: a replayed record changes nothing
             keep = prev is not None and prev.status == "active"
             keep = keep and prev is not None and prev.wg_public_key == e.wg_public_key
             s.instances[e.instance_id] = CvmRecord(
