@@ -19,7 +19,11 @@ from .up import up_cmd
 class _LazyGroup(click.Group):
     """Loads commands that live in heavier modules only when they are used (fast completion)."""
 
-    lazy: dict[str, str] = {"attest": "pydstack.cli.attest:attest"}
+    lazy: dict[str, str] = {
+        "attest": "pydstack.cli.attest:attest",
+        "kms": "pydstack.cli.kms:kms",  # KMS owner: serve, audit
+        "env": "pydstack.cli.env:env",  # KMS owner: env encrypt
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
