@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SOLC_VERSION := 0.8.28
 SOLCJS := $(VENV)/solcjs/.installed-$(SOLC_VERSION)
 # Debian packages the project needs; installed only when missing.
-DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2
+DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2 qemu-system-x86 qemu-utils mmdebstrap linux-image-amd64 busybox-static e2fsprogs cpio
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: up test lint typecheck unit deps sysdeps bench clean
@@ -55,3 +55,8 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Guest image for the QEMU backend, cached outside the repo (see image/build.sh).
+.PHONY: image
+image: deps
+	bash image/build.sh
