@@ -106,9 +106,13 @@ def resolve(ctx: click.Context) -> Conn:
         seed = read_seed_file(Path(s.creds))
         raw = Identity(name, "operator", seed).raw_seed
         ring = data.identities.keyring_path
-        if not s.identity and ring.exists():  # sign under the name the keyring knows it by
-            known = load_keyring(ring).get(Signer.from_private_bytes(name, raw).public_key)
-            name = known.actor if known else name
+        if not s.identity:  # sign under the name the keyring knows, else the file's (x.nk)
+            known = load_keyring(ring).get(Signer.from_private_bytes(name, raw).public_key) \
+                if ring.exists() else None  # fmt: skip
+            if known is not None:
+                name = known.actor
+            elif Path(s.creds).suffix == ".nk":
+                name = Path(s.creds).stem
         signer = Signer.from_private_bytes(name, raw)
     else:
         ident = data.identities.load(name)

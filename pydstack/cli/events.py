@@ -114,7 +114,7 @@ def events_cmd(
 
     async def show() -> None:
         async with await connect(conn) as store:
-            if not follow and await store.last_seq() == 0:
+            if await store.last_seq() == 0 and not follow:  # also: StreamMissing, clearly
                 return
             kwargs: dict[str, Any] = {"subject": subject, "follow": follow}
             if since is not None and since[0] == "time":
@@ -142,13 +142,13 @@ def replay_cmd(ctx: click.Context, until: Point | None, as_json: bool) -> None:
     """Rebuild apps, VMs and hosts as they were at a point of the log (pure folds)."""
     conn = resolve(ctx)
 
-    async def rebuild() -> tuple[Projections, int]:
-        state, skipped, batch = Projections(), 0, []
+    async def rebuild() -> tuple[Projections, int, int]:
+        state, skipped, upto, batch = Projections(), 0, 0, []
         async with await connect(conn) as store:
             last = await store.last_seq()
             stop = last if until is None or until[0] == "time" else min(last, int(until[1]))
             if stop == 0:
-                return state, 0
+                return state, 0, 0
             with progress(stop, "replaying") as bar:
                 async for rec in store.read(until_seq=stop):
                     if until is not None and until[0] == "time" and rec.time_ns > until[1] * 1e9:
@@ -161,20 +161,21 @@ def replay_cmd(ctx: click.Context, until: Point | None, as_json: bool) -> None:
                         batch.append(a)
                     if len(batch) >= 4096:
                         state, batch = fold(batch, state), []
-                        bar.update(4096)
+                    bar.update(rec.seq - upto)
+                    upto = rec.seq
                 state = fold(batch, state)
-        return state, skipped
+        return state, skipped, upto
 
-    state, skipped = run(rebuild())
+    state, skipped, upto = run(rebuild())
     if as_json:
-        echo_json({"seq": state.seq, "skipped": skipped,
+        echo_json({"seq": upto, "skipped": skipped,
                    "apps": state.apps, "vms": state.vms, "hosts": state.hosts})  # fmt: skip
         return
-    _print_state(state, skipped)
+    _print_state(state, skipped, upto)
 
 
-def _print_state(p: Projections, skipped: int) -> None:
-    click.echo(f"state at seq {p.seq}" + (f" ({skipped} unreadable messages skipped)"
+def _print_state(p: Projections, skipped: int, upto: int) -> None:
+    click.echo(f"state at seq {upto}" + (f" ({skipped} unreadable messages skipped)"
                                           if skipped else ""))  # fmt: skip
     click.echo(f"apps ({len(p.apps)})")
     for a in sorted(p.apps.values(), key=lambda a: a.app_id):
