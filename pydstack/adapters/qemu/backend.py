@@ -54,6 +54,7 @@ class QemuBackendConfig(msgspec.Struct, frozen=True, kw_only=True):
     network: Network = Network()
     cmdline_extra: str = ""
     qgs_port: int | None = None
+    vsock: bool = True  # False where /dev/vhost-vsock is missing: the CID is still reserved
     kill_grace_s: float = 5.0  # SIGTERM grace when QMP is unusable
 
 
@@ -136,7 +137,7 @@ class QemuBackend:
             if image.rootfs
             else None,
             disk=Disk(path=str(wd / "disk.qcow2")),
-            cid=spec.cid,
+            cid=spec.cid if cfg.vsock else None,
             share=HostShare(path=str(wd / "shared"), readonly=image.info.shared_ro),
             network=cfg.network,
             ports=tuple(
