@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+import nats.errors
 import structlog
 
 from pydstack.adapters.nats import (
@@ -130,6 +131,14 @@ class DataDir:
         return f
 
 
+async def _close(store: EventStore) -> None:
+    """Drain, or just close when the server is gone (drain refuses while reconnecting)."""
+    try:
+        await store.close()
+    except (nats.errors.Error, OSError):
+        await store.nc.close()
+
+
 async def _shielded(aw: Coroutine[Any, Any, None]) -> None:
     await asyncio.shield(aw)
 
@@ -210,7 +219,7 @@ class ControlPlane:
                     self.url = self.server.url
                 settings = StreamSettings(name=cfg.stream, deny_delete=cfg.deny_delete)
                 admin = await self._connect(ids["admin"], settings)
-                stack.push_async_callback(admin.close)
+                stack.push_async_callback(_close, admin)
                 await admin.ensure_stream()
                 if self.opts.host_id:
                     await self._join_host(ids["vmm"], settings, self.opts.host_id)
@@ -276,7 +285,7 @@ class ControlPlane:
         runtime = RuntimeConfig(reconcile_interval_s=self.opts.reconcile_interval_s)
         async with contextlib.AsyncExitStack() as stack:
             store = await self._connect(ids["scheduler"], settings)
-            stack.push_async_callback(store.close)
+            stack.push_async_callback(_close, store)
             scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
             runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
             self._ready(cfg, ["scheduler"])
@@ -300,7 +309,10 @@ class ControlPlane:
 
     async def _watch_server(self) -> None:
         assert self.server is not None and self.server.proc is not None
-        await asyncio.to_thread(self.server.proc.wait)  # returns once we stop it, at the latest
+        code = await asyncio.to_thread(
+            self.server.proc.wait
+        )  # returns once we stop it, at the latest
+        raise StoreError(f"exited with code {code} (see {self.server.log_path})")
 
     async def _stop_server(self) -> None:
         if self.server is not None:
