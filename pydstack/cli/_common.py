@@ -142,14 +142,14 @@ async def _probe(url: str) -> None:
     raise Unreachable(url, "; ".join(dict.fromkeys(e.lower() for e in errors)))
 
 
-async def connect(conn: Conn) -> EventStore:
+async def connect(conn: Conn, *, replicas: int = 1) -> EventStore:
     await _probe(conn.url)
     try:
         return await EventStore.connect(
             conn.url,
             conn.signer,
             nkey_seed=conn.seed,
-            settings=StreamSettings(name=conn.stream),
+            settings=StreamSettings(name=conn.stream, replicas=replicas),
             name=f"pydstack-cli-{conn.signer.actor}",
             reconnect=False,
         )

@@ -12,6 +12,7 @@ from typing import Any, Final
 import click
 
 from pydstack.adapters.nats import NEW, ConflictError
+from pydstack.controlplane import DataDir
 from pydstack.core.events import (
     AppRegistered,
     AppUpgraded,
@@ -23,7 +24,7 @@ from pydstack.core.events import (
 )
 from pydstack.core.projections import Applied, apps
 
-from ._common import connect, connection_options, echo_json, json_option, resolve, run
+from ._common import Settings, connect, connection_options, echo_json, json_option, resolve, run
 
 _SIZE: Final = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _MB: Final = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
@@ -218,3 +219,33 @@ def _applied(seq: int, data: bytes) -> Applied | None:
         return applied(seq, data)
     except ValueError:
         return None  # not ours to judge here; `pydstack audit` reports it
+
+
+@click.command("init")
+@connection_options
+@click.option(
+    "--replicas",
+    type=click.IntRange(1, 5),
+    default=1,
+    show_default=True,
+    help="stream replicas (3 on a 3-node cluster)",
+)
+@click.pass_context
+def init_cmd(ctx: click.Context, replicas: int) -> None:
+    """Create the stream on the server if it is missing (idempotent; `up` does it too).
+
+    Uses the data dir's `admin` identity unless --as/--creds say otherwise.
+    """
+    settings = ctx.ensure_object(Settings)
+    if not settings.identity and not settings.creds:
+        settings.identity = "admin" if DataDir.resolve(settings.data_dir).identities.load(
+            "admin") else None  # fmt: skip
+    conn = resolve(ctx)
+
+    async def create() -> int:
+        async with await connect(conn, replicas=replicas) as store:
+            await store.ensure_stream()
+            return await store.last_seq()
+
+    last = run(create())
+    click.echo(f"stream {conn.stream} is ready at {conn.url} (last seq {last})")

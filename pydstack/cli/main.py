@@ -11,7 +11,7 @@ import click
 
 from ._common import Settings, connection_options
 from .audit import audit_cmd, status_cmd
-from .commands import app_group, vm_group
+from .commands import app_group, init_cmd, vm_group
 from .events import events_cmd, replay_cmd
 from .up import up_cmd
 
@@ -57,5 +57,14 @@ def main(ctx: click.Context) -> None:
     ctx.ensure_object(Settings)
 
 
-for command in (up_cmd, vm_group, app_group, events_cmd, replay_cmd, audit_cmd, status_cmd):
+for command in (
+    up_cmd,
+    init_cmd,
+    vm_group,
+    app_group,
+    events_cmd,
+    replay_cmd,
+    audit_cmd,
+    status_cmd,
+):
     main.add_command(command)

@@ -100,3 +100,10 @@ def test_compose_ids_are_dstack_compatible() -> None:
     assert compose_identity(raw, "f")[:2] == (digest[:40], digest)
     named = b'{"app_id": "0xabcdef", "name": "x"}'
     assert compose_identity(named, "f")[0] == "abcdef"
+
+
+def test_init_creates_the_stream_once(tmp_path: Path, nats_server: NatsServer) -> None:
+    r = invoke(tmp_path, "--nats", nats_server.url, "init")
+    assert r.exit_code == 0 and "stream DSTACK is ready" in r.output
+    assert invoke(tmp_path, "--nats", nats_server.url, "init").exit_code == 0
+    assert invoke(tmp_path, "--nats", nats_server.url, "events").exit_code == 0  # not missing
