@@ -85,7 +85,7 @@ def audit_cmd(
         click.echo(_summary_line(summary, ring_path))
     if first_error:
         f = first_error[0]
-        more = f" ({summary.errors - 1} more above)" if summary.errors > 1 else ""
+        more = f" ({summary.errors - 1} more listed)" if summary.errors > 1 else ""
         raise click.ClickException(f"audit failed at {f.reason}{more}")
 
 
