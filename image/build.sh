@@ -5,7 +5,8 @@
 #   env: PYDSTACK_IMAGE_CACHE (default ~/.cache/pydstack/images), IMAGE_NAME (pydstack-dev),
 #        IMAGE_SUITE (bookworm), PYTHON (.venv/bin/python, for pip)
 #
-# Layout of $PYDSTACK_IMAGE_CACHE/$IMAGE_NAME, like dstack's image directory:
+# Layout of $PYDSTACK_IMAGE_CACHE/$IMAGE_NAME (a symlink to .store/$IMAGE_NAME-<digest>), like
+# dstack's image directory:
 #   metadata.json  kernel/initrd/hda/cmdline/version (dstack's ImageInfo fields)
 #   bzImage        the host's Debian kernel (linux-image-amd64)
 #   initramfs.cpio.gz  a small busybox initramfs: loads virtio + ext4, mounts /dev/vda, switches
@@ -187,8 +188,18 @@ EOF
   && sha256sum sha256sum.txt | cut -d' ' -f1 > digest.txt)
 echo "$INPUTS" > "$STAGE/inputs.sha256"
 
-rm -rf "$OUT.old"
-[ -d "$OUT" ] && mv "$OUT" "$OUT.old"
-mv "$STAGE" "$OUT"
-rm -rf "$OUT.old"
+# $OUT is a symlink to an immutable build: a VM disk created on an older build keeps its
+# backing file (Image.load resolves the link) while new VMs get the new one. The last
+# $KEEP builds of a name are kept; VMs on an older one need their image rebuilt or recreated.
+STORE=$CACHE/.store
+KEEP=3
+mkdir -p "$STORE"
+FINAL=$STORE/$NAME-$(cut -c1-16 "$STAGE/digest.txt")
+rm -rf "$FINAL"
+mv "$STAGE" "$FINAL"
+[ -L "$OUT" ] || rm -rf "$OUT"  # a plain directory from an earlier layout
+ln -sfn ".store/$(basename "$FINAL")" "$OUT.link"
+mv -T "$OUT.link" "$OUT"
+# shellcheck disable=SC2012  # names are ours: no spaces
+ls -1dt "$STORE/$NAME"-* | tail -n +$((KEEP + 1)) | xargs -r rm -rf
 log "built $OUT in $(( $(date +%s) - T0 )) s: digest $(cat "$OUT/digest.txt")"

@@ -57,3 +57,12 @@ def test_artifacts_must_exist_inside_the_image(tmp_path: Path) -> None:
         Image.load(make_image(tmp_path / "b", bios="ovmf.fd"))
     with pytest.raises(ImageError, match=r"no metadata\.json"):
         Image.load(tmp_path / "nothing")
+
+
+def test_a_linked_image_keeps_its_name_and_pins_the_build(tmp_path: Path) -> None:
+    """make image points NAME at .store/NAME-<digest>: disks keep backing on that very build."""
+    build = make_image(tmp_path / ".store" / "img-0123")
+    (tmp_path / "img").symlink_to(".store/img-0123")
+    img = Image.load(tmp_path / "img")
+    assert img.name == "img" and img.hda == build / "rootfs.qcow2"
+    assert [i.name for i in list_images(tmp_path)] == ["img"]

@@ -61,7 +61,7 @@ def os_image_hash(sha256sum_txt: bytes) -> str:
 
 
 class Image(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
+    name: str  # the name it was loaded by (the link's name when ``dir`` is a link)
     dir: Path
     info: ImageInfo
     kernel: Path
@@ -73,6 +73,8 @@ class Image(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def load(cls, directory: Path) -> Image:
+        """Load ``directory``; a symlink is followed, so artifact paths name the very build
+        (a disk backed by it stays valid when the name moves to a newer build)."""
         d = directory.resolve()
         meta = d / "metadata.json"
         try:
@@ -96,7 +98,7 @@ class Image(msgspec.Struct, frozen=True, kw_only=True):
         assert kernel is not None and initrd is not None
         digest_file = d / "digest.txt"
         return cls(
-            name=d.name,
+            name=directory.name,
             dir=d,
             info=info,
             kernel=kernel,
