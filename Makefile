@@ -1,5 +1,6 @@
 # pydstack: `make up` runs the control plane, `make test` runs every check.
 # Both install whatever is missing first (Debian packages, then the .venv).
+# Pass options to the control plane with ARGS, e.g. `make up ARGS="--port 4333"`.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: up test lint typecheck unit deps sysdeps bench clean
 
 up: deps
-	$(BIN)/pydstack up
+	$(BIN)/pydstack up $(ARGS)
 
 test: deps lint typecheck unit
 

@@ -124,7 +124,9 @@ class ActorRunner:
     async def wait(self) -> None:
         """Wait for the runner started by ``async with`` to end; re-raises its failure."""
         if self._task is not None:
-            await self._task
+            # Shielded: cancelling whoever waits must not cancel the runner itself (it has its
+            # own graceful stop()).
+            await asyncio.shield(self._task)
 
     # -- the loop -----------------------------------------------------------------------------
 

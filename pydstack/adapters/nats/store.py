@@ -162,6 +162,10 @@ class EventStore:
                 denials[text.split("publish to", 1)[1].strip().strip("'\"")] = text
 
         opts["error_cb"] = note
+        servers: list[str] = opts["servers"]
+        if not await _any_reachable(servers, connect_timeout):
+            # nats-py keeps retrying an initial connect for seconds; one TCP probe answers now.
+            raise Unreachable(url, "connection refused")
         try:
             nc = await asyncio.wait_for(nats.connect(**opts), timeout=connect_timeout * 2 + 1)
         except (OSError, nats.errors.Error, TimeoutError) as exc:
@@ -176,8 +180,12 @@ class EventStore:
         )
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
+        if self.nc.is_closed:
+            return
+        try:
             await self.nc.drain()
+        except (nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError):
+            await self.nc.close()  # the server is gone: nothing left to drain
 
     async def __aenter__(self) -> Self:
         return self
@@ -638,3 +646,20 @@ def _versions_after(
     for offset, (subj, data, _) in enumerate(msgs):
         out[subj] = Version(first + offset, message_hash(data))
     return out
+
+
+async def _any_reachable(servers: Sequence[str], timeout: float) -> bool:
+    from urllib.parse import urlsplit
+
+    for server in servers:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222),
+                timeout,
+            )
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        return True
+    return False
