@@ -41,44 +41,21 @@ from pydstack.core.events import (
     GatewayNodeDown,
     GatewayNodeJoined,
     GatewayNodeUp,
-    PortAttrs,
     TunnelIpAllocated,
     TunnelIpReleased,
+    subject,
 )
 from pydstack.core.projections import Applied
 
+from .ports import DeclaredPorts
+
 DEFAULT_CLUSTER: Final = "default"
 Status = Literal["active", "recycled", "removed"]
+# "unauthorized" is the authorization webhook's (actor side); the rest are decide_register's
 RefusalCode = Literal[
-    "bad_request", "bad_key", "key_in_use", "app_mismatch", "pool_exhausted", "node_down"
-]
-
-
-class DeclaredPorts(msgspec.Struct, frozen=True, kw_only=True):
-    """dstack's DeclaredPorts: which ports of an instance may be reached, and how.
-
-    ``restrict=False`` (dstack: restrict_mode off) lets every port through; ``ports`` then
-    only carries per-port options such as the PROXY protocol header.
-    """
-
-    restrict: bool = False
-    ports: tuple[PortAttrs, ...] = ()  # sorted by port, one entry per port
-
-    @classmethod
-    def of(cls, restrict: bool, ports: tuple[PortAttrs, ...] | list[PortAttrs]) -> DeclaredPorts:
-        """Normalised: sorted by port, the last entry for a repeated port wins."""
-        by_port = {p.port: p for p in ports}
-        return cls(restrict=restrict, ports=tuple(by_port[k] for k in sorted(by_port)))
-
-    def allows(self, port: int) -> bool:
-        """Whether connections to ``port`` may be proxied (restrict mode fails closed)."""
-        if not 0 < port < 65536:
-            return False
-        return not self.restrict or any(p.port == port for p in self.ports)
-
-    def proxy_protocol(self, port: int) -> bool:
-        """Whether to send a PROXY protocol header on connections to ``port``."""
-        return any(p.port == port and p.pp for p in self.ports)
+    "bad_request", "bad_key", "key_in_use", "app_mismatch", "pool_exhausted", "node_down",
+    "unauthorized",
+]  # fmt: skip
 
 
 class Node(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,6 +110,7 @@ class ClusterState:
     bound_app: dict[str, str] = field(default_factory=dict)  # instance_id -> app_id, forever
     instances: dict[str, CvmRecord] = field(default_factory=dict)  # incl. ended records
     seq: int = 0
+    held_ips: set[int] = field(default_factory=set)  # ip_holder's keys as ints (allocation)
 
     def copy(self) -> ClusterState:
         return ClusterState(
@@ -144,6 +122,7 @@ class ClusterState:
             dict(self.bound_app),
             dict(self.instances),
             self.seq,
+            set(self.held_ips),
         )
 
     def routed(self, instance_id: str) -> CvmRecord | None:
@@ -167,10 +146,21 @@ def _ours(state: ClusterState, cluster: str) -> bool:
     return (cluster or DEFAULT_CLUSTER) == state.cluster
 
 
+def _ip_int(text: str) -> int:
+    """A dotted IPv4 address as an int (the ledger holds only addresses our deciders wrote;
+    anything unparsable counts as nothing, it cannot shadow a real address)."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+        return -1
+    a, b, c, d = (int(p) for p in parts)
+    return (a << 24) | (b << 16) | (c << 8) | d
+
+
 def _drop_lease(s: ClusterState, instance_id: str) -> None:
     old = s.leases.pop(instance_id, None)
     if old is not None:
         s.ip_holder.pop(old.tunnel_ip, None)
+        s.held_ips.discard(_ip_int(old.tunnel_ip))
         s.key_holder.pop(old.wg_public_key, None)
 
 
@@ -215,6 +205,7 @@ def _apply(s: ClusterState, a: Applied) -> None:
                 seq=a.seq,
             )
             s.ip_holder[e.tunnel_ip] = iid
+            s.held_ips.add(_ip_int(e.tunnel_ip))
             s.key_holder[e.wg_public_key] = iid
             s.bound_app[iid] = e.app_id
         case TunnelIpReleased() if _ours(s, e.cluster):
@@ -261,6 +252,26 @@ def _apply(s: ClusterState, a: Applied) -> None:
                 s.instances[e.instance_id] = replace(inst, status=status, ended_seq=a.seq)
         case _:
             pass
+
+
+def cluster_subject(cluster: str) -> str:
+    """The cluster aggregate: ``dstack.gateway.<cluster>``."""
+    return subject("gateway", cluster)
+
+
+_LEDGER = (GatewayNodeJoined, GatewayNodeDown, GatewayNodeUp, TunnelIpAllocated, TunnelIpReleased)
+_RECORD = (CvmRegistered, CvmLiveness, CvmRecycled, CvmRemoved)
+
+
+def on_its_subject(cluster: str, subj: str, event: object) -> bool:
+    """Whether the fold may take ``event`` stored on ``subj``: ledger and node events only
+    from the cluster subject (whose sequence guards allocation), CVM events only from their
+    instance's subject. Readers drop everything else before folding."""
+    if isinstance(event, _LEDGER):
+        return subj == cluster_subject(cluster)
+    if isinstance(event, _RECORD):
+        return subj == f"dstack.cvm.{event.instance_id}"
+    return False
 
 
 def fold(events: Iterable[Applied], start: ClusterState | None = None) -> ClusterState:
@@ -334,14 +345,13 @@ def _free_address(state: ClusterState, plan: AddressPlan) -> str | None:
     """The lowest host address of the range that is neither reserved, a node's nor leased."""
     net = ipaddress.IPv4Network(plan.client_ip_range, strict=False)
     reserved = [ipaddress.IPv4Network(r, strict=False) for r in plan.reserved]
-    taken = {int(ipaddress.IPv4Address(ip)) for ip in set(state.ip_holder) | _node_ips(state)}
+    spans = [(int(r.network_address), int(r.broadcast_address)) for r in reserved]
+    taken = state.held_ips | {_ip_int(n.tunnel_ip) for n in state.nodes.values()}
     first, last = int(net.network_address), int(net.broadcast_address)
     if net.prefixlen < 31:  # the network and broadcast addresses are not hosts
         first, last = first + 1, last - 1
     for n in range(first, last + 1):
-        if n in taken or any(
-            int(r.network_address) <= n <= int(r.broadcast_address) for r in reserved
-        ):
+        if n in taken or any(lo <= n <= hi for lo, hi in spans):
             continue
         return str(ipaddress.IPv4Address(n))
     return None

@@ -26,7 +26,8 @@ import msgspec
 
 from pydstack.core.events import PortAttrs
 
-from .cluster import ClusterState, DeclaredPorts
+from .cluster import ClusterState
+from .ports import DeclaredPorts
 
 __all__ = [
     "AppRoute", "ClusterTable", "DeclaredPorts", "GatewayPeer", "InstanceRoute", "PortAttrs",

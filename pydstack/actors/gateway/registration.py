@@ -1,0 +1,211 @@
+"""``/prpc/Gateway.RegisterCvm`` (dstack's JSON shape) behind mutual RA-TLS.
+
+The caller's identity is its client certificate: TLS checks the chain (the app CA / KMS
+root), ``ratls_middleware`` checks the quote and event log (403 for anything without
+valid evidence; such junk is not written to the log), and the app id, instance id and
+compose hash come from the attested event log, never from the request. Then the optional
+authorization webhook (POST of the AppInfo JSON; any 2xx allows, like dstack), then the
+cluster decision and its atomic commit (``Registrar``). Refusals of an attested caller are
+answered with a 4xx JSON ``{"error", "code"}`` and recorded as ``CvmRegistrationRefused``::
+
+    app = registration_app(registrar, verifier, RegistrationConfig(node_id="gw1"))
+    ssl = server_ssl_context(chain_pem, key_pem, ca_pem)   # mutual: clients must present one
+    await web.TCPSite(runner, host, 8011, ssl_context=ssl).start()
+
+Request: ``{"client_public_key": "<wg base64>", "port_policy": {"ports": [{"port": 443,
+"pp": false}], "restrict_mode": false}}`` (``port_policy`` optional). Response: ``{"wg":
+{"client_ip", "servers": [{"pk", "ip", "endpoint"}]}, "agent": {...}, "gateways": [...]}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from pydstack.adapters.tdx.attestation import encode_attestation
+from pydstack.adapters.tdx.ratls_tls import RATLS_PEER, RaTlsVerifier, ratls_middleware
+from pydstack.core.events import PortAttrs
+from pydstack.core.gateway.cluster import (
+    Admission,
+    ClusterState,
+    RefusalCode,
+    Refused,
+    RegisterRequest,
+)
+from pydstack.core.gateway.ports import DeclaredPorts
+
+from .registrar import Contended, Registrar
+
+_log = structlog.get_logger("pydstack.gateway.registration")
+
+PATH: Final = "/prpc/Gateway.RegisterCvm"
+STATUS: Final[dict[str, int]] = {
+    "bad_request": 400,
+    "bad_key": 400,
+    "unauthorized": 403,
+    "key_in_use": 409,
+    "app_mismatch": 409,
+    "pool_exhausted": 503,
+    "node_down": 503,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationConfig:
+    node_id: str | None = None
+    auth_webhook: str | None = None  # dstack core.auth.url; None = every attested app allowed
+    auth_timeout_s: float = 5.0
+    agent_port: int = 8090  # dstack proxy.agent_port (the guest agent inside the CVM)
+    external_port: int = 443
+    app_address_ns_prefix: str = "_dstack-app-address"
+
+
+class _PortAttrsIn(msgspec.Struct, forbid_unknown_fields=True):
+    port: int
+    pp: bool = False
+
+
+class _PortPolicyIn(msgspec.Struct, forbid_unknown_fields=True):
+    ports: list[_PortAttrsIn] = []
+    restrict_mode: bool = False
+
+
+class _RegisterIn(msgspec.Struct, forbid_unknown_fields=True):
+    client_public_key: str
+    port_policy: _PortPolicyIn | None = None
+
+
+_DECODER: Final = msgspec.json.Decoder(_RegisterIn)
+
+
+def response_body(state: ClusterState, admission: Admission, cfg: RegistrationConfig) -> Any:
+    """dstack's RegisterCvmResponse for an admission, every up node as a WireGuard peer."""
+    nodes = [state.nodes[k] for k in sorted(state.nodes)]
+    up = [n for n in nodes if n.up]
+    domain = next((n.base_domain for n in up if n.node_id == cfg.node_id), "")
+    domain = domain or next((n.base_domain for n in up if n.base_domain), "")
+    return {
+        "wg": {
+            "client_ip": admission.tunnel_ip,
+            "servers": [
+                {"pk": n.wg_public_key, "ip": n.tunnel_ip, "endpoint": n.endpoint} for n in up
+            ],
+        },
+        "agent": {
+            "external_port": cfg.external_port,
+            "internal_port": cfg.agent_port,
+            "domain": domain,
+            "app_address_ns_prefix": cfg.app_address_ns_prefix,
+        },
+        "gateways": [
+            {
+                "id": i,  # dstack numbers its nodes; ours are named (node_id, uuid below)
+                "uuid": n.node_id.encode().hex(),
+                "node_id": n.node_id,
+                "url": n.url,
+                "last_seen": 0,
+                "wg_public_key": n.wg_public_key,
+                "wg_ip": n.tunnel_ip,
+                "wg_endpoint": n.endpoint,
+            }
+            for i, n in enumerate(up, 1)
+        ],
+    }
+
+
+async def _authorized(
+    session: aiohttp.ClientSession, cfg: RegistrationConfig, app_info: dict[str, object]
+) -> str | None:
+    """None when the webhook allows the app, else why not (fail closed on any error)."""
+    assert cfg.auth_webhook is not None
+    try:
+        timeout = aiohttp.ClientTimeout(total=cfg.auth_timeout_s)
+        async with session.post(cfg.auth_webhook, json=app_info, timeout=timeout) as resp:
+            if 200 <= resp.status < 300:
+                return None
+            return f"authorization webhook answered {resp.status}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"authorization webhook failed: {type(exc).__name__}: {exc}"
+
+
+def registration_app(
+    registrar: Registrar, verifier: RaTlsVerifier, config: RegistrationConfig | None = None
+) -> web.Application:
+    """The RegisterCvm endpoint; serve it with ``server_ssl_context`` (mutual TLS)."""
+    cfg = config or RegistrationConfig()
+    app = web.Application(middlewares=[ratls_middleware(verifier)])
+    session_key = web.AppKey("webhook_session", aiohttp.ClientSession)
+
+    async def session_ctx(app: web.Application) -> Any:
+        app[session_key] = aiohttp.ClientSession()
+        yield
+        await app[session_key].close()
+
+    if cfg.auth_webhook is not None:
+        app.cleanup_ctx.append(session_ctx)
+
+    async def refuse(req: RegisterRequest, code: RefusalCode, reason: str) -> web.Response:
+        refusal = Refused(code=code, reason=reason)
+        recorded = await registrar.refused(req, refusal)
+        _log.info("registration refused", instance_id=req.instance_id, app_id=req.app_id,
+                  code=code, reason=reason, recorded=recorded)  # fmt: skip
+        return web.json_response({"error": reason, "code": code}, status=STATUS[code])
+
+    async def register_cvm(request: web.Request) -> web.Response:
+        peer = request[RATLS_PEER]
+        info = peer.app_info
+        if info is None or peer.attestation is None:
+            return web.json_response({"error": "attestation carries no app info"}, status=403)
+        att_hash = hashlib.sha256(encode_attestation(peer.attestation)).hexdigest()
+        req = RegisterRequest(
+            app_id=info.app_id.hex(),
+            instance_id=info.instance_id.hex(),
+            compose_hash=info.compose_hash.hex(),
+            wg_public_key="",
+            attestation_hash=att_hash,
+        )
+        try:
+            body = _DECODER.decode(await request.read())
+        except msgspec.ValidationError as exc:
+            return await refuse(req, "bad_request", f"request body: {exc}")
+        except msgspec.DecodeError:
+            return await refuse(req, "bad_request", "request body is not JSON")
+        req = msgspec.structs.replace(req, wg_public_key=body.client_public_key)
+        if body.port_policy is not None:
+            bad = [p.port for p in body.port_policy.ports if not 0 < p.port < 65536]
+            if bad:
+                return await refuse(req, "bad_request", f"port {bad[0]} is not in 1-65535")
+            ports = [PortAttrs(port=p.port, pp=p.pp) for p in body.port_policy.ports]
+            req = msgspec.structs.replace(
+                req, port_policy=DeclaredPorts.of(body.port_policy.restrict_mode, ports)
+            )
+        if cfg.auth_webhook is not None:
+            denied = await _authorized(request.app[session_key], cfg, info.to_json_obj())
+            if denied is not None:
+                return await refuse(req, "unauthorized", denied)
+        try:
+            out = await registrar.register(req)
+        except Contended as exc:
+            return web.json_response({"error": str(exc), "code": "busy"}, status=503)
+        if isinstance(out, Refused):
+            return await refuse(req, out.code, out.reason)
+        return web.json_response(response_body(registrar.state, out, cfg))
+
+    app.router.add_post(PATH, register_cvm)
+    return app
+
+
+async def serve_registration(
+    app: web.Application, host: str, port: int, ssl_context: Any
+) -> web.AppRunner:
+    """Start ``app`` on ``host:port`` with TLS; the caller owns (and cleans up) the runner."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    return runner

@@ -1,0 +1,130 @@
+"""Fold a gateway cluster from the store: the whole stream (nodes) or the ledger alone.
+
+``ClusterView`` is what a gateway node holds: every event of its cluster folded in stream
+order, the versions of the subjects it may commit against, and the table they give::
+
+    view = ClusterView(store, "default")
+    await view.catch_up()                  # everything stored so far
+    view.table().digest()                  # equal on every node at the same sequence
+    async with view.following(0.05): ...   # keep folding in the background
+
+``LedgerView`` folds only ``dstack.gateway.<cluster>``: all a registration decision needs
+(see ``core.gateway.cluster.decide_register``), read with one batched direct get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Final
+
+import structlog
+
+from pydstack.actors.decode import Malformed, decode_message
+from pydstack.adapters.nats import NEW, EventStore, Recorded, Version
+from pydstack.core.events import message_hash
+from pydstack.core.gateway.cluster import ClusterState, cluster_subject, fold, on_its_subject
+from pydstack.core.gateway.table import ClusterTable, routing_table
+from pydstack.core.projections import Applied
+
+_log = structlog.get_logger("pydstack.gateway.view")
+_CVM_PREFIX: Final = "dstack.cvm."
+
+
+def _to_applied(cluster: str, rec: Recorded, check_signatures: bool) -> Applied | None:
+    try:
+        env, event = decode_message(rec.subject, rec.data, check_signature=check_signatures)
+    except Malformed as bad:
+        _log.warning("skipped a message", seq=rec.seq, subject=rec.subject, reason=bad.reason)
+        return None
+    if not on_its_subject(cluster, rec.subject, event):
+        return None
+    return Applied(rec.seq, rec.time_ns or env.time_ns, event, env.id)
+
+
+class ClusterView:
+    """Every event of one cluster, folded; tracks the version of each subject it folded."""
+
+    def __init__(self, store: EventStore, cluster: str, *, check_signatures: bool = True):
+        self.store = store
+        self.cluster = cluster
+        self.subject = cluster_subject(cluster)
+        self.check_signatures = check_signatures
+        self.state = ClusterState(cluster=cluster)
+        self.cursor = 0
+        self.versions: dict[str, Version] = {}
+        self._lock = asyncio.Lock()
+
+    def version(self, subj: str) -> Version:
+        return self.versions.get(subj, NEW)
+
+    def table(self) -> ClusterTable:
+        return routing_table(self.state)
+
+    async def catch_up(self) -> int:
+        """Fold everything stored since the cursor; returns how many messages were read."""
+        async with self._lock:
+            last = await self.store.last_seq()
+            if last <= self.cursor:
+                return 0
+            batch: list[Applied] = []
+            n = 0
+            async for rec in self.store.read(from_seq=self.cursor + 1, until_seq=last):
+                n += 1
+                if rec.subject == self.subject or rec.subject.startswith(_CVM_PREFIX):
+                    self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
+                    a = _to_applied(self.cluster, rec, self.check_signatures)
+                    if a is not None:
+                        batch.append(a)
+            self.state = fold(batch, self.state)
+            self.cursor = max(self.cursor, last)
+            self.state.seq = self.cursor
+            return n
+
+    @contextlib.asynccontextmanager
+    async def following(self, interval_s: float = 0.1) -> AsyncIterator[ClusterView]:
+        """Keep catching up in the background while the block runs (level-triggered: a
+        failed pass is retried at the next tick)."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await self.catch_up()
+                except Exception as exc:  # a transient store error must not end the node
+                    _log.warning("catch-up failed; retrying", error=str(exc))
+                await asyncio.sleep(interval_s)
+
+        task = asyncio.create_task(loop(), name=f"view-{self.cluster}")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class LedgerView:
+    """The cluster subject alone, folded incrementally (nodes and the IP ledger)."""
+
+    def __init__(self, store: EventStore, cluster: str, *, check_signatures: bool = True):
+        self.store = store
+        self.cluster = cluster
+        self.subject = cluster_subject(cluster)
+        self.check_signatures = check_signatures
+        self.state = ClusterState(cluster=cluster)
+        self.version: Version = NEW
+
+    async def catch_up(self) -> None:
+        recs, version = await self.store.read_aggregate(self.subject, after=self.version.seq)
+        if not recs:
+            return
+        batch = [a for r in recs if (a := _to_applied(self.cluster, r, self.check_signatures))]
+        self.state = fold(batch, self.state)
+        self.state.seq = version.seq
+        self.version = version
+
+    def landed(self, applied: Applied, version: Version) -> None:
+        """Fold an event this writer just committed (its version is the new head)."""
+        self.state = fold([applied], self.state)
+        self.version = version
