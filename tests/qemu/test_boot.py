@@ -16,15 +16,15 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from pydstack.actors.supervisor import SupervisorClient, launch_supervisor
 from pydstack.adapters.cvm import CvmSpec, CvmStatus
-from pydstack.adapters.qemu import Image, QemuBackend, QemuBackendConfig, images_dir
+from pydstack.adapters.qemu import Image, QemuBackend, images_dir
 from pydstack.core.events import PortMap
+
+from .conftest import Host
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("IMAGE_NAME", "pydstack-dev")
@@ -52,42 +52,6 @@ def free_port() -> int:
 def http_get(port: int) -> dict[str, object]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
         return dict(json.loads(r.read()))
-
-
-class Host:
-    """The supervisor process plus a backend talking to it, restartable like a real host."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.socket = root / "sv.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.client: SupervisorClient | None = None
-
-    async def start(self) -> QemuBackend:
-        self.proc = launch_supervisor(self.socket, self.root / "supervisor")
-        self.client = SupervisorClient(self.socket)
-        await self.client.wait_ready()
-        cfg = QemuBackendConfig(vms_dir=self.root / "vms", images=images_dir(), vsock=False)
-        return QemuBackend(cfg, self.client)
-
-    async def kill9(self) -> None:
-        assert self.proc is not None and self.client is not None
-        self.proc.kill()
-        self.proc.wait()
-        await self.client.close()
-
-
-@pytest.fixture
-async def host(tmp_path: Path) -> AsyncIterator[Host]:
-    h = Host(tmp_path)
-    yield h
-    if h.client is not None and h.proc is not None and h.proc.poll() is None:
-        for p in await h.client.list():  # never leave a QEMU behind
-            if p.running:
-                await h.client.kill(p.config.id)
-        await h.client.close()
-        h.proc.terminate()
-        h.proc.wait()
 
 
 async def wait_stage(backend: QemuBackend, vm_id: str, stage: str) -> float:

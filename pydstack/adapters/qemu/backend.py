@@ -159,7 +159,10 @@ class QemuBackend:
         )
 
     async def start(self, vm_id: str) -> CvmStatus:
+        """Start with the current manifest; a running CVM is left as it is."""
         spec, wd = self._manifest(vm_id), self.workdir(vm_id)
+        if await self._running(vm_id):
+            return await self.status(vm_id)
         argv = build_argv(self.qemu_spec(spec))
         events = wd / "events.log"
         (wd / "boot.offset").write_text(str(events.stat().st_size if events.exists() else 0))
