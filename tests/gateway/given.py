@@ -12,12 +12,12 @@ from pydstack.core.gateway.cluster import (
     AddressPlan,
     Admission,
     ClusterState,
-    DeclaredPorts,
     Refused,
     RegisterRequest,
     decide_register,
     fold,
 )
+from pydstack.core.gateway.ports import DeclaredPorts
 from pydstack.core.gateway.recycle import Recycle, decide_recycle
 from pydstack.core.projections import Applied
 

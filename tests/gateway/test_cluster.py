@@ -19,12 +19,12 @@ from pydstack.core.gateway.cluster import (
     AddressPlan,
     Admission,
     ClusterState,
-    DeclaredPorts,
     Refused,
     RegisterRequest,
     decide_join,
     fold,
 )
+from pydstack.core.gateway.ports import DeclaredPorts
 from pydstack.core.gateway.recycle import decide_liveness, decide_recycle
 from pydstack.core.gateway.table import ClusterTable, TableIndex, routing_table
 
@@ -56,9 +56,12 @@ def test_admission_events_carry_identity_key_and_ports() -> None:
     ports = DeclaredPorts.of(True, [PortAttrs(port=443, pp=True), PortAttrs(port=80)])
     a = admitted(Log().register(request(1, 2, 3, port_policy=ports)))
     assert a.ledger == TunnelIpAllocated(
-        cluster="default", instance_id=inst(1), app_id=app(2), wg_public_key=key(3),
+        cluster="default",
+        instance_id=inst(1),
+        app_id=app(2),
+        wg_public_key=key(3),
         tunnel_ip="10.0.0.2",
-    )  # fmt: skip
+    )
     assert a.record.port_policy == "restrict"
     assert [p.port for p in a.record.ports] == [80, 443]
     assert a.record.tunnel_ip == a.ledger.tunnel_ip and not a.renewed
@@ -105,8 +108,13 @@ def test_malformed_keys_are_refused() -> None:
     good = base64.b64encode(raw).decode()
     non_canonical = good[:-2] + chr(ord(good[-2]) + 1) + "="  # same bytes, other spelling
     assert base64.b64decode(non_canonical) == raw
-    for bad in ("", "not base64!", base64.b64encode(raw[:31]).decode(), non_canonical,
-                base64.b64encode(bytes(32)).decode()):  # fmt: skip
+    for bad in (
+        "",
+        "not base64!",
+        base64.b64encode(raw[:31]).decode(),
+        non_canonical,
+        base64.b64encode(bytes(32)).decode(),
+    ):
         req = RegisterRequest(
             app_id=app(1), instance_id=inst(1), compose_hash="", wg_public_key=bad
         )
@@ -172,8 +180,10 @@ def test_removed_instance_never_comes_back_from_later_events() -> None:
     """After CvmRemoved, neither liveness nor a replayed old record routes it again."""
     log = Log()
     a = admitted(log.register(request(1, 1, 1)))
-    log.add(TunnelIpReleased(cluster="default", instance_id=inst(1), tunnel_ip=a.tunnel_ip),
-            CvmRemoved(instance_id=inst(1), reason="vm removed"))  # fmt: skip
+    log.add(
+        TunnelIpReleased(cluster="default", instance_id=inst(1), tunnel_ip=a.tunnel_ip),
+        CvmRemoved(instance_id=inst(1), reason="vm removed"),
+    )
     log.add(CvmLiveness(instance_id=inst(1), node_id="gw1", last_handshake=log.now_s + 5))
     log.add(a.record)  # the old record again, without a ledger entry
     assert log.state.routed(inst(1)) is None
@@ -183,8 +193,15 @@ def test_removed_instance_never_comes_back_from_later_events() -> None:
 def test_record_without_a_matching_lease_is_not_routed() -> None:
     """A CvmRegistered the ledger did not admit (forged, or another cluster's) is ignored."""
     log = Log()
-    log.add(CvmRegistered(app_id=app(1), instance_id=inst(1), compose_hash="c",
-                          wg_public_key=key(1), tunnel_ip="10.0.0.2"))  # fmt: skip
+    log.add(
+        CvmRegistered(
+            app_id=app(1),
+            instance_id=inst(1),
+            compose_hash="c",
+            wg_public_key=key(1),
+            tunnel_ip="10.0.0.2",
+        )
+    )
     assert routing_table(log.state).routes == ()
 
 
@@ -194,15 +211,35 @@ def test_ledger_entries_that_would_double_book_are_ignored() -> None:
     log.join("gw1", "10.0.0.50")
     a = admitted(log.register(request(1, 1, 1)))
     for bad in (
-        TunnelIpAllocated(cluster="default", instance_id=inst(2), app_id=app(1),
-                          wg_public_key=key(2), tunnel_ip=a.tunnel_ip),  # held address
-        TunnelIpAllocated(cluster="default", instance_id=inst(2), app_id=app(1),
-                          wg_public_key=key(1), tunnel_ip="10.0.0.9"),  # held key
-        TunnelIpAllocated(cluster="default", instance_id=inst(2), app_id=app(1),
-                          wg_public_key=key(2), tunnel_ip="10.0.0.50"),  # node address
-        TunnelIpAllocated(cluster="other", instance_id=inst(2), app_id=app(1),
-                          wg_public_key=key(2), tunnel_ip="10.0.0.9"),  # other cluster
-    ):  # fmt: skip
+        TunnelIpAllocated(
+            cluster="default",
+            instance_id=inst(2),
+            app_id=app(1),
+            wg_public_key=key(2),
+            tunnel_ip=a.tunnel_ip,
+        ),  # held address
+        TunnelIpAllocated(
+            cluster="default",
+            instance_id=inst(2),
+            app_id=app(1),
+            wg_public_key=key(1),
+            tunnel_ip="10.0.0.9",
+        ),  # held key
+        TunnelIpAllocated(
+            cluster="default",
+            instance_id=inst(2),
+            app_id=app(1),
+            wg_public_key=key(2),
+            tunnel_ip="10.0.0.50",
+        ),  # node address
+        TunnelIpAllocated(
+            cluster="other",
+            instance_id=inst(2),
+            app_id=app(1),
+            wg_public_key=key(2),
+            tunnel_ip="10.0.0.9",
+        ),  # other cluster
+    ):
         log.add(bad)
         assert inst(2) not in log.state.leases, bad
 
@@ -225,22 +262,43 @@ def test_join_refuses_an_address_in_use() -> None:
     log = Log()
     log.join("gw1", "10.0.0.100")
     a = admitted(log.register(request(1, 1, 1)))
-    node = GatewayNodeJoined(node_id="gw2", wg_public_key=key(50), tunnel_ip=a.tunnel_ip,
-                             endpoint="192.0.2.1:51820", base_domain="x")  # fmt: skip
+    node = GatewayNodeJoined(
+        node_id="gw2",
+        wg_public_key=key(50),
+        tunnel_ip=a.tunnel_ip,
+        endpoint="192.0.2.1:51820",
+        base_domain="x",
+    )
     assert isinstance(decide_join(log.state, node), Refused)
-    taken = GatewayNodeJoined(node_id="gw2", wg_public_key=key(50), tunnel_ip="10.0.0.100",
-                              endpoint="192.0.2.1:51820", base_domain="x")  # fmt: skip
+    taken = GatewayNodeJoined(
+        node_id="gw2",
+        wg_public_key=key(50),
+        tunnel_ip="10.0.0.100",
+        endpoint="192.0.2.1:51820",
+        base_domain="x",
+    )
     assert isinstance(decide_join(log.state, taken), Refused)
-    ok = GatewayNodeJoined(node_id="gw2", wg_public_key=key(50), tunnel_ip="10.0.0.101",
-                           endpoint="192.0.2.1:51820", base_domain="x")  # fmt: skip
+    ok = GatewayNodeJoined(
+        node_id="gw2",
+        wg_public_key=key(50),
+        tunnel_ip="10.0.0.101",
+        endpoint="192.0.2.1:51820",
+        base_domain="x",
+    )
     assert decide_join(log.state, ok) is ok
 
 
 def test_events_of_another_cluster_are_ignored() -> None:
     log = Log(cluster="blue")
     log.join("gw1", "10.0.0.100")
-    green = GatewayNodeJoined(node_id="gw9", wg_public_key=key(9), tunnel_ip="10.0.0.9",
-                              endpoint="192.0.2.9:1", base_domain="x", cluster="green")  # fmt: skip
+    green = GatewayNodeJoined(
+        node_id="gw9",
+        wg_public_key=key(9),
+        tunnel_ip="10.0.0.9",
+        endpoint="192.0.2.9:1",
+        base_domain="x",
+        cluster="green",
+    )
     log.add(green)
     a = admitted(log.register(request(1, 1, 1)))
     assert a.ledger.cluster == "blue" and a.record.cluster == "blue"

@@ -50,9 +50,12 @@ async def stores(nats_server: NatsServer) -> AsyncIterator[list[EventStore]]:
 async def _join_nodes(registrar: Registrar) -> None:
     for n in range(3):
         node = GatewayNodeJoined(
-            node_id=f"gw{n}", wg_public_key=key(10_000 + n), tunnel_ip=f"10.4.0.{n + 1}",
-            endpoint=f"192.0.2.{n + 1}:51820", base_domain="gw.example.com",
-        )  # fmt: skip
+            node_id=f"gw{n}",
+            wg_public_key=key(10_000 + n),
+            tunnel_ip=f"10.4.0.{n + 1}",
+            endpoint=f"192.0.2.{n + 1}:51820",
+            base_domain="gw.example.com",
+        )
         assert await registrar.join(node) == node
 
 
@@ -117,8 +120,10 @@ async def test_concurrent_recyclers_write_one_event_per_stale_instance(
         assert isinstance(await registrar.register(request(i, 1, i)), Admission)
     timeout = 600
     now = int(time.time()) + timeout + 5  # every instance is stale by then
-    recyclers = [Recycler(ClusterView(s, "default"), RecycleConfig(timeout_s=timeout, chunk=7))
-                 for s in stores[:3]]  # fmt: skip
+    recyclers = [
+        Recycler(ClusterView(s, "default"), RecycleConfig(timeout_s=timeout, chunk=7))
+        for s in stores[:3]
+    ]
     done = await asyncio.gather(*(r.recycle_once(now) for r in recyclers))
     assert sorted(i for d in done for i in d) == sorted(
         request(i, 1, i).instance_id for i in range(60)
