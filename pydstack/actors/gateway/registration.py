@@ -28,6 +28,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from pydstack.adapters.nats import StoreError
 from pydstack.adapters.tdx.attestation import encode_attestation
 from pydstack.adapters.tdx.ratls_tls import RATLS_PEER, RaTlsVerifier, ratls_middleware
 from pydstack.core.events import PortAttrs
@@ -40,7 +41,7 @@ from pydstack.core.gateway.cluster import (
 )
 from pydstack.core.gateway.ports import DeclaredPorts
 
-from .registrar import Contended, Registrar
+from .registrar import Registrar
 
 _log = structlog.get_logger("pydstack.gateway.registration")
 
@@ -191,7 +192,8 @@ def registration_app(
                 return await refuse(req, "unauthorized", denied)
         try:
             out = await registrar.register(req)
-        except Contended as exc:
+        except StoreError as exc:  # Contended included: nothing decided, the CVM retries
+            _log.warning("registration not decided", instance_id=req.instance_id, error=str(exc))
             return web.json_response({"error": str(exc), "code": "busy"}, status=503)
         if isinstance(out, Refused):
             return await refuse(req, out.code, out.reason)
