@@ -299,11 +299,22 @@ class ControlPlane:
             done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
-            for task in done:
-                if task.get_name() != "stop" and not task.cancelled():
-                    exc = task.exception()
-                    what = f"{task.get_name()} ended" + (f": {exc}" if exc else "")
-                    raise StoreError(f"{what}; stopping the control plane")
+            failures = {
+                t.get_name(): t.exception()
+                for t in done
+                if t.get_name() != "stop" and not t.cancelled()
+            }  # retrieved here, so asyncio never logs them as unretrieved
+            proc = self.server.proc if self.server is not None else None
+            if proc is not None and proc.poll() is not None:
+                # The actors fail too once NATS is gone; the server is the cause to report.
+                raise StoreError(
+                    f"nats-server ended: exited with code {proc.returncode} "
+                    f"(see {self.server.log_path if self.server else '?'}); "
+                    "stopping the control plane"
+                )
+            for name, exc in failures.items():
+                what = f"{name} ended" + (f": {exc}" if exc else "")
+                raise StoreError(f"{what}; stopping the control plane")
             _log.info("stopping", reason="signal")
         # Leaving the stack stops the runner (in-flight event finished) and closes its store.
 
