@@ -91,7 +91,8 @@ async def test_tcg_boot_ready_http_adoption_graceful_stop(
     answer = await asyncio.to_thread(http_get, port)
     assert answer["hostname"] == "pydstack-guest" and "ready" in answer["stages"]  # type: ignore[operator]
     events, _ = await backend.events("boot1")
-    assert any(e.stage == "ready" and "share=mounted" in e.detail for e in events)
+    assert [e.stage for e in events][:2] == ["booted", "ready"]
+    assert "share=mounted" in events[1].detail
 
     # kill -9 of the supervisor: QEMU lives on and is adopted; its CID stays taken.
     await host.kill9()

@@ -99,6 +99,10 @@ def wait_docker(timeout_s: float = 300.0) -> None:
 
 
 def main() -> int:
+    for _ in range(50):  # udev may not have named the virtio port yet
+        if os.path.exists(EVENTS_PORT):
+            break
+        time.sleep(0.1)
     report("booted", os.uname().release)
     server = ThreadingHTTPServer(("0.0.0.0", HTTP_PORT), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
