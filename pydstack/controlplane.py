@@ -294,9 +294,17 @@ class ControlPlane:
                 # shield: cancelling this waiter must not cancel the runner, which stops below
                 asyncio.create_task(_shielded(runner.wait()), name="actor-scheduler"),
             }
+            watcher = None
             if self.server is not None:
-                waits.add(asyncio.create_task(self._watch_server(), name="nats-server"))
+                watcher = asyncio.create_task(self._watch_server(), name="nats-server")
+                waits.add(watcher)
             done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in pending and not any(t.get_name() == "stop" for t in done):
+                # An actor failed: if NATS died, the actors' timeouts are only the symptom, and
+                # the watcher (reaping the process in a thread) will say so in a moment.
+                done2, _ = await asyncio.wait({watcher}, timeout=2.0)
+                done |= done2
+                pending -= done2
             for task in pending:
                 task.cancel()
             failures = {
@@ -304,14 +312,8 @@ class ControlPlane:
                 for t in done
                 if t.get_name() != "stop" and not t.cancelled()
             }  # retrieved here, so asyncio never logs them as unretrieved
-            proc = self.server.proc if self.server is not None else None
-            if proc is not None and proc.poll() is not None:
-                # The actors fail too once NATS is gone; the server is the cause to report.
-                raise StoreError(
-                    f"nats-server ended: exited with code {proc.returncode} "
-                    f"(see {self.server.log_path if self.server else '?'}); "
-                    "stopping the control plane"
-                )
+            if "nats-server" in failures:  # the cause; actor failures would be its symptoms
+                failures = {"nats-server": failures["nats-server"]}
             for name, exc in failures.items():
                 what = f"{name} ended" + (f": {exc}" if exc else "")
                 raise StoreError(f"{what}; stopping the control plane")
