@@ -10,11 +10,17 @@ from typing import Final
 
 from .apps import AppRegistered, AppRemoved, AppUpgraded
 from .gateways import (
+    AcmeAccountCreated,
+    CertificateIssued,
+    CertificateRenewalFailed,
+    CertificateRenewalStarted,
     CvmLiveness,
     CvmRecycled,
     CvmRegistered,
     CvmRegistrationRefused,
     CvmRemoved,
+    GatewayDomainAdded,
+    GatewayDomainRemoved,
     GatewayNodeDown,
     GatewayNodeJoined,
     GatewayNodeUp,
@@ -58,9 +64,17 @@ KmsEvent = KmsRootCreated | KeyRequested | KeyIssued | KeyDenied | KmsReplicaOnb
 GatewayEvent = (
     GatewayNodeJoined | GatewayNodeDown | GatewayNodeUp | TunnelIpAllocated | TunnelIpReleased
 )
+CertEvent = (
+    GatewayDomainAdded
+    | GatewayDomainRemoved
+    | AcmeAccountCreated
+    | CertificateRenewalStarted
+    | CertificateIssued
+    | CertificateRenewalFailed
+)
 CvmEvent = CvmRegistered | CvmLiveness | CvmRecycled | CvmRemoved | CvmRegistrationRefused
 
-AnyEvent = AppEvent | VmEvent | HostEvent | KmsEvent | GatewayEvent | CvmEvent
+AnyEvent = AppEvent | VmEvent | HostEvent | KmsEvent | GatewayEvent | CvmEvent | CertEvent
 
 EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     AppRegistered, AppUpgraded, AppRemoved,
@@ -71,4 +85,6 @@ EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     GatewayNodeJoined, GatewayNodeDown, GatewayNodeUp,
     CvmRegistered, CvmLiveness, CvmRecycled,
     TunnelIpAllocated, TunnelIpReleased, CvmRemoved, CvmRegistrationRefused,
+    GatewayDomainAdded, GatewayDomainRemoved, AcmeAccountCreated, CertificateRenewalStarted,
+    CertificateIssued, CertificateRenewalFailed,
 )  # fmt: skip

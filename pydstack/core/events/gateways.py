@@ -112,3 +112,67 @@ class CvmRegistrationRefused(Event, tag="CvmRegistrationRefused", frozen=True):
     compose_hash: str = ""
     attestation_hash: str = ""
     cluster: str = ""
+
+
+# -- domains and certificates -----------------------------------------------------------------
+# A base domain is its own aggregate, ``dstack.gateway.<cluster>:domain:<domain, '.' -> '_'>``
+# (``core.gateway.certs.domain_subject``), so certificate work never contends with the IP
+# ledger; an ACME account is ``dstack.gateway.<cluster>:acme:<hash of the directory URL>``.
+# Private keys appear only sealed to the cluster key (``core.gateway.sealing``), bound to the
+# event id they travel in.
+
+
+class GatewayDomainAdded(Event, tag="GatewayDomainAdded", frozen=True):
+    """An operator asked the cluster to serve ``domain`` (and ``*.domain``) with ACME certs."""
+
+    cluster: str
+    domain: str  # lower-case, no trailing dot
+    acme_directory: str  # the ACME directory URL
+    contact: tuple[str, ...] = ()  # account contacts ("mailto:ops@example.com")
+    dns_provider: str = ""  # name of the DNS-01 provider the nodes use ("" = their default)
+    wildcard: bool = True  # order ``*.domain`` besides ``domain``
+
+
+class GatewayDomainRemoved(Event, tag="GatewayDomainRemoved", frozen=True):
+    cluster: str
+    domain: str
+    reason: str = ""
+
+
+class AcmeAccountCreated(Event, tag="AcmeAccountCreated", frozen=True):
+    """The cluster's account at one ACME directory; every node signs orders with this key."""
+
+    cluster: str
+    acme_directory: str
+    account_uri: str
+    sealed_key: bytes  # the account's PKCS#8 PEM private key, sealed to the cluster key
+    thumbprint: str = ""  # RFC 7638 JWK thumbprint of the account key (hex)
+
+
+class CertificateRenewalStarted(Event, tag="CertificateRenewalStarted", frozen=True):
+    """``node_id`` claims the next order for ``domain``; the others wait for its outcome."""
+
+    cluster: str
+    domain: str
+    node_id: str
+    attempt: str  # id of this attempt; the outcome names it
+    reason: str = ""  # "missing" | "expiring" | "retry"
+
+
+class CertificateIssued(Event, tag="CertificateIssued", frozen=True):
+    cluster: str
+    domain: str
+    attempt: str
+    names: tuple[str, ...]  # the certificate's DNS names ("*.example.com", "example.com")
+    cert_chain_pem: str  # leaf first, then the intermediates, as the CA sent it
+    not_before: int  # unix seconds
+    not_after: int  # unix seconds
+    sealed_key: bytes  # the certificate's PKCS#8 PEM private key, sealed to the cluster key
+
+
+class CertificateRenewalFailed(Event, tag="CertificateRenewalFailed", frozen=True):
+    cluster: str
+    domain: str
+    attempt: str
+    node_id: str
+    error: str
