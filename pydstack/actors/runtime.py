@@ -114,12 +114,20 @@ class ActorRunner:
         self.stop()
         if self._task is None:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.config.shutdown_grace_s + 2)
-        except TimeoutError:
+        # asyncio.wait, not wait_for: the runner's own failure may itself be a TimeoutError
+        # (nats-py's are), which must not be mistaken for the grace period running out.
+        done, _ = await asyncio.wait({self._task}, timeout=self.config.shutdown_grace_s + 2)
+        if not done:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            return
+        failure = None if self._task.cancelled() else self._task.exception()
+        if failure is not None:
+            if et is None:
+                raise failure
+            # Already unwinding for another reason: that is the cause; log this one.
+            self.log.warning("actor failed while stopping", error=str(failure))
 
     async def wait(self) -> None:
         """Wait for the runner started by ``async with`` to end; re-raises its failure."""

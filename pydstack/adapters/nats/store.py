@@ -574,6 +574,8 @@ class EventStore:
         )
         try:
             await self.js.add_consumer(self.stream, cfg)
+        except nats.errors.TimeoutError:
+            raise StoreError(f"creating consumer {name!r}: no answer from the server") from None
         except nats.js.errors.NotFoundError:
             raise StreamMissing(self.stream) from None
         return await self.js.pull_subscribe_bind(durable=name, stream=self.stream)
