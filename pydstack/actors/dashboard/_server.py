@@ -1,0 +1,125 @@
+"""The dashboard server: follower task + aiohttp site on loopback, owned by one object.
+
+Usage::
+
+    cfg = DashboardConfig(port=8080, dev_env_key=data_dir / "dashboard" / "dev-env.key")
+    async with await Dashboard.create(operator_store, cfg) as dash:
+        print(dash.url)                  # http://127.0.0.1:8080/
+        await dash.follower.ready.wait() # the views have caught up with the log
+
+The store's identity signs every command the dashboard appends (``operator`` under
+``pydstack up``). It listens on 127.0.0.1 only: it has no login, and the browser's WebCrypto
+X25519 needs a secure context, which plain http has only on loopback.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import structlog
+from aiohttp import web
+
+from pydstack.adapters.nats import EventStore
+
+from ._api import create_app
+from ._envkey import DevEnvKey, EnvKeySource, KmsEnvKey
+from ._follower import Follower, Hub
+from ._services import Services
+from ._state import LiveState
+
+_log = structlog.get_logger("pydstack.dashboard")
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardConfig:
+    port: int = 8080  # taken: any free port (logged); 0: any free port
+    host: str = "127.0.0.1"
+    kms_url: str = ""  # set: env keys come from this KMS (GetAppEnvEncryptPubKey)
+    kms_ca_pem: str | None = None
+    dev_env_key: Path | None = None  # without a KMS: the development env key file
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``port``, or on a free port when that one is taken."""
+    for candidate in (port, 0) if port else (0,):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or candidate == 0:
+                raise
+            _log.info("dashboard port taken; using a free one", port=port)
+            continue
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+    raise AssertionError("unreachable")
+
+
+class Dashboard:
+    """Owns the follower task, the hub and the HTTP site; ``close`` stops all three."""
+
+    def __init__(self, store: EventStore, config: DashboardConfig) -> None:
+        self.store = store
+        self.config = config
+        self.state = LiveState()
+        self.hub = Hub()
+        self.follower = Follower(store, self.state, self.hub)
+        self.env_key = self._env_key_source()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def _env_key_source(self) -> EnvKeySource:
+        c = self.config
+        if c.kms_url:
+            return KmsEnvKey(c.kms_url, ca_pem=c.kms_ca_pem, root=self.state.root_k256)
+        path = c.dev_env_key or Path(".pydstack") / "dashboard" / "dev-env.key"
+        return DevEnvKey.load_or_create(path)
+
+    @classmethod
+    async def create(cls, store: EventStore, config: DashboardConfig) -> Dashboard:
+        dash = cls(store, config)
+        await dash._start()
+        return dash
+
+    async def _start(self) -> None:
+        await self.follower.__aenter__()
+        try:
+            services = Services(self.state, self.hub, self.store, self.env_key,
+                                self.follower.ready)  # fmt: skip
+            # shutdown_timeout: open event streams end at once (the hub closes them first).
+            self._runner = web.AppRunner(create_app(services), access_log=None,
+                                         shutdown_timeout=2.0)  # fmt: skip
+            await self._runner.setup()
+            sock = _bind(self.config.host, self.config.port)
+            site = web.SockSite(self._runner, sock)
+            await site.start()
+            port = sock.getsockname()[1]
+            self.url = f"http://{self.config.host}:{port}/"
+        except BaseException:
+            await self.close()
+            raise
+        _log.info("dashboard listening", url=self.url,
+                  env_key="kms" if self.config.kms_url else "dev")  # fmt: skip
+
+    async def close(self) -> None:
+        self.hub.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.follower.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
