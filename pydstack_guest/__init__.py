@@ -6,7 +6,14 @@ async with serve_agent(agent, dstack_sock="/var/run/dstack.sock"):
     ...
 """
 
-from .agent import GuestAgent, GuestConfig, RequestError, boot_runtime_events
+from .agent import (
+    GuestAgent,
+    GuestConfig,
+    RequestError,
+    boot_runtime_events,
+    measure_after_keys,
+    measure_identity,
+)
 from .app import AGENT_KEY, make_app, make_tappd_app, serve_agent
 from .provider import AppKeys, KeyProvider, KeyProviderError, LocalKeyProvider, create_dev_app_keys
 
@@ -23,5 +30,7 @@ __all__ = [
     "create_dev_app_keys",
     "make_app",
     "make_tappd_app",
+    "measure_after_keys",
+    "measure_identity",
     "serve_agent",
 ]

@@ -286,6 +286,16 @@ async def boot_runtime_events(
     os_image_hash: bytes,
 ) -> list[TdxEvent]:
     """Emit what dstack's boot emits, in its order (simulated guests have no dstack-util)."""
+    identity = await measure_identity(
+        backend, app_id=app_id, app_compose=app_compose, instance_id=instance_id
+    )
+    return identity + await measure_after_keys(backend, keys, os_image_hash=os_image_hash)
+
+
+async def measure_identity(
+    backend: TdxBackend, *, app_id: bytes, app_compose: str, instance_id: bytes
+) -> list[TdxEvent]:
+    """The boot events a KMS needs to see before it hands out keys (dstack's order)."""
     compose_hash = hashlib.sha256(app_compose.encode()).digest()
     steps = [
         ("system-preparing", b""),
@@ -293,6 +303,15 @@ async def boot_runtime_events(
         ("compose-hash", compose_hash),
         ("instance-id", instance_id),
         ("boot-mr-done", b""),
+    ]
+    return [await asyncio.to_thread(backend.emit_event, n, p) for n, p in steps]
+
+
+async def measure_after_keys(
+    backend: TdxBackend, keys: AppKeys, *, os_image_hash: bytes
+) -> list[TdxEvent]:
+    """The rest of dstack's boot events, once the key provider is known."""
+    steps = [
         ("os-image-hash", os_image_hash),
         ("key-provider", keys.key_provider_info()),
         ("system-ready", b""),

@@ -8,7 +8,6 @@ attestation then come from the dstack guest agent). Prints `KMS_URL=<url>` once 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import signal
 import sys
 
@@ -58,81 +57,31 @@ async def run(
     dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_hex: str | None,
 ) -> None:  # fmt: skip
     import os
-    import time
 
     from pydstack.adapters.nats import EventStore
-    from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json
     from pydstack.core.events import Signer
-    from pydstack_guest import LocalKeyProvider
 
-    from . import (
-        GuestAgentSealKey,
-        KeyProviderSealKey,
-        KmsService,
-        KmsSettings,
-        RootKeyFile,
-        make_backend,
-        serve_kms,
-    )  # fmt: skip
-    from .keystore import SealKeySource
+    from .launch import KmsLaunch, LaunchError, running_kms
 
     seed = bytes.fromhex(signer_seed_hex) if signer_seed_hex else os.urandom(32)
     signer = Signer.from_private_bytes(f"kms-{instance_id or cluster}", seed)
-    seal: SealKeySource
-    if guest_agent:
-        seal = GuestAgentSealKey(guest_agent)
-    elif seal_appkeys:
-        seal = KeyProviderSealKey(LocalKeyProvider(seal_appkeys))
-    else:
-        raise click.ClickException("give --guest-agent or --seal-appkeys (the seal key source)")
-    root_der = None
-    attester = None
-    colls: dict[str, Collateral] = {}
-    if dev_pki:
-        from pydstack.adapters.tdx.backend import SimulatorBackend
-        from pydstack.adapters.tdx.pki import DevPki
-        from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
-        from pydstack_guest import GuestAgent, GuestConfig
-
-        pki = DevPki.load(dev_pki)
-        root_der = pki.root_der
-        backend = SimulatorBackend(
-            QuoteSimulator(pki), TdMeasurements(mr_td=hashlib.sha384(b"kms image").digest())
-        )
-        keys = await LocalKeyProvider(seal_appkeys).app_keys() if seal_appkeys else None
-        if keys is not None:
-            attester = GuestAgent(backend, keys, GuestConfig())
-
-        def collateral_json() -> str:
-            return pki.collateral_json(int(time.time()))
-
-        source = "dev"
-    else:
-        source = pccs_url
-
-    async def collateral(q: bytes) -> Collateral:
-        if source == "dev":
-            if "c" not in colls:
-                colls["c"] = collateral_from_json(collateral_json())
-            return colls["c"]
-        from pydstack.adapters.tdx.collateral import fetch_collateral
-
-        return await fetch_collateral(source, q)
-
+    opts = KmsLaunch(
+        key_file=key_file, cluster=cluster, host=host, port=port, seal_appkeys=seal_appkeys,
+        guest_agent=guest_agent, auth=auth, auth_url=auth_url, allow_dev_auth=allow_dev_auth,
+        dev_pki=dev_pki, pccs_url=pccs_url, instance_id=instance_id,
+    )  # fmt: skip
     store = await EventStore.connect(nats_url, signer)
     await store.ensure_stream()
-    svc = await KmsService.open(
-        store, KmsSettings(cluster=cluster, root_ca_der=root_der, instance_id=instance_id),
-        backend=make_backend(auth, url=auth_url, allow_dev=allow_dev_auth),
-        collateral=collateral, keyfile=RootKeyFile(key_file, cluster, seal), attester=attester,
-    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with store, svc, serve_kms(svc, host, port) as url:
-        print(f"KMS_URL={url}", flush=True)
-        await stop.wait()
+    try:
+        async with store, running_kms(store, opts) as url:
+            print(f"KMS_URL={url}", flush=True)
+            await stop.wait()
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
     sys.exit(0)
 
 

@@ -1,0 +1,112 @@
+"""Start one KMS instance from plain options: used by `python -m pydstack.actors.kms` and by
+`pydstack up`.
+
+    async with running_kms(store, KmsLaunch(cluster="main", key_file=..., ...)) as url:
+        ...
+
+On a TDX host the seal key and attestation come from the dstack guest agent (`guest_agent`);
+on a dev machine a simulator PKI (`dev_pki`) attests the KMS on a simulated TD and is the only
+root its verifier trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydstack.adapters.nats import EventStore
+from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json, fetch_collateral
+from pydstack.adapters.tdx.ratls import Attester
+from pydstack_guest import LocalKeyProvider
+
+from .backends import make_backend
+from .http import serve_kms
+from .keystore import GuestAgentSealKey, KeyProviderSealKey, RootKeyFile, SealKeySource
+from .service import KmsService, KmsSettings
+
+if TYPE_CHECKING:
+    from pydstack.adapters.tdx.pki import DevPki
+
+INTEL_PCCS = "https://api.trustedservices.intel.com/tdx/certification/v4"
+
+
+class LaunchError(ValueError):
+    """Options that cannot start a KMS; the message says which and what to give instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class KmsLaunch:
+    key_file: str
+    cluster: str = "main"
+    host: str = "127.0.0.1"
+    port: int = 0
+    seal_appkeys: str | None = None  # appkeys.json of this instance's key provider
+    guest_agent: str | None = None  # dstack guest agent socket (seal key + attestation)
+    auth: str = "webhook"
+    auth_url: str = ""
+    allow_dev_auth: bool = False
+    dev_pki: str | None = None
+    pccs_url: str = INTEL_PCCS
+    instance_id: str = ""
+
+
+@asynccontextmanager
+async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
+    """Open (or create, once per cluster) the KMS and serve its RPC; yields its base URL."""
+    seal: SealKeySource
+    if opts.guest_agent:
+        seal = GuestAgentSealKey(opts.guest_agent)
+    elif opts.seal_appkeys:
+        seal = KeyProviderSealKey(LocalKeyProvider(opts.seal_appkeys))
+    else:
+        raise LaunchError("give a guest agent socket or an appkeys.json (the seal key source)")
+    root_der, attester, collateral = await _trust(opts)
+    svc = await KmsService.open(
+        store,
+        KmsSettings(cluster=opts.cluster, root_ca_der=root_der, instance_id=opts.instance_id),
+        backend=make_backend(opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth),
+        collateral=collateral,
+        keyfile=RootKeyFile(opts.key_file, opts.cluster, seal),
+        attester=attester,
+    )
+    async with svc, serve_kms(svc, opts.host, opts.port) as url:
+        yield url
+
+
+async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, _Collateral]:
+    if not opts.dev_pki:
+        return None, None, _Collateral(opts.pccs_url, None)
+    from pydstack.adapters.tdx.backend import SimulatorBackend
+    from pydstack.adapters.tdx.pki import DevPki
+    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+    from pydstack_guest import GuestAgent, GuestConfig
+
+    pki = DevPki.load(opts.dev_pki)
+    backend = SimulatorBackend(
+        QuoteSimulator(pki), TdMeasurements(mr_td=hashlib.sha384(b"kms image").digest())
+    )
+    attester = None
+    if opts.seal_appkeys:
+        keys = await LocalKeyProvider(opts.seal_appkeys).app_keys()
+        attester = GuestAgent(backend, keys, GuestConfig())
+    return pki.root_der, attester, _Collateral("", pki)
+
+
+class _Collateral:
+    """Collateral for a quote: from the dev PKI (made once, valid 30 days) or a PCCS."""
+
+    def __init__(self, pccs_url: str, pki: DevPki | None) -> None:
+        self.pccs_url = pccs_url
+        self.pki = pki
+        self._dev: Collateral | None = None
+
+    async def __call__(self, quote: bytes) -> Collateral:
+        if self.pki is None:
+            return await fetch_collateral(self.pccs_url, quote)
+        if self._dev is None:
+            self._dev = collateral_from_json(self.pki.collateral_json(int(time.time())))
+        return self._dev
