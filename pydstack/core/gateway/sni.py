@@ -27,8 +27,10 @@ _EXT_SNI = 0
 _EXT_ALPN = 16
 _MAX_RECORD = 16384 + 2048  # TLSCiphertext limit; a plaintext ClientHello record is smaller
 MAX_HELLO = 65536  # refuse larger ClientHellos (real ones are < 4 KiB, ~2 KiB with PQ keys)
-_HOST_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
-                      r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")  # fmt: skip
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+    r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$"
+)
 
 
 class ClientHelloError(ValueError):
