@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import nats.errors
 import structlog
@@ -43,7 +43,11 @@ from pydstack.adapters.nats import (
     free_port,
 )
 from pydstack.adapters.nats.identity import ROLES, Identity, IdentityStore, nats_user
+from pydstack.adapters.nats.server import port_in_use
 from pydstack.core.events import HostJoined, subject
+
+if TYPE_CHECKING:
+    from pydstack.actors.kms.launch import KmsLaunch
 
 DEFAULT_PORT: Final = 4222
 # Every role gets an identity named after it, so later actors find theirs in the data dir.
@@ -160,6 +164,12 @@ class UpOptions:
     host_vcpu: int = 20
     host_memory_mb: int = 100 * 1024
     reconcile_interval_s: float = 10.0
+    kms: bool = True
+    kms_port: int = 0  # 0: 9100 when free, else any free port
+    # "": on a host without TDX, the simulator PKI and allow-all "dev" authorization (loudly);
+    # otherwise "webhook" (kms_auth_url) or "dev".
+    kms_auth: str = ""
+    kms_auth_url: str = ""
 
 
 class ControlPlane:
@@ -173,6 +183,7 @@ class ControlPlane:
         self._stop = asyncio.Event()
         self._stop_metrics: Callable[[], None] | None = None
         self.metrics_url = ""
+        self.kms_url = ""
 
     def stop(self) -> None:
         self._stop.set()
@@ -288,6 +299,8 @@ class ControlPlane:
             stack.push_async_callback(_close, store)
             scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
             runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
+            if self.opts.kms:
+                await self._start_kms(stack, ids["kms"], settings)
             self._ready(cfg, ["scheduler"])
             waits = {
                 asyncio.create_task(self._stop.wait(), name="stop"),
@@ -320,6 +333,41 @@ class ControlPlane:
             _log.info("stopping", reason="signal")
         # Leaving the stack stops the runner (in-flight event finished) and closes its store.
 
+    async def _start_kms(
+        self, stack: contextlib.AsyncExitStack, ident: Identity, settings: StreamSettings
+    ) -> None:
+        """Run one KMS instance of cluster `main` with its own identity."""
+        from pydstack.actors.kms.launch import running_kms
+
+        launch = self._kms_launch()
+        store = await self._connect(ident, settings)
+        stack.push_async_callback(_close, store)
+        self.kms_url = await stack.enter_async_context(running_kms(store, launch))
+
+    def _kms_launch(self) -> KmsLaunch:
+        """KMS options: a dev PKI + simulated TD where the host has no TDX, else the guest agent."""
+        from pydstack.actors.kms.launch import KmsLaunch
+
+        kms_dir = self.data.path / "kms"
+        kms_dir.mkdir(mode=0o700, exist_ok=True)
+        dev = not Path("/sys/kernel/config/tsm/report").exists()
+        auth = self.opts.kms_auth or ("dev" if dev else "webhook")
+        if auth == "dev":
+            _log.warning(
+                "KMS authorization is 'dev': EVERY attested app gets keys. Development only; "
+                "use --kms-auth webhook --kms-auth-url URL for anything else"
+            )
+        return KmsLaunch(
+            key_file=str(kms_dir / "root.sealed"),
+            port=self.opts.kms_port or (9100 if not port_in_use("127.0.0.1", 9100) else 0),
+            seal_appkeys=str(_dev_appkeys(kms_dir)) if dev else None,
+            guest_agent=None if dev else "/var/run/dstack.sock",
+            auth=auth,
+            auth_url=self.opts.kms_auth_url,
+            allow_dev_auth=auth == "dev",
+            dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
+        )
+
     async def _watch_server(self) -> None:
         assert self.server is not None and self.server.proc is not None
         code = await asyncio.to_thread(
@@ -335,13 +383,15 @@ class ControlPlane:
     def _ready(self, cfg: PlaneConfig, actors: list[str]) -> None:
         state = {
             "pid": os.getpid(), "nats_url": self.url, "stream": cfg.stream,
-            "metrics_url": self.metrics_url, "actors": actors, "started": time.time(),
+            "metrics_url": self.metrics_url, "kms_url": self.kms_url or None,
+            "actors": actors, "started": time.time(),
             "embedded": self.server is not None,
         }  # fmt: skip
         self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
         where: dict[str, Any] = {
             "nats_url": self.url, "data_dir": str(self.data.path), "stream": cfg.stream,
             "actors": actors, "metrics": self.metrics_url or None, "dashboard": None,
+            "kms": self.kms_url or None,
             "identities": str(self.data.identities.dir),
         }  # fmt: skip
         if self.server is not None:
@@ -351,3 +401,24 @@ class ControlPlane:
             **where,
             hint="pydstack events --follow  |  pydstack status  |  Ctrl-C to stop",
         )
+
+
+def _dev_pki(path: Path) -> Path:
+    """The simulator PKI this dev control plane trusts (made once; guests load the same one)."""
+    from pydstack.adapters.tdx.pki import DevPki
+
+    if not (path / "root.der").exists():
+        DevPki.generate().save(path)
+    return path
+
+
+def _dev_appkeys(kms_dir: Path) -> Path:
+    """Key-provider keys that seal the dev KMS's root keys at rest (0600)."""
+    from pydstack_guest import create_dev_app_keys
+
+    path = kms_dir / "appkeys.json"
+    if not path.exists():
+        _, text = create_dev_app_keys(os.urandom(20), now=int(time.time()))
+        path.write_text(text)
+        path.chmod(0o600)
+    return path

@@ -211,15 +211,41 @@ def verify(
 @click.option("--tappd-socket", default=None, help="also serve the legacy tappd API")
 @click.option("--app-id", default=None, help="hex, 20 bytes (random when new)")
 @click.option("--compose", "compose_file", type=click.Path(exists=True), default=None)
+@click.option(
+    "--kms",
+    "kms_url",
+    default=None,
+    help="get the app keys from this KMS over RA-TLS (e.g. the one `pydstack up` runs)",
+)
+@click.option(
+    "--dev-pki",
+    "dev_pki",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="simulator PKI to sign quotes with (a KMS must trust it; `up` keeps one in DATA/dev-pki)",
+)
 def simulate(
     state_dir: str,
     sock: str,
     tappd_socket: str | None,
     app_id: str | None,
     compose_file: str | None,
+    kms_url: str | None,
+    dev_pki: str | None,
 ) -> None:
     """Run a guest agent on the TDX simulator (verify with --dev-root STATE/pki/root.der)."""
-    asyncio.run(_simulate(Path(state_dir), sock, tappd_socket, app_id, compose_file))
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    asyncio.run(
+        _simulate(
+            Path(state_dir),
+            sock,
+            tappd_socket,
+            app_id,
+            compose_file,
+            kms_url,
+            Path(dev_pki) if dev_pki else None,
+        )
+    )
 
 
 def _read_text(path: str) -> str:
@@ -227,7 +253,13 @@ def _read_text(path: str) -> str:
 
 
 async def _simulate(
-    state: Path, sock: str, tappd: str | None, app_id_hex: str | None, compose_file: str | None
+    state: Path,
+    sock: str,
+    tappd: str | None,
+    app_id_hex: str | None,
+    compose_file: str | None,
+    kms_url: str | None = None,
+    dev_pki: Path | None = None,
 ) -> None:
     from pydstack.adapters.tdx.backend import SimulatorBackend
     from pydstack.adapters.tdx.identity import mr_config_id_v1
@@ -239,22 +271,28 @@ async def _simulate(
         LocalKeyProvider,
         boot_runtime_events,
         create_dev_app_keys,
+        measure_after_keys,
+        measure_identity,
         serve_agent,
     )
+    from pydstack_guest.kms_provider import KmsKeyProvider
 
     now = int(time.time())
-    pki_dir = state / "pki"
+    pki_dir = dev_pki or state / "pki"
     pki = DevPki.load(pki_dir) if (pki_dir / "root.der").exists() else DevPki.generate()
     pki.save(pki_dir)
     # Collateral valid 30 days from now, for `attest verify --collateral`.
     (state / "collateral.json").write_text(pki.collateral_json(now))
-    app_id = bytes.fromhex(app_id_hex) if app_id_hex else os.urandom(20)
+    compose = _read_text(compose_file) if compose_file else '{"name":"sim"}'
+    # dstack's rule: the app id is the compose hash's first 20 bytes unless given.
+    app_id = (
+        bytes.fromhex(app_id_hex) if app_id_hex else hashlib.sha256(compose.encode()).digest()[:20]
+    )
     keys_path = state / "appkeys.json"
-    if not keys_path.exists():
+    if kms_url is None and not keys_path.exists():
         _, text = create_dev_app_keys(app_id, now=now)
         keys_path.write_text(text)
         os.chmod(keys_path, 0o600)
-    compose = _read_text(compose_file) if compose_file else '{"name":"sim"}'
     os_image_hash = hashlib.sha256(b"pydstack simulated image").digest()
     backend = SimulatorBackend(
         QuoteSimulator(pki),
@@ -263,23 +301,27 @@ async def _simulate(
             mr_config_id=mr_config_id_v1(hashlib.sha256(compose.encode()).digest()),
         ),
     )
-    provider = LocalKeyProvider(keys_path)
-    keys = await provider.app_keys()
-    await boot_runtime_events(
-        backend,
-        keys,
-        app_id=app_id,
-        app_compose=compose,
-        instance_id=os.urandom(20),
-        os_image_hash=os_image_hash,
-    )
+    vm_config = json.dumps({"os_image_hash": os_image_hash.hex()})
+    instance_id = os.urandom(20)
+    if kms_url is None:
+        keys = await LocalKeyProvider(keys_path).app_keys()
+        await boot_runtime_events(
+            backend, keys, app_id=app_id, app_compose=compose, instance_id=instance_id,
+            os_image_hash=os_image_hash,
+        )  # fmt: skip
+    else:
+        # dstack's order: identity measured, then keys from the KMS, then the rest.
+        await measure_identity(backend, app_id=app_id, app_compose=compose, instance_id=instance_id)
+        keys = await KmsKeyProvider(kms_url, backend, vm_config=vm_config).app_keys()
+        await measure_after_keys(backend, keys, os_image_hash=os_image_hash)
+        click.echo(f"app keys from {kms_url} for app {app_id.hex()}", err=True)
     agent = GuestAgent(
         backend,
         keys,
         GuestConfig(
             app_name="sim",
             app_compose=compose,
-            vm_config=json.dumps({"os_image_hash": os_image_hash.hex()}),
+            vm_config=vm_config,
         ),
     )
     stop = asyncio.Event()

@@ -68,6 +68,15 @@ from ._common import Settings, connection_options
     default=None,
     help="log format [default: JSON unless stderr is a terminal]",
 )
+@click.option("--kms/--no-kms", default=True, show_default=True, help="run a KMS instance")
+@click.option("--kms-port", type=click.IntRange(0, 65535), default=0, help="[default: 9100]")
+@click.option(
+    "--kms-auth",
+    type=click.Choice(["dev", "webhook"]),
+    default=None,
+    help="authorization backend [default: dev on hosts without TDX, else webhook]",
+)
+@click.option("--kms-auth-url", default="", help="auth-simple webhook for --kms-auth webhook")
 @click.pass_context
 def up_cmd(
     ctx: click.Context,
@@ -82,6 +91,10 @@ def up_cmd(
     allow_delete: bool,
     log_level: str,
     log_json: bool | None,
+    kms: bool,
+    kms_port: int,
+    kms_auth: str | None,
+    kms_auth_url: str,
 ) -> None:
     """Start the control plane: nats-server + JetStream, the stream, the actors.
 
@@ -95,12 +108,13 @@ def up_cmd(
     opts = UpOptions(
         port=port, host=host, nats_url=s.nats, stream=s.stream, allow_delete=allow_delete,
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
-        host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval,
+        host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
+        kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:
         code = asyncio.run(plane.run())
-    except StoreError as exc:
+    except (StoreError, ValueError) as exc:  # ValueError: bad KMS launch options
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         raise SystemExit(130) from None
