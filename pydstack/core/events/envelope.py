@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from nacl.bindings import crypto_sign as _sodium_sign
+from nacl.bindings import crypto_sign_open as _sodium_open
+from nacl.exceptions import BadSignatureError
 
 from ._base import Event, tag_of
 from .catalogue import EVENT_TYPES, AnyEvent
@@ -143,8 +144,10 @@ def verify(data: bytes) -> Envelope:
     if len(env.key) != 32:
         raise SignatureError(f"event {env.id}: public key has {len(env.key)} bytes, expected 32")
     try:
-        Ed25519PublicKey.from_public_bytes(env.key).verify(data[-SIG_LEN:], data[:-SIG_LEN])
-    except InvalidSignature:
+        # libsodium (via PyNaCl) verifies Ed25519 about twice as fast as OpenSSL here, which is
+        # what an audit of the whole log spends its time on. Same RFC 8032 check.
+        _sodium_open(data[-SIG_LEN:] + data[:-SIG_LEN], env.key)
+    except BadSignatureError:
         raise SignatureError(f"event {env.id}: bad signature for key {env.key.hex()}") from None
     return env
 
