@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,83 +32,20 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
 
+from ._types import DEFAULT_STREAM, NEW, Change, Recorded, StreamSettings, Version, new_event_id
+from ._wire import Acks, any_reachable, stamp, versions_after
 from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
 
-DEFAULT_STREAM: Final = "DSTACK"
+__all__ = [
+    "DEFAULT_STREAM", "NEW", "Change", "EventStore", "Recorded", "StreamSettings", "Version",
+    "new_event_id",
+]  # fmt: skip
+
 _WRONG_LAST_SEQ: Final = 10071
 _BATCH_DUP_ID: Final = 10201
 _STREAM_NOT_FOUND: Final = 10059
 _H_EXPECT: Final = "Nats-Expected-Last-Subject-Sequence"
 _H_MSGID: Final = "Nats-Msg-Id"
-
-
-@dataclass(frozen=True, slots=True)
-class Version:
-    """Where an aggregate stands: stream sequence of its last event and that event's hash."""
-
-    seq: int = 0
-    hash: bytes = b""
-
-
-NEW: Final = Version()
-
-
-@dataclass(frozen=True, slots=True)
-class Recorded:
-    """One message as stored: its stream sequence, subject, exact bytes and server time."""
-
-    seq: int
-    subject: str
-    data: bytes
-    time_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One aggregate's part of a commit."""
-
-    subject: str
-    events: Sequence[Event]
-    expected: Version
-    event_ids: Sequence[str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StreamSettings:
-    name: str = DEFAULT_STREAM
-    replicas: int = 1
-    duplicate_window_s: float = 120.0
-    # An audit log should refuse deletes and purges; tests that simulate tampering turn it off.
-    deny_delete: bool = True
-
-
-# Ids need uniqueness, not secrecy: a private generator seeded from os.urandom (and reseeded
-# in a forked child) is ~10x cheaper than uuid4's syscall, and nobody else can seed it (tests
-# that seed the global `random` must not make ids repeat, or the server would dedupe them).
-_ids: Final = random.Random(os.urandom(32))
-os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
-
-
-def new_event_id() -> str:
-    """Time-ordered unique id (UUIDv7 layout, 32 hex digits), so ids sort by creation time."""
-    ms = time.time_ns() // 1_000_000
-    rand = _ids.getrandbits(74)
-    value = (
-        (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
-    )
-    return f"{value:032x}"
-
-
-def _stamp(msg: Msg) -> int:
-    raw = (msg.headers or {}).get("Nats-Time-Stamp", "")
-    if not raw:
-        return 0
-    # RFC 3339 with nanoseconds; the sub-second part is what makes ordering readable.
-    from datetime import datetime
-
-    head, _, frac = raw.rstrip("Z").partition(".")
-    secs = datetime.fromisoformat(head + "+00:00").timestamp()
-    return int(secs) * 1_000_000_000 + int((frac + "000000000")[:9])
 
 
 @dataclass
@@ -123,7 +58,7 @@ class EventStore:
     timeout: float = 5.0
     retries: int = 3
     denials: dict[str, str] = field(default_factory=dict)
-    _acks: _Acks | None = field(
+    _acks: Acks | None = field(
         default=None, init=False, repr=False
     )  # lower-cased subject -> refusal
 
@@ -163,7 +98,7 @@ class EventStore:
 
         opts["error_cb"] = note
         servers: list[str] = opts["servers"]
-        if not await _any_reachable(servers, connect_timeout):
+        if not await any_reachable(servers, connect_timeout):
             # nats-py keeps retrying an initial connect for seconds; one TCP probe answers now.
             raise Unreachable(url, "connection refused")
         try:
@@ -305,17 +240,17 @@ class EventStore:
             seq = await self._publish_one(subj, data, headers, changes[0].expected.seq)
             return {subj: Version(seq, message_hash(data))}
         last_seq = await self._publish_batch(msgs, changes)
-        return _versions_after(msgs, last_seq)
+        return versions_after(msgs, last_seq)
 
     async def _send(self, subject: str, data: bytes, headers: dict[str, str]) -> int:
         """Publish and await the ack; raises like ``js.publish``.
 
-        Acks come back on one shared wildcard subscription (`_Acks`), not a request with
+        Acks come back on one shared wildcard subscription (`Acks`), not a request with
         ``asyncio.wait_for`` per message: the same protocol, ~25% less CPU per append when
         many are in flight (see bench.append).
         """
         if self._acks is None:
-            self._acks = _Acks(self.nc)
+            self._acks = Acks(self.nc)
         return await self._acks.publish(subject, data, headers, self.timeout)
 
     async def _publish_one(
@@ -486,7 +421,7 @@ class EventStore:
                         int(hdrs["Nats-Sequence"]),
                         hdrs.get("Nats-Subject", subject),
                         msg.data,
-                        _stamp(msg),
+                        stamp(msg),
                     )
                 )
         except nats.errors.NoRespondersError:
@@ -579,89 +514,3 @@ class EventStore:
         except nats.js.errors.NotFoundError:
             raise StreamMissing(self.stream) from None
         return await self.js.pull_subscribe_bind(durable=name, stream=self.stream)
-
-
-class _Acks:
-    """Publish acks multiplexed on one ``<inbox>.*`` subscription.
-
-    Like nats-py's ``publish_async``, which cannot be used here: its reply handler lets
-    ``APIError.from_error`` raise inside the callback, so an error ack (a wrong expected
-    sequence) never reaches the future and the caller waits for the timeout instead.
-    """
-
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
-        self.prefix = nc.new_inbox() + "."
-        self.futures: dict[str, asyncio.Future[int]] = {}
-        self.next_token = 0
-        self.sub: Any = None
-
-    async def publish(
-        self, subject: str, data: bytes, headers: dict[str, str], timeout: float
-    ) -> int:
-        if self.sub is None:
-            self.sub = await self.nc.subscribe(self.prefix + "*", cb=self._on_reply)
-        self.next_token += 1
-        token = str(self.next_token)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
-        self.futures[token] = fut
-        timer = loop.call_later(timeout, _expire, fut)
-        try:
-            await self.nc.publish(subject, data, reply=self.prefix + token, headers=headers)
-            return await fut
-        finally:
-            timer.cancel()
-            self.futures.pop(token, None)
-
-    async def _on_reply(self, msg: Msg) -> None:
-        fut = self.futures.get(msg.subject[len(self.prefix) :])
-        if fut is None or fut.done():
-            return
-        if msg.headers and msg.headers.get("Status") == "503":
-            fut.set_exception(nats.js.errors.NoStreamResponseError())
-            return
-        try:
-            resp = json.loads(msg.data)
-            err = resp.get("error")
-            if err is None:
-                fut.set_result(int(resp["seq"]))
-                return
-            nats.js.errors.APIError.from_error(err)  # raises the typed error
-        except nats.js.errors.APIError as exc:
-            fut.set_exception(exc)
-        except (ValueError, KeyError, TypeError) as exc:
-            fut.set_exception(StoreError(f"unreadable publish ack: {exc}"))
-
-
-def _expire(fut: asyncio.Future[int]) -> None:
-    if not fut.done():
-        fut.set_exception(nats.errors.TimeoutError())
-
-
-def _versions_after(
-    msgs: list[tuple[str, bytes, dict[str, str]]], last_seq: int
-) -> dict[str, Version]:
-    # An atomic batch occupies consecutive sequences ending at last_seq.
-    first = last_seq - len(msgs) + 1
-    out: dict[str, Version] = {}
-    for offset, (subj, data, _) in enumerate(msgs):
-        out[subj] = Version(first + offset, message_hash(data))
-    return out
-
-
-async def _any_reachable(servers: Sequence[str], timeout: float) -> bool:
-    from urllib.parse import urlsplit
-
-    for server in servers:
-        parts = urlsplit(server if "://" in server else f"nats://{server}")
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222),
-                timeout,
-            )
-        except (OSError, TimeoutError):
-            continue
-        writer.close()
-        return True
-    return False
