@@ -170,6 +170,8 @@ class UpOptions:
     # otherwise "webhook" (kms_auth_url) or "dev".
     kms_auth: str = ""
     kms_auth_url: str = ""
+    dashboard_port: int = 8080  # taken: any free port; 0: any free port; -1: no dashboard
+    dashboard_kms: str = ""  # KMS URL for the deploy form's env keys [default: up's own KMS]
 
 
 class ControlPlane:
@@ -184,6 +186,7 @@ class ControlPlane:
         self._stop_metrics: Callable[[], None] | None = None
         self.metrics_url = ""
         self.kms_url = ""
+        self.dashboard_url = ""
 
     def stop(self) -> None:
         self._stop.set()
@@ -288,6 +291,28 @@ class ControlPlane:
         if self._stop_metrics is not None:
             self._stop_metrics()
 
+    async def _serve_dashboard(
+        self, stack: contextlib.AsyncExitStack, operator: Identity, settings: StreamSettings
+    ) -> None:
+        """The web dashboard (pydstack.actors.dashboard); its commands sign as `operator`."""
+        if self.opts.dashboard_port < 0:
+            return
+        from pydstack.actors.dashboard import Dashboard, DashboardConfig, EnvKeyError
+
+        store = await self._connect(operator, settings)
+        stack.push_async_callback(_close, store)
+        config = DashboardConfig(
+            port=self.opts.dashboard_port,
+            kms_url=self.opts.dashboard_kms or self.kms_url,  # none: a dev key (--no-kms)
+            dev_env_key=self.data.path / "dashboard" / "dev-env.key",
+        )
+        try:
+            dash = await Dashboard.create(store, config)
+        except (OSError, EnvKeyError) as exc:
+            raise StoreError(f"dashboard: {exc}; run without it with --dashboard-port -1") from None
+        stack.push_async_callback(dash.close)
+        self.dashboard_url = dash.url
+
     async def _run_actors(
         self, ids: dict[str, Identity], settings: StreamSettings, cfg: PlaneConfig
     ) -> None:
@@ -301,6 +326,7 @@ class ControlPlane:
             runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
             if self.opts.kms:
                 await self._start_kms(stack, ids["kms"], settings)
+            await self._serve_dashboard(stack, ids["operator"], settings)
             self._ready(cfg, ["scheduler"])
             waits = {
                 asyncio.create_task(self._stop.wait(), name="stop"),
@@ -385,12 +411,13 @@ class ControlPlane:
             "pid": os.getpid(), "nats_url": self.url, "stream": cfg.stream,
             "metrics_url": self.metrics_url, "kms_url": self.kms_url or None,
             "actors": actors, "started": time.time(),
-            "embedded": self.server is not None,
+            "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
         }  # fmt: skip
         self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
         where: dict[str, Any] = {
             "nats_url": self.url, "data_dir": str(self.data.path), "stream": cfg.stream,
-            "actors": actors, "metrics": self.metrics_url or None, "dashboard": None,
+            "actors": actors, "metrics": self.metrics_url or None,
+            "dashboard": self.dashboard_url or None,
             "kms": self.kms_url or None,
             "identities": str(self.data.identities.dir),
         }  # fmt: skip

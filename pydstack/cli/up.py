@@ -36,6 +36,19 @@ from ._common import Settings, connection_options
     help="Prometheus /metrics port (0: any free port, -1: off)",
 )
 @click.option(
+    "--dashboard-port",
+    type=click.IntRange(-1, 65535),
+    default=8080,
+    show_default=True,
+    help="web dashboard on 127.0.0.1 (taken or 0: any free port, -1: off)",
+)
+@click.option(
+    "--dashboard-kms",
+    metavar="URL",
+    default="",
+    help="KMS the deploy form gets env keys from [default: up's own; --no-kms: a dev key]",
+)
+@click.option(
     "--host-id",
     default=default_host_id(),
     show_default=True,
@@ -83,6 +96,8 @@ def up_cmd(
     port: int | None,
     host: str | None,
     metrics_port: int,
+    dashboard_port: int,
+    dashboard_kms: str,
     host_id: str,
     no_host: bool,
     host_vcpu: int,
@@ -110,6 +125,7 @@ def up_cmd(
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
+        dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:

@@ -76,6 +76,8 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
     resp.headers.setdefault("X-Content-Type-Options", "nosniff")
     if request.path.startswith(("/api/", "/static/")):
         resp.headers.setdefault("Cache-Control", "no-cache")
+    if request.path.startswith("/api/"):
+        resp.headers["X-Pydstack-Seq"] = str(services(request).state.seq)
     return resp
 
 

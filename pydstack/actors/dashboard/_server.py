@@ -30,7 +30,7 @@ from ._api import create_app
 from ._envkey import DevEnvKey, EnvKeySource, KmsEnvKey
 from ._follower import Follower, Hub
 from ._services import Services
-from ._state import LiveState
+from ._state import EVENT_WINDOW, LiveState
 
 _log = structlog.get_logger("pydstack.dashboard")
 
@@ -42,6 +42,7 @@ class DashboardConfig:
     kms_url: str = ""  # set: env keys come from this KMS (GetAppEnvEncryptPubKey)
     kms_ca_pem: str | None = None
     dev_env_key: Path | None = None  # without a KMS: the development env key file
+    event_window: int = EVENT_WINDOW  # recent events kept in memory (older: read from NATS)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -69,7 +70,7 @@ class Dashboard:
     def __init__(self, store: EventStore, config: DashboardConfig) -> None:
         self.store = store
         self.config = config
-        self.state = LiveState()
+        self.state = LiveState(config.event_window)
         self.hub = Hub()
         self.follower = Follower(store, self.state, self.hub)
         self.env_key = self._env_key_source()

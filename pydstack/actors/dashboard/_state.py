@@ -117,12 +117,12 @@ def body_json(event: AnyEvent) -> dict[str, Any]:
 class LiveState:
     """Every view of the dashboard at stream sequence ``seq``; changed only by :meth:`apply`."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = EVENT_WINDOW) -> None:
         self.proj = Projections()
         self.kms: dict[str, KmsState] = {}
         self.decisions: OrderedDict[str, KeyDecision] = OrderedDict()
         self.clusters: dict[str, ClusterState] = {}
-        self.events: deque[EventRow] = deque(maxlen=EVENT_WINDOW)
+        self.events: deque[EventRow] = deque(maxlen=window)
         self.seq = 0
         self.malformed = 0
 
