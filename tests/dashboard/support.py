@@ -93,8 +93,10 @@ async def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 
 def boot(tcb: str = "UpToDate") -> BootInfo:
-    return BootInfo(tcb_status=tcb, app_id=APP_ID, compose_hash="ef" * 32, instance_id=INSTANCE,
-                    mr_aggregated="12" * 32, os_image_hash="34" * 32, device_id="56" * 32)  # fmt: skip
+    return BootInfo(
+        tcb_status=tcb, app_id=APP_ID, compose_hash="ef" * 32, instance_id=INSTANCE,
+        mr_aggregated="12" * 32, os_image_hash="34" * 32, device_id="56" * 32,
+    )  # fmt: skip
 
 
 async def seed_kms(store: EventStore) -> None:

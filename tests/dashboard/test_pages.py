@@ -18,6 +18,7 @@ from pydstack.core.events import (
 from .conftest import Plane
 from .support import INSTANCE, open_tab, seed_gateway, seed_kms, wait_for
 
+
 async def _has(locator: Locator, text: str) -> bool:
     return text in await locator.inner_text()
 
@@ -26,6 +27,7 @@ async def _count_is(locator: Locator, n: int) -> bool:
     return await locator.count() == n
 
 
+TYPES = "rows => rows.map(r => r.dataset.type)"
 PAGES = ("hosts", "apps", "vms", "keys", "gateways", "events", "deploy")
 
 
@@ -45,8 +47,13 @@ async def test_every_page_loads_without_console_errors(
     await _vm(plane, "vm-a")
     await seed_kms(plane.store)
     await seed_gateway(plane.store)
-    await wait_for(lambda: plane.dash.state.proj.vms.get("vm-a") and
-                   plane.dash.state.proj.vms["vm-a"].state == "scheduled", what="scheduling")
+    await wait_for(
+        lambda: (
+            plane.dash.state.proj.vms.get("vm-a")
+            and plane.dash.state.proj.vms["vm-a"].state == "scheduled"
+        ),
+        what="scheduling",
+    )
     expect = {
         "hosts": "h1", "apps": "shop", "vms": "vm-a", "keys": "compose hash not allowed",
         "gateways": INSTANCE[:12], "events": "KeyIssued", "deploy": "Build app-compose",
@@ -115,17 +122,22 @@ async def test_event_filters_by_type_and_subject(plane: Plane, browser: BrowserC
     await tab.page.wait_for_url("**/events?**type=HostJoined**")
     await tab.page.wait_for_selector("main[data-loaded]")
     await tab.page.wait_for_selector("body[data-live='live']")
-    types = await tab.page.eval_on_selector_all("#events tbody tr", "rs => rs.map(r => r.dataset.type)")
+    types = await tab.page.eval_on_selector_all(
+        "#events tbody tr", "rs => rs.map(r => r.dataset.type)"
+    )
     assert types == ["HostJoined"]
     await _vm(plane, "vm-g")  # not a HostJoined: must not appear
     await plane.store.append(subject("host", "h2"), [HostJoined(host_id="h2")], NEW)
     rows = tab.page.locator("#events tbody tr")
     await wait_for(lambda: _count_is(rows, 2), what="the second HostJoined row")
-    types = await tab.page.eval_on_selector_all("#events tbody tr", "rs => rs.map(r => r.dataset.type)")
+    types = await tab.page.eval_on_selector_all(
+        "#events tbody tr", "rs => rs.map(r => r.dataset.type)"
+    )
     assert types == ["HostJoined", "HostJoined"]
     await tab.page.goto(f"{plane.url}events?subject=dstack.vm.*")
     await tab.page.wait_for_selector("main[data-loaded]")
     subjects = await tab.page.eval_on_selector_all(
-        "#events tbody tr td:nth-child(3)", "cs => cs.map(c => c.innerText)")
+        "#events tbody tr td:nth-child(3)", "cs => cs.map(c => c.innerText)"
+    )
     assert subjects and all(s.startswith("dstack.vm.") for s in subjects)
     assert tab.errors == []
