@@ -51,7 +51,6 @@ from pydstack.core.gateway.certs import (
     CertState,
     CertStore,
     Domain,
-    Renewal,
     RenewalPolicy,
     account_subject,
     decide_add_domain,
@@ -127,6 +126,11 @@ class CertKeeperConfig:
     order_timeout_s: float = 120.0
     max_sleep_s: float = 300.0  # a pass at least this often, whatever next_check_s says
 
+    def __post_init__(self) -> None:
+        # A claim must outlive the order it covers, or a second node could order meanwhile.
+        if self.order_timeout_s >= self.policy.claim_timeout_s:
+            raise ValueError("order_timeout_s must be shorter than the policy's claim_timeout_s")
+
 
 class CertKeeper:
     """One node's certificate loop: claims, orders, appends outcomes, feeds the proxy."""
@@ -163,22 +167,31 @@ class CertKeeper:
         await self.refresh()
         now = int(self.clock())
         done = []
-        for r in decide_renewal(self.view.state, now, self.config.policy):
-            if await self._renew(r):
+        due = decide_renewal(self.view.state, now, self.config.policy)
+        for r in due:
+            if await self._renew(r.domain, now):
                 done.append(r.domain)
-        if done:
+        if due:  # fold the outcomes (ours and the winners') before reporting
             await self.refresh()
         _log.info("certificates reconciled", node=self.config.node_id, issued=done,
                   domains=len(self.view.state.domains))  # fmt: skip
         return done
 
-    async def _renew(self, r: Renewal) -> bool:
+    async def _renew(self, domain: str, now: int) -> bool:
+        # Decide again on a fresh fold and claim at the version of THAT fold (no await in
+        # between): an earlier order in this pass may have taken long, and a claim must never
+        # be appended at a version newer than the state it was decided on.
+        await self.view.catch_up()
         cfg, state = self.config, self.view.state
-        subj = domain_subject(cfg.cluster, r.domain)
+        subj = domain_subject(cfg.cluster, domain)
+        expected = self.view.version(subj)
+        r = next((r for r in decide_renewal(state, now, cfg.policy) if r.domain == domain), None)
+        if r is None:
+            return False
         attempt = new_event_id()
         claim = start_renewal(state, r, node_id=cfg.node_id, attempt=attempt)
         try:
-            claimed = await self.view.store.append(subj, [claim], self.view.version(subj))
+            claimed = await self.view.store.append(subj, [claim], expected)
         except ConflictError:
             _log.debug("another node claimed the order", domain=r.domain)
             return False
