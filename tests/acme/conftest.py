@@ -52,9 +52,20 @@ class Nodes:
         await store.ensure_stream()
         return store
 
-    async def node(self, name: str, key: ClusterKey, policy: RenewalPolicy = FRESH) -> CertKeeper:
+    async def node(
+        self,
+        name: str,
+        key: ClusterKey,
+        policy: RenewalPolicy = FRESH,
+        *,
+        order_timeout_s: float = 120.0,
+    ) -> CertKeeper:
         config = CertKeeperConfig(
-            cluster=CLUSTER, node_id=name, policy=policy, ca_bundle=self.pebble.ca_bundle
+            cluster=CLUSTER,
+            node_id=name,
+            policy=policy,
+            ca_bundle=self.pebble.ca_bundle,
+            order_timeout_s=order_timeout_s,
         )
         dns = ChallTestSrvDns(self.pebble.challtestsrv_url)
         return CertKeeper(await self.store(name), key, config, {"": dns})

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -14,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pydstack.actors.decode import decode_message
 from pydstack.actors.gateway.certs import add_domain
-from pydstack.adapters.nats import EventStore
+from pydstack.adapters.nats import EventStore, NatsServer
 from pydstack.core.events import (
     AcmeAccountCreated,
     AnyEvent,
@@ -22,11 +24,11 @@ from pydstack.core.events import (
     CertificateRenewalFailed,
     CertificateRenewalStarted,
 )
-from pydstack.core.gateway.certs import CERT_KEY, AddDomain, domain_subject
+from pydstack.core.gateway.certs import CERT_KEY, AddDomain, RenewalPolicy, domain_subject
 from pydstack.core.gateway.sealing import ClusterKey, SealError, binding, open_sealed
 
 from .conftest import CLUSTER, DUE, Nodes
-from .pebble import Pebble
+from .pebble import Pebble, missing_binaries, running_pebble
 
 DOMAIN = "apps.example.com"
 
@@ -247,3 +249,44 @@ async def _first_cert_key(store: EventStore, key: ClusterKey) -> bytes:
         if isinstance(event, CertificateIssued):
             return open_sealed(key, event.sealed_key, binding(CERT_KEY, CLUSTER, DOMAIN, env.id))
     raise AssertionError("no certificate on the log")
+
+
+async def test_the_loop_renews_a_short_lived_certificate_before_it_expires(
+    nats_server: NatsServer, cluster_key: ClusterKey, tmp_path: Path
+) -> None:
+    if missing_binaries():
+        pytest.skip("pebble not installed")
+    policy = RenewalPolicy(renew_before_s=4, claim_timeout_s=60)
+    async with (
+        running_pebble(tmp_path / "short", validity_s=7) as short,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        fleet = Nodes(nats_server, short, stack)
+        gw1 = await fleet.node("gw1", cluster_key, policy, order_timeout_s=30)
+        gw2 = await fleet.node("gw2", cluster_key, policy, order_timeout_s=30)
+        await add(gw1.view.store, short)
+        subj = domain_subject(CLUSTER, DOMAIN)
+        async with gw1.running(), gw2.running():  # no interval: they sleep until something is due
+            for _ in range(300):
+                events = await events_on(gw1.view.store, subj)
+                if count(events, CertificateIssued) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+        issued = [e for e in events if isinstance(e, CertificateIssued)]
+        claims = [e for e in events if isinstance(e, CertificateRenewalStarted)]
+        assert len(issued) >= 2
+        assert [c.reason for c in claims[:2]] == ["missing", "expiring"]
+        # the renewal landed (stream time) before the first certificate expired
+        recs, _ = await gw1.view.store.read_aggregate(subj)
+        landed = [
+            r.time_ns / 1e9
+            for r in recs
+            if isinstance(decode_message(r.subject, r.data)[1], CertificateIssued)
+        ]
+        assert landed[1] < issued[0].not_after
+        assert issued[1].not_after > issued[0].not_after
+        # claims and outcomes alternate: never two orders at once
+        kinds = [
+            type(e) for e in events if isinstance(e, CertificateRenewalStarted | CertificateIssued)
+        ]
+        assert all(a is not b for a, b in itertools.pairwise(kinds))
