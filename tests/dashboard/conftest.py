@@ -15,6 +15,7 @@ from pydstack.actors import ActorRunner, RuntimeConfig, Scheduler, SchedulerConf
 from pydstack.actors.dashboard import Dashboard, DashboardConfig, DevEnvKey
 from pydstack.adapters.nats import NEW, EventStore, NatsServer, StreamSettings
 from pydstack.core.events import HostJoined, Signer, subject
+from tests.kms.conftest import kms, pki, webhook  # noqa: F401  # a real KMS for test_kms_and_up
 
 from .support import CHROMIUM, FLAGS, fresh_profile
 
