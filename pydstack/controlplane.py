@@ -164,7 +164,7 @@ class UpOptions:
     host_vcpu: int = 20
     host_memory_mb: int = 100 * 1024
     reconcile_interval_s: float = 10.0
-    kms: bool = True
+    kms: bool | None = None  # None: run one with the embedded server, not when joining
     kms_port: int = 0  # 0: 9100 when free, else any free port
     # "": on a host without TDX, the simulator PKI and allow-all "dev" authorization (loudly);
     # otherwise "webhook" (kms_auth_url) or "dev".
@@ -324,7 +324,7 @@ class ControlPlane:
             stack.push_async_callback(_close, store)
             scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
             runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
-            if self.opts.kms:
+            if self.opts.kms or (self.opts.kms is None and self.server is not None):
                 await self._start_kms(stack, ids["kms"], settings)
             await self._serve_dashboard(stack, ids["operator"], settings)
             self._ready(cfg, ["scheduler"])
@@ -366,9 +366,14 @@ class ControlPlane:
         from pydstack.actors.kms.launch import running_kms
 
         launch = self._kms_launch()
+        from pydstack.actors.kms.service import NotOnboarded
+
         store = await self._connect(ident, settings)
         stack.push_async_callback(_close, store)
-        self.kms_url = await stack.enter_async_context(running_kms(store, launch))
+        try:
+            self.kms_url = await stack.enter_async_context(running_kms(store, launch))
+        except NotOnboarded as exc:
+            raise StoreError(f"{exc}; or start without a KMS (--no-kms)") from None
 
     def _kms_launch(self) -> KmsLaunch:
         """KMS options: a dev PKI + simulated TD where the host has no TDX, else the guest agent."""

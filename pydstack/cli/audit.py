@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,37 @@ def _summary_line(s: Summary, keyring: Path | None) -> str:
     help="keyring.json of allowed signers [default: the data dir's, if any]",
 )
 @click.option("--no-keyring", is_flag=True, help="check signatures without a keyring")
+@click.option(
+    "--collateral",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="collateral JSON to re-verify the KMS decisions' quotes with",
+)
+@click.option(
+    "--dev-pki",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="simulator PKI the KMS trusted [default: the data dir's dev-pki, if any]",
+)
 @json_option
 @click.pass_context
 def audit_cmd(
-    ctx: click.Context, keyring_file: Path | None, no_keyring: bool, as_json: bool
+    ctx: click.Context,
+    keyring_file: Path | None,
+    no_keyring: bool,
+    collateral: Path | None,
+    dev_pki: Path | None,
+    as_json: bool,
 ) -> None:
-    """Re-verify every signature, hash chain and sequence of the log.
+    """Re-verify every signature, hash chain and sequence of the log, and every KMS decision.
 
     Exits non-zero when anything is wrong, naming the stream sequence and the reason (a
     forged or altered event, a broken chain, a deleted or reordered message, a signer
-    writing outside its subjects). Unknown event types are warnings.
+    writing outside its subjects, a KeyIssued whose recorded quote, event log or policy does
+    not re-verify). Unknown event types are warnings.
     """
     conn = resolve(ctx)
+    if dev_pki is None and collateral is None and (conn.data.path / "dev-pki").is_dir():
+        dev_pki = conn.data.path / "dev-pki"
+    kms_logs: dict[str, list[tuple[int, bytes]]] = {}
     ring_path = None if no_keyring else (keyring_file or conn.keyring_path)
     if ring_path is not None and not ring_path.exists():
         if keyring_file is not None:
@@ -73,9 +92,16 @@ def audit_cmd(
                 if last:
                     async for rec in store.read(until_seq=last):
                         emit(auditor.check(rec.seq, rec.subject, rec.data))
+                        if rec.subject.startswith("dstack.kms."):
+                            kms_logs.setdefault(rec.subject, []).append((rec.seq, rec.data))
                         bar.update()
             emit(auditor.finish(last))
-        return auditor.summary()
+        extra = [f for subj, recs in kms_logs.items()
+                 for f in recheck_kms(subj, recs, collateral, dev_pki)]  # fmt: skip
+        emit(extra)
+        s = auditor.summary()
+        errors = sum(f.severity == "error" for f in extra)
+        return replace(s, errors=s.errors + errors, warnings=s.warnings + len(extra) - errors)
 
     summary = run(check())
     if as_json:
@@ -87,6 +113,63 @@ def audit_cmd(
         f = first_error[0]
         more = f" ({summary.errors - 1} more listed)" if summary.errors > 1 else ""
         raise click.ClickException(f"audit failed at {f.reason}{more}")
+
+
+def recheck_kms(
+    subj: str, recs: list[tuple[int, bytes]], collateral: Path | None, dev_pki: Path | None
+) -> list[Finding]:
+    """Re-verify one KMS aggregate's decisions against their recorded evidence and policy."""
+    from pydstack.actors.kms import make_recheck
+    from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json
+    from pydstack.core.events import CodecError, KeyIssued, decode_body, open_envelope
+    from pydstack.core.kms import audit_kms_log
+
+    events = []
+    seq_of: dict[str, int] = {}  # request id -> seq of its decision, to name it in findings
+    for seq, data in recs:
+        try:
+            body = decode_body(open_envelope(data))
+        except CodecError:
+            continue  # already reported by the log audit
+        events.append(body)
+        rid = getattr(body, "request_id", None)
+        if isinstance(rid, str):
+            seq_of[rid] = seq
+    first = recs[0][0] if recs else 0
+    if not any(isinstance(e, KeyIssued) for e in events):
+        return []
+    if collateral is None and dev_pki is None:
+        why = f"seq {first}: {subj}: KMS decisions not re-verified; give --collateral or --dev-pki"
+        return [Finding(seq=first, code="kms_not_rechecked", reason=why, severity="warning")]
+    root_der = None
+    at = {"now": 0}
+    if dev_pki is not None:
+        from pydstack.adapters.tdx.pki import DevPki
+
+        pki = DevPki.load(dev_pki)
+        root_der = pki.root_der
+
+        def coll(_q: bytes) -> Collateral:  # dev collateral as it was valid at decision time
+            return collateral_from_json(pki.collateral_json(at["now"]))
+    else:
+        assert collateral is not None
+        fixed = collateral_from_json(collateral.read_bytes())
+
+        def coll(_q: bytes) -> Collateral:
+            return fixed
+
+    inner = make_recheck(coll, root_der)
+
+    def recheck(raw: bytes, vm_config: str, policy: str, now: int) -> Any:
+        at["now"] = now
+        return inner(raw, vm_config, policy, now)
+
+    out = []
+    for p in audit_kms_log(events, recheck):
+        seq = seq_of.get(p.split(":", 1)[0], first)
+        out.append(Finding(seq=seq, code="kms_decision", reason=f"seq {seq}: {subj}: {p}",
+                           subject=subj))  # fmt: skip
+    return out
 
 
 async def _load(path: Path) -> Keyring:

@@ -81,7 +81,11 @@ from ._common import Settings, connection_options
     default=None,
     help="log format [default: JSON unless stderr is a terminal]",
 )
-@click.option("--kms/--no-kms", default=True, show_default=True, help="run a KMS instance")
+@click.option(
+    "--kms/--no-kms",
+    default=None,
+    help="run a KMS instance [default: with the embedded server, not when joining --nats]",
+)
 @click.option("--kms-port", type=click.IntRange(0, 65535), default=0, help="[default: 9100]")
 @click.option(
     "--kms-auth",
@@ -106,7 +110,7 @@ def up_cmd(
     allow_delete: bool,
     log_level: str,
     log_json: bool | None,
-    kms: bool,
+    kms: bool | None,
     kms_port: int,
     kms_auth: str | None,
     kms_auth_url: str,

@@ -22,7 +22,8 @@ from .harness import PYDSTACK, Up, cli, free_port, wait_for
 @pytest.fixture
 def plane(tmp_path: Path) -> Iterator[Up]:
     # --allow-delete: the tamper test deletes a message, which a normal stream refuses.
-    up = Up(tmp_path / "home", extra=("--allow-delete",)).start()
+    # --no-kms: these tests count events; the KMS of `up` has its own tests (test_up_kms.py).
+    up = Up(tmp_path / "home", extra=("--allow-delete", "--no-kms")).start()
     yield up
     assert up.stop() == 0, up.text()
 

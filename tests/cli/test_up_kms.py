@@ -45,3 +45,60 @@ def test_simulated_guest_gets_keys_from_the_kms_of_up(tmp_path: Path) -> None:
         assert cli(home, "audit").code == 0
     finally:
         assert plane.stop() == 0
+
+
+def test_audit_catches_a_signed_but_lying_kms_decision(tmp_path: Path) -> None:
+    """A KeyIssued whose BootInfo does not match its recorded quote fails `pydstack audit`,
+    even though it is correctly signed by the KMS identity and chained."""
+    import asyncio
+
+    import msgspec
+
+    from pydstack.adapters.nats import EventStore
+    from pydstack.adapters.nats.identity import IdentityStore
+    from pydstack.core.events import KeyIssued, KeyRequested, decode_body, open_envelope
+
+    home = tmp_path / "home"
+    plane = Up(home).start()
+    try:
+        url = plane.ready()["nats_url"]  # type: ignore[index]
+        kms_url = plane.ready()["kms"]  # type: ignore[index]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
+        log = tmp_path / "sim.log"
+        with log.open("wb") as f:
+            sim = subprocess.Popen(
+                [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"), "--socket",
+                 str(tmp_path / "d.sock"), "--kms", kms_url, "--dev-pki", str(home / "dev-pki")],
+                stdout=f, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        try:
+            wait_for(lambda: "app keys from" in log.read_text() or sim.poll() is not None,
+                     timeout=30, what="keys")  # fmt: skip
+        finally:
+            sim.terminate()
+            sim.wait(timeout=10)
+        assert cli(home, "audit").code == 0
+
+        async def forge() -> int:
+            kms = IdentityStore(home / "identities").load("kms")
+            assert kms is not None
+            async with await EventStore.connect(url, kms.signer, nkey_seed=kms.seed) as store:
+                recs, version = await store.read_aggregate("dstack.kms.main")
+                bodies = [decode_body(open_envelope(r.data)) for r in recs]
+                req = next(b for b in bodies if isinstance(b, KeyRequested))
+                issued = next(b for b in bodies if isinstance(b, KeyIssued))
+                lie = msgspec.structs.replace(
+                    issued, request_id="forged",
+                    boot_info=msgspec.structs.replace(issued.boot_info, app_id="ab" * 20),
+                )  # fmt: skip
+                again = msgspec.structs.replace(req, request_id="forged")
+                v = await store.append("dstack.kms.main", [again, lie], version)
+                return v.seq
+
+        seq = asyncio.run(forge())
+        r = cli(home, "audit")
+        assert r.code == 1
+        assert f"seq {seq}: dstack.kms.main: forged: re-derived BootInfo differs" in r.out, r.out
+        assert "1 errors" in r.out
+    finally:
+        assert plane.stop() == 0
