@@ -15,6 +15,7 @@ X25519 needs a secure context, which plain http has only on loopback.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ class DashboardConfig:
     host: str = "127.0.0.1"
     kms_url: str = ""  # set: env keys come from this KMS (GetAppEnvEncryptPubKey)
     kms_ca_pem: str | None = None
-    dev_env_key: Path | None = None  # without a KMS: the development env key file
+    dev_env_key: Path | None = None  # without a KMS: the dev env key file (None: in memory)
     event_window: int = EVENT_WINDOW  # recent events kept in memory (older: read from NATS)
 
 
@@ -81,8 +82,9 @@ class Dashboard:
         c = self.config
         if c.kms_url:
             return KmsEnvKey(c.kms_url, ca_pem=c.kms_ca_pem, root=self.state.root_k256)
-        path = c.dev_env_key or Path(".pydstack") / "dashboard" / "dev-env.key"
-        return DevEnvKey.load_or_create(path)
+        if c.dev_env_key is None:  # nowhere to keep it: a key for this process only
+            return DevEnvKey(os.urandom(32))
+        return DevEnvKey.load_or_create(c.dev_env_key)
 
     @classmethod
     async def create(cls, store: EventStore, config: DashboardConfig) -> Dashboard:
