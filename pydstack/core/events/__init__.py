@@ -59,11 +59,16 @@ from .vms import (
     VmRemoveRequested,
     VmRequested,
     VmResources,
+    VmRestartExhausted,
+    VmRestartScheduled,
     VmScheduled,
     VmStarted,
     VmStartRequested,
     VmStopped,
     VmStopRequested,
+    VmUpdated,
+    VmUpdateRejected,
+    VmUpdateRequested,
 )
 
 __all__ = [
@@ -80,7 +85,8 @@ __all__ = [
     "KmsRootCreated", "PortAttrs", "PortMap", "SignatureError", "Signer", "SubjectError",
     "TunnelIpAllocated", "TunnelIpReleased", "VmBootError",
     "VmBootProgress", "VmEvent", "VmExited", "VmRejected", "VmRemoveRequested", "VmRemoved",
-    "VmRequested", "VmResources", "VmScheduled", "VmStartRequested", "VmStarted",
-    "VmStopRequested", "VmStopped", "decode_any", "decode_body", "encode_body", "kind_filter",
+    "VmRequested", "VmResources", "VmRestartExhausted", "VmRestartScheduled", "VmScheduled",
+    "VmStartRequested", "VmStarted", "VmStopRequested", "VmStopped", "VmUpdateRejected",
+    "VmUpdateRequested", "VmUpdated", "decode_any", "decode_body", "encode_body", "kind_filter",
     "message_hash", "open_envelope", "parse_subject", "seal", "subject", "tag_of", "verify",
 ]  # fmt: skip

@@ -37,11 +37,16 @@ from .vms import (
     VmRemoved,
     VmRemoveRequested,
     VmRequested,
+    VmRestartExhausted,
+    VmRestartScheduled,
     VmScheduled,
     VmStarted,
     VmStartRequested,
     VmStopped,
     VmStopRequested,
+    VmUpdated,
+    VmUpdateRejected,
+    VmUpdateRequested,
 )
 
 AppEvent = AppRegistered | AppUpgraded | AppRemoved
@@ -58,6 +63,11 @@ VmEvent = (
     | VmExited
     | VmStopped
     | VmRemoved
+    | VmRestartScheduled
+    | VmRestartExhausted
+    | VmUpdateRequested
+    | VmUpdated
+    | VmUpdateRejected
 )
 HostEvent = HostJoined | HostHeartbeat | HostLeft | HostVmPlaced | HostVmReleased
 KmsEvent = KmsRootCreated | KeyRequested | KeyIssued | KeyDenied | KmsReplicaOnboarded
@@ -80,6 +90,7 @@ EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     AppRegistered, AppUpgraded, AppRemoved,
     VmRequested, VmScheduled, VmRejected, VmStartRequested, VmStopRequested, VmRemoveRequested,
     VmStarted, VmBootProgress, VmBootError, VmExited, VmStopped, VmRemoved,
+    VmRestartScheduled, VmRestartExhausted, VmUpdateRequested, VmUpdated, VmUpdateRejected,
     HostJoined, HostHeartbeat, HostLeft, HostVmPlaced, HostVmReleased,
     KmsRootCreated, KeyRequested, KeyIssued, KeyDenied, KmsReplicaOnboarded,
     GatewayNodeJoined, GatewayNodeDown, GatewayNodeUp,

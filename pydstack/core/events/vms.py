@@ -35,6 +35,8 @@ class VmRequested(Event, tag="VmRequested", frozen=True):
     ports: tuple[PortMap, ...] = ()
     encrypted_env: bytes = b""  # sealed to the app's env key; never plaintext
     host: str = ""  # pin to a host when set
+    compose: bytes = b""  # raw app-compose.json; empty: the app's compose with compose_hash
+    user_config: str = ""  # dstack's user_config, handed to the guest as is
 
 
 class VmScheduled(Event, tag="VmScheduled", frozen=True):
@@ -69,6 +71,8 @@ class VmStarted(Event, tag="VmStarted", frozen=True):
     vm_id: str
     host: str
     pid: int = 0
+    attempt: int = 0  # the automatic restart attempt that started it (0: not a restart)
+    adopted: bool = False  # found already running (the VMM restarted), not started again
 
 
 class VmBootProgress(Event, tag="VmBootProgress", frozen=True):
@@ -95,3 +99,53 @@ class VmStopped(Event, tag="VmStopped", frozen=True):
 
 class VmRemoved(Event, tag="VmRemoved", frozen=True):
     vm_id: str
+
+
+class VmRestartScheduled(Event, tag="VmRestartScheduled", frozen=True):
+    """The VMM will restart an exited VM at ``due_ns`` (auto-restart ``attempt``, 1-based)."""
+
+    vm_id: str
+    attempt: int
+    delay_ms: int
+    due_ns: int
+
+
+class VmRestartExhausted(Event, tag="VmRestartExhausted", frozen=True):
+    """Auto-restart gave up after ``attempts`` restarts; an operator start resets it."""
+
+    vm_id: str
+    attempts: int
+
+
+class VmUpdateRequested(Event, tag="VmUpdateRequested", frozen=True):
+    """A command: change a VM's compose, env, ports or resources (next start applies them).
+
+    ``None`` / ``0`` / empty: keep. The app id stays; the disk only grows.
+    """
+
+    vm_id: str
+    compose: bytes = b""
+    encrypted_env: bytes | None = None
+    user_config: str | None = None
+    ports: tuple[PortMap, ...] | None = None
+    vcpu: int = 0
+    memory_mb: int = 0
+    disk_gb: int = 0
+    image: str = ""
+
+
+class VmUpdated(Event, tag="VmUpdated", frozen=True):
+    """The VMM accepted an update (the host reservation follows it); ``request`` is its id."""
+
+    vm_id: str
+    request: str = ""
+    compose_hash: str = ""
+    resources: VmResources | None = None
+    ports: tuple[PortMap, ...] | None = None
+    image: str = ""
+
+
+class VmUpdateRejected(Event, tag="VmUpdateRejected", frozen=True):
+    vm_id: str
+    reason: str
+    request: str = ""
