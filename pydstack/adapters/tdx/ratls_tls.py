@@ -173,7 +173,7 @@ class RaTlsConnector(aiohttp.TCPConnector):
         self,
         req: Any,
         traces: Any,
-        timeout: Any,  # noqa: ASYNC109 - aiohttp's signature, not ours
+        timeout: Any,
     ) -> Any:
         proto = await super()._create_connection(req, traces, timeout)
         der = peer_cert_der(proto.transport)
