@@ -1,364 +1,63 @@
-"""The built-in proxy against real TCP/TLS backends on loopback: every route shape reaches
-the right backend; bad input is refused without disturbing other connections."""
+"""The built-in asyncio proxy against the data-plane contract (tests/proxy/contract.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import ssl
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
-
-import pytest
+from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from pydstack.adapters.proxy import ProxyConfig, ProxyServer, StaticCertProvider
-from pydstack.core.gateway import Instance, PortPolicy, PortRule, RoutingTable
+from pydstack.core.gateway import RoutingTable
 
-from .support import (
-    Backend,
-    Pki,
-    backend_tls,
-    client_hello,
-    random_loopback,
-    refused,
-    start_backend,
-    tls_request,
-)
-
-BASE = "app.example.test"
+from .contract import Plane, PlaneSettings, ProxyContract
 
 
-@dataclass
-class Env:
-    pki: Pki  # the gateway's CA (wildcard certificate for BASE)
-    app_pki: Pki  # the app's own CA (passthrough: only the app has this key)
-    proxy: ProxyServer
-    a1: Backend  # instance a1 of app "appa" (fresh handshake)
-    a2: Backend  # instance a2 of app "appa" (stale handshake)
-    b1: Backend  # instance b1 of app "appb": plain
-    t1: Backend  # instance t1 of app "appt": TLS backend with the app's certificate
-    port: int  # the port every plain backend listens on
+class BuiltinPlane(Plane):
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+        self.port = proxy.port
 
-    def ctx(self, alpn: list[str] | None = None) -> ssl.SSLContext:
-        return self.pki.client_context(alpn)
+    @property  # type: ignore[override]  # the contract reads it; the proxy owns it
+    def table(self) -> RoutingTable:
+        return self.proxy.table
 
-    async def get(self, name: str, payload: bytes = b"ping", **kw: object) -> bytes:
-        answer, _ = await tls_request(self.proxy.port, f"{name}.{BASE}", payload, self.ctx())
-        return answer
+    async def set_table(self, table: RoutingTable) -> None:
+        self.proxy.set_table(table)
 
+    async def set_app_limit(self, limit: int) -> None:
+        self.proxy.config = replace(self.proxy.config, max_connections_per_app=limit)
 
-def table_for(
-    env_port: int, ips: dict[str, str], now: float, **policies: PortPolicy
-) -> RoutingTable:
-    def inst(iid: str, app: str, age: float | None) -> Instance:
-        hs = None if age is None else now - age
-        return Instance(iid, app, ips[iid], hs, policies.get(iid, PortPolicy()))
+    async def refused(self, reason: str) -> int | None:
+        return self.proxy.stats.refused[reason]
 
-    return RoutingTable.build(
-        [
-            inst("a1", "appa", 5),
-            inst("a2", "appa", 5000),
-            inst("b1", "appb", 1),
-            inst("t1", "appt", 1),
-            inst("dead", "appd", 1),
-        ],
-        base_domains=[BASE],
-    )
+    async def routed(self, mode: str) -> int:
+        return self.proxy.stats.routed[mode]
+
+    async def active(self, app: str) -> int:
+        return self.proxy.stats.active_by_app[app]
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    pki, app_pki = Pki.create("gateway test CA"), Pki.create("app test CA")
-    ips = {k: random_loopback() for k in ("a1", "a2", "b1", "t1", "dead")}
-    a1 = await start_backend("a1", ips["a1"])
-    port = a1.port
-    a2 = await start_backend("a2", ips["a2"], port)
-    b1 = await start_backend("b1", ips["b1"], port)
-    t1 = await start_backend(
-        "t1",
-        ips["t1"],
-        port,
-        tls=backend_tls(app_pki.issue(f"t1-{port}s.{BASE}", "shop.custom.test")),
-    )
-    certs = StaticCertProvider({BASE: pki.issue(f"*.{BASE}")})
-    config = ProxyConfig(port=0, connect_timeout=2, handshake_timeout=2)
-    proxy = await ProxyServer.create(config, certs, table_for(port, ips, time.time()))
-    async with proxy:
-        yield Env(pki, app_pki, proxy, a1, a2, b1, t1, port)
-    for b in (a1, a2, b1, t1):
-        b.close()
+class TestBuiltinProxy(ProxyContract):
+    @asynccontextmanager
+    async def start_plane(
+        self, certs: dict[str, tuple[bytes, bytes]], table: RoutingTable, settings: PlaneSettings
+    ) -> AsyncIterator[Plane]:
+        domains = dict(settings.custom_domains)
 
+        async def resolve(name: str) -> tuple[str, int] | None:
+            return domains.get(name)
 
-async def test_terminate_by_instance_id_relays_plaintext(env: Env) -> None:
-    """<instance>-<port>: TLS ends at the proxy (wildcard cert verifies), backend sees plain."""
-    answer = await env.get(f"b1-{env.port}", b"hello")
-    assert answer == b"b1|hello"
-    assert env.b1.received == [b"hello"]
-    assert env.proxy.stats.routed["terminate"] == 1
-
-
-async def test_app_id_reaches_only_fresh_instances(env: Env) -> None:
-    """<app>-<port>: every connection lands on the fresh instance, never the stale one."""
-    answers = [await env.get(f"appa-{env.port}", b"x") for _ in range(5)]
-    assert answers == [b"a1|x"] * 5 and env.a2.received == []
-
-
-async def test_instance_id_reaches_a_stale_instance(env: Env) -> None:
-    """An instance id is direct: the stale instance a2 is still reachable by its own id."""
-    assert await env.get(f"a2-{env.port}") == b"a2|ping"
-
-
-async def test_passthrough_keeps_tls_end_to_end(env: Env) -> None:
-    """<id>-<port>s: the client completes TLS with the app's certificate, not the gateway's."""
-    name = f"t1-{env.port}s.{BASE}"
-    answer, _ = await tls_request(env.proxy.port, name, b"secret", env.app_pki.client_context())
-    assert answer == b"t1|secret"
-    assert env.t1.server_names == [name]
-    with pytest.raises(ssl.SSLError):  # the gateway CA does not vouch for the app's cert
-        await tls_request(env.proxy.port, name, b"x", env.ctx())
-
-
-async def test_g_suffix_negotiates_h2_and_relays_plaintext(env: Env) -> None:
-    """<id>-<port>g: ALPN h2 is selected and the h2 preface reaches the backend in clear."""
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-    answer, alpn = await tls_request(
-        env.proxy.port, f"b1-{env.port}g.{BASE}", preface, env.ctx(["h2", "http/1.1"])
-    )
-    assert alpn == "h2" and answer == b"b1|" + preface
-    _, plain_alpn = await tls_request(
-        env.proxy.port, f"b1-{env.port}.{BASE}", b"x", env.ctx(["h2", "http/1.1"])
-    )
-    assert plain_alpn is None
-
-
-async def test_default_ports_follow_dstack(env: Env) -> None:
-    """No port: termination goes to 80, passthrough (-s) to 443."""
-    ip = random_loopback()
-    table = RoutingTable.build([Instance("d1", "appx", ip, time.time())], [BASE])
-    env.proxy.set_table(table)
-    web = await start_backend("web80", ip, 80)
-    tls = await start_backend("tls443", ip, 443, tls=backend_tls(env.app_pki.issue(f"*.{BASE}")))
-    try:
-        assert await env.get("d1") == b"web80|ping"
-        answer, _ = await tls_request(
-            env.proxy.port, f"d1-s.{BASE}", b"q", env.app_pki.client_context()
+        config = ProxyConfig(
+            port=0,
+            connect_timeout=settings.connect_timeout,
+            handshake_timeout=settings.handshake_timeout,
+            idle_timeout=settings.idle_timeout,
         )
-        assert answer == b"tls443|q"
-    finally:
-        web.close()
-        tls.close()
-
-
-async def test_first_connect_wins_over_closed_ports(env: Env) -> None:
-    """An app whose freshest instances refuse connections is still served by the live one."""
-    now = time.time()
-    live = env.b1
-    table = RoutingTable.build(
-        [
-            Instance("x1", "race", random_loopback(), now - 1),
-            Instance("x2", "race", random_loopback(), now - 2),
-            Instance("x3", "race", live.ip, now - 3),
-        ],
-        [BASE],
-    )
-    env.proxy.set_table(table)
-    assert [await env.get(f"race-{env.port}", b"r") for _ in range(3)] == [b"b1|r"] * 3
-
-
-async def test_refusals_are_clean_and_specific(env: Env) -> None:
-    """Garbage, no SNI, bad shapes, unknown ids/domains and closed ports each close only
-    their own connection, with a distinct reason, and the proxy keeps serving."""
-    port = env.proxy.port
-    cases = {
-        "malformed_client_hello": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        "no_sni": client_hello(None),
-        "bad_route": client_hello(f"b1-1-2.{BASE}"),
-        "unknown_id": client_hello(f"nosuch-{env.port}.{BASE}"),
-        "unknown_domain": client_hello("b1.elsewhere.test"),
-        "connect_failed": client_hello(f"dead-{env.port}s.{BASE}"),
-    }
-    results = await asyncio.gather(*(refused(port, data) for data in cases.values()))
-    assert all(results)
-    for reason in cases:
-        assert env.proxy.stats.refused[reason] == 1, (reason, env.proxy.stats.refused)
-    assert await env.get(f"b1-{env.port}", b"still") == b"b1|still"
-
-
-async def test_port_policy_refuses_and_sends_proxy_headers(env: Env) -> None:
-    """Restrict mode refuses unlisted ports; listed ports get PROXY v1 or v2 first."""
-    ips = {"v1": random_loopback(), "v2": random_loopback()}
-    b_v1 = await start_backend("v1", ips["v1"], env.port)
-    b_v2 = await start_backend("v2", ips["v2"], env.port)
-    now = time.time()
-    policy1 = PortPolicy(restrict=True, rules=(PortRule(env.port, proxy_protocol=1),))
-    policy2 = PortPolicy(restrict=True, rules=(PortRule(env.port, proxy_protocol=2),))
-    env.proxy.set_table(
-        RoutingTable.build(
-            [
-                Instance("v1", "p1", ips["v1"], now, policy1),
-                Instance("v2", "p2", ips["v2"], now, policy2),
-            ],
-            [BASE],
+        proxy = await ProxyServer.create(
+            config,
+            StaticCertProvider(certs),
+            table,
+            resolve_app_address=resolve if domains else None,
         )
-    )
-    try:
-        assert await refused(env.proxy.port, client_hello(f"v1-{env.port + 1}.{BASE}"))
-        assert env.proxy.stats.refused["port_denied"] == 1
-        answer = await env.get(f"v1-{env.port}", b"data")
-        assert answer.startswith(b"v1|PROXY TCP4 127.0.0.1 127.0.0.1 ")
-        header_v1 = b"".join(b_v1.received).split(b"\r\n")[0].decode().split()
-        assert header_v1[:4] == ["PROXY", "TCP4", "127.0.0.1", "127.0.0.1"]
-        assert int(header_v1[5]) == env.proxy.port
-        await env.get(f"v2-{env.port}", b"data")
-        seen = b"".join(b_v2.received)
-        assert seen[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and seen[12:14] == b"\x21\x11"
-        assert seen[16:20] == bytes([127, 0, 0, 1]) and seen.endswith(b"data")
-        assert int.from_bytes(seen[26:28], "big") == env.proxy.port
-    finally:
-        b_v1.close()
-        b_v2.close()
-
-
-async def test_per_app_connection_limit(env: Env) -> None:
-    """With a limit of 2, a third concurrent connection to the app is refused, then freed."""
-    hold = await start_backend("hold", random_loopback(), env.port, hold=True)
-    env.proxy.config = replace(env.proxy.config, max_connections_per_app=2)
-    env.proxy.set_table(
-        RoutingTable.build(
-            [Instance("h1", "happ", hold.ip, time.time()), *env.proxy.table.instances.values()],
-            [BASE],
-        )
-    )
-    ctx = env.ctx()
-    name = f"h1-{env.port}.{BASE}"
-    held = [
-        await asyncio.open_connection("127.0.0.1", env.proxy.port, ssl=ctx, server_hostname=name)
-        for _ in range(2)
-    ]
-    try:
-        for _ in range(50):
-            if hold.open_conns == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert hold.open_conns == 2
-        assert await refused(env.proxy.port, client_hello(name))
-        assert env.proxy.stats.refused["app_limit"] == 1
-        assert await env.get(f"b1-{env.port}") == b"b1|ping"  # other apps unaffected
-        held.pop()[1].close()
-        for _ in range(100):
-            if env.proxy.stats.active_by_app["happ"] < 2:
-                break
-            await asyncio.sleep(0.02)
-        third = await asyncio.open_connection(
-            "127.0.0.1", env.proxy.port, ssl=ctx, server_hostname=name
-        )
-        held.append(third)
-        await asyncio.sleep(0.1)
-        assert env.proxy.stats.refused["app_limit"] == 1 and hold.open_conns == 2
-    finally:
-        for _, w in held:
-            w.close()
-        hold.close()
-
-
-async def test_idle_and_handshake_timeouts(env: Env) -> None:
-    """A silent client is dropped after the handshake timeout, an idle relay after idle."""
-    env.proxy.config = replace(env.proxy.config, handshake_timeout=0.3, idle_timeout=0.4)
-    reader, writer = await asyncio.open_connection("127.0.0.1", env.proxy.port)
-    t0 = time.monotonic()
-    assert await asyncio.wait_for(reader.read(), 3) == b""
-    assert 0.25 < time.monotonic() - t0 < 2 and env.proxy.stats.refused["handshake_timeout"] == 1
-    writer.close()
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", env.proxy.port, ssl=env.ctx(), server_hostname=f"b1-{env.port}.{BASE}"
-    )
-    writer.write(b"once")
-    assert await reader.read(100) == b"b1|once"
-    t0 = time.monotonic()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
-    assert time.monotonic() - t0 >= 0.3 and env.proxy.stats.refused["timeout"] == 1
-    writer.close()
-
-
-async def test_client_hello_in_pieces(env: Env) -> None:
-    """A ClientHello arriving in three slow pieces is still routed (peek waits for more)."""
-    hello = client_hello(f"dead-{env.port}s.{BASE}")
-    reader, writer = await asyncio.open_connection("127.0.0.1", env.proxy.port)
-    for piece in (hello[:3], hello[3:60], hello[60:]):
-        writer.write(piece)
-        await writer.drain()
-        await asyncio.sleep(0.05)
-    assert await asyncio.wait_for(reader.read(), 3) == b""
-    assert env.proxy.stats.refused["connect_failed"] == 1  # it got as far as dialling
-    writer.close()
-
-
-async def test_table_swap_is_atomic(env: Env) -> None:
-    """After set_table, new connections use the new table: added ids work, removed refuse."""
-    new_ip = random_loopback()
-    new = await start_backend("n1", new_ip, env.port)
-    try:
-        env.proxy.set_table(
-            RoutingTable.build([Instance("n1", "appn", new_ip, time.time())], [BASE])
-        )
-        assert await env.get(f"n1-{env.port}") == b"n1|ping"
-        assert await refused(env.proxy.port, client_hello(f"b1-{env.port}.{BASE}"))
-        assert env.proxy.stats.refused["unknown_id"] == 1
-    finally:
-        new.close()
-
-
-async def test_custom_domain_via_resolver(env: Env) -> None:
-    """A name outside the base domains is resolved to (app, port) and passed through."""
-
-    async def resolve(name: str) -> tuple[str, int] | None:
-        return ("appt", env.port) if name == "shop.custom.test" else None
-
-    proxy = await ProxyServer.create(
-        ProxyConfig(port=0), StaticCertProvider(), env.proxy.table, resolve_app_address=resolve
-    )
-    async with proxy:
-        answer, _ = await tls_request(
-            proxy.port, "shop.custom.test", b"x", env.app_pki.client_context()
-        )
-        assert answer == b"t1|x" and env.t1.server_names == ["shop.custom.test"]
-        assert await refused(proxy.port, client_hello("other.custom.test"))
-        assert proxy.stats.refused["unknown_domain"] == 1
-
-
-async def test_half_close_reaches_backend(env: Env) -> None:
-    """Passthrough carries a TCP half-close: the backend sees EOF, answers, the client reads it."""
-    ip = random_loopback()
-    eof = await start_backend("eof", ip, env.port, read_until_eof=True)
-    env.proxy.set_table(RoutingTable.build([Instance("e1", "appe", ip, time.time())], [BASE]))
-    try:
-        hello = client_hello(f"e1-{env.port}s.{BASE}")
-        reader, writer = await asyncio.open_connection("127.0.0.1", env.proxy.port)
-        writer.write(hello + b"request body")
-        writer.write_eof()  # the backend only answers once it has seen EOF
-        answer = await asyncio.wait_for(reader.read(), 5)
-        assert answer == b"eof|" + hello + b"request body"
-        writer.close()
-    finally:
-        eof.close()
-
-
-async def test_large_transfer_is_intact(env: Env) -> None:
-    """8 MiB up and the echo back through TLS termination arrive byte-identical."""
-    blob = bytes(range(256)) * (8 * 4096)
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", env.proxy.port, ssl=env.ctx(), server_hostname=f"b1-{env.port}.{BASE}"
-    )
-    writer.write(blob)
-    await writer.drain()
-    got = bytearray()
-    want = len(blob)
-    while True:
-        chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
-        got += chunk
-        body = bytes(got).replace(b"b1|", b"")
-        if len(body) >= want:
-            break
-    assert hashlib.sha256(body).digest() == hashlib.sha256(blob).digest()
-    writer.close()
+        async with proxy:
+            yield BuiltinPlane(proxy)
