@@ -43,7 +43,7 @@ def haproxy_version(binary: str = "haproxy") -> tuple[int, int, int]:
 def check_config(paths: RunPaths, binary: str = "haproxy") -> None:
     """``haproxy -c``: raise with HAProxy's own alerts when the config is invalid."""
     done = subprocess.run(
-        [binary, "-c", "-q", "-f", str(paths.config)], capture_output=True, text=True, timeout=30
+        [binary, "-c", "-f", str(paths.config)], capture_output=True, text=True, timeout=30
     )
     if done.returncode != 0:
         raise HaproxyError(f"invalid HAProxy config {paths.config}:\n{done.stderr.strip()}")
