@@ -1,0 +1,138 @@
+"""The compose app of an app-compose.json, reduced to what the sandbox runs.
+
+dstack's ``docker_compose_file`` is YAML; without a YAML library this reads JSON or the
+block-style subset compose files use (nested mappings, ``- item`` lists, plain or quoted
+scalars, ``#`` comments). Flow collections other than ``[a, b]`` are refused with the line.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+
+class ComposeError(ValueError):
+    pass
+
+
+class Service(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    environment: dict[str, str] = {}
+    mounts_dstack_sock: bool = True  # the guest agent socket is always offered
+
+
+def _scalar(text: str) -> Any:
+    t = text.strip()
+    if not t:
+        return None
+    if t[0] in "\"'" and t[-1] == t[0] and len(t) >= 2:
+        return json.loads(t) if t[0] == '"' else t[1:-1].replace("''", "'")
+    if t.startswith("[") and t.endswith("]"):
+        return [_scalar(x) for x in t[1:-1].split(",") if x.strip()]
+    if t.startswith(("{", "|", ">", "&", "*")):
+        raise ComposeError(f"unsupported YAML construct {t[:20]!r}")
+    return t
+
+
+def _strip(line: str) -> str:
+    out, quote = [], ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            break
+        out.append(ch)
+    return "".join(out).rstrip()
+
+
+def parse_yaml(text: str) -> Any:
+    """JSON, or the block subset of YAML described in the module doc."""
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    lines = [(len(s) - len(s.lstrip(" ")), s.strip()) for s in map(_strip, text.splitlines())]
+    lines = [x for x in lines if x[1] and x[1] != "---"]
+    value, end = _block(lines, 0, lines[0][0] if lines else 0)
+    if end != len(lines):
+        raise ComposeError(f"cannot parse compose YAML near {lines[end][1]!r}")
+    return value
+
+
+def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]:
+    if i >= len(lines):
+        return None, i
+    if lines[i][1].startswith("- ") or lines[i][1] == "-":
+        items: list[Any] = []
+        while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
+            rest = lines[i][1][1:].strip()
+            if rest and ":" in rest and not rest.startswith(("'", '"')):
+                # "- key: value" starts a mapping item
+                sub = [(indent + 2, rest), *lines[i + 1 :]]
+                item, used = _block(sub, 0, indent + 2)
+                items.append(item)
+                i += used
+            elif rest:
+                items.append(_scalar(rest))
+                i += 1
+            else:
+                item, i = _block(lines, i + 1, lines[i + 1][0] if i + 1 < len(lines) else indent)
+                items.append(item)
+        return items, i
+    out: dict[str, Any] = {}
+    while i < len(lines) and lines[i][0] == indent:
+        key, sep, rest = lines[i][1].partition(":")
+        if not sep:
+            raise ComposeError(f"expected 'key: value', got {lines[i][1]!r}")
+        key = str(_scalar(key))
+        if rest.strip():
+            out[key] = _scalar(rest)
+            i += 1
+        elif i + 1 < len(lines) and lines[i + 1][0] > indent:
+            out[key], i = _block(lines, i + 1, lines[i + 1][0])
+        elif i + 1 < len(lines) and lines[i + 1][0] == indent and lines[i + 1][1].startswith("-"):
+            out[key], i = _block(lines, i + 1, indent)
+        else:
+            out[key] = None
+            i += 1
+    return out, i
+
+
+def _words(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, list):
+        return tuple(str(x) for x in v)
+    return tuple(str(v).split())
+
+
+def services(app_compose: bytes) -> list[Service]:
+    """The services of an app-compose.json (``docker_compose_file``), in file order."""
+    try:
+        compose = json.loads(app_compose or b"{}")
+    except ValueError as e:
+        raise ComposeError(f"app-compose.json is not JSON: {e}") from None
+    text = compose.get("docker_compose_file") or ""
+    if not text:
+        return []
+    doc = parse_yaml(text)
+    out: list[Service] = []
+    for name, svc in ((doc or {}).get("services") or {}).items():
+        if not isinstance(svc, dict) or not svc.get("image"):
+            raise ComposeError(f"service {name!r} has no image")
+        env = svc.get("environment") or {}
+        if isinstance(env, list):
+            env = dict(str(x).partition("=")[::2] for x in env)
+        out.append(
+            Service(
+                name=str(name), image=str(svc["image"]), command=_words(svc.get("command")),
+                entrypoint=_words(svc.get("entrypoint")),
+                environment={str(k): "" if v is None else str(v) for k, v in env.items()},
+            )
+        )  # fmt: skip
+    return out

@@ -1,0 +1,238 @@
+"""The process that *is* a sandbox CVM: ``python -m pydstack.adapters.sandbox.guest WORKDIR``.
+
+Run by the supervisor in the host's network namespace, it binds the host side of the port
+maps, then moves into the CVM's namespace for good and there starts a docker engine of its own,
+the guest agent (pydstack_guest on the simulated TDX backend, serving the dstack socket that
+every app container gets at /var/run/dstack.sock), imports the image's rootfs and runs the
+compose services with ``--network host``. Connections to a host port are forwarded to the
+service's port inside. Progress goes to ``events.log`` as the QEMU guest reports it
+(``booted`` → ``docker`` → ``agent`` → ``app`` → ``ready``); SIGTERM is a graceful power-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+
+from pydstack.adapters.cvm import CvmSpec
+
+from . import _netns
+from ._compose import services
+from ._docker import Docker
+from .images import load_image
+
+T0 = time.monotonic()
+
+
+class SandboxRun(msgspec.Struct, frozen=True, kw_only=True):
+    """How to run one sandbox CVM (``sandbox.json`` in its work dir, written by the backend)."""
+
+    netns: str
+    run_dir: str  # short path for sockets: docker.sock, dstack.sock, exec root
+    images: str
+    dev_pki: str = ""  # simulator PKI to sign quotes with (a KMS must trust it)
+    dockerd: str = "dockerd"
+
+
+def emit(wd: Path, stage: str, detail: str = "") -> None:
+    line = {"stage": stage, "detail": detail, "uptime_s": round(time.monotonic() - T0, 3)}
+    with (wd / "events.log").open("ab") as f:
+        f.write(json.dumps(line).encode() + b"\n")
+    print(f"PYDSTACK_STAGE {json.dumps(line)}", flush=True)
+
+
+def _bind(spec: CvmSpec) -> list[tuple[socket.socket, int]]:
+    """Host-side listeners, bound before entering the CVM's namespace (they stay outside)."""
+    out = []
+    for p in spec.ports:
+        if p.protocol != "tcp":
+            print(f"port {p.protocol}/{p.host_port}: only tcp is forwarded", flush=True)
+            continue
+        family = socket.AF_INET6 if ":" in p.host_address else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((p.host_address or "0.0.0.0", p.host_port))
+        s.listen(128)
+        s.setblocking(False)
+        out.append((s, p.vm_port))
+    return out
+
+
+async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        if w.can_write_eof():
+            w.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _forward(vm_port: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        r2, w2 = await asyncio.open_connection("127.0.0.1", vm_port)
+    except OSError:
+        w.close()
+        return
+    await asyncio.gather(_pipe(r, w2), _pipe(r2, w))
+    for x in (w, w2):
+        x.close()
+
+
+def _forwarder(
+    vm_port: int,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _forward(vm_port, r, w)
+
+    return serve
+
+
+def _pdeathsig() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the guest
+
+
+def _dockerd(run: SandboxRun, wd: Path, rd: Path) -> subprocess.Popen[bytes]:
+    # Runtime state of an engine that was killed (its namespace was emptied before we came).
+    shutil.rmtree(rd, ignore_errors=True)
+    rd.mkdir(parents=True, exist_ok=True)
+    short = rd.name
+    argv = [run.dockerd, "--data-root", str(wd / "docker"), "--exec-root", str(rd / "x"),
+            "--pidfile", str(rd / "dockerd.pid"), "--host", f"unix://{rd / 'docker.sock'}",
+            "--bridge", "none", "--iptables=false", "--ip-masq=false",
+            "--cgroup-parent", f"/pds-{short}"]  # fmt: skip
+    log = (wd / "dockerd.log").open("ab")
+    return subprocess.Popen(argv, stdout=log, stderr=log, preexec_fn=_pdeathsig)
+
+
+async def _agent(wd: Path, run: SandboxRun, spec: CvmSpec, sock: Path) -> contextlib.AsyncExitStack:
+    from pydstack.adapters.tdx.backend import SimulatorBackend
+    from pydstack.adapters.tdx.identity import mr_config_id_v1
+    from pydstack.adapters.tdx.pki import DevPki
+    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+    from pydstack_guest import (
+        GuestAgent,
+        GuestConfig,
+        LocalKeyProvider,
+        boot_runtime_events,
+        create_dev_app_keys,
+        serve_agent,
+    )
+
+    shared = wd / "shared"
+    compose = spec.app_compose.decode() or '{"name":"sandbox"}'
+    info = json.loads((shared / "instance-info.json").read_text() or "{}") if (
+        shared / "instance-info.json").exists() else {}  # fmt: skip
+    app_id = bytes.fromhex(info.get("app_id", "")) or hashlib.sha256(compose.encode()).digest()[:20]
+    instance_id = bytes.fromhex(info.get("instance_id", "")) or os.urandom(20)
+    pki_dir = Path(run.dev_pki) if run.dev_pki else wd / "sim" / "pki"
+    pki = DevPki.load(pki_dir) if (pki_dir / "root.der").exists() else DevPki.generate()
+    if not (pki_dir / "root.der").exists():
+        pki.save(pki_dir)
+    keys_path = wd / "sim" / "appkeys.json"
+    if not keys_path.exists():
+        keys_path.parent.mkdir(parents=True, exist_ok=True)
+        keys_path.write_text(create_dev_app_keys(app_id, now=int(time.time()))[1])
+    image_hash = hashlib.sha256(f"pydstack sandbox image {spec.image}".encode()).digest()
+    backend = SimulatorBackend(QuoteSimulator(pki), TdMeasurements(
+        mr_td=hashlib.sha384(b"pydstack sandbox TD").digest(),
+        mr_config_id=mr_config_id_v1(hashlib.sha256(compose.encode()).digest()),
+    ))  # fmt: skip
+    keys = await LocalKeyProvider(keys_path).app_keys()
+    await boot_runtime_events(backend, keys, app_id=app_id, app_compose=compose,
+                              instance_id=instance_id, os_image_hash=image_hash)  # fmt: skip
+    vm_config = json.dumps({"os_image_hash": image_hash.hex(), "cpu_count": spec.vcpu,
+                            "memory_size": spec.memory_mb * 1024 * 1024})  # fmt: skip
+    agent = GuestAgent(backend, keys, GuestConfig(app_name=spec.name, app_compose=compose,
+                                                  vm_config=vm_config))  # fmt: skip
+    stack = contextlib.AsyncExitStack()
+    await stack.enter_async_context(serve_agent(agent, dstack_sock=str(sock)))
+    return stack
+
+
+async def main(wd: Path) -> int:
+    run = msgspec.json.decode((wd / "sandbox.json").read_bytes(), type=SandboxRun)
+    spec = msgspec.json.decode((wd / "manifest.json").read_bytes(), type=CvmSpec)
+    emit(wd, "booted", f"sandbox {run.netns}")
+    rd = Path(run.run_dir)
+    docker = Docker(rd / "docker.sock")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    dockerd = _dockerd(run, wd, rd)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(docker.close)
+        agent = await _agent(wd, run, spec, rd / "dstack.sock")
+        stack.push_async_callback(agent.aclose)
+        emit(wd, "agent", str(rd / "dstack.sock"))
+        while not await docker.ping():
+            if dockerd.poll() is not None:
+                tail = (wd / "dockerd.log").read_text(errors="replace").strip().splitlines()[-1:]
+                emit(wd, "error", f"dockerd exited with {dockerd.returncode}: {''.join(tail)}")
+                return 1
+            await asyncio.sleep(0.03)
+        emit(wd, "docker")
+        image = load_image(Path(run.images), spec.image)
+        for name in image.docker_images:
+            if not await docker.has_image(name):
+                await docker.import_image(Path(run.images) / spec.image / image.rootfs, name)
+        logs = []
+        for svc in services(spec.app_compose):
+            await docker.run(svc.name, svc.image, svc.command, svc.entrypoint, svc.environment,
+                             [f"{rd / 'dstack.sock'}:/var/run/dstack.sock"])  # fmt: skip
+            logs.append(asyncio.create_task(docker.follow_logs(svc.name, wd / "console.log")))
+            emit(wd, "app", svc.name)
+        for s, vm_port in LISTENERS:
+            server = await asyncio.start_server(_forwarder(vm_port), sock=s)
+            stack.push_async_callback(server.wait_closed)
+            stack.callback(server.close)
+        emit(wd, "ready", ",".join(f"{s.getsockname()[1]}->{p}" for s, p in LISTENERS))
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if dockerd.poll() is not None:
+                emit(wd, "error", f"dockerd exited with {dockerd.returncode}")
+                return 1
+        emit(wd, "shutdown")
+        await docker.stop_all(timeout_s=2)
+        for t in logs:
+            t.cancel()
+    dockerd.terminate()
+    try:
+        await asyncio.to_thread(dockerd.wait, 10)
+    except subprocess.TimeoutExpired:
+        dockerd.kill()
+    return 0
+
+
+LISTENERS: list[tuple[socket.socket, int]] = []
+
+if __name__ == "__main__":
+    workdir = Path(sys.argv[1]).resolve()
+    cfg = msgspec.json.decode((workdir / "sandbox.json").read_bytes(), type=SandboxRun)
+    manifest = msgspec.json.decode((workdir / "manifest.json").read_bytes(), type=CvmSpec)
+    try:
+        LISTENERS.extend(_bind(manifest))
+    except OSError as exc:  # a host port taken by something outside pydstack
+        emit(workdir, "error", f"cannot bind a host port: {exc}")
+        sys.exit(1)
+    _netns.enter(cfg.netns)  # from here on, every new socket and child is inside the CVM
+    _netns.kill_all(cfg.netns, exclude=os.getpid())  # leftovers of a run that was killed
+    _netns.unmount_under(workdir / "docker", Path(cfg.run_dir))
+    sys.exit(asyncio.run(main(workdir)))
