@@ -1,0 +1,168 @@
+"""``python -m pydstack.actors.vmm``: one host's VMM as its own process, and the builder that
+``pydstack up`` shares with it (``running_vmm``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from pydstack.actors.runtime import ActorRunner, RuntimeConfig
+from pydstack.actors.supervisor import SupervisorClient, launch_supervisor
+from pydstack.adapters.cvm import CvmBackend
+from pydstack.adapters.nats import EventStore, StoreError
+from pydstack.core.events import Signer
+from pydstack.core.vmm import RestartPolicy
+
+from ._actor import Vmm, VmmConfig
+from ._api import serve_api
+
+_log = structlog.get_logger("pydstack.vmm")
+
+
+@dataclass(frozen=True)
+class VmmLaunch:
+    """Everything a host's VMM needs besides its event store."""
+
+    config: VmmConfig
+    backend: str = "sandbox"  # or "qemu"
+    supervisor_socket: Path | None = None  # default: <state_dir>/supervisor.sock
+    images: Path | None = None  # default: <state_dir>/images (sandbox) / images_dir() (qemu)
+    api_host: str = "127.0.0.1"
+    api_port: int = -1  # -1: no API; 0: any free port
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
+    sd = launch.config.state_dir
+    if launch.backend == "sandbox":
+        from pydstack.adapters.sandbox import SandboxBackend, SandboxConfig, build_busybox_image
+
+        images = launch.images or sd / "images"
+        if not (images / "sandbox-busybox" / "metadata.json").exists():
+            await asyncio.to_thread(build_busybox_image, images)
+        run_root = Path("/run/pydstack-sandbox") / str(abs(hash(str(sd.absolute()))) % 10**8)
+        return SandboxBackend(
+            SandboxConfig(vms_dir=sd / "vms", images=images, run_root=run_root), sv
+        )
+    if launch.backend == "qemu":
+        from pydstack.adapters.qemu import QemuBackend, QemuBackendConfig
+
+        return QemuBackend(QemuBackendConfig(vms_dir=sd / "vms", images=launch.images,
+                                             vsock=Path("/dev/vhost-vsock").exists()), sv)  # fmt: skip
+    raise StoreError(f"unknown backend {launch.backend!r}: sandbox or qemu")
+
+
+async def ensure_supervisor(socket: Path, state_dir: Path) -> SupervisorClient:
+    """Connect to the host's supervisor, starting one (in its own session) if none answers."""
+    client = SupervisorClient(socket)
+    if not await client.ping():
+        launch_supervisor(socket, state_dir / "supervisor")
+        await client.wait_ready()
+    return client
+
+
+@contextlib.asynccontextmanager
+async def running_vmm(store: EventStore, launch: VmmLaunch) -> AsyncIterator[tuple[Vmm, str]]:
+    """The VMM actor (joined, consuming, polling) and its API URL ("" without API)."""
+    sd = launch.config.state_dir
+    sd.mkdir(parents=True, exist_ok=True)
+    sock = launch.supervisor_socket or sd / "supervisor.sock"
+    async with contextlib.AsyncExitStack() as stack:
+        sv = await ensure_supervisor(sock, sd)
+        stack.push_async_callback(sv.close)
+        backend = await build_backend(launch, sv)
+        vmm = Vmm(store, backend, launch.config)
+        await stack.enter_async_context(vmm)
+        await stack.enter_async_context(ActorRunner(store, vmm, launch.runtime))
+        url = ""
+        if launch.api_port >= 0:
+            runner, url = await serve_api(vmm, launch.api_host, launch.api_port)
+            stack.push_async_callback(runner.cleanup)
+        _log.info("vmm ready", host_id=launch.config.host_id, backend=backend.kind, api=url)
+        yield vmm, url
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pydstack.actors.vmm", description=__doc__)
+    p.add_argument("--nats", default=os.environ.get("PYDSTACK_NATS", "nats://127.0.0.1:4222"))
+    p.add_argument("--host-id", required=True)
+    p.add_argument("--backend", choices=("sandbox", "qemu"), default="sandbox")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--supervisor-socket", type=Path)
+    p.add_argument("--images", type=Path)
+    p.add_argument("--nkey-seed-file", help="NATS nkey seed (SU…) of the vmm identity; signs too")
+    p.add_argument("--stream", default="DSTACK")
+    p.add_argument("--api-port", type=int, default=-1)
+    p.add_argument("--api-url-file", type=Path, help="write the API URL here once serving")
+    p.add_argument("--vcpu", type=int, default=20)
+    p.add_argument("--memory-mb", type=int, default=100 * 1024)
+    p.add_argument("--cid-start", type=int, default=1000)
+    p.add_argument("--port-range", default="20000-29999")
+    p.add_argument("--poll-interval", type=float, default=0.5)
+    p.add_argument("--reconcile-interval", type=float, default=10.0)
+    p.add_argument("--heartbeat-interval", type=float, default=30.0)
+    p.add_argument("--restart-interval", type=float, default=20.0)
+    p.add_argument("--restart-backoff", type=float, default=5.0)
+    p.add_argument("--restart-max-backoff", type=float, default=300.0)
+    p.add_argument("--restart-retries", type=int, default=5)
+    p.add_argument("--restart-reset-window", type=float, default=300.0)
+    p.add_argument("--no-auto-restart", action="store_true")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+async def _run(a: argparse.Namespace) -> int:
+    from pydstack.adapters.nats import StreamSettings
+    from pydstack.adapters.nats.identity import Identity, read_seed_file
+
+    seed = read_seed_file(Path(a.nkey_seed_file)) if a.nkey_seed_file else None
+    name = f"vmm-{a.host_id}"
+    signer = (Identity(name, "vmm", seed).signer if seed
+              else Signer.from_private_bytes(name, os.urandom(32)))  # fmt: skip
+    lo, _, hi = a.port_range.partition("-")
+    policy = RestartPolicy(
+        enabled=not a.no_auto_restart, interval_s=a.restart_interval,
+        initial_backoff_s=a.restart_backoff, max_backoff_s=a.restart_max_backoff,
+        max_retries=a.restart_retries, reset_window_s=a.restart_reset_window,
+    )  # fmt: skip
+    config = VmmConfig(
+        host_id=a.host_id, state_dir=a.state_dir.absolute(), vcpu=a.vcpu,
+        memory_mb=a.memory_mb, cid_start=a.cid_start, port_range=(int(lo), int(hi)),
+        restart=policy, poll_interval_s=a.poll_interval,
+        heartbeat_interval_s=a.heartbeat_interval,
+    )  # fmt: skip
+    launch = VmmLaunch(config=config, backend=a.backend, supervisor_socket=a.supervisor_socket,
+                       images=a.images, api_port=a.api_port,
+                       runtime=RuntimeConfig(reconcile_interval_s=a.reconcile_interval))  # fmt: skip
+    store = await EventStore.connect(a.nats, signer, nkey_seed=seed, name=name,
+                                     settings=StreamSettings(name=a.stream))  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with store, running_vmm(store, launch) as (_, url):
+        if a.api_url_file:
+            a.api_url_file.write_text(url)
+        await stop.wait()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydstack.logs import configure
+
+    a = _parser().parse_args(argv)
+    configure(level=a.log_level)
+    try:
+        return asyncio.run(_run(a))
+    except StoreError as exc:
+        print(f"vmm: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,62 @@
+"""The VMM's fold of the log: hosts, every VM (``VmRecord``), app composes, subject versions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import structlog
+
+from pydstack.adapters.nats import EventStore, Version
+from pydstack.core.events import CodecError, message_hash, parse_subject
+from pydstack.core.projections import Applied, Host, applied, hosts
+from pydstack.core.vmm import VmRecord, record
+
+_log = structlog.get_logger("pydstack.vmm")
+
+
+@dataclass
+class LogView:
+    hosts: dict[str, Host] = field(default_factory=dict)
+    vms: dict[str, VmRecord] = field(default_factory=dict)
+    composes: dict[str, bytes] = field(default_factory=dict)  # compose_hash -> raw compose
+    versions: dict[str, Version] = field(default_factory=dict)
+    cursor: int = 0
+
+    def fold(self, seq: int, subj: str, data: bytes, time_ns: int = 0) -> Applied | None:
+        if seq <= self.cursor:
+            return None
+        self.cursor = seq
+        try:
+            kind, agg = parse_subject(subj)
+            a = applied(seq, data, time_ns)
+        except (CodecError, ValueError) as exc:
+            _log.warning("undecodable message skipped", seq=seq, subject=subj, error=str(exc))
+            return None
+        self.versions[subj] = Version(seq, message_hash(data))
+        if a is None:
+            return None
+        if kind == "vm":
+            rec = record.apply(self.vms.get(agg), a)
+            if rec is not None:
+                self.vms[agg] = rec
+        elif kind == "host":
+            h = hosts.apply(self.hosts.get(agg), a)
+            if h is not None:
+                self.hosts[agg] = h
+        elif kind == "app":
+            self.composes = record.app_composes(self.composes, a)
+        return a
+
+    async def catch_up(self, store: EventStore) -> None:
+        last = await store.last_seq()
+        if last <= self.cursor:
+            return
+        async for rec in store.read(from_seq=self.cursor + 1, until_seq=last):
+            self.fold(rec.seq, rec.subject, rec.data, rec.time_ns)
+        self.cursor = max(self.cursor, last)
+
+    def version(self, subj: str) -> Version:
+        return self.versions.get(subj, Version())
+
+    def on_host(self, host_id: str) -> dict[str, VmRecord]:
+        return {v: r for v, r in self.vms.items() if r.vm.host == host_id}
