@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -45,6 +46,7 @@ from .process import HaproxyProcess
 from .runtime import HaproxyError, RuntimeApi
 
 _DATA_BACKENDS = ("be_pass", "be_direct")
+log = structlog.get_logger("pydstack.haproxy")
 
 
 @dataclass
@@ -222,13 +224,14 @@ class HaproxyPlane:
                 raise HaproxyError(f"{step.splitlines()[0]!r}: {answer.strip()}")
 
     async def _raw(self, command: str) -> str:
-        reader, writer = await asyncio.open_unix_connection(str(self.paths.admin))
-        try:
-            writer.write(command.encode() + b"\n")
-            await writer.drain()
-            return (await reader.read()).decode(errors="replace")
-        finally:
-            writer.close()
+        async with asyncio.timeout(self.api.timeout):
+            reader, writer = await asyncio.open_unix_connection(str(self.paths.admin))
+            try:
+                writer.write(command.encode() + b"\n")
+                await writer.drain()
+                return (await reader.read()).decode(errors="replace")
+            finally:
+                writer.close()
 
     async def stats(self) -> PlaneStats:
         """Routed connections by mode and refusals by reason, from HAProxy's counters."""
@@ -273,8 +276,10 @@ class HaproxyPlane:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.refresh_interval)
-            with contextlib.suppress(HaproxyError):  # HAProxy gone: stop() reports that
+            try:
                 await self.set_table(self._table)
+            except Exception as exc:  # keep refreshing: HAProxy may come back, slots free up
+                log.warning("refresh failed", error=str(exc), pid=self.process.pid)
 
     async def aclose(self) -> None:
         if self._refresher is not None:
