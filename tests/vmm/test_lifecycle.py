@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from typing import Any
 
 from pydstack.adapters.nats import EventStore
 from pydstack.core.events import (
@@ -25,7 +26,7 @@ from .conftest import VmmHost, events_of
 def http_ok(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3) as r:
-            return r.status == 200
+            return bool(r.status == 200)
     except OSError:
         return False
 
@@ -98,7 +99,7 @@ async def test_bad_requests_are_refused_and_append_nothing(
         await asyncio.sleep(0.5)  # let boot progress settle
         before = await store.last_seq()
         base = {"name": "x1", "image": "sandbox-busybox", "vcpu": 1, "memory": 256}
-        cases = [
+        cases: list[tuple[str, dict[str, Any], int, str]] = [
             ("StartVm", {"id": "nope"}, 404, "id"),
             ("StopVm", {"id": "nope"}, 404, "id"),
             ("UpdateVm", {"id": "nope", "vcpu": 1}, 404, "id"),

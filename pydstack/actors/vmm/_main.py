@@ -56,8 +56,9 @@ async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
     if launch.backend == "qemu":
         from pydstack.adapters.qemu import QemuBackend, QemuBackendConfig
 
-        return QemuBackend(QemuBackendConfig(vms_dir=sd / "vms", images=launch.images,
-                                             vsock=Path("/dev/vhost-vsock").exists()), sv)  # fmt: skip
+        vsock = await asyncio.to_thread(os.path.exists, "/dev/vhost-vsock")
+        cfg = QemuBackendConfig(vms_dir=sd / "vms", images=launch.images, vsock=vsock)
+        return QemuBackend(cfg, sv)
     raise StoreError(f"unknown backend {launch.backend!r}: sandbox or qemu")
 
 
@@ -140,9 +141,9 @@ async def _run(a: argparse.Namespace) -> int:
         restart=policy, poll_interval_s=a.poll_interval,
         heartbeat_interval_s=a.heartbeat_interval,
     )  # fmt: skip
+    runtime = RuntimeConfig(reconcile_interval_s=a.reconcile_interval)
     launch = VmmLaunch(config=config, backend=a.backend, supervisor_socket=a.supervisor_socket,
-                       images=a.images, api_port=a.api_port,
-                       runtime=RuntimeConfig(reconcile_interval_s=a.reconcile_interval))  # fmt: skip
+                       images=a.images, api_port=a.api_port, runtime=runtime)  # fmt: skip
     store = await EventStore.connect(a.nats, signer, nkey_seed=seed, name=name,
                                      settings=StreamSettings(name=a.stream))  # fmt: skip
     stop = asyncio.Event()
