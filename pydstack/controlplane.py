@@ -172,6 +172,8 @@ class UpOptions:
     kms_auth_url: str = ""
     dashboard_port: int = 8080  # taken: any free port; 0: any free port; -1: no dashboard
     dashboard_kms: str = ""  # KMS URL for the deploy form's env keys [default: up's own KMS]
+    vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
+    vmm_api_port: int = 0
 
 
 class ControlPlane:
@@ -187,6 +189,7 @@ class ControlPlane:
         self.metrics_url = ""
         self.kms_url = ""
         self.dashboard_url = ""
+        self.vmm_url = ""
 
     def stop(self) -> None:
         self._stop.set()
@@ -327,7 +330,8 @@ class ControlPlane:
             if self.opts.kms or (self.opts.kms is None and self.server is not None):
                 await self._start_kms(stack, ids["kms"], settings)
             await self._serve_dashboard(stack, ids["operator"], settings)
-            self._ready(cfg, ["scheduler"])
+            await self._start_vmm(stack, ids["vmm"], settings, runtime)
+            self._ready(cfg, ["scheduler", *(["vmm"] if self.vmm_url else [])])
             waits = {
                 asyncio.create_task(self._stop.wait(), name="stop"),
                 # shield: cancelling this waiter must not cancel the runner, which stops below
@@ -375,6 +379,29 @@ class ControlPlane:
         except NotOnboarded as exc:
             raise StoreError(f"{exc}; or start without a KMS (--no-kms)") from None
 
+    async def _start_vmm(
+        self,
+        stack: contextlib.AsyncExitStack,
+        ident: Identity,
+        settings: StreamSettings,
+        runtime: Any,
+    ) -> None:
+        """This host's VMM (pydstack.actors.vmm) with its own `vmm` identity, when asked for."""
+        if not (self.opts.vmm_backend and self.opts.host_id):
+            return
+        from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
+
+        store = await self._connect(ident, settings)
+        stack.push_async_callback(_close, store)
+        config = VmmConfig(
+            host_id=self.opts.host_id, state_dir=self.data.path / "vmm",
+            vcpu=self.opts.host_vcpu, memory_mb=self.opts.host_memory_mb,
+            kms_urls=(self.kms_url,) if self.kms_url else (),
+        )  # fmt: skip
+        launch = VmmLaunch(config=config, backend=self.opts.vmm_backend,
+                           api_port=self.opts.vmm_api_port, runtime=runtime)  # fmt: skip
+        _, self.vmm_url = await stack.enter_async_context(running_vmm(store, launch))
+
     def _kms_launch(self) -> KmsLaunch:
         """KMS options: a dev PKI + simulated TD where the host has no TDX, else the guest agent."""
         from pydstack.actors.kms.launch import KmsLaunch
@@ -417,6 +444,7 @@ class ControlPlane:
             "metrics_url": self.metrics_url, "kms_url": self.kms_url or None,
             "actors": actors, "started": time.time(),
             "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
+            "vmm_url": self.vmm_url or None,
         }  # fmt: skip
         self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
         where: dict[str, Any] = {

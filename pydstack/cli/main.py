@@ -14,6 +14,7 @@ from .audit import audit_cmd, status_cmd
 from .commands import app_group, init_cmd, vm_group
 from .events import events_cmd, replay_cmd
 from .up import up_cmd
+from .vm import image_group  # also adds ls/info/start/stop/rm/logs/update to `vm`
 
 
 class _LazyGroup(click.Group):
@@ -66,5 +67,6 @@ for command in (
     replay_cmd,
     audit_cmd,
     status_cmd,
+    image_group,
 ):
     main.add_command(command)

@@ -94,6 +94,15 @@ from ._common import Settings, connection_options
     help="authorization backend [default: dev on hosts without TDX, else webhook]",
 )
 @click.option("--kms-auth-url", default="", help="auth-simple webhook for --kms-auth webhook")
+@click.option(
+    "--vmm",
+    "vmm_backend",
+    type=click.Choice(["none", "sandbox", "qemu"]),
+    default="none",
+    show_default=True,
+    help="run this host's VMM with that CVM backend (API URL in state.json: vmm_url)",
+)
+@click.option("--vmm-api-port", type=click.IntRange(0, 65535), default=0, help="[default: any]")
 @click.pass_context
 def up_cmd(
     ctx: click.Context,
@@ -114,6 +123,8 @@ def up_cmd(
     kms_port: int,
     kms_auth: str | None,
     kms_auth_url: str,
+    vmm_backend: str,
+    vmm_api_port: int,
 ) -> None:
     """Start the control plane: nats-server + JetStream, the stream, the actors.
 
@@ -130,6 +141,7 @@ def up_cmd(
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
+        vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:

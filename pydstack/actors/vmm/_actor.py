@@ -300,7 +300,8 @@ class Vmm:
     async def _start(self, rec: VmRecord, attempt: int) -> None:
         vm_id, subj = rec.vm.vm_id, subject("vm", rec.vm.vm_id)
         try:
-            spec = build_spec(rec, self.view.composes, kms_urls=self.config.kms_urls,
+            spec = build_spec(rec, self.view.composes, app_compose=self.view.app_compose,
+                              kms_urls=self.config.kms_urls,
                               gateway_urls=self.config.gateway_urls)  # fmt: skip
             await self.backend.create(spec)
             _, end = await self.backend.events(vm_id, 0)
@@ -359,4 +360,6 @@ class Vmm:
         with contextlib.suppress(CvmNotFound, CvmError, ComposeMissing):
             st = await self.backend.status(vm_id)
             if st.state != "running":  # a running CVM takes the update at its next start
-                await self.backend.create(build_spec(new, self.view.composes))
+                await self.backend.create(
+                    build_spec(new, self.view.composes, app_compose=self.view.app_compose)
+                )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from pydstack.adapters.nats import EventStore, Version
-from pydstack.core.events import CodecError, message_hash, parse_subject
+from pydstack.core.events import AppRegistered, AppUpgraded, CodecError, message_hash, parse_subject
 from pydstack.core.projections import Applied, Host, applied, hosts
 from pydstack.core.vmm import VmRecord, record
 
@@ -19,6 +19,7 @@ class LogView:
     hosts: dict[str, Host] = field(default_factory=dict)
     vms: dict[str, VmRecord] = field(default_factory=dict)
     composes: dict[str, bytes] = field(default_factory=dict)  # compose_hash -> raw compose
+    app_compose: dict[str, str] = field(default_factory=dict)  # app_id -> latest compose hash
     versions: dict[str, Version] = field(default_factory=dict)
     cursor: int = 0
 
@@ -45,6 +46,8 @@ class LogView:
                 self.hosts[agg] = h
         elif kind == "app":
             self.composes = record.app_composes(self.composes, a)
+            if isinstance(a.event, AppRegistered | AppUpgraded):
+                self.app_compose[agg] = a.event.compose_hash
         return a
 
     async def catch_up(self, store: EventStore) -> None:

@@ -18,13 +18,17 @@ class ComposeMissing(LookupError):
     pass
 
 
-def compose_of(rec: VmRecord, composes: dict[str, bytes]) -> bytes:
+def compose_of(
+    rec: VmRecord, composes: dict[str, bytes], app_compose: dict[str, str] | None = None
+) -> bytes:
+    """The VM's own compose, else the app's compose with its hash, else the app's latest."""
     if rec.compose:
         return rec.compose
-    if not rec.compose_hash:
+    wanted = rec.compose_hash or (app_compose or {}).get(rec.vm.app_id, "")
+    if not wanted:
         return json.dumps({"name": rec.vm.name, "manifest_version": 2}).encode()
     try:
-        return composes[rec.compose_hash]
+        return composes[wanted]
     except KeyError:
         raise ComposeMissing(
             f"no app-compose with hash {rec.compose_hash[:16]}… on the log (register the app)"
@@ -47,11 +51,12 @@ def build_spec(
     rec: VmRecord,
     composes: dict[str, bytes],
     *,
+    app_compose: dict[str, str] | None = None,
     kms_urls: tuple[str, ...] = (),
     gateway_urls: tuple[str, ...] = (),
 ) -> CvmSpec:
     vm, res = rec.vm, rec.resources
-    compose = compose_of(rec, composes)
+    compose = compose_of(rec, composes, app_compose)
     sys_config = {
         "kms_urls": list(kms_urls), "gateway_urls": list(gateway_urls), "pccs_url": "",
         "docker_registry": "", "host_api_url": "",

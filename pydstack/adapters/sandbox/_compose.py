@@ -8,6 +8,7 @@ scalars, ``#`` comments). Flow collections other than ``[a, b]`` are refused wit
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 import msgspec
@@ -108,7 +109,7 @@ def _words(v: Any) -> tuple[str, ...]:
         return ()
     if isinstance(v, list):
         return tuple(str(x) for x in v)
-    return tuple(str(v).split())
+    return tuple(shlex.split(str(v)))
 
 
 def services(app_compose: bytes) -> list[Service]:
