@@ -28,11 +28,6 @@ from pydstack.core.events import AnyEvent, subject
 from pydstack.core.projections import applied
 from pydstack.core.vmm import RestartPolicy
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("dockerd") is None,
-    reason="the VMM tests run sandbox CVMs: root and dockerd (docker.io) needed",
-)
-
 COMPOSE = """services:
   web:
     image: busybox:latest
@@ -50,6 +45,8 @@ FAST = RestartPolicy(interval_s=0.2, initial_backoff_s=0.3, max_backoff_s=1.0, m
 
 @pytest.fixture(scope="session")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        pytest.skip("the VMM tests run sandbox CVMs: root and dockerd (docker.io) needed")
     root = tmp_path_factory.mktemp("vmm-images")
     build_busybox_image(root)
     return root
