@@ -145,7 +145,7 @@ class CvmBackendContract:
         await wait_for(backend, "l1", lambda s: s.boot_stage == "ready", self.BOOT_TIMEOUT_S)
         events, offset = await backend.events("l1", 0)
         stages = [e.stage for e in events]
-        assert stages[0] == "booted" and stages[-1] == "ready", stages
+        assert stages[0] == "booted" and "ready" in stages, stages
         assert (await backend.events("l1", offset))[0] == []
         assert await asyncio.to_thread(http_get, port) == 200
 
