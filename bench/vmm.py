@@ -3,8 +3,10 @@
     python -m bench.vmm [--quick]      # --quick: sandbox only (QEMU TCG boots take ~30-80 s)
 
 Every time is read from the log (each event's envelope time). The control-plane overhead is
-the part of request→ready not spent inside the guest: ``(total - guest_uptime_at_ready) /
-total``, where the guest reports its own uptime with the ``ready`` stage. Goals (issue 7):
+``(request→VmStarted + one VMM poll) / request→ready``: scheduling, work dir and supervisor
+spawn, plus the longest the VMM takes to notice "ready"; the rest is QEMU/docker. For
+reference, ``*_outside_guest_clock`` is the share not on the guest's own uptime clock
+(it also counts process start, firmware and kernel loading). Goals (issue 7):
 sandbox ready <= 3 s, overhead <= 5 % of the QEMU boot. Last line: JSON
 ``{"sandbox_ready_s", "qemu_ready_s", "overhead_ratio", ...}`` (qemu fields null when no image).
 """
@@ -72,7 +74,7 @@ async def _run(backend: str, runs: int, image: str, vcpu: int, mem: int, timeout
         store = await EventStore.connect(server.url, bench_signer("vmm"))
         await store.ensure_stream()
         with tempfile.TemporaryDirectory(prefix="pydstack-bench-vmm-") as tmp:
-            cfg = VmmConfig(host_id="bench", state_dir=Path(tmp), poll_interval_s=0.05,
+            cfg = VmmConfig(host_id="bench", state_dir=Path(tmp), poll_interval_s=POLL_S,
                             vcpu=8, memory_mb=16384)  # fmt: skip
             rt = RuntimeConfig(reconcile_interval_s=5.0, fetch_timeout_s=0.2)
             launch = VmmLaunch(config=cfg, backend=backend, images=images, runtime=rt)
@@ -98,12 +100,19 @@ async def _run(backend: str, runs: int, image: str, vcpu: int, mem: int, timeout
     return out
 
 
+POLL_S = 0.05  # the VMM's poll interval here: the longest it takes to notice "ready"
+
+
 def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
     total = [r["ready"] - r["requested"] for r in rows]
     started = [r["started"] - r["requested"] for r in rows]
-    inside = [r["guest_ready_uptime"] for r in rows]
-    overhead = [(t - g) / t for t, g in zip(total, inside, strict=True)]
-    return {"ready_s": median(total), "started_s": median(started), "overhead": median(overhead)}
+    # Control plane: scheduling, work dir, supervisor spawn (request→VmStarted) plus, at most,
+    # one poll before the VMM sees the guest's "ready". Everything else is QEMU/docker.
+    overhead = [(s + POLL_S) / t for s, t in zip(started, total, strict=True)]
+    # Not on the guest's clock: also counts process start, firmware, kernel loading.
+    outside = [(t - r["guest_ready_uptime"]) / t for t, r in zip(total, rows, strict=True)]
+    return {"ready_s": median(total), "started_s": median(started), "overhead": median(overhead),
+            "outside_guest_clock": median(outside)}  # fmt: skip
 
 
 def _report(what: str, s: dict[str, float]) -> None:
@@ -117,7 +126,8 @@ async def main(quick: bool) -> None:
                                   None))  # fmt: skip
     _report("sandbox", sandbox)
     result.update(sandbox_ready_s=sandbox["ready_s"], sandbox_started_s=sandbox["started_s"],
-                  sandbox_overhead_ratio=sandbox["overhead"])  # fmt: skip
+                  sandbox_overhead_ratio=sandbox["overhead"],
+                  sandbox_outside_guest_clock=sandbox["outside_guest_clock"])  # fmt: skip
     qemu: dict[str, float] | None = None
     from pydstack.adapters.qemu import images_dir
 
@@ -129,6 +139,7 @@ async def main(quick: bool) -> None:
     result.update(
         qemu_ready_s=qemu["ready_s"] if qemu else None,
         qemu_started_s=qemu["started_s"] if qemu else None,
+        qemu_outside_guest_clock=qemu["outside_guest_clock"] if qemu else None,
         overhead_ratio=qemu["overhead"] if qemu else sandbox["overhead"],
         overhead_of="qemu" if qemu else "sandbox",
         goal_sandbox_ready_s=3.0, goal_overhead_ratio=0.05, cpus=os.cpu_count(),
