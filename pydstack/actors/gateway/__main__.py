@@ -1,0 +1,200 @@
+"""Run one gateway node: ``python -m pydstack.actors.gateway --nats URL --node-id gw1 ...``.
+
+    python -m pydstack.actors.gateway --nats nats://10.9.0.1:4222 --node-id gw1 \\
+        --netns gw1 --base-domain app.example.com --endpoint 10.9.0.11:51820 \\
+        --state-dir /var/lib/pydstack/gw1 --cert-chain wild.pem --cert-key wild.key \\
+        --registration-port 8011 --tls-chain node.pem --tls-key node.key --client-ca kms-ca.pem
+
+``--netns NAME`` runs the whole node inside that network namespace (its WireGuard device, the
+proxy, the RegisterCvm and admin endpoints, and its NATS connection, so NATS must be reachable
+from there). Prints one line ``GATEWAY_READY {json}`` on stdout once it serves.
+Certificates for the base domain: ``--cert-chain/--cert-key`` (a static wildcard), or
+``--cluster-secret FILE`` to serve what the cluster's ACME keepers put on the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pydstack.logs import configure
+
+_CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    """Move this (still single-threaded) process into a named network namespace."""
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise click.ClickException(f"cannot enter netns {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _read(path: str | None) -> str | None:
+    return Path(path).read_text() if path else None
+
+
+@click.command()
+@click.option("--nats", "nats_url", required=True, envvar="PYDSTACK_NATS")
+@click.option("--creds", type=click.Path(dir_okay=False), help="nkey seed file (role gateway)")
+@click.option("--identity", default="gateway", show_default=True, help="signer name")
+@click.option("--stream", default="DSTACK", show_default=True)
+@click.option("--node-id", required=True)
+@click.option("--cluster", default="default", show_default=True)
+@click.option("--netns", default=None, help="run the node inside this network namespace")
+@click.option("--base-domain", required=True)
+@click.option("--endpoint", required=True, help="ip:port CVMs reach the WireGuard listener at")
+@click.option("--listen-port", type=int, default=51820, show_default=True)
+@click.option("--ifname", default="dgw0", show_default=True)
+@click.option("--tunnel-ip", default="", help="[default: kept, else first free in 10.0.0.128/25]")
+@click.option("--tunnel-net", default="10.0.0.0/24", show_default=True)
+@click.option("--address-plan", default="10.0.0.0/25", show_default=True, help="CVM addresses")
+@click.option("--state-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--proxy-host", default="0.0.0.0", show_default=True)
+@click.option("--proxy-port", type=int, default=443, show_default=True)
+@click.option("--admin-host", default="127.0.0.1", show_default=True)
+@click.option("--admin-port", type=int, default=0, help="0: any free port, -1: none")
+@click.option("--cert-chain", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cert-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cluster-secret", type=click.Path(exists=True, dir_okay=False))
+@click.option("--registration-host", default="0.0.0.0", show_default=True)
+@click.option("--registration-port", type=int, default=0, help="0: no RegisterCvm endpoint")
+@click.option("--url", default="", help="RegisterCvm URL advertised to CVMs")
+@click.option("--tls-chain", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--client-ca", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dev-pki", type=click.Path(file_okay=False), help="trust simulated quotes (dev)")
+@click.option("--recycle-interval", type=float, default=300.0, show_default=True)
+@click.option("--recycle-timeout", type=int, default=36_000, show_default=True)
+@click.option("--poll-interval", type=float, default=0.05, show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def main(**o: Any) -> None:
+    configure(level=o.pop("log_level"))
+    chain, key = o.pop("cert_chain"), o.pop("cert_key")
+    o["cert_pair"] = (Path(chain).read_bytes(), Path(key).read_bytes()) if chain and key else None
+    o["tls"] = tuple(_read(o.pop(k)) for k in ("tls_chain", "tls_key", "client_ca"))
+    if o["registration_port"] and not all(o["tls"]):
+        raise click.ClickException("--registration-port needs --tls-chain, --tls-key, --client-ca")
+    if o["netns"]:
+        # The whole process moves, so every device and socket below uses "this namespace"
+        # (netns=None): pyroute2 switching namespaces per call would not bring this thread
+        # back into NAME afterwards.
+        enter_netns(o.pop("netns"))
+    else:
+        o.pop("netns")
+    try:
+        asyncio.run(run(**o))
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def run(**o: Any) -> None:
+    from pydstack.adapters.nats import EventStore, StoreError, StreamSettings
+    from pydstack.adapters.nats.identity import Identity, read_seed_file
+    from pydstack.adapters.proxy import StaticCertProvider
+    from pydstack.adapters.wireguard import WireGuardError
+    from pydstack.core.events import Signer
+
+    from .node import NodeConfig
+    from .node_launch import NodeLaunch, RegistrationLaunch, running_node
+    from .recycler import RecycleConfig
+
+    seed = read_seed_file(Path(o["creds"])) if o["creds"] else None
+    signer = (
+        Identity(o["identity"], "gateway", seed).signer
+        if seed
+        else Signer.from_private_bytes(o["identity"], os.urandom(32))
+    )
+    certs: Any = None
+    if o["cert_pair"] is not None:
+        certs = StaticCertProvider({o["base_domain"]: o["cert_pair"]})
+    registration = None
+    if o["registration_port"]:
+        chain, key, ca = o["tls"]
+        registration = RegistrationLaunch(
+            chain, key, ca, host=o["registration_host"], port=o["registration_port"],
+            dev_pki=o["dev_pki"],
+        )  # fmt: skip
+    config = NodeConfig(
+        node_id=o["node_id"], base_domain=o["base_domain"], endpoint=o["endpoint"],
+        cluster=o["cluster"], url=o["url"], listen_port=o["listen_port"],
+        tunnel_ip=o["tunnel_ip"], tunnel_net=o["tunnel_net"], poll_interval_s=o["poll_interval"],
+        recycle=RecycleConfig(interval_s=o["recycle_interval"], timeout_s=o["recycle_timeout"]),
+    )  # fmt: skip
+    launch = NodeLaunch(
+        node=config, state_dir=Path(o["state_dir"]), ifname=o["ifname"],
+        proxy_host=o["proxy_host"], proxy_port=o["proxy_port"], certs=certs,
+        admin_host=o["admin_host"], admin_port=o["admin_port"], registration=registration,
+        address_plan=o["address_plan"],
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        store = await EventStore.connect(
+            o["nats_url"], signer, nkey_seed=seed, settings=StreamSettings(name=o["stream"]),
+            name=f"pydstack-gateway-{o['node_id']}",
+        )  # fmt: skip
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(store.close)
+            if o["cluster_secret"]:
+                provider = await stack.enter_async_context(_log_certs(store, o))
+                launch = dataclasses.replace(launch, certs=provider)
+            rn = await stack.enter_async_context(running_node(store, launch))
+            ready = {"node_id": o["node_id"], "proxy_port": rn.proxy_port,
+                     "admin_url": rn.admin_url, "registration_url": rn.registration_url,
+                     "tunnel_ip": rn.node.tunnel_ip, "pid": os.getpid()}  # fmt: skip
+            print("GATEWAY_READY " + json.dumps(ready), flush=True)
+            await stop.wait()
+    except (StoreError, WireGuardError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextlib.asynccontextmanager
+async def _log_certs(store: Any, o: dict[str, Any]) -> AsyncIterator[Any]:
+    """Serve the certificates on the log: fold the cluster's domains, unseal, swap in."""
+    from pydstack.adapters.acme import load_cluster_key
+    from pydstack.core.gateway.certs import CertStore
+
+    from .cert_provider import LogCertProvider
+    from .certs import CertView
+
+    view = CertView(store, o["cluster"])
+    provider = LogCertProvider(CertStore(load_cluster_key(Path(o["cluster_secret"]), o["cluster"])))
+
+    async def loop() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # NATS down: keep serving what we have
+                await view.catch_up()
+                provider.update(view.state)
+            await asyncio.sleep(2.0)
+
+    task = asyncio.create_task(loop(), name="log-certs")
+    try:
+        yield provider
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+if __name__ == "__main__":
+    sys.exit(main())

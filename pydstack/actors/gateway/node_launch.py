@@ -1,0 +1,194 @@
+"""Start one gateway node from plain options: used by ``python -m pydstack.actors.gateway``,
+``pydstack up`` and the benchmarks.
+
+    async with running_node(store, NodeLaunch(node=NodeConfig(...), state_dir=...)) as rn:
+        rn.node.status(); rn.admin_url; rn.proxy_port; rn.registration_url
+
+It owns what it creates, in this order and undone in reverse: the WireGuard device (a stale
+interface left by a killed node is removed first; the key lives in ``state_dir/wg.key`` so a
+restarted node keeps its identity), the proxy, the node's loops, the RegisterCvm endpoint
+(mutual RA-TLS) and the admin endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from pydstack.adapters.nats import EventStore
+from pydstack.adapters.proxy import CertProvider, ProxyConfig, ProxyServer
+from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json, fetch_collateral
+from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
+from pydstack.adapters.wireguard import DeviceError, PrivateKey, UserspaceBackend
+from pydstack.adapters.wireguard import netns as ns
+
+from .node import GatewayNode, NodeConfig
+from .node_admin import admin_app
+from .registrar import Registrar, RegistrarConfig
+from .registration import RegistrationConfig, registration_app, serve_registration
+
+_log = structlog.get_logger("pydstack.gateway.node")
+INTEL_PCCS = "https://api.trustedservices.intel.com/tdx/certification/v4"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationLaunch:
+    """The RegisterCvm endpoint: TLS identity, the CA(s) client certificates chain to, and
+    the quote trust (a simulator PKI root in dev, Intel's via a PCCS otherwise)."""
+
+    chain_pem: str
+    key_pem: str
+    client_ca_pem: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    dev_pki: str | None = None  # directory of a DevPki: trust simulated quotes (dev only)
+    pccs_url: str = INTEL_PCCS
+    auth_webhook: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLaunch:
+    node: NodeConfig
+    state_dir: Path
+    ifname: str = "dgw0"
+    netns: str | None = None  # the device's namespace (None: this process's)
+    proxy_host: str = "0.0.0.0"
+    proxy_port: int = 443
+    certs: CertProvider | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 0  # 0: any free port; -1: none
+    registration: RegistrationLaunch | None = None
+    address_plan: str = "10.0.0.0/25"  # where CVM addresses come from
+
+
+@dataclass
+class RunningNode:
+    node: GatewayNode
+    proxy_port: int
+    admin_url: str
+    registration_url: str
+
+
+class _NoCerts:
+    def server_context(self, base_domain: str, *, h2: bool) -> ssl.SSLContext | None:
+        return None
+
+
+def load_or_create_key(path: Path) -> PrivateKey:
+    """The node's WireGuard key (base64, 0600), made on first use."""
+    if path.exists():
+        return PrivateKey.from_b64(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = PrivateKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.b64 + "\n")
+    return key
+
+
+async def _remove_stale_link(netns: str | None, ifname: str) -> None:
+    """A node killed with -9 leaves its interface and wireguard-go behind; deleting the link
+    makes that wireguard-go exit, then its UAPI socket stops answering."""
+    if not await ns.link_exists(netns, ifname):
+        return
+    _log.warning("removing a stale interface", ifname=ifname, netns=netns or "<host>")
+    await ns.delete_link(netns, ifname)
+    for _ in range(100):
+        if not await ns.link_exists(netns, ifname):
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # let the old daemon close its socket
+
+
+class _DevCollateral:
+    def __init__(self, pki_dir: str | None, pccs_url: str) -> None:
+        self.pki_dir, self.pccs_url = pki_dir, pccs_url
+        self._dev: Collateral | None = None
+
+    async def __call__(self, quote: bytes) -> Collateral:
+        if self.pki_dir is None:
+            return await fetch_collateral(self.pccs_url, quote)
+        if self._dev is None:
+            from pydstack.adapters.tdx.pki import DevPki
+
+            pki = DevPki.load(self.pki_dir)
+            self._dev = collateral_from_json(pki.collateral_json(int(time.time())))
+        return self._dev
+
+
+def _verifier(reg: RegistrationLaunch) -> RaTlsVerifier:
+    root = None
+    if reg.dev_pki is not None:
+        root = (Path(reg.dev_pki) / "root.der").read_bytes()
+    return RaTlsVerifier(_DevCollateral(reg.dev_pki, reg.pccs_url), root_ca_der=root)
+
+
+async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # aiohttp exposes the bound port only here
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    return runner, int(sockets[0].getsockname()[1]) if sockets else port
+
+
+@contextlib.asynccontextmanager
+async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[RunningNode]:
+    cfg = launch.node
+    key = load_or_create_key(launch.state_dir / "wg.key")
+    backend = UserspaceBackend(launch.state_dir / "wg")
+    reason = await backend.unavailable_reason()
+    if reason is not None:
+        raise DeviceError(f"gateway node {cfg.node_id}: {reason}")
+    await _remove_stale_link(launch.netns, launch.ifname)
+    async with contextlib.AsyncExitStack() as stack:
+        device = await backend.create(launch.ifname, launch.netns)
+        stack.push_async_callback(device.close)
+        proxy = await ProxyServer.create(
+            ProxyConfig(host=launch.proxy_host, port=launch.proxy_port),
+            launch.certs or _NoCerts(),
+        )
+        await stack.enter_async_context(proxy)
+        from pydstack.core.gateway.cluster import AddressPlan
+
+        registrar = Registrar(
+            store,
+            RegistrarConfig(
+                cluster=cfg.cluster, node_id=cfg.node_id, plan=AddressPlan(launch.address_plan)
+            ),
+        )
+        node = GatewayNode(store, device, proxy, cfg, key, registrar=registrar)
+        await stack.enter_async_context(node.running())
+        reg_url = ""
+        if launch.registration is not None:
+            reg = launch.registration
+            from pydstack.adapters.tdx.ratls_tls import server_ssl_context
+
+            app = registration_app(
+                registrar,
+                _verifier(reg),
+                RegistrationConfig(node_id=cfg.node_id, auth_webhook=reg.auth_webhook),
+            )
+            ssl_ctx = server_ssl_context(reg.chain_pem, reg.key_pem, reg.client_ca_pem)
+            runner = await serve_registration(app, reg.host, reg.port, ssl_ctx)
+            stack.push_async_callback(runner.cleanup)
+            reg_url = cfg.url or f"https://{reg.host}:{reg.port}"
+        admin_url = ""
+        if launch.admin_port >= 0:
+            admin_runner, port = await _serve(admin_app(node), launch.admin_host, launch.admin_port)
+            stack.push_async_callback(admin_runner.cleanup)
+            admin_url = f"http://{launch.admin_host}:{port}"
+        _log.info("gateway node serving", node=cfg.node_id, proxy_port=proxy.port,
+                  admin=admin_url, registration=reg_url, tunnel_ip=node.tunnel_ip)  # fmt: skip
+        yield RunningNode(node, proxy.port, admin_url, reg_url)

@@ -1,0 +1,129 @@
+"""A CVM's side of the gateway: ``RegisterCvm`` over mutual RA-TLS, then its WireGuard tunnel.
+
+dstack's guest does this at boot (dstack-util ``setup``): it asks its agent for an RA-TLS client
+certificate, posts its WireGuard public key and port policy to a gateway, and configures
+``wg0`` with the address it got and every gateway node as a peer::
+
+    reg = await register_cvm(url, identity=(chain_pem, key_pem), ca_pem=gateway_ca,
+                             wg_public_key=key.public_key().b64)
+    device = await bring_up_tunnel(backend, "wg0", key, reg, netns="cvm1")
+
+The gateway learns the CVM's endpoint from its first handshake; the CVM keeps the tunnel warm
+with a persistent keepalive so app-id routes (fresh handshakes only) find it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from pydstack.adapters.tdx.ratls_tls import RaTlsConnector, RaTlsVerifier, client_ssl_context
+from pydstack.adapters.wireguard import (
+    DeviceConfig,
+    PeerConfig,
+    PrivateKey,
+    WireGuardBackend,
+    WireGuardDevice,
+)
+
+PATH = "/prpc/Gateway.RegisterCvm"
+
+
+class GatewayRegistrationError(RuntimeError):
+    """The gateway refused or could not be reached; the message has its code and reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayServer:
+    public_key: str
+    tunnel_ip: str
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    client_ip: str
+    servers: tuple[GatewayServer, ...]
+    domain: str
+    raw: dict[str, Any]
+
+
+def parse_registration(body: dict[str, Any]) -> Registration:
+    wg = body["wg"]
+    servers = tuple(
+        GatewayServer(public_key=s["pk"], tunnel_ip=s["ip"], endpoint=s["endpoint"])
+        for s in wg["servers"]
+    )
+    return Registration(wg["client_ip"], servers, body.get("agent", {}).get("domain", ""), body)
+
+
+async def register_cvm(
+    url: str,
+    *,
+    identity: tuple[str, str],
+    ca_pem: str,
+    wg_public_key: str,
+    ports: list[dict[str, Any]] | None = None,
+    restrict: bool = False,
+    verifier: RaTlsVerifier | None = None,
+    timeout_s: float = 30.0,
+) -> Registration:
+    """POST RegisterCvm presenting ``identity`` (RA-TLS chain and key PEM); the gateway's
+    certificate must chain to ``ca_pem`` (and carry evidence ``verifier`` accepts, if given)."""
+    ctx: ssl.SSLContext = client_ssl_context(identity[0], identity[1], ca_pem)
+    conn: aiohttp.TCPConnector = (
+        RaTlsConnector(verifier, ssl=ctx) if verifier else aiohttp.TCPConnector(ssl=ctx)
+    )
+    body: dict[str, Any] = {"client_public_key": wg_public_key}
+    if ports is not None or restrict:
+        body["port_policy"] = {"ports": ports or [], "restrict_mode": restrict}
+    try:
+        async with aiohttp.ClientSession(
+            connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as s:
+            async with s.post(url.rstrip("/") + PATH, data=json.dumps(body)) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise GatewayRegistrationError(
+                        f"gateway {url} refused the registration ({resp.status}): {text[:300]}"
+                    )
+                return parse_registration(json.loads(text))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise GatewayRegistrationError(f"gateway {url}: {type(exc).__name__}: {exc}") from None
+
+
+async def bring_up_tunnel(
+    backend: WireGuardBackend,
+    ifname: str,
+    key: PrivateKey,
+    reg: Registration,
+    *,
+    netns: str | None = None,
+    prefix: int = 24,
+    keepalive: int = 25,
+) -> WireGuardDevice:
+    """The CVM's WireGuard device: its address, every gateway node as a peer (the caller
+    closes it). ``prefix`` is the tunnel network's (every node and CVM inside it)."""
+    device = await backend.create(ifname, netns)
+    try:
+        await device.configure(DeviceConfig(private_key=key))
+        net = ipaddress.IPv4Interface(f"{reg.client_ip}/{prefix}")
+        await device.set_address(str(net))
+        await device.sync_peers(
+            PeerConfig(
+                public_key=s.public_key,
+                allowed_ips=(f"{s.tunnel_ip}/32",),
+                endpoint=s.endpoint,
+                persistent_keepalive=keepalive,
+            )
+            for s in reg.servers
+        )
+    except BaseException:
+        await device.close()
+        raise
+    return device
