@@ -168,6 +168,10 @@ class Link:
         return False
 
     def on_lost(self, half: Half) -> None:
+        if half.side == "backend" and half is not self.backend:
+            # A connection attempt that lost the first-wins race (closed after the winner
+            # was joined): not part of this link, so it must not end it.
+            return
         if not self._joined:
             if half is self.client:
                 self._finish()
