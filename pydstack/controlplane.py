@@ -47,6 +47,7 @@ from pydstack.adapters.nats.server import port_in_use
 from pydstack.core.events import HostJoined, subject
 
 if TYPE_CHECKING:
+    from pydstack.actors.gateway.up_launch import UpGateway
     from pydstack.actors.kms.launch import KmsLaunch
 
 DEFAULT_PORT: Final = 4222
@@ -172,6 +173,11 @@ class UpOptions:
     kms_auth_url: str = ""
     dashboard_port: int = 8080  # taken: any free port; 0: any free port; -1: no dashboard
     dashboard_kms: str = ""  # KMS URL for the deploy form's env keys [default: up's own KMS]
+    # Gateway node (see _start_gateway); None: run one with the KMS where wireguard-go can run
+    gateway: bool | None = None
+    gateway_domain: str = "gw.localhost"
+    gateway_port: int = 0  # the proxy's port; 0: 8443 when free, else any free port
+    gateway_listen: str = ""  # where CVMs and clients reach it; "": NATS's listen address
     vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
     vmm_api_port: int = 0
 
@@ -190,6 +196,7 @@ class ControlPlane:
         self.kms_url = ""
         self.dashboard_url = ""
         self.vmm_url = ""
+        self.gateway: dict[str, Any] = {}  # gateway_* entries of state.json, when one runs
 
     def stop(self) -> None:
         self._stop.set()
@@ -329,6 +336,7 @@ class ControlPlane:
             runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
             if self.opts.kms or (self.opts.kms is None and self.server is not None):
                 await self._start_kms(stack, ids["kms"], settings)
+            await self._start_gateway(stack, ids["gateway"], settings, cfg)
             await self._serve_dashboard(stack, ids["operator"], settings)
             await self._start_vmm(stack, ids["vmm"], settings, runtime)
             self._ready(cfg, ["scheduler", *(["vmm"] if self.vmm_url else [])])
@@ -402,6 +410,52 @@ class ControlPlane:
                            api_port=self.opts.vmm_api_port, runtime=runtime)  # fmt: skip
         _, self.vmm_url = await stack.enter_async_context(running_vmm(store, launch))
 
+    async def _start_gateway(
+        self,
+        stack: contextlib.AsyncExitStack,
+        ident: Identity,
+        settings: StreamSettings,
+        cfg: PlaneConfig,
+    ) -> None:
+        """One gateway node in the host namespace (pydstack.actors.gateway.up_launch)."""
+        from pydstack.actors.gateway.node_launch import running_node
+        from pydstack.actors.gateway.up_launch import up_launch
+        from pydstack.adapters.wireguard import UserspaceBackend, WireGuardError
+
+        o = self.opts
+        if o.gateway is False or (o.gateway is None and not self.kms_url):
+            return
+        reason = await UserspaceBackend(self.data.path).unavailable_reason()
+        if reason is not None:
+            if o.gateway:
+                raise StoreError(f"gateway: {reason}; or start without it (--no-gateway)")
+            _log.warning("no gateway node", reason=reason)
+            return
+        gw = self._gateway_options(cfg)
+        store = await self._connect(ident, settings)
+        stack.push_async_callback(_close, store)
+        try:
+            rn = await stack.enter_async_context(
+                running_node(store, await up_launch(store, self.data.path, gw))
+            )
+        except (WireGuardError, OSError) as exc:
+            raise StoreError(f"gateway: {exc}; or start without it (--no-gateway)") from None
+        self.gateway = {
+            "gateway_admin_url": rn.admin_url, "gateway_registration_url": rn.registration_url,
+            "gateway_proxy": f"{gw.listen}:{rn.proxy_port}", "gateway_domain": gw.domain,
+            "gateway_ca": str(self.data.path / "gateway" / "ca.pem"),
+        }  # fmt: skip
+
+    def _gateway_options(self, cfg: PlaneConfig) -> UpGateway:
+        from pydstack.actors.gateway.up_launch import UpGateway
+
+        o = self.opts
+        dev = not Path("/sys/kernel/config/tsm/report").exists()
+        return UpGateway(
+            domain=o.gateway_domain, listen=o.gateway_listen or cfg.host, proxy_port=o.gateway_port,
+            dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
+        )  # fmt: skip
+
     def _kms_launch(self) -> KmsLaunch:
         """KMS options: a dev PKI + simulated TD where the host has no TDX, else the guest agent."""
         from pydstack.actors.kms.launch import KmsLaunch
@@ -444,7 +498,7 @@ class ControlPlane:
             "metrics_url": self.metrics_url, "kms_url": self.kms_url or None,
             "actors": actors, "started": time.time(),
             "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
-            "vmm_url": self.vmm_url or None,
+            "vmm_url": self.vmm_url or None, **self.gateway,
         }  # fmt: skip
         self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
         where: dict[str, Any] = {
@@ -452,6 +506,7 @@ class ControlPlane:
             "actors": actors, "metrics": self.metrics_url or None,
             "dashboard": self.dashboard_url or None,
             "kms": self.kms_url or None,
+            "gateway": self.gateway.get("gateway_proxy"),
             "identities": str(self.data.identities.dir),
         }  # fmt: skip
         if self.server is not None:

@@ -12,12 +12,14 @@ Registered by `pydstack.cli.main` with `main.add_command(attest)`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +226,21 @@ def verify(
     default=None,
     help="simulator PKI to sign quotes with (a KMS must trust it; `up` keeps one in DATA/dev-pki)",
 )
+@click.option(
+    "--gateway",
+    "gateway_url",
+    default=None,
+    metavar="URL",
+    help="register with this gateway (RegisterCvm over RA-TLS) and bring up WireGuard",
+)
+@click.option(
+    "--gateway-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CA of the gateway's certificate (`up`: DATA/gateway/ca.pem)",
+)
+@click.option("--gateway-netns", default=None, help="existing netns for the CVM's WireGuard")
+@click.option("--instance-id", "instance_hex", default=None, help="hex, 20 bytes [random]")
 def simulate(
     state_dir: str,
     sock: str,
@@ -232,8 +249,14 @@ def simulate(
     compose_file: str | None,
     kms_url: str | None,
     dev_pki: str | None,
+    gateway_url: str | None,
+    gateway_ca: str | None,
+    gateway_netns: str | None,
+    instance_hex: str | None,
 ) -> None:
     """Run a guest agent on the TDX simulator (verify with --dev-root STATE/pki/root.der)."""
+    if gateway_url and not gateway_ca:
+        raise click.UsageError("--gateway needs --gateway-ca")
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     asyncio.run(
         _simulate(
@@ -244,6 +267,8 @@ def simulate(
             compose_file,
             kms_url,
             Path(dev_pki) if dev_pki else None,
+            (gateway_url, _read_text(gateway_ca or ""), gateway_netns) if gateway_url else None,
+            instance_hex,
         )
     )
 
@@ -260,6 +285,8 @@ async def _simulate(
     compose_file: str | None,
     kms_url: str | None = None,
     dev_pki: Path | None = None,
+    gateway: tuple[str, str, str | None] | None = None,
+    instance_hex: str | None = None,
 ) -> None:
     from pydstack.adapters.tdx.backend import SimulatorBackend
     from pydstack.adapters.tdx.identity import mr_config_id_v1
@@ -302,7 +329,7 @@ async def _simulate(
         ),
     )
     vm_config = json.dumps({"os_image_hash": os_image_hash.hex()})
-    instance_id = os.urandom(20)
+    instance_id = bytes.fromhex(instance_hex) if instance_hex else os.urandom(20)
     if kms_url is None:
         keys = await LocalKeyProvider(keys_path).app_keys()
         await boot_runtime_events(
@@ -328,10 +355,45 @@ async def _simulate(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with serve_agent(agent, dstack_sock=sock, tappd_sock=tappd):
+    async with (
+        serve_agent(agent, dstack_sock=sock, tappd_sock=tappd),
+        _gateway(agent, state, gateway),
+    ):
         click.echo(
             f"guest agent (simulated TDX) on {sock}; dev root: {pki_dir / 'root.der'}; "
             f"collateral: {state / 'collateral.json'}",
             err=True,
         )
         await stop.wait()
+
+
+@contextlib.asynccontextmanager
+async def _gateway(
+    agent: Any, state: Path, gateway: tuple[str, str, str | None] | None
+) -> AsyncIterator[None]:
+    """Register the simulated CVM with a gateway and keep its WireGuard tunnel up."""
+    if gateway is None:
+        yield
+        return
+    from pydstack.adapters.wireguard import PrivateKey, UserspaceBackend
+    from pydstack_guest.gateway_client import bring_up_tunnel, register_cvm
+
+    url, ca_pem, netns = gateway
+    key = PrivateKey.generate()
+    tls = await agent.tls_key(
+        agent.fresh_tls_key(), subject="pydstack-cvm", alt_names=(), usage_ra_tls=True,
+        usage_server_auth=False, usage_client_auth=True,
+    )  # fmt: skip
+    identity = ("".join(tls["certificate_chain"]), tls["key"])
+    reg = await register_cvm(url, identity=identity, ca_pem=ca_pem,
+                             wg_public_key=key.public_key().b64)  # fmt: skip
+    backend = UserspaceBackend(state / "wg")
+    async with await bring_up_tunnel(backend, "wg0", key, reg, netns=netns):
+        info = agent.app_info(await agent.attestation(b""))
+        click.echo(
+            f"registered with {url}: tunnel ip {reg.client_ip}, {len(reg.servers)} gateway(s); "
+            f"app https://{info.app_id.hex()}.{reg.domain}, "
+            f"instance https://{info.instance_id.hex()}.{reg.domain}",
+            err=True,
+        )
+        yield

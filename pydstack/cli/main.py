@@ -24,6 +24,7 @@ class _LazyGroup(click.Group):
         "attest": "pydstack.cli.attest:attest",
         "kms": "pydstack.cli.kms:kms",  # KMS owner: serve, audit
         "env": "pydstack.cli.env:env",  # KMS owner: env encrypt
+        "gateway": "pydstack.cli.gateway:gateway",  # gateway: status, routes, peers, add-domain
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

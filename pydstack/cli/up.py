@@ -103,6 +103,14 @@ from ._common import Settings, connection_options
     help="run this host's VMM with that CVM backend (API URL in state.json: vmm_url)",
 )
 @click.option("--vmm-api-port", type=click.IntRange(0, 65535), default=0, help="[default: any]")
+@click.option(
+    "--gateway/--no-gateway",
+    default=None,
+    help="run a gateway node [default: with the KMS, where wireguard-go can run]",
+)
+@click.option("--gateway-domain", default="gw.localhost", show_default=True, metavar="DOMAIN")
+@click.option("--gateway-port", type=click.IntRange(0, 65535), default=0, help="[default: 8443]")
+@click.option("--gateway-listen", default="", metavar="ADDR", help="[default: as --listen]")
 @click.pass_context
 def up_cmd(
     ctx: click.Context,
@@ -125,6 +133,10 @@ def up_cmd(
     kms_auth_url: str,
     vmm_backend: str,
     vmm_api_port: int,
+    gateway: bool | None,
+    gateway_domain: str,
+    gateway_port: int,
+    gateway_listen: str,
 ) -> None:
     """Start the control plane: nats-server + JetStream, the stream, the actors.
 
@@ -142,6 +154,8 @@ def up_cmd(
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
+        gateway=gateway, gateway_domain=gateway_domain, gateway_port=gateway_port,
+        gateway_listen=gateway_listen,
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:

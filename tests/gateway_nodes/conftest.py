@@ -13,7 +13,7 @@ import pytest
 from pydstack.adapters.nats import EventStore, NatsServer, NatsServerConfig
 from pydstack.core.events import Signer
 
-from .lan import Lan, test_lan
+from .lan import Lan, namespace_lan
 from .procs import NodeProc, node_argv
 
 BASE = "gw.pydstack.test"
@@ -52,7 +52,7 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with test_lan() as lan:
+    async with namespace_lan() as lan:
         cfg = NatsServerConfig(data_dir=tmp_path / "nats", host=lan.host_ip)
         server = NatsServer(cfg)
         await server.start()

@@ -7,7 +7,7 @@ tunnel address can leave the machine; the host reaches the underlay through its 
 (more specific than the unreachable route), which is how nats-server (listening on the
 host's LAN address) and the nodes' admin endpoints are reached.
 
-    async with test_lan() as lan:
+    async with namespace_lan() as lan:
         ip = await lan.add("gw1")          # namespace lan.ns("gw1"), address ip on the bridge
 """
 
@@ -79,7 +79,7 @@ class Lan:
 
 
 @contextlib.asynccontextmanager
-async def test_lan() -> AsyncIterator[Lan]:
+async def namespace_lan() -> AsyncIterator[Lan]:
     tag = secrets.token_hex(2)
     a = 200 + secrets.randbelow(50)
     lan = Lan(tag, a)

@@ -1,0 +1,168 @@
+"""The gateway node ``pydstack up`` runs: options from the data dir, dev certificates.
+
+One node, in the host namespace (wireguard-go works there), listening on ``listen`` (the
+address CVMs reach: NATS's listen address unless given). Without ACME it serves a dev
+wildcard certificate for its base domain from a dev CA kept in ``DATA/gateway/`` (``ca.pem``
+is what clients and simulated CVMs trust); CVM client certificates must chain to the KMS CAs
+on the log (``KmsRootCreated``), quotes to the dev PKI where the host has no TDX::
+
+    launch = await up_launch(store, data_path, UpGateway(domain="gw.localhost", listen=...))
+    async with running_node(store, launch) as rn: ...
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pydstack.actors.decode import Malformed, decode_message
+from pydstack.adapters.nats import EventStore
+from pydstack.adapters.proxy import StaticCertProvider
+from pydstack.core.events import KmsRootCreated
+
+from .node import NodeConfig
+from .node_launch import NodeLaunch, RegistrationLaunch
+
+
+@dataclass(frozen=True, slots=True)
+class UpGateway:
+    domain: str = "gw.localhost"
+    listen: str = "127.0.0.1"
+    proxy_port: int = 0  # 0: 8443 when free, else any free port
+    registration_port: int = 0  # 0: 8011 when free, else any free port
+    wg_port: int = 0  # 0: 51820 when free, else any free UDP port
+    node_id: str = "gw1"
+    dev_pki: str | None = None
+
+
+_SERVER, _CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+
+
+def _free(host: str, want: int, kind: int = socket.SOCK_STREAM) -> int:
+    for port in (want, 0):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free port on {host}")
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _leaf(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[str], ips: list[str]
+) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    alt += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=90))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([_SERVER, _CLIENT]), critical=False)
+        .sign(ca[1], hashes.SHA256())
+    )
+    ca_pem = ca[0].public_bytes(serialization.Encoding.PEM)
+    return cert.public_bytes(serialization.Encoding.PEM) + ca_pem, _key_pem(key)
+
+
+def dev_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The dev gateway CA (``ca.pem`` / ``ca.key``), made once per data dir."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert_path, key_path = directory / "ca.pem", directory / "ca.key"
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cert, key
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pydstack dev gateway CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+async def kms_client_cas(store: EventStore) -> str:
+    """The CAs CVM certificates chain to: every KMS root's CA and temp CA on the log."""
+    pems: list[str] = []
+    async for rec in store.read(subject="dstack.kms.*"):
+        try:
+            _, event = decode_message(rec.subject, rec.data, check_signature=True)
+        except Malformed:
+            continue
+        if isinstance(event, KmsRootCreated):
+            pems += [p for p in (event.ca_cert_pem, event.temp_ca_cert_pem) if p]
+    return "".join(dict.fromkeys(pems))
+
+
+async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLaunch:
+    """Options for up's node; files in ``DATA/gateway`` (key, dev CA and certificates)."""
+    gdir = data_path / "gateway"
+    ca = dev_ca(gdir)
+    wild_chain, wild_key = _leaf(ca, [f"*.{gw.domain}", gw.domain], [])
+    reg_chain, reg_key = _leaf(ca, ["localhost"], sorted({gw.listen, "127.0.0.1"}))
+    reg_port = _free(gw.listen, gw.registration_port or 8011)
+    wg_port = _free(gw.listen, gw.wg_port or 51820, socket.SOCK_DGRAM)
+    client_cas = await kms_client_cas(store)
+    registration = None
+    if client_cas:
+        registration = RegistrationLaunch(
+            reg_chain.decode(), reg_key.decode(), client_cas, host=gw.listen, port=reg_port,
+            dev_pki=gw.dev_pki,
+        )  # fmt: skip
+    tag = hashlib.sha256(str(data_path).encode()).hexdigest()[:8]
+    node = NodeConfig(
+        node_id=gw.node_id, base_domain=gw.domain, endpoint=f"{gw.listen}:{wg_port}",
+        url=f"https://{gw.listen}:{reg_port}" if registration else "", listen_port=wg_port,
+    )  # fmt: skip
+    return NodeLaunch(
+        node=node,
+        state_dir=gdir / gw.node_id,
+        ifname=f"dgw{tag}",
+        proxy_host=gw.listen,
+        proxy_port=_free(gw.listen, gw.proxy_port or 8443),
+        certs=StaticCertProvider({gw.domain: (wild_chain, wild_key)}),
+        admin_host="127.0.0.1",
+        admin_port=0,
+        registration=registration,
+    )
