@@ -139,7 +139,9 @@ class GatewayNode:
         self.recycler = Recycler(self.view, config.recycle) if config.recycle else None
         self.table = ClusterTable(cluster=config.cluster)
         self.applied_digest = ""  # digest of the table the device and proxy hold
-        self.device_peer_digest = table_peer_digest(self.table)
+        self.applied_seq = -1  # fold sequence that table was built at
+        self.table_peer_digest = table_peer_digest(self.table)
+        self.device_peer_digest = self.table_peer_digest
         self.handshakes: dict[str, float] = {}
         self.connected = False
         self.lag = -1
@@ -162,10 +164,10 @@ class GatewayNode:
             "seq": self.view.cursor,
             "lag": self.lag,
             "table_seq": t.seq,
-            "table_digest": t.digest(),
-            "peer_digest": table_peer_digest(t),
+            "table_digest": self.applied_digest,
+            "peer_digest": self.table_peer_digest,
             "device_peer_digest": self.device_peer_digest,
-            "in_sync": self.device_peer_digest == table_peer_digest(t),
+            "in_sync": self.device_peer_digest == self.table_peer_digest,
             "peers": len(t.peers),
             "routes": len(t.routes),
             "apps": len(t.apps),
@@ -264,13 +266,18 @@ class GatewayNode:
 
     async def reconcile(self) -> bool:
         """Make the device and the proxy hold the folded table; True if anything changed."""
+        if self.view.state.seq == self.applied_seq:
+            return False  # nothing folded since the last reconcile
+        seq = self.view.state.seq
         table = self.view.table()
         digest = table.digest()
         if digest == self.applied_digest:
+            self.applied_seq = seq
             return False
         t0 = time.perf_counter()
         current = await self.device.status()
-        ops = diff_peers(desired_peers(table), [p.config for p in current.peers])
+        desired = desired_peers(table)
+        ops = diff_peers(desired, [p.config for p in current.peers])
         removals = [op for op in ops if op.remove]
         upserts = [op for op in ops if not op.remove]
         await self.device.apply(upserts)
@@ -279,7 +286,8 @@ class GatewayNode:
         await self.device.apply(removals)
         after = await self.device.status()
         self.device_peer_digest = peer_set_digest([p.config for p in after.peers])
-        self.applied_digest = digest
+        self.table_peer_digest = peer_set_digest(desired)
+        self.applied_digest, self.applied_seq = digest, seq
         self.reconciles += 1
         self._publish_metrics()
         self.changed.set()
@@ -302,8 +310,8 @@ class GatewayNode:
         m.RECONCILES.labels(node).inc()
         m.TABLE.labels(node).info(
             {
-                "digest": self.table.digest(),
-                "peer_digest": table_peer_digest(self.table),
+                "digest": self.applied_digest,
+                "peer_digest": self.table_peer_digest,
                 "device_peer_digest": self.device_peer_digest,
             }
         )
