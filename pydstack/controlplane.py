@@ -407,8 +407,14 @@ class ControlPlane:
             kms_urls=(self.kms_url,) if self.kms_url else (),
         )  # fmt: skip
         launch = VmmLaunch(config=config, backend=self.opts.vmm_backend,
-                           api_port=self.opts.vmm_api_port, runtime=runtime)  # fmt: skip
+                           api_port=self.opts.vmm_api_port, runtime=runtime,
+                           dev_pki=await asyncio.to_thread(self._cvm_dev_pki))  # fmt: skip
         _, self.vmm_url = await stack.enter_async_context(running_vmm(store, launch))
+
+    def _cvm_dev_pki(self) -> Path | None:
+        """Without TDX, sandbox CVMs quote with the dev PKI that this KMS trusts."""
+        dev = not Path("/sys/kernel/config/tsm/report").exists()
+        return _dev_pki(self.data.path / "dev-pki") if dev else None
 
     async def _start_gateway(
         self,

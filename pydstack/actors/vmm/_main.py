@@ -39,6 +39,7 @@ class VmmLaunch:
     api_host: str = "127.0.0.1"
     api_port: int = -1  # -1: no API; 0: any free port
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dev_pki: Path | None = None  # sandbox: the simulator PKI the KMS trusts (`up`'s dev-pki)
 
 
 async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
@@ -51,7 +52,10 @@ async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
             await asyncio.to_thread(build_busybox_image, images)
         run_root = Path("/run/pydstack-sandbox") / str(abs(hash(str(sd.absolute()))) % 10**8)
         return SandboxBackend(
-            SandboxConfig(vms_dir=sd / "vms", images=images, run_root=run_root), sv
+            SandboxConfig(
+                vms_dir=sd / "vms", images=images, run_root=run_root, dev_pki=launch.dev_pki
+            ),
+            sv,
         )
     if launch.backend == "qemu":
         from pydstack.adapters.qemu import QemuBackend, QemuBackendConfig

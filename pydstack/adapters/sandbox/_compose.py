@@ -8,7 +8,9 @@ scalars, ``#`` comments). Flow collections other than ``[a, b]`` are refused wit
 from __future__ import annotations
 
 import json
+import re
 import shlex
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -112,8 +114,33 @@ def _words(v: Any) -> tuple[str, ...]:
     return tuple(shlex.split(str(v)))
 
 
-def services(app_compose: bytes) -> list[Service]:
-    """The services of an app-compose.json (``docker_compose_file``), in file order."""
+_VAR = re.compile(
+    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose's variable substitution: ``$$``, ``${VAR}``, ``${VAR:-default}``, ``$VAR``."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1):
+            return "$"
+        name = m.group(2) or m.group(4)
+        return env.get(name) or (m.group(3) or "")
+
+    return _VAR.sub(sub, text)
+
+
+def _entry(item: str, given: Mapping[str, str]) -> tuple[str, str]:
+    name, eq, value = item.partition("=")
+    return (name, value) if eq else (name, given.get(name, ""))
+
+
+def services(app_compose: bytes, env: Mapping[str, str] | None = None) -> list[Service]:
+    """The services of an app-compose.json (``docker_compose_file``), in file order.
+
+    With `env` (the boot's allowed env), the file is interpolated as ``docker compose`` does
+    with its environment, and a bare ``- NAME`` environment entry takes NAME's value from it."""
     try:
         compose = json.loads(app_compose or b"{}")
     except ValueError as e:
@@ -121,19 +148,21 @@ def services(app_compose: bytes) -> list[Service]:
     text = compose.get("docker_compose_file") or ""
     if not text:
         return []
-    doc = parse_yaml(text)
+    given: Mapping[str, str] = env or {}
+    doc = parse_yaml(text if env is None else interpolate(text, env))
     out: list[Service] = []
     for name, svc in ((doc or {}).get("services") or {}).items():
         if not isinstance(svc, dict) or not svc.get("image"):
             raise ComposeError(f"service {name!r} has no image")
-        env = svc.get("environment") or {}
-        if isinstance(env, list):
-            env = dict(str(x).partition("=")[::2] for x in env)
+        raw = svc.get("environment") or {}
+        if isinstance(raw, list):
+            raw = dict(_entry(str(x), given) for x in raw)
         out.append(
             Service(
                 name=str(name), image=str(svc["image"]), command=_words(svc.get("command")),
                 entrypoint=_words(svc.get("entrypoint")),
-                environment={str(k): "" if v is None else str(v) for k, v in env.items()},
+                environment={str(k): given.get(str(k), "") if v is None else str(v)
+                             for k, v in raw.items()},
             )
         )  # fmt: skip
     return out

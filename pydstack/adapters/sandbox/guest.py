@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -31,8 +30,10 @@ import msgspec
 from pydstack.adapters.cvm import CvmSpec
 
 from . import _netns
+from ._boot import boot
 from ._compose import services
 from ._docker import Docker
+from ._outbound import HostRelay
 from .images import load_image
 
 T0 = time.monotonic()
@@ -120,51 +121,6 @@ def _dockerd(run: SandboxRun, wd: Path, rd: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=log, stderr=log, preexec_fn=_pdeathsig)
 
 
-async def _agent(wd: Path, run: SandboxRun, spec: CvmSpec, sock: Path) -> contextlib.AsyncExitStack:
-    from pydstack.adapters.tdx.backend import SimulatorBackend
-    from pydstack.adapters.tdx.identity import mr_config_id_v1
-    from pydstack.adapters.tdx.pki import DevPki
-    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
-    from pydstack_guest import (
-        GuestAgent,
-        GuestConfig,
-        LocalKeyProvider,
-        boot_runtime_events,
-        create_dev_app_keys,
-        serve_agent,
-    )
-
-    shared = wd / "shared"
-    compose = spec.app_compose.decode() or '{"name":"sandbox"}'
-    info = json.loads((shared / "instance-info.json").read_text() or "{}") if (
-        shared / "instance-info.json").exists() else {}  # fmt: skip
-    app_id = bytes.fromhex(info.get("app_id", "")) or hashlib.sha256(compose.encode()).digest()[:20]
-    instance_id = bytes.fromhex(info.get("instance_id", "")) or os.urandom(20)
-    pki_dir = Path(run.dev_pki) if run.dev_pki else wd / "sim" / "pki"
-    pki = DevPki.load(pki_dir) if (pki_dir / "root.der").exists() else DevPki.generate()
-    if not (pki_dir / "root.der").exists():
-        pki.save(pki_dir)
-    keys_path = wd / "sim" / "appkeys.json"
-    if not keys_path.exists():
-        keys_path.parent.mkdir(parents=True, exist_ok=True)
-        keys_path.write_text(create_dev_app_keys(app_id, now=int(time.time()))[1])
-    image_hash = hashlib.sha256(f"pydstack sandbox image {spec.image}".encode()).digest()
-    backend = SimulatorBackend(QuoteSimulator(pki), TdMeasurements(
-        mr_td=hashlib.sha384(b"pydstack sandbox TD").digest(),
-        mr_config_id=mr_config_id_v1(hashlib.sha256(compose.encode()).digest()),
-    ))  # fmt: skip
-    keys = await LocalKeyProvider(keys_path).app_keys()
-    await boot_runtime_events(backend, keys, app_id=app_id, app_compose=compose,
-                              instance_id=instance_id, os_image_hash=image_hash)  # fmt: skip
-    vm_config = json.dumps({"os_image_hash": image_hash.hex(), "cpu_count": spec.vcpu,
-                            "memory_size": spec.memory_mb * 1024 * 1024})  # fmt: skip
-    agent = GuestAgent(backend, keys, GuestConfig(app_name=spec.name, app_compose=compose,
-                                                  vm_config=vm_config))  # fmt: skip
-    stack = contextlib.AsyncExitStack()
-    await stack.enter_async_context(serve_agent(agent, dstack_sock=str(sock)))
-    return stack
-
-
 async def main(wd: Path) -> int:
     run = msgspec.json.decode((wd / "sandbox.json").read_bytes(), type=SandboxRun)
     spec = msgspec.json.decode((wd / "manifest.json").read_bytes(), type=CvmSpec)
@@ -178,8 +134,20 @@ async def main(wd: Path) -> int:
     dockerd = _dockerd(run, wd, rd)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(docker.close)
-        agent = await _agent(wd, run, spec, rd / "dstack.sock")
-        stack.push_async_callback(agent.aclose)
+        from pydstack_guest.boot import BootFailed
+
+        for server in await RELAY[0].serve_inside() if RELAY else []:
+            stack.callback(server.close)
+        try:
+            booted = await boot(wd, run.dev_pki, spec, rd / "dstack.sock",
+                                lambda stage, detail: emit(wd, stage, detail))  # fmt: skip
+        except BootFailed as exc:
+            # A failed boot halts (dstack #334): the VMM records VmBootError, no restart loop.
+            emit(wd, "error", str(exc))
+            await stop.wait()
+            dockerd.terminate()
+            return 0
+        stack.push_async_callback(booted.agent.aclose)
         emit(wd, "agent", str(rd / "dstack.sock"))
         while not await docker.ping():
             if dockerd.poll() is not None:
@@ -193,7 +161,7 @@ async def main(wd: Path) -> int:
             if not await docker.has_image(name):
                 await docker.import_image(Path(run.images) / spec.image / image.rootfs, name)
         logs = []
-        for svc in services(spec.app_compose):
+        for svc in services(spec.app_compose, booted.env):
             await docker.run(svc.name, svc.image, svc.command, svc.entrypoint, svc.environment,
                              [f"{rd / 'dstack.sock'}:/var/run/dstack.sock"])  # fmt: skip
             logs.append(asyncio.create_task(docker.follow_logs(svc.name, wd / "console.log")))
@@ -222,6 +190,16 @@ async def main(wd: Path) -> int:
 
 
 LISTENERS: list[tuple[socket.socket, int]] = []
+RELAY: list[HostRelay] = []  # the host services (KMS) relayed into the CVM's namespace
+
+
+def _kms_urls(wd: Path) -> list[str]:
+    try:
+        urls = json.loads((wd / "shared" / "sys-config.json").read_text()).get("kms_urls")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(u) for u in urls] if isinstance(urls, list) else []
+
 
 if __name__ == "__main__":
     workdir = Path(sys.argv[1]).resolve()
@@ -232,6 +210,7 @@ if __name__ == "__main__":
     except OSError as exc:  # a host port taken by something outside pydstack
         emit(workdir, "error", f"cannot bind a host port: {exc}")
         sys.exit(1)
+    RELAY.append(HostRelay.start(_kms_urls(workdir), cfg.run_dir))  # threads stay outside
     _netns.enter(cfg.netns)  # from here on, every new socket and child is inside the CVM
     _netns.kill_all(cfg.netns, exclude=os.getpid())  # leftovers of a run that was killed
     _netns.unmount_under(workdir / "docker", Path(cfg.run_dir))

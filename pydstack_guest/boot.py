@@ -1,0 +1,332 @@
+"""A CVM's boot flow (dstack-util ``setup``), the same code in the QEMU image and the sandbox.
+
+Named steps run in order; each reports a stage, and the first failure stops the boot with
+`BootFailed(step, reason)`: the caller reports ``error`` and halts; it never reboots
+(dstack #334). Checks and choices are pure functions (`plan_boot`, `check_mr_config_id`,
+`check_key_provider`, `plan_storage`, `select_env`); `run_boot` does the I/O::
+
+    shared = read_host_shared(Path("/dstack/.host-shared"))
+    result = await run_boot(backend, shared, report=emit, local=LocalKeyProvider(path),
+                            os_image_hash=h)
+    # result.keys for the agent, result.env (allowed_envs only) for the compose runner
+
+RTMR3 gets dstack's order: system-preparing, app-id, compose-hash, instance-id, boot-mr-done
+(before keys, so the KMS sees them), then os-image-hash, key-provider, storage-fs, system-ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgspec
+
+from pydstack.adapters.tdx.backend import TdxBackend
+from pydstack.adapters.tdx.identity import mr_config_id_v1, mr_config_id_v2
+from pydstack.adapters.tdx.quote import parse_quote
+
+from .agent import measure_identity
+from .kms_provider import KmsKeyProvider, decrypt_env
+from .provider import AppKeys, KeyProvider, KeyProviderError
+
+Report = Callable[[str, str], None]
+RUNNERS = ("docker-compose",)  # dstack also has "bash"; this platform runs compose apps only
+MANIFEST_VERSIONS = (1, 2)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class BootFailed(Exception):
+    """A boot step failed; `step` names it and the message says what is wrong."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"boot error at {step}: {reason}")
+        self.step, self.reason = step, reason
+
+
+class SysConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """dstack's ``.sys-config.json`` (host-written), plus two optional pydstack pins."""
+
+    kms_urls: list[str] = []
+    gateway_urls: list[str] = []
+    pccs_url: str = ""
+    docker_registry: str = ""
+    host_api_url: str = ""
+    vm_config: str = "{}"
+    kms_ca: str = ""  # PEM of the KMS cluster CA; empty: take the one GetTempCaCert names
+    key_provider_id: str = ""  # hex; when set the keys must come from this provider
+
+
+class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id_seed: str = ""
+    instance_id: str = ""
+    app_id: str = ""
+
+
+class AppCompose(msgspec.Struct, frozen=True, kw_only=True):
+    """The fields of dstack's app-compose.json the boot acts on (others are kept, unread)."""
+
+    manifest_version: int = 2
+    name: str = ""
+    runner: str = "docker-compose"
+    docker_compose_file: str = ""
+    allowed_envs: list[str] = []
+    kms_enabled: bool | None = None  # None: use a KMS when sys-config names one
+    key_provider: str = ""  # "kms" / "local" / "" (dstack >= 0.5.1)
+    key_provider_id: str = ""  # hex pin (dstack), same meaning as SysConfig.key_provider_id
+
+
+class HostShared(msgspec.Struct, frozen=True, kw_only=True):
+    """The raw host-shared files (plain names; see pydstack/actors/vmm/_workdir.py)."""
+
+    app_compose: bytes
+    sys_config: bytes = b"{}"
+    instance_info: bytes = b"{}"
+    encrypted_env: bytes = b""
+    user_config: str = ""
+
+
+class BootPlan(msgspec.Struct, frozen=True, kw_only=True):
+    compose: AppCompose
+    sys_config: SysConfig
+    compose_hash: bytes
+    app_id: bytes
+    instance_id: bytes
+    kms_urls: tuple[str, ...]  # empty: local keys
+    pinned_provider_id: bytes
+
+
+class StoragePlan(msgspec.Struct, frozen=True, kw_only=True):
+    fs: str  # the storage-fs payload measured into RTMR3
+    encrypted: bool
+    note: str
+
+
+class BootResult(msgspec.Struct, frozen=True, kw_only=True):
+    plan: BootPlan
+    keys: AppKeys
+    env: dict[str, str]  # allowed_envs only
+    dropped_envs: tuple[str, ...]
+    storage: StoragePlan
+    vm_config: str
+
+
+def read_host_shared(shared: Path, app_compose: bytes | None = None) -> HostShared:
+    """The host-shared files of a work dir; `app_compose` overrides ``app-compose.json``."""
+
+    def get(name: str) -> bytes | None:
+        p = shared / name
+        return p.read_bytes() if p.exists() else None
+
+    compose = app_compose if app_compose is not None else get("app-compose.json")
+    if not compose:
+        raise BootFailed("host-shared", f"no app-compose.json in {shared}")
+    return HostShared(
+        app_compose=compose, sys_config=get("sys-config.json") or b"{}",
+        instance_info=get("instance-info.json") or b"{}",
+        encrypted_env=get("encrypted-env") or b"",
+        user_config=(get("user-config") or b"").decode(errors="replace"),
+    )  # fmt: skip
+
+
+def _hex(step: str, field: str, value: str) -> bytes:
+    try:
+        return bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise BootFailed(step, f"{field} is not hex: {value[:40]!r}") from None
+
+
+def plan_boot(shared: HostShared) -> BootPlan:
+    """Parse and check the host-shared files against what this platform runs."""
+    try:
+        compose = msgspec.json.decode(shared.app_compose, type=AppCompose)
+    except msgspec.DecodeError as e:
+        raise BootFailed("compose", f"app-compose.json: {e}") from None
+    try:
+        sysc = msgspec.json.decode(shared.sys_config, type=SysConfig)
+        info = msgspec.json.decode(shared.instance_info, type=InstanceInfo)
+    except msgspec.DecodeError as e:
+        raise BootFailed("host-shared", str(e)) from None
+    if compose.manifest_version not in MANIFEST_VERSIONS:
+        raise BootFailed("compose", f"manifest_version {compose.manifest_version} is not "
+                         f"supported (want one of {list(MANIFEST_VERSIONS)})")  # fmt: skip
+    if compose.runner not in RUNNERS:
+        raise BootFailed("compose", f"runner {compose.runner!r} is not supported "
+                         f"(want one of {list(RUNNERS)})")  # fmt: skip
+    bad = [n for n in compose.allowed_envs if not _ENV_NAME.match(n)]
+    if bad:
+        raise BootFailed("compose", f"allowed_envs has invalid names {bad}")
+    wants_kms = compose.kms_enabled is True or compose.key_provider == "kms"
+    local = compose.kms_enabled is False or compose.key_provider in ("local", "none")
+    if wants_kms and not sysc.kms_urls:
+        raise BootFailed("compose", "the app wants a KMS (kms_enabled) but sys-config "
+                         "names none (kms_urls is empty)")  # fmt: skip
+    compose_hash = hashlib.sha256(shared.app_compose).digest()
+    app_id = _hex("host-shared", "instance-info app_id", info.app_id) or compose_hash[:20]
+    instance_id = _hex("host-shared", "instance-info instance_id", info.instance_id)
+    if len(app_id) != 20 or len(instance_id) not in (0, 20):
+        raise BootFailed("host-shared", "app_id and instance_id must be 20 bytes")
+    pins = {p for p in (compose.key_provider_id, sysc.key_provider_id) if p}
+    if len(pins) > 1:
+        raise BootFailed("compose", "app-compose and sys-config pin different key providers")
+    pinned = _hex("compose", "key_provider_id", pins.pop()) if pins else b""
+    return BootPlan(
+        compose=compose, sys_config=sysc, compose_hash=compose_hash, app_id=app_id,
+        instance_id=instance_id or hashlib.sha256(b"instance" + app_id).digest()[:20],
+        kms_urls=() if local else tuple(sysc.kms_urls), pinned_provider_id=pinned,
+    )  # fmt: skip
+
+
+def check_mr_config_id(mr_config_id: bytes, plan: BootPlan, keys: AppKeys) -> str:
+    """dstack's MRCONFIGID rule: all zero = no pin; v1 = compose hash; v2 = hash + key provider."""
+    if not any(mr_config_id):
+        return "none (no pin)"
+    if mr_config_id[0] == 1:
+        if mr_config_id != mr_config_id_v1(plan.compose_hash):
+            raise BootFailed("mrconfigid", f"MRCONFIGID {mr_config_id[:33].hex()} is not "
+                             f"0x01||compose_hash {plan.compose_hash.hex()}")  # fmt: skip
+        return "v1 = compose hash"
+    if mr_config_id[0] == 2:
+        kind = keys.provider_name if keys.provider_name in ("kms", "local") else "none"
+        want = mr_config_id_v2(plan.compose_hash, plan.app_id, kind, keys.provider_id)
+        if mr_config_id != want:
+            raise BootFailed("mrconfigid", "MRCONFIGID v2 does not match the compose hash, "
+                             f"app id and key provider {kind}")  # fmt: skip
+        return "v2 = compose hash + key provider"
+    raise BootFailed("mrconfigid", f"MRCONFIGID version {mr_config_id[0]} is unknown")
+
+
+def check_key_provider(plan: BootPlan, keys: AppKeys) -> None:
+    if plan.pinned_provider_id and keys.provider_id != plan.pinned_provider_id:
+        raise BootFailed("keys", f"key provider id {keys.provider_id.hex()[:32]}… is not the "
+                         f"pinned {plan.pinned_provider_id.hex()[:32]}…")  # fmt: skip
+
+
+def plan_storage(*, dm_crypt: bool) -> StoragePlan:
+    """The data disk: LUKS2 with the disk key where dm-crypt exists (QEMU guest kernel).
+
+    Without device-mapper (the sandbox: it shares the host kernel, PLATFORM.md) nothing is
+    encrypted and RTMR3 says so (``storage-fs`` = ``plain``) so a verifier or KMS policy can
+    refuse it; ext4 native encryption (fscrypt v2, built in here) is the option for later."""
+    if dm_crypt:
+        return StoragePlan(fs="ext4", encrypted=True, note="LUKS2 (dm-crypt) with the disk key")
+    return StoragePlan(fs="plain", encrypted=False, note="dm-crypt unavailable (no "
+                       "device-mapper in this kernel): data disk NOT encrypted")  # fmt: skip
+
+
+def dm_crypt_available() -> bool:
+    try:
+        return "device-mapper" in Path("/proc/misc").read_text()
+    except OSError:
+        return False
+
+
+def select_env(
+    pairs: Sequence[tuple[str, str]], allowed: Sequence[str]
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(the variables in `allowed`, the names dropped): only allowed_envs reach the app."""
+    ok = set(allowed)
+    env = {k: v for k, v in pairs if k in ok}
+    return env, tuple(sorted({k for k, _ in pairs if k not in ok}))
+
+
+def _vm_config(sysc: SysConfig, os_image_hash: bytes) -> str:
+    try:
+        doc = json.loads(sysc.vm_config or "{}")
+    except ValueError:
+        raise BootFailed("host-shared", "sys-config vm_config is not JSON") from None
+    return json.dumps(
+        {**(doc if isinstance(doc, dict) else {}), "os_image_hash": os_image_hash.hex()}
+    )
+
+
+async def _emit(backend: TdxBackend, name: str, payload: bytes) -> None:
+    await asyncio.to_thread(backend.emit_event, name, payload)
+
+
+async def _keys(plan: BootPlan, backend: TdxBackend, local: KeyProvider, vm_config: str) -> AppKeys:
+    if not plan.kms_urls:
+        return await local.app_keys()
+    errors = []
+    for url in plan.kms_urls:  # dstack tries each KMS in turn
+        kms = KmsKeyProvider(url, backend, vm_config=vm_config,
+                             ca_pem=plan.sys_config.kms_ca or None)  # fmt: skip
+        try:
+            return await kms.app_keys()
+        except KeyProviderError as e:
+            errors.append(str(e))
+    raise BootFailed("keys", "; ".join(errors))
+
+
+async def run_boot(
+    backend: TdxBackend,
+    shared: HostShared,
+    *,
+    report: Report,
+    local: KeyProvider,
+    os_image_hash: bytes,
+    dm_crypt: bool | None = None,
+) -> BootResult:
+    """Run the steps; raises `BootFailed` naming the first step that failed."""
+    step = ["compose"]
+
+    def done(name: str, detail: str, following: str) -> None:
+        report(name, detail)
+        step[0] = following
+
+    try:
+        return await _steps(backend, shared, done, local, os_image_hash, dm_crypt)
+    except BootFailed:
+        raise
+    except Exception as e:  # any failure must stop the boot, named by its step
+        raise BootFailed(step[0], f"{type(e).__name__}: {e}") from e
+
+
+async def _steps(
+    backend: TdxBackend,
+    shared: HostShared,
+    done: Callable[[str, str, str], None],
+    local: KeyProvider,
+    os_image_hash: bytes,
+    dm_crypt: bool | None,
+) -> BootResult:
+    plan = plan_boot(shared)
+    done("compose", f"{plan.compose.name or '-'} runner={plan.compose.runner} "
+         f"hash={plan.compose_hash.hex()[:16]}", "identity")  # fmt: skip
+    vm_config = _vm_config(plan.sys_config, os_image_hash)
+    await measure_identity(backend, app_id=plan.app_id, instance_id=plan.instance_id,
+                           app_compose=shared.app_compose.decode())  # fmt: skip
+    done("identity", f"app {plan.app_id.hex()} instance {plan.instance_id.hex()}", "keys")
+    try:
+        keys = await _keys(plan, backend, local, vm_config)
+    except KeyProviderError as e:
+        raise BootFailed("keys", str(e)) from None
+    check_key_provider(plan, keys)
+    source = ", ".join(plan.kms_urls) or "local dev keys"
+    done("keys", f"{keys.provider_name} {source}", "mrconfigid")
+    quote, _ = await asyncio.to_thread(backend.attest, bytes(64))
+    mr = check_mr_config_id(parse_quote(quote).report.mr_config_id, plan, keys)
+    done("mrconfigid", mr, "storage")
+    await _emit(backend, "os-image-hash", os_image_hash)
+    await _emit(backend, "key-provider", keys.key_provider_info())
+    storage = plan_storage(dm_crypt=dm_crypt_available() if dm_crypt is None else dm_crypt)
+    await _emit(backend, "storage-fs", storage.fs.encode())
+    done("storage", storage.note, "env")
+    env: dict[str, str] = {}
+    dropped: tuple[str, ...] = ()
+    if shared.encrypted_env:
+        if not keys.env_crypt_key:
+            raise BootFailed("env", "an encrypted env was given but the keys have no env key")
+        try:
+            pairs = decrypt_env(keys.env_crypt_key, shared.encrypted_env)
+        except KeyProviderError as e:
+            raise BootFailed("env", str(e)) from None
+        env, dropped = select_env(pairs, plan.compose.allowed_envs)
+        done("env", f"exported {sorted(env)}; not in allowed_envs, dropped {list(dropped)}",
+             "system-ready")  # fmt: skip
+    await _emit(backend, "system-ready", b"")
+    return BootResult(plan=plan, keys=keys, env=env, dropped_envs=dropped, storage=storage,
+                      vm_config=vm_config)  # fmt: skip
