@@ -44,6 +44,8 @@ def _summary_line(s: Summary, keyring: Path | None) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="simulator PKI the KMS trusted [default: the data dir's dev-pki, if any]",
 )
+@click.option("--app", "app_id", default=None, metavar="APP_ID",
+              help="only this app's story, in order, each event re-verified")  # fmt: skip
 @json_option
 @click.pass_context
 def audit_cmd(
@@ -52,6 +54,7 @@ def audit_cmd(
     no_keyring: bool,
     collateral: Path | None,
     dev_pki: Path | None,
+    app_id: str | None,
     as_json: bool,
 ) -> None:
     """Re-verify every signature, hash chain and sequence of the log, and every KMS decision.
@@ -73,6 +76,10 @@ def audit_cmd(
     ring: Keyring | None = None
     if ring_path is not None:
         ring = run(_load(ring_path))
+    if app_id is not None:
+        from .app_audit import audit_app
+
+        return audit_app(conn, app_id, ring, collateral, dev_pki, as_json)
     first_error: list[Finding] = []
 
     def emit(findings: list[Finding]) -> None:

@@ -10,8 +10,9 @@ import importlib
 import click
 
 from ._common import Settings, connection_options
+from .app import app_group  # also adds ls/info/upgrade/rm to `app`
 from .audit import audit_cmd, status_cmd
-from .commands import app_group, init_cmd, vm_group
+from .commands import init_cmd, vm_group
 from .events import events_cmd, replay_cmd
 from .up import up_cmd
 from .vm import image_group  # also adds ls/info/start/stop/rm/logs/update to `vm`
@@ -24,6 +25,7 @@ class _LazyGroup(click.Group):
         "attest": "pydstack.cli.attest:attest",
         "kms": "pydstack.cli.kms:kms",  # KMS owner: serve, audit
         "env": "pydstack.cli.env:env",  # KMS owner: env encrypt
+        "deploy": "pydstack.cli.deploy:deploy_cmd",  # compose file -> running app, followed
         "gateway": "pydstack.cli.gateway:gateway",  # gateway: status, routes, peers, add-domain
     }
 
