@@ -1,0 +1,77 @@
+"""The pure checks of the boot flow: each refusal names its step and reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from pydstack.adapters.tdx.identity import mr_config_id_v1
+from pydstack_guest import create_dev_app_keys
+from pydstack_guest.boot import (
+    BootFailed,
+    HostShared,
+    check_key_provider,
+    check_mr_config_id,
+    plan_boot,
+    plan_storage,
+    select_env,
+)
+
+
+def shared(compose: dict[str, object], sys_config: dict[str, object] | None = None) -> HostShared:
+    return HostShared(app_compose=json.dumps(compose).encode(),
+                      sys_config=json.dumps(sys_config or {}).encode())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("compose", "sysc", "words"),
+    [
+        ({"runner": "bash"}, {}, "runner 'bash' is not supported"),
+        ({"manifest_version": 3}, {}, "manifest_version 3"),
+        ({"kms_enabled": True}, {}, "kms_urls is empty"),
+        ({"allowed_envs": ["A-B"]}, {}, "invalid names ['A-B']"),
+        ({"key_provider_id": "aa"}, {"key_provider_id": "bb"}, "pin different key providers"),
+    ],
+)
+def test_compose_refusals(compose: dict[str, object], sysc: dict[str, object], words: str) -> None:
+    with pytest.raises(BootFailed) as e:
+        plan_boot(shared(compose, sysc))
+    assert e.value.step == "compose" and words in e.value.reason
+
+
+def test_kms_is_used_when_sys_config_names_one_unless_the_app_opts_out() -> None:
+    urls: dict[str, object] = {"kms_urls": ["https://127.0.0.1:9100"]}
+    assert plan_boot(shared({}, urls)).kms_urls == ("https://127.0.0.1:9100",)
+    assert plan_boot(shared({"kms_enabled": False}, urls)).kms_urls == ()
+    assert plan_boot(shared({}, {})).kms_urls == ()
+
+
+def test_mr_config_id_must_pin_this_compose() -> None:
+    s = shared({"name": "a"})
+    plan = plan_boot(s)
+    keys, _ = create_dev_app_keys(plan.app_id, now=0)
+    assert plan.compose_hash == hashlib.sha256(s.app_compose).digest()
+    assert check_mr_config_id(mr_config_id_v1(plan.compose_hash), plan, keys).startswith("v1")
+    assert check_mr_config_id(bytes(48), plan, keys).startswith("none")
+    with pytest.raises(BootFailed, match="mrconfigid"):
+        check_mr_config_id(mr_config_id_v1(b"\x01" * 32), plan, keys)
+
+
+def test_pinned_key_provider_refuses_other_keys() -> None:
+    plan = plan_boot(shared({"key_provider_id": "ab" * 32}))
+    keys, _ = create_dev_app_keys(plan.app_id, now=0)
+    with pytest.raises(BootFailed, match="not the pinned"):
+        check_key_provider(plan, keys)
+
+
+def test_only_allowed_envs_are_exported() -> None:
+    env, dropped = select_env([("A", "1"), ("B", "2"), ("C", "3")], ["A", "C", "Z"])
+    assert env == {"A": "1", "C": "3"} and dropped == ("B",)
+
+
+def test_without_dm_crypt_the_disk_is_measured_plain() -> None:
+    assert plan_storage(dm_crypt=False).fs == "plain"
+    assert not plan_storage(dm_crypt=False).encrypted
+    assert plan_storage(dm_crypt=True).encrypted
