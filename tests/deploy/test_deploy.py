@@ -9,6 +9,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from pydstack.core.events import (
     AppRegistered,
@@ -111,6 +112,13 @@ def _vm_id_of(proc: subprocess.Popen[str]) -> str:
             return str(line["vm_id"])
 
 
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, list[dict[str, Any]], str]:
+    """The rest of its output (read through the same buffered pipe as _vm_id_of) and its code."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    return proc.wait(timeout=30), [json.loads(x) for x in out.splitlines()], err
+
+
 def test_follows_vmm_and_gateway_events_to_ready_and_prints_the_url(tmp_path: Path) -> None:
     """With a gateway node on the log, deploy waits for boot *and* registration, shows each
     stage, and prints https://<app_id>-<port>.<base_domain>; events are written as the VMM and
@@ -138,9 +146,8 @@ def test_follows_vmm_and_gateway_events_to_ready_and_prints_the_url(tmp_path: Pa
         append_as(plane, "gateway", f"dstack.cvm.{iid}", CvmRegistered(
             app_id=req.app_id, instance_id=iid, compose_hash=req.compose_hash,
             wg_public_key="c" * 43 + "=", tunnel_ip="10.0.3.2", cluster="default"))  # fmt: skip
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
-        lines = [json.loads(x) for x in out.splitlines()]
+        code, lines, err = _finish(proc)
+        assert code == 0, err
         stages = [x["stage"] for x in lines if "stage" in x]
         assert stages == ["requested", "scheduled", "started", "boot:docker", "boot:ready",
                           "registered", "ready"]  # fmt: skip
@@ -162,7 +169,7 @@ def test_a_boot_error_ends_the_wait_naming_the_stage(plane: Up, tmp_path: Path) 
         VmBootProgress(vm_id=vm_id, stage="agent"),
         VmBootError(vm_id=vm_id, stage="error", error="dockerd exited with 1"),
     )
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1
+    code, _, err = _finish(proc)
+    assert code == 1
     assert "boot error (error): dockerd exited with 1 (at stage boot:agent, seq " \
         f"{seq})" in err  # fmt: skip
