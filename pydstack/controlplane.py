@@ -339,7 +339,9 @@ class ControlPlane:
             await self._start_gateway(stack, ids["gateway"], settings, cfg)
             await self._serve_dashboard(stack, ids["operator"], settings)
             await self._start_vmm(stack, ids["vmm"], settings, runtime)
-            self._ready(cfg, ["scheduler", *(["vmm"] if self.vmm_url else [])])
+            running = {"vmm": self.vmm_url, "kms": self.kms_url, "gateway": bool(self.gateway),
+                       "dashboard": self.dashboard_url}  # fmt: skip
+            self._ready(cfg, ["scheduler", *(name for name, on in running.items() if on)])
             waits = {
                 asyncio.create_task(self._stop.wait(), name="stop"),
                 # shield: cancelling this waiter must not cancel the runner, which stops below
