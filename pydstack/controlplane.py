@@ -320,7 +320,7 @@ class ControlPlane:
             dash = await Dashboard.create(store, config)
         except (OSError, EnvKeyError) as exc:
             raise StoreError(f"dashboard: {exc}; run without it with --dashboard-port -1") from None
-        stack.push_async_callback(dash.close)
+        stack.push_async_callback(_bounded_call, dash.close, "dashboard")
         self.dashboard_url = dash.url
 
     async def _run_actors(
@@ -385,7 +385,9 @@ class ControlPlane:
         store = await self._connect(ident, settings)
         stack.push_async_callback(_close, store)
         try:
-            self.kms_url = await stack.enter_async_context(running_kms(store, launch))
+            self.kms_url = await stack.enter_async_context(
+                _bounded(running_kms(store, launch), "kms")
+            )
         except NotOnboarded as exc:
             raise StoreError(f"{exc}; or start without a KMS (--no-kms)") from None
 
@@ -411,7 +413,9 @@ class ControlPlane:
         launch = VmmLaunch(config=config, backend=self.opts.vmm_backend,
                            api_port=self.opts.vmm_api_port, runtime=runtime,
                            dev_pki=await asyncio.to_thread(self._cvm_dev_pki))  # fmt: skip
-        _, self.vmm_url = await stack.enter_async_context(running_vmm(store, launch))
+        _, self.vmm_url = await stack.enter_async_context(
+            _bounded(running_vmm(store, launch), "vmm")
+        )
 
     def _cvm_dev_pki(self) -> Path | None:
         """Without TDX, sandbox CVMs quote with the dev PKI that this KMS trusts."""
@@ -444,7 +448,7 @@ class ControlPlane:
         stack.push_async_callback(_close, store)
         try:
             rn = await stack.enter_async_context(
-                running_node(store, await up_launch(store, self.data.path, gw))
+                _bounded(running_node(store, await up_launch(store, self.data.path, gw)), "gateway")
             )
         except (WireGuardError, OSError) as exc:
             raise StoreError(f"gateway: {exc}; or start without it (--no-gateway)") from None
@@ -545,3 +549,34 @@ def _dev_appkeys(kms_dir: Path) -> Path:
         path.write_text(text)
         path.chmod(0o600)
     return path
+
+
+STOP_GRACE_S: Final = 15.0
+
+
+class _bounded(contextlib.AbstractAsyncContextManager[Any]):
+    """Wrap a component's context so a stop that hangs cannot keep `up` from exiting: after
+    STOP_GRACE_S it is abandoned with an error line naming it (its processes die with us)."""
+
+    def __init__(self, cm: contextlib.AbstractAsyncContextManager[Any], name: str) -> None:
+        self.cm, self.name = cm, name
+
+    async def __aenter__(self) -> Any:
+        return await self.cm.__aenter__()
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> bool | None:
+        try:
+            async with asyncio.timeout(STOP_GRACE_S):
+                return await self.cm.__aexit__(et, e, tb)
+        except TimeoutError:
+            _log.error("component did not stop in time; abandoned", component=self.name,
+                       grace_s=STOP_GRACE_S)  # fmt: skip
+            return None
+
+
+async def _bounded_call(close: Callable[[], Coroutine[Any, Any, Any]], name: str) -> None:
+    try:
+        async with asyncio.timeout(STOP_GRACE_S):
+            await close()
+    except TimeoutError:
+        _log.error("component did not stop in time; abandoned", component=name)

@@ -6,6 +6,7 @@ naming the keys step, and no restart."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -166,4 +167,15 @@ def test_kms_keys_env_and_denial(tmp_path: Path, webhook: tuple[str, list[dict[s
         assert "VmRestartScheduled" not in types and "VmExited" not in types, types
         assert not _get(port2)
     finally:
+        # CVMs outlive the VMM by design: remove them, or their dockerds keep running (and
+        # loading the machine) after the test.
+        with contextlib.suppress(Exception):
+            vmm_url = json.loads((home / "state.json").read_text())["vmm_url"]
+            for vm_id in ("ok1", "no1"):
+                with contextlib.suppress(Exception):
+                    _post(f"{vmm_url}/prpc/RemoveVm", {"id": vm_id})
+            for vm_id in ("ok1", "no1"):
+                wait_for(lambda v=vm_id: any(e["type"] == "VmRemoved"  # type: ignore[misc]
+                                             for e in _vm_events(home, v)),
+                         timeout=30, what=f"{vm_id} removed")  # fmt: skip
         assert plane.stop() == 0
