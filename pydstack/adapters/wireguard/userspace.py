@@ -23,7 +23,6 @@ import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
 
 from . import netns as _ns
 from .device import WireGuardBackend, WireGuardDevice
@@ -34,7 +33,6 @@ from .uapi import GET_REQUEST, check_set_response, parse_get, render_set
 
 _LAUNCH = 'mkdir -p /var/run/wireguard && mount --bind "$1" /var/run/wireguard && exec "$2" -f "$3"'
 _SOCK_MAX = 107  # sun_path limit, minus the NUL
-_SHORT_ROOT: Final = Path("/run/pydstack/wg")
 
 
 async def uapi_request(socket_path: str, request: bytes, *, timeout: float = 5.0) -> bytes:
@@ -141,11 +139,6 @@ class UserspaceBackend(WireGuardBackend):
         # Short, unique per (netns, ifname): socket paths must fit in sun_path.
         tag = hashlib.sha256(f"{netns}/{ifname}".encode()).hexdigest()[:12]
         path = self.run_dir / tag
-        if len(str(path / f"{ifname}.sock")) > _SOCK_MAX:
-            # A deep data dir (e.g. a test's tmp path) would overflow sun_path: use a short
-            # directory keyed by run_dir instead, so distinct run dirs still never collide.
-            key = hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
-            path = _SHORT_ROOT / key / tag
         if len(str(path / f"{ifname}.sock")) > _SOCK_MAX:
             raise DeviceError(f"run_dir {self.run_dir} is too long for a unix socket path")
         return path
