@@ -12,7 +12,7 @@ from tests.cli.harness import PYDSTACK, Up, cli, wait_for
 
 def test_simulated_guest_gets_keys_from_the_kms_of_up(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    plane = Up(home).start()
+    plane = Up(home, extra=("--no-gateway",)).start()  # about the KMS; long tmp paths
     sim_log = tmp_path / "sim.log"
     try:
         kms_url = plane.ready()["kms"]  # type: ignore[index]
@@ -59,7 +59,7 @@ def test_audit_catches_a_signed_but_lying_kms_decision(tmp_path: Path) -> None:
     from pydstack.core.events import KeyIssued, KeyRequested, decode_body, open_envelope
 
     home = tmp_path / "home"
-    plane = Up(home).start()
+    plane = Up(home, extra=("--no-gateway",)).start()  # about the KMS; long tmp paths
     try:
         url = plane.ready()["nats_url"]  # type: ignore[index]
         kms_url = plane.ready()["kms"]  # type: ignore[index]

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,8 @@ BASE = "apps.pydstack.test"
 
 
 @pytest.mark.timeout(120)
-async def test_up_cvm_reachable_through_two_gateways(tmp_path: Path) -> None:
+async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path) -> None:
+    tmp_path = short_tmp  # wireguard-go's UAPI socket path must fit in sun_path
     """App URL through up's node and a second node; identical `routes --json` on both."""
     home = tmp_path / "home"
     async with namespace_lan() as lan:
@@ -106,3 +110,10 @@ async def test_up_cvm_reachable_through_two_gateways(tmp_path: Path) -> None:
             if gw2 is not None:
                 await gw2.stop()
             assert await asyncio.to_thread(plane.stop) == 0, plane.text()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pds-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
