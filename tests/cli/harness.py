@@ -61,6 +61,10 @@ class Up:
                 "--reconcile-interval", "1", "--log-json", *self.extra]  # fmt: skip
         if port:
             args += ["--port", str(self.port)]
+        if not any(a.startswith("--gateway") or a == "--no-gateway" for a in self.extra):
+            # pytest's deep tmp paths overflow wireguard-go's UAPI socket path; the gateway of
+            # `up` is tested with short dirs in tests/gateway_nodes/test_up.py.
+            args.append("--no-gateway")
         with self.log.open("wb") as f:
             env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
             self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env)
