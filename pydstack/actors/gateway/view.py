@@ -8,6 +8,10 @@ order, the versions of the subjects it may commit against, and the table they gi
     view.table().digest()                  # equal on every node at the same sequence
     async with view.following(0.05): ...   # keep folding in the background
 
+It also folds the cluster's domain and ACME aggregates (``certs``, see
+``core.gateway.certs``): domains added with ``pydstack gateway add-domain`` are base domains of
+the table, and their certificates are what the node's proxy serves.
+
 ``LedgerView`` folds only ``dstack.gateway.<cluster>``: all a registration decision needs
 (see ``core.gateway.cluster.decide_register``), read with one batched direct get.
 """
@@ -24,6 +28,8 @@ import structlog
 from pydstack.actors.decode import Malformed, decode_message
 from pydstack.adapters.nats import NEW, EventStore, Recorded, Version
 from pydstack.core.events import message_hash
+from pydstack.core.gateway import certs as cert_fold
+from pydstack.core.gateway.certs import CertState, is_cert_subject
 from pydstack.core.gateway.cluster import ClusterState, cluster_subject, fold, on_its_subject
 from pydstack.core.gateway.table import ClusterTable, routing_table
 from pydstack.core.projections import Applied
@@ -32,13 +38,16 @@ _log = structlog.get_logger("pydstack.gateway.view")
 _CVM_PREFIX: Final = "dstack.cvm."
 
 
-def _to_applied(cluster: str, rec: Recorded, check_signatures: bool) -> Applied | None:
+def _to_applied(
+    cluster: str, rec: Recorded, check_signatures: bool, *, certs: bool = False
+) -> Applied | None:
     try:
         env, event = decode_message(rec.subject, rec.data, check_signature=check_signatures)
     except Malformed as bad:
         _log.warning("skipped a message", seq=rec.seq, subject=rec.subject, reason=bad.reason)
         return None
-    if not on_its_subject(cluster, rec.subject, event):
+    its = cert_fold.on_its_subject if certs else on_its_subject
+    if not its(cluster, rec.subject, event):
         return None
     return Applied(rec.seq, rec.time_ns or env.time_ns, event, env.id)
 
@@ -52,6 +61,7 @@ class ClusterView:
         self.subject = cluster_subject(cluster)
         self.check_signatures = check_signatures
         self.state = ClusterState(cluster=cluster)
+        self.certs = CertState(cluster=cluster)
         self.cursor = 0
         self.versions: dict[str, Version] = {}
         self._lock = asyncio.Lock()
@@ -59,8 +69,12 @@ class ClusterView:
     def version(self, subj: str) -> Version:
         return self.versions.get(subj, NEW)
 
+    def domains(self) -> list[str]:
+        """The base domains added to the cluster and not removed."""
+        return [d.domain for d in self.certs.domains.values() if d.active]
+
     def table(self) -> ClusterTable:
-        return routing_table(self.state)
+        return routing_table(self.state, self.domains())
 
     async def catch_up(self) -> int:
         """Fold everything stored since the cursor; returns how many messages were read."""
@@ -69,6 +83,7 @@ class ClusterView:
             if last <= self.cursor:
                 return 0
             batch: list[Applied] = []
+            cert_batch: list[Applied] = []
             n = 0
             async for rec in self.store.read(from_seq=self.cursor + 1, until_seq=last):
                 n += 1
@@ -77,7 +92,14 @@ class ClusterView:
                     a = _to_applied(self.cluster, rec, self.check_signatures)
                     if a is not None:
                         batch.append(a)
+                elif is_cert_subject(self.cluster, rec.subject):
+                    self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
+                    a = _to_applied(self.cluster, rec, self.check_signatures, certs=True)
+                    if a is not None:
+                        cert_batch.append(a)
             self.state = fold(batch, self.state)
+            if cert_batch:
+                self.certs = cert_fold.fold(cert_batch, self.certs)
             self.cursor = max(self.cursor, last)
             self.state.seq = self.cursor
             return n

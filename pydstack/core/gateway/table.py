@@ -18,7 +18,7 @@ Ids are lower-case hex as dstack prints them (``app_id``: 40 hex digits, ``insta
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -128,8 +128,11 @@ class TableIndex:
         return self.by_app.get(app_id.lower(), ())
 
 
-def routing_table(state: ClusterState) -> ClusterTable:
-    """The desired peers and routes of every node of the cluster (canonical order)."""
+def routing_table(state: ClusterState, domains: Iterable[str] = ()) -> ClusterTable:
+    """The desired peers and routes of every node of the cluster (canonical order).
+
+    ``domains``: base domains added to the cluster (``GatewayDomainAdded``, still active),
+    served by every node alongside the base domains nodes joined with."""
     routed = state.routed_instances()
     apps: dict[str, list[str]] = {}
     for inst in routed:
@@ -138,7 +141,9 @@ def routing_table(state: ClusterState) -> ClusterTable:
     return ClusterTable(
         cluster=state.cluster,
         seq=state.seq,
-        base_domains=tuple(sorted({n.base_domain for n in nodes if n.up and n.base_domain})),
+        base_domains=tuple(
+            sorted({n.base_domain for n in nodes if n.up and n.base_domain} | set(domains))
+        ),
         gateways=tuple(
             GatewayPeer(
                 node_id=n.node_id,
