@@ -40,8 +40,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _listener_pki(directory: Path) -> tuple[Path, Path, Path]:
-    """(CA PEM, leaf chain PEM, leaf key PEM) for pebble's HTTPS listener on 127.0.0.1."""
+def _listener_pki(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """(CA PEM, leaf chain PEM, leaf key PEM) for pebble's HTTPS listener on ``host``."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -59,7 +59,8 @@ def _listener_pki(directory: Path) -> tuple[Path, Path, Path]:
     )
     key = ec.generate_private_key(ec.SECP256R1())
     san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        [x509.DNSName("localhost")]
+        + [x509.IPAddress(ipaddress.ip_address(a)) for a in sorted({"127.0.0.1", host})]
     )
     leaf = (
         x509.CertificateBuilder()
@@ -108,12 +109,14 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-2000:]
 
 
-async def _wait_port(port: int, proc: asyncio.subprocess.Process, log: Path) -> None:
+async def _wait_port(
+    port: int, proc: asyncio.subprocess.Process, log: Path, host: str = "127.0.0.1"
+) -> None:
     for _ in range(200):
         if proc.returncode is not None:
             raise RuntimeError(f"{log.name} exited: {_tail(log)}")
         try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
+            _, w = await asyncio.open_connection(host, port)
         except OSError:
             await asyncio.sleep(0.05)
             continue
@@ -123,15 +126,19 @@ async def _wait_port(port: int, proc: asyncio.subprocess.Process, log: Path) -> 
 
 
 @contextlib.asynccontextmanager
-async def running_pebble(tmp: Path, *, validity_s: int = 0) -> AsyncIterator[Pebble]:
+async def running_pebble(
+    tmp: Path, *, validity_s: int = 0, host: str = "127.0.0.1"
+) -> AsyncIterator[Pebble]:
     """pebble + pebble-challtestsrv, stopped (SIGTERM, then awaited) when the block exits.
 
-    ``validity_s`` sets ``certificateValidityPeriod`` (0 = pebble's default)."""
-    ca, cert, key = _listener_pki(tmp)
+    ``validity_s`` sets ``certificateValidityPeriod`` (0 = pebble's default); ``host`` is
+    where the ACME and management APIs listen (a test LAN's host address for nodes in
+    namespaces; the DNS server pebble validates against stays on loopback)."""
+    ca, cert, key = _listener_pki(tmp, host)
     acme_port, mgmt_port, dns_port, cts_port = (free_port() for _ in range(4))
     conf: dict[str, object] = {
-        "listenAddress": f"127.0.0.1:{acme_port}",
-        "managementListenAddress": f"127.0.0.1:{mgmt_port}",
+        "listenAddress": f"{host}:{acme_port}",
+        "managementListenAddress": f"{host}:{mgmt_port}",
         "certificate": str(cert),
         "privateKey": str(key),
         "httpPort": free_port(),  # unused: DNS-01 only
@@ -152,11 +159,11 @@ async def running_pebble(tmp: Path, *, validity_s: int = 0) -> AsyncIterator[Peb
                 "pebble-challtestsrv",
                 "-dns01", f"127.0.0.1:{dns_port}",
                 "-http01", "", "-https01", "", "-tlsalpn01", "",
-                "-management", f"127.0.0.1:{cts_port}",
+                "-management", f"{host}:{cts_port}",
                 stdout=out, stderr=out, env=env,
             )  # fmt: skip
         procs.append(cts)
-        await _wait_port(cts_port, cts, cts_log)
+        await _wait_port(cts_port, cts, cts_log, host)
         pebble_log = tmp / "pebble.log"
         with pebble_log.open("wb") as out:
             peb = await asyncio.create_subprocess_exec(
@@ -164,12 +171,12 @@ async def running_pebble(tmp: Path, *, validity_s: int = 0) -> AsyncIterator[Peb
                 stdout=out, stderr=out, env=env,
             )  # fmt: skip
         procs.append(peb)
-        await _wait_port(acme_port, peb, pebble_log)
-        await _wait_port(mgmt_port, peb, pebble_log)
+        await _wait_port(acme_port, peb, pebble_log, host)
+        await _wait_port(mgmt_port, peb, pebble_log, host)
         yield Pebble(
-            directory_url=f"https://127.0.0.1:{acme_port}/dir",
-            management_url=f"https://127.0.0.1:{mgmt_port}",
-            challtestsrv_url=f"http://127.0.0.1:{cts_port}",
+            directory_url=f"https://{host}:{acme_port}/dir",
+            management_url=f"https://{host}:{mgmt_port}",
+            challtestsrv_url=f"http://{host}:{cts_port}",
             ca_bundle=str(ca),
             logs=tmp,
         )

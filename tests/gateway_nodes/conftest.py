@@ -35,13 +35,14 @@ class Cluster:
     def nats_url(self) -> str:
         return self.nats.url
 
-    async def node(self, n: int, *, start: bool = True) -> NodeProc:
+    async def node(self, n: int, *, start: bool = True, extra: tuple[str, ...] = ()) -> NodeProc:
         node_id = f"gw{n}"
         address = await self.lan.add(node_id)
         argv = node_argv(
             node_id, self.lan.ns(node_id), address, nats_url=self.nats_url,
             state_dir=self.tmp / node_id, base_domain=BASE, tunnel_net=self.lan.tunnel_net,
             client_range=self.lan.client_range, tunnel_ip=self.lan.node_ip(n), files=self.files,
+            extra=extra,
         )  # fmt: skip
         proc = NodeProc(node_id, self.lan.ns(node_id), address, argv, self.tmp / f"{node_id}.log")
         self.nodes[node_id] = proc

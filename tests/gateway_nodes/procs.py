@@ -108,9 +108,10 @@ def node_argv(
         "--address-plan", client_range, "--tunnel-ip", tunnel_ip,
         "--url", f"https://{address}:{REG_PORT}", "--log-level", "warning",
     ]  # fmt: skip
+    if files and "chain" in files:  # without: certificates come from elsewhere (ACME)
+        argv += ["--cert-chain", str(files["chain"]), "--cert-key", str(files["key"])]
     if files:
         argv += [
-            "--cert-chain", str(files["chain"]), "--cert-key", str(files["key"]),
             "--registration-port", str(REG_PORT), "--tls-chain", str(files["tls_chain"]),
             "--tls-key", str(files["tls_key"]), "--client-ca", str(files["client_ca"]),
             "--dev-pki", str(files["dev_pki"]),

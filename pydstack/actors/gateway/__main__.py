@@ -9,7 +9,16 @@
 proxy, the RegisterCvm and admin endpoints, and its NATS connection, so NATS must be reachable
 from there). Prints one line ``GATEWAY_READY {json}`` on stdout once it serves.
 Certificates for the base domain: ``--cert-chain/--cert-key`` (a static wildcard), or
-``--cluster-secret FILE`` to serve what the cluster's ACME keepers put on the log.
+``--cluster-secret FILE`` to serve what the cluster's ACME keepers put on the log (every
+domain of the cluster, renewals swapped in as they land). With it, ``--acme-directory URL``
+adds the node's base domain with that ACME directory (if not there yet), and a DNS-01
+provider (``--challtestsrv URL``: pebble-challtestsrv, under the provider names ``""`` and
+``challtestsrv``) makes the node order and renew certificates too (``--acme-ca-bundle``: the
+ACME server's HTTPS CA)::
+
+    python -m pydstack.actors.gateway ... --cluster-secret secret.hex \
+        --acme-directory https://127.0.0.1:14000/dir --acme-ca-bundle pebble-ca.pem \
+        --challtestsrv http://127.0.0.1:8055
 """
 
 from __future__ import annotations
@@ -17,12 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +77,15 @@ def _read(path: str | None) -> str | None:
 @click.option("--admin-port", type=int, default=0, help="0: any free port, -1: none")
 @click.option("--cert-chain", type=click.Path(exists=True, dir_okay=False))
 @click.option("--cert-key", type=click.Path(exists=True, dir_okay=False))
-@click.option("--cluster-secret", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--cluster-secret",
+    type=click.Path(exists=True, dir_okay=False),
+    help="serve the certificates on the log (keys sealed to this secret's key)",
+)
+@click.option("--acme-directory", default="", help="add the base domain with this ACME CA")
+@click.option("--acme-ca-bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--acme-contact", multiple=True, help="mailto: URI for the ACME account")
+@click.option("--challtestsrv", default="", metavar="URL", help="DNS-01 via pebble-challtestsrv")
 @click.option("--registration-host", default="0.0.0.0", show_default=True)
 @click.option("--registration-port", type=int, default=0, help="0: no RegisterCvm endpoint")
 @click.option("--url", default="", help="RegisterCvm URL advertised to CVMs")
@@ -89,6 +104,13 @@ def main(**o: Any) -> None:
     o["tls"] = tuple(_read(o.pop(k)) for k in ("tls_chain", "tls_key", "client_ca"))
     if o["registration_port"] and not all(o["tls"]):
         raise click.ClickException("--registration-port needs --tls-chain, --tls-key, --client-ca")
+    if o["cluster_secret"] and o["cert_pair"]:
+        raise click.ClickException(
+            "--cluster-secret and --cert-chain/--cert-key exclude each other"
+        )
+    acme_opts = (o["acme_directory"], o["acme_ca_bundle"], o["acme_contact"], o["challtestsrv"])
+    if any(acme_opts) and not o["cluster_secret"]:
+        raise click.ClickException("--acme-* and --challtestsrv need --cluster-secret")
     if o["netns"]:
         # The whole process moves, so every device and socket below uses "this namespace"
         # (netns=None): pyroute2 switching namespaces per call would not bring this thread
@@ -138,8 +160,8 @@ async def run(**o: Any) -> None:
     launch = NodeLaunch(
         node=config, state_dir=Path(o["state_dir"]), ifname=o["ifname"],
         proxy_host=o["proxy_host"], proxy_port=o["proxy_port"], certs=certs,
-        admin_host=o["admin_host"], admin_port=o["admin_port"], registration=registration,
-        address_plan=o["address_plan"],
+        acme=_acme(o), admin_host=o["admin_host"], admin_port=o["admin_port"],
+        registration=registration, address_plan=o["address_plan"],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -155,9 +177,6 @@ async def run(**o: Any) -> None:
     try:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(store.close)
-            if o["cluster_secret"]:
-                provider = await stack.enter_async_context(_log_certs(store, o))
-                launch = dataclasses.replace(launch, certs=provider)
             rn = await stack.enter_async_context(running_node(store, launch))
             ready = {"node_id": o["node_id"], "proxy_port": rn.proxy_port,
                      "admin_url": rn.admin_url, "registration_url": rn.registration_url,
@@ -168,32 +187,23 @@ async def run(**o: Any) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-@contextlib.asynccontextmanager
-async def _log_certs(store: Any, o: dict[str, Any]) -> AsyncIterator[Any]:
-    """Serve the certificates on the log: fold the cluster's domains, unseal, swap in."""
-    from pydstack.adapters.acme import load_cluster_key
-    from pydstack.core.gateway.certs import CertStore
+def _acme(o: dict[str, Any]) -> Any:
+    """The node's AcmeLaunch, or None without ``--cluster-secret``."""
+    if not o["cluster_secret"]:
+        return None
+    from pydstack.adapters.acme import ChallTestSrvDns, load_cluster_key
 
-    from .cert_provider import LogCertProvider
-    from .certs import CertView
+    from .node_launch import AcmeLaunch
 
-    view = CertView(store, o["cluster"])
-    provider = LogCertProvider(CertStore(load_cluster_key(Path(o["cluster_secret"]), o["cluster"])))
-
-    async def loop() -> None:
-        while True:
-            with contextlib.suppress(Exception):  # NATS down: keep serving what we have
-                await view.catch_up()
-                provider.update(view.state)
-            await asyncio.sleep(2.0)
-
-    task = asyncio.create_task(loop(), name="log-certs")
-    try:
-        yield provider
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    dns = {}
+    if o["challtestsrv"]:
+        cts = ChallTestSrvDns(o["challtestsrv"])
+        dns = {"": cts, "challtestsrv": cts}
+    return AcmeLaunch(
+        cluster_key=load_cluster_key(Path(o["cluster_secret"]), o["cluster"]),
+        directory=o["acme_directory"], dns=dns, ca_bundle=o["acme_ca_bundle"],
+        contact=tuple(o["acme_contact"]),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from pydstack.core.gateway.certs import (
     fold,
     is_cert_subject,
     next_check_s,
+    normalize_domain,
     on_its_subject,
     start_renewal,
 )
@@ -125,6 +126,7 @@ class CertKeeperConfig:
     ca_bundle: str | None = None  # the ACME server's HTTPS CA (None: the system's roots)
     order_timeout_s: float = 120.0
     max_sleep_s: float = 300.0  # a pass at least this often, whatever next_check_s says
+    poll_s: float = 1.0  # how often new events are folded (and due domains noticed)
 
     def __post_init__(self) -> None:
         # A claim must outlive the order it covers, or a second node could order meanwhile.
@@ -278,16 +280,30 @@ class CertKeeper:
         raise AcmeError(f"no ACME account for {directory} after 3 attempts")
 
     async def run(self, *, interval_s: float | None = None) -> None:
-        """Reconcile forever: at the next time something may be due, at least every
-        ``max_sleep_s`` (or every ``interval_s`` if given). Errors are logged and retried."""
+        """Reconcile forever: fold new events every ``poll_s`` (a domain just added, a
+        certificate another node renewed), order when something is due, and pass at least
+        every ``max_sleep_s`` (or ``interval_s`` if given). Errors are logged and retried;
+        while the store is unreachable the provider keeps the certificates it has."""
+        next_pass = 0.0
+        failing = False
         while True:
             try:
-                await self.reconcile_once()
+                await self.refresh()
+                now = self.clock()
+                due = decide_renewal(self.view.state, int(now), self.config.policy)
+                if due or now >= next_pass:
+                    await self.reconcile_once()
+                    now = self.clock()
+                    wait = next_check_s(self.view.state, int(now), self.config.policy) - now
+                    next_pass = now + min(max(wait, 1), interval_s or self.config.max_sleep_s)
+                if failing:
+                    _log.info("certificate keeper following the log again")
+                failing = False
             except Exception as exc:  # a store outage must not end the node's loop
-                _log.warning("certificate pass failed; retrying", error=str(exc))
-            now = int(self.clock())
-            wait = next_check_s(self.view.state, now, self.config.policy) - now
-            await asyncio.sleep(min(max(wait, 1), interval_s or self.config.max_sleep_s))
+                if not failing:
+                    _log.warning("certificate pass failed; retrying", error=str(exc))
+                failing = True
+            await asyncio.sleep(min(self.config.poll_s, interval_s or self.config.poll_s))
 
     @contextlib.asynccontextmanager
     async def running(self, *, interval_s: float | None = None) -> AsyncIterator[CertKeeper]:
@@ -302,25 +318,44 @@ class CertKeeper:
                 await task
 
 
+async def _domain_state(store: EventStore, cluster: str, domain: str) -> tuple[CertState, Version]:
+    try:
+        subj = domain_subject(cluster, domain)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    recs, version = await store.read_aggregate(subj)
+    applied = [a for r in recs if (a := _applied(cluster, r, True)) is not None]
+    return fold(applied, CertState(cluster=cluster)), version
+
+
 async def add_domain(store: EventStore, cluster: str, cmd: AddDomain) -> GatewayDomainAdded:
     """Add a base domain to ``cluster`` (the core of ``pydstack gateway add-domain``).
 
     Reads the domain's aggregate, decides, appends at the version read; ValueError with the
     refusal when the command is not acceptable."""
     for _ in range(5):
-        try:
-            subj = domain_subject(cluster, cmd.domain)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
-        recs, version = await store.read_aggregate(subj)
-        applied = [a for r in recs if (a := _applied(cluster, r, True)) is not None]
-        state = fold(applied, CertState(cluster=cluster))
+        state, version = await _domain_state(store, cluster, cmd.domain)
         out = decide_add_domain(state, cmd)
         if isinstance(out, str):
             raise ValueError(out)
         try:
-            await store.append(subj, [out], version)
+            await store.append(domain_subject(cluster, cmd.domain), [out], version)
         except ConflictError:
             continue
         return out
     raise ValueError(f"domain {cmd.domain}: too many concurrent changes, try again")
+
+
+async def ensure_domain(store: EventStore, cluster: str, cmd: AddDomain) -> bool:
+    """Add the domain unless it is already served from the same ACME directory (what a node
+    started with ``--acme-directory`` does for its base domain; several nodes may race).
+    True when this call added it."""
+    try:
+        await add_domain(store, cluster, cmd)
+        return True
+    except ValueError:
+        state, _ = await _domain_state(store, cluster, cmd.domain)
+        d = state.domains.get(normalize_domain(cmd.domain))
+        if d is not None and d.active and d.acme_directory == cmd.acme_directory:
+            return False
+        raise

@@ -6,8 +6,11 @@ exactly ``table.routes``. One reconcile per change, in an order that never route
 the device does not have: new/changed peers first, then the proxy's table swap, then the
 removals. Unchanged peers are never touched (their sessions and counters survive).
 
-A node keeps serving its last table whatever NATS does: a failed catch-up only marks it
-disconnected, and the next successful one continues from the cursor. Restarted and new nodes
+Given a ``LogCertProvider``, the node also serves the certificates on the log (issued by
+whichever node's ``CertKeeper`` won the order; keys unsealed with the cluster key) and swaps
+in renewals as they land. A node keeps serving its last table and certificates whatever NATS
+does: a failed catch-up only marks it disconnected, and the next successful one continues
+from the cursor. Restarted and new nodes
 start from an empty fold and rebuild everything from the log. Usage::
 
     node = GatewayNode(store, device, proxy, NodeConfig(node_id="gw1", ...), key)
@@ -46,6 +49,7 @@ from pydstack.core.gateway.recycle import decide_liveness
 from pydstack.core.gateway.table import ClusterTable
 
 from . import node_metrics as m
+from .cert_provider import LogCertProvider
 from .recycler import RecycleConfig, Recycler
 from .registrar import Registrar, RegistrarConfig
 from .view import ClusterView
@@ -126,6 +130,7 @@ class GatewayNode:
         key: PrivateKey,
         *,
         registrar: Registrar | None = None,
+        certs: LogCertProvider | None = None,
     ) -> None:
         self.store = store
         self.device = device
@@ -137,6 +142,8 @@ class GatewayNode:
             store, RegistrarConfig(cluster=config.cluster, node_id=config.node_id)
         )
         self.recycler = Recycler(self.view, config.recycle) if config.recycle else None
+        self.certs = certs  # fed the certificates folded from the log, if given
+        self._certs_state = self.view.certs
         self.table = ClusterTable(cluster=config.cluster)
         self.applied_digest = ""  # digest of the table the device and proxy hold
         self.applied_seq = -1  # fold sequence that table was built at
@@ -178,6 +185,9 @@ class GatewayNode:
             "endpoint": self.config.endpoint,
             "proxy_port": self.proxy.port if self.proxy else None,
             "reconciles": self.reconciles,
+            "certificates": {d: self.certs.serving(d) for d in self.view.domains()}
+            if self.certs
+            else {},
         }
 
     # -- joining ------------------------------------------------------------------------
@@ -255,6 +265,7 @@ class GatewayNode:
             self.connected = False
             m.CONNECTED.labels(self.config.node_id).set(0)
             return False
+        self._swap_certs()
         if not self.connected:
             _log.info("following the log", node=self.config.node_id, seq=self.view.cursor)
         self.connected = True
@@ -298,6 +309,16 @@ class GatewayNode:
             routes=len(table.routes), ms=round((time.perf_counter() - t0) * 1000, 1),
         )  # fmt: skip
         return True
+
+    def _swap_certs(self) -> None:
+        """New certificates on the log (issued or renewed by any node) replace the served
+        ones; handshakes already done keep theirs, so no connection is dropped."""
+        if self.certs is None or self.view.certs is self._certs_state:
+            return
+        self._certs_state = self.view.certs
+        for domain in self.certs.update(self.view.certs):
+            _log.info("serving certificate", node=self.config.node_id, domain=domain,
+                      event_id=self.certs.serving(domain))  # fmt: skip
 
     def _swap_proxy_table(self) -> None:
         if self.proxy is not None:

@@ -8,6 +8,12 @@ It owns what it creates, in this order and undone in reverse: the WireGuard devi
 interface left by a killed node is removed first; the key lives in ``state_dir/wg.key`` so a
 restarted node keeps its identity), the proxy, the node's loops, the RegisterCvm endpoint
 (mutual RA-TLS) and the admin endpoint.
+
+Certificates come from ``certs`` (a static provider) or, with ``acme``, from the log: the
+node serves what is recorded for its cluster's domains (keys unsealed with the cluster key),
+adds its base domain when given an ACME directory, and, when it has DNS providers, runs a
+``CertKeeper`` that takes part in ordering and renewing (one order per domain cluster-wide,
+decided through OCC on the domain's subject).
 """
 
 from __future__ import annotations
@@ -17,20 +23,25 @@ import contextlib
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 from aiohttp import web
 
+from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.proxy import CertProvider, ProxyConfig, ProxyServer
 from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json, fetch_collateral
 from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
 from pydstack.adapters.wireguard import DeviceError, PrivateKey, UserspaceBackend
 from pydstack.adapters.wireguard import netns as ns
+from pydstack.core.gateway.certs import AddDomain, CertStore
+from pydstack.core.gateway.sealing import ClusterKey
 
+from .cert_provider import LogCertProvider
+from .certs import CertKeeper, CertKeeperConfig, ensure_domain
 from .node import GatewayNode, NodeConfig
 from .node_admin import admin_app
 from .registrar import Registrar, RegistrarConfig
@@ -56,6 +67,19 @@ class RegistrationLaunch:
 
 
 @dataclass(frozen=True, slots=True)
+class AcmeLaunch:
+    """Certificates from the log. ``cluster_key`` opens them; ``directory``: the node's base
+    domain is added (if it is not yet) with this ACME directory; ``dns``: DNS-01 providers by
+    the name domains give (none: the node serves, never orders)."""
+
+    cluster_key: ClusterKey
+    directory: str = ""
+    dns: Mapping[str, DnsProvider] = field(default_factory=dict)
+    ca_bundle: str | None = None  # the ACME server's HTTPS CA (None: the system's roots)
+    contact: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class NodeLaunch:
     node: NodeConfig
     state_dir: Path
@@ -64,6 +88,7 @@ class NodeLaunch:
     proxy_host: str = "0.0.0.0"
     proxy_port: int = 443
     certs: CertProvider | None = None
+    acme: AcmeLaunch | None = None  # certificates from the log (instead of ``certs``)
     admin_host: str = "127.0.0.1"
     admin_port: int = 0  # 0: any free port; -1: none
     registration: RegistrationLaunch | None = None
@@ -143,6 +168,21 @@ async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRun
     return runner, int(sockets[0].getsockname()[1]) if sockets else port
 
 
+async def _start_acme(
+    store: EventStore, cfg: NodeConfig, acme: AcmeLaunch, stack: contextlib.AsyncExitStack
+) -> None:
+    if acme.directory:
+        cmd = AddDomain(domain=cfg.base_domain, acme_directory=acme.directory, contact=acme.contact)
+        if await ensure_domain(store, cfg.cluster, cmd):
+            _log.info("base domain added", domain=cfg.base_domain, acme_directory=acme.directory)
+    if acme.dns:
+        keeper_cfg = CertKeeperConfig(
+            cluster=cfg.cluster, node_id=cfg.node_id, ca_bundle=acme.ca_bundle
+        )
+        keeper = CertKeeper(store, acme.cluster_key, keeper_cfg, acme.dns)
+        await stack.enter_async_context(keeper.running())
+
+
 @contextlib.asynccontextmanager
 async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[RunningNode]:
     cfg = launch.node
@@ -152,12 +192,15 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
     if reason is not None:
         raise DeviceError(f"gateway node {cfg.node_id}: {reason}")
     await _remove_stale_link(launch.netns, launch.ifname)
+    log_certs = LogCertProvider(CertStore(launch.acme.cluster_key)) if launch.acme else None
     async with contextlib.AsyncExitStack() as stack:
+        if launch.acme is not None:
+            await _start_acme(store, cfg, launch.acme, stack)
         device = await backend.create(launch.ifname, launch.netns)
         stack.push_async_callback(device.close)
         proxy = await ProxyServer.create(
             ProxyConfig(host=launch.proxy_host, port=launch.proxy_port),
-            launch.certs or _NoCerts(),
+            log_certs or launch.certs or _NoCerts(),
         )
         await stack.enter_async_context(proxy)
         from pydstack.core.gateway.cluster import AddressPlan
@@ -168,7 +211,7 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
                 cluster=cfg.cluster, node_id=cfg.node_id, plan=AddressPlan(launch.address_plan)
             ),
         )
-        node = GatewayNode(store, device, proxy, cfg, key, registrar=registrar)
+        node = GatewayNode(store, device, proxy, cfg, key, registrar=registrar, certs=log_certs)
         await stack.enter_async_context(node.running())
         reg_url = ""
         if launch.registration is not None:
