@@ -29,7 +29,7 @@ typecheck: deps
 	$(BIN)/mypy
 
 unit: deps
-	$(BIN)/pytest -q -rs -p no:cacheprovider
+	$(BIN)/pytest -q -rfEs --tb=short -p no:cacheprovider
 
 deps: sysdeps $(STAMP) $(SOLCJS)
 
