@@ -26,13 +26,15 @@ from pydstack.actors.kms import (
 from pydstack.adapters.nats import EventStore, NatsServer
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import (
+    BootInfo,
+    KeyDenied,
     KeyIssued,
     KeyRequested,
     KmsReplicaOnboarded,
     decode_body,
     open_envelope,
 )
-from pydstack.core.kms import fold
+from pydstack.core.kms import ABANDONED, fold, undecided
 from pydstack_guest import create_dev_app_keys
 
 from .conftest import CLUSTER, VM_CONFIG, Kms, Webhook, bound_identity, kms_guest, make_cvm
@@ -58,8 +60,9 @@ async def _kms_events(store: EventStore) -> list[object]:
 async def test_kill_mid_request_leaves_no_half_decision(
     nats_server: NatsServer, store: EventStore, pki: DevPki, tmp_path: Path
 ) -> None:
-    """SIGKILL while the backend is deciding: nothing of that request is on the log; after a
-    restart the retried request is decided once, as a complete pair."""
+    """SIGKILL while the backend is deciding: the request's KeyRequested is on the log with
+    no decision. The restarted KMS closes it (KeyDenied, abandoned) before serving; the retried
+    request is decided once, as a complete pair; a second restart adds nothing."""
     hold = asyncio.Event()
     arrived = asyncio.Event()
 
@@ -97,25 +100,59 @@ async def test_kill_mid_request_leaves_no_half_decision(
 
         pending = asyncio.create_task(ask())
         await asyncio.wait_for(arrived.wait(), 20)
+        # The request is stored while the backend decides: wait until it is, then kill.
+        for _ in range(200):
+            if any(isinstance(e, KeyRequested) for e in await _kms_events(store)):
+                break
+            await asyncio.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         with pytest.raises(Exception):  # noqa: B017 - any transport error: the server died
             await pending
         evs = await _kms_events(store)
-        assert not [e for e in evs if isinstance(e, KeyRequested)], "half-written decision"
+        cut = [e for e in evs if isinstance(e, KeyRequested)]
+        assert len(cut) == 1 and not [e for e in evs if isinstance(e, KeyIssued | KeyDenied)]
+        assert fold(evs).open_requests == {cut[0].request_id}
         hold.set()
         proc, url = await _start(args)
+        # Before it serves anything, the restarted KMS has decided the request it was cut off in.
+        evs = await _kms_events(store)
+        closed = [e for e in evs if isinstance(e, KeyDenied)]
+        assert [(d.request_id, d.reason) for d in closed] == [(cut[0].request_id, ABANDONED)]
+        assert not fold(evs).open_requests
         async with KmsClient(url, ca_pem=temp["ca_cert"], identity=identity) as c:
             keys = await c.call("GetAppKey", body)
         assert keys["k256_key"]
-        state = fold(await _kms_events(store))
-        assert state.issued == 1 and not state.open_requests and not state.duplicates
+        evs = await _kms_events(store)
+        types = [type(e).__name__ for e in evs]
+        assert types[-4:] == ["KeyRequested", "KeyDenied", "KeyRequested", "KeyIssued"]
+        state = fold(evs)
+        assert state.issued == 1 and state.denied == 1
+        assert not state.open_requests and not state.duplicates
         assert state.root is not None  # the same root survived the restart (sealed file)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        proc, url = await _start(args)  # nothing left to close: the log is unchanged
+        assert await _kms_events(store) == evs
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
         await runner.cleanup()
+
+
+def test_only_own_undecided_requests_are_closed() -> None:
+    """A restarting KMS closes what it logged and never decided, not another replica's
+    in-flight requests nor anything already decided."""
+    mine, theirs, done = (KeyRequested(request_id=r, app_id="a") for r in ("r1", "r2", "r3"))
+    entries = [
+        ("kms-a", mine), ("kms-b", theirs), ("kms-a", done),
+        ("kms-a", KeyIssued(request_id="r3", boot_info=BootInfo(tcb_status="UpToDate"),
+                            quote_hash="", backend="dev")),
+    ]  # fmt: skip
+    assert undecided(entries, "kms-a") == [mine]
+    assert undecided(entries, "kms-b") == [theirs]
+    assert undecided([*entries, ("kms-b", KeyDenied(request_id="r2", reason="x"))], "kms-b") == []
 
 
 async def test_replica_onboards_and_answers_identically(

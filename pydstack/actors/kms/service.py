@@ -2,15 +2,19 @@
 
     svc = await KmsService.open(store, KmsSettings(cluster="main", ...), backend=b,
                                 collateral=src, keyfile=RootKeyFile(...), attester=agent)
-    async with svc:                      # starts the group-commit writer
+    async with svc:                      # starts the writer, closes requests cut off by a crash
         keys = await svc.get_app_key(peer_cert_der, vm_config)
 
-A request is answered only after its `KeyRequested` + `KeyIssued`/`KeyDenied` pair is stored,
-so a KMS killed mid-request leaves either the whole decision or nothing; the client retries.
+A request's `KeyRequested` is stored while the backend is asked, its `KeyIssued`/`KeyDenied`
+after; it is answered only once both are stored. A started decision runs to its end even if
+the client goes away. A KMS killed in between leaves a `KeyRequested` without a decision: the
+restarted KMS closes each of its own with a `KeyDenied` (`ABANDONED`) before serving, so no
+request stays half decided and none is decided twice; the client retries as a new request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -38,16 +42,20 @@ from pydstack.core.events import (
 )
 from pydstack.core.kms import (
     AuthBackend,
+    AuthVerdict,
     KeyRequest,
     KmsState,
     RootKeys,
+    abandoned,
     app_ca_scalar,
     app_key_material,
     backend_failure,
     decide,
     env_public_key,
     fold,
+    key_requested,
     temp_ca_scalar,
+    undecided,
 )
 from pydstack.core.kms.derive import k256_public
 
@@ -144,6 +152,7 @@ class KmsService:
             raise KmsError("root k256 key does not match the KmsRootCreated public key")
         self.temp_key = ec.derive_private_key(temp_ca_scalar(root), ec.SECP256R1())
         self.temp_cert_pem = created.temp_ca_cert_pem
+        self._deciding: set[asyncio.Task[tuple[str, Any]]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -225,12 +234,33 @@ class KmsService:
 
     async def __aenter__(self) -> Self:
         await self.log.__aenter__()
+        try:
+            await self._close_cut_off()
+        except BaseException:
+            await self.log.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._deciding:  # let started decisions reach the log rather than leave them open
+            await asyncio.wait(self._deciding, timeout=10)
         await self.log.__aexit__(et, e, tb)
+
+    async def _close_cut_off(self) -> None:
+        """Decide (KeyDenied, ABANDONED) every request this instance logged but never decided.
+
+        Only our own actor's: another replica's open request may be in flight. Its client got
+        no answer (answers wait for the decision), so refusing it is what happened."""
+        records, _ = await self.store.read_aggregate(self.subject)
+        entries = []
+        for r in records:
+            env = open_envelope(r.data)
+            entries.append((env.actor, decode_body(env)))
+        for req in undecided(entries, self.store.signer.actor):
+            await self.log.append([abandoned(req)])
+            log.warning("kms request abandoned by a restart", request_id=req.request_id)
 
     # -- TLS identity -----------------------------------------------------------------------------
 
@@ -272,15 +302,26 @@ class KmsService:
     async def decide(
         self, method: str, ev: Evidence, vm_config: str, now: int, *, kms: bool = False
     ) -> tuple[str, Any]:
-        """Ask the backend (if the evidence holds), store the decision; Denied on refusal."""
+        """Store the request, ask the backend (if the evidence holds), store the decision;
+        Denied on refusal. Shielded: a client that goes away does not cut a decision short."""
+        task = asyncio.create_task(self._decide(method, ev, vm_config, now, kms=kms))
+        self._deciding.add(task)
+        task.add_done_callback(self._deciding.discard)
+        return await asyncio.shield(task)
+
+    async def _ask(self, ev: Evidence, kms: bool) -> AuthVerdict | None:
+        if ev.reasons or ev.boot is None:
+            return None  # refused on the evidence: the backend is not asked
+        ask = self.backend.authorize_kms if kms else self.backend.authorize_app
+        try:
+            return await ask(ev.boot)
+        except Exception as e:  # a broken backend refuses; it never allows
+            return backend_failure(self.backend.name, f"{type(e).__name__}: {e}")
+
+    async def _decide(
+        self, method: str, ev: Evidence, vm_config: str, now: int, *, kms: bool
+    ) -> tuple[str, Any]:
         rid = new_event_id()
-        verdict = None
-        if not ev.reasons and ev.boot is not None:
-            ask = self.backend.authorize_kms if kms else self.backend.authorize_app
-            try:
-                verdict = await ask(ev.boot)
-            except Exception as e:  # a broken backend refuses; it never allows
-                verdict = backend_failure(self.backend.name, f"{type(e).__name__}: {e}")
         req = KeyRequest(
             request_id=rid,
             method=method,
@@ -290,10 +331,17 @@ class KmsService:
             policy=self._policy_json,
             verified_at=now,
         )
-        requested, outcome = decide(
+        requested = key_requested(req, ev.boot)
+        # The request goes on the log while the backend thinks: neither waits for the other.
+        stored = asyncio.create_task(self.log.append([requested]))
+        try:
+            verdict = await self._ask(ev, kms)
+        finally:
+            await stored  # not stored: nothing is decided, the client gets an error
+        _, outcome = decide(
             req, reasons=ev.reasons, boot=ev.boot, verdict=verdict, backend=self.backend.name
         )
-        events: list[Event] = [requested, outcome]
+        events: list[Event] = [outcome]
         issued = not hasattr(outcome, "reason")
         if issued and kms and ev.boot is not None:
             events.append(

@@ -6,15 +6,18 @@ requested, outcome = decide(req, reasons=[], boot=boot, verdict=v, backend="webh
 problems = audit_kms_log(events, recheck)
 """
 
-from .audit import KmsState, Recheck, apply, audit_key_issued, audit_kms_log, fold
+from .audit import KmsState, Recheck, apply, audit_key_issued, audit_kms_log, fold, undecided
 from .auth import AuthBackend, AuthVerdict, BootInfo
 from .csr import CertConfig, Csr, CsrError, decode_csr, encode_csr
 from .decision import (
+    ABANDONED,
     KeyRequest,
+    abandoned,
     backend_failure,
     boot_info,
     boot_info_from_webhook,
     decide,
+    key_requested,
     quote_hash,
     webhook_body,
 )
@@ -34,6 +37,7 @@ from .derive import (
 )
 
 __all__ = [
+    "ABANDONED",
     "AppKeyMaterial",
     "AuthBackend",
     "AuthVerdict",
@@ -47,6 +51,7 @@ __all__ = [
     "KmsState",
     "Recheck",
     "RootKeys",
+    "abandoned",
     "app_ca_scalar",
     "app_key_material",
     "apply",
@@ -64,7 +69,9 @@ __all__ = [
     "fold",
     "hkdf",
     "k256_public",
+    "key_requested",
     "quote_hash",
     "temp_ca_scalar",
+    "undecided",
     "webhook_body",
 ]  # fmt: skip

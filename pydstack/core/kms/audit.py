@@ -8,6 +8,7 @@ and an empty list of reasons must all come out the same. Collateral is not store
 (it is large and shared); the auditor supplies the collateral valid at ``verified_at``.
 
     state = fold(events)                       # root, replicas, open/duplicate requests
+    cut_off = undecided(entries, actor="kms-main")  # a restarted KMS's dangling requests
     problems = audit_kms_log(events, recheck)  # [] when every KeyIssued re-verifies
 """
 
@@ -41,7 +42,8 @@ class KmsState(msgspec.Struct, frozen=True):
 
     @property
     def open_requests(self) -> frozenset[str]:
-        """Requests on the log without a decision (must stay empty: decisions are atomic)."""
+        """Requests on the log without a decision: in flight, or their KMS died mid-request
+        (a restarted KMS closes its own with a KeyDenied)."""
         return self.requested - self.decided
 
 
@@ -75,6 +77,21 @@ def fold(events: Iterable[object], state: KmsState | None = None) -> KmsState:
     for ev in events:
         state = apply(state, ev)
     return state
+
+
+def undecided(entries: Iterable[tuple[str, object]], actor: str) -> list[KeyRequested]:
+    """`actor`'s KeyRequested events that have no decision, in log order.
+
+    `entries` are (writing actor, event). A KMS that starts has nothing in flight, so every
+    undecided request written under its own actor name was cut off by its previous life.
+    """
+    pending: dict[str, KeyRequested] = {}
+    for who, ev in entries:
+        if isinstance(ev, KeyRequested) and who == actor:
+            pending.setdefault(ev.request_id, ev)
+        elif isinstance(ev, KeyIssued | KeyDenied):
+            pending.pop(ev.request_id, None)
+    return list(pending.values())
 
 
 def audit_key_issued(requested: KeyRequested, issued: KeyIssued, recheck: Recheck) -> list[str]:
@@ -116,5 +133,8 @@ def audit_kms_log(events: Iterable[object], recheck: Recheck) -> list[str]:
             elif isinstance(ev, KeyIssued):
                 problems += audit_key_issued(req, ev, recheck)
     problems += [f"{rid}: appears twice" for rid in state.duplicates]
-    problems += [f"{rid}: requested but never decided" for rid in sorted(state.open_requests)]
+    problems += [
+        f"{rid}: requested but not decided (in flight, or its KMS died and has not restarted)"
+        for rid in sorted(state.open_requests)
+    ]
     return problems

@@ -1,12 +1,16 @@
 """The KMS decision: from checked evidence and a backend verdict to the events on the log. Pure.
 
-Every key request produces exactly two events, appended together in one atomic batch:
-``KeyRequested`` (the evidence: attestation, quote hash, policy, time) and then either
-``KeyIssued`` (BootInfo, backend, verdict) or ``KeyDenied`` (reason). Neither ever carries key
-material: keys are re-derivable from the root keys and the BootInfo. Writing the pair in one
-batch means a KMS killed mid-request leaves either both or nothing, never half a decision.
+Every key request produces exactly two events, in this order on the log: ``KeyRequested``
+(the evidence: attestation, quote hash, policy, time) and then either ``KeyIssued`` (BootInfo,
+backend, verdict) or ``KeyDenied`` (reason). Neither ever carries key material: keys are
+re-derivable from the root keys and the BootInfo. The two are ordinary appends (an atomic
+batch costs the server an fsync, ~10x an append); a KMS killed between them leaves a
+``KeyRequested`` without a decision, which the restarted KMS closes with `abandoned` (a
+``KeyDenied``: the client was never answered, so no key left the KMS).
 
+    requested = key_requested(req, boot)                 # stored before the backend answers
     requested, outcome = decide(req, reasons=[], boot=boot, verdict=verdict, backend="webhook")
+    denied = abandoned(requested)                          # on restart, for a dangling request
 """
 
 from __future__ import annotations
@@ -113,6 +117,31 @@ def precheck(boot: BootInfo | None, reasons: Sequence[str]) -> list[str]:
     return out
 
 
+ABANDONED = "KMS restarted before deciding; the client got no answer and no key"
+
+
+def key_requested(req: KeyRequest, boot: BootInfo | None) -> KeyRequested:
+    """The first event of a request: what was presented and checked, before any verdict."""
+    return KeyRequested(
+        request_id=req.request_id,
+        app_id=boot.app_id if boot else "",
+        instance_id=boot.instance_id if boot else "",
+        quote_hash=quote_hash(req.quote),
+        attestation=req.attestation,
+        vm_config=req.vm_config,
+        policy=req.policy,
+        verified_at=req.verified_at,
+        method=req.method,
+    )
+
+
+def abandoned(requested: KeyRequested) -> KeyDenied:
+    """The decision that closes a request its KMS died before deciding."""
+    return KeyDenied(
+        request_id=requested.request_id, reason=ABANDONED, quote_hash=requested.quote_hash
+    )
+
+
 def decide(
     req: KeyRequest,
     *,
@@ -123,18 +152,8 @@ def decide(
 ) -> tuple[KeyRequested, KeyIssued | KeyDenied]:
     """The two events for one request. `reasons` are the attestation's refusal reasons;
     `verdict` is None when the backend was not asked (evidence already refused)."""
-    qh = quote_hash(req.quote)
-    requested = KeyRequested(
-        request_id=req.request_id,
-        app_id=boot.app_id if boot else "",
-        instance_id=boot.instance_id if boot else "",
-        quote_hash=qh,
-        attestation=req.attestation,
-        vm_config=req.vm_config,
-        policy=req.policy,
-        verified_at=req.verified_at,
-        method=req.method,
-    )
+    requested = key_requested(req, boot)
+    qh = requested.quote_hash
     refused = precheck(boot, reasons)
     if refused:
         reason = "attestation refused: " + "; ".join(refused)
