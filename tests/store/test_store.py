@@ -14,6 +14,7 @@ from pydstack.adapters.nats import (
     ConflictError,
     EventStore,
     NatsServer,
+    StoreClosed,
     StreamMissing,
     StreamSettings,
     Unreachable,
@@ -219,6 +220,20 @@ async def test_unreachable_server_is_a_clear_error(signer: Signer) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     with pytest.raises(Unreachable, match="unreachable"):
         await EventStore.connect(url, signer, connect_timeout=0.5)
+
+
+async def test_append_on_a_closed_store_is_a_typed_error(
+    nats_server: NatsServer, signer: Signer
+) -> None:
+    """Shutdown racing an append: StoreClosed (a StoreError), for one event and for a batch."""
+    s = await EventStore.connect(nats_server.url, signer)
+    await s.ensure_stream()
+    await s.close()
+    with pytest.raises(StoreClosed, match=r"connection to NATS .* is closed"):
+        await s.append(V1, [rejected()], NEW)
+    changes = [Change(V1, [rejected()], NEW), Change("dstack.vm.v2", [rejected()], NEW)]
+    with pytest.raises(StoreClosed):
+        await s.commit(changes)
 
 
 async def test_version_equality_is_by_value() -> None:

@@ -1,7 +1,14 @@
 """The NATS JetStream event store."""
 
 from .cluster import NatsCluster, read_node
-from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
+from .errors import (
+    ConflictError,
+    PermissionDenied,
+    StoreClosed,
+    StoreError,
+    StreamMissing,
+    Unreachable,
+)
 from .server import NatsServer, NatsServerConfig, NatsUser, free_port, nats_server_binary
 from .store import (
     DEFAULT_STREAM,
@@ -26,6 +33,7 @@ __all__ = [
     "NatsUser",
     "PermissionDenied",
     "Recorded",
+    "StoreClosed",
     "StoreError",
     "StreamMissing",
     "StreamSettings",

@@ -45,3 +45,13 @@ class ConflictError(StoreError):
         )
         self.subject = subject
         self.expected = expected
+
+
+class StoreClosed(StoreError):
+    """The connection was closed under a call (the store shut down, or reconnecting gave up)."""
+
+    def __init__(self, url: str, action: str) -> None:
+        super().__init__(
+            f"{action} failed: the connection to NATS at {url} is closed; "
+            "the process is shutting down, or reconnect with a new store"
+        )

@@ -35,7 +35,14 @@ from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
 
 from ._types import DEFAULT_STREAM, NEW, Change, Recorded, StreamSettings, Version, new_event_id
 from ._wire import Acks, any_reachable, stamp, versions_after
-from .errors import ConflictError, PermissionDenied, StoreError, StreamMissing, Unreachable
+from .errors import (
+    ConflictError,
+    PermissionDenied,
+    StoreClosed,
+    StoreError,
+    StreamMissing,
+    Unreachable,
+)
 
 __all__ = [
     "DEFAULT_STREAM", "NEW", "Change", "EventStore", "Recorded", "StreamSettings", "Version",
@@ -238,11 +245,15 @@ class EventStore:
                     headers[_H_EXPECT] = str(change.expected.seq)
                 msgs.append((change.subject, data, headers))
                 prev = message_hash(data)
-        if len(msgs) == 1:
-            subj, data, headers = msgs[0]
-            seq = await self._publish_one(subj, data, headers, changes[0].expected.seq)
-            return {subj: Version(seq, message_hash(data))}
-        last_seq = await self._publish_batch(msgs, changes)
+        try:
+            if len(msgs) == 1:
+                subj, data, headers = msgs[0]
+                seq = await self._publish_one(subj, data, headers, changes[0].expected.seq)
+                return {subj: Version(seq, message_hash(data))}
+            last_seq = await self._publish_batch(msgs, changes)
+        except nats.errors.ConnectionClosedError:
+            # Closed under us (shutdown racing an append): a typed store error, not nats-py's.
+            raise StoreClosed(self.url, f"append to {msgs[0][0]}") from None
         return versions_after(msgs, last_seq)
 
     async def _send(self, subject: str, data: bytes, headers: dict[str, str]) -> int:
