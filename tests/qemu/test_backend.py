@@ -1,7 +1,7 @@
 """QemuBackend without booting: work dir, disks, host share, command line, adopt-list.
 
 The image here is tiny but real (a qcow2 hda made by qemu-img); the supervisor is a real
-process. What needs a running guest is in ``test_boot.py``.
+process. What needs a running guest is in ``tests/vmm/test_qemu.py``.
 """
 
 from __future__ import annotations

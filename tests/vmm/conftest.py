@@ -122,12 +122,13 @@ class VmmHost:
     images: Path
     store: EventStore
     host_id: str = "h1"
+    backend: str = "sandbox"  # or "qemu" (images: the guest image cache)
 
     def launch(self, policy: RestartPolicy = FAST, **kw: Any) -> VmmLaunch:
         cfg = VmmConfig(host_id=self.host_id, state_dir=self.root / "vmm", restart=policy,
                         poll_interval_s=0.2, heartbeat_interval_s=60, port_range=(1024, 65535),
                         vcpu=4, memory_mb=4096, **kw)  # fmt: skip
-        return VmmLaunch(config=cfg, images=self.images, api_port=0,
+        return VmmLaunch(config=cfg, backend=self.backend, images=self.images, api_port=0,
                          supervisor_socket=self.root / "sv.sock",
                          runtime=RuntimeConfig(reconcile_interval_s=2.0))  # fmt: skip
 
@@ -146,7 +147,8 @@ class VmmHost:
                     with contextlib.suppress(Exception):
                         await sv.kill(p.config.id)
                         await sv.remove(p.config.id)
-        await asyncio.to_thread(cleanup_sandboxes, self.root / "vmm")
+        if self.backend == "sandbox":
+            await asyncio.to_thread(cleanup_sandboxes, self.root / "vmm")
         for pid in supervisor_pids(sock):
             os.kill(pid, signal.SIGKILL)
 
