@@ -57,6 +57,7 @@ class SysConfig(msgspec.Struct, frozen=True, kw_only=True):
     host_api_url: str = ""
     vm_config: str = "{}"
     kms_ca: str = ""  # PEM of the KMS cluster CA; empty: take the one GetTempCaCert names
+    gateway_ca: str = ""  # PEM the gateways' registration certificates chain to
     key_provider_id: str = ""  # hex; when set the keys must come from this provider
 
 
@@ -77,6 +78,8 @@ class AppCompose(msgspec.Struct, frozen=True, kw_only=True):
     kms_enabled: bool | None = None  # None: use a KMS when sys-config names one
     key_provider: str = ""  # "kms" / "local" / "" (dstack >= 0.5.1)
     key_provider_id: str = ""  # hex pin (dstack), same meaning as SysConfig.key_provider_id
+    gateway_enabled: bool = False
+    tproxy_enabled: bool = False  # dstack's older name of gateway_enabled
 
 
 class HostShared(msgspec.Struct, frozen=True, kw_only=True):

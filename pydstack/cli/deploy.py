@@ -6,7 +6,8 @@
 Builds dstack's app-compose (``allowed_envs`` from the env file's names), shows its compose
 hash and app id, seals the env to the app's KMS key (checked against the KMS root on the
 log), appends AppRegistered + VmRequested in one atomic commit, then follows the log until
-the app is reachable (or fails, naming the stage) and prints its URL.
+the app is ready (or fails, naming the stage) and prints its URL; it says "reachable" only
+after an HTTPS GET through the gateway answered (``_reach``).
 """
 
 from __future__ import annotations
@@ -199,11 +200,12 @@ def deploy_cmd(
             w = Watch(app_id=app_id, vm_id=plan.request.vm_id, compose_hash=compose_hash,
                       gateway_expected=gateway)  # fmt: skip
             out.stage("requested", f"vm {plan.request.vm_id}", seq)
+            t_end = time.monotonic() + timeout
             w = await _follow(store, w, seq, timeout, out)
             if w.failed:
                 raise click.ClickException(f"deploy of app {app_id} failed: {w.failed}")
-            _where(conn, log, w, vm_ports, out)
-            return 0
+            urls = _where(conn, log, w, vm_ports, out)
+            return await _reachable(conn, urls, t_end, out)
 
     run(go())
 
@@ -236,14 +238,40 @@ async def _follow(store: EventStore, w: Watch, seq: int, timeout: float, out: _O
     return w
 
 
-def _where(conn: Conn, log: LogContext, w: Watch, vm_ports: list[int], out: _Out) -> None:
+def _where(conn: Conn, log: LogContext, w: Watch, vm_ports: list[int], out: _Out) -> list[str]:
     if w.registered:
         urls = gateway_urls(conn, log, w.app_id, vm_ports, cluster=w.registered[-1][0])
         out.info("\n".join(f"url          {u}" for u in urls), urls=urls)
-        return
+        return urls
     maps = [f"{p.protocol} {p.host_address}:{p.host_port} -> {p.vm_port}"
             for p in (w.vm.ports if w.vm else ())]  # fmt: skip
     why = "no gateway is up" if not log.base_domains() else "the compose has no gateway"
     out.info(f"{why}; reach the app on its host ports:\n" +
              ("\n".join(f"  {m}" for m in maps) or "  none mapped (pass --port HOST:VM)"),
              urls=[], gateway=None, ports=maps)  # fmt: skip
+    return []
+
+
+async def _reachable(conn: Conn, urls: list[str], t_end: float, out: _Out) -> int:
+    """GET each URL through the gateway (up's proxy and CA for up's domain) until it answers."""
+    from ._reach import wait_reachable
+
+    state = conn.data.state()
+    domain, proxy = str(state.get("gateway_domain") or ""), str(state.get("gateway_proxy") or "")
+    ca_file = Path(str(state.get("gateway_ca") or ""))
+    ca = await asyncio.to_thread(lambda: ca_file.read_text() if ca_file.is_file() else None)
+    for url in urls:
+        host = urlsplit(url).hostname or ""
+        local = bool(domain) and host.endswith(f".{domain}") and ":" in proxy
+        addr = proxy.rpartition(":")
+        ok, detail = await wait_reachable(
+            url, deadline=max(t_end, time.monotonic() + 5),
+            connect_to=(addr[0], int(addr[2])) if local else None,
+            ca_pem=ca if local else None,
+        )  # fmt: skip
+        if not ok:
+            raise click.ClickException(f"the app is up but {url} did not answer through the "
+                                       f"gateway: {detail}")  # fmt: skip
+        out.info(f"reachable    {url} ({detail} through the gateway)", reachable=url,
+                 status=detail)  # fmt: skip
+    return 0

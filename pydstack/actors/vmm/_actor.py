@@ -24,7 +24,7 @@ from typing import Self
 
 import structlog
 
-from pydstack.adapters.cvm import CvmBackend, CvmError, CvmNotFound, CvmStatus
+from pydstack.adapters.cvm import CvmBackend, CvmError, CvmNotFound, CvmSpec, CvmStatus
 from pydstack.adapters.nats import Change, ConflictError, EventStore, StoreError
 from pydstack.core.events import (
     Event,
@@ -89,6 +89,7 @@ class VmmConfig:
     stop_timeout_s: float = 30.0
     kms_urls: tuple[str, ...] = ()
     gateway_urls: tuple[str, ...] = ()
+    gateway_ca: str = ""  # PEM of the CA behind gateway_urls' certificates (sys-config)
 
 
 def observed(st: CvmStatus) -> Observed:
@@ -297,12 +298,16 @@ class Vmm:
         await self.store.commit(changes)
         await self.view.catch_up(self.store)
 
+    def _spec(self, rec: VmRecord) -> CvmSpec:
+        c = self.config
+        return build_spec(rec, self.view.composes, app_compose=self.view.app_compose,
+                          kms_urls=c.kms_urls, gateway_urls=c.gateway_urls,
+                          gateway_ca=c.gateway_ca)  # fmt: skip
+
     async def _start(self, rec: VmRecord, attempt: int) -> None:
         vm_id, subj = rec.vm.vm_id, subject("vm", rec.vm.vm_id)
         try:
-            spec = build_spec(rec, self.view.composes, app_compose=self.view.app_compose,
-                              kms_urls=self.config.kms_urls,
-                              gateway_urls=self.config.gateway_urls)  # fmt: skip
+            spec = self._spec(rec)
             await self.backend.create(spec)
             _, end = await self.backend.events(vm_id, 0)
             self._offset_path(vm_id).write_text(str(end))
@@ -360,6 +365,4 @@ class Vmm:
         with contextlib.suppress(CvmNotFound, CvmError, ComposeMissing):
             st = await self.backend.status(vm_id)
             if st.state != "running":  # a running CVM takes the update at its next start
-                await self.backend.create(
-                    build_spec(new, self.view.composes, app_compose=self.view.app_compose)
-                )
+                await self.backend.create(self._spec(new))

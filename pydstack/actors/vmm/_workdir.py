@@ -54,6 +54,7 @@ def build_spec(
     app_compose: dict[str, str] | None = None,
     kms_urls: tuple[str, ...] = (),
     gateway_urls: tuple[str, ...] = (),
+    gateway_ca: str = "",
 ) -> CvmSpec:
     vm, res = rec.vm, rec.resources
     compose = compose_of(rec, composes, app_compose)
@@ -63,6 +64,8 @@ def build_spec(
         "vm_config": json.dumps({"cpu_count": res.vcpu, "memory_size": res.memory_mb << 20,
                                  "image": rec.image}),
     }  # fmt: skip
+    if gateway_ca:  # pydstack: the CA the gateways' registration certificates chain to
+        sys_config["gateway_ca"] = gateway_ca
     files = {
         "sys-config.json": json.dumps(sys_config).encode(),
         "instance-info.json": json.dumps(instance_info(rec)).encode(),

@@ -3,7 +3,9 @@
 The simulated TD is created as dstack's VMM creates a real one: MRTD of the image and
 MRCONFIGID = ``0x01 || sha256(app-compose.json)``; its quotes are signed with the dev PKI the
 KMS of ``pydstack up`` trusts (``SandboxRun.dev_pki``). The keys come from the KMS named in
-``sys-config.json`` (``kms_urls``), else from local dev keys kept in the work dir.
+``sys-config.json`` (``kms_urls``), else from local dev keys kept in the work dir. Then the
+gateway step: registration over the relayed URL, wireguard-go inside the CVM's namespace (its
+UAPI socket under the short run dir), each gateway's WireGuard endpoint relayed over UDP.
 """
 
 from __future__ import annotations
@@ -12,29 +14,41 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from pydstack.adapters.cvm import CvmSpec
 
 
 class Booted:
-    """What the boot produced: the running agent (close it) and the env for the containers."""
+    """What the boot produced: the running agent and tunnel (close them) and the env for the
+    compose file (allowed_envs plus the ``DSTACK_*`` names dstack offers compose files)."""
 
     def __init__(self, agent: contextlib.AsyncExitStack, env: dict[str, str]) -> None:
         self.agent, self.env = agent, env
 
 
+class Network:
+    """How the CVM reaches the world: a short dir for sockets (wireguard-go's UAPI) and the
+    UDP relay to the gateways' WireGuard endpoints."""
+
+    def __init__(self, run_dir: Path, udp: Callable[[str], Awaitable[str]]) -> None:
+        self.run_dir, self.udp = run_dir, udp
+
+
 async def boot(
-    wd: Path, dev_pki: str, spec: CvmSpec, sock: Path, report: Callable[[str, str], None]
-) -> Booted:
+    wd: Path, dev_pki: str, spec: CvmSpec, sock: Path, report: Callable[[str, str], None],
+    net: Network | None = None,
+) -> Booted:  # fmt: skip
     """Raises `pydstack_guest.boot.BootFailed` when a step fails."""
     from pydstack.adapters.tdx.backend import SimulatorBackend
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
     from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+    from pydstack.adapters.wireguard import UserspaceBackend
     from pydstack_guest import GuestAgent, GuestConfig, LocalKeyProvider, serve_agent
     from pydstack_guest.boot import read_host_shared, run_boot
+    from pydstack_guest.gateway_setup import setup_gateway
     from pydstack_guest.provider import create_dev_app_keys
 
     compose = spec.app_compose or b'{"name":"sandbox"}'
@@ -60,6 +74,22 @@ async def boot(
                             "memory_size": spec.memory_mb * 1024 * 1024})  # fmt: skip
     agent = GuestAgent(backend, result.keys, GuestConfig(
         app_name=spec.name, app_compose=compose.decode(), vm_config=vm_config))  # fmt: skip
+    env = {**result.env, "DSTACK_APP_ID": result.plan.app_id.hex(),
+           "DSTACK_INSTANCE_ID": result.plan.instance_id.hex()}  # fmt: skip
     stack = contextlib.AsyncExitStack()
-    await stack.enter_async_context(serve_agent(agent, dstack_sock=str(sock)))
-    return Booted(stack, result.env)
+    try:
+        if net is not None:
+            # netns=None: this process already lives in the CVM's namespace, and naming it
+            # would make pyroute2 fork helpers whose signals reach this loop's wakeup fd
+            # (a SIGTERM to a helper read as the CVM's power-off).
+            tunnel = await setup_gateway(
+                agent, result.plan, wg=UserspaceBackend(net.run_dir / "wg"), report=report,
+                reach=net.udp)  # fmt: skip
+            if tunnel is not None:
+                stack.push_async_callback(tunnel.close)
+                env["DSTACK_GATEWAY_DOMAIN"] = tunnel.registration.domain
+        await stack.enter_async_context(serve_agent(agent, dstack_sock=str(sock)))
+    except BaseException:
+        await stack.aclose()
+        raise
+    return Booted(stack, env)

@@ -30,7 +30,7 @@ import msgspec
 from pydstack.adapters.cvm import CvmSpec
 
 from . import _netns
-from ._boot import boot
+from ._boot import Network, boot
 from ._compose import services
 from ._docker import Docker
 from ._outbound import HostRelay
@@ -138,9 +138,12 @@ async def main(wd: Path) -> int:
 
         for server in await RELAY[0].serve_inside() if RELAY else []:
             stack.callback(server.close)
+        if RELAY:
+            stack.callback(RELAY[0].close_udp)
         try:
+            net = Network(rd, RELAY[0].udp) if RELAY else None
             booted = await boot(wd, run.dev_pki, spec, rd / "dstack.sock",
-                                lambda stage, detail: emit(wd, stage, detail))  # fmt: skip
+                                lambda stage, detail: emit(wd, stage, detail), net)  # fmt: skip
         except BootFailed as exc:
             # A failed boot halts (dstack #334): the VMM records VmBootError, no restart loop.
             emit(wd, "error", str(exc))
@@ -190,15 +193,20 @@ async def main(wd: Path) -> int:
 
 
 LISTENERS: list[tuple[socket.socket, int]] = []
-RELAY: list[HostRelay] = []  # the host services (KMS) relayed into the CVM's namespace
+RELAY: list[HostRelay] = []  # the host services (KMS, gateway) relayed into the namespace
 
 
-def _kms_urls(wd: Path) -> list[str]:
+def _host_urls(wd: Path) -> list[str]:
+    """The KMS and gateway URLs of sys-config (the services the boot calls on the host)."""
     try:
-        urls = json.loads((wd / "shared" / "sys-config.json").read_text()).get("kms_urls")
-    except (OSError, ValueError, AttributeError):
+        doc = json.loads((wd / "shared" / "sys-config.json").read_text())
+    except (OSError, ValueError):
         return []
-    return [str(u) for u in urls] if isinstance(urls, list) else []
+    out: list[str] = []
+    for key in ("kms_urls", "gateway_urls"):
+        urls = doc.get(key) if isinstance(doc, dict) else None
+        out += [str(u) for u in urls] if isinstance(urls, list) else []
+    return out
 
 
 if __name__ == "__main__":
@@ -210,7 +218,7 @@ if __name__ == "__main__":
     except OSError as exc:  # a host port taken by something outside pydstack
         emit(workdir, "error", f"cannot bind a host port: {exc}")
         sys.exit(1)
-    RELAY.append(HostRelay.start(_kms_urls(workdir), cfg.run_dir))  # threads stay outside
+    RELAY.append(HostRelay.start(_host_urls(workdir), cfg.run_dir))  # threads stay outside
     _netns.enter(cfg.netns)  # from here on, every new socket and child is inside the CVM
     _netns.kill_all(cfg.netns, exclude=os.getpid())  # leftovers of a run that was killed
     _netns.unmount_under(workdir / "docker", Path(cfg.run_dir))

@@ -1,0 +1,140 @@
+"""The boot's gateway step (dstack-util ``GatewayContext::setup``): register, then WireGuard.
+
+It runs after the env is decrypted and before docker starts, as dstack's stage 1 does. An app
+whose app-compose enables the gateway (``gateway_enabled``, older name ``tproxy_enabled``)
+gets an RA-TLS client certificate from its agent, registers its WireGuard key with each
+sys-config ``gateway_urls`` entry in turn until one accepts, and brings up its tunnel with every
+gateway node as a peer. A failure is ``BootFailed("gateway", ...)``: the boot halts, it never
+loops (dstack #334)::
+
+    tunnel = await setup_gateway(agent, plan, wg=UserspaceBackend(run_dir), report=emit)
+    if tunnel: ...; await tunnel.close()
+
+Where the host networking differs (the sandbox: a namespace with only a loopback), ``reach``
+turns a gateway's WireGuard endpoint into one usable from inside (a UDP relay's address).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from pydstack.adapters.wireguard import (
+    PrivateKey,
+    WireGuardBackend,
+    WireGuardDevice,
+    WireGuardError,
+)
+
+from .agent import GuestAgent
+from .boot import AppCompose, BootFailed, BootPlan, Report
+from .gateway_client import (
+    GatewayRegistrationError,
+    Registration,
+    bring_up_tunnel,
+    register_cvm,
+)
+
+Reach = Callable[[str], Awaitable[str]]  # a gateway's "host:port" -> the endpoint to dial
+IFNAME = "wg0"  # dstack's is dstack-wg0; wg0 fits every namespace (each has its own)
+
+
+def gateway_enabled(compose: AppCompose) -> bool:
+    """dstack's ``AppCompose::gateway_enabled``: either flag (``tproxy_enabled`` is older)."""
+    return compose.gateway_enabled or compose.tproxy_enabled
+
+
+def gateway_urls(plan: BootPlan) -> tuple[str, ...]:
+    """The gateways to register with; empty: skip the step (disabled, or none configured).
+
+    dstack fails a boot that enables the gateway on a host naming none; here the host decides
+    (``pydstack up --no-gateway`` has none) and the app is reached on its port maps instead."""
+    if not gateway_enabled(plan.compose):
+        return ()
+    return tuple(plan.sys_config.gateway_urls)
+
+
+@dataclass(frozen=True)
+class GatewayTunnel:
+    registration: Registration
+    url: str  # the gateway that accepted the registration
+    device: WireGuardDevice
+
+    async def close(self) -> None:
+        await self.device.close()
+
+
+async def _identity(agent: GuestAgent) -> tuple[str, str]:
+    """A fresh RA-TLS client certificate (chain, key) under the app's CA."""
+    tls = await agent.tls_key(
+        agent.fresh_tls_key(), subject="dstack-guest-agent", alt_names=(), usage_ra_tls=True,
+        usage_server_auth=False, usage_client_auth=True,
+    )  # fmt: skip
+    return "".join(tls["certificate_chain"]), str(tls["key"])
+
+
+async def _register(
+    urls: tuple[str, ...], agent: GuestAgent, ca_pem: str, key: PrivateKey
+) -> tuple[str, Registration]:
+    identity = await _identity(agent)
+    errors = []
+    for url in urls:  # dstack tries each gateway in turn
+        try:
+            reg = await register_cvm(url, identity=identity, ca_pem=ca_pem,
+                                     wg_public_key=key.public_key().b64)  # fmt: skip
+            return url, reg
+        except GatewayRegistrationError as e:
+            errors.append(str(e))
+    raise BootFailed("gateway", "; ".join(errors))
+
+
+async def setup_gateway(
+    agent: GuestAgent,
+    plan: BootPlan,
+    *,
+    wg: WireGuardBackend,
+    report: Report,
+    netns: str | None = None,
+    reach: Reach | None = None,
+) -> GatewayTunnel | None:
+    """Register with a gateway and bring up WireGuard (None when the step does not apply)."""
+    urls = gateway_urls(plan)
+    if not urls:
+        why = "disabled in app-compose" if not gateway_enabled(plan.compose) else (
+            "enabled but sys-config names no gateway (gateway_urls is empty)")  # fmt: skip
+        report("gateway", f"not registered: {why}")
+        return None
+    try:
+        return await _setup(agent, plan, urls, wg, report, netns, reach)
+    except BootFailed:
+        raise
+    except Exception as e:  # any failure stops the boot here, named by this step
+        raise BootFailed("gateway", f"{type(e).__name__}: {e}") from e
+
+
+async def _setup(
+    agent: GuestAgent,
+    plan: BootPlan,
+    urls: tuple[str, ...],
+    wg: WireGuardBackend,
+    report: Report,
+    netns: str | None,
+    reach: Reach | None,
+) -> GatewayTunnel:
+    ca_pem = plan.sys_config.gateway_ca
+    if not ca_pem:
+        raise BootFailed("gateway", "sys-config has gateway_urls but no gateway_ca to trust")
+    key = PrivateKey.generate()
+    url, reg = await _register(urls, agent, ca_pem, key)
+    try:
+        ipaddress.IPv4Address(reg.client_ip)
+        if reach is not None:
+            servers = [replace(s, endpoint=await reach(s.endpoint)) for s in reg.servers]
+            reg = replace(reg, servers=tuple(servers))
+        device = await bring_up_tunnel(wg, IFNAME, key, reg, netns=netns)
+    except (WireGuardError, OSError, ValueError) as e:
+        raise BootFailed("gateway", f"WireGuard tunnel to {url}: {e}") from None
+    report("gateway", f"registered with {url}: tunnel ip {reg.client_ip}, "
+           f"{len(reg.servers)} gateway node(s), domain {reg.domain}")  # fmt: skip
+    return GatewayTunnel(reg, url, device)
