@@ -409,6 +409,7 @@ class ControlPlane:
             host_id=self.opts.host_id, state_dir=self.data.path / "vmm",
             vcpu=self.opts.host_vcpu, memory_mb=self.opts.host_memory_mb,
             kms_urls=(self.kms_url,) if self.kms_url else (),
+            **await asyncio.to_thread(self._cvm_gateway),
         )  # fmt: skip
         launch = VmmLaunch(config=config, backend=self.opts.vmm_backend,
                            api_port=self.opts.vmm_api_port, runtime=runtime,
@@ -416,6 +417,13 @@ class ControlPlane:
         _, self.vmm_url = await stack.enter_async_context(
             _bounded(running_vmm(store, launch), "vmm")
         )
+
+    def _cvm_gateway(self) -> dict[str, Any]:
+        """sys-config of this host's CVMs: up's gateway registration URL and the CA it uses."""
+        url = self.gateway.get("gateway_registration_url")
+        if not url:
+            return {}
+        return {"gateway_urls": (url,), "gateway_ca": Path(self.gateway["gateway_ca"]).read_text()}
 
     def _cvm_dev_pki(self) -> Path | None:
         """Without TDX, sandbox CVMs quote with the dev PKI that this KMS trusts."""
