@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from pydstack.actors.decode import Malformed, decode_message
 from pydstack.adapters.acme import (
     AcmeClient,
     AcmeConfig,
@@ -36,7 +35,7 @@ from pydstack.adapters.acme import (
     seal_secret,
     thumbprint,
 )
-from pydstack.adapters.nats import NEW, ConflictError, EventStore, Recorded, Version, new_event_id
+from pydstack.adapters.nats import NEW, ConflictError, EventStore, Version, new_event_id
 from pydstack.core.events import (
     AcmeAccountCreated,
     CertificateIssued,
@@ -60,26 +59,15 @@ from pydstack.core.gateway.certs import (
     is_cert_subject,
     next_check_s,
     normalize_domain,
-    on_its_subject,
     start_renewal,
 )
 from pydstack.core.gateway.sealing import ClusterKey, binding
 from pydstack.core.projections import Applied
 
 from .cert_provider import LogCertProvider
+from .view import to_applied
 
 _log = structlog.get_logger("pydstack.gateway.certs")
-
-
-def _applied(cluster: str, rec: Recorded, check: bool) -> Applied | None:
-    try:
-        env, event = decode_message(rec.subject, rec.data, check_signature=check)
-    except Malformed as bad:
-        _log.warning("skipped a message", seq=rec.seq, subject=rec.subject, reason=bad.reason)
-        return None
-    if not on_its_subject(cluster, rec.subject, event):
-        return None
-    return Applied(rec.seq, rec.time_ns or env.time_ns, event, env.id)
 
 
 class CertView:
@@ -110,7 +98,7 @@ class CertView:
             async for rec in recs:
                 if is_cert_subject(self.cluster, rec.subject):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
-                    a = _applied(self.cluster, rec, self.check_signatures)
+                    a = to_applied(self.cluster, rec, self.check_signatures, certs=True)
                     if a is not None:
                         batch.append(a)
             self.state = fold(batch, self.state)
@@ -324,7 +312,7 @@ async def _domain_state(store: EventStore, cluster: str, domain: str) -> tuple[C
     except ValueError as exc:
         raise ValueError(str(exc)) from None
     recs, version = await store.read_aggregate(subj)
-    applied = [a for r in recs if (a := _applied(cluster, r, True)) is not None]
+    applied = [a for r in recs if (a := to_applied(cluster, r, True, certs=True)) is not None]
     return fold(applied, CertState(cluster=cluster)), version
 
 

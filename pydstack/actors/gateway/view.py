@@ -38,9 +38,11 @@ _log = structlog.get_logger("pydstack.gateway.view")
 _CVM_PREFIX: Final = "dstack.cvm."
 
 
-def _to_applied(
+def to_applied(
     cluster: str, rec: Recorded, check_signatures: bool, *, certs: bool = False
 ) -> Applied | None:
+    """The record as a fold input, or None when it is malformed or not on its own subject
+    (``certs``: the domain/account aggregates' rule, else the cluster's)."""
     try:
         env, event = decode_message(rec.subject, rec.data, check_signature=check_signatures)
     except Malformed as bad:
@@ -89,12 +91,12 @@ class ClusterView:
                 n += 1
                 if rec.subject == self.subject or rec.subject.startswith(_CVM_PREFIX):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
-                    a = _to_applied(self.cluster, rec, self.check_signatures)
+                    a = to_applied(self.cluster, rec, self.check_signatures)
                     if a is not None:
                         batch.append(a)
                 elif is_cert_subject(self.cluster, rec.subject):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
-                    a = _to_applied(self.cluster, rec, self.check_signatures, certs=True)
+                    a = to_applied(self.cluster, rec, self.check_signatures, certs=True)
                     if a is not None:
                         cert_batch.append(a)
             self.state = fold(batch, self.state)
@@ -141,7 +143,7 @@ class LedgerView:
         recs, version = await self.store.read_aggregate(self.subject, after=self.version.seq)
         if not recs:
             return
-        batch = [a for r in recs if (a := _to_applied(self.cluster, r, self.check_signatures))]
+        batch = [a for r in recs if (a := to_applied(self.cluster, r, self.check_signatures))]
         self.state = fold(batch, self.state)
         self.state.seq = version.seq
         self.version = version
