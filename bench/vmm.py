@@ -23,7 +23,8 @@ from typing import Any
 
 from bench._common import bench_signer, emit, median, parse_quick, temp_server
 from pydstack.actors import ActorRunner, RuntimeConfig, Scheduler, SchedulerConfig
-from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
+from pydstack.actors.supervisor import launch_supervisor
+from pydstack.actors.vmm import Vmm, VmmConfig, VmmLaunch, running_vmm
 from pydstack.adapters.nats import NEW, EventStore
 from pydstack.core.events import (
     VmBootProgress,
@@ -74,30 +75,56 @@ async def _run(backend: str, runs: int, image: str, vcpu: int, mem: int, timeout
         store = await EventStore.connect(server.url, bench_signer("vmm"))
         await store.ensure_stream()
         with tempfile.TemporaryDirectory(prefix="pydstack-bench-vmm-") as tmp:
+            # The bench owns its supervisor (CVMs outlive a VMM by design, not a bench run).
+            sock = Path(tmp) / "supervisor.sock"
+            supervisor = launch_supervisor(sock, Path(tmp) / "supervisor")
             cfg = VmmConfig(host_id="bench", state_dir=Path(tmp), poll_interval_s=POLL_S,
                             vcpu=8, memory_mb=16384)  # fmt: skip
             rt = RuntimeConfig(reconcile_interval_s=5.0, fetch_timeout_s=0.2)
-            launch = VmmLaunch(config=cfg, backend=backend, images=images, runtime=rt)
+            launch = VmmLaunch(config=cfg, backend=backend, images=images, runtime=rt,
+                               supervisor_socket=sock)  # fmt: skip
             sched = Scheduler(store, SchedulerConfig(name="scheduler"))
             rt = RuntimeConfig(fetch_timeout_s=0.2)
-            async with store, ActorRunner(store, sched, rt), running_vmm(store, launch) as (vmm, _):
-                for i in range(runs):
-                    vm_id = f"{backend}-{i}"
-                    req = VmRequested(
-                        vm_id=vm_id, app_id="b" * 40, name=vm_id, image=image, host="bench",
-                        resources=VmResources(vcpu=vcpu, memory_mb=mem), compose=COMPOSE.encode(),
-                    )  # fmt: skip
-                    await store.append(subject("vm", vm_id), [req], NEW)
-                    t = await _times(store, vm_id, timeout_s)
-                    events, _ = await vmm.backend.events(vm_id, 0)
-                    ready = [e for e in events if e.stage == "ready"]
-                    t["guest_ready_uptime"] = ready[-1].uptime_s if ready else float("nan")
-                    out.append(t)
-                    subj = subject("vm", vm_id)
-                    _, version = await store.read_aggregate(subj)
-                    await store.append(subj, [VmRemoveRequested(vm_id=vm_id)], version)
-                    await asyncio.sleep(1.0)  # let the VMM remove it before the next run
+            try:
+                async with (
+                    store,
+                    ActorRunner(store, sched, rt),
+                    running_vmm(store, launch) as (vmm, _),
+                ):
+                    try:
+                        for i in range(runs):
+                            out.append(await _one(store, vmm, f"{backend}-{i}", image, vcpu,
+                                                  mem, timeout_s))  # fmt: skip
+                    finally:  # whatever is left (a run that timed out): gone with its dirs
+                        for st in await vmm.backend.list():
+                            await vmm.backend.remove(st.vm_id)
+            finally:
+                supervisor.terminate()
+                await asyncio.to_thread(supervisor.wait, 30)
     return out
+
+
+async def _one(store: EventStore, vmm: Vmm, vm_id: str, image: str, vcpu: int, mem: int,
+               timeout_s: float) -> dict[str, float]:  # fmt: skip
+    """Request one VM, time it to ready from the log, remove it and wait until it is gone."""
+    req = VmRequested(
+        vm_id=vm_id, app_id="b" * 40, name=vm_id, image=image, host="bench",
+        resources=VmResources(vcpu=vcpu, memory_mb=mem), compose=COMPOSE.encode(),
+    )  # fmt: skip
+    subj = subject("vm", vm_id)
+    await store.append(subj, [req], NEW)
+    t = await _times(store, vm_id, timeout_s)
+    events, _ = await vmm.backend.events(vm_id, 0)
+    ready = [e for e in events if e.stage == "ready"]
+    t["guest_ready_uptime"] = ready[-1].uptime_s if ready else float("nan")
+    _, version = await store.read_aggregate(subj)
+    await store.append(subj, [VmRemoveRequested(vm_id=vm_id)], version)
+    deadline = time.monotonic() + 60
+    while any(st.vm_id == vm_id for st in await vmm.backend.list()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{vm_id} was not removed within 60 s")
+        await asyncio.sleep(0.1)
+    return t
 
 
 POLL_S = 0.05  # the VMM's poll interval here: the longest it takes to notice "ready"

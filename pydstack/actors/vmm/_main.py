@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import sys
@@ -50,7 +51,10 @@ async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
         images = launch.images or sd / "images"
         if not (images / "sandbox-busybox" / "metadata.json").exists():
             await asyncio.to_thread(build_busybox_image, images)
-        run_root = Path("/run/pydstack-sandbox") / str(abs(hash(str(sd.absolute()))) % 10**8)
+        # Stable across VMM restarts (hash() of a str is salted per process): the backend
+        # finds the socket dirs of CVMs it created before.
+        digest = hashlib.sha1(str(sd.absolute()).encode()).hexdigest()[:8]
+        run_root = Path("/run/pydstack-sandbox") / digest
         return SandboxBackend(
             SandboxConfig(
                 vms_dir=sd / "vms", images=images, run_root=run_root, dev_pki=launch.dev_pki

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import shutil
@@ -176,6 +177,8 @@ class SandboxBackend:
             _netns.delete(ns)
             shutil.rmtree(wd, ignore_errors=True)
             shutil.rmtree(rd, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last CVM gone: no empty dir left in /run
+                rd.parent.rmdir()
 
         await asyncio.to_thread(clean)
 
