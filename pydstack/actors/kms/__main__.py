@@ -45,6 +45,12 @@ from pydstack.logs import configure
 )
 @click.option("--pccs-url", default="https://api.trustedservices.intel.com/tdx/certification/v4")
 @click.option("--instance-id", default="")
+@click.option(
+    "--onboard-from",
+    default="",
+    metavar="URL",
+    help="a running replica: get the cluster's root keys from it (both sides attest) first",
+)
 @click.option("--signer-seed-hex", envvar="PYDSTACK_KMS_SIGNER", default=None)
 def main(**o: object) -> None:
     configure(level="info")
@@ -55,6 +61,7 @@ async def run(
     nats_url: str, cluster: str, host: str, port: int, key_file: str, seal_appkeys: str | None,
     guest_agent: str | None, auth: str, auth_url: str, allow_dev_auth: bool,
     dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_hex: str | None,
+    onboard_from: str = "",
 ) -> None:  # fmt: skip
     import os
 
@@ -68,7 +75,7 @@ async def run(
     opts = KmsLaunch(
         key_file=key_file, cluster=cluster, host=host, port=port, seal_appkeys=seal_appkeys,
         guest_agent=guest_agent, auth=auth, auth_url=auth_url, allow_dev_auth=allow_dev_auth,
-        dev_pki=dev_pki, pccs_url=pccs_url, instance_id=instance_id,
+        dev_pki=dev_pki, pccs_url=pccs_url, instance_id=instance_id, onboard_from=onboard_from,
     )  # fmt: skip
     store = await EventStore.connect(nats_url, signer)
     await store.ensure_stream()

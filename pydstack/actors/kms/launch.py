@@ -52,6 +52,7 @@ class KmsLaunch:
     dev_pki: str | None = None
     pccs_url: str = INTEL_PCCS
     instance_id: str = ""
+    onboard_from: str = ""  # a running replica's URL: get the cluster's root keys from it first
 
 
 @asynccontextmanager
@@ -65,12 +66,23 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
     else:
         raise LaunchError("give a guest agent socket or an appkeys.json (the seal key source)")
     root_der, attester, collateral = await _trust(opts)
+    backend = make_backend(opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth)
+    keyfile = RootKeyFile(opts.key_file, opts.cluster, seal)
+    if opts.onboard_from and not keyfile.exists():
+        if attester is None:
+            raise LaunchError("onboarding needs an attestation source (--guest-agent or --dev-pki)")
+        from .onboard import onboard_replica
+
+        await onboard_replica(
+            store, opts.cluster, source_url=opts.onboard_from, attester=attester,
+            backend=backend, collateral=collateral, keyfile=keyfile, root_ca_der=root_der,
+        )  # fmt: skip
     svc = await KmsService.open(
         store,
         KmsSettings(cluster=opts.cluster, root_ca_der=root_der, instance_id=opts.instance_id),
-        backend=make_backend(opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth),
+        backend=backend,
         collateral=collateral,
-        keyfile=RootKeyFile(opts.key_file, opts.cluster, seal),
+        keyfile=keyfile,
         attester=attester,
     )
     async with svc, serve_kms(svc, opts.host, opts.port) as url:
@@ -84,6 +96,7 @@ async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, _Colla
     from pydstack.adapters.tdx.pki import DevPki
     from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
     from pydstack_guest import GuestAgent, GuestConfig
+    from pydstack_guest.agent import measure_identity
 
     pki = DevPki.load(opts.dev_pki)
     backend = SimulatorBackend(
@@ -92,6 +105,13 @@ async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, _Colla
     attester = None
     if opts.seal_appkeys:
         keys = await LocalKeyProvider(opts.seal_appkeys).app_keys()
+        # The simulated KMS TD measures an identity as a dstack KMS CVM's boot does, so a peer
+        # KMS (replica onboarding) sees an app id and instance id in its quote's event log.
+        name = f"pydstack-kms:{opts.cluster}"
+        await measure_identity(
+            backend, app_id=hashlib.sha256(name.encode()).digest()[:20], app_compose=name,
+            instance_id=hashlib.sha256(f"{name}:{opts.key_file}".encode()).digest()[:20],
+        )  # fmt: skip
         attester = GuestAgent(backend, keys, GuestConfig())
     return pki.root_der, attester, _Collateral("", pki)
 

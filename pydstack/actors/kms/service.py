@@ -178,7 +178,8 @@ class KmsService:
                 raise NotOnboarded(
                     f"cluster {settings.cluster!r} already has root keys (created by "
                     f"{state.root.instance_id or 'another instance'}); onboard this instance "
-                    "from a running replica (pydstack kms onboard --source URL)"
+                    "from a running replica (`pydstack up --kms-onboard URL`, or "
+                    "`python -m pydstack.actors.kms --onboard-from URL`)"
                 )
             root, created = await keyfile.load(), state.root
         return cls(

@@ -1,0 +1,61 @@
+"""`running_kms(..., KmsLaunch(onboard_from=URL))`: a second instance started with the options
+`pydstack up --kms-onboard` passes gets the root keys from the first and answers the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pydstack.actors.kms import KmsClient
+from pydstack.actors.kms.launch import KmsLaunch, running_kms
+from pydstack.actors.kms.service import NotOnboarded
+from pydstack.adapters.nats import EventStore
+from pydstack.adapters.tdx.pki import DevPki
+from pydstack.core.events import KmsReplicaOnboarded, decode_body, open_envelope, subject
+from pydstack_guest import create_dev_app_keys
+
+from .conftest import VM_CONFIG, bound_identity, make_cvm
+
+
+def launch(tmp: Path, pki_dir: Path, name: str, onboard_from: str = "") -> KmsLaunch:
+    appkeys = tmp / f"{name}-appkeys.json"
+    if not appkeys.exists():
+        appkeys.write_text(create_dev_app_keys(name.encode().ljust(20, b"\0"), now=0)[1])
+    return KmsLaunch(
+        key_file=str(tmp / f"{name}.sealed"), cluster="main", seal_appkeys=str(appkeys),
+        auth="dev", allow_dev_auth=True, dev_pki=str(pki_dir), instance_id=name,
+        onboard_from=onboard_from,
+    )  # fmt: skip
+
+
+async def get_app_key(url: str, pki: DevPki) -> dict[str, object]:
+    async with KmsClient(url) as c:
+        temp = await c.call("GetTempCaCert")
+    identity = await bound_identity(make_cvm(pki), temp)
+    async with KmsClient(url, ca_pem=temp["ca_cert"], identity=identity) as c:
+        out: dict[str, object] = await c.call("GetAppKey", {"vm_config": VM_CONFIG})
+    return out
+
+
+async def test_second_instance_onboards_from_the_first(
+    store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    pki_dir = tmp_path / "pki"
+    pki.save(pki_dir)
+    async with running_kms(store, launch(tmp_path, pki_dir, "kms-a")) as url_a:
+        with pytest.raises(NotOnboarded, match="--kms-onboard URL"):
+            async with running_kms(store, launch(tmp_path, pki_dir, "kms-b")):
+                pass
+        async with running_kms(store, launch(tmp_path, pki_dir, "kms-b", url_a)) as url_b:
+            assert await get_app_key(url_a, pki) == await get_app_key(url_b, pki)
+    recs, _ = await store.read_aggregate(subject("kms", "main"))
+    types = [type(decode_body(open_envelope(r.data))).__name__ for r in recs]
+    assert types.count(KmsReplicaOnboarded.__name__) == 1
+    # Restarted with the option again, it is already onboarded: no second onboarding.
+    async with running_kms(store, launch(tmp_path, pki_dir, "kms-a")) as url_a:
+        async with running_kms(store, launch(tmp_path, pki_dir, "kms-b", url_a)) as url_b:
+            assert await get_app_key(url_a, pki) == await get_app_key(url_b, pki)
+    recs, _ = await store.read_aggregate(subject("kms", "main"))
+    types = [type(decode_body(open_envelope(r.data))).__name__ for r in recs]
+    assert types.count(KmsReplicaOnboarded.__name__) == 1
