@@ -1,10 +1,15 @@
 """GetAppKey end to end over loopback mutual RA-TLS vs dcap-qvl verify alone (same quote).
 
 A KMS process (`python -m pydstack.actors.kms`, dev PKI, dev auth backend) serves on loopback
-with a real nats-server; each request opens a new TLS connection with its own RA-TLS client
-certificate (as each booting CVM does), and the KMS verifies the quote and event log, asks the
-backend, appends KeyRequested+KeyIssued and derives the keys. Measured: one client at a time
-(latency: p50/p99) and 50 concurrent clients (throughput and latency under load).
+with a real nats-server. Each request is one CVM: its own RA-TLS client certificate, a new
+TCP + TLS connection (full mutual handshake, no resumption), the POST, and the answer. The
+KMS verifies the quote and event log (dcap-qvl), asks the backend, appends KeyRequested and
+then KeyIssued, derives the keys and answers. Timed: from opening the connection to the
+parsed answer. Not timed: the CVM's own preparation, done once per boot before it calls the
+KMS (key, quote, certificate, and the client TLS context holding them); the context build is
+reported apart (`client_setup_p50_ms`: OpenSSL 3.0 spends ~2-4 ms creating a context).
+Measured: one client at a time (latency: p50/p99) and 50 concurrent clients (throughput and
+latency under load).
 Last line: {"p50_ms", "p99_ms", "ratio" (p50 / dcap-qvl verify p50), "errors", ...}.
 
     python -m bench.kms [--quick]
@@ -31,11 +36,18 @@ from pydstack_guest import create_dev_app_keys
 from tests.kms.conftest import VM_CONFIG, bound_identity, make_cvm
 
 
-async def one(url: str, ca: str, identity: tuple[str, str]) -> float:
+async def one(url: str, ca: str, identity: tuple[str, str], setup: list[float]) -> float:
+    """One CVM's GetAppKey: ms from connecting to the answer (its TLS context is built first,
+    untimed, and its build time appended to `setup`)."""
     t = time.perf_counter()
-    async with KmsClient(url, ca_pem=ca, identity=identity) as c:
-        await c.call("GetAppKey", {"api_version": 1, "vm_config": VM_CONFIG})
-    return (time.perf_counter() - t) * 1000
+    async with KmsClient(url, ca_pem=ca, identity=identity) as c:  # builds the TLS context
+        setup.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()  # the client connects on its first call (one per request)
+        keys = await c.call("GetAppKey", {"api_version": 1, "vm_config": VM_CONFIG})
+        ms = (time.perf_counter() - t) * 1000
+    if len(keys.get("disk_crypt_key", "")) != 64:
+        raise RuntimeError(f"GetAppKey answered without a disk key: {sorted(keys)}")
+    return ms
 
 
 async def main(quick: bool) -> None:
@@ -65,9 +77,10 @@ async def main(quick: bool) -> None:
                     ids.append(await bound_identity(cvm, temp))
                 errors = 0
                 seq: list[float] = []
+                setup: list[float] = []
                 for ident in ids[:n_seq]:
                     try:
-                        seq.append(await one(url, ca, ident))
+                        seq.append(await one(url, ca, ident, setup))
                     except Exception:
                         errors += 1
                 sem = asyncio.Semaphore(conc)
@@ -77,7 +90,7 @@ async def main(quick: bool) -> None:
                     nonlocal errors
                     async with sem:
                         try:
-                            lat.append(await one(url, ca, ident))
+                            lat.append(await one(url, ca, ident, setup))
                         except Exception:
                             errors += 1
 
@@ -104,11 +117,12 @@ async def main(quick: bool) -> None:
     print(f"{conc} clients  n={len(lat)}  p50 {percentile(lat, 50):.2f} ms  "
           f"p99 {percentile(lat, 99):.2f} ms  {len(lat) / wall:.0f} req/s")  # fmt: skip
     print(f"dcap-qvl verify alone p50 {v50:.3f} ms")
+    print(f"client TLS context build (untimed) p50 {percentile(setup, 50):.2f} ms")
     print(json.dumps({
         "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "ratio": round(p50 / v50, 2),
         "errors": errors, "c50_p50_ms": round(percentile(lat, 50), 3),
         "c50_p99_ms": round(percentile(lat, 99), 3), "c50_rps": round(len(lat) / wall, 1),
-        "verify_p50_ms": round(v50, 3),
+        "verify_p50_ms": round(v50, 3), "client_setup_p50_ms": round(percentile(setup, 50), 3),
     }))  # fmt: skip
 
 
