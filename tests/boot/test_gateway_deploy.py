@@ -1,0 +1,200 @@
+"""`pydstack deploy examples/hello` against `pydstack up --vmm sandbox`: the app is served over
+HTTPS through up's gateway, from a sandbox CVM that got its keys from up's KMS, registered at
+the gateway over RA-TLS and brought WireGuard up inside its namespace; an env var outside
+`allowed_envs` is dropped by the guest."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from pydstack.adapters.sandbox import _netns
+from pydstack.core.events import VmRequested, VmResources
+from tests.cli.harness import Up, cli, wait_for
+from tests.deploy.support import append_as
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello" / "docker-compose.yaml"
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """wireguard-go's UAPI sockets live under the data dir: it must fit in sun_path."""
+    path = Path(tempfile.mkdtemp(prefix="pdg-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _host_port() -> int:
+    """A free port in the VMM's default host range (20000-29999)."""
+    while True:
+        p = random.randint(20000, 29999)
+        with socket.socket() as s:
+            with contextlib.suppress(OSError):
+                s.bind(("127.0.0.1", p))
+                return p
+
+
+def _get(proxy: str, url: str, ca_file: str) -> tuple[int, str]:
+    """GET `url` at up's proxy address (the dev domain does not resolve), SNI = its host."""
+    host = re.sub(r"^https://([^/:]+).*", r"\1", url)
+    ctx = ssl.create_default_context(cafile=ca_file)
+    addr, _, port = proxy.rpartition(":")
+    with socket.create_connection((addr, int(port)), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def _events(home: Path, subject: str) -> list[dict[str, Any]]:
+    r = cli(home, "events", "--subject", subject, "--json")
+    assert r.code == 0, r.err
+    return r.lines()
+
+
+def _line(out: str, label: str) -> str:
+    found = re.search(rf"^{label}\s+(\S+)", out, re.M)
+    assert found, f"no {label!r} line in:\n{out}"
+    return found.group(1)
+
+
+def _ours(root: Path) -> list[int]:
+    """Processes this test started that name its temp dir (supervisor, dockerds)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(root).encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+    return out
+
+
+def _cleanup(root: Path, sandboxes: dict[str, dict[str, str]]) -> None:
+    """Whatever is left: processes in the CVMs' namespaces (dockerd, wireguard-go, the app),
+    the supervisor, mounts the engines left, the namespaces."""
+    sandboxes = {k: v for k, v in sandboxes.items() if v["netns"]}
+    for sb in sandboxes.values():
+        _netns.kill_all(sb["netns"])
+    for pid in _ours(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    for sb in sandboxes.values():
+        _netns.unmount_under(root, Path(sb["run_dir"]))
+        _netns.delete(sb["netns"])
+        shutil.rmtree(sb["run_dir"], ignore_errors=True)
+    _netns.unmount_under(root)
+
+
+@pytest.mark.timeout(400)
+def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Path) -> None:
+    """deploy prints the app URL and says reachable; the page carries the app id the guest
+    measured and the env var deploy sealed; a second instance whose sealed env holds a name
+    outside allowed_envs boots with that name dropped."""
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
+        pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
+    home = short_tmp / "home"
+    plane = Up(home, extra=("--vmm", "sandbox", "--gateway", "--dashboard-port", "-1")).start()
+    sandboxes: dict[str, dict[str, str]] = {}
+    vms = ["hello1", "hello2"]
+    try:
+        state = msgspec.json.decode((home / "state.json").read_bytes())
+        proxy, ca, domain = state["gateway_proxy"], state["gateway_ca"], state["gateway_domain"]
+        greeting = f"hi-{random.randrange(10**9)}"
+        (short_tmp / "hello.env").write_text(f"GREETING={greeting}\n")
+        r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
+                "--port", f"{_host_port()}:8080", "--vm-id", "hello1",
+                "--image", "sandbox-busybox", "--timeout", "150", timeout=200)  # fmt: skip
+        sandboxes["hello1"] = _sandbox(home, "hello1")
+        assert r.code == 0, r.out + r.err
+        app_id, compose_hash = _line(r.out, "app id"), _line(r.out, "compose hash")
+        url = _line(r.out, "url")
+        assert re.fullmatch(rf"https://{app_id}-8080\.{re.escape(domain)}(:\d+)?", url), url
+        assert f"reachable    {url} (HTTP 200 through the gateway)" in r.out
+
+        status, body = _get(proxy, url, ca)
+        regs = [e["body"] for e in _events(home, "dstack.*.*") if e["type"] == "CvmRegistered"
+                and e["body"]["app_id"] == app_id]  # fmt: skip
+        assert status == 200
+        assert body.splitlines() == ["hello from pydstack", f"app {app_id}",
+                                     f"instance {regs[0]['instance_id']}",
+                                     f"GREETING={greeting}"]  # fmt: skip
+
+        # A second instance of the app, its env sealed by hand with a name the app-compose
+        # does not allow (deploy refuses to seal one): the guest must drop it.
+        (short_tmp / "bad.env").write_text("GREETING=second\nSNEAKY=must-not-arrive\n")
+        enc = cli(home, "env", "encrypt", "--app-id", app_id, "--kms", state["kms_url"],
+                  str(short_tmp / "bad.env"))  # fmt: skip
+        assert enc.code == 0, enc.err
+        append_as(plane, "operator", "dstack.vm.hello2", VmRequested(
+            vm_id="hello2", app_id=app_id, name="hello", image="sandbox-busybox",
+            compose_hash=compose_hash, encrypted_env=bytes.fromhex(enc.out.strip()),
+            resources=VmResources(vcpu=1, memory_mb=256, disk_gb=1)))  # fmt: skip
+
+        def second() -> dict[str, Any] | None:
+            regs = [e["body"] for e in _events(home, "dstack.*.*")
+                    if e["type"] == "CvmRegistered" and e["body"]["app_id"] == app_id]  # fmt: skip
+            return regs[1] if len(regs) > 1 else None
+
+        inst2 = wait_for(second, timeout=90, what="the second instance to register")
+        sandboxes["hello2"] = _sandbox(home, "hello2")
+        url2 = f"https://{inst2['instance_id']}-8080.{domain}"
+
+        def page2() -> str:
+            with contextlib.suppress(OSError):
+                code, text = _get(proxy, url2, ca)
+                return text if code == 200 else ""
+            return ""
+
+        body2 = wait_for(page2, timeout=60, what="the second instance to answer")
+        assert body2.splitlines()[1:] == [f"app {app_id}", f"instance {inst2['instance_id']}",
+                                          "GREETING=second"]  # fmt: skip
+        env_stage = [e["body"]["detail"] for e in _events(home, "dstack.vm.hello2")
+                     if e["type"] == "VmBootProgress" and e["body"]["stage"] == "env"]  # fmt: skip
+        assert env_stage == ["exported ['GREETING']; not in allowed_envs, dropped ['SNEAKY']"]
+        stages = [e["body"]["stage"] for e in _events(home, "dstack.vm.hello1")
+                  if e["type"] == "VmBootProgress"]  # fmt: skip
+        # dstack's order: keys, env, then the gateway, then docker and the app.
+        assert stages.index("keys") < stages.index("env") < stages.index("gateway")
+        assert stages.index("gateway") < stages.index("docker") < stages.index("app")
+    finally:
+        # CVMs outlive the VMM by design: remove them while the VMM runs.
+        for vm in vms:
+            cli(home, "vm", "rm", vm)
+        with contextlib.suppress(AssertionError):
+            for vm in vms:
+                wait_for(lambda v=vm: any(e["type"] == "VmRemoved"  # type: ignore[misc]
+                                          for e in _events(home, f"dstack.vm.{v}")),
+                         timeout=40, what=f"{vm} removed")  # fmt: skip
+        stopped = plane.stop()
+        left = [p for sb in sandboxes.values() if sb["netns"] for p in _netns.pids(sb["netns"])]
+        _cleanup(short_tmp, sandboxes)
+        assert stopped == 0, plane.text()
+        assert left == [], f"processes left in the CVMs' namespaces: {left}"
+        tag = hashlib.sha256(str(home).encode()).hexdigest()[:8]
+        gw = subprocess.run(["pgrep", "-f", f"wireguard-go -f dgw{tag}"], capture_output=True)
+        assert gw.stdout == b"", "up's gateway left its wireguard-go"
+
+
+def _sandbox(home: Path, vm_id: str) -> dict[str, str]:
+    path = home / "vmm" / "vms" / vm_id / "sandbox.json"
+    if not path.exists():
+        return {"netns": "", "run_dir": ""}
+    doc = msgspec.json.decode(path.read_bytes())
+    return {"netns": doc["netns"], "run_dir": doc["run_dir"]}
