@@ -3,7 +3,9 @@
 The CVM's namespace has only a loopback, so ``https://127.0.0.1:P`` of the host's KMS or
 gateway registration is served inside by a TCP listener on the same address that relays each
 connection over a Unix socket (file paths cross namespaces) to a thread left in the host's
-namespace, which connects to the real port. TLS runs end to end through it.
+namespace, which connects to the real port. TLS runs end to end through it. A service on
+another machine (``https://10.0.0.2:9100``, multi-host) gets the same treatment: its address
+is added to the namespace's loopback device, so the URL and its certificate stay unchanged.
 
 A gateway's WireGuard endpoint (UDP) gets a relay of its own: a host-side UDP socket (made by
 that thread, so it belongs to the host's namespace) paired with a loopback socket inside; the
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +32,31 @@ from urllib.parse import urlsplit
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def loopback_targets(urls: list[str]) -> list[tuple[str, int]]:
+def relay_targets(urls: list[str]) -> list[tuple[str, int]]:
+    """(address, port) of each URL the relay can serve inside: loopback names and IP literals
+    (a DNS name would need a resolver inside the namespace; those URLs are left out)."""
     out = []
     for u in urls:
         p = urlsplit(u)
-        if p.hostname in LOOPBACK:
-            out.append((p.hostname or "127.0.0.1", p.port or (443 if p.scheme == "https" else 80)))
+        host = p.hostname or ""
+        if host not in LOOPBACK:
+            try:
+                host = str(ipaddress.ip_address(host))
+            except ValueError:
+                continue
+        out.append((host, p.port or (443 if p.scheme == "https" else 80)))
     return sorted(set(out))
+
+
+def _local_address(host: str) -> None:
+    """Make ``host`` an address of this namespace (on ``lo``) so a listener can bind it."""
+    if host in LOOPBACK or ipaddress.ip_address(host).is_loopback:
+        return
+    prefix = 128 if ":" in host else 32
+    r = subprocess.run(["ip", "addr", "add", f"{host}/{prefix}", "dev", "lo"],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode and "File exists" not in r.stderr:
+        raise OSError(f"cannot add {host} inside the CVM's namespace: {r.stderr.strip()}")
 
 
 async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -78,14 +100,14 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 class HostRelay:
     def __init__(self, targets: list[tuple[str, int]], prefix: str) -> None:
         self.targets = targets
-        self.paths = {t: Path(f"{prefix}.out{t[1]}.sock") for t in targets}
+        self.paths = {t: Path(f"{prefix}.out{i}.sock") for i, t in enumerate(targets)}
         self._host_loop: asyncio.AbstractEventLoop | None = None
         self._udp: list[asyncio.BaseTransport] = []
 
     @classmethod
     def start(cls, urls: list[str], prefix: str) -> HostRelay:
         """Start the host-side thread and its Unix sockets (call in the host namespace)."""
-        relay = cls(loopback_targets(urls), prefix)
+        relay = cls(relay_targets(urls), prefix)
         ready = threading.Event()
         threading.Thread(target=asyncio.run, args=(relay._host(ready),), daemon=True).start()
         if not ready.wait(10):
@@ -159,5 +181,6 @@ class HostRelay:
             ) -> asyncio.Future[None]:
                 return asyncio.ensure_future(_relay(r, w, lambda: asyncio.open_unix_connection(u)))
 
+            _local_address(host)  # in the calling thread: the one that entered the namespace
             out.append(await asyncio.start_server(handler, host, port))
         return out
