@@ -171,6 +171,7 @@ class UpOptions:
     # otherwise "webhook" (kms_auth_url) or "dev".
     kms_auth: str = ""
     kms_auth_url: str = ""
+    kms_onboard: str = ""  # a running KMS to get the cluster's root keys from (a new replica)
     dashboard_port: int = 8080  # taken: any free port; 0: any free port; -1: no dashboard
     dashboard_kms: str = ""  # KMS URL for the deploy form's env keys [default: up's own KMS]
     # Gateway node (see _start_gateway); None: run one with the KMS where wireguard-go can run
@@ -489,9 +490,13 @@ class ControlPlane:
                 "KMS authorization is 'dev': EVERY attested app gets keys. Development only; "
                 "use --kms-auth webhook --kms-auth-url URL for anything else"
             )
+        # On the listen address, so CVMs and KMS replicas on other hosts reach it.
+        host = self.opts.host if self.opts.host not in ("", None, "0.0.0.0", "::") else "127.0.0.1"
         return KmsLaunch(
             key_file=str(kms_dir / "root.sealed"),
-            port=self.opts.kms_port or (9100 if not port_in_use("127.0.0.1", 9100) else 0),
+            host=host,
+            port=self.opts.kms_port or (9100 if not port_in_use(host, 9100) else 0),
+            onboard_from=self.opts.kms_onboard,
             seal_appkeys=str(_dev_appkeys(kms_dir)) if dev else None,
             guest_agent=None if dev else "/var/run/dstack.sock",
             auth=auth,

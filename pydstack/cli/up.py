@@ -111,6 +111,18 @@ from ._common import Settings, connection_options
 @click.option("--gateway-domain", default="gw.localhost", show_default=True, metavar="DOMAIN")
 @click.option("--gateway-port", type=click.IntRange(0, 65535), default=0, help="[default: 8443]")
 @click.option("--gateway-listen", default="", metavar="ADDR", help="[default: as --listen]")
+@click.option(
+    "--join",
+    default="",
+    metavar="URL",
+    help="join this NATS server or cluster as a further host (same as --nats URL)",
+)
+@click.option(
+    "--kms-onboard",
+    default="",
+    metavar="URL",
+    help="a running KMS of the cluster to get the root keys from (a replica's first start)",
+)
 @click.pass_context
 def up_cmd(
     ctx: click.Context,
@@ -137,21 +149,25 @@ def up_cmd(
     gateway_domain: str,
     gateway_port: int,
     gateway_listen: str,
+    join: str,
+    kms_onboard: str,
 ) -> None:
     """Start the control plane: nats-server + JetStream, the stream, the actors.
 
     With no NATS URL configured it runs its own nats-server in the data dir (a second `up`
     reuses it). With --nats URL (or PYDSTACK_NATS, or nats_url in DATA_DIR/config.json) it
-    joins that server or cluster instead, using the identities of the data dir.
+    joins that server or cluster instead, using the identities of the data dir (on a
+    further host: `--join URL`, with `--kms --kms-onboard URL` for a KMS replica).
     Stop with Ctrl-C: actors first, then nats-server.
     """
     s = ctx.ensure_object(Settings)
     configure(level=log_level, json=log_json)
     opts = UpOptions(
-        port=port, host=host, nats_url=s.nats, stream=s.stream, allow_delete=allow_delete,
+        port=port, host=host, nats_url=join or s.nats, stream=s.stream, allow_delete=allow_delete,
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
+        kms_onboard=kms_onboard,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
         gateway=gateway, gateway_domain=gateway_domain, gateway_port=gateway_port,
