@@ -178,6 +178,7 @@ class UpOptions:
     gateway: bool | None = None
     gateway_domain: str = "gw.localhost"
     gateway_port: int = 0  # the proxy's port; 0: 8443 when free, else any free port
+    gateway_node_id: str = "gw1"  # one per host in a multi-host gateway cluster
     gateway_listen: str = ""  # where CVMs and clients reach it; "": NATS's listen address
     vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
     vmm_api_port: int = 0
@@ -474,6 +475,7 @@ class ControlPlane:
         dev = not Path("/sys/kernel/config/tsm/report").exists()
         return UpGateway(
             domain=o.gateway_domain, listen=o.gateway_listen or cfg.host, proxy_port=o.gateway_port,
+            node_id=o.gateway_node_id,
             dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
         )  # fmt: skip
 

@@ -112,6 +112,12 @@ from ._common import Settings, connection_options
 @click.option("--gateway-port", type=click.IntRange(0, 65535), default=0, help="[default: 8443]")
 @click.option("--gateway-listen", default="", metavar="ADDR", help="[default: as --listen]")
 @click.option(
+    "--gateway-node-id",
+    default="gw1",
+    show_default=True,
+    help="this gateway node's id in the gateway cluster (one per host)",
+)
+@click.option(
     "--join",
     default="",
     metavar="URL",
@@ -149,6 +155,7 @@ def up_cmd(
     gateway_domain: str,
     gateway_port: int,
     gateway_listen: str,
+    gateway_node_id: str,
     join: str,
     kms_onboard: str,
 ) -> None:
@@ -167,7 +174,7 @@ def up_cmd(
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
-        kms_onboard=kms_onboard,
+        kms_onboard=kms_onboard, gateway_node_id=gateway_node_id,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
         gateway=gateway, gateway_domain=gateway_domain, gateway_port=gateway_port,
