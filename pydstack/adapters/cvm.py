@@ -69,7 +69,8 @@ class GuestEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CvmBackend(Protocol):
-    """Lifecycle of CVMs on one host. Implementations: ``adapters.qemu.QemuBackend``."""
+    """Lifecycle of CVMs on one host. Implementations: ``adapters.qemu.QemuBackend`` and
+    ``adapters.sandbox.SandboxBackend`` (both on ``adapters.cvm_supervised.SupervisedCvms``)."""
 
     kind: str
 
