@@ -120,7 +120,7 @@ def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Pa
         (short_tmp / "hello.env").write_text(f"GREETING={greeting}\n")
         r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
                 "--port", f"{_host_port()}:8080", "--vm-id", "hello1",
-                "--image", "sandbox-busybox", "--timeout", "150", timeout=200)  # fmt: skip
+                "--timeout", "150", timeout=200)  # fmt: skip
         sandboxes["hello1"] = _sandbox(home, "hello1")
         assert r.code == 0, r.out + r.err
         app_id, compose_hash = _line(r.out, "app id"), _line(r.out, "compose hash")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+import msgspec
 import structlog
 
 from pydstack.adapters.cvm import CvmBackend, CvmError, CvmNotFound, CvmSpec, CvmStatus
@@ -66,6 +67,7 @@ from pydstack.core.vmm import (
 )
 
 from ..runtime import Delivery
+from ._images import list_backend_images
 from ._view import LogView
 from ._workdir import ComposeMissing, build_spec
 
@@ -300,6 +302,10 @@ class Vmm:
 
     def _spec(self, rec: VmRecord) -> CvmSpec:
         c = self.config
+        if not rec.image:  # none asked for (`deploy` without --image): the host's only image
+            names = [i.name for i in list_backend_images(self.backend)]
+            if len(names) == 1:
+                rec = msgspec.structs.replace(rec, image=names[0])
         return build_spec(rec, self.view.composes, app_compose=self.view.app_compose,
                           kms_urls=c.kms_urls, gateway_urls=c.gateway_urls,
                           gateway_ca=c.gateway_ca)  # fmt: skip
