@@ -11,12 +11,15 @@ root its verifier trusts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import dcap_qvl
 
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json, fetch_collateral
@@ -117,16 +120,59 @@ async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, _Colla
 
 
 class _Collateral:
-    """Collateral for a quote: from the dev PKI (made once, valid 30 days) or a PCCS."""
+    """Collateral for a quote: from the dev PKI (made once, valid 30 days) or a PCCS.
 
-    def __init__(self, pccs_url: str, pki: DevPki | None) -> None:
+    PCCS answers are kept per platform (FMSPC + PCK CA) for `ttl` seconds: without that every
+    key request would wait on a PCS round trip. Only the collateral is reused, never a
+    verdict: each quote is still verified in full, at its own `now`, against it (an expired
+    CRL or TCB info then shows as a refusal reason). Failed fetches are not kept, and
+    concurrent requests for a platform share one fetch.
+    """
+
+    def __init__(
+        self,
+        pccs_url: str,
+        pki: DevPki | None,
+        *,
+        ttl: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.pccs_url = pccs_url
         self.pki = pki
+        self.ttl = ttl
+        self.clock = clock
+        self.fetches = 0
         self._dev: Collateral | None = None
+        self._pccs: dict[str, tuple[float, asyncio.Future[Collateral]]] = {}
 
     async def __call__(self, quote: bytes) -> Collateral:
-        if self.pki is None:
-            return await fetch_collateral(self.pccs_url, quote)
-        if self._dev is None:
-            self._dev = collateral_from_json(self.pki.collateral_json(int(time.time())))
-        return self._dev
+        if self.pki is not None:
+            if self._dev is None:
+                self._dev = collateral_from_json(self.pki.collateral_json(int(time.time())))
+            return self._dev
+        key = _platform(quote)
+        hit = self._pccs.get(key)
+        if hit is not None and self.clock() - hit[0] < self.ttl:
+            return await asyncio.shield(hit[1])
+        fut: asyncio.Future[Collateral] = asyncio.ensure_future(self._fetch(quote))
+        self._pccs[key] = (self.clock(), fut)
+        fut.add_done_callback(lambda f: self._forget_failed(key, f))
+        return await asyncio.shield(fut)
+
+    async def _fetch(self, quote: bytes) -> Collateral:
+        self.fetches += 1
+        return await fetch_collateral(self.pccs_url, quote)
+
+    def _forget_failed(self, key: str, fut: asyncio.Future[Collateral]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            if self._pccs.get(key, (0.0, None))[1] is fut:
+                del self._pccs[key]
+
+
+def _platform(quote: bytes) -> str:
+    """The collateral a quote needs depends on its platform (FMSPC) and PCK CA only."""
+    try:
+        q = dcap_qvl.parse_quote(quote)
+        return f"{q.fmspc()}-{q.ca()}"
+    except ValueError:
+        return "unparsed:" + hashlib.sha256(quote).hexdigest()  # fetch_collateral refuses it
