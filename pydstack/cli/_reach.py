@@ -12,6 +12,7 @@ fetched as it is, with the system's trust store::
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -47,9 +48,10 @@ async def https_get(
 async def wait_reachable(
     url: str, *, deadline: float, connect_to: tuple[str, int] | None = None,
     ca_pem: str | None = None,
-) -> tuple[bool, str]:  # fmt: skip
-    """(True, "HTTP 200") once a GET answers below 500, else (False, the last failure) at
-    the deadline. 5xx (the gateway has no route or peer yet) and network errors are retried."""
+) -> tuple[bool | None, str]:  # fmt: skip
+    """(True, "HTTP 200") once a GET answers below 500, (False, the last failure) at the
+    deadline; 5xx (the gateway has no route or peer yet) and network errors are retried.
+    (None, why) at once when the name does not resolve here: nothing can be checked."""
     last = "no attempt"
     while True:
         try:
@@ -58,6 +60,8 @@ async def wait_reachable(
             if status < 500:
                 return True, f"HTTP {status}"
             last = f"HTTP {status}"
+        except socket.gaierror as e:
+            return None, f"{urlsplit(url).hostname} does not resolve here ({e.strerror})"
         except TimeoutError:
             last = "no answer in time (is the tunnel up?)"
         except OSError as e:

@@ -253,25 +253,34 @@ def _where(conn: Conn, log: LogContext, w: Watch, vm_ports: list[int], out: _Out
 
 
 async def _reachable(conn: Conn, urls: list[str], t_end: float, out: _Out) -> int:
-    """GET each URL through the gateway (up's proxy and CA for up's domain) until it answers."""
+    """GET each URL through the gateway (up's proxy and CA for up's domain) until it answers;
+    a URL whose name does not resolve here is reported as not checked."""
     from ._reach import wait_reachable
 
     state = conn.data.state()
     domain, proxy = str(state.get("gateway_domain") or ""), str(state.get("gateway_proxy") or "")
     ca_file = Path(str(state.get("gateway_ca") or ""))
     ca = await asyncio.to_thread(lambda: ca_file.read_text() if ca_file.is_file() else None)
+    reachable: dict[str, str] = {}
+    unchecked: dict[str, str] = {}
     for url in urls:
         host = urlsplit(url).hostname or ""
         local = bool(domain) and host.endswith(f".{domain}") and ":" in proxy
         addr = proxy.rpartition(":")
         ok, detail = await wait_reachable(
             url, deadline=max(t_end, time.monotonic() + 5),
-            connect_to=(addr[0], int(addr[2])) if local else None,
-            ca_pem=ca if local else None,
+            connect_to=(addr[0], int(addr[2])) if local else None, ca_pem=ca if local else None,
         )  # fmt: skip
-        if not ok:
+        if ok is False:
             raise click.ClickException(f"the app is up but {url} did not answer through the "
                                        f"gateway: {detail}")  # fmt: skip
-        out.info(f"reachable    {url} ({detail} through the gateway)", reachable=url,
-                 status=detail)  # fmt: skip
+        (reachable if ok else unchecked)[url] = detail
+    if out.as_json:
+        if urls:
+            echo_json({"urls": urls, "reachable": reachable, "unchecked": unchecked})
+        return 0
+    for url, detail in reachable.items():
+        click.echo(f"reachable    {url} ({detail} through the gateway)")
+    for url, detail in unchecked.items():
+        click.echo(f"not checked  {url}: {detail}")
     return 0
