@@ -6,7 +6,9 @@ the guest agent (pydstack_guest on the simulated TDX backend, serving the dstack
 every app container gets at /var/run/dstack.sock), imports the image's rootfs and runs the
 compose services with ``--network host``. Connections to a host port are forwarded to the
 service's port inside. Progress goes to ``events.log`` as the QEMU guest reports it
-(``booted`` → ``docker`` → ``agent`` → ``app`` → ``ready``); SIGTERM is a graceful power-off.
+(``booted`` → the boot's steps (``keys``, ``env``, ``gateway``, …) → ``agent`` → ``docker`` →
+``app`` → ``ready``, or ``error`` and a halt); SIGTERM is a graceful power-off. The KMS and
+gateway it calls on the host are relayed into the namespace (``_outbound``).
 """
 
 from __future__ import annotations
