@@ -12,6 +12,7 @@ the runtime events replay to RTMR3, the quote's report_data binds the presented 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Awaitable, Callable
 
@@ -41,6 +42,13 @@ class Evidence(msgspec.Struct, frozen=True):
     attestation: bytes  # SCALE V0 (what KeyRequested records)
     quote: bytes
     app_info: AppInfo | None = None
+
+
+@functools.lru_cache(maxsize=256)
+def _ppid(pck_leaf_pem: str) -> bytes:
+    # One PCK certificate per platform, presented by every CVM on it: parse it once. Only
+    # asked after dcap-qvl verified the chain of this very quote (a failure is not cached).
+    return pck_ppid(pck_leaf_pem)
 
 
 def policy_json(policy: Policy) -> str:
@@ -75,7 +83,7 @@ def check_attestation(
     ppid = b""
     if verdict.ok and quote.pck_chain_pem:
         try:
-            ppid = pck_ppid(quote.pck_chain_pem[0])
+            ppid = _ppid(quote.pck_chain_pem[0])
         except RaTlsError as e:
             reasons.append(str(e))
     try:
