@@ -79,17 +79,19 @@ def test_loopback_and_remote_services_reached_at_their_urls(netns: str, tmp_path
         pytest.skip("no non-loopback IPv4 address on this machine")
     local_srv, local_port = _serve("127.0.0.1", b"local")
     remote_srv, remote_port = _serve(remote, b"remote")
-    urls = [f"http://127.0.0.1:{local_port}/", f"http://{remote}:{remote_port}/"]
+    other_srv, other_port = _serve(remote, b"other")  # a second service at the same address
+    urls = [f"http://127.0.0.1:{local_port}/", f"http://{remote}:{remote_port}/",
+            f"http://{remote}:{other_port}/"]  # fmt: skip
     try:
         r = subprocess.run(
             [sys.executable, "-c", CHILD, ",".join(urls), netns, str(tmp_path / "r")],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:
-        local_srv.close()
-        remote_srv.close()
+        for srv in (local_srv, remote_srv, other_srv):
+            srv.close()
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [f"{urls[0]} local", f"{urls[1]} remote"]
+    assert r.stdout.splitlines() == [f"{urls[0]} local", f"{urls[1]} remote", f"{urls[2]} other"]
     # Without the relay nothing is reachable there: the namespace has no route out.
     probe = subprocess.run(["ip", "netns", "exec", netns, "ip", "-4", "route"],
                            capture_output=True, text=True)  # fmt: skip

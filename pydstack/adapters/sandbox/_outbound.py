@@ -55,7 +55,7 @@ def _local_address(host: str) -> None:
     prefix = 128 if ":" in host else 32
     r = subprocess.run(["ip", "addr", "add", f"{host}/{prefix}", "dev", "lo"],
                        capture_output=True, text=True)  # fmt: skip
-    if r.returncode and "File exists" not in r.stderr:
+    if r.returncode and not ("File exists" in r.stderr or "already assigned" in r.stderr):
         raise OSError(f"cannot add {host} inside the CVM's namespace: {r.stderr.strip()}")
 
 
