@@ -155,6 +155,41 @@ def test_only_own_undecided_requests_are_closed() -> None:
     assert undecided([*entries, ("kms-b", KeyDenied(request_id="r2", reason="x"))], "kms-b") == []
 
 
+async def test_restart_closes_only_its_own_cut_off_requests(
+    kms: Kms, pki: DevPki, store: EventStore, nats_server: NatsServer
+) -> None:
+    """Two requests this instance logged in a previous life are closed together when it
+    starts again; a request another KMS logged (maybe in flight) is left to that KMS."""
+    from pydstack.adapters.nats.store import Version
+    from pydstack.core.events import Signer, message_hash
+
+    subj = f"dstack.kms.{CLUSTER}"
+
+    async def version() -> Version:
+        last = await store.last_by_subject(subj)
+        assert last is not None
+        return Version(last.seq, message_hash(last.data))
+
+    mine = [KeyRequested(request_id=r, app_id="ab" * 20, method="GetAppKey") for r in ("r1", "r2")]
+    await store.append(subj, mine, await version())
+    other = Signer.from_private_bytes("kms-other", os.urandom(32))
+    async with await EventStore.connect(nats_server.url, other) as s2:
+        await s2.append(subj, [KeyRequested(request_id="r3", app_id="cd" * 20)], await version())
+    # The same instance started again: same root, same store identity (actor).
+    again = KmsService(
+        store, KmsSettings(cluster=CLUSTER, root_ca_der=pki.root_der, instance_id="kms-a"),
+        backend=DevBackend(enabled=True), collateral=kms.collateral, root=kms.svc.root,
+        created=kms.svc.created,
+    )  # fmt: skip
+    async with again:
+        evs = await kms.events()
+    denied = [(e.request_id, e.reason) for e in evs if isinstance(e, KeyDenied)]
+    assert denied == [("r1", ABANDONED), ("r2", ABANDONED)]
+    assert fold(evs).open_requests == {"r3"} and not fold(evs).duplicates
+    async with again:  # started once more: nothing left of its own to close
+        assert await kms.events() == evs
+
+
 async def test_replica_onboards_and_answers_identically(
     kms: Kms, pki: DevPki, tmp_path: Path, store: EventStore
 ) -> None:

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pydstack.adapters.nats import EventStore
+from pydstack.adapters.nats.errors import ConflictError
 from pydstack.adapters.nats.store import new_event_id
 from pydstack.adapters.tdx.ratls import Attester, build_ratls_cert, report_data_for
 from pydstack.adapters.tdx.verify import Policy
@@ -253,15 +254,28 @@ class KmsService:
         """Decide (KeyDenied, ABANDONED) every request this instance logged but never decided.
 
         Only our own actor's: another replica's open request may be in flight. Its client got
-        no answer (answers wait for the decision), so refusing it is what happened."""
-        records, _ = await self.store.read_aggregate(self.subject)
-        entries = []
-        for r in records:
-            env = open_envelope(r.data)
-            entries.append((env.actor, decode_body(env)))
-        for req in undecided(entries, self.store.signer.actor):
-            await self.log.append([abandoned(req)])
-            log.warning("kms request abandoned by a restart", request_id=req.request_id)
+        no answer (answers wait for the decision), so refusing it is what happened. Appended
+        with OCC on the version the closures were computed from: if anything landed since
+        (say, the decision of a request whose publish was still on the wire when we died),
+        the closures are recomputed rather than appended blindly.
+        """
+        for _attempt in range(20):
+            records, version = await self.store.read_aggregate(self.subject)
+            entries = []
+            for r in records:
+                env = open_envelope(r.data)
+                entries.append((env.actor, decode_body(env)))
+            cut_off = undecided(entries, self.store.signer.actor)
+            if not cut_off:
+                return
+            try:
+                await self.store.append(self.subject, [abandoned(r) for r in cut_off], version)
+            except ConflictError:
+                continue
+            for req in cut_off:
+                log.warning("kms request abandoned by a restart", request_id=req.request_id)
+            return
+        raise KmsError("could not close the requests cut off by a restart: the log kept moving")
 
     # -- TLS identity -----------------------------------------------------------------------------
 
