@@ -18,9 +18,9 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import msgspec
 import structlog
@@ -35,6 +35,7 @@ from pydstack.adapters.tdx.ratls import Attester, build_ratls_cert, report_data_
 from pydstack.adapters.tdx.verify import Policy
 from pydstack.core.events import (
     Event,
+    KeyIssued,
     KmsReplicaOnboarded,
     KmsRootCreated,
     decode_body,
@@ -42,6 +43,7 @@ from pydstack.core.events import (
     subject,
 )
 from pydstack.core.kms import (
+    AppKeyMaterial,
     AuthBackend,
     AuthVerdict,
     KeyRequest,
@@ -65,6 +67,7 @@ from .keystore import RootKeyFile
 from .writer import DecisionLog
 
 log = structlog.get_logger("pydstack.kms")
+_T = TypeVar("_T")
 ROOT_TAG = b"pydstack-kms-root"
 YEAR = 365 * 86400
 
@@ -153,7 +156,7 @@ class KmsService:
             raise KmsError("root k256 key does not match the KmsRootCreated public key")
         self.temp_key = ec.derive_private_key(temp_ca_scalar(root), ec.SECP256R1())
         self.temp_cert_pem = created.temp_ca_cert_pem
-        self._deciding: set[asyncio.Task[tuple[str, Any]]] = set()
+        self._deciding: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -319,7 +322,11 @@ class KmsService:
     ) -> tuple[str, Any]:
         """Store the request, ask the backend (if the evidence holds), store the decision;
         Denied on refusal. Shielded: a client that goes away does not cut a decision short."""
-        task = asyncio.create_task(self._decide(method, ev, vm_config, now, kms=kms))
+        rid, outcome, _ = await self._shielded(self._decide(method, ev, vm_config, now, kms=kms))
+        return rid, outcome
+
+    async def _shielded(self, decision: Coroutine[Any, Any, _T]) -> _T:
+        task = asyncio.create_task(decision)
         self._deciding.add(task)
         task.add_done_callback(self._deciding.discard)
         return await asyncio.shield(task)
@@ -334,8 +341,15 @@ class KmsService:
             return backend_failure(self.backend.name, f"{type(e).__name__}: {e}")
 
     async def _decide(
-        self, method: str, ev: Evidence, vm_config: str, now: int, *, kms: bool
-    ) -> tuple[str, Any]:
+        self,
+        method: str,
+        ev: Evidence,
+        vm_config: str,
+        now: int,
+        *,
+        kms: bool,
+        prepare: Callable[[KeyIssued], _T] | None = None,
+    ) -> tuple[str, Any, _T | None]:
         rid = new_event_id()
         req = KeyRequest(
             request_id=rid,
@@ -368,7 +382,18 @@ class KmsService:
                     request_id=rid,
                 )
             )
-        await self.log.append(events)
+        stored = asyncio.ensure_future(self.log.append(events))
+        prepared = None
+        try:
+            if isinstance(outcome, KeyIssued) and prepare is not None:
+                # CPU work for the answer while the decision travels to the log: yield twice
+                # (our append, then nats-py's flusher) so it is on the socket first. What it
+                # makes leaves this KMS only once the decision is stored, below.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                prepared = prepare(outcome)
+        finally:
+            await stored
         log.info(
             "kms decision",
             method=method,
@@ -379,16 +404,22 @@ class KmsService:
         )
         if not issued:
             raise Denied(str(getattr(outcome, "reason", "")), rid)
-        return rid, outcome
+        return rid, outcome, prepared
+
+    def _app_keys(self, issued: KeyIssued) -> AppKeyMaterial:
+        boot = issued.boot_info
+        return app_key_material(
+            self.root, bytes.fromhex(boot.app_id), bytes.fromhex(boot.instance_id)
+        )
 
     async def get_app_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
         now = int(self.clock())
         ev = await self._evidence(der, vm_config, now)
-        _, issued = await self.decide("GetAppKey", ev, vm_config, now)
-        boot = issued.boot_info
-        keys = app_key_material(
-            self.root, bytes.fromhex(boot.app_id), bytes.fromhex(boot.instance_id)
+        _, issued, keys = await self._shielded(
+            self._decide("GetAppKey", ev, vm_config, now, kms=False, prepare=self._app_keys)
         )
+        assert keys is not None  # prepared for every KeyIssued; a refusal raised Denied
+        boot = issued.boot_info
         return {
             "ca_cert": self.created.ca_cert_pem,
             "disk_crypt_key": keys.disk_crypt_key.hex(),
