@@ -180,6 +180,9 @@ class UpOptions:
     gateway_port: int = 0  # the proxy's port; 0: 8443 when free, else any free port
     gateway_node_id: str = "gw1"  # one per host in a multi-host gateway cluster
     gateway_listen: str = ""  # where CVMs and clients reach it; "": NATS's listen address
+    gateway_acme_directory: str = ""  # "": dev CA certificates; else ACME (up_launch.UpGateway)
+    gateway_acme_ca_bundle: str = ""  # the ACME server's HTTPS CA ("": the system's roots)
+    gateway_challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL
     vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
     vmm_api_port: int = 0
 
@@ -477,6 +480,8 @@ class ControlPlane:
             domain=o.gateway_domain, listen=o.gateway_listen or cfg.host, proxy_port=o.gateway_port,
             node_id=o.gateway_node_id,
             dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
+            acme_directory=o.gateway_acme_directory,
+            acme_ca_bundle=o.gateway_acme_ca_bundle or None, challtestsrv=o.gateway_challtestsrv,
         )  # fmt: skip
 
     def _kms_launch(self) -> KmsLaunch:

@@ -112,6 +112,19 @@ from ._common import Settings, connection_options
 @click.option("--gateway-port", type=click.IntRange(0, 65535), default=0, help="[default: 8443]")
 @click.option("--gateway-listen", default="", metavar="ADDR", help="[default: as --listen]")
 @click.option(
+    "--gateway-acme-directory",
+    default="",
+    metavar="URL",
+    help="serve ACME certificates from this CA (via the log) [default: a dev CA, offline]",
+)
+@click.option(
+    "--gateway-acme-ca-bundle",
+    default="",
+    type=click.Path(dir_okay=False),
+    help="CA of the ACME server's HTTPS",
+)
+@click.option("--gateway-challtestsrv", default="", metavar="URL", help="DNS-01 provider")
+@click.option(
     "--gateway-node-id",
     default="gw1",
     show_default=True,
@@ -155,6 +168,9 @@ def up_cmd(
     gateway_domain: str,
     gateway_port: int,
     gateway_listen: str,
+    gateway_acme_directory: str,
+    gateway_acme_ca_bundle: str,
+    gateway_challtestsrv: str,
     gateway_node_id: str,
     join: str,
     kms_onboard: str,
@@ -178,7 +194,8 @@ def up_cmd(
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
         gateway=gateway, gateway_domain=gateway_domain, gateway_port=gateway_port,
-        gateway_listen=gateway_listen,
+        gateway_listen=gateway_listen, gateway_acme_directory=gateway_acme_directory,
+        gateway_acme_ca_bundle=gateway_acme_ca_bundle, gateway_challtestsrv=gateway_challtestsrv,
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:

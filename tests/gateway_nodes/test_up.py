@@ -1,38 +1,54 @@
 """The issue's done-when: with `pydstack up`, a simulated CVM registered through RA-TLS (keys
 from up's KMS) is reachable at its app URL through two gateways (up's own node and a second
-node process), and `pydstack gateway routes --json` prints the same table on both."""
+node process), and `pydstack gateway routes --json` prints the same table on both. Twice: with
+up's offline dev CA, and with ``--gateway-acme-directory`` against a real pebble (up's node
+orders the wildcard certificate; the second node serves it from the log with up's cluster
+secret: the same certificate on both, chaining to pebble's root)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pydstack.actors.gateway.up_launch import _leaf, dev_ca
+from tests.acme.pebble import missing_binaries, running_pebble
 from tests.cli.harness import PYDSTACK, Up, cli, wait_for
 
 from .cvms import _serve, fetch
 from .lan import namespace_lan
-from .procs import ADMIN_PORT, NodeProc
+from .procs import ADMIN_PORT, NodeProc, get_json
 
 BASE = "apps.pydstack.test"
 
 
-@pytest.mark.timeout(120)
-async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path) -> None:
-    tmp_path = short_tmp  # wireguard-go's UAPI socket path must fit in sun_path
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("acme", [False, True], ids=["dev-ca", "acme"])
+async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path, acme: bool) -> None:
     """App URL through up's node and a second node; identical `routes --json` on both."""
+    if acme and missing_binaries():
+        pytest.skip("pebble not installed (Debian package pebble)")
+    tmp_path = short_tmp  # wireguard-go's UAPI socket path must fit in sun_path
     home = tmp_path / "home"
-    async with namespace_lan() as lan:
-        extra = ("--listen", lan.host_ip, "--dashboard-port", "-1", "--gateway-domain", BASE)
+    async with namespace_lan() as lan, contextlib.AsyncExitStack() as stack:
+        extra: tuple[str, ...] = ("--listen", lan.host_ip, "--dashboard-port", "-1",
+                                  "--gateway-domain", BASE)  # fmt: skip
+        if acme:
+            peb = await stack.enter_async_context(
+                running_pebble(tmp_path / "pebble", host=lan.host_ip)
+            )
+            extra += ("--gateway-acme-directory", peb.directory_url, "--gateway-acme-ca-bundle",
+                      peb.ca_bundle, "--gateway-challtestsrv", peb.challtestsrv_url)  # fmt: skip
         plane = await asyncio.to_thread(Up(home, extra=extra).start)
         sim: subprocess.Popen[bytes] | None = None
         gw2: NodeProc | None = None
@@ -44,15 +60,19 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path) -> None:
             chain, key = _leaf(dev_ca(home / "gateway"), [f"*.{BASE}"], [])
             (tmp_path / "w.pem").write_bytes(chain)
             (tmp_path / "w.key").write_bytes(key)
+            certs = ["--cert-chain", str(tmp_path / "w.pem"), "--cert-key", str(tmp_path / "w.key")]
+            if acme:  # the certificate up's node orders, from the log
+                certs = ["--cluster-secret", str(home / "gateway" / "cluster.secret")]
             gw2 = NodeProc("gw2", lan.ns("gw2"), addr2, [
                 sys.executable, "-m", "pydstack.actors.gateway", "--nats", state["nats_url"],
                 "--creds", str(home / "identities" / "gateway.nk"), "--node-id", "gw2",
                 "--netns", lan.ns("gw2"), "--base-domain", BASE, "--endpoint", f"{addr2}:51820",
                 "--state-dir", str(tmp_path / "gw2"), "--admin-host", "0.0.0.0",
-                "--admin-port", str(ADMIN_PORT), "--cert-chain", str(tmp_path / "w.pem"),
-                "--cert-key", str(tmp_path / "w.key"), "--log-level", "warning",
+                "--admin-port", str(ADMIN_PORT), *certs, "--log-level", "warning",
             ], tmp_path / "gw2.log")  # fmt: skip
             await gw2.start()
+            if acme:  # up's node orders, gw2 (no DNS provider) serves the same from the log
+                await _same_certificate(state["gateway_admin_url"], gw2.admin)
 
             cvm_ns = lan.ns("cvm1")
             await lan.add("cvm1")
@@ -78,19 +98,26 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path) -> None:
             assert "2 gateway(s)" in sim_log.read_text()
 
             ca_pem = await asyncio.to_thread(Path(state["gateway_ca"]).read_text)
+            if acme:
+                ca_pem = (await peb.root_pem()).decode()
             host, port = state["gateway_proxy"].rsplit(":", 1)
             client = lan.ns("client")
             await lan.add("client")
+            served = []
             for ip, p in ((host, int(port)), (addr2, 443)):
-                for _ in range(50):  # the app route needs a handshake on that node
+                body, cert, deadline = b"", None, time.monotonic() + 40
+                while time.monotonic() < deadline:  # the app route needs a handshake
                     try:
-                        body, _ = await fetch(client, ip, f"{app_id}.{BASE}", ca_pem, port=p)
+                        body, cert = await fetch(client, ip, f"{app_id}.{BASE}", ca_pem, port=p)
                         if body:
                             break
                     except OSError:
                         pass
                     await asyncio.sleep(0.2)
-                assert body == b"cvm1|80"
+                assert body == b"cvm1|80", f"{ip}:{p}; CVM sim exit code {sim.poll()}"
+                served.append(cert)
+            if acme:  # one wildcard certificate, on both nodes (dev CA: a leaf per node)
+                assert served[0] == served[1]
 
             outs = []
             for url in (state["gateway_admin_url"], f"http://{addr2}:{ADMIN_PORT}", None):
@@ -110,6 +137,17 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path) -> None:
             if gw2 is not None:
                 await gw2.stop()
             assert await asyncio.to_thread(plane.stop) == 0, plane.text()
+
+
+async def _same_certificate(*admin_urls: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = [await get_json(url + "/status") for url in admin_urls]
+        serving = {s["certificates"].get(BASE) for s in statuses}
+        if len(serving) == 1 and None not in serving:
+            return
+        assert time.monotonic() < deadline, f"no common certificate: {statuses}"
+        await asyncio.sleep(0.3)
 
 
 @pytest.fixture

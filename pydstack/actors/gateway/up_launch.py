@@ -1,10 +1,15 @@
-"""The gateway node ``pydstack up`` runs: options from the data dir, dev certificates.
+"""The gateway node ``pydstack up`` runs: options from the data dir, dev or ACME certificates.
 
 One node, in the host namespace (wireguard-go works there), listening on ``listen`` (the
-address CVMs reach: NATS's listen address unless given). Without ACME it serves a dev
-wildcard certificate for its base domain from a dev CA kept in ``DATA/gateway/`` (``ca.pem``
-is what clients and simulated CVMs trust); CVM client certificates must chain to the KMS CAs
-on the log (``KmsRootCreated``), quotes to the dev PKI where the host has no TDX::
+address CVMs reach: NATS's listen address unless given). By default (offline) it serves a
+dev wildcard certificate for its base domain from a dev CA kept in ``DATA/gateway/``
+(``ca.pem`` is what clients and simulated CVMs trust). With ``acme_directory`` it serves the
+certificates on the log instead: it adds its base domain with that ACME directory, orders and
+renews through DNS-01 when it has a DNS provider (``challtestsrv``), and opens the keys with
+the cluster key from ``DATA/gateway/cluster.secret`` (made once; copy it to the other nodes
+of the cluster, ``--cluster-secret``). The RegisterCvm endpoint keeps its dev CA identity.
+CVM client certificates must chain to the KMS CAs on the log (``KmsRootCreated``), quotes to
+the dev PKI where the host has no TDX::
 
     launch = await up_launch(store, data_path, UpGateway(domain="gw.localhost", listen=...))
     async with running_node(store, launch) as rn: ...
@@ -26,12 +31,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pydstack.actors.decode import Malformed, decode_message
+from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.proxy import StaticCertProvider
 from pydstack.core.events import KmsRootCreated
 
 from .node import NodeConfig
-from .node_launch import NodeLaunch, RegistrationLaunch
+from .node_launch import AcmeLaunch, NodeLaunch, RegistrationLaunch
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,9 @@ class UpGateway:
     wg_port: int = 0  # 0: 51820 when free, else any free UDP port
     node_id: str = "gw1"
     dev_pki: str | None = None
+    acme_directory: str = ""  # "": the dev CA's wildcard; else certificates from this ACME CA
+    acme_ca_bundle: str | None = None  # the ACME server's HTTPS CA (None: the system's roots)
+    challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL ("": none)
 
 
 _SERVER, _CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
@@ -135,6 +144,22 @@ async def kms_client_cas(store: EventStore) -> str:
     return "".join(dict.fromkeys(pems))
 
 
+def _acme(gdir: Path, gw: UpGateway, cluster: str) -> AcmeLaunch:
+    from pydstack.adapters.acme import ChallTestSrvDns, create_cluster_secret, load_cluster_key
+
+    secret = gdir / "cluster.secret"
+    if not secret.exists():
+        create_cluster_secret(secret)
+    dns: dict[str, DnsProvider] = {}
+    if gw.challtestsrv:
+        cts = ChallTestSrvDns(gw.challtestsrv)
+        dns = {"": cts, "challtestsrv": cts}
+    return AcmeLaunch(
+        cluster_key=load_cluster_key(secret, cluster), directory=gw.acme_directory, dns=dns,
+        ca_bundle=gw.acme_ca_bundle,
+    )  # fmt: skip
+
+
 async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLaunch:
     """Options for up's node; files in ``DATA/gateway`` (key, dev CA and certificates)."""
     gdir = data_path / "gateway"
@@ -150,6 +175,7 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
             reg_chain.decode(), reg_key.decode(), client_cas, host=gw.listen, port=reg_port,
             dev_pki=gw.dev_pki,
         )  # fmt: skip
+    acme = _acme(gdir, gw, "default") if gw.acme_directory else None
     tag = hashlib.sha256(str(data_path).encode()).hexdigest()[:8]
     node = NodeConfig(
         node_id=gw.node_id, base_domain=gw.domain, endpoint=f"{gw.listen}:{wg_port}",
@@ -161,7 +187,8 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
         ifname=f"dgw{tag}",
         proxy_host=gw.listen,
         proxy_port=_free(gw.listen, gw.proxy_port or 8443),
-        certs=StaticCertProvider({gw.domain: (wild_chain, wild_key)}),
+        certs=None if acme else StaticCertProvider({gw.domain: (wild_chain, wild_key)}),
+        acme=acme,
         admin_host="127.0.0.1",
         admin_port=0,
         registration=registration,
