@@ -386,11 +386,12 @@ class KmsService:
         prepared = None
         try:
             if isinstance(outcome, KeyIssued) and prepare is not None:
-                # CPU work for the answer while the decision travels to the log: yield twice
-                # (our append, then nats-py's flusher) so it is on the socket first. What it
-                # makes leaves this KMS only once the decision is stored, below.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
+                # CPU work for the answer while the decision travels to the log: let our
+                # append, the writer and nats-py's flusher run first (one loop turn each) so
+                # it is on the socket. What it makes leaves this KMS only once the decision
+                # is stored, below.
+                for _turn in range(3):
+                    await asyncio.sleep(0)
                 prepared = prepare(outcome)
         finally:
             await stored
