@@ -174,7 +174,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(f"not found on the server: {exc.description or exc}") from None
     except (nats.errors.TimeoutError, TimeoutError):
         raise click.ClickException(
-            "the NATS server did not answer in time (is this identity allowed to do that?)"
+            "the NATS server did not answer in time: retry in a few seconds if a cluster node "
+            "just went down (leader election), else check this identity may do that"
         ) from None
     except nats.errors.Error as exc:
         raise click.ClickException(f"NATS error: {exc}") from None
