@@ -10,9 +10,9 @@ KeyRequested, later its decision) is an ordinary append, ~0.5 ms. Appends that q
 behind one in flight (many clients at once) are stored together as one JetStream atomic
 batch: the server fsyncs a batch (4-9 ms here), too slow for a single request but one fsync
 for dozens. One append at a time would instead make each wait a NATS round trip plus turns of
-a busy event loop: with 50 clients' TLS and quote checks on the loop, that capped a bench of
-two appends per request at ~9 req/s against ~350 with batching (the writer alone, under a
-simulated handler load). An item of several events (a GetKmsKey decision and its
+a busy event loop: with 50 clients' TLS and quote checks on the loop, two appends per
+request ran at ~7-14 req/s against ~200-350 with group commit (`python -m bench.kms_writer`).
+An item of several events (a GetKmsKey decision and its
 KmsReplicaOnboarded) is always stored all or none.
 
     async with DecisionLog(store, subject) as log:
