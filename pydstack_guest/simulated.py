@@ -1,0 +1,105 @@
+"""A CVM's boot on a simulated TD, shared by the sandbox backend and the QEMU TCG guest image.
+
+Where there is no TDX (these CI machines: sandbox CVMs, QEMU under TCG) the TD is simulated
+as dstack's VMM creates a real one: MRTD of the image and MRCONFIGID =
+``0x01 || sha256(app-compose.json)``; its quotes are signed with a dev PKI that the KMS of
+``pydstack up`` trusts (``DATA/dev-pki``, handed to the guest by its backend). Then
+`run_boot` (keys from the KMS named in sys-config over RA-TLS, else local dev keys kept in
+`state_dir`; env), the gateway step (registration, wireguard-go), and the guest agent on
+`sock`::
+
+    booted = await boot_simulated(shared, SimulatedTd(pki_dir=p, state_dir=s,
+                                  os_image_hash=h, ...), sock=..., report=emit, wg=wg)
+    ...  # run the compose app with booted.env
+    await booted.agent.aclose()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydstack.adapters.wireguard import WireGuardBackend
+
+from .boot import HostShared, Report
+from .gateway_setup import Reach
+
+
+class Booted:
+    """What the boot produced: the running agent and tunnel (close them) and the env for the
+    compose file (allowed_envs plus the ``DSTACK_*`` names dstack offers compose files)."""
+
+    def __init__(self, agent: contextlib.AsyncExitStack, env: dict[str, str]) -> None:
+        self.agent, self.env = agent, env
+
+
+@dataclass(frozen=True)
+class SimulatedTd:
+    """The simulated TD and what the agent reports about its VM."""
+
+    pki_dir: Path  # dev PKI (root.der ...); generated there when missing and writable
+    state_dir: Path  # writable: local dev keys (used only without a KMS)
+    os_image_hash: bytes
+    name: str
+    vcpu: int
+    memory_mb: int
+
+
+async def boot_simulated(
+    shared: HostShared, td: SimulatedTd, *, sock: Path, report: Report,
+    wg: WireGuardBackend | None = None, reach: Reach | None = None,
+) -> Booted:  # fmt: skip
+    """Raises `pydstack_guest.boot.BootFailed` when a step fails. Without `wg` the gateway
+    step is skipped (the CVM has no way to run WireGuard)."""
+    from pydstack.adapters.tdx.backend import SimulatorBackend
+    from pydstack.adapters.tdx.identity import mr_config_id_v1
+    from pydstack.adapters.tdx.pki import DevPki
+    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+
+    from . import GuestAgent, GuestConfig, LocalKeyProvider, serve_agent
+    from .boot import run_boot
+    from .gateway_setup import setup_gateway
+    from .provider import create_dev_app_keys
+
+    compose = shared.app_compose
+    if (td.pki_dir / "root.der").exists():
+        pki = DevPki.load(td.pki_dir)
+    else:
+        pki = DevPki.generate()
+        pki.save(td.pki_dir)
+    backend = SimulatorBackend(QuoteSimulator(pki), TdMeasurements(
+        mr_td=hashlib.sha384(b"pydstack sandbox TD").digest(),
+        mr_config_id=mr_config_id_v1(hashlib.sha256(compose).digest()),
+    ))  # fmt: skip
+    keys_path = td.state_dir / "appkeys.json"  # local dev keys, used only without a KMS
+    if not keys_path.exists():
+        info = json.loads(shared.instance_info or b"{}")
+        app_id = bytes.fromhex(info.get("app_id", "")) or hashlib.sha256(compose).digest()[:20]
+        keys_path.parent.mkdir(parents=True, exist_ok=True)
+        keys_path.write_text(create_dev_app_keys(app_id, now=int(time.time()))[1])
+    result = await run_boot(backend, shared, report=report, local=LocalKeyProvider(keys_path),
+                            os_image_hash=td.os_image_hash)  # fmt: skip
+    vm_config = json.dumps({**json.loads(result.vm_config), "cpu_count": td.vcpu,
+                            "memory_size": td.memory_mb * 1024 * 1024})  # fmt: skip
+    agent = GuestAgent(backend, result.keys, GuestConfig(
+        app_name=td.name, app_compose=compose.decode(), vm_config=vm_config))  # fmt: skip
+    env = {**result.env, "DSTACK_APP_ID": result.plan.app_id.hex(),
+           "DSTACK_INSTANCE_ID": result.plan.instance_id.hex()}  # fmt: skip
+    stack = contextlib.AsyncExitStack()
+    try:
+        if wg is not None:
+            # netns=None: this process already lives in the CVM's network namespace (sandbox:
+            # naming it would make pyroute2 fork helpers whose signals reach this loop).
+            tunnel = await setup_gateway(agent, result.plan, wg=wg, report=report, reach=reach)
+            if tunnel is not None:
+                stack.push_async_callback(tunnel.close)
+                env["DSTACK_GATEWAY_DOMAIN"] = tunnel.registration.domain
+        await stack.enter_async_context(serve_agent(agent, dstack_sock=str(sock)))
+    except BaseException:
+        await stack.aclose()
+        raise
+    return Booted(stack, env)
