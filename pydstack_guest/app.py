@@ -1,17 +1,24 @@
 """HTTP face of the guest agent: dstack's JSON RPC on dstack.sock, legacy tappd on tappd.sock.
 
-Requests are JSON objects (bytes as hex, as dstack's prpc JSON mode has them), answers too.
-A caller mistake is a 400 `{"error": ..., "field": ...}` naming the field; an unknown
-method is a 404.
+Requests are JSON objects (bytes as hex, as dstack's prpc JSON mode has them), answers too;
+a GET takes its arguments from the query string instead (`GET /GetQuote?report_data=ab..`, as
+dstack's prpc does). A caller mistake is a 400 `{"error": ..., "field": ...}` naming the
+field; an unknown method is a 404.
 
     app = make_app(agent)                      # POST /GetQuote {"report_data": "ab.."}
-    async with serve_agent(agent, dstack_sock=path, tappd_sock=path2):
+    async with serve_agent(agent, dstack_sock=path, tappd_sock=path2, tcp="127.0.0.1:8090"):
         ...
+
+The optional TCP listener serves the same API as dstack.sock for apps that have no Unix-socket
+client (busybox wget). It hands out app keys, so it must be a loopback address: inside a CVM
+that is no wider than the socket. dstack's agent also listens on TCP port 8090, but on every
+interface and with a public API only (`Worker.Info`, `Worker.Version`, a dashboard).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -62,16 +69,32 @@ def _hex(value: str, field: str) -> bytes:
         raise RequestError(field, f"{field} must be hex") from None
 
 
+def _field_of(e: msgspec.ValidationError) -> str:
+    # msgspec names the path, e.g. "Expected `bool`, got `str` - at `$.usage_ra_tls`".
+    return str(e).rsplit("$.", 1)[-1].rstrip("`") if "$." in str(e) else "body"
+
+
+def _query_args(request: web.Request) -> _Args:
+    """A GET's arguments from its query string; a repeated name (alt_names) is a list."""
+    fields: dict[str, Any] = {}
+    for name in request.query:
+        values = request.query.getall(name)
+        fields[name] = values if name == "alt_names" else values[-1]
+    try:
+        # strict=False: query values are text ("true", "1700000000").
+        return msgspec.convert(fields, _Args, strict=False)
+    except msgspec.ValidationError as e:
+        raise RequestError(_field_of(e), str(e)) from None
+
+
 async def _args(request: web.Request) -> _Args:
     body = await request.read()
     if not body.strip():
-        return _Args()
+        return _query_args(request) if request.method == "GET" else _Args()
     try:
         return _decoder.decode(body)
     except msgspec.ValidationError as e:
-        # msgspec names the path, e.g. "Expected `bool`, got `str` - at `$.usage_ra_tls`".
-        field = str(e).rsplit("$.", 1)[-1].rstrip("`") if "$." in str(e) else "body"
-        raise RequestError(field, str(e)) from None
+        raise RequestError(_field_of(e), str(e)) from None
     except msgspec.DecodeError as e:
         raise RequestError("body", f"request body is not JSON: {e}") from None
 
@@ -242,14 +265,36 @@ async def _unix_site(runner: web.AppRunner, path: str) -> None:
     os.chmod(path, 0o660)  # apps reach it through the socket's group, as with dstack
 
 
+def loopback_address(address: str) -> tuple[str, int]:
+    """`host:port` (`[::1]:port` for IPv6) of a loopback address; anything else is refused."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a name: it could resolve anywhere
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"agent TCP address must be host:port, got {address!r}")
+    if not loopback:
+        raise ValueError(
+            f"agent TCP address {address!r} is not loopback: it hands out app keys, "
+            "so only the CVM itself may reach it"
+        )
+    return host, int(port)
+
+
 @contextlib.asynccontextmanager
 async def serve_agent(
     agent: GuestAgent,
     *,
     dstack_sock: str = DEFAULT_DSTACK_SOCK,
     tappd_sock: str | None = None,
-) -> AsyncIterator[None]:
-    """Serve the agent on unix sockets until the block exits (sockets are removed then)."""
+    tcp: str | None = None,
+) -> AsyncIterator[str | None]:
+    """Serve the agent on unix sockets, and the dstack API also on `tcp` (a loopback
+    `host:port`, port 0 picks one) until the block exits (sockets are removed then).
+    Yields the TCP address bound, as `host:port`, or None."""
+    bind = loopback_address(tcp) if tcp is not None else None
     runners = [web.AppRunner(make_app(agent))]
     paths = [dstack_sock]
     if tappd_sock is not None:
@@ -259,7 +304,13 @@ async def serve_agent(
         for runner, path in zip(runners, paths, strict=True):
             await runner.setup()
             await _unix_site(runner, path)
-        yield
+        bound = None
+        if bind is not None:
+            site = web.TCPSite(runners[0], bind[0], bind[1])
+            await site.start()
+            host = f"[{bind[0]}]" if ":" in bind[0] else bind[0]
+            bound = f"{host}:{site.port}"  # the port bound, also when 0 was asked
+        yield bound
     finally:
         for runner in runners:
             await runner.cleanup()
