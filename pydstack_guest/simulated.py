@@ -52,9 +52,12 @@ class SimulatedTd:
 async def boot_simulated(
     shared: HostShared, td: SimulatedTd, *, sock: Path, report: Report,
     wg: WireGuardBackend | None = None, reach: Reach | None = None,
+    agent_tcp: str | None = None,
 ) -> Booted:  # fmt: skip
     """Raises `pydstack_guest.boot.BootFailed` when a step fails. Without `wg` the gateway
-    step is skipped (the CVM has no way to run WireGuard)."""
+    step is skipped (the CVM has no way to run WireGuard). With `agent_tcp` (a loopback
+    ``host:port``) the agent also serves its socket API there, offered to the compose file as
+    ``DSTACK_AGENT_URL`` (for apps with no Unix-socket client, e.g. busybox wget)."""
     from pydstack.adapters.tdx.backend import SimulatorBackend
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
@@ -98,7 +101,10 @@ async def boot_simulated(
             if tunnel is not None:
                 stack.push_async_callback(tunnel.close)
                 env["DSTACK_GATEWAY_DOMAIN"] = tunnel.registration.domain
-        await stack.enter_async_context(serve_agent(agent, dstack_sock=str(sock)))
+        bound = await stack.enter_async_context(
+            serve_agent(agent, dstack_sock=str(sock), tcp=agent_tcp))  # fmt: skip
+        if bound is not None:
+            env["DSTACK_AGENT_URL"] = f"http://{bound}"
     except BaseException:
         await stack.aclose()
         raise

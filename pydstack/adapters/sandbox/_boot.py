@@ -5,7 +5,8 @@ The simulated TD's quotes are signed with the dev PKI the KMS of ``pydstack up``
 (``SandboxRun.dev_pki``, else one generated in the work dir); its image hash names the sandbox
 image. The gateway step registers over the relayed URL and runs wireguard-go inside the CVM's
 namespace (its UAPI socket under the short run dir), each gateway's WireGuard endpoint relayed
-over UDP.
+over UDP. The agent also serves its socket API on ``AGENT_TCP``, the loopback of the CVM's own
+namespace, where the containers run with host networking: no wider than the socket.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 from pydstack.adapters.cvm import CvmSpec
 from pydstack_guest.simulated import Booted
 
-__all__ = ["Booted", "Network", "boot"]
+__all__ = ["AGENT_TCP", "Booted", "Network", "boot"]
+
+AGENT_TCP = "127.0.0.1:8090"  # dstack's agent port (there on every interface, a public API)
 
 
 class Network:
@@ -47,5 +50,5 @@ async def boot(
     return await boot_simulated(
         shared, td, sock=sock, report=report,
         wg=UserspaceBackend(net.run_dir / "wg") if net is not None else None,
-        reach=net.udp if net is not None else None,
+        reach=net.udp if net is not None else None, agent_tcp=AGENT_TCP,
     )  # fmt: skip

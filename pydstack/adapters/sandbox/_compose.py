@@ -67,6 +67,9 @@ def parse_yaml(text: str) -> Any:
     return value
 
 
+_MAPPING = re.compile(r":(\s|$)")  # YAML's key indicator: a colon before a space or the end
+
+
 def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]:
     if i >= len(lines):
         return None, i
@@ -74,8 +77,8 @@ def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]
         items: list[Any] = []
         while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
             rest = lines[i][1][1:].strip()
-            if rest and ":" in rest and not rest.startswith(("'", '"')):
-                # "- key: value" starts a mapping item
+            if rest and _MAPPING.search(rest) and not rest.startswith(("'", '"')):
+                # "- key: value" starts a mapping item ("- A=http://x" is a scalar)
                 sub = [(indent + 2, rest), *lines[i + 1 :]]
                 item, used = _block(sub, 0, indent + 2)
                 items.append(item)

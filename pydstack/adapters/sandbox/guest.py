@@ -3,9 +3,10 @@
 Run by the supervisor in the host's network namespace, it binds the host side of the port
 maps, then moves into the CVM's namespace for good and there starts a docker engine of its own,
 the guest agent (pydstack_guest on the simulated TDX backend, serving the dstack socket that
-every app container gets at /var/run/dstack.sock), imports the image's rootfs and runs the
-compose services with ``--network host``. Connections to a host port are forwarded to the
-service's port inside. Progress goes to ``events.log`` as the QEMU guest reports it
+every app container gets at /var/run/dstack.sock, and the same API on the CVM's loopback,
+``DSTACK_AGENT_URL``), imports the image's rootfs and runs the compose services with
+``--network host``. Connections to a host port are forwarded to the service's port inside
+(never to the agent's). Progress goes to ``events.log`` as the QEMU guest reports it
 (``booted`` → the boot's steps (``keys``, ``env``, ``gateway``, …) → ``agent`` → ``docker`` →
 ``app`` → ``ready``, or ``error`` and a halt); SIGTERM is a graceful power-off. The KMS and
 gateway it calls on the host are relayed into the namespace (``_outbound``).
@@ -32,7 +33,7 @@ import msgspec
 from pydstack.adapters.cvm import CvmSpec
 
 from . import _netns
-from ._boot import Network, boot
+from ._boot import AGENT_TCP, Network, boot
 from ._compose import services
 from ._docker import Docker
 from ._outbound import HostRelay
@@ -215,6 +216,12 @@ if __name__ == "__main__":
     workdir = Path(sys.argv[1]).resolve()
     cfg = msgspec.json.decode((workdir / "sandbox.json").read_bytes(), type=SandboxRun)
     manifest = msgspec.json.decode((workdir / "manifest.json").read_bytes(), type=CvmSpec)
+    agent_port = int(AGENT_TCP.rpartition(":")[2])
+    if any(p.vm_port == agent_port for p in manifest.ports):
+        # The forwarder connects to the CVM's loopback, where the agent hands out app keys.
+        emit(workdir, "error", f"port {agent_port} is the guest agent's (loopback only): "
+                               "it cannot be forwarded to a host port")  # fmt: skip
+        sys.exit(1)
     try:
         LISTENERS.extend(_bind(manifest))
     except OSError as exc:  # a host port taken by something outside pydstack
