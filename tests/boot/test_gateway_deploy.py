@@ -1,12 +1,14 @@
 """`pydstack deploy examples/hello` against `pydstack up --vmm sandbox`: the app is served over
 HTTPS through up's gateway, from a sandbox CVM that got its keys from up's KMS, registered at
-the gateway over RA-TLS and brought WireGuard up inside its namespace; an env var outside
-`allowed_envs` is dropped by the guest."""
+the gateway over RA-TLS and brought WireGuard up inside its namespace; its quote endpoint
+answers a quote over the client's report_data that `pydstack attest verify` accepts; an env
+var outside `allowed_envs` is dropped by the guest."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import re
@@ -15,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import msgspec
 import pytest
 
 from pydstack.adapters.sandbox import _netns
+from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import VmRequested, VmResources
 from tests.cli.harness import Up, cli, wait_for
 from tests.deploy.support import append_as
@@ -48,14 +52,15 @@ def _host_port() -> int:
                 return p
 
 
-def _get(proxy: str, url: str, ca_file: str) -> tuple[int, str]:
-    """GET `url` at up's proxy address (the dev domain does not resolve), SNI = its host."""
+def _get(proxy: str, url: str, ca_file: str, path: str = "/") -> tuple[int, str]:
+    """GET `url`'s `path` at up's proxy address (the dev domain does not resolve), SNI = its
+    host."""
     host = re.sub(r"^https://([^/:]+).*", r"\1", url)
     ctx = ssl.create_default_context(cafile=ca_file)
     addr, _, port = proxy.rpartition(":")
     with socket.create_connection((addr, int(port)), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=host) as s:
-            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
@@ -105,8 +110,9 @@ def _cleanup(root: Path, sandboxes: dict[str, dict[str, str]]) -> None:
 @pytest.mark.timeout(400)
 def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Path) -> None:
     """deploy prints the app URL and says reachable; the page carries the app id the guest
-    measured and the env var deploy sealed; a second instance whose sealed env holds a name
-    outside allowed_envs boots with that name dropped."""
+    measured and the env var deploy sealed; its quote endpoint gives a verifiable quote over
+    the client's report_data; a second instance whose sealed env holds a name outside
+    allowed_envs boots with that name dropped."""
     if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
         pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
     home = short_tmp / "home"
@@ -135,6 +141,9 @@ def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Pa
         assert body.splitlines() == ["hello from pydstack", f"app {app_id}",
                                      f"instance {regs[0]['instance_id']}",
                                      f"GREETING={greeting}"]  # fmt: skip
+        _check_quote(home, short_tmp, proxy, url, ca,
+                     {"app_id": app_id, "compose_hash": compose_hash,
+                      "instance_id": regs[0]["instance_id"]})  # fmt: skip
 
         # A second instance of the app, its env sealed by hand with a name the app-compose
         # does not allow (deploy refuses to seal one): the guest must drop it.
@@ -190,6 +199,45 @@ def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Pa
         tag = hashlib.sha256(str(home).encode()).hexdigest()[:8]
         gw = subprocess.run(["pgrep", "-f", f"wireguard-go -f dgw{tag}"], capture_output=True)
         assert gw.stdout == b"", "up's gateway left its wireguard-go"
+
+
+def _verify(home: Path, evidence: Path, collateral: Path) -> tuple[int, dict[str, Any]]:
+    """`pydstack attest verify --json` under up's dev PKI (the simulated TD signs with it)."""
+    r = cli(home, "attest", "verify", str(evidence), "--collateral", str(collateral),
+            "--dev-root", str(home / "dev-pki" / "root.der"), "--json")  # fmt: skip
+    assert r.out.strip(), r.err
+    return r.code, json.loads(r.out)
+
+
+def _check_quote(home: Path, tmp: Path, proxy: str, url: str, ca: str,
+                 app: dict[str, str]) -> None:  # fmt: skip
+    """The app's /cgi-bin/quote, through the gateway, with report_data of our choosing: the
+    agent's GetQuote JSON, which `attest verify` accepts as a quote of this app's CVM over
+    exactly those bytes; the same JSON with one report_data byte changed is refused."""
+    nonce = os.urandom(64)
+    code, body = _get(proxy, url, ca, f"/cgi-bin/quote?report_data={nonce.hex()}")
+    assert code == 200, body
+    saved = tmp / "quote.json"
+    saved.write_text(body)
+    collateral = tmp / "collateral.json"
+    collateral.write_text(DevPki.load(home / "dev-pki").collateral_json(now=int(time.time())))
+    rc, report = _verify(home, saved, collateral)
+    assert (rc, report["verdict"], report["reasons"]) == (0, "trusted", []), report
+    assert report["event_log"]["replays"] is True
+    assert report["measurements"]["report_data"] == nonce.hex()
+    assert {k: report["app"][k] for k in app} == app
+
+    doc = json.loads(body)
+    quote = bytearray(bytes.fromhex(doc["quote"]))
+    quote[568] ^= 0x01  # first byte of the TD report's report_data (after the 48-byte header)
+    tampered = tmp / "tampered.json"
+    tampered.write_text(json.dumps({**doc, "quote": quote.hex()}))
+    rc, report = _verify(home, tampered, collateral)
+    assert (rc, report["verdict"]) == (1, "refused"), report
+    assert report["reasons"]
+
+    code, body = _get(proxy, url, ca, "/cgi-bin/quote?report_data=not-hex")
+    assert (code, body) == (400, "report_data: hex, 1 to 64 bytes\n")
 
 
 def _sandbox(home: Path, vm_id: str) -> dict[str, str]:
