@@ -31,7 +31,7 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 OUT=$CACHE/$NAME
 LAYERS=$CACHE/.layers
 FORCE=${1:-}
-PACKAGES=systemd-sysv,udev,dbus,kmod,iproute2,python3,docker.io,ca-certificates,procps
+PACKAGES=systemd-sysv,udev,dbus,kmod,iproute2,python3,docker.io,ca-certificates,procps,wireguard-go,wireguard-tools
 ROOT_SIZE=4G
 CMDLINE="console=ttyS0 root=/dev/vda rw apparmor=0 net.ifnames=0 loglevel=4 cryptomgr.notests"
 CMDLINE+=" random.trust_cpu=on systemd.show_status=auto"

@@ -40,7 +40,7 @@ class VmmLaunch:
     api_host: str = "127.0.0.1"
     api_port: int = -1  # -1: no API; 0: any free port
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    dev_pki: Path | None = None  # sandbox: the simulator PKI the KMS trusts (`up`'s dev-pki)
+    dev_pki: Path | None = None  # no TDX: the simulator PKI the KMS trusts (`up`'s dev-pki)
 
 
 async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
@@ -65,7 +65,15 @@ async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
         from pydstack.adapters.qemu import QemuBackend, QemuBackendConfig
 
         vsock = await asyncio.to_thread(os.path.exists, "/dev/vhost-vsock")
-        cfg = QemuBackendConfig(vms_dir=sd / "vms", images=launch.images, vsock=vsock)
+        app_images = None
+        if launch.dev_pki is not None:  # no TDX: the guest simulates its TD (backend docs)
+            from pydstack.adapters.sandbox import build_busybox_image
+
+            app_images = sd / "app-images"
+            if not (app_images / "sandbox-busybox" / "metadata.json").exists():
+                await asyncio.to_thread(build_busybox_image, app_images)
+        cfg = QemuBackendConfig(vms_dir=sd / "vms", images=launch.images, vsock=vsock,
+                                dev_pki=launch.dev_pki, app_images=app_images)  # fmt: skip
         return QemuBackend(cfg, sv)
     raise StoreError(f"unknown backend {launch.backend!r}: sandbox or qemu")
 

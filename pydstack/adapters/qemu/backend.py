@@ -54,6 +54,11 @@ class QemuBackendConfig(msgspec.Struct, frozen=True, kw_only=True):
     qgs_port: int | None = None
     vsock: bool = True  # False where /dev/vhost-vsock is missing: the CID is still reserved
     kill_grace_s: float = 5.0  # SIGTERM grace when QMP is unusable
+    # No TDX (TCG): the guest simulates its TD and signs quotes with this dev PKI (`up`'s
+    # DATA/dev-pki, which its KMS trusts), passed through the host share with the sandbox
+    # images (busybox...) its docker engine imports: see `write_simulated_td`.
+    dev_pki: Path | None = None
+    app_images: Path | None = None
 
 
 class QemuBackend(SupervisedCvms):
@@ -82,7 +87,10 @@ class QemuBackend(SupervisedCvms):
     async def create(self, spec: CvmSpec) -> CvmStatus:
         wd = self.workdir(spec.vm_id)
         image = self._image(spec.image)
-        self._write_shared(spec)
+        shared = self._write_shared(spec)
+        if self.config.dev_pki is not None:
+            await asyncio.to_thread(write_simulated_td, shared, image, self.config.dev_pki,
+                                    self.config.app_images)  # fmt: skip
         disk_path = wd / "disk.qcow2"
         try:
             if not disk_path.exists():
@@ -189,3 +197,21 @@ class QemuBackend(SupervisedCvms):
         except NotFound:
             pass
         await asyncio.to_thread(shutil.rmtree, wd, ignore_errors=True)
+
+
+def write_simulated_td(shared: Path, image: Image, dev_pki: Path, app_images: Path | None) -> None:
+    """What ``pydstack_guest.image_boot`` needs for a simulated TD, into the host share:
+    ``dev-pki/`` (the quote-signing PKI), ``images/<name>/`` (each sandbox image: metadata and
+    rootfs tarball) and ``dev-td.json`` (the image's os_image_hash, those images' names)."""
+    pki = shared / "dev-pki"
+    shutil.rmtree(pki, ignore_errors=True)
+    shutil.copytree(dev_pki, pki)
+    names: list[str] = []
+    for d in sorted(app_images.iterdir()) if app_images and app_images.is_dir() else []:
+        if (d / "metadata.json").is_file():
+            dest = shared / "images" / d.name
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(d, dest)
+            names.append(d.name)
+    doc = {"os_image_hash": image.digest, "images": names}
+    (shared / "dev-td.json").write_bytes(msgspec.json.encode(doc))

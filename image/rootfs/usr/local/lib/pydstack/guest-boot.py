@@ -6,6 +6,11 @@ them from a file chardev) and as ``PYDSTACK_STAGE <json>`` lines on the serial c
 server on :8080 answers ``GET /`` with the latest stage, so a port-forwarded request proves the
 network path. "ready" = HTTP bound and an IPv4 address on eth0; "docker" follows once
 /var/run/docker.sock answers. Standard library only: it must run before anything else works.
+
+When the app-compose in the host share has a compose file, there is no HTTP server (the app's
+services own the ports), the network stage is "network", and ``pydstack_guest.image_boot``
+runs the boot flow (keys, env, gateway, agent, docker, app, then "ready"), its stages reported
+from here.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 EVENTS_PORT = "/dev/virtio-ports/org.pydstack.events"
 HTTP_PORT = 8080
 SHARE_TAG, SHARE_DIR = "host-shared", "/dstack/.host-shared"
+GUEST_LIB, BOOT_FLOW = "/opt/pydstack/lib", "pydstack_guest.image_boot"
 STATE: dict[str, object] = {"stage": "starting", "stages": []}
 
 
 def report(stage: str, detail: str = "") -> None:
     line = json.dumps({"stage": stage, "detail": detail, "uptime_s": uptime()})
     STATE["stage"] = stage
-    STATE["stages"].append(stage)  # type: ignore[union-attr]
+    STATE["stages"].append(stage)  # type: ignore[attr-defined]
     for path in (EVENTS_PORT, "/dev/ttyS0"):
         try:
             with open(path, "w") as f:
@@ -98,21 +104,54 @@ def wait_docker(timeout_s: float = 300.0) -> None:
         time.sleep(1)
 
 
+def has_app() -> bool:
+    """The app-compose in the host share has a compose file: run the boot flow for it."""
+    try:
+        with open(os.path.join(SHARE_DIR, "app-compose.json")) as f:
+            return bool(json.load(f).get("docker_compose_file"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_boot_flow() -> None:
+    """pydstack_guest's boot flow (keys, env, gateway, agent, docker, app); its stage lines are
+    reported from here. It halts on a failed step; an exit without one is reported too."""
+    env = {**os.environ, "PYTHONPATH": GUEST_LIB}
+    proc = subprocess.Popen([sys.executable, "-m", BOOT_FLOW], stdout=subprocess.PIPE, env=env,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            doc = json.loads(line)
+            report(str(doc["stage"]), str(doc.get("detail", "")))
+        except (ValueError, KeyError, TypeError):
+            print(line.rstrip(), flush=True)
+    code = proc.wait()
+    report("error", f"boot error: {BOOT_FLOW} exited with {code}")
+
+
 def main() -> int:
     for _ in range(50):  # udev may not have named the virtio port yet
         if os.path.exists(EVENTS_PORT):
             break
         time.sleep(0.1)
     report("booted", os.uname().release)
-    server = ThreadingHTTPServer(("0.0.0.0", HTTP_PORT), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     share = mount_host_share()
+    # With an app, its own services own the ports (the hello example listens on :8080) and
+    # "ready" is the flow's last stage, once the app runs; "network" stands in for it here.
+    app = share == "mounted" and has_app()
+    if not app:
+        server = ThreadingHTTPServer(("0.0.0.0", HTTP_PORT), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     deadline = time.monotonic() + 120
     while not has_ipv4("eth0") and time.monotonic() < deadline:
         time.sleep(0.2)
-    report("ready", f"http=:{HTTP_PORT} share={share}")
-    sd_notify("READY=1")
-    wait_docker()
+    report("network" if app else "ready", f"http={'app' if app else HTTP_PORT} share={share}")
+    sd_notify("READY=1")  # docker.service waits for this (After=pydstack-boot.service)
+    if app:
+        run_boot_flow()
+    else:
+        wait_docker()
     threading.Event().wait()
     return 0
 

@@ -1,0 +1,177 @@
+"""The QEMU guest image's boot flow: ``python3 -m pydstack_guest.image_boot``.
+
+Started by the image's ``guest-boot.py`` once the host share is mounted and eth0 has an
+address, when the app-compose has a compose file; each stage goes to stdout as a JSON line
+``{"stage", "detail"}`` that guest-boot.py reports to the host (virtio-serial events port and
+serial console). The flow is the sandbox's (`pydstack_guest.simulated.boot_simulated`, then
+`pydstack_guest.compose_app`) on the system's docker engine.
+
+The TD is simulated (no TDX under TCG): the host share carries the dev PKI the KMS trusts
+(``dev-pki/``), ``dev-td.json`` (the image's ``os_image_hash``, the sandbox images to import)
+and those images (``images/<name>/``), all written by the QEMU backend when it is given a dev
+PKI. Without ``dev-td.json`` the boot stops with an error: this image has no TDX backend yet.
+
+Networking is QEMU user mode (slirp), where the host's loopback is 10.0.2.2. The KMS and
+gateway URLs of sys-config that name the host's loopback (``https://127.0.0.1:9100``) stay as
+they are (their certificates name that address): a relay in the guest listens on the same
+address and port and connects to 10.0.2.2. A gateway's WireGuard endpoint on the host's
+loopback is dialled at 10.0.2.2 instead (UDP, no names to keep). URLs naming another address
+are reached directly through slirp's NAT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from pydstack.adapters.sandbox._docker import Docker
+from pydstack.adapters.sandbox._outbound import LOOPBACK, relay_targets, split_endpoint
+
+from .boot import BootFailed, HostShared, read_host_shared
+
+SHARE = Path("/dstack/.host-shared")
+HOST_ALIAS = "10.0.2.2"  # slirp: the host's loopback as the guest sees it
+STATE = Path("/run/pydstack")
+DSTACK_SOCK = Path("/var/run/dstack.sock")
+DOCKER_SOCK = Path("/var/run/docker.sock")
+AGENT_TCP = "127.0.0.1:8090"  # as in the sandbox: the agent's API on the guest's loopback
+CONSOLE = Path("/dev/ttyS0")  # the apps' output joins the serial console (serial.log)
+
+
+def report(stage: str, detail: str = "") -> None:
+    print(json.dumps({"stage": stage, "detail": detail}), flush=True)
+
+
+async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        if w.can_write_eof():
+            w.write_eof()
+
+
+async def relay_host_services(urls: list[str]) -> list[asyncio.Server]:
+    """A listener on each loopback (address, port) of `urls`, relaying to the host's."""
+    servers = []
+    for host, port in relay_targets(urls):
+        if host not in LOOPBACK:
+            continue  # another machine: slirp's NAT reaches it as it is
+
+        async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter, port: int = port) -> None:
+            try:
+                r2, w2 = await asyncio.open_connection(HOST_ALIAS, port)
+            except OSError:
+                w.close()
+                return
+            await asyncio.gather(_pipe(r, w2), _pipe(r2, w))
+            for x in (w, w2):
+                x.close()
+
+        servers.append(await asyncio.start_server(relay, host, port))
+    return servers
+
+
+async def reach(endpoint: str) -> str:
+    """A gateway's WireGuard endpoint as the guest dials it."""
+    host, port = split_endpoint(endpoint)
+    return f"{HOST_ALIAS}:{port}" if host in LOOPBACK else endpoint
+
+
+def _vm_size(shared: HostShared) -> tuple[int, int]:
+    """(vCPUs, MiB) from sys-config's vm_config, else what this kernel sees."""
+    try:
+        doc = json.loads(json.loads(shared.sys_config).get("vm_config") or "{}")
+    except (ValueError, AttributeError):
+        doc = {}
+    mem = int(doc.get("memory_size") or 0) >> 20
+    if not mem:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) >> 10
+    return int(doc.get("cpu_count") or os.cpu_count() or 1), mem
+
+
+async def _wait_docker(docker: Docker, timeout_s: float = 300.0) -> None:
+    for _ in range(int(timeout_s * 2)):  # nothing to wait on but the socket itself
+        if await docker.ping():
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError
+
+
+async def run(stop: asyncio.Event) -> None:
+    from pydstack.adapters.wireguard import UserspaceBackend
+
+    from .compose_app import start_compose_app
+    from .simulated import SimulatedTd, boot_simulated
+
+    shared = read_host_shared(SHARE)
+    try:
+        dev = json.loads((SHARE / "dev-td.json").read_text())
+    except (OSError, ValueError) as e:
+        why = "this image has no TDX backend yet, the host must pass a dev PKI"
+        raise BootFailed("host-shared", f"no simulated TD description ({e}): {why}") from None
+    sysc = json.loads(shared.sys_config)
+    async with contextlib.AsyncExitStack() as stack:
+        for server in await relay_host_services(
+            [*sysc.get("kms_urls", []), *sysc.get("gateway_urls", [])]
+        ):
+            stack.callback(server.close)
+        await asyncio.to_thread(subprocess.run, ["modprobe", "tun"], capture_output=True)
+        vcpu, mem = _vm_size(shared)
+        name = json.loads(shared.app_compose).get("name") or "app"
+        td = SimulatedTd(pki_dir=SHARE / "dev-pki", state_dir=STATE,
+                         os_image_hash=bytes.fromhex(dev["os_image_hash"]), name=name,
+                         vcpu=vcpu, memory_mb=mem)  # fmt: skip
+        booted = await boot_simulated(
+            shared, td, sock=DSTACK_SOCK, report=report, wg=UserspaceBackend(STATE / "wg"),
+            reach=reach, agent_tcp=AGENT_TCP,
+        )  # fmt: skip
+        stack.push_async_callback(booted.agent.aclose)
+        report("agent", str(DSTACK_SOCK))
+        docker = Docker(DOCKER_SOCK)
+        stack.push_async_callback(docker.close)
+        try:
+            await _wait_docker(docker)
+        except TimeoutError:
+            raise BootFailed("docker", f"{DOCKER_SOCK} did not answer in 300 s") from None
+        report("docker")
+        images = [(SHARE / "images", n) for n in dev.get("images", [])]
+        try:
+            logs = await start_compose_app(docker, shared.app_compose, booted.env,
+                                           images=images, dstack_sock=DSTACK_SOCK,
+                                           console=CONSOLE, report=report)  # fmt: skip
+        except Exception as e:
+            raise BootFailed("app", f"{type(e).__name__}: {e}") from None
+        report("ready", f"{len(logs)} service(s)")
+        await stop.wait()
+        report("shutdown")
+        await docker.stop_all(timeout_s=2)
+        for t in logs:
+            t.cancel()
+
+
+async def main() -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await run(stop)
+    except BootFailed as e:
+        # A failed boot halts (dstack #334): the host records the error, nothing restarts.
+        report("error", str(e))
+        await stop.wait()
+    except Exception as e:
+        report("error", f"boot error: {type(e).__name__}: {e}")
+        await stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,130 @@
+"""`pydstack deploy examples/hello` against `pydstack up --vmm qemu`: the same flow as
+test_gateway_deploy on the sandbox backend, in a real QEMU TCG guest booted from the image of
+`make image`. One boot (40-120 s under TCG on these machines).
+
+The guest runs pydstack_guest's boot flow (``pydstack_guest.image_boot``) on a simulated TD
+whose quotes are signed with up's dev PKI (handed over in the host share): RTMR3
+measurements, keys from up's KMS over RA-TLS (reached from slirp through an in-guest relay on
+the URL's own address), the sealed env decrypted, registration at up's gateway and a
+wireguard-go tunnel to it, then the compose app on the guest's docker engine. The page comes
+back over HTTPS through the gateway, carrying what the guest measured and decrypted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pydstack.adapters.qemu import Image, images_dir
+from tests.cli.harness import Up, cli, wait_for
+
+from .test_gateway_deploy import EXAMPLE, _cleanup, _events, _get, _host_port, _line, _ours
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "pydstack-dev"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """wireguard-go's UAPI socket (up's gateway) lives under the data dir: it must fit."""
+    path = Path(tempfile.mkdtemp(prefix="pdq-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _image() -> Image:
+    """The guest image of `make image`, built when missing or stale; a skip says why not."""
+    if os.geteuid() != 0:
+        pytest.skip("building the guest image (mmdebstrap, mkfs.ext4 -d) needs root")
+    for tool in ("qemu-system-x86_64", "mmdebstrap", "wireguard-go", "busybox"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} not found: the QEMU flow needs it (make sysdeps)")
+    r = subprocess.run(["bash", str(REPO / "image" / "build.sh")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"the guest image cannot be built: {r.stderr.strip()[-300:]}")
+    img = Image.load(images_dir() / IMAGE)
+    img.verify()
+    return img
+
+
+def _qemu_pids(home: Path) -> list[int]:
+    return [p for p in _ours(home) if b"qemu-system" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
+    short_tmp: Path,
+) -> None:
+    """deploy says reachable; the page carries the app id the guest measured, the instance id
+    the gateway registered and the env var deploy sealed; the boot ran dstack's steps in
+    order inside the guest; removing the VM leaves no QEMU."""
+    image = _image()
+    home = short_tmp / "home"
+    plane = Up(home, extra=("--vmm", "qemu", "--gateway", "--dashboard-port", "-1")).start()
+    try:
+        state = json.loads((home / "state.json").read_text())
+        proxy, ca, domain = state["gateway_proxy"], state["gateway_ca"], state["gateway_domain"]
+        greeting = f"hi-{random.randrange(10**9)}"
+        (short_tmp / "hello.env").write_text(f"GREETING={greeting}\n")
+        t0 = time.monotonic()
+        r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
+                "--port", f"{_host_port()}:8080", "--vm-id", "hello1", "--image", IMAGE,
+                "--vcpu", "2", "--memory", "1536M", "--timeout", "600", timeout=660)  # fmt: skip
+        print(f"deploy on QEMU TCG: {time.monotonic() - t0:.0f} s")
+        wd = home / "vmm" / "vms" / "hello1"
+        assert r.code == 0, r.out + r.err + _tail(wd / "serial.log")
+        app_id = _line(r.out, "app id")
+        url = _line(r.out, "url")
+        assert re.fullmatch(rf"https://{app_id}-8080\.{re.escape(domain)}(:\d+)?", url), url
+        assert f"reachable    {url} (HTTP 200 through the gateway)" in r.out
+
+        status, body = _get(proxy, url, ca)
+        regs = [e["body"] for e in _events(home, "dstack.*.*") if e["type"] == "CvmRegistered"
+                and e["body"]["app_id"] == app_id]  # fmt: skip
+        assert status == 200
+        assert body.splitlines()[:4] == ["hello from pydstack", f"app {app_id}",
+                                         f"instance {regs[0]['instance_id']}",
+                                         f"GREETING={greeting}"]  # fmt: skip
+        progress = [e["body"] for e in _events(home, "dstack.vm.hello1")
+                    if e["type"] == "VmBootProgress"]  # fmt: skip
+        stages = [p["stage"] for p in progress]
+        # The QEMU guest's own stages, then dstack's order: keys, env, gateway, docker, app.
+        assert stages[:2] == ["booted", "network"], stages
+        assert stages.index("keys") < stages.index("env") < stages.index("gateway")
+        assert stages.index("gateway") < stages.index("docker") < stages.index("app")
+        assert stages[-1] == "ready"
+        keys = next(p["detail"] for p in progress if p["stage"] == "keys")
+        assert keys.startswith("kms ") and state["kms_url"] in keys, keys
+        assert image.digest  # the guest measured the image it booted (os-image-hash)
+        assert _qemu_pids(home), "no QEMU process for the deployed VM"
+    finally:
+        cli(home, "vm", "rm", "hello1")
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: any(e["type"] == "VmRemoved"
+                                 for e in _events(home, "dstack.vm.hello1")),
+                     timeout=60, what="hello1 removed")  # fmt: skip
+        left = _qemu_pids(home)
+        stopped = plane.stop()
+        _cleanup(short_tmp, {})
+        assert stopped == 0, plane.text()
+        assert left == [], f"QEMU left running after vm rm: {left}"
+        assert _ours(short_tmp) == []
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    with contextlib.suppress(OSError):
+        return "\n--- " + str(path) + "\n" + "\n".join(path.read_text(errors="replace")
+                                                     .splitlines()[-n:])  # fmt: skip
+    return ""
