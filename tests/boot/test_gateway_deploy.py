@@ -246,3 +246,40 @@ def _sandbox(home: Path, vm_id: str) -> dict[str, str]:
         return {"netns": "", "run_dir": ""}
     doc = msgspec.json.decode(path.read_bytes())
     return {"netns": doc["netns"], "run_dir": doc["run_dir"]}
+
+
+@pytest.mark.timeout(200)
+def test_host_port_to_the_agent_port_is_a_boot_error(short_tmp: Path) -> None:
+    """The forwarder connects to the CVM's loopback, where the agent serves app keys on 8090:
+    a port map onto it halts the boot with one VmBootError naming the port, and no restart."""
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        pytest.skip("sandbox CVMs need root and dockerd")
+    home = short_tmp / "home"
+    plane = Up(home, extra=("--vmm", "sandbox", "--dashboard-port", "-1")).start()
+    sandboxes: dict[str, dict[str, str]] = {}
+    try:
+        r = cli(home, "deploy", str(EXAMPLE), "--port", f"{_host_port()}:8090",
+                "--vm-id", "agentport", "--timeout", "60", timeout=100)  # fmt: skip
+        sandboxes["agentport"] = _sandbox(home, "agentport")
+        assert r.code != 0, r.out
+        want = "port 8090 is the guest agent's (loopback only): it cannot be forwarded"
+        assert want in r.out + r.err
+
+        def errors() -> list[dict[str, Any]]:
+            return [e for e in _events(home, "dstack.vm.agentport")
+                    if e["type"] in ("VmBootError", "VmStarted", "VmExited")]  # fmt: skip
+
+        seen = wait_for(errors, timeout=20, what="the boot error")
+        time.sleep(3)  # a restart loop would add VmExited/VmStarted/VmBootError by now
+        seen = errors()
+        assert [e["type"] for e in seen] == ["VmStarted", "VmBootError"], seen
+        assert want in seen[1]["body"]["error"]
+    finally:
+        cli(home, "vm", "rm", "agentport")
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: any(e["type"] == "VmRemoved"
+                                 for e in _events(home, "dstack.vm.agentport")),
+                     timeout=40, what="agentport removed")  # fmt: skip
+        stopped = plane.stop()
+        _cleanup(short_tmp, sandboxes)
+        assert stopped == 0, plane.text()

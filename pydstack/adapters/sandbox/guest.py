@@ -221,7 +221,10 @@ if __name__ == "__main__":
         # The forwarder connects to the CVM's loopback, where the agent hands out app keys.
         emit(workdir, "error", f"port {agent_port} is the guest agent's (loopback only): "
                                "it cannot be forwarded to a host port")  # fmt: skip
-        sys.exit(1)
+        # Halt until powered off, as a failed boot does (dstack #334: no restart loop).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        sys.exit(0)
     try:
         LISTENERS.extend(_bind(manifest))
     except OSError as exc:  # a host port taken by something outside pydstack
