@@ -13,6 +13,7 @@ back over HTTPS through the gateway, carrying what the guest measured and decryp
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -107,7 +108,14 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         assert stages[-1] == "ready"
         keys = next(p["detail"] for p in progress if p["stage"] == "keys")
         assert keys.startswith("kms ") and state["kms_url"] in keys, keys
-        assert image.digest  # the guest measured the image it booted (os-image-hash)
+        # Up's KMS verified the guest's quote and event log: this app, and the os-image-hash
+        # the guest measured is the digest of the image QEMU booted.
+        issued = [
+            e["body"]["boot_info"]
+            for e in _events(home, "dstack.*.*")
+            if e["type"] == "KeyIssued" and e["body"]["boot_info"]["app_id"] == app_id
+        ]
+        assert [b["os_image_hash"] for b in issued] == [image.digest], issued
         assert _qemu_pids(home), "no QEMU process for the deployed VM"
     finally:
         cli(home, "vm", "rm", "hello1")
@@ -117,10 +125,12 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
                      timeout=60, what="hello1 removed")  # fmt: skip
         left = _qemu_pids(home)
         stopped = plane.stop()
-        _cleanup(short_tmp, {})
+        _cleanup(short_tmp, {})  # the supervisor (it outlives up by design) and any leftover
         assert stopped == 0, plane.text()
         assert left == [], f"QEMU left running after vm rm: {left}"
-        assert _ours(short_tmp) == []
+        tag = hashlib.sha256(str(home).encode()).hexdigest()[:8]
+        gw = subprocess.run(["pgrep", "-f", f"wireguard-go -f dgw{tag}"], capture_output=True)
+        assert gw.stdout == b"", "up's gateway left its wireguard-go"
 
 
 def _tail(path: Path, n: int = 60) -> str:
