@@ -31,13 +31,12 @@ from pathlib import Path
 import msgspec
 
 from pydstack.adapters.cvm import CvmSpec
+from pydstack_guest.compose_app import start_compose_app
 
 from . import _netns
 from ._boot import AGENT_TCP, Network, boot
-from ._compose import services
 from ._docker import Docker
 from ._outbound import HostRelay
-from .images import load_image
 
 T0 = time.monotonic()
 
@@ -162,16 +161,11 @@ async def main(wd: Path) -> int:
                 return 1
             await asyncio.sleep(0.03)
         emit(wd, "docker")
-        image = load_image(Path(run.images), spec.image)
-        for name in image.docker_images:
-            if not await docker.has_image(name):
-                await docker.import_image(Path(run.images) / spec.image / image.rootfs, name)
-        logs = []
-        for svc in services(spec.app_compose, booted.env):
-            await docker.run(svc.name, svc.image, svc.command, svc.entrypoint, svc.environment,
-                             [f"{rd / 'dstack.sock'}:/var/run/dstack.sock"])  # fmt: skip
-            logs.append(asyncio.create_task(docker.follow_logs(svc.name, wd / "console.log")))
-            emit(wd, "app", svc.name)
+        logs = await start_compose_app(
+            docker, spec.app_compose, booted.env, images=[(Path(run.images), spec.image)],
+            dstack_sock=rd / "dstack.sock", console=wd / "console.log",
+            report=lambda stage, detail: emit(wd, stage, detail),
+        )  # fmt: skip
         for s, vm_port in LISTENERS:
             server = await asyncio.start_server(_forwarder(vm_port), sock=s)
             stack.push_async_callback(server.wait_closed)
