@@ -14,8 +14,11 @@ with a persistent keepalive so app-id routes (fresh handshakes only) find it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -127,3 +130,28 @@ async def bring_up_tunnel(
         await device.close()
         raise
     return device
+
+
+async def await_handshake(
+    device: WireGuardDevice, reg: Registration, *, timeout_s: float = 20.0, nudge_s: float = 1.0
+) -> str | None:
+    """Wait for a completed handshake with any gateway node; returns its public key, or None
+    at the deadline. The first handshake initiation races the gateway adding this peer (it
+    learns of it from the log), and a dropped initiation is only retried after wireguard-go's
+    5 s rekey timeout; each nudge (a datagram to every node's tunnel address) queues traffic
+    so a new initiation follows as soon as wireguard-go allows. Until a handshake is done
+    the gateway cannot route to this CVM, so "ready" waits for it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        status = await device.status()
+        done = [p.public_key for p in status.peers if p.last_handshake]
+        if done:
+            return done[0]
+        if loop.time() >= deadline:
+            return None
+        for server in reg.servers:
+            with contextlib.suppress(OSError), socket.socket(type=socket.SOCK_DGRAM) as udp:
+                udp.setblocking(False)
+                udp.sendto(b"pydstack: handshake", (server.tunnel_ip, 9))  # discard port
+        await asyncio.sleep(min(nudge_s, max(0.0, deadline - loop.time())))

@@ -32,6 +32,7 @@ from .boot import AppCompose, BootFailed, BootPlan, Report
 from .gateway_client import (
     GatewayRegistrationError,
     Registration,
+    await_handshake,
     bring_up_tunnel,
     register_cvm,
 )
@@ -135,6 +136,8 @@ async def _setup(
         device = await bring_up_tunnel(wg, IFNAME, key, reg, netns=netns)
     except (WireGuardError, OSError, ValueError) as e:
         raise BootFailed("gateway", f"WireGuard tunnel to {url}: {e}") from None
+    peer = await await_handshake(device, reg)
+    handshake = "handshake done" if peer else "no handshake yet (the gateway may be down)"
     report("gateway", f"registered with {url}: tunnel ip {reg.client_ip}, "
-           f"{len(reg.servers)} gateway node(s), domain {reg.domain}")  # fmt: skip
+           f"{len(reg.servers)} gateway node(s), domain {reg.domain}; {handshake}")  # fmt: skip
     return GatewayTunnel(reg, url, device)
