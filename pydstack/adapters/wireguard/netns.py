@@ -15,9 +15,11 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ipaddress
 import os
+import signal
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -29,6 +31,22 @@ from pyroute2 import netns as _netns
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]  # no stubs
 
 from .errors import NetnsError
+
+
+def _forget_parent_signals() -> None:
+    """In a forked child: drop the parent's signal wakeup fd and handlers.
+
+    pyroute2 runs each namespace's netlink socket in a child forked with multiprocessing. The
+    child inherits asyncio's ``signal.set_wakeup_fd`` socket, shared with the parent: a SIGTERM
+    ending that helper was written into it and the parent's event loop ran *its* SIGTERM
+    handler (a guest or `attest simulate` powered off right after bringing up WireGuard)."""
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+os.register_at_fork(after_in_child=_forget_parent_signals)
 
 NETNS_DIR = "/var/run/netns"
 _CLONE_NEWNET = 0x40000000
