@@ -68,3 +68,5 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                 await node.stop()
             await store.nc.close()
             await server.stop()
+            if c.nats is not server:  # a test restarted NATS: stop the one running now
+                await c.nats.stop()
