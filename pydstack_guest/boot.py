@@ -216,8 +216,9 @@ def plan_storage(*, dm_crypt: bool) -> StoragePlan:
     refuse it; ext4 native encryption (fscrypt v2, built in here) is the option for later."""
     if dm_crypt:
         return StoragePlan(fs="ext4", encrypted=True, note="LUKS2 (dm-crypt) with the disk key")
-    return StoragePlan(fs="plain", encrypted=False, note="dm-crypt unavailable (no "
-                       "device-mapper in this kernel): data disk NOT encrypted")  # fmt: skip
+    return StoragePlan(fs="plain", encrypted=False, note="no dm-crypt (no device-mapper in "
+                       "this kernel, or no LUKS2 setup in this guest yet): data disk NOT "
+                       "encrypted")  # fmt: skip
 
 
 def dm_crypt_available() -> bool:

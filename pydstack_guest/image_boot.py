@@ -131,6 +131,7 @@ async def run(stop: asyncio.Event) -> None:
         booted = await boot_simulated(
             shared, td, sock=DSTACK_SOCK, report=report, wg=UserspaceBackend(STATE / "wg"),
             reach=reach, agent_tcp=AGENT_TCP,
+            dm_crypt=False,  # the kernel has dm-crypt, but no LUKS2 data disk is set up yet
         )  # fmt: skip
         stack.push_async_callback(booted.agent.aclose)
         report("agent", str(DSTACK_SOCK))

@@ -30,7 +30,16 @@ import pytest
 from pydstack.adapters.qemu import Image, images_dir
 from tests.cli.harness import Up, cli, wait_for
 
-from .test_gateway_deploy import EXAMPLE, _cleanup, _events, _get, _host_port, _line, _ours
+from .test_gateway_deploy import (
+    EXAMPLE,
+    _check_quote,
+    _cleanup,
+    _events,
+    _get,
+    _host_port,
+    _line,
+    _ours,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "pydstack-dev"
@@ -69,8 +78,8 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
     short_tmp: Path,
 ) -> None:
     """deploy says reachable; the page carries the app id the guest measured, the instance id
-    the gateway registered and the env var deploy sealed; the boot ran dstack's steps in
-    order inside the guest; removing the VM leaves no QEMU."""
+    the gateway registered and the env var deploy sealed; the app's quote verifies; the boot
+    ran dstack's steps in order inside the guest; removing the VM leaves no QEMU."""
     image = _image()
     home = short_tmp / "home"
     plane = Up(home, extra=("--vmm", "qemu", "--gateway", "--dashboard-port", "-1")).start()
@@ -86,7 +95,7 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         print(f"deploy on QEMU TCG: {time.monotonic() - t0:.0f} s")
         wd = home / "vmm" / "vms" / "hello1"
         assert r.code == 0, r.out + r.err + _tail(wd / "serial.log")
-        app_id = _line(r.out, "app id")
+        app_id, compose_hash = _line(r.out, "app id"), _line(r.out, "compose hash")
         url = _line(r.out, "url")
         assert re.fullmatch(rf"https://{app_id}-8080\.{re.escape(domain)}(:\d+)?", url), url
         assert f"reachable    {url} (HTTP 200 through the gateway)" in r.out
@@ -98,6 +107,11 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         assert body.splitlines()[:4] == ["hello from pydstack", f"app {app_id}",
                                          f"instance {regs[0]['instance_id']}",
                                          f"GREETING={greeting}"]  # fmt: skip
+        # The app's quote CGI asks the guest agent (its loopback TCP API) for a quote over our
+        # report_data: `attest verify` accepts it as this app's CVM, a tampered copy not.
+        _check_quote(home, short_tmp, proxy, url, ca,
+                     {"app_id": app_id, "compose_hash": compose_hash,
+                      "instance_id": regs[0]["instance_id"]})  # fmt: skip
         progress = [e["body"] for e in _events(home, "dstack.vm.hello1")
                     if e["type"] == "VmBootProgress"]  # fmt: skip
         stages = [p["stage"] for p in progress]
