@@ -72,6 +72,14 @@ def _in_cvm(home: Path, vm: str) -> float:
     return ready - started
 
 
+def _kill_under(root: Path) -> None:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if str(root).encode() in (d / "cmdline").read_bytes():
+                    os.kill(int(d.name), signal.SIGKILL)
+
+
 def _host_port() -> int:
     while True:
         p = random.randint(20000, 29999)
@@ -136,6 +144,7 @@ def main(quick: bool) -> None:
             time.sleep(0.5)
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
+        _kill_under(root)  # the CVMs' supervisor outlives up by design
         shutil.rmtree(root, ignore_errors=True)
     d, c = median(times), median(in_cvm)
     print(

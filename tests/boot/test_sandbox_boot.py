@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.harness import Up, cli, wait_for
+from tests.cli.harness import Up, cli, kill_processes_under, wait_for
 
 # The container serves "$SECRET|$OTHER" (compose `$$` = a literal `$` for the shell).
 COMPOSE_FILE = """services:
@@ -178,4 +178,6 @@ def test_kms_keys_env_and_denial(tmp_path: Path, webhook: tuple[str, list[dict[s
                 wait_for(lambda v=vm_id: any(e["type"] == "VmRemoved"  # type: ignore[misc]
                                              for e in _vm_events(home, v)),
                          timeout=30, what=f"{vm_id} removed")  # fmt: skip
-        assert plane.stop() == 0
+        stopped = plane.stop()
+        kill_processes_under(home)  # the CVMs' supervisor outlives up by design
+        assert stopped == 0

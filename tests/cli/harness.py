@@ -97,3 +97,19 @@ class Up:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=30)
+
+
+def kill_processes_under(root: Path) -> list[int]:
+    """SIGKILL every process whose command line names ``root`` (what a test's `up` left:
+    supervisors, which outlive the VMM by design); returns their pids."""
+    killed = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if str(root).encode() in (d / "cmdline").read_bytes():
+                os.kill(int(d.name), signal.SIGKILL)
+                killed.append(int(d.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
