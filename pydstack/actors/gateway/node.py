@@ -42,6 +42,7 @@ from pydstack.adapters.wireguard import (
     WireGuardError,
     diff_peers,
 )
+from pydstack.adapters.wireguard.netns import addresses_in
 from pydstack.core.events import GatewayNodeJoined
 from pydstack.core.gateway import Instance, PortPolicy, PortRule, RoutingTable
 from pydstack.core.gateway.cluster import ClusterState, Refused
@@ -247,6 +248,17 @@ class GatewayNode:
     async def setup_device(self) -> None:
         """Key, listen port and the tunnel address on the device (idempotent)."""
         net = ipaddress.IPv4Network(self.config.tunnel_net, strict=False)
+        # Two tunnels in one namespace with overlapping networks misroute silently (the kernel
+        # picks either link): refuse, naming the other link (often a second `pydstack up`).
+        others = [(i, c) for i, c in await addresses_in(self.device.netns, str(net))
+                  if i != self.device.ifname]  # fmt: skip
+        if others:
+            ifname, cidr = others[0]
+            raise StoreError(
+                f"gateway node {self.config.node_id}: the tunnel network {net} is already used "
+                f"by link {ifname} ({cidr}) in this network namespace, probably another "
+                "gateway's; stop it, or run this node in its own namespace (--netns)"
+            )
         await self.device.configure(
             DeviceConfig(private_key=self.key, listen_port=self.config.listen_port)
         )

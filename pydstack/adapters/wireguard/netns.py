@@ -163,6 +163,22 @@ async def addresses(netns: str | None, ifname: str) -> list[str]:
         return out
 
 
+async def addresses_in(netns: str | None, network: str) -> list[tuple[str, str]]:
+    """(link name, ``addr/prefix``) of every IPv4 address in the namespace whose network
+    overlaps ``network``."""
+    net = ipaddress.IPv4Network(network, strict=False)
+    async with _ipr(netns) as ipr:
+        names = {}
+        async for link in await ipr.link("dump"):
+            names[link["index"]] = str(link.get("IFLA_IFNAME"))
+        out = []
+        async for msg in await ipr.addr("dump", family=socket.AF_INET):
+            cidr = f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"
+            if ipaddress.IPv4Network(cidr, strict=False).overlaps(net):
+                out.append((names.get(msg["index"], "?"), cidr))
+        return out
+
+
 async def add_route(
     netns: str | None, dst: str, *, ifname: str | None = None, gateway: str | None = None
 ) -> None:
