@@ -504,6 +504,7 @@ class ControlPlane:
             host=host,
             port=self.opts.kms_port or (9100 if not port_in_use(host, 9100) else 0),
             onboard_from=self.opts.kms_onboard,
+            instance_id=self.opts.host_id or "",  # replicas sharing an identity differ by it
             seal_appkeys=str(_dev_appkeys(kms_dir)) if dev else None,
             guest_agent=None if dev else "/var/run/dstack.sock",
             auth=auth,

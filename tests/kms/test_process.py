@@ -155,6 +155,17 @@ def test_only_own_undecided_requests_are_closed() -> None:
     assert undecided([*entries, ("kms-b", KeyDenied(request_id="r2", reason="x"))], "kms-b") == []
 
 
+def test_replicas_sharing_an_identity_close_only_their_own() -> None:
+    """Hosts that copied one data dir's identities sign as the same actor: the instance id
+    (each `up`'s host id) tells their requests apart."""
+    on_a = KeyRequested(request_id="r1", app_id="a", kms_instance="ha")
+    on_b = KeyRequested(request_id="r2", app_id="a", kms_instance="hb")
+    entries = [("kms", on_a), ("kms", on_b)]
+    assert undecided(entries, "kms", "ha") == [on_a]
+    assert undecided(entries, "kms", "hb") == [on_b]
+    assert undecided(entries, "kms") == []  # an instance without an id takes neither
+
+
 async def test_restart_closes_only_its_own_cut_off_requests(
     kms: Kms, pki: DevPki, store: EventStore, nats_server: NatsServer
 ) -> None:
@@ -170,8 +181,11 @@ async def test_restart_closes_only_its_own_cut_off_requests(
         assert last is not None
         return Version(last.seq, message_hash(last.data))
 
-    mine = [KeyRequested(request_id=r, app_id="ab" * 20, method="GetAppKey") for r in ("r1", "r2")]
-    await store.append(subj, mine, await version())
+    mine = [KeyRequested(request_id=r, app_id="ab" * 20, method="GetAppKey",
+                         kms_instance="kms-a") for r in ("r1", "r2")]  # fmt: skip
+    # A replica sharing this identity (same actor) but another instance: not ours to close.
+    twin = KeyRequested(request_id="r4", app_id="ab" * 20, kms_instance="kms-b")
+    await store.append(subj, [*mine, twin], await version())
     other = Signer.from_private_bytes("kms-other", os.urandom(32))
     async with await EventStore.connect(nats_server.url, other) as s2:
         await s2.append(subj, [KeyRequested(request_id="r3", app_id="cd" * 20)], await version())
@@ -185,7 +199,7 @@ async def test_restart_closes_only_its_own_cut_off_requests(
         evs = await kms.events()
     denied = [(e.request_id, e.reason) for e in evs if isinstance(e, KeyDenied)]
     assert denied == [("r1", ABANDONED), ("r2", ABANDONED)]
-    assert fold(evs).open_requests == {"r3"} and not fold(evs).duplicates
+    assert fold(evs).open_requests == {"r3", "r4"} and not fold(evs).duplicates
     async with again:  # started once more: nothing left of its own to close
         assert await kms.events() == evs
 

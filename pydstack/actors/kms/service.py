@@ -268,7 +268,7 @@ class KmsService:
             for r in records:
                 env = open_envelope(r.data)
                 entries.append((env.actor, decode_body(env)))
-            cut_off = undecided(entries, self.store.signer.actor)
+            cut_off = undecided(entries, self.store.signer.actor, self.settings.instance_id)
             if not cut_off:
                 return
             try:
@@ -359,6 +359,7 @@ class KmsService:
             vm_config=vm_config,
             policy=self._policy_json,
             verified_at=now,
+            kms_instance=self.settings.instance_id,
         )
         requested = key_requested(req, ev.boot)
         # The request goes on the log while the backend thinks: neither waits for the other.

@@ -48,6 +48,9 @@ class KeyRequested(Event, tag="KeyRequested", frozen=True):
     policy: str = ""  # JSON of the verifier policy applied
     verified_at: int = 0  # unix seconds the quote was verified at
     method: str = ""  # the RPC: GetAppKey, GetKmsKey, SignCert
+    # Added: the KMS instance that took the request. Replicas may share one identity (one
+    # actor name), so a restarted instance closes only the requests its previous life took.
+    kms_instance: str = ""
 
 
 class KeyIssued(Event, tag="KeyIssued", frozen=True):

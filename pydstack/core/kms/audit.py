@@ -79,15 +79,18 @@ def fold(events: Iterable[object], state: KmsState | None = None) -> KmsState:
     return state
 
 
-def undecided(entries: Iterable[tuple[str, object]], actor: str) -> list[KeyRequested]:
-    """`actor`'s KeyRequested events that have no decision, in log order.
+def undecided(
+    entries: Iterable[tuple[str, object]], actor: str, instance: str = ""
+) -> list[KeyRequested]:
+    """The KeyRequested events of `actor`'s KMS `instance` that have no decision, in log order.
 
     `entries` are (writing actor, event). A KMS that starts has nothing in flight, so every
-    undecided request written under its own actor name was cut off by its previous life.
+    undecided request written under its own actor name and instance id was cut off by its
+    previous life; replicas sharing an identity differ by instance id.
     """
     pending: dict[str, KeyRequested] = {}
     for who, ev in entries:
-        if isinstance(ev, KeyRequested) and who == actor:
+        if isinstance(ev, KeyRequested) and who == actor and ev.kms_instance == instance:
             pending.setdefault(ev.request_id, ev)
         elif isinstance(ev, KeyIssued | KeyDenied):
             pending.pop(ev.request_id, None)

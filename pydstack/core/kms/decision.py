@@ -37,6 +37,7 @@ class KeyRequest(msgspec.Struct, frozen=True, kw_only=True):
     vm_config: str = ""
     policy: str = ""
     verified_at: int = 0
+    kms_instance: str = ""  # which replica takes it (KmsSettings.instance_id)
 
 
 def quote_hash(quote: bytes) -> str:
@@ -132,6 +133,7 @@ def key_requested(req: KeyRequest, boot: BootInfo | None) -> KeyRequested:
         policy=req.policy,
         verified_at=req.verified_at,
         method=req.method,
+        kms_instance=req.kms_instance,
     )
 
 
