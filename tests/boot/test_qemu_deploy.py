@@ -120,6 +120,8 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         assert stages.index("keys") < stages.index("env") < stages.index("gateway")
         assert stages.index("gateway") < stages.index("docker") < stages.index("app")
         assert stages[-1] == "ready"
+        storage = next(p["detail"] for p in progress if p["stage"] == "storage")
+        assert "NOT encrypted" in storage, storage  # no LUKS2 data disk yet: measured plain
         keys = next(p["detail"] for p in progress if p["stage"] == "keys")
         assert keys.startswith("kms ") and state["kms_url"] in keys, keys
         # Up's KMS verified the guest's quote and event log: this app, and the os-image-hash
