@@ -217,3 +217,26 @@ def test_requested_vm_shows_in_the_vm_fold() -> None:
     _, views = state.apply([rec(1, "dstack.vm.v", VmRequested(
         vm_id="v", app_id="a", name="v", resources=VmResources(vcpu=1, memory_mb=1)))])  # fmt: skip
     assert views == {"vms", "hosts", "events"} and state.proj.vms["v"].state == "requested"
+
+
+def test_gateway_view_has_the_nodes_table_with_added_domains() -> None:
+    """The dashboard's gateway table is the one every node folds: a domain added with
+    add-domain is one of its base domains, and the digest matches the nodes' (ClusterView)."""
+    from pydstack.actors.dashboard._views import gateways
+    from pydstack.core.events import GatewayDomainAdded
+    from pydstack.core.gateway.certs import domain_subject
+    from pydstack.core.gateway.table import routing_table
+
+    state = LiveState()
+    state.apply([
+        rec(1, "dstack.gateway.default", GatewayNodeJoined(
+            node_id="g", wg_public_key="R" * 43 + "=", tunnel_ip="10.0.0.1", endpoint="e",
+            base_domain="d.example")),
+        rec(2, domain_subject("default", "apps.example.org"), GatewayDomainAdded(
+            cluster="default", domain="apps.example.org", acme_directory="https://ca/dir")),
+    ])  # fmt: skip
+    [view] = gateways(state)
+    assert set(view["base_domains"]) == {"d.example", "apps.example.org"}
+    nodes = routing_table(state.clusters["default"], ["apps.example.org"])
+    assert view["digest"] == nodes.digest()
+    assert "default:domain:apps_example_org" not in state.clusters  # no bogus cluster

@@ -29,6 +29,9 @@ from pydstack.core.events import (
     KeyIssued,
     KeyRequested,
 )
+from pydstack.core.gateway.certs import CertState, is_cert_subject
+from pydstack.core.gateway.certs import fold as fold_certs
+from pydstack.core.gateway.certs import on_its_subject as on_its_cert_subject
 from pydstack.core.gateway.cluster import DEFAULT_CLUSTER, ClusterState, on_its_subject
 from pydstack.core.gateway.cluster import fold as fold_cluster
 from pydstack.core.kms import KmsState
@@ -122,6 +125,7 @@ class LiveState:
         self.kms: dict[str, KmsState] = {}
         self.decisions: OrderedDict[str, KeyDecision] = OrderedDict()
         self.clusters: dict[str, ClusterState] = {}
+        self.certs: dict[str, CertState] = {}  # per cluster: its domains (base domains too)
         self.events: deque[EventRow] = deque(maxlen=window)
         self.seq = 0
         self.malformed = 0
@@ -136,6 +140,7 @@ class LiveState:
         rows: list[EventRow] = []
         changed: set[str] = set()
         gateway: dict[str, list[Applied]] = {}
+        certs: dict[str, list[Applied]] = {}
         for rec in records:
             if rec.seq <= self.seq:
                 continue
@@ -144,16 +149,29 @@ class LiveState:
             if a is None:
                 self.malformed += 1
             else:
-                changed |= self._fold(rec.subject, a, gateway)
+                changed |= self._fold(rec.subject, a, gateway, certs)
             self.events.append(row)
             rows.append(row)
             changed.add("events")
         for name, batch in gateway.items():
             start = self.clusters.get(name) or ClusterState(cluster=name)
             self.clusters[name] = fold_cluster(batch, start)
+        for name, batch in certs.items():
+            self.certs[name] = fold_certs(batch, self.certs.get(name) or CertState(cluster=name))
         return rows, changed
 
-    def _fold(self, subj: str, a: Applied, gateway: dict[str, list[Applied]]) -> set[str]:
+    def domains(self, cluster: str) -> list[str]:
+        """The base domains added to ``cluster`` and not removed (as every node folds them)."""
+        cs = self.certs.get(cluster)
+        return [] if cs is None else [d.domain for d in cs.domains.values() if d.active]
+
+    def _fold(
+        self,
+        subj: str,
+        a: Applied,
+        gateway: dict[str, list[Applied]],
+        certs: dict[str, list[Applied]],
+    ) -> set[str]:
         e = a.event
         target = route(e)
         if target is not None:
@@ -178,6 +196,11 @@ class LiveState:
         if kind == "kms":
             self._kms(subj.split(".")[2], a)
             return {"keys"}
+        if kind == "gateway" and ":" in subj:  # a cluster's domain or ACME account aggregate
+            name = subj.split(".")[2].split(":", 1)[0]
+            if is_cert_subject(name, subj) and on_its_cert_subject(name, subj, e):
+                certs.setdefault(name, []).append(a)
+            return {"gateways"}
         if kind in ("gateway", "cvm"):
             for name in self._clusters_for(subj, e):
                 if on_its_subject(name, subj, e):

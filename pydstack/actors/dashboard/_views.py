@@ -94,7 +94,7 @@ def gateways(state: LiveState) -> list[dict[str, Any]]:
     out = []
     for name in sorted(state.clusters):
         cs = state.clusters[name]
-        table = routing_table(cs)
+        table = routing_table(cs, state.domains(name))  # the nodes' table, digest included
         t = _builtins(table)
         t["digest"] = table.digest()
         t["instances"] = [
