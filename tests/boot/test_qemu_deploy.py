@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from pydstack.adapters.qemu import Image, images_dir
+from pydstack.adapters.qemu import Image
 from tests.cli.harness import Up, cli, wait_for
 
 from .test_gateway_deploy import (
@@ -62,10 +62,13 @@ def _image() -> Image:
     for tool in ("qemu-system-x86_64", "mmdebstrap", "wireguard-go", "busybox"):
         if not shutil.which(tool):
             pytest.skip(f"{tool} not found: the QEMU flow needs it (make sysdeps)")
-    r = subprocess.run(["bash", str(REPO / "image" / "build.sh")], capture_output=True, text=True)
+    # The harness starts `up` without PYDSTACK_* variables: build where that `up` looks.
+    env = {k: v for k, v in os.environ.items() if k != "PYDSTACK_IMAGE_CACHE"}
+    r = subprocess.run(["bash", str(REPO / "image" / "build.sh")], capture_output=True,
+                       text=True, env=env)  # fmt: skip
     if r.returncode != 0:
         pytest.skip(f"the guest image cannot be built: {r.stderr.strip()[-300:]}")
-    img = Image.load(images_dir() / IMAGE)
+    img = Image.load(Path.home() / ".cache" / "pydstack" / "images" / IMAGE)
     img.verify()
     return img
 
