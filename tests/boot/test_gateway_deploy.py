@@ -65,7 +65,12 @@ def _get(proxy: str, url: str, ca_file: str, path: str = "/") -> tuple[int, str]
             while chunk := s.recv(65536):
                 data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+    status = head.split()[1:2]
+    if not status or not status[0].isdigit():
+        # The gateway closes without an answer while the CVM is registered but its app is
+        # not listening yet: a connection-level failure, retried like the others.
+        raise ConnectionError(f"no HTTP answer from {url}: {data[:60]!r}")
+    return int(status[0]), body.decode()
 
 
 def _events(home: Path, subject: str) -> list[dict[str, Any]]:
