@@ -144,12 +144,15 @@ class _Out:
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               help="seconds to wait for the app to be ready")  # fmt: skip
 @click.option("--no-wait", is_flag=True, help="return once the events are appended")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA the app's HTTPS certificate chains to, for the reachability check "
+                   "[default: the local up's gateway CA, else the system's]")  # fmt: skip
 @json_option
 @click.pass_context
 def deploy_cmd(
     ctx: click.Context, compose_file: Path, env_file: str | None, ports: tuple[str, ...],
     host: str, vcpu: int, memory: int, disk: int, name: str | None, image: str, vm_id: str,
-    kms_url: str | None, timeout: float, no_wait: bool, as_json: bool,
+    kms_url: str | None, timeout: float, no_wait: bool, ca_file: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Deploy a docker-compose.yaml (or an app-compose.json) and follow it until it is up."""
     envs = read_env_file(env_file) if env_file else []
@@ -205,7 +208,7 @@ def deploy_cmd(
             if w.failed:
                 raise click.ClickException(f"deploy of app {app_id} failed: {w.failed}")
             urls = _where(conn, log, w, vm_ports, out)
-            return await _reachable(conn, urls, t_end, out)
+            return await _reachable(conn, urls, t_end, out, ca_file)
 
     run(go())
 
@@ -252,15 +255,18 @@ def _where(conn: Conn, log: LogContext, w: Watch, vm_ports: list[int], out: _Out
     return []
 
 
-async def _reachable(conn: Conn, urls: list[str], t_end: float, out: _Out) -> int:
-    """GET each URL through the gateway (up's proxy and CA for up's domain) until it answers;
-    a URL whose name does not resolve here is reported as not checked."""
+async def _reachable(
+    conn: Conn, urls: list[str], t_end: float, out: _Out, ca_file: str | None = None
+) -> int:
+    """GET each URL through the gateway (up's proxy and CA for up's domain; ``ca_file``
+    instead of that CA when the gateway serves ACME certificates) until it answers; a URL
+    whose name does not resolve here is reported as not checked."""
     from ._reach import wait_reachable
 
     state = conn.data.state()
     domain, proxy = str(state.get("gateway_domain") or ""), str(state.get("gateway_proxy") or "")
-    ca_file = Path(str(state.get("gateway_ca") or ""))
-    ca = await asyncio.to_thread(lambda: ca_file.read_text() if ca_file.is_file() else None)
+    ca_path = Path(ca_file or str(state.get("gateway_ca") or ""))
+    ca = await asyncio.to_thread(lambda: ca_path.read_text() if ca_path.is_file() else None)
     reachable: dict[str, str] = {}
     unchecked: dict[str, str] = {}
     for url in urls:
@@ -269,7 +275,8 @@ async def _reachable(conn: Conn, urls: list[str], t_end: float, out: _Out) -> in
         addr = proxy.rpartition(":")
         ok, detail = await wait_reachable(
             url, deadline=max(t_end, time.monotonic() + 5),
-            connect_to=(addr[0], int(addr[2])) if local else None, ca_pem=ca if local else None,
+            connect_to=(addr[0], int(addr[2])) if local else None,
+            ca_pem=ca if local or ca_file else None,
         )  # fmt: skip
         if ok is False:
             raise click.ClickException(f"the app is up but {url} did not answer through the "

@@ -6,6 +6,7 @@ var outside `allowed_envs` is dropped by the guest."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -288,3 +289,50 @@ def test_host_port_to_the_agent_port_is_a_boot_error(short_tmp: Path) -> None:
         stopped = plane.stop()
         _cleanup(short_tmp, sandboxes)
         assert stopped == 0, plane.text()
+
+
+@pytest.mark.timeout(400)
+async def test_deployed_example_is_served_with_a_certificate_from_pebble(short_tmp: Path) -> None:
+    """With `up --gateway-acme-directory` the gateway orders its wildcard certificate from a
+    real ACME CA (pebble, DNS-01 through pebble-challtestsrv): deploy checks the app's URL
+    against pebble's root (`--ca-file`), and the page is served under that chain, not the
+    dev CA's."""
+    from tests.acme.pebble import missing_binaries, running_pebble
+
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
+        pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
+    if missing_binaries():
+        pytest.skip(f"pebble not installed: {missing_binaries()} (Debian package pebble)")
+    home = short_tmp / "home"
+    async with running_pebble(short_tmp / "pebble") as peb:
+        root = short_tmp / "pebble-root.pem"
+        await asyncio.to_thread(root.write_bytes, await peb.root_pem())
+        plane = await asyncio.to_thread(Up(home, extra=(
+            "--vmm", "sandbox", "--gateway", "--dashboard-port", "-1",
+            "--gateway-acme-directory", peb.directory_url, "--gateway-acme-ca-bundle",
+            peb.ca_bundle, "--gateway-challtestsrv", peb.challtestsrv_url)).start)  # fmt: skip
+        sandboxes: dict[str, dict[str, str]] = {}
+        try:
+            state = msgspec.json.decode(await asyncio.to_thread((home / "state.json").read_bytes))
+            r = await asyncio.to_thread(
+                cli, home, "deploy", str(EXAMPLE), "--port", f"{_host_port()}:8080",
+                "--vm-id", "acme1", "--ca-file", str(root), "--timeout", "150", timeout=200,
+            )  # fmt: skip
+            sandboxes["acme1"] = _sandbox(home, "acme1")
+            assert r.code == 0, r.out + r.err
+            url = _line(r.out, "url")
+            assert f"reachable    {url} (HTTP 200 through the gateway)" in r.out
+            status, body = await asyncio.to_thread(_get, state["gateway_proxy"], url, str(root))
+            assert status == 200 and body.startswith("hello from pydstack"), body
+            with pytest.raises(ssl.SSLCertVerificationError):  # not the dev CA's certificate
+                await asyncio.to_thread(_get, state["gateway_proxy"], url, state["gateway_ca"])
+        finally:
+            await asyncio.to_thread(cli, home, "vm", "rm", "acme1")
+            with contextlib.suppress(AssertionError):
+                await asyncio.to_thread(
+                    wait_for, lambda: any(e["type"] == "VmRemoved"
+                                          for e in _events(home, "dstack.vm.acme1")),
+                    timeout=40, what="acme1 removed")  # fmt: skip
+            stopped = await asyncio.to_thread(plane.stop)
+            await asyncio.to_thread(_cleanup, short_tmp, sandboxes)
+            assert stopped == 0, plane.text()

@@ -81,7 +81,9 @@ class Lan:
 @contextlib.asynccontextmanager
 async def namespace_lan() -> AsyncIterator[Lan]:
     tag = secrets.token_hex(2)
-    a = 200 + secrets.randbelow(50)
+    # A subnet no link of the host uses (a LAN left by a killed run keeps its address).
+    free = [a for a in range(200, 250) if not await ns.addresses_in(None, f"10.{a}.0.0/16")]
+    a = free[secrets.randbelow(len(free))]
     lan = Lan(tag, a)
     guard = f"10.{a}.0.0/16"
     await ns.add_unreachable_route(None, guard)
