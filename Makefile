@@ -16,8 +16,12 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: up test lint typecheck unit deps sysdeps bench clean
 
+# `make up` runs a whole plane, sandbox CVMs included, so `pydstack deploy` works at once;
+# ARGS come last and win (e.g. ARGS="--vmm qemu" after `make image`, or "--vmm none").
+UP_ARGS ?= --vmm sandbox
+
 up: deps
-	$(BIN)/pydstack up $(ARGS)
+	$(BIN)/pydstack up $(UP_ARGS) $(ARGS)
 
 test: deps lint typecheck unit
 
