@@ -187,9 +187,11 @@ async def node_logs(cluster: NatsCluster) -> list[list[tuple[int, bytes]]]:
 def diagnose(home: Path, nats: str, hosts: list[HostUp]) -> str:
     """What the VMs and hosts say: their boot stages and errors, the hosts' last log lines."""
     r = cli(home, "--nats", nats, "events", "--subject", "dstack.vm.*", "--json")
-    shown = ("VmBootProgress", "VmBootError", "VmExited", "VmStarted")
-    lines = [f"{e['subject']} {e['type']} {json.dumps(e['body'])[:200]}" for e in r.lines()
-             if e["type"] in shown]  # fmt: skip
+    last: dict[str, str] = {}  # each VM's last event, and its stage if a boot progress
+    for e in r.lines():
+        stage = e["body"].get("stage", "")
+        last[e["subject"]] = f"{e['type']} {stage} {e['body'].get('detail', '')}"[:200]
+    lines = [f"{subj}: {what}" for subj, what in sorted(last.items())]
     for h in hosts:
         for vm in _vm_ids(h.home)[:2]:
             lines.append(f"--- {h.name} {vm} guest stderr")
