@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pydstack.adapters.sandbox._docker import Docker
 from pydstack.adapters.sandbox._outbound import LOOPBACK, relay_targets, split_endpoint
+from pydstack.adapters.streams import pipe
 
 from .boot import BootFailed, HostShared, read_host_shared
 
@@ -48,15 +49,6 @@ def report(stage: str, detail: str = "") -> None:
     print(json.dumps({"stage": stage, "detail": detail}), flush=True)
 
 
-async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, OSError):
-        while data := await r.read(65536):
-            w.write(data)
-            await w.drain()
-        if w.can_write_eof():
-            w.write_eof()
-
-
 async def relay_host_services(urls: list[str]) -> list[asyncio.Server]:
     """A listener on each loopback (address, port) of `urls`, relaying to the host's."""
     servers = []
@@ -70,7 +62,7 @@ async def relay_host_services(urls: list[str]) -> list[asyncio.Server]:
             except OSError:
                 w.close()
                 return
-            await asyncio.gather(_pipe(r, w2), _pipe(r2, w))
+            await asyncio.gather(pipe(r, w2), pipe(r2, w))
             for x in (w, w2):
                 x.close()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,12 @@ async def store(nats_server: NatsServer, signer: Signer) -> AsyncIterator[EventS
     async with await EventStore.connect(nats_server.url, signer, settings=settings) as s:
         await s.ensure_stream()
         yield s
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: wireguard-go's UAPI sockets (up's gateway, the CVMs'
+    tunnels) live under the data dir and must fit in sun_path (~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="pds-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

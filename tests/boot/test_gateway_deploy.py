@@ -17,9 +17,7 @@ import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +27,10 @@ import pytest
 from pydstack.adapters.sandbox import _netns
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import VmRequested, VmResources
-from tests.cli.harness import Up, cli, wait_for
+from tests.cli.harness import Up, cli, free_host_port, wait_for
 from tests.deploy.support import append_as
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello" / "docker-compose.yaml"
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """wireguard-go's UAPI sockets live under the data dir: it must fit in sun_path."""
-    path = Path(tempfile.mkdtemp(prefix="pdg-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _host_port() -> int:
-    """A free port in the VMM's default host range (20000-29999)."""
-    while True:
-        p = random.randint(20000, 29999)
-        with socket.socket() as s:
-            with contextlib.suppress(OSError):
-                s.bind(("127.0.0.1", p))
-                return p
 
 
 def _get(proxy: str, url: str, ca_file: str, path: str = "/") -> tuple[int, str]:
@@ -131,7 +111,7 @@ def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Pa
         greeting = f"hi-{random.randrange(10**9)}"
         (short_tmp / "hello.env").write_text(f"GREETING={greeting}\n")
         r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
-                "--port", f"{_host_port()}:8080", "--vm-id", "hello1",
+                "--port", f"{free_host_port()}:8080", "--vm-id", "hello1",
                 "--timeout", "150", timeout=200)  # fmt: skip
         sandboxes["hello1"] = _sandbox(home, "hello1")
         assert r.code == 0, r.out + r.err
@@ -264,7 +244,7 @@ def test_host_port_to_the_agent_port_is_a_boot_error(short_tmp: Path) -> None:
     plane = Up(home, extra=("--vmm", "sandbox", "--dashboard-port", "-1")).start()
     sandboxes: dict[str, dict[str, str]] = {}
     try:
-        r = cli(home, "deploy", str(EXAMPLE), "--port", f"{_host_port()}:8090",
+        r = cli(home, "deploy", str(EXAMPLE), "--port", f"{free_host_port()}:8090",
                 "--vm-id", "agentport", "--timeout", "60", timeout=100)  # fmt: skip
         sandboxes["agentport"] = _sandbox(home, "agentport")
         assert r.code != 0, r.out
@@ -315,7 +295,7 @@ async def test_deployed_example_is_served_with_a_certificate_from_pebble(short_t
         try:
             state = msgspec.json.decode(await asyncio.to_thread((home / "state.json").read_bytes))
             r = await asyncio.to_thread(
-                cli, home, "deploy", str(EXAMPLE), "--port", f"{_host_port()}:8080",
+                cli, home, "deploy", str(EXAMPLE), "--port", f"{free_host_port()}:8080",
                 "--vm-id", "acme1", "--ca-file", str(root), "--timeout", "150", timeout=200,
             )  # fmt: skip
             sandboxes["acme1"] = _sandbox(home, "acme1")

@@ -20,15 +20,13 @@ import random
 import re
 import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pydstack.adapters.qemu import Image
-from tests.cli.harness import Up, cli, wait_for
+from tests.cli.harness import Up, cli, free_host_port, wait_for
 
 from .test_gateway_deploy import (
     EXAMPLE,
@@ -36,7 +34,6 @@ from .test_gateway_deploy import (
     _cleanup,
     _events,
     _get,
-    _host_port,
     _line,
     _ours,
 )
@@ -45,14 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGE = "pydstack-dev"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """wireguard-go's UAPI socket (up's gateway) lives under the data dir: it must fit."""
-    path = Path(tempfile.mkdtemp(prefix="pdq-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _image() -> Image:
@@ -93,7 +82,7 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         (short_tmp / "hello.env").write_text(f"GREETING={greeting}\n")
         t0 = time.monotonic()
         r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
-                "--port", f"{_host_port()}:8080", "--vm-id", "hello1", "--image", IMAGE,
+                "--port", f"{free_host_port()}:8080", "--vm-id", "hello1", "--image", IMAGE,
                 "--vcpu", "2", "--memory", "1536M", "--timeout", "600", timeout=660)  # fmt: skip
         print(f"deploy on QEMU TCG: {time.monotonic() - t0:.0f} s")
         wd = home / "vmm" / "vms" / "hello1"

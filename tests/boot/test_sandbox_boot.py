@@ -10,9 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import shutil
-import socket
 import threading
 import time
 import urllib.error
@@ -24,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.harness import Up, cli, kill_processes_under, wait_for
+from tests.cli.harness import Up, cli, free_host_port, kill_processes_under, wait_for
 
 # The container serves "$SECRET|$OTHER" (compose `$$` = a literal `$` for the shell).
 COMPOSE_FILE = """services:
@@ -90,18 +88,6 @@ def _post(url: str, body: dict[str, Any]) -> Any:
         raise AssertionError(f"{url}: {e.code} {e.read().decode()}") from None
 
 
-def _host_port() -> int:
-    """A free port in the VMM's default host range (20000-29999)."""
-    while True:
-        p = random.randint(20000, 29999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-                return p
-            except OSError:
-                continue
-
-
 def _get(port: int) -> str:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
@@ -132,7 +118,7 @@ def test_kms_keys_env_and_denial(tmp_path: Path, webhook: tuple[str, list[dict[s
         env_file.write_text("SECRET=s3cret-value\nOTHER=must-not-leak\n")
         enc = cli(home, "env", "encrypt", "--app-id", app_id(ALLOWED), "--kms", kms, str(env_file))
         assert enc.code == 0, enc.err
-        port, port2 = _host_port(), _host_port()
+        port, port2 = free_host_port(), free_host_port()
         for vm_id, compose, p in (("ok1", ALLOWED, port), ("no1", DENIED, port2)):
             _post(f"{vmm}/prpc/CreateVm", {
                 "id": vm_id, "name": vm_id, "image": "sandbox-busybox", "vcpu": 1, "memory": 256,

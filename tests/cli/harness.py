@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,3 +116,12 @@ def kill_processes_under(root: Path) -> list[int]:
         except (OSError, ProcessLookupError):
             continue
     return killed
+
+
+def free_host_port() -> int:
+    """A free port in the VMM's default host range (20000-29999)."""
+    while True:
+        p = random.randint(20000, 29999)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", p))
+            return p

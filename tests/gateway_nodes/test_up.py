@@ -11,12 +11,9 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,10 +145,3 @@ async def _same_certificate(*admin_urls: str, timeout: float = 60.0) -> None:
             return
         assert time.monotonic() < deadline, f"no common certificate: {statuses}"
         await asyncio.sleep(0.3)
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="pds-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)

@@ -20,7 +20,6 @@ endpoint (address and port) per peer, as it would with real VMs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
 import subprocess
@@ -28,6 +27,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from pydstack.adapters.streams import pipe
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -59,22 +60,13 @@ def _local_address(host: str) -> None:
         raise OSError(f"cannot add {host} inside the CVM's namespace: {r.stderr.strip()}")
 
 
-async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, OSError):
-        while data := await r.read(65536):
-            w.write(data)
-            await w.drain()
-        if w.can_write_eof():
-            w.write_eof()
-
-
 async def _relay(r: asyncio.StreamReader, w: asyncio.StreamWriter, connect: object) -> None:
     try:
         r2, w2 = await connect()  # type: ignore[operator]
     except OSError:
         w.close()
         return
-    await asyncio.gather(_pipe(r, w2), _pipe(r2, w))
+    await asyncio.gather(pipe(r, w2), pipe(r2, w))
     for x in (w, w2):
         x.close()
 

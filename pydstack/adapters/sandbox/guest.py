@@ -31,6 +31,7 @@ from pathlib import Path
 import msgspec
 
 from pydstack.adapters.cvm import CvmSpec
+from pydstack.adapters.streams import pipe
 from pydstack_guest.compose_app import start_compose_app
 
 from . import _netns
@@ -75,24 +76,13 @@ def _bind(spec: CvmSpec) -> list[tuple[socket.socket, int]]:
     return out
 
 
-async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    try:
-        while data := await r.read(65536):
-            w.write(data)
-            await w.drain()
-        if w.can_write_eof():
-            w.write_eof()
-    except (ConnectionError, OSError):
-        pass
-
-
 async def _forward(vm_port: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     try:
         r2, w2 = await asyncio.open_connection("127.0.0.1", vm_port)
     except OSError:
         w.close()
         return
-    await asyncio.gather(_pipe(r, w2), _pipe(r2, w))
+    await asyncio.gather(pipe(r, w2), pipe(r2, w))
     for x in (w, w2):
         x.close()
 
