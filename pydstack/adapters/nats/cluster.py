@@ -103,18 +103,37 @@ class NatsCluster:
             raise
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until the JetStream meta group answers API requests through every live node."""
+        """Wait until the JetStream meta group answers API requests through every live node and
+        its leader counts every live node as a current peer.
+
+        Answering is not enough: a meta leader elected before it heard from the last peer
+        refuses to place an R3 stream ("no suitable peers for placement")."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for node in self.nodes:
-            if not _alive(node):
-                continue
-            while True:
-                if await _js_answers(node.url):
-                    break
+        live = [i for i, node in enumerate(self.nodes) if _alive(node)]
+        for i in live:
+            while not await _js_answers(self.nodes[i].url):
                 if loop.time() > deadline:
                     raise StoreError(f"JetStream cluster not ready within {timeout:.0f}s")
                 await asyncio.sleep(0.1)
+        while self.meta_peers_current() < len(live):
+            if loop.time() > deadline:
+                raise StoreError(
+                    f"JetStream meta group has {self.meta_peers_current()} of {len(live)} "
+                    f"live nodes current after {timeout:.0f}s"
+                )
+            await asyncio.sleep(0.1)
+
+    def meta_peers_current(self) -> int:
+        """How many nodes the JetStream meta leader counts as current (itself included); 0
+        while no live node names a leader that answers."""
+        for cfg in self.configs:
+            meta = _monitor(cfg, "/jsz").get("meta_cluster") or {}
+            if meta.get("leader") != cfg.server_name:
+                continue
+            replicas = meta.get("replicas") or []
+            return 1 + sum(1 for r in replicas if r.get("current") and not r.get("offline"))
+        return 0
 
     def kill(self, i: int) -> None:
         """kill -9 node i (its data dir and ports stay reserved for `restart`)."""
@@ -132,12 +151,7 @@ class NatsCluster:
     def stream_state(self, i: int, stream: str) -> NodeState | None:
         """Node i's local replica of `stream`, or None when it holds none (or is down)."""
         cfg = self.configs[i]
-        url = f"http://{cfg.host}:{cfg.http_port}/jsz?streams=true"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                jsz: dict[str, Any] = json.loads(resp.read())
-        except OSError:
-            return None
+        jsz = _monitor(cfg, "/jsz?streams=true")
         for acc in jsz.get("account_details") or []:
             for s in acc.get("stream_detail") or []:
                 if s.get("name") != stream:
@@ -200,6 +214,16 @@ class NatsCluster:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _monitor(cfg: NatsServerConfig, path: str) -> dict[str, Any]:
+    """One node's monitoring endpoint as JSON; {} when the node is down or not answering."""
+    try:
+        with urllib.request.urlopen(f"http://{cfg.host}:{cfg.http_port}{path}", timeout=2) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+    except (OSError, ValueError):
+        return {}
+    return doc
 
 
 def _alive(node: NatsServer) -> bool:

@@ -52,8 +52,13 @@ __all__ = [
 _WRONG_LAST_SEQ: Final = 10071
 _BATCH_DUP_ID: Final = 10201
 _STREAM_NOT_FOUND: Final = 10059
+_NO_SUITABLE_PEERS: Final = 10005  # a meta leader that does not know enough peers yet
 _H_EXPECT: Final = "Nats-Expected-Last-Subject-Sequence"
 _H_MSGID: Final = "Nats-Msg-Id"
+
+
+class _ClusterForming(Exception):
+    """The JetStream cluster cannot take the stream yet; worth retrying for a while."""
 
 
 @dataclass
@@ -163,17 +168,45 @@ class EventStore:
             allow_atomic=True,
         )
 
-    async def ensure_stream(self) -> None:
-        """Create the stream, or leave an existing one as it is (idempotent)."""
+    async def ensure_stream(self, placement_timeout: float = 15.0) -> None:
+        """Create the stream, or leave an existing one as it is (idempotent).
+
+        A cluster still forming (no meta leader yet, or one that has not yet heard from enough
+        peers to place the replicas) is waited for up to `placement_timeout` seconds: `up --join`
+        and a freshly started cluster race exactly there."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + placement_timeout
+        while True:
+            try:
+                await self._create_stream_once()
+                return
+            except _ClusterForming as forming:
+                if loop.time() > deadline:
+                    raise StoreError(
+                        f"cannot create stream {self.stream!r}: {forming} after "
+                        f"{placement_timeout:.0f}s; check that enough JetStream servers are up "
+                        f"for {self.settings.replicas} replicas"
+                    ) from None
+                await asyncio.sleep(0.25)
+
+    async def _create_stream_once(self) -> None:
         try:
             await self.js.stream_info(self.stream)
             return
         except nats.js.errors.NotFoundError:
             pass
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError) as exc:
+            raise _ClusterForming("JetStream not answering") from exc
         try:
             await self.js.add_stream(self.stream_config())
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise _ClusterForming("JetStream not answering") from exc
         except nats.js.errors.APIError as exc:
+            if exc.err_code == _NO_SUITABLE_PEERS:
+                raise _ClusterForming(str(exc.description)) from exc
             raise StoreError(f"cannot create stream {self.stream!r}: {exc.description}") from None
+        except nats.errors.TimeoutError as exc:
+            raise _ClusterForming("JetStream not answering") from exc
 
     async def last_seq(self) -> int:
         try:
