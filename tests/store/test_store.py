@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import nats
@@ -15,6 +17,7 @@ from pydstack.adapters.nats import (
     EventStore,
     NatsServer,
     StoreClosed,
+    StoreError,
     StreamMissing,
     StreamSettings,
     Unreachable,
@@ -238,3 +241,47 @@ async def test_append_on_a_closed_store_is_a_typed_error(
 
 async def test_version_equality_is_by_value() -> None:
     assert Version(3, b"x") == Version(3, b"x") and NEW == Version()
+
+
+async def test_an_unanswered_append_times_out_with_a_typed_error(
+    store: EventStore, nats_server: NatsServer
+) -> None:
+    """A server that stops answering (SIGSTOP) fails the append after the store's timeout with a
+    typed error; the append was sent, so once the server runs again it is there exactly once and
+    a blind repeat conflicts (the caller re-folds instead of writing it twice)."""
+    assert nats_server.proc is not None
+    store.timeout, store.retries = 0.3, 0
+    v = await store.append(V1, [rejected("before")], NEW)
+    os.kill(nats_server.proc.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        with pytest.raises(StoreError, match=f"append to {V1} got no answer"):
+            await store.append(V1, [rejected("stuck")], v)
+        waited = time.monotonic() - t
+        assert 0.3 <= waited < 1.5, waited
+    finally:
+        os.kill(nats_server.proc.pid, signal.SIGCONT)
+    store.timeout = 5.0
+    with pytest.raises(ConflictError):
+        await store.append(V1, [rejected("stuck")], v)
+    records, _ = await store.read_aggregate(V1)
+    assert len(records) == 2 and b"stuck" in records[1].data
+
+
+async def test_a_retry_after_a_lost_ack_returns_the_stored_sequence(
+    store: EventStore, nats_server: NatsServer
+) -> None:
+    """The store's own retry resends the same bytes; the server stored the first try, so the
+    retry is recognised as that append (one event, its sequence returned)."""
+    assert nats_server.proc is not None
+    store.timeout, store.retries = 0.3, 3
+    v = await store.append(V1, [rejected("before")], NEW)
+    os.kill(nats_server.proc.pid, signal.SIGSTOP)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, os.kill, nats_server.proc.pid, signal.SIGCONT)
+    try:
+        landed = await store.append(V1, [rejected("retried")], v)
+    finally:
+        os.kill(nats_server.proc.pid, signal.SIGCONT)
+    records, last = await store.read_aggregate(V1)
+    assert len(records) == 2 and last == landed and b"retried" in records[1].data

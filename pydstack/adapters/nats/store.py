@@ -282,7 +282,7 @@ class EventStore:
             if len(msgs) == 1:
                 subj, data, headers = msgs[0]
                 seq = await self._publish_one(subj, data, headers, changes[0].expected.seq)
-                return {subj: Version(seq, message_hash(data))}
+                return {subj: Version(seq, prev)}  # prev: the hash of `data`, from the loop
             last_seq = await self._publish_batch(msgs, changes)
         except nats.errors.ConnectionClosedError:
             # Closed under us (shutdown racing an append): a typed store error, not nats-py's.
