@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import msgspec
 
-from pydstack.actors.supervisor import NotFound, ProcessInfo, SupervisorClient
+from pydstack.actors.supervisor import NotFound, ProcessInfo, SupervisorClient, Unreachable
 
 from .cvm import CvmError, CvmNotFound, CvmSpec, CvmStatus, GuestEvent
 
@@ -125,7 +125,11 @@ class SupervisedCvms:
         return read_events(self.workdir(vm_id), offset)
 
     async def list(self) -> list[CvmStatus]:
-        processes = {p.config.id: p for p in await self.sv.list() if p.config.note == self.note}
+        try:
+            listed = await self.sv.list()
+        except Unreachable as exc:  # the VMM relaunches it; until then nothing is observed
+            raise CvmError(str(exc)) from None
+        processes = {p.config.id: p for p in listed if p.config.note == self.note}
         out: list[CvmStatus] = []
         root = self.vms_dir
         for d in sorted(root.iterdir()) if root.is_dir() else []:

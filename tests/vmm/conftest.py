@@ -216,6 +216,9 @@ class VmmProcess:
         await wait_until(ready, 30, "the VMM process API")
         return Api(self.url_file.read_text())
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.kill()

@@ -63,6 +63,23 @@ async def test_vmm_kill9_adopts_and_supervisor_loss_restarts(
             v: (pids[v], first[v]) for v in VMS
         }
 
+        # 1b. kill -9 the supervisor only: the running VMM relaunches it, the new one adopts
+        # the guests (nothing restarted) and the VMM's passes go on (its poll must not die).
+        old_sv = supervisor_pids(vmm_host.root / "sv.sock")
+        for pid in old_sv:
+            os.kill(pid, signal.SIGKILL)
+
+        async def relaunched() -> bool:
+            now = supervisor_pids(vmm_host.root / "sv.sock")
+            return bool(now) and now != old_sv
+
+        await wait_until(relaunched, 20, "the VMM relaunches its supervisor")
+        await asyncio.sleep(2.0)
+        for vm in VMS:
+            assert len(await starts(store, vm)) == 1, f"{vm} restarted after supervisor loss"
+            assert (await api.state(vm))["status"] == "running"
+        assert proc.alive(), "the VMM died when its supervisor did"
+
         # 2. kill -9 the VMM and the supervisor; the CVMs survive and are adopted again.
         proc.kill9()
         for pid in supervisor_pids(vmm_host.root / "sv.sock"):

@@ -165,6 +165,8 @@ class Vmm:
                 await self.pass_once()
             except (StoreError, CvmError, OSError) as exc:
                 _log.warning("vmm pass failed; next poll retries", error=str(exc))
+            except Exception as exc:  # the poll must outlive any one bad pass (level-triggered)
+                _log.exception("vmm pass failed unexpectedly; next poll retries", error=str(exc))
 
     async def pass_once(self) -> int:
         """Fold, observe, plan, act; returns how many actions ran."""

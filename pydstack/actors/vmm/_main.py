@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from pydstack.actors.runtime import ActorRunner, RuntimeConfig
-from pydstack.actors.supervisor import SupervisorClient, launch_supervisor
+from pydstack.actors.supervisor import SupervisorClient, SupervisorError, launch_supervisor
 from pydstack.adapters.cvm import CvmBackend
 from pydstack.adapters.nats import EventStore, StoreError
 from pydstack.core.events import Signer
@@ -87,6 +87,29 @@ async def ensure_supervisor(socket: Path, state_dir: Path) -> SupervisorClient:
     return client
 
 
+async def keep_supervisor(sv: SupervisorClient, state_dir: Path, every_s: float = 1.0) -> None:
+    """Relaunch the host's supervisor when it stops answering (killed, crashed): the VMM's
+    passes need it, and the CVMs it ran are then restarted by the restart policy."""
+    while True:
+        await asyncio.sleep(every_s)
+        if await sv.ping():
+            continue
+        _log.warning("supervisor not answering; relaunching it", socket=str(sv.socket_path))
+        try:
+            launch_supervisor(sv.socket_path, state_dir / "supervisor")
+            await sv.wait_ready()
+        except (OSError, SupervisorError) as exc:
+            _log.error("supervisor relaunch failed; retrying", error=str(exc))
+        else:
+            _log.info("supervisor relaunched", socket=str(sv.socket_path))
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 @contextlib.asynccontextmanager
 async def running_vmm(store: EventStore, launch: VmmLaunch) -> AsyncIterator[tuple[Vmm, str]]:
     """The VMM actor (joined, consuming, polling) and its API URL ("" without API)."""
@@ -96,6 +119,8 @@ async def running_vmm(store: EventStore, launch: VmmLaunch) -> AsyncIterator[tup
     async with contextlib.AsyncExitStack() as stack:
         sv = await ensure_supervisor(sock, sd)
         stack.push_async_callback(sv.close)
+        watchdog = asyncio.create_task(keep_supervisor(sv, sd), name="vmm-supervisor-watchdog")
+        stack.push_async_callback(_cancel, watchdog)
         backend = await build_backend(launch, sv)
         vmm = Vmm(store, backend, launch.config)
         await stack.enter_async_context(vmm)
