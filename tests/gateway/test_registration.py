@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -221,3 +222,61 @@ async def test_callers_without_valid_evidence_get_403_and_leave_no_trace(gateway
     )
     assert status == 403 and "does not bind the certificate key" in " ".join(out["reasons"])
     assert await gateway.store.last_seq() == before
+
+
+@pytest.mark.timeout(60)
+async def test_the_answer_waits_until_the_node_holds_the_peer(
+    store: EventStore, pki: DevPki
+) -> None:
+    """RegisterCvm answers only once the registering node's device holds the new peer (so the
+    CVM's first handshake is not dropped); a node that never gets there still answers."""
+    collateral = collateral_from_json(pki.collateral_json(int(time.time())))
+
+    async def source(_quote: bytes) -> Collateral:
+        return collateral
+
+    verifier = RaTlsVerifier(source, root_ca_der=pki.root_der)
+    ca = DevCa.create()
+    registrar = Registrar(store, RegistrarConfig(node_id="gw1"))
+    node = GatewayNodeJoined(node_id="gw1", wg_public_key=key(501), tunnel_ip="10.0.0.129",
+                             endpoint="192.0.2.1:51820", base_domain="gw.example.com")  # fmt: skip
+    assert await registrar.join(node) == node
+    asked: list[tuple[str, float]] = []
+    held = asyncio.Event()
+
+    async def peer_applied(public_key: str) -> bool:
+        asked.append((public_key, time.monotonic()))
+        if public_key == key(2):
+            return False  # this node never applies it (bounded wait ran out)
+        await held.wait()
+        return True
+
+    gw_identity = await SimCvm(pki, bytes(20), bytes([0xEE]) * 20, b"gateway").identity(ca)
+    app = registration_app(registrar, verifier, RegistrationConfig(node_id="gw1"),
+                           peer_applied=peer_applied)  # fmt: skip
+    port = free_port()
+    runner = await serve_registration(
+        app, "127.0.0.1", port, server_ssl_context(gw_identity[0], gw_identity[1], ca.pem)
+    )
+    gateway = Gateway(f"https://127.0.0.1:{port}", store, ca, pki, verifier, [])
+    try:
+        posting = asyncio.create_task(
+            gateway.post(await gateway.cvm(APP_A, 1).identity(ca), {"client_public_key": key(1)})
+        )
+        for _ in range(200):
+            if asked:
+                break
+            await asyncio.sleep(0.01)
+        assert asked and asked[0][0] == key(1)
+        await asyncio.sleep(0.3)
+        assert not posting.done(), "answered before the node held the peer"
+        held.set()
+        status, out = await posting
+        assert status == 200 and out["wg"]["client_ip"] == "10.0.0.2"
+        status, out = await gateway.post(
+            await gateway.cvm(APP_A, 2).identity(ca), {"client_public_key": key(2)}
+        )
+        assert status == 200 and out["wg"]["client_ip"] == "10.0.0.3"
+    finally:
+        await runner.cleanup()
+        await registrar.aclose()

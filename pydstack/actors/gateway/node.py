@@ -156,6 +156,7 @@ class GatewayNode:
         self.joined: GatewayNodeJoined | None = None
         self.reconciles = 0
         self.changed = asyncio.Event()  # set after every reconcile that changed something
+        self.applied_keys: frozenset[str] = frozenset()  # peers the device holds
 
     # -- status -------------------------------------------------------------------------
 
@@ -311,6 +312,7 @@ class GatewayNode:
         self.device_peer_digest = peer_set_digest([p.config for p in after.peers])
         self.table_peer_digest = peer_set_digest(desired)
         self.applied_digest, self.applied_seq = digest, seq
+        self.applied_keys = frozenset(p.public_key for p in desired)
         self.reconciles += 1
         self._publish_metrics()
         self.changed.set()
@@ -320,6 +322,21 @@ class GatewayNode:
             changed=sum(1 for op in upserts if op.update_only), peers=len(table.peers),
             routes=len(table.routes), ms=round((time.perf_counter() - t0) * 1000, 1),
         )  # fmt: skip
+        return True
+
+    async def wait_peer_applied(self, public_key: str, timeout_s: float = 3.0) -> bool:
+        """Wait until this node's device holds ``public_key`` as a peer (it learns of a new
+        registration from the log, like every node); False at the deadline.
+
+        RegisterCvm answers only after this: the CVM's first handshake initiation then finds
+        its peer here, instead of being dropped and retried after wireguard-go's 5 s rekey
+        timeout (which cost every deploy ~5 s)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while public_key not in self.applied_keys:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
         return True
 
     def _swap_certs(self) -> None:

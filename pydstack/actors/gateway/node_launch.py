@@ -222,6 +222,7 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
                 registrar,
                 _verifier(reg),
                 RegistrationConfig(node_id=cfg.node_id, auth_webhook=reg.auth_webhook),
+                peer_applied=node.wait_peer_applied,
             )
             ssl_ctx = server_ssl_context(reg.chain_pem, reg.key_pem, reg.client_ca_pem)
             runner = await serve_registration(app, reg.host, reg.port, ssl_ctx)

@@ -20,6 +20,7 @@ Request: ``{"client_public_key": "<wg base64>", "port_policy": {"ports": [{"port
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -135,10 +136,20 @@ async def _authorized(
         return f"authorization webhook failed: {type(exc).__name__}: {exc}"
 
 
+PeerApplied = Callable[[str], Awaitable[bool]]
+
+
 def registration_app(
-    registrar: Registrar, verifier: RaTlsVerifier, config: RegistrationConfig | None = None
+    registrar: Registrar,
+    verifier: RaTlsVerifier,
+    config: RegistrationConfig | None = None,
+    *,
+    peer_applied: PeerApplied | None = None,
 ) -> web.Application:
-    """The RegisterCvm endpoint; serve it with ``server_ssl_context`` (mutual TLS)."""
+    """The RegisterCvm endpoint; serve it with ``server_ssl_context`` (mutual TLS).
+
+    ``peer_applied(public_key)``: this node's wait until its WireGuard device holds the new
+    peer; the answer waits for it (bounded), so the CVM's first handshake succeeds."""
     cfg = config or RegistrationConfig()
     app = web.Application(middlewares=[ratls_middleware(verifier)])
     session_key = web.AppKey("webhook_session", aiohttp.ClientSession)
@@ -197,6 +208,9 @@ def registration_app(
             return web.json_response({"error": str(exc), "code": "busy"}, status=503)
         if isinstance(out, Refused):
             return await refuse(req, out.code, out.reason)
+        if peer_applied is not None and not await peer_applied(out.record.wg_public_key):
+            _log.warning("answering before this node holds the peer; the CVM's first "
+                         "handshake may be retried", instance_id=req.instance_id)  # fmt: skip
         return web.json_response(response_body(registrar.state, out, cfg))
 
     app.router.add_post(PATH, register_cvm)
