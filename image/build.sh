@@ -8,7 +8,8 @@
 # Layout of $PYDSTACK_IMAGE_CACHE/$IMAGE_NAME (a symlink to .store/$IMAGE_NAME-<digest>), like
 # dstack's image directory:
 #   metadata.json  kernel/initrd/hda/cmdline/version (dstack's ImageInfo fields)
-#   bzImage        the host's Debian kernel (linux-image-amd64)
+#   bzImage        the host's Debian kernel (linux-image-amd64); dm-crypt etc. are modules
+#                  in the root filesystem, loaded by the boot flow for the LUKS2 data disk
 #   initramfs.cpio.gz  a small busybox initramfs: loads virtio + ext4, mounts /dev/vda, switches
 #                  root (Debian's own initrd is 30 MB and costs ~15 s to unpack under TCG)
 #   rootfs.qcow2   ext4 root disk; a VM boots from a qcow2 overlay on it ("hda" in dstack)
@@ -31,7 +32,10 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 OUT=$CACHE/$NAME
 LAYERS=$CACHE/.layers
 FORCE=${1:-}
+# cryptsetup-bin + dmsetup (its udev rules: without them libdevmapper waits for udev forever)
+# + e2fsprogs: the LUKS2 data disk (pydstack_guest.data_disk).
 PACKAGES=systemd-sysv,udev,dbus,kmod,iproute2,python3,docker.io,ca-certificates,procps,wireguard-go,wireguard-tools
+PACKAGES+=,cryptsetup-bin,dmsetup,e2fsprogs
 ROOT_SIZE=4G
 CMDLINE="console=ttyS0 root=/dev/vda rw apparmor=0 net.ifnames=0 loglevel=4 cryptomgr.notests"
 CMDLINE+=" random.trust_cpu=on systemd.show_status=auto"
@@ -107,6 +111,12 @@ done
 rm -rf "$R$M/kernel/arch/x86/kvm" "$R$M/kernel/drivers/net/wireless" "$R$M/kernel/net/wireless" \
        "$R$M/kernel/net/mac80211" "$R$M/kernel/net/bluetooth" "$R$M/kernel/drivers/net/usb"
 depmod -b "$R" "$KVER"
+# The data disk (LUKS2, aes-xts-plain64) needs device-mapper + dm-crypt, xts and the kernel's
+# userspace crypto API (cryptsetup's keyslot cipher); modprobe loads them in the booted system.
+for m in dm_mod dm_crypt xts algif_skcipher; do
+  modprobe -d "$R" -S "$KVER" --show-depends "$m" >/dev/null \
+    || { echo "module $m missing from the image (needed for the LUKS2 data disk)" >&2; exit 1; }
+done
 
 log "initramfs (busybox + virtio/ext4 modules)"
 I=$WORK/initramfs

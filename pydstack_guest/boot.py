@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -30,10 +30,14 @@ from pydstack.adapters.tdx.identity import mr_config_id_v1, mr_config_id_v2
 from pydstack.adapters.tdx.quote import parse_quote
 
 from .agent import measure_identity
+from .data_disk import DataDiskError, device_mapper_present
 from .kms_provider import KmsKeyProvider, decrypt_env
 from .provider import AppKeys, KeyProvider, KeyProviderError
 
 Report = Callable[[str, str], None]
+# Sets up the data disk with the disk key (`pydstack_guest.data_disk.setup_data_disk`), returns
+# what it did; raises DataDiskError.
+DataDisk = Callable[[bytes], Awaitable[str]]
 RUNNERS = ("docker-compose",)  # dstack also has "bash"; this platform runs compose apps only
 MANIFEST_VERSIONS = (1, 2)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -208,24 +212,27 @@ def check_key_provider(plan: BootPlan, keys: AppKeys) -> None:
                          f"pinned {plan.pinned_provider_id.hex()[:32]}…")  # fmt: skip
 
 
-def plan_storage(*, dm_crypt: bool) -> StoragePlan:
-    """The data disk: LUKS2 with the disk key where dm-crypt exists (QEMU guest kernel).
+def plan_storage(*, dm_crypt: bool, data_disk: bool = False) -> StoragePlan:
+    """The data disk: LUKS2 with the disk key where the kernel has dm-crypt and the CVM has a
+    data disk (the QEMU guest image: `pydstack_guest.data_disk`), measured ``storage-fs`` =
+    ``ext4`` as dstack does.
 
     Without device-mapper (the sandbox: it shares the host kernel, PLATFORM.md) nothing is
     encrypted and RTMR3 says so (``storage-fs`` = ``plain``) so a verifier or KMS policy can
     refuse it; ext4 native encryption (fscrypt v2, built in here) is the option for later."""
+    if dm_crypt and data_disk:
+        return StoragePlan(fs="ext4", encrypted=True,
+                           note="LUKS2 (dm-crypt, aes-xts-plain64) with the disk key")  # fmt: skip
     if dm_crypt:
-        return StoragePlan(fs="ext4", encrypted=True, note="LUKS2 (dm-crypt) with the disk key")
+        return StoragePlan(fs="plain", encrypted=False, note="this kernel has dm-crypt but the "
+                           "CVM has no data disk to set up: data NOT encrypted")  # fmt: skip
     return StoragePlan(fs="plain", encrypted=False, note="no dm-crypt (no device-mapper in "
-                       "this kernel, or no LUKS2 setup in this guest yet): data disk NOT "
+                       "this kernel: the sandbox shares the host's): data disk NOT "
                        "encrypted")  # fmt: skip
 
 
 def dm_crypt_available() -> bool:
-    try:
-        return "device-mapper" in Path("/proc/misc").read_text()
-    except OSError:
-        return False
+    return device_mapper_present()
 
 
 def select_env(
@@ -273,8 +280,11 @@ async def run_boot(
     local: KeyProvider,
     os_image_hash: bytes,
     dm_crypt: bool | None = None,
+    data_disk: DataDisk | None = None,
 ) -> BootResult:
-    """Run the steps; raises `BootFailed` naming the first step that failed."""
+    """Run the steps; raises `BootFailed` naming the first step that failed. `dm_crypt`
+    None: whether this kernel has device-mapper; with it and `data_disk` the storage step
+    sets up the LUKS2 data disk, else the data is measured ``plain`` (not encrypted)."""
     step = ["compose"]
 
     def done(name: str, detail: str, following: str) -> None:
@@ -282,7 +292,7 @@ async def run_boot(
         step[0] = following
 
     try:
-        return await _steps(backend, shared, done, local, os_image_hash, dm_crypt)
+        return await _steps(backend, shared, done, local, os_image_hash, dm_crypt, data_disk)
     except BootFailed:
         raise
     except Exception as e:  # any failure must stop the boot, named by its step
@@ -296,6 +306,7 @@ async def _steps(
     local: KeyProvider,
     os_image_hash: bytes,
     dm_crypt: bool | None,
+    data_disk: DataDisk | None,
 ) -> BootResult:
     plan = plan_boot(shared)
     done("compose", f"{plan.compose.name or '-'} runner={plan.compose.runner} "
@@ -316,8 +327,17 @@ async def _steps(
     done("mrconfigid", mr, "storage")
     await _emit(backend, "os-image-hash", os_image_hash)
     await _emit(backend, "key-provider", keys.key_provider_info())
-    storage = plan_storage(dm_crypt=dm_crypt_available() if dm_crypt is None else dm_crypt)
-    await _emit(backend, "storage-fs", storage.fs.encode())
+    has_dm = dm_crypt_available() if dm_crypt is None else dm_crypt
+    storage = plan_storage(dm_crypt=has_dm, data_disk=data_disk is not None)
+    await _emit(backend, "storage-fs", storage.fs.encode())  # before the disk, as dstack
+    if storage.encrypted and data_disk is not None:
+        if not keys.disk_crypt_key:
+            raise BootFailed("storage", f"the {keys.provider_name} keys have no disk key")
+        try:
+            what = await data_disk(keys.disk_crypt_key)
+        except DataDiskError as e:
+            raise BootFailed("storage", str(e)) from None
+        storage = StoragePlan(fs=storage.fs, encrypted=True, note=f"{storage.note}: {what}")
     done("storage", storage.note, "env")
     env: dict[str, str] = {}
     dropped: tuple[str, ...] = ()

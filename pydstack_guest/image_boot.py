@@ -4,7 +4,10 @@ Started by the image's ``guest-boot.py`` once the host share is mounted and eth0
 address, when the app-compose has a compose file; each stage goes to stdout as a JSON line
 ``{"stage", "detail"}`` that guest-boot.py reports to the host (virtio-serial events port and
 serial console). The flow is the sandbox's (`pydstack_guest.simulated.boot_simulated`, then
-`pydstack_guest.compose_app`) on the system's docker engine.
+`pydstack_guest.compose_app`) on the system's docker engine, plus the LUKS2 data disk
+(`pydstack_guest.data_disk`: formatted with the app's disk key on first boot, opened after,
+mounted at /dstack/persistent with docker's state on it; ``storage-fs`` = ``ext4``). The
+engine starts once the "storage" stage is reported (guest-boot.py holds its READY until then).
 
 The TD is simulated (no TDX under TCG): the host share carries the dev PKI the KMS trusts
 (``dev-pki/``), ``dev-td.json`` (the image's ``os_image_hash``, the sandbox images to import)
@@ -100,6 +103,7 @@ async def run(stop: asyncio.Event) -> None:
     from pydstack.adapters.wireguard import UserspaceBackend
 
     from .compose_app import start_compose_app
+    from .data_disk import load_dm_crypt, setup_data_disk
     from .simulated import SimulatedTd, boot_simulated
 
     shared = read_host_shared(SHARE)
@@ -120,10 +124,17 @@ async def run(stop: asyncio.Event) -> None:
         td = SimulatedTd(pki_dir=SHARE / "dev-pki", state_dir=STATE,
                          os_image_hash=bytes.fromhex(dev["os_image_hash"]), name=name,
                          vcpu=vcpu, memory_mb=mem)  # fmt: skip
+        app_id = str(json.loads(shared.instance_info or b"{}").get("app_id") or "")
+
+        async def data_disk(key: bytes) -> str:
+            return await setup_data_disk(key, label=app_id)
+
+        # The LUKS2 data disk, where the kernel has dm-crypt (its modules are in the image);
+        # docker.service waits for the "storage" stage (guest-boot.py): its state is on it.
         booted = await boot_simulated(
             shared, td, sock=DSTACK_SOCK, report=report, wg=UserspaceBackend(STATE / "wg"),
-            reach=reach, agent_tcp=AGENT_TCP,
-            dm_crypt=False,  # the kernel has dm-crypt, but no LUKS2 data disk is set up yet
+            reach=reach, agent_tcp=AGENT_TCP, dm_crypt=await load_dm_crypt(),
+            data_disk=data_disk,
         )  # fmt: skip
         stack.push_async_callback(booted.agent.aclose)
         report("agent", str(DSTACK_SOCK))

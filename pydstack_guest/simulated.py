@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydstack.adapters.wireguard import WireGuardBackend
 
-from .boot import HostShared, Report
+from .boot import DataDisk, HostShared, Report
 from .gateway_setup import Reach
 
 
@@ -53,12 +53,14 @@ async def boot_simulated(
     shared: HostShared, td: SimulatedTd, *, sock: Path, report: Report,
     wg: WireGuardBackend | None = None, reach: Reach | None = None,
     agent_tcp: str | None = None, dm_crypt: bool | None = None,
+    data_disk: DataDisk | None = None,
 ) -> Booted:  # fmt: skip
     """Raises `pydstack_guest.boot.BootFailed` when a step fails. Without `wg` the gateway
     step is skipped (the CVM has no way to run WireGuard). With `agent_tcp` (a loopback
     ``host:port``) the agent also serves its socket API there, offered to the compose file as
     ``DSTACK_AGENT_URL`` (for apps with no Unix-socket client, e.g. busybox wget). `dm_crypt`
-    False: no LUKS2 data disk is set up, whatever the kernel has (measured ``plain``)."""
+    and `data_disk` as in `run_boot`: the QEMU image passes both (a LUKS2 data disk), the
+    sandbox neither (no device-mapper in the host kernel: measured ``plain``)."""
     from pydstack.adapters.tdx.backend import SimulatorBackend
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
@@ -86,7 +88,8 @@ async def boot_simulated(
         keys_path.parent.mkdir(parents=True, exist_ok=True)
         keys_path.write_text(create_dev_app_keys(app_id, now=int(time.time()))[1])
     result = await run_boot(backend, shared, report=report, local=LocalKeyProvider(keys_path),
-                            os_image_hash=td.os_image_hash, dm_crypt=dm_crypt)  # fmt: skip
+                            os_image_hash=td.os_image_hash, dm_crypt=dm_crypt,
+                            data_disk=data_disk)  # fmt: skip
     vm_config = json.dumps({**json.loads(result.vm_config), "cpu_count": td.vcpu,
                             "memory_size": td.memory_mb * 1024 * 1024})  # fmt: skip
     agent = GuestAgent(backend, result.keys, GuestConfig(

@@ -74,4 +74,9 @@ def test_only_allowed_envs_are_exported() -> None:
 def test_without_dm_crypt_the_disk_is_measured_plain() -> None:
     assert plan_storage(dm_crypt=False).fs == "plain"
     assert not plan_storage(dm_crypt=False).encrypted
-    assert plan_storage(dm_crypt=True).encrypted
+    assert plan_storage(dm_crypt=True, data_disk=True).encrypted
+    assert plan_storage(dm_crypt=True, data_disk=True).fs == "ext4"  # dstack's value
+    # dm-crypt alone encrypts nothing: without a data disk to set up it is measured plain.
+    assert plan_storage(dm_crypt=True).fs == "plain"
+    assert "NOT encrypted" in plan_storage(dm_crypt=True).note
+    assert "no dm-crypt" in plan_storage(dm_crypt=False).note

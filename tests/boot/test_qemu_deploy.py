@@ -1,13 +1,16 @@
 """`pydstack deploy examples/hello` against `pydstack up --vmm qemu`: the same flow as
 test_gateway_deploy on the sandbox backend, in a real QEMU TCG guest booted from the image of
-`make image`. One boot (40-120 s under TCG on these machines).
+`make image`. Two boots (each 40-120 s under TCG on these machines): the deploy, then a
+restart that must open the LUKS2 data disk the first boot formatted.
 
 The guest runs pydstack_guest's boot flow (``pydstack_guest.image_boot``) on a simulated TD
 whose quotes are signed with up's dev PKI (handed over in the host share): RTMR3
 measurements, keys from up's KMS over RA-TLS (reached from slirp through an in-guest relay on
 the URL's own address), the sealed env decrypted, registration at up's gateway and a
 wireguard-go tunnel to it, then the compose app on the guest's docker engine. The page comes
-back over HTTPS through the gateway, carrying what the guest measured and decrypted.
+back over HTTPS through the gateway, carrying what the guest measured and decrypted. The
+docker state lives on the VM's data disk, LUKS2 with the app's disk key from the KMS: the host
+sees only ciphertext there.
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import random
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pydstack.adapters.qemu import Image
+from pydstack_guest.data_disk import validate_luks2_header
 from tests.cli.harness import Up, cli, free_host_port, wait_for
 
 from .test_gateway_deploy import (
@@ -113,7 +120,9 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         assert stages.index("gateway") < stages.index("docker") < stages.index("app")
         assert stages[-1] == "ready"
         storage = next(p["detail"] for p in progress if p["stage"] == "storage")
-        assert "NOT encrypted" in storage, storage  # no LUKS2 data disk yet: measured plain
+        assert storage.startswith("LUKS2 (dm-crypt, aes-xts-plain64) with the disk key: "
+                                  "formatted /dev/vd"), storage  # fmt: skip
+        assert "ext4 at /dstack/persistent" in storage, storage
         keys = next(p["detail"] for p in progress if p["stage"] == "keys")
         assert keys.startswith("kms ") and state["kms_url"] in keys, keys
         # Up's KMS verified the guest's quote and event log: this app, and the os-image-hash
@@ -125,6 +134,7 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         ]
         assert [b["os_image_hash"] for b in issued] == [image.digest], issued
         assert _qemu_pids(home), "no QEMU process for the deployed VM"
+        _check_data_disk_and_restart(home, wd, greeting, storage, proxy, url, ca)
     finally:
         cli(home, "vm", "rm", "hello1")
         with contextlib.suppress(AssertionError):
@@ -139,6 +149,67 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         tag = hashlib.sha256(str(home).encode()).hexdigest()[:8]
         gw = subprocess.run(["pgrep", "-f", f"wireguard-go -f dgw{tag}"], capture_output=True)
         assert gw.stdout == b"", "up's gateway left its wireguard-go"
+
+
+def _stages(home: Path) -> list[dict[str, Any]]:
+    return [e["body"] for e in _events(home, "dstack.vm.hello1") if e["type"] == "VmBootProgress"]
+
+
+def _poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """`wait_for` every 3 s: each look is a CLI process, CPU the TCG guest needs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := check():
+            return got
+        time.sleep(3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _check_data_disk_and_restart(
+    home: Path, wd: Path, greeting: str, storage: str, proxy: str, url: str, ca: str
+) -> None:
+    """After a graceful stop the data disk file is LUKS2 (a header the guest would accept) and
+    neither disk file holds the app's plaintext (the env docker keeps in the container's
+    config, the page the app wrote); a restart opens the same disk with the same key (no new
+    format: the marker written at format is read back) and the app serves again."""
+    t0 = time.monotonic()
+    r = cli(home, "vm", "stop", "hello1")
+    assert r.code == 0, r.out + r.err
+    _poll(lambda: any(e["type"] == "VmStopped" for e in _events(home, "dstack.vm.hello1")),
+          timeout=120, what="hello1 stopped")  # fmt: skip
+    print(f"graceful stop: {time.monotonic() - t0:.0f} s")
+    head = wd / "data-head.raw"
+    subprocess.run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", "bs=1M", "count=16",
+                    f"if={wd / 'data.qcow2'}", f"of={head}"], check=True)  # fmt: skip
+    hdr = head.read_bytes()
+    assert hdr[:8] == b"LUKS\xba\xbe\x00\x02", hdr[:8]  # LUKS2 magic + version 2
+    validate_luks2_header(hdr)  # cryptsetup's real header passes the guest's own checks
+    for name in ("data.qcow2", "disk.qcow2"):
+        with (wd / name).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert m.find(greeting.encode()) == -1, f"{greeting} in plaintext in {name}"
+    first_ready = sum(p["stage"] == "ready" for p in _stages(home))
+    t0 = time.monotonic()
+    r = cli(home, "vm", "start", "hello1")
+    assert r.code == 0, r.out + r.err
+    stages = _poll(lambda: (st := _stages(home)) and sum(p["stage"] == "ready" for p in st)
+                   > first_ready and st, timeout=600, what="hello1 ready again")  # fmt: skip
+    print(f"restart to ready on QEMU TCG: {time.monotonic() - t0:.0f} s")
+    assert not any(p["stage"] == "error" for p in stages), stages
+    second = [p["detail"] for p in stages if p["stage"] == "storage"][-1]
+    print(f"data disk, first boot: {storage}\n           restart: {second}")
+    assert ": opened /dev/vd" in second and ": formatted" not in second, second
+    since = re.search(r"\(formatted at \d+\)", storage)
+    assert since and since.group(0) in second, (storage, second)
+    _, body = _poll(lambda: (got := _try_get(proxy, url, ca)) and got[0] == 200 and got,
+                    timeout=120, what="the app served again")  # fmt: skip
+    assert f"GREETING={greeting}" in body
+
+
+def _try_get(proxy: str, url: str, ca: str) -> tuple[int, str] | None:
+    try:
+        return _get(proxy, url, ca)
+    except OSError:
+        return None
 
 
 def _tail(path: Path, n: int = 60) -> str:

@@ -135,6 +135,13 @@ def test_commas_in_paths_are_escaped() -> None:
     assert "file=/vms/a,,b/disk.qcow2,if=none,id=hd1,format=qcow2" in _after(argv, "-drive")
 
 
+def test_the_data_disk_is_a_third_virtio_disk_the_guest_finds_by_serial() -> None:
+    """pydstack_guest.data_disk looks for /sys/block/vd*/serial == "pydstack-data"."""
+    argv = build_argv(_base(data_disk=Disk(path=f"{W}/data.qcow2", serial="pydstack-data")))
+    assert f"file={W}/data.qcow2,if=none,id=hd2,format=qcow2" in _after(argv, "-drive")
+    assert "virtio-blk-pci,drive=hd2,serial=pydstack-data" in _after(argv, "-device")
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -146,6 +153,8 @@ def test_commas_in_paths_are_escaped() -> None:
         ({"vm_id": "a,b"}, "vm_id"),
         ({"share": HostShare(path="/x", mode="virtiofs")}, "share.virtiofs_socket"),
         ({"mrconfigid": b"\x01" * 47}, "mrconfigid"),
+        ({"data_disk": Disk(path="/d", serial="a,b")}, "disk serial"),
+        ({"data_disk": Disk(path="/d", serial="x" * 21)}, "disk serial"),
     ],
 )
 def test_invalid_specs_are_refused_naming_the_field(change: dict[str, object], field: str) -> None:

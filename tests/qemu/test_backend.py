@@ -16,7 +16,7 @@ import pytest
 
 from pydstack.adapters.cvm import CvmError, CvmNotFound, CvmSpec
 from pydstack.adapters.qemu import QemuBackendConfig, build_argv, disk
-from pydstack.adapters.qemu.backend import QemuBackend
+from pydstack.adapters.qemu.backend import DATA_DISK_GB, QemuBackend
 from pydstack.adapters.qemu.disk import GIB
 from pydstack.core.events import PortMap
 
@@ -57,9 +57,13 @@ async def test_create_prepares_work_dir_disk_and_share(host: Host, images: Path)
     assert (wd / "shared" / "sys-config.json").read_bytes() == b"{}"
     d = await disk.info(wd / "disk.qcow2")
     assert d.virtual_size == 2 * GIB and d.backing == str(images / "tiny" / "rootfs.qcow2")
-    # Updating the manifest grows the disk, never shrinks it.
+    # The data disk (the guest makes it LUKS2): empty, no backing file, the requested size.
+    data = await disk.info(wd / "data.qcow2")
+    assert (data.virtual_size, data.backing) == (2 * GIB, "")
+    # Updating the manifest grows the disks, never shrinks them.
     await backend.create(spec(disk_gb=3))
     assert (await disk.info(wd / "disk.qcow2")).virtual_size == 3 * GIB
+    assert (await disk.info(wd / "data.qcow2")).virtual_size == 3 * GIB
     with pytest.raises(CvmError, match="refusing to shrink"):
         await backend.create(spec(disk_gb=1))
     with pytest.raises(CvmError, match="plain file name"):
@@ -75,6 +79,9 @@ async def test_command_line_for_tcg_and_tdx_hosts(host: Host, images: Path) -> N
     wd = host.root / "vms" / "vm1"
     tcg = build_argv(backend.qemu_spec(spec()))
     assert "hostfwd=tcp:127.0.0.1:18081-:80" in " ".join(tcg)
+    assert f"file={wd}/data.qcow2,if=none,id=hd2,format=qcow2" in tcg
+    assert "virtio-blk-pci,drive=hd2,serial=pydstack-data" in tcg
+    assert (await disk.info(wd / "data.qcow2")).virtual_size == DATA_DISK_GB * GIB
     assert not any("guest-cid" in a for a in tcg)
     assert f"local,path={wd}/shared,mount_tag=host-shared,readonly=on" in " ".join(tcg)
     tdx_cfg = QemuBackendConfig(vms_dir=host.root / "vms", images=images, platform="tdx")

@@ -32,6 +32,7 @@ import msgspec
 Platform = Literal["tdx", "kvm", "tcg"]
 EVENTS_PORT_NAME: Final = "org.pydstack.events"
 SHARE_TAG: Final = "host-shared"  # dstack's mount tag
+DATA_SERIAL: Final = "pydstack-data"  # the data disk's serial (pydstack_guest.data_disk.SERIAL)
 
 
 class ArgvError(ValueError):
@@ -49,6 +50,7 @@ class Disk(msgspec.Struct, frozen=True, kw_only=True):
     path: str
     format: Literal["qcow2", "raw"] = "qcow2"
     readonly: bool = False
+    serial: str = ""  # the virtio-blk serial the guest finds it by (/sys/block/vdX/serial)
 
 
 class Network(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +82,7 @@ class QemuSpec(msgspec.Struct, frozen=True, kw_only=True):
     qemu: str = "qemu-system-x86_64"
     rootfs: Disk | None = None  # read-only root (dstack's verity rootfs)
     disk: Disk | None = None  # the VM's own disk (qcow2, possibly backed by the image's hda)
+    data_disk: Disk | None = None  # persistent data (the guest makes it LUKS2: serial DATA_SERIAL)
     cid: int | None = None
     share: HostShare | None = None
     network: Network = Network()
@@ -131,6 +134,11 @@ def _validate(s: QemuSpec) -> None:
         raise ArgvError("cid: a TDX guest needs a vsock CID (attestation and host channel)")
     if s.network.mode == "bridge" and not s.network.bridge:
         raise ArgvError("network.bridge: bridge mode needs the name of a host bridge")
+    for d in (s.rootfs, s.disk, s.data_disk):
+        if d is not None and not all(c.isalnum() or c in "-_." for c in d.serial):
+            raise ArgvError(f"disk serial {d.serial!r}: letters, digits, '-', '_', '.' only")
+        if d is not None and len(d.serial) > 20:
+            raise ArgvError(f"disk serial {d.serial!r}: at most 20 characters (virtio-blk)")
     if s.share is not None and s.share.mode == "virtiofs" and not s.share.virtiofs_socket:
         raise ArgvError("share.virtiofs_socket: virtiofs needs a running virtiofsd's socket")
     seen: set[tuple[str, str, int]] = set()
@@ -172,12 +180,13 @@ def _tdx_object(s: QemuSpec) -> str:
 
 def _disks(s: QemuSpec) -> list[str]:
     args: list[str] = []
-    for drive_id, d in (("hd0", s.rootfs), ("hd1", s.disk)):
+    for drive_id, d in (("hd0", s.rootfs), ("hd1", s.disk), ("hd2", s.data_disk)):
         if d is None:
             continue
         ro = ",readonly=on" if d.readonly else ""
+        serial = f",serial={_opt(d.serial)}" if d.serial else ""
         args += ["-drive", f"file={_opt(d.path)},if=none,id={drive_id},format={d.format}{ro}"]
-        args += ["-device", f"virtio-blk-pci,drive={drive_id}"]
+        args += ["-device", f"virtio-blk-pci,drive={drive_id}{serial}"]
     return args
 
 

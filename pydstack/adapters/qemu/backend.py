@@ -3,6 +3,8 @@
 Work dir ``<vms_dir>/<vm_id>/``::
 
     manifest.json   the CvmSpec            disk.qcow2   the VM's disk (on the image's hda)
+    data.qcow2      the data disk (``disk_gb``, else DATA_DISK_GB): the guest keeps it LUKS2
+                    with the app's disk key (pydstack_guest.data_disk), so only ciphertext here
     shared/         9p host share (app-compose.json, sys-config, encrypted env...)
     qmp.sock        QMP                     serial.log   console (rotated by the supervisor)
     events.log      guest events (virtio-serial org.pydstack.events), JSON lines
@@ -29,6 +31,7 @@ from pydstack.adapters.cvm_supervised import SupervisedCvms, process_note
 
 from . import disk as qdisk
 from .argv import (
+    DATA_SERIAL,
     Disk,
     HostShare,
     Network,
@@ -42,6 +45,7 @@ from .image import Image, ImageError, images_dir
 from .qmp import Qmp, QmpError
 
 GIB = 1024**3
+DATA_DISK_GB = 8  # the data disk of a VM requested without a disk size (sparse)
 
 
 class QemuBackendConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,10 +101,19 @@ class QemuBackend(SupervisedCvms):
                 await qdisk.create(disk_path, spec.disk_gb * GIB, backing=image.hda)
             elif spec.disk_gb:
                 await qdisk.resize(disk_path, spec.disk_gb * GIB)
+            await self._data_disk(spec)
         except qdisk.DiskError as e:
             raise CvmError(f"{spec.vm_id}: {e}") from None
         self._write_manifest(spec)
         return await self.status(spec.vm_id)
+
+    async def _data_disk(self, spec: CvmSpec) -> None:
+        """Create the data disk (empty: the guest formats it on first boot) or grow it."""
+        path = self.workdir(spec.vm_id) / "data.qcow2"
+        if not await asyncio.to_thread(path.exists):
+            await qdisk.create(path, (spec.disk_gb or DATA_DISK_GB) * GIB)
+        elif spec.disk_gb:
+            await qdisk.resize(path, spec.disk_gb * GIB)
 
     def qemu_spec(self, spec: CvmSpec) -> QemuSpec:
         """The QEMU command line's input for this CVM on this host (pure apart from reads)."""
@@ -120,6 +133,7 @@ class QemuBackend(SupervisedCvms):
             if image.rootfs
             else None,
             disk=Disk(path=str(wd / "disk.qcow2")),
+            data_disk=Disk(path=str(wd / "data.qcow2"), serial=DATA_SERIAL),
             cid=spec.cid if cfg.vsock else None,
             share=HostShare(path=str(wd / "shared"), readonly=image.info.shared_ro),
             network=cfg.network,
@@ -147,6 +161,10 @@ class QemuBackend(SupervisedCvms):
         if await self._running(vm_id):
             return await self.status(vm_id)
         argv = build_argv(self.qemu_spec(spec))
+        try:
+            await self._data_disk(spec)  # a VM created before data disks existed
+        except qdisk.DiskError as e:
+            raise CvmError(f"{vm_id}: {e}") from None
         self._begin_run(wd)
         proc = ProcessConfig(
             id=vm_id, name=spec.name or vm_id, command=argv[0], args=tuple(argv[1:]),

@@ -10,7 +10,8 @@ network path. "ready" = HTTP bound and an IPv4 address on eth0; "docker" follows
 When the app-compose in the host share has a compose file, there is no HTTP server (the app's
 services own the ports), the network stage is "network", and ``pydstack_guest.image_boot``
 runs the boot flow (keys, env, gateway, agent, docker, app, then "ready"), its stages reported
-from here.
+from here. Then systemd hears READY (which docker and containerd wait for) only once the flow
+reports "storage": their state lives on the encrypted data disk the flow mounts.
 """
 
 from __future__ import annotations
@@ -120,14 +121,20 @@ def run_boot_flow() -> None:
     proc = subprocess.Popen([sys.executable, "-m", BOOT_FLOW], stdout=subprocess.PIPE, env=env,
                             text=True)  # fmt: skip
     assert proc.stdout is not None
+    ready = False
     for line in proc.stdout:
         try:
             doc = json.loads(line)
             report(str(doc["stage"]), str(doc.get("detail", "")))
         except (ValueError, KeyError, TypeError):
             print(line.rstrip(), flush=True)
+            continue
+        if not ready and doc["stage"] in ("storage", "error"):
+            ready = True
+            sd_notify("READY=1")  # the data disk is mounted (or never will be): start docker
     code = proc.wait()
     report("error", f"boot error: {BOOT_FLOW} exited with {code}")
+    sd_notify("READY=1")
 
 
 def main() -> int:
@@ -147,7 +154,8 @@ def main() -> int:
     while not has_ipv4("eth0") and time.monotonic() < deadline:
         time.sleep(0.2)
     report("network" if app else "ready", f"http={'app' if app else HTTP_PORT} share={share}")
-    sd_notify("READY=1")  # docker.service waits for this (After=pydstack-boot.service)
+    if not app:  # with an app, once its data disk is mounted (run_boot_flow)
+        sd_notify("READY=1")  # docker.service waits for this (After=pydstack-boot.service)
     if app:
         run_boot_flow()
     else:
