@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
+from urllib.parse import urlsplit
 
 import click
+from click.core import ParameterSource
 
 from pydstack.adapters.nats import StoreError
 from pydstack.controlplane import ControlPlane, DataDir, UpOptions, default_host_id
 from pydstack.logs import configure
+from pydstack.loop import run as run_loop
 
 from ._common import Settings, connection_options
+
+
+def _kms_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise click.BadParameter(f"{url!r} is not an https:// URL", param_hint="--kms-url")
+    return urls
 
 
 @click.command("up")
@@ -142,6 +152,15 @@ from ._common import Settings, connection_options
     metavar="URL",
     help="a running KMS of the cluster to get the root keys from (a replica's first start)",
 )
+@click.option(
+    "--kms-url",
+    "kms_urls",
+    multiple=True,
+    metavar="URL",
+    callback=lambda _c, _p, urls: _kms_urls(urls),
+    help="a further KMS replica this host's CVMs may ask, after up's own KMS (repeatable, "
+    "in order)",
+)
 @click.pass_context
 def up_cmd(
     ctx: click.Context,
@@ -174,23 +193,29 @@ def up_cmd(
     gateway_node_id: str,
     join: str,
     kms_onboard: str,
+    kms_urls: tuple[str, ...],
 ) -> None:
     """Start the control plane: nats-server + JetStream, the stream, the actors.
 
     With no NATS URL configured it runs its own nats-server in the data dir (a second `up`
     reuses it). With --nats URL (or PYDSTACK_NATS, or nats_url in DATA_DIR/config.json) it
     joins that server or cluster instead, using the identities of the data dir (on a
-    further host: `--join URL`, with `--kms --kms-onboard URL` for a KMS replica).
+    further host: `--join URL`, with `--kms --kms-onboard URL` for a KMS replica; a KMS
+    replica alone: `--no-host --no-gateway --kms --kms-onboard URL --host-id NAME`, NAME being
+    its instance id). `--kms-url URL` names further KMS replicas this host's CVMs may ask.
     Stop with Ctrl-C: actors first, then nats-server.
     """
     s = ctx.ensure_object(Settings)
     configure(level=log_level, json=log_json)
+    # --host-id also names the KMS instance; with --no-host only when given (a replica alone)
+    named = ctx.get_parameter_source("host_id") not in (None, ParameterSource.DEFAULT)
     opts = UpOptions(
         port=port, host=host, nats_url=join or s.nats, stream=s.stream, allow_delete=allow_delete,
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
-        kms_onboard=kms_onboard, gateway_node_id=gateway_node_id,
+        kms_onboard=kms_onboard, kms_urls=kms_urls,
+        kms_instance=host_id if no_host and named else "", gateway_node_id=gateway_node_id,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
         gateway=gateway, gateway_domain=gateway_domain, gateway_port=gateway_port,
@@ -199,7 +224,7 @@ def up_cmd(
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:
-        code = asyncio.run(plane.run())
+        code = run_loop(plane.run())  # uvloop when installed: the gateway node's proxy
     except (StoreError, ValueError) as exc:  # ValueError: bad KMS launch options
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

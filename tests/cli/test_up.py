@@ -12,8 +12,12 @@ from pathlib import Path
 
 import nats
 import pytest
+from click.testing import CliRunner
 
 from pydstack.adapters.nats.identity import IdentityStore
+from pydstack.cli import up as up_module
+from pydstack.cli.main import main
+from pydstack.controlplane import ControlPlane, DataDir, UpOptions
 from pydstack.core.events import VmRejected, seal
 
 from .harness import PYDSTACK, Up, cli, free_port, wait_for
@@ -284,3 +288,55 @@ def test_losing_nats_server_stops_up_with_one_line(tmp_path: Path) -> None:
     last = plane.text().strip().splitlines()[-1]
     assert last.startswith("Error: nats-server ended: exited with code -9")
     assert "Traceback" not in plane.text()
+
+
+def _up_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> UpOptions:
+    """The UpOptions `pydstack up ARGS` runs its control plane with (nothing started)."""
+    got: list[UpOptions] = []
+
+    class Plane:
+        def __init__(self, _data: DataDir, opts: UpOptions) -> None:
+            got.append(opts)
+
+        async def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(up_module, "ControlPlane", Plane)
+    r = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "home"), "up", *args])
+    assert r.exit_code == 0, r.output
+    return got[0]
+
+
+def test_kms_url_names_further_kms_replicas_for_the_hosts_cvms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k, a = "https://10.0.0.3:9100", "https://10.0.0.1:9100"
+    opts = _up_options(tmp_path, monkeypatch, "--no-kms", "--kms-url", k, "--kms-url", a)
+    assert opts.kms_urls == (k, a)
+    assert ControlPlane(DataDir(tmp_path), opts).cvm_kms_urls() == (k, a)  # no KMS of its own
+    # With one of its own: that one first, then the given ones, each once.
+    plane = ControlPlane(DataDir(tmp_path), UpOptions(kms_urls=(k, a, k)))
+    plane.kms_url = a
+    assert plane.cvm_kms_urls() == (a, k)
+    assert _up_options(tmp_path, monkeypatch).kms_urls == ()
+
+
+def test_kms_url_must_be_https(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(up_module, "ControlPlane", None)  # never reached
+    r = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "up", "--kms-url", "10.0.0.3:9100"])
+    assert r.exit_code == 2
+    assert "Invalid value for --kms-url: '10.0.0.3:9100' is not an https:// URL" in r.output
+
+
+def test_a_kms_replica_alone_is_named_by_an_explicit_host_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alone = _up_options(tmp_path, monkeypatch, "--no-host", "--host-id", "hk", "--kms")
+    assert (alone.host_id, alone.kms_instance) == (None, "hk")
+    assert ControlPlane(DataDir(tmp_path), alone)._kms_launch().instance_id == "hk"
+    # --no-host alone names no instance (the default host id is this machine's name);
+    # a host's KMS instance is its host id.
+    assert _up_options(tmp_path, monkeypatch, "--no-host").kms_instance == ""
+    host = _up_options(tmp_path, monkeypatch, "--host-id", "ha")
+    assert (host.host_id, host.kms_instance) == ("ha", "")
+    assert ControlPlane(DataDir(tmp_path), host)._kms_launch().instance_id == "ha"
