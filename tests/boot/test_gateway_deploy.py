@@ -163,8 +163,12 @@ def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Pa
         env_stage = [e["body"]["detail"] for e in _events(home, "dstack.vm.hello2")
                      if e["type"] == "VmBootProgress" and e["body"]["stage"] == "env"]  # fmt: skip
         assert env_stage == ["exported ['GREETING']; not in allowed_envs, dropped ['SNEAKY']"]
-        stages = [e["body"]["stage"] for e in _events(home, "dstack.vm.hello1")
-                  if e["type"] == "VmBootProgress"]  # fmt: skip
+        progress = [e["body"] for e in _events(home, "dstack.vm.hello1")
+                    if e["type"] == "VmBootProgress"]  # fmt: skip
+        stages = [p["stage"] for p in progress]
+        # The sandbox runs on the host kernel: no dm-crypt, so no encrypted disk, and it says so.
+        storage = next(p["detail"] for p in progress if p["stage"] == "storage")
+        assert "no dm-crypt" in storage and "NOT encrypted" in storage, storage
         # dstack's order: keys, env, then the gateway, then docker and the app.
         assert stages.index("keys") < stages.index("env") < stages.index("gateway")
         assert stages.index("gateway") < stages.index("docker") < stages.index("app")

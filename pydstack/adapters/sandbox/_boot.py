@@ -7,6 +7,10 @@ image. The gateway step registers over the relayed URL and runs wireguard-go ins
 namespace (its UAPI socket under the short run dir), each gateway's WireGuard endpoint relayed
 over UDP. The agent also serves its socket API on ``AGENT_TCP``, the loopback of the CVM's own
 namespace, where the containers run with host networking: no wider than the socket.
+
+No encrypted data disk: the sandbox runs on the host's kernel, which has no device-mapper
+(dm-crypt), so the boot measures ``storage-fs`` = ``plain`` and its ``storage`` stage says the
+data disk is NOT encrypted (the QEMU guest has LUKS2: `pydstack_guest.data_disk`).
 """
 
 from __future__ import annotations
