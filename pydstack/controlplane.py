@@ -173,6 +173,9 @@ class UpOptions:
     kms_auth: str = ""
     kms_auth_url: str = ""
     kms_onboard: str = ""  # a running KMS to get the cluster's root keys from (a new replica)
+    # Further KMS replicas this host's CVMs may ask, in order, after this up's own KMS (if any)
+    kms_urls: tuple[str, ...] = ()
+    kms_instance: str = ""  # this up's KMS instance id [default: the host id]
     dashboard_port: int = 8080  # taken: any free port; 0: any free port; -1: no dashboard
     dashboard_kms: str = ""  # KMS URL for the deploy form's env keys [default: up's own KMS]
     # Gateway node (see _start_gateway); None: run one with the KMS where wireguard-go can run
@@ -319,7 +322,8 @@ class ControlPlane:
         stack.push_async_callback(_close, store)
         config = DashboardConfig(
             port=self.opts.dashboard_port,
-            kms_url=self.opts.dashboard_kms or self.kms_url,  # none: a dev key (--no-kms)
+            # up's own KMS, else the first --kms-url; none: a dev key (--no-kms)
+            kms_url=self.opts.dashboard_kms or next(iter(self.cvm_kms_urls()), ""),
             dev_env_key=self.data.path / "dashboard" / "dev-env.key",
         )
         try:
@@ -414,7 +418,7 @@ class ControlPlane:
         config = VmmConfig(
             host_id=self.opts.host_id, state_dir=self.data.path / "vmm",
             vcpu=self.opts.host_vcpu, memory_mb=self.opts.host_memory_mb,
-            kms_urls=(self.kms_url,) if self.kms_url else (),
+            kms_urls=self.cvm_kms_urls(),
             **await asyncio.to_thread(self._cvm_gateway),
         )  # fmt: skip
         launch = VmmLaunch(config=config, backend=self.opts.vmm_backend,
@@ -423,6 +427,11 @@ class ControlPlane:
         _, self.vmm_url = await stack.enter_async_context(
             _bounded(running_vmm(store, launch), "vmm")
         )
+
+    def cvm_kms_urls(self) -> tuple[str, ...]:
+        """sys-config of this host's CVMs: the KMS replicas their boot tries in turn, up's own
+        first, then the --kms-url ones (each once)."""
+        return tuple(dict.fromkeys(u for u in (self.kms_url, *self.opts.kms_urls) if u))
 
     def _cvm_gateway(self) -> dict[str, Any]:
         """sys-config of this host's CVMs: up's gateway registration URL and the CA it uses."""
@@ -505,7 +514,8 @@ class ControlPlane:
             host=host,
             port=self.opts.kms_port or (9100 if not port_in_use(host, 9100) else 0),
             onboard_from=self.opts.kms_onboard,
-            instance_id=self.opts.host_id or "",  # replicas sharing an identity differ by it
+            # replicas sharing an identity differ by it
+            instance_id=self.opts.kms_instance or self.opts.host_id or "",
             seal_appkeys=str(_dev_appkeys(kms_dir)) if dev else None,
             guest_agent=None if dev else "/var/run/dstack.sock",
             auth=auth,
