@@ -1,12 +1,16 @@
-"""Two hosts on one replicated log: 2 `pydstack up` processes, each in its own network namespace
-with its own data dir, VMM (sandbox CVMs), KMS replica and gateway node, on a 3-node NATS
-cluster. Apps deployed on both hosts answer through both gateways; then, in turn, a NATS node,
-then the second host (its gateway and its KMS replica with it) are killed with SIGKILL: every
-app stays reachable through the surviving gateway, and the replicated log holds every event the
-clients got acknowledged, identically on every NATS node.
+"""Two hosts on one replicated log: 3 `pydstack up` processes, each in its own network namespace
+with its own data dir, on a 3-node NATS cluster: host A (VMM with sandbox CVMs, KMS, gateway
+node gwa), the KMS replica K alone (onboarded from A), and host B (VMM, gateway node gwb, no
+KMS of its own: its CVMs ask K, then A, with `--kms-url`). Apps deployed on both hosts answer
+through both gateways; then, in turn, the NATS stream leader, the KMS replica K and gateway B
+(host B's up) are killed with SIGKILL: every app stays reachable through the surviving
+gateway, a CVM booting on B while K is down gets its keys from A, and the replicated log holds
+every event the clients got acknowledged, identically on every NATS node.
 
-    ns ha: up (VMM ha, KMS, gateway gwa)     ns hb: up --join (VMM hb, KMS replica, gwb)
-               \\________ bridge 10.A.0.0/24 ________/   nats n0 n1 n2 on the host's address
+    ns ha: up (VMM ha, KMS ha, gwa)   ns hk: up --no-host (KMS hk)   ns hb: up (VMM hb, gwb)
+      CVMs: kms_urls [A]              onboarded from A               CVMs: kms_urls [K, A]
+               \\______________________ bridge 10.A.0.0/24 ______________________/
+                                  nats n0 n1 n2 on the host's address
 """
 
 from __future__ import annotations
@@ -73,8 +77,8 @@ class HostUp:
         return state
 
     def kill9(self) -> None:
-        """SIGKILL to up itself (its gateway and KMS run inside it); the CVMs' supervisor is
-        its own process and keeps them running, as after a VMM crash."""
+        """SIGKILL to up itself (with whatever runs inside it: VMM, KMS, gateway node); the
+        CVMs' supervisor is its own process and keeps them running, as after a VMM crash."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGKILL)  # nsenter execs: this is up
         self.proc.wait(timeout=10)
@@ -182,6 +186,22 @@ def all_ready(home: Path, nats: str, vms: set[str]) -> bool:
     return vms <= ready
 
 
+def key_issuers(home: Path, nats: str) -> dict[str, set[str]]:
+    """The KMS instances that issued keys, by app id (KeyIssued, through its KeyRequested)."""
+    r = cli(home, "--nats", nats, "events", "--subject", "dstack.kms.*", "--json")
+    assert r.code == 0, r.err
+    taken_by: dict[str, str] = {}
+    out: dict[str, set[str]] = {}
+    for e in r.lines():
+        body = e["body"]
+        if e["type"] == "KeyRequested":
+            taken_by[body["request_id"]] = body.get("kms_instance", "")
+        elif e["type"] == "KeyIssued":
+            app_id = body["boot_info"]["app_id"]
+            out.setdefault(app_id, set()).add(taken_by.get(body["request_id"], "?"))
+    return out
+
+
 async def node_logs(cluster: NatsCluster) -> list[list[tuple[int, bytes]]]:
     out = []
     for url in cluster.urls:
@@ -260,16 +280,18 @@ def _cleanup(root: Path, homes: list[Path], host_netns: list[str]) -> None:
     _netns.unmount_under(root)
 
 
-async def test_two_hosts_survive_a_nats_node_and_a_host_going_down(short_tmp: Path) -> None:
+async def test_two_hosts_survive_a_nats_node_a_kms_replica_and_a_gateway_going_down(
+    short_tmp: Path,
+) -> None:
     if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
         pytest.skip("hosts with sandbox CVMs and gateways need root, dockerd and wireguard-go")
     root = short_tmp
-    home_a, home_b = root / "a", root / "b"
+    homes = {name: root / name[1] for name in ("ha", "hk", "hb")}
     hosts: list[HostUp] = []
     async with namespace_lan() as lan:
         async with NatsCluster.create(root / "nats", size=3, host=lan.host_ip) as cluster:
             try:
-                await _scenario(lan, cluster, root, home_a, home_b, hosts)
+                await _scenario(lan, cluster, homes, hosts)
             finally:
                 for h in hosts:  # remove what still runs while a VMM can do it
                     if h.proc.poll() is None:
@@ -278,70 +300,78 @@ async def test_two_hosts_survive_a_nats_node_and_a_host_going_down(short_tmp: Pa
                 for h in hosts:
                     h.stop()
                 await asyncio.to_thread(
-                    _cleanup, root, [home_a, home_b], [lan.ns("ha"), lan.ns("hb")]
+                    _cleanup, root, list(homes.values()), [lan.ns(n) for n in homes]
                 )
 
 
 async def _scenario(
-    lan: Lan, cluster: NatsCluster, root: Path, home_a: Path, home_b: Path, hosts: list[HostUp]
+    lan: Lan, cluster: NatsCluster, homes: dict[str, Path], hosts: list[HostUp]
 ) -> None:
     nats = cluster.url
+    home_a, home_k, home_b = homes["ha"], homes["hk"], homes["hb"]
     r = cli(home_a, "--nats", nats, "init", "--replicas", "3")
     assert r.code == 0, r.out + r.err
-    ip_a, ip_b = await lan.add("ha"), await lan.add("hb")
+    ip_a, ip_k, ip_b = await lan.add("ha"), await lan.add("hk"), await lan.add("hb")
     await lan.add("client")
-    common = ["--vmm", "sandbox", "--kms", "--gateway", "--gateway-domain", DOMAIN]
-    host_a = HostUp(
-        "ha",
-        lan.ns("ha"),
-        home_a,
-        ["--join", nats, "--listen", ip_a, "--host-id", "ha", "--gateway-node-id", "gwa", *common],
-    )
+    sandbox = ["--vmm", "sandbox", "--gateway", "--gateway-domain", DOMAIN]
+    host_a = HostUp("ha", lan.ns("ha"), home_a, [
+        "--join", nats, "--listen", ip_a, "--host-id", "ha", "--gateway-node-id", "gwa",
+        "--kms", *sandbox])  # fmt: skip
     hosts.append(host_a)
     state_a = await asyncio.to_thread(host_a.wait_ready)
-    # A further host uses the first one's identities and (without TDX) its dev PKI, so the
+    # Further machines use the first one's identities and (without TDX) its dev PKI, so the
     # KMS replicas trust each other's and the CVMs' simulated quotes.
-    for d in ("identities", "dev-pki"):
-        await asyncio.to_thread(shutil.copytree, home_a / d, home_b / d)
+    for home in (home_k, home_b):
+        for d in ("identities", "dev-pki"):
+            await asyncio.to_thread(shutil.copytree, home_a / d, home / d)
+    # K: a KMS replica alone (no VMM, no gateway), onboarded from A's KMS; instance "hk".
+    kms_k = HostUp("hk", lan.ns("hk"), home_k, [
+        "--join", nats, "--listen", ip_k, "--no-host", "--host-id", "hk", "--no-gateway",
+        "--kms", "--kms-onboard", state_a["kms_url"]])  # fmt: skip
+    hosts.append(kms_k)
+    state_k = await asyncio.to_thread(kms_k.wait_ready)
+    assert state_k["kms_url"].startswith(f"https://{ip_k}:"), state_k
+    assert state_k["vmm_url"] is None and "gateway_proxy" not in state_k, state_k
+    # B: VMM and gateway node, no KMS: its CVMs ask K, then A.
     host_b = HostUp("hb", lan.ns("hb"), home_b, [
         "--join", nats, "--listen", ip_b, "--host-id", "hb", "--gateway-node-id", "gwb",
-        "--kms-onboard", state_a["kms_url"], *common])  # fmt: skip
+        "--no-kms", "--kms-url", state_k["kms_url"], "--kms-url", state_a["kms_url"],
+        *sandbox])  # fmt: skip
     hosts.append(host_b)
     state_b = await asyncio.to_thread(host_b.wait_ready)
-    assert state_b["kms_url"].startswith(f"https://{ip_b}:")
+    assert state_b["kms_url"] is None and state_b["gateway_proxy"].startswith(f"{ip_b}:")
 
     apps: dict[str, str] = {}
+    on_b: set[str] = set()
     for i in range(APPS_PER_HOST * 2):
         vm, host_id = f"app{i}", ("ha", "hb")[i % 2]
         apps[vm] = await asyncio.to_thread(deploy, home_a, nats, vm, host_id)
+        if host_id == "hb":
+            on_b.add(apps[vm])
     gateways = [
         {"node": "gwa", "gateway_proxy": state_a["gateway_proxy"], "ca": state_a["gateway_ca"]},
         {"node": "gwb", "gateway_proxy": state_b["gateway_proxy"], "ca": state_b["gateway_ca"]},
     ]
-    try:
-        await asyncio.to_thread(
-            wait_for, lambda: all_ready(home_a, nats, set(apps)), timeout=180,
-            what="every app's CVM to boot (keys, gateway, app)",
-        )  # fmt: skip
-    except AssertionError:
-        raise AssertionError(diagnose(home_a, nats, hosts)) from None
+    await _wait_booted(home_a, nats, set(apps), hosts)
     failing = await reachable(lan.ns("client"), gateways, apps, within=90)
     assert not failing, f"not reachable through both gateways: {failing}"
 
-    # Every app got its keys; each host's CVMs ask their own host's KMS replica (B onboarded
-    # from A once, over mutual RA-TLS).
+    # Every app got its keys: host A's CVMs from A's KMS, host B's from the replica K (which
+    # onboarded from A once, over mutual RA-TLS).
     kms = cli(home_a, "--nats", nats, "events", "--subject", "dstack.kms.*", "--json").lines()
-    issued = {e["body"]["boot_info"]["app_id"] for e in kms if e["type"] == "KeyIssued"}
-    assert set(apps.values()) <= issued
     assert sum(e["type"] == "KmsReplicaOnboarded" for e in kms) == 1
-    for home, state in ((home_a, state_a), (home_b, state_b)):
+    issuers = await asyncio.to_thread(key_issuers, home_a, nats)
+    for app_id in apps.values():
+        assert issuers.get(app_id) == ({"hk"} if app_id in on_b else {"ha"}), (app_id, issuers)
+    for home, urls in ((home_a, [state_a["kms_url"]]),
+                       (home_b, [state_k["kms_url"], state_a["kms_url"]])):  # fmt: skip
         vm = _vm_ids(home)[0]
         sysc = json.loads(
             await asyncio.to_thread(
                 (home / "vmm" / "vms" / vm / "shared" / "sys-config.json").read_text
             )
         )
-        assert sysc["kms_urls"] == [state["kms_url"]], (vm, sysc)
+        assert sysc["kms_urls"] == urls, (vm, sysc)
 
     # 1. A NATS node dies (the stream leader): after the election the log accepts appends
     #    again, and every app stays reachable meanwhile.
@@ -355,13 +385,26 @@ async def _scenario(
     assert not failing, f"after killing NATS node {victim}: {failing}"
     apps[late] = extra
 
-    # 2. Host B dies (kill -9 of its up: its gateway node and its KMS replica with it). Its
-    #    CVMs keep running under their supervisor; gateway A still routes to all of them.
+    # 2. The KMS replica K dies (kill -9 of its up): the running CVMs need it no more, and a
+    #    CVM booting on host B now gets its keys from A, the next KMS in its list.
+    await asyncio.to_thread(kms_k.kill9)
+    failing = await reachable(lan.ns("client"), gateways, apps, within=30)
+    assert not failing, f"after the KMS replica died: {failing}"
+    fallback = await asyncio.to_thread(deploy, home_a, nats, "fallback", "hb")
+    apps["fallback"] = fallback
+    await _wait_booted(home_a, nats, set(apps), hosts)
+    issuers = await asyncio.to_thread(key_issuers, home_a, nats)
+    assert issuers.get(fallback) == {"ha"}, issuers.get(fallback)
+    failing = await reachable(lan.ns("client"), gateways, apps, within=90)
+    assert not failing, f"after a boot on host B with the KMS replica down: {failing}"
+
+    # 3. Gateway B dies (kill -9 of host B's up, its VMM with it). Its CVMs keep running
+    #    under their supervisor; gateway A still routes to all of them.
     await asyncio.to_thread(host_b.kill9)
     failing = await reachable(lan.ns("client"), gateways[:1], apps, within=60)
-    assert not failing, f"through gateway A after host B died: {failing}"
+    assert not failing, f"through gateway A after gateway B died: {failing}"
 
-    # 3. The log: node 1 back, all three nodes converge on the same messages, every one
+    # 4. The log: the NATS node back, all three nodes converge on the same messages, every one
     #    signed and chained; nothing acknowledged is missing (each deploy's events are there).
     await cluster.restart(victim)
     await cluster.wait_converged("DSTACK", timeout=60)
@@ -372,3 +415,13 @@ async def _scenario(
         assert f"dstack.vm.{vm}" in subjects, f"VmRequested of {vm} missing"
     audit = cli(home_a, "--nats", nats, "audit")
     assert audit.code == 0, audit.out + audit.err
+
+
+async def _wait_booted(home: Path, nats: str, vms: set[str], hosts: list[HostUp]) -> None:
+    try:
+        await asyncio.to_thread(
+            wait_for, lambda: all_ready(home, nats, vms), timeout=180,
+            what="every app's CVM to boot (keys, gateway, app)",
+        )  # fmt: skip
+    except AssertionError:
+        raise AssertionError(diagnose(home, nats, hosts)) from None
