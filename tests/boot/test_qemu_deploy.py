@@ -48,7 +48,7 @@ from .test_gateway_deploy import (
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "pydstack-dev"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # two TCG boots on a busy machine
 
 
 def _image() -> Image:
