@@ -13,7 +13,7 @@ from eth_keys import keys as eth
 from eth_utils import keccak
 
 from pydstack.core.kms import RootKeys, app_key_material, dh_secret, env_public_key
-from pydstack.core.kms.derive import x25519_public
+from pydstack.core.kms.derive import per_app_keys, x25519_public
 
 # dstack ra-tls/src/kdf.rs `test_derive_dh_secret_stable_output`: root key, context, secret.
 DSTACK_ROOT_DER = bytes.fromhex(
@@ -87,3 +87,17 @@ def test_env_pubkey_signature_is_accepted_by_dstack_sdk() -> None:
         )
         is None
     )
+
+
+def test_per_app_keys_given_or_derived_give_the_same_material() -> None:
+    """The per-app part a KMS keeps between requests is the same for every instance, and
+    passing it in changes nothing but the work done; another app's part is another key."""
+    root = _root()
+    app_id, other = bytes(range(20)), bytes(range(1, 21))
+    kept = per_app_keys(root, app_id)
+    for instance_id in (bytes(20), bytes(range(100, 120))):
+        fresh = app_key_material(root, app_id, instance_id)
+        assert app_key_material(root, app_id, instance_id, kept) == fresh
+        assert (fresh.env_crypt_key, fresh.k256_key, fresh.k256_signature) == (
+            kept.env_crypt_key, kept.k256_key, kept.k256_signature)  # fmt: skip
+    assert per_app_keys(root, other).k256_key != kept.k256_key

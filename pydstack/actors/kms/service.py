@@ -60,13 +60,14 @@ from pydstack.core.kms import (
     temp_ca_scalar,
     undecided,
 )
-from pydstack.core.kms.derive import k256_public
+from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
 from .evidence import CollateralSource, Evidence, attestation_hash, check_certificate, policy_json
 from .keystore import RootKeyFile
 from .writer import DecisionLog
 
 log = structlog.get_logger("pydstack.kms")
+PER_APP_CACHE = 4096  # apps whose per-app derivations a KMS keeps
 _T = TypeVar("_T")
 ROOT_TAG = b"pydstack-kms-root"
 YEAR = 365 * 86400
@@ -143,6 +144,9 @@ class KmsService:
         self.backend = backend
         self.collateral = collateral
         self.root = root
+        # Per-app derivations (k256 key and its root signature, env key) are deterministic
+        # and shared by every instance of an app: kept, LRU, instead of redone per boot.
+        self._per_app: dict[bytes, PerAppKeys] = {}
         self.created = created
         self.attester = attester
         self.clock = clock
@@ -410,9 +414,12 @@ class KmsService:
 
     def _app_keys(self, issued: KeyIssued) -> AppKeyMaterial:
         boot = issued.boot_info
-        return app_key_material(
-            self.root, bytes.fromhex(boot.app_id), bytes.fromhex(boot.instance_id)
-        )
+        app_id = bytes.fromhex(boot.app_id)
+        per_app = self._per_app.pop(app_id, None) or per_app_keys(self.root, app_id)
+        self._per_app[app_id] = per_app  # most recently used last
+        if len(self._per_app) > PER_APP_CACHE:
+            del self._per_app[next(iter(self._per_app))]
+        return app_key_material(self.root, app_id, bytes.fromhex(boot.instance_id), per_app)
 
     async def get_app_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
         now = int(self.clock())

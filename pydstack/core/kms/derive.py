@@ -168,15 +168,35 @@ def x25519_public(secret: bytes) -> bytes:
     return x25519.X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes_raw()
 
 
-def app_key_material(root: RootKeys, app_id: bytes, instance_id: bytes) -> AppKeyMaterial:
-    """Everything GetAppKey derives for one (app, instance); identical on every replica."""
+class PerAppKeys(msgspec.Struct, frozen=True):
+    """The part of GetAppKey's material that depends on the app only (not the instance):
+    the same for every instance of an app, so a KMS may keep it between requests."""
+
+    env_crypt_key: bytes
+    k256_key: bytes
+    k256_signature: bytes
+
+
+def per_app_keys(root: RootKeys, app_id: bytes) -> PerAppKeys:
     check_app_id(app_id)
     k256_key, k256_sig = derive_k256_app_key(root.k256, app_id)
+    return PerAppKeys(
+        env_crypt_key=env_crypt_key(root, app_id), k256_key=k256_key, k256_signature=k256_sig
+    )
+
+
+def app_key_material(
+    root: RootKeys, app_id: bytes, instance_id: bytes, per_app: PerAppKeys | None = None
+) -> AppKeyMaterial:
+    """Everything GetAppKey derives for one (app, instance); identical on every replica.
+    ``per_app``: `per_app_keys(root, app_id)` computed earlier (it is deterministic)."""
+    check_app_id(app_id)
+    app = per_app or per_app_keys(root, app_id)
     return AppKeyMaterial(
         disk_crypt_key=disk_crypt_key(root, app_id, instance_id),
-        env_crypt_key=env_crypt_key(root, app_id),
-        k256_key=k256_key,
-        k256_signature=k256_sig,
+        env_crypt_key=app.env_crypt_key,
+        k256_key=app.k256_key,
+        k256_signature=app.k256_signature,
     )
 
 
