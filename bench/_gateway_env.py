@@ -126,7 +126,8 @@ def stream_nginx(
         f" server {{ listen 127.0.0.1:{pass_port} backlog=4096; ssl_preread on;"
         f" proxy_pass {ip}:{tls_port}; }}\n"
         f" server {{ listen 127.0.0.1:{term_port} ssl backlog=4096; ssl_certificate {pem};"
-        f" ssl_certificate_key {pem}; proxy_pass {ip}:{http_port}; }}\n}}",
+        f" ssl_certificate_key {pem}; ssl_protocols TLSv1.2 TLSv1.3;"
+        f" proxy_pass {ip}:{http_port}; }}\n}}",
     )
 
 
@@ -198,6 +199,18 @@ def wrk(hosts: Path, url: str, seconds: float, connections: int, *, new_conn: bo
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr}{done.stdout}")
     return parse_wrk(done.stdout)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its children still running (nginx's workers)."""
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total + sum(cpu_seconds(int(c)) for c in children)
 
 
 def preflight() -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import urlsplit
 
 import click
@@ -11,6 +10,7 @@ from click.core import ParameterSource
 from pydstack.adapters.nats import StoreError
 from pydstack.controlplane import ControlPlane, DataDir, UpOptions, default_host_id
 from pydstack.logs import configure
+from pydstack.loop import run as run_loop
 
 from ._common import Settings, connection_options
 
@@ -224,7 +224,7 @@ def up_cmd(
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:
-        code = asyncio.run(plane.run())
+        code = run_loop(plane.run())  # uvloop when installed: the gateway node's proxy
     except (StoreError, ValueError) as exc:  # ValueError: bad KMS launch options
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pydstack.core.gateway import (
+    ClientHello,
     ClientHelloError,
     IncompleteClientHello,
     Instance,
@@ -28,6 +29,7 @@ from pydstack.core.gateway import (
     parse_route,
     pick_backends,
 )
+from pydstack.core.gateway.sni import _parse_checked, _parse_one_record
 
 
 def real_client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
@@ -135,6 +137,24 @@ def test_mutated_hellos_only_raise_client_hello_errors(pos: int, value: int) -> 
         parse_client_hello(bytes(data))
     except ClientHelloError:
         pass
+
+
+def _checked(data: bytes) -> ClientHello | None:
+    try:
+        return _parse_checked(data)
+    except ClientHelloError:
+        return None
+
+
+@given(st.lists(st.tuples(st.integers(0, len(HELLO) - 1), st.integers(0, 255)), max_size=3))
+def test_one_record_fast_path_agrees_with_the_checked_parser(edits: list[tuple[int, int]]) -> None:
+    """The fast path accepts only what the checked parser accepts, with the same result."""
+    data = bytearray(HELLO)
+    for pos, value in edits:
+        data[pos] = value
+    fast = _parse_one_record(bytes(data))
+    assert fast is None or fast == _checked(bytes(data))
+    assert _parse_one_record(HELLO) == _checked(HELLO)  # and it does take a real one
 
 
 BASES = ("app.example.com", "other.test")

@@ -11,6 +11,7 @@ import pytest
 
 from pydstack.adapters.proxy import ProxyConfig, ProxyServer, StaticCertProvider
 from pydstack.core.gateway import Instance, RoutingTable
+from pydstack.loop import run
 
 from .support import Pki, backend_tls, client_hello, random_loopback, start_backend
 
@@ -94,3 +95,14 @@ def test_churn_under_uvloop() -> None:
     assert ok == 600
     assert half_close is False
     assert leftover == 0
+
+
+def test_entry_points_run_on_uvloop_unless_asked_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pydstack.loop.run` (the gateway node, `up`) picks uvloop; PYDSTACK_LOOP=asyncio does not."""
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run(loop_module()).startswith("uvloop")
+    monkeypatch.setenv("PYDSTACK_LOOP", "asyncio")
+    assert run(loop_module()).startswith("asyncio")

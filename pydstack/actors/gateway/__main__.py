@@ -37,6 +37,7 @@ from typing import Any
 import click
 
 from pydstack.logs import configure
+from pydstack.loop import run as run_loop
 
 _CLONE_NEWNET = 0x40000000
 
@@ -120,7 +121,7 @@ def main(**o: Any) -> None:
     else:
         o.pop("netns")
     try:
-        asyncio.run(run(**o))
+        run_loop(run(**o))  # uvloop when installed: the proxy's data plane
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 

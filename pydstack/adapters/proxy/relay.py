@@ -2,7 +2,10 @@
 
 Protocols (not streams) keep the per-chunk cost to one ``transport.write``: each side's
 ``data_received`` writes straight into the other transport, and the write buffer's
-``pause_writing``/``resume_writing`` pause and resume reading on the other side.
+``pause_writing``/``resume_writing`` pause and resume reading on the other side. A TLS
+client side is a `BufferedHalf`: asyncio's and uvloop's TLS transports hand a plain
+protocol each read as a fresh 256 KiB ``bytes`` cut down to size (a large allocation per
+read), a buffered one the plaintext in a buffer it owns.
 
 Half-close: when ``half_close`` is on and the other transport supports it, an EOF is
 passed on with ``write_eof()``. With it off (the default under uvloop 0.23, which aborts
@@ -71,6 +74,23 @@ class Half(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
 
+_READ_BUFFER = bytearray(64 * 1024)  # shared: filled and copied out within one callback
+_READ_VIEW = memoryview(_READ_BUFFER)
+
+
+class BufferedHalf(Half, asyncio.BufferedProtocol):
+    """A `Half` read through ``get_buffer``/``buffer_updated`` (for TLS transports).
+
+    The loop fills the buffer and calls ``buffer_updated`` in the same callback, so one
+    buffer serves every connection; the bytes are copied out before the next read."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_VIEW[:nbytes]))
+
+
 def _is_tls(transport: asyncio.BaseTransport) -> bool:
     return transport.get_extra_info("sslcontext") is not None
 
@@ -89,10 +109,11 @@ class Link:
         half_close: bool,
         idle_timeout: float | None = None,
         total_timeout: float | None = None,
+        buffered_client: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.half_close = half_close
-        self.client = Half(self, "client")
+        self.client = (BufferedHalf if buffered_client else Half)(self, "client")
         self.backend: Half | None = None
         self.progress = 0
         self.timed_out = False

@@ -186,8 +186,7 @@ class ProxyServer:
             except OSError as exc:  # EMFILE and friends: log, keep serving
                 log.warning("accept failed", error=str(exc))
                 return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)  # TCP_NODELAY: set by the loop's transport
             self.stats.accepted += 1
             task = self._loop.create_task(self._serve(sock))
             self._tasks.add(task)
@@ -206,29 +205,40 @@ class ProxyServer:
         finally:
             sock.close()  # no-op once a transport owns and has closed it
 
+    def _try_hello(self, sock: socket.socket, seen: int) -> ClientHello | int:
+        """The ClientHello peeked so far, or how many bytes are there (-1: none yet)."""
+        limit = self.config.max_client_hello
+        try:
+            data = sock.recv(limit, socket.MSG_PEEK)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            raise Refused("client_error", str(exc)) from exc
+        if not data:
+            raise Refused("client_eof", f"closed after {seen} bytes")
+        try:
+            return parse_client_hello(data)
+        except IncompleteClientHello:
+            if len(data) >= limit:
+                raise Refused("malformed_client_hello", f"over {limit} bytes") from None
+        except MalformedClientHello as exc:
+            raise Refused("malformed_client_hello", str(exc)) from exc
+        return len(data)
+
     async def _peek_hello(self, sock: socket.socket) -> ClientHello:
-        limit, delay, seen = self.config.max_client_hello, 0.001, 0
+        """Wait for a complete ClientHello (when it was not there at accept)."""
+        delay, seen = 0.001, 0
         while True:
             await self._readable(sock)
-            try:
-                data = sock.recv(limit, socket.MSG_PEEK)
-            except BlockingIOError:
+            got = self._try_hello(sock, seen)
+            if isinstance(got, ClientHello):
+                return got
+            if got < 0:
                 continue
-            except OSError as exc:
-                raise Refused("client_error", str(exc)) from exc
-            if not data:
-                raise Refused("client_eof", f"closed after {seen} bytes")
-            try:
-                return parse_client_hello(data)
-            except IncompleteClientHello:
-                if len(data) >= limit:
-                    raise Refused("malformed_client_hello", f"over {limit} bytes") from None
-            except MalformedClientHello as exc:
-                raise Refused("malformed_client_hello", str(exc)) from exc
-            if len(data) == seen:  # peeked data keeps the socket readable: back off instead
+            if got == seen:  # peeked data keeps the socket readable: back off instead
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
-            seen = len(data)
+            seen = got
 
     async def _readable(self, sock: socket.socket) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -265,11 +275,13 @@ class ProxyServer:
 
     async def _route_and_relay(self, sock: socket.socket) -> None:
         cfg = self.config
-        try:
-            async with asyncio.timeout(cfg.handshake_timeout):
-                hello = await self._peek_hello(sock)
-        except TimeoutError:
-            raise Refused("handshake_timeout", "no complete ClientHello in time") from None
+        hello = self._try_hello(sock, 0)  # usually there by the time we accept: no timer
+        if not isinstance(hello, ClientHello):
+            try:
+                async with asyncio.timeout(cfg.handshake_timeout):
+                    hello = await self._peek_hello(sock)
+            except TimeoutError:
+                raise Refused("handshake_timeout", "no complete ClientHello in time") from None
         if hello.server_name is None:
             raise Refused("no_sni", "ClientHello without server_name")
         route = await self._route(hello.server_name)
@@ -303,8 +315,11 @@ class ProxyServer:
             half_close=self._half_close,
             idle_timeout=cfg.idle_timeout,
             total_timeout=cfg.total_timeout,
+            buffered_client=ctx is not None,  # TLS: see relay.BufferedHalf
         )
-        client_addr, local_addr = sock.getpeername(), sock.getsockname()
+        addrs = None
+        if any(b.proxy_protocol for b in picked.backends):
+            addrs = sock.getpeername()[:2], sock.getsockname()[:2]
         try:
             if ctx is None:  # passthrough: dial first, the ClientHello is still in the kernel
                 backend, half, backend_tr = await self._connect_first(link, picked.backends)
@@ -328,7 +343,9 @@ class ProxyServer:
         except BaseException:
             link.abort()
             raise
-        header = encode_proxy_header(backend.proxy_protocol, client_addr[:2], local_addr[:2])
+        header = b""
+        if addrs is not None:
+            header = encode_proxy_header(backend.proxy_protocol, *addrs)
         link.join(client_tr, half, backend_tr, header)
         self.stats.routed[route.mode.name.lower()] += 1
         try:
@@ -343,6 +360,8 @@ class ProxyServer:
         self, link: Link, backends: tuple[Backend, ...]
     ) -> tuple[Backend, Half, asyncio.BaseTransport]:
         """Dial every backend at once; keep the first that connects, close the rest."""
+        if len(backends) == 1:
+            return await self._connect_one(link, backends[0])
         attempts: dict[asyncio.Task[tuple[asyncio.BaseTransport, Half]], Backend] = {}
         for b in backends:
             coro = self._loop.create_connection(link.new_backend_half, b.ip, b.port)
@@ -359,9 +378,6 @@ class ProxyServer:
                             errors.append(f"{attempts[task].ip}: {task.exception()}")
                         elif winner is None:
                             transport, half = task.result()
-                            transport.get_extra_info("socket").setsockopt(
-                                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-                            )
                             winner = (attempts[task], half, transport)
         except TimeoutError:
             raise Refused("connect_timeout", f"{len(backends)} backend(s)") from None
@@ -376,3 +392,19 @@ class ProxyServer:
         if winner is None:
             raise Refused("connect_failed", "; ".join(errors))
         return winner
+
+    async def _connect_one(
+        self, link: Link, backend: Backend
+    ) -> tuple[Backend, Half, asyncio.BaseTransport]:
+        """`_connect_first` for one backend, without a task per attempt."""
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                try:
+                    transport, half = await self._loop.create_connection(
+                        link.new_backend_half, backend.ip, backend.port
+                    )
+                except Exception as exc:  # as _connect_first: any failure is a failed dial
+                    raise Refused("connect_failed", f"{backend.ip}: {exc}") from exc
+        except TimeoutError:
+            raise Refused("connect_timeout", "1 backend(s)") from None
+        return backend, half, transport

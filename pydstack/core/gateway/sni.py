@@ -143,9 +143,69 @@ def _alpn(ext: _Reader) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _parse_one_record(data: bytes) -> ClientHello | None:
+    """The common case, a ClientHello in one record, read with plain index arithmetic.
+
+    A per-connection cost of the proxy, so no `_Reader` objects or field names here: this
+    accepts only what `_parse_checked` accepts (with the same result) and returns None for
+    anything else, which `_parse_checked` then reads again to say what is wrong."""
+    n = len(data)
+    if n < 9 or data[0] != _HANDSHAKE or data[1] != 3 or data[5] != _CLIENT_HELLO:
+        return None
+    rec_len = data[3] << 8 | data[4]
+    end = 9 + (data[6] << 16 | data[7] << 8 | data[8])
+    if rec_len == 0 or rec_len > _MAX_RECORD or n < 5 + rec_len or end > 5 + rec_len:
+        return None
+    p = 9 + 2 + 32  # legacy_version, random
+    if p >= end or data[p] > 32:  # session_id
+        return None
+    p += 1 + data[p]
+    if p + 2 > end:
+        return None
+    suites = data[p] << 8 | data[p + 1]
+    p += 2 + suites
+    if not suites or suites % 2 or p + 1 > end or not data[p]:  # compression_methods
+        return None
+    p += 1 + data[p]
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    if p < end:
+        if p + 2 > end or p + 2 + (data[p] << 8 | data[p + 1]) != end:
+            return None
+        p += 2
+        seen: set[int] = set()
+        while p < end:
+            if p + 4 > end:
+                return None
+            ext_type, ext_len = data[p] << 8 | data[p + 1], data[p + 2] << 8 | data[p + 3]
+            p += 4
+            if p + ext_len > end or ext_type in seen:
+                return None
+            seen.add(ext_type)
+            if ext_type == _EXT_SNI or ext_type == _EXT_ALPN:
+                ext = _Reader(data[p : p + ext_len], f"extension {ext_type}")
+                try:
+                    if ext_type == _EXT_SNI:
+                        server_name = _server_name(ext)
+                    else:
+                        alpn = _alpn(ext)
+                except ClientHelloError:
+                    return None
+            p += ext_len
+    elif p > end:
+        return None
+    return ClientHello(server_name=server_name, alpn=alpn, length=5 + rec_len)
+
+
 def parse_client_hello(data: bytes) -> ClientHello:
     """Parse the ClientHello at the start of ``data`` (the first bytes a TLS client sends)."""
-    body, used = _handshake_message(bytes(data))
+    data = bytes(data)
+    return _parse_one_record(data) or _parse_checked(data)
+
+
+def _parse_checked(data: bytes) -> ClientHello:
+    """Every case (records split, anything malformed), with errors naming what broke."""
+    body, used = _handshake_message(data)
     r = _Reader(body, "ClientHello")
     r.take(2, "legacy_version")
     r.take(32, "random")
