@@ -27,6 +27,7 @@ from .device import WireGuardBackend, WireGuardDevice
 from .errors import DeviceError, NetnsError
 from .keys import PrivateKey
 from .model import DeviceStatus, PeerOp, PeerStatus, normalize_cidr, split_endpoint
+from .netns import on_stock_loop
 
 
 def _text(value: Any) -> str:
@@ -83,6 +84,7 @@ class KernelDevice(WireGuardDevice):
         await wg.setup_endpoint()
         return wg
 
+    @on_stock_loop
     async def status(self) -> DeviceStatus:
         wg = await self._wg()
         try:
@@ -104,6 +106,7 @@ class KernelDevice(WireGuardDevice):
             public_key=public_key, listen_port=listen_port, fwmark=fwmark, peers=tuple(peers)
         )
 
+    @on_stock_loop
     async def _set(
         self,
         ops: Sequence[PeerOp],
@@ -124,6 +127,7 @@ class KernelDevice(WireGuardDevice):
         finally:
             wg.close()
 
+    @on_stock_loop
     async def close(self) -> None:
         await _ns.delete_link(self.netns, self.ifname)
 
@@ -133,6 +137,7 @@ class KernelBackend(WireGuardBackend):
 
     name = "kernel"
 
+    @on_stock_loop
     async def unavailable_reason(self) -> str | None:
         if os.geteuid() != 0:
             return "the kernel backend needs root (CAP_NET_ADMIN)"
@@ -152,6 +157,7 @@ class KernelBackend(WireGuardBackend):
             return f"cannot probe the wireguard kernel module: {exc}"
         return None
 
+    @on_stock_loop
     async def create(self, ifname: str, netns: str | None = None) -> KernelDevice:
         try:
             async with AsyncIPRoute(netns=netns) if netns else AsyncIPRoute() as ipr:

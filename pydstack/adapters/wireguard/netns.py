@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import os
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]  # pyroute2 ships no stubs
 from pyroute2 import netns as _netns
@@ -48,6 +49,46 @@ def _forget_parent_signals() -> None:
 
 os.register_at_fork(after_in_child=_forget_parent_signals)
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_netlink_loop: asyncio.AbstractEventLoop | None = None
+_netlink_lock = threading.Lock()
+
+
+def _stock_loop() -> asyncio.AbstractEventLoop:
+    """A stock asyncio loop on a thread of its own, started on first use.
+
+    The thread is created by the caller's thread, so it starts in the caller's network
+    namespace (a process that entered one before serving keeps it here too)."""
+    global _netlink_loop
+    with _netlink_lock:
+        if _netlink_loop is None or _netlink_loop.is_closed():
+            loop = asyncio.SelectorEventLoop()
+            threading.Thread(target=loop.run_forever, name="netlink", daemon=True).start()
+            _netlink_loop = loop
+        return _netlink_loop
+
+
+def on_stock_loop(
+    fn: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """Run a pyroute2 coroutine on a stock asyncio loop.
+
+    pyroute2 hands its netlink sockets to ``loop.create_datagram_endpoint``, which uvloop
+    refuses for AF_NETLINK ("cannot open a UDP handle, invalid family 16"). Under a stock
+    loop the call runs in place; under uvloop (the gateway's data plane) it is carried out on
+    `_stock_loop` and awaited from here."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+            return await fn(*args, **kwargs)
+        done = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), _stock_loop())
+        return await asyncio.wrap_future(done)
+
+    return wrapper
+
+
 NETNS_DIR = "/var/run/netns"
 _CLONE_NEWNET = 0x40000000
 
@@ -60,6 +101,7 @@ def netns_exists(name: str) -> bool:
     return os.path.exists(netns_path(name))
 
 
+@on_stock_loop
 async def create_netns(name: str) -> None:
     """Create a named namespace (like `ip netns add`) with its loopback up."""
     try:
@@ -69,6 +111,7 @@ async def create_netns(name: str) -> None:
     await link_up(name, "lo")
 
 
+@on_stock_loop
 async def delete_netns(name: str) -> None:
     """Remove a named namespace; links inside it go with it. Missing is not an error."""
     if not netns_exists(name):
@@ -110,17 +153,20 @@ async def _run(what: str, netns: str | None, op: Any) -> None:
         raise NetnsError(f"{what} in netns {netns or '<host>'}: {exc}") from exc
 
 
+@on_stock_loop
 async def link_exists(netns: str | None, ifname: str) -> bool:
     async with _ipr(netns) as ipr:
         return bool(await ipr.link_lookup(ifname=ifname))
 
 
+@on_stock_loop
 async def link_up(netns: str | None, ifname: str) -> None:
     async with _ipr(netns) as ipr:
         idx = await _index(ipr, netns, ifname)
         await _run(f"set {ifname} up", netns, ipr.link("set", index=idx, state="up"))
 
 
+@on_stock_loop
 async def delete_link(netns: str | None, ifname: str) -> None:
     """Delete a link; a missing link is not an error."""
     async with _ipr(netns) as ipr:
@@ -129,6 +175,7 @@ async def delete_link(netns: str | None, ifname: str) -> None:
             await _run(f"delete {ifname}", netns, ipr.link("del", index=found[0]))
 
 
+@on_stock_loop
 async def add_veth(netns_a: str | None, ifname_a: str, netns_b: str, ifname_b: str) -> None:
     """A veth pair with one end in each namespace, both up."""
     async with _ipr(netns_a) as ipr:
@@ -139,6 +186,7 @@ async def add_veth(netns_a: str | None, ifname_a: str, netns_b: str, ifname_b: s
     await link_up(netns_b, ifname_b)
 
 
+@on_stock_loop
 async def add_address(netns: str | None, ifname: str, cidr: str) -> None:
     """Add ``addr/prefix`` to a link; adding an address it already has is not an error."""
     iface = ipaddress.ip_interface(cidr)
@@ -153,6 +201,7 @@ async def add_address(netns: str | None, ifname: str, cidr: str) -> None:
                 raise NetnsError(f"add {cidr} to {ifname} in {netns or '<host>'}: {exc}") from exc
 
 
+@on_stock_loop
 async def addresses(netns: str | None, ifname: str) -> list[str]:
     """The ``addr/prefix`` strings on a link."""
     async with _ipr(netns) as ipr:
@@ -163,6 +212,7 @@ async def addresses(netns: str | None, ifname: str) -> list[str]:
         return out
 
 
+@on_stock_loop
 async def addresses_in(netns: str | None, network: str) -> list[tuple[str, str]]:
     """(link name, ``addr/prefix``) of every IPv4 address in the namespace whose network
     overlaps ``network``."""
@@ -179,6 +229,7 @@ async def addresses_in(netns: str | None, network: str) -> list[tuple[str, str]]
         return out
 
 
+@on_stock_loop
 async def add_route(
     netns: str | None, dst: str, *, ifname: str | None = None, gateway: str | None = None
 ) -> None:
@@ -197,6 +248,7 @@ async def add_route(
                 raise NetnsError(f"add route {dst} in {netns or '<host>'}: {exc}") from exc
 
 
+@on_stock_loop
 async def add_unreachable_route(netns: str | None, dst: str) -> None:
     """An ``unreachable`` route: traffic to ``dst`` fails locally instead of leaving the host."""
     net = ipaddress.ip_network(dst, strict=False)
@@ -208,6 +260,7 @@ async def add_unreachable_route(netns: str | None, dst: str) -> None:
                 raise NetnsError(f"add unreachable {dst} in {netns or '<host>'}: {exc}") from exc
 
 
+@on_stock_loop
 async def delete_route(netns: str | None, dst: str, *, unreachable: bool = False) -> None:
     """Delete a route to ``dst``; a missing route is not an error."""
     net = ipaddress.ip_network(dst, strict=False)
@@ -222,6 +275,7 @@ async def delete_route(netns: str | None, dst: str, *, unreachable: bool = False
                 raise NetnsError(f"delete route {dst} in {netns or '<host>'}: {exc}") from exc
 
 
+@on_stock_loop
 async def routes(netns: str | None) -> list[tuple[str, int]]:
     """(destination CIDR, route type) for every IPv4 route in the main table."""
     async with _ipr(netns) as ipr:
