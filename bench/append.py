@@ -6,7 +6,14 @@ Raw publishes pre-sealed bytes of the same events with no headers; ours goes thr
 ``EventStore.append`` (envelope, Ed25519 signature, hash chain, Nats-Msg-Id and
 Nats-Expected-Last-Subject-Sequence). Goals: async/batched throughput >= 0.7x raw, single
 sync append p50 <= 1.3x the raw publish round trip. Runs are interleaved (raw, ours, raw, ...)
-so that load from elsewhere on the machine hits both sides alike.
+so that load from elsewhere on the machine hits both sides alike. Both run on the control
+plane's event loop (`pydstack.loop`: uvloop when installed).
+
+Where the time goes (cProfile, 2026-11): the run is bound by the client's CPU. Per event, raw
+spends ~40 us (uvloop) in nats-py; ours ~90 us: the Ed25519 signature (libsodium, ~25-30 us),
+nats-py's header encoding for Nats-Msg-Id and the expected sequence (~15 us), the envelope,
+hash and commit bookkeeping (~15 us). The signature alone keeps a signed, hash-chained append
+above ~0.6x of publishing pre-sealed bytes in one Python process.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from nats.js import JetStreamContext
 
 from pydstack.adapters.nats import NEW, EventStore, StreamSettings, Version, new_event_id
 from pydstack.core.events import Event, seal
+from pydstack.loop import run as run_loop
 
 from ._common import bench_signer, emit, median, parse_quick, percentile, temp_server, vm_requested
 
@@ -167,7 +175,7 @@ async def run(sizes: Sizes) -> Results:
 
 def main() -> None:
     sizes = QUICK if parse_quick(__doc__) else FULL
-    r = asyncio.run(run(sizes))
+    r = run_loop(run(sizes))  # the control plane's loop (uvloop when installed), both sides
     raw_p50, ours_p50 = median(r.raw_sync_us), median(r.ours_sync_us)
     raw_eps = median(r.raw_eps)
     conc_eps, batch_eps = median(r.ours_conc_eps), median(r.ours_batch_eps)
