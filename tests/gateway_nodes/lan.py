@@ -19,6 +19,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from pydstack.adapters.sandbox import _netns
 from pydstack.adapters.wireguard import netns as ns
 
 
@@ -101,6 +102,9 @@ async def namespace_lan() -> AsyncIterator[Lan]:
         with contextlib.suppress(Exception):
             await ns.delete_link(None, lan.host_if)
         for name in list(lan.members):
+            # What a test left running in the namespace (a gateway killed with -9 leaves its
+            # wireguard-go; a process stopped too late) would outlive it, orphaned.
+            await asyncio.to_thread(_netns.kill_all, lan.ns(name))
             with contextlib.suppress(Exception):
                 await ns.delete_netns(lan.ns(name))
         with contextlib.suppress(Exception):
