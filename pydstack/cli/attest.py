@@ -28,7 +28,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from pydstack.adapters.tdx.attestation import Attestation, decode_attestation
-from pydstack.adapters.tdx.collateral import Collateral, fetch_collateral, load_collateral
+from pydstack.adapters.tdx.collateral import (
+    Collateral,
+    collateral_from_json,
+    fetch_collateral,
+    load_collateral,
+)
 from pydstack.adapters.tdx.errors import TdxError
 from pydstack.adapters.tdx.eventlog import (
     EventLogError,
@@ -37,6 +42,7 @@ from pydstack.adapters.tdx.eventlog import (
     replay_and_compare,
     runtime_events_of,
 )
+from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.quote import Quote
 from pydstack.adapters.tdx.ratls import binding_reasons, check_attestation, extract_attestation
 
@@ -93,6 +99,15 @@ def _measurements(q: Quote) -> dict[str, str]:
         "report_data": r.report_data.hex(),
         "td_attributes": r.td_attributes.hex(),
     }
+
+
+def _dev_pki_of(root_path: str) -> DevPki | None:
+    """The simulator PKI whose root ``root_path`` is (``up``: DATA/dev-pki/root.der), so a
+    simulated quote verifies without a collateral file: the PKI signs one as of ``now``."""
+    try:
+        return DevPki.load(Path(root_path).parent)
+    except (TdxError, OSError, ValueError):
+        return None
 
 
 def _read_root(path: str | None) -> bytes | None:
@@ -157,7 +172,9 @@ def attest() -> None:
 @click.option("--event-log", type=click.Path(exists=True, dir_okay=False), help="dstack JSON")
 @click.option("--now", type=int, default=None, help="verify as of this unix time")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--dev-root", type=click.Path(exists=True, dir_okay=False), help="trust a dev root")
+@click.option("--dev-root", type=click.Path(exists=True, dir_okay=False),
+              help="trust a dev root; in a simulator PKI dir (up: DATA/dev-pki/root.der) and "
+                   "without --collateral, collateral is signed by that PKI")  # fmt: skip
 @click.option("--pccs-url", default=DEFAULT_PCCS, show_default=True)
 def verify(
     quote_or_cert: str,
@@ -174,21 +191,21 @@ def verify(
         if event_log is not None:
             ev.events = parse_json_event_log(Path(event_log).read_bytes())
             ev.attestation = None
-        coll = (
-            load_collateral(collateral)
-            if collateral
-            else asyncio.run(fetch_collateral(pccs_url, ev.quote))
-        )
-        report = verify_evidence(
-            ev, coll, int(time.time()) if now is None else now, _read_root(dev_root)
-        )
+        at = int(time.time()) if now is None else now
+        if collateral:
+            coll = load_collateral(collateral)
+        elif dev_root and (dev := _dev_pki_of(dev_root)) is not None:
+            coll = collateral_from_json(dev.collateral_json(now=at))  # its own TCB signer
+        else:
+            coll = asyncio.run(fetch_collateral(pccs_url, ev.quote))
+        report = verify_evidence(ev, coll, at, _read_root(dev_root))
     except (TdxError, ValueError, KeyError, OSError) as e:
         raise click.ClickException(f"cannot verify {quote_or_cert}: {e}") from None
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"verdict: {report['verdict']}")
-        click.echo(f"tcb status: {report['tcb_status']}")
+        click.echo(f"tcb status: {report['tcb_status'] or '-'}")
         for r in report["reasons"]:
             click.echo(f"  reason: {r}")
         if report["event_log"] is not None:

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from pydstack.adapters.tdx.pki import DevPki
 from pydstack.cli.attest import attest
 
 from .conftest import APP_ID, Guest
@@ -104,3 +105,22 @@ async def test_simulated_ratls_cert_verifies_with_dev_root(guest: Guest, tmp_pat
     assert _run(*args)[0] == 1
     cert = x509.load_pem_x509_certificate(out["certificate_chain"][0].encode())
     assert cert.public_bytes(serialization.Encoding.PEM).decode() == out["certificate_chain"][0]
+
+
+async def test_dev_pki_root_alone_verifies_without_a_collateral_file(
+    guest: Guest, tmp_path: Path
+) -> None:
+    """`--dev-root DIR/root.der` of a simulator PKI dir (up's DATA/dev-pki) needs no
+    --collateral: the PKI signs one as of --now; another PKI's root does not verify it."""
+    out = await guest.agent.tls_key(
+        guest.agent.fresh_tls_key(), subject="x", alt_names=[], usage_ra_tls=True,
+        usage_server_auth=True, usage_client_auth=False,
+    )  # fmt: skip
+    (tmp_path / "cert.pem").write_text(out["certificate_chain"][0])
+    guest.pki.save(tmp_path / "pki")
+    cert, now = str(tmp_path / "cert.pem"), str(guest.now)
+    code, text = _run(cert, "--dev-root", str(tmp_path / "pki" / "root.der"), "--now", now)
+    assert code == 0 and "verdict: trusted" in text, text
+    DevPki.generate().save(tmp_path / "other")
+    code, text = _run(cert, "--dev-root", str(tmp_path / "other" / "root.der"), "--now", now)
+    assert code == 1 and "verdict: refused" in text, text
