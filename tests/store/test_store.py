@@ -285,24 +285,3 @@ async def test_a_retry_after_a_lost_ack_returns_the_stored_sequence(
         os.kill(nats_server.proc.pid, signal.SIGCONT)
     records, last = await store.read_aggregate(V1)
     assert len(records) == 2 and last == landed and b"retried" in records[1].data
-
-
-async def test_reads_on_a_closed_store_are_typed_errors(
-    nats_server: NatsServer, signer: Signer
-) -> None:
-    """Shutdown racing a read: StoreClosed naming the read, not nats-py's error."""
-    s = await EventStore.connect(nats_server.url, signer)
-    await s.ensure_stream()
-    await s.append(V1, [rejected()], NEW)
-    await s.close()
-    reads = {
-        "last_seq": s.last_seq(),
-        "last_by_subject": s.last_by_subject(V1),
-        "version_at": s.version_at(V1, 1),
-        "read_aggregate": s.read_aggregate(V1),
-        "read": s.read().__anext__(),
-    }
-    for name, read in reads.items():
-        with pytest.raises(StoreClosed, match=r"connection to NATS .* is closed"):
-            await read
-        assert name

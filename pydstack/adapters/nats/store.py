@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -149,14 +149,6 @@ class EventStore:
     def stream(self) -> str:
         return self.settings.name
 
-    @contextlib.contextmanager
-    def _open(self, action: str) -> Iterator[None]:
-        """nats-py's ConnectionClosedError (a call racing shutdown) as a typed StoreClosed."""
-        try:
-            yield
-        except nats.errors.ConnectionClosedError:
-            raise StoreClosed(self.url, action) from None
-
     # -- stream -------------------------------------------------------------------------------
 
     def stream_config(self) -> StreamConfig:
@@ -217,11 +209,10 @@ class EventStore:
             raise _ClusterForming("JetStream not answering") from exc
 
     async def last_seq(self) -> int:
-        with self._open("read the stream's last sequence"):
-            try:
-                info = await self.js.stream_info(self.stream)
-            except nats.js.errors.NotFoundError:
-                raise StreamMissing(self.stream) from None
+        try:
+            info = await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            raise StreamMissing(self.stream) from None
         return int(info.state.last_seq)
 
     # -- append -------------------------------------------------------------------------------
@@ -406,22 +397,20 @@ class EventStore:
     # -- read ---------------------------------------------------------------------------------
 
     async def last_by_subject(self, subject: str) -> Recorded | None:
-        with self._open(f"read {subject}"):
-            try:
-                msg = await self.js.get_msg(self.stream, subject=subject, direct=True)
-            except nats.js.errors.NotFoundError:
-                return None
+        try:
+            msg = await self.js.get_msg(self.stream, subject=subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
         return Recorded(seq=int(msg.seq or 0), subject=msg.subject or subject, data=msg.data or b"")
 
     async def version_at(self, subject: str, seq: int) -> Version:
         """The version of `subject` if its last event is at `seq` (hash looked up on the server)."""
         if seq == 0:
             return NEW
-        with self._open(f"read {subject}"):
-            try:
-                msg = await self.js.get_msg(self.stream, seq=seq, direct=True)
-            except nats.js.errors.NotFoundError:
-                raise ConflictError(subject, seq, f"no message at sequence {seq}") from None
+        try:
+            msg = await self.js.get_msg(self.stream, seq=seq, direct=True)
+        except nats.js.errors.NotFoundError:
+            raise ConflictError(subject, seq, f"no message at sequence {seq}") from None
         if msg.subject != subject:
             raise ConflictError(subject, seq, f"sequence {seq} belongs to {msg.subject}")
         return Version(seq, message_hash(msg.data or b""))
@@ -447,12 +436,6 @@ class EventStore:
         return out, NEW
 
     async def _direct_batch(self, subject: str, start: int, n: int) -> tuple[list[Recorded], int]:
-        with self._open(f"read {subject}"):
-            return await self._direct_batch_open(subject, start, n)
-
-    async def _direct_batch_open(
-        self, subject: str, start: int, n: int
-    ) -> tuple[list[Recorded], int]:
         inbox = self.nc.new_inbox()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -505,23 +488,6 @@ class EventStore:
         until_seq: int | None = None,
     ) -> AsyncIterator[Recorded]:
         """Every stored message in order (ordered consumer); with `follow`, then new ones too."""
-        records = self._read_open(subject, from_seq, from_time, follow, until_seq)
-        try:
-            with self._open("read the stream"):
-                async for rec in records:
-                    yield rec
-        finally:  # a caller that stops early: unsubscribed now, not when collected
-            with self._open("read the stream"):
-                await records.aclose()
-
-    async def _read_open(
-        self,
-        subject: str,
-        from_seq: int,
-        from_time: float | None,
-        follow: bool,
-        until_seq: int | None,
-    ) -> AsyncGenerator[Recorded, None]:
         stop = until_seq
         if not follow and stop is None:
             stop = await self.last_seq()
@@ -569,8 +535,7 @@ class EventStore:
                 if stop is not None and (seq >= stop or (not follow and meta.num_pending == 0)):
                     return
         finally:
-            with contextlib.suppress(nats.errors.ConnectionClosedError):
-                await sub.unsubscribe()
+            await sub.unsubscribe()
 
     async def durable(
         self,
