@@ -91,14 +91,29 @@ async def _webhook(calls: list[dict[str, Any]]) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}/app-auth"
 
 
-@pytest.fixture
-async def gateway(store: EventStore, pki: DevPki) -> AsyncIterator[Gateway]:
+def _dev_verifier(pki: DevPki) -> RaTlsVerifier:
+    """Trusts quotes of the dev PKI, with collateral it signs as of now."""
     collateral = collateral_from_json(pki.collateral_json(int(time.time())))
 
     async def source(_quote: bytes) -> Collateral:
         return collateral
 
-    verifier = RaTlsVerifier(source, root_ca_der=pki.root_der)
+    return RaTlsVerifier(source, root_ca_der=pki.root_der)
+
+
+async def _serve(app: web.Application, pki: DevPki, ca: DevCa) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` with mutual TLS as a gateway (its own RA-TLS identity under ``ca``)."""
+    gw_identity = await SimCvm(pki, bytes(20), bytes([0xEE]) * 20, b"gateway").identity(ca)
+    port = free_port()
+    runner = await serve_registration(
+        app, "127.0.0.1", port, server_ssl_context(gw_identity[0], gw_identity[1], ca.pem)
+    )
+    return runner, port
+
+
+@pytest.fixture
+async def gateway(store: EventStore, pki: DevPki) -> AsyncIterator[Gateway]:
+    verifier = _dev_verifier(pki)
     ca = DevCa.create()
     registrar = Registrar(store, RegistrarConfig(node_id="gw1"))
     for n in (1, 2):
@@ -113,14 +128,10 @@ async def gateway(store: EventStore, pki: DevPki) -> AsyncIterator[Gateway]:
         assert await registrar.join(node) == node
     calls: list[dict[str, Any]] = []
     hook, hook_url = await _webhook(calls)
-    gw_identity = await SimCvm(pki, bytes(20), bytes([0xEE]) * 20, b"gateway").identity(ca)
     app = registration_app(
         registrar, verifier, RegistrationConfig(node_id="gw1", auth_webhook=hook_url)
     )
-    port = free_port()
-    runner = await serve_registration(
-        app, "127.0.0.1", port, server_ssl_context(gw_identity[0], gw_identity[1], ca.pem)
-    )
+    runner, port = await _serve(app, pki, ca)
     try:
         yield Gateway(f"https://127.0.0.1:{port}", store, ca, pki, verifier, calls)
     finally:
@@ -230,12 +241,7 @@ async def test_the_answer_waits_until_the_node_holds_the_peer(
 ) -> None:
     """RegisterCvm answers only once the registering node's device holds the new peer (so the
     CVM's first handshake is not dropped); a node that never gets there still answers."""
-    collateral = collateral_from_json(pki.collateral_json(int(time.time())))
-
-    async def source(_quote: bytes) -> Collateral:
-        return collateral
-
-    verifier = RaTlsVerifier(source, root_ca_der=pki.root_der)
+    verifier = _dev_verifier(pki)
     ca = DevCa.create()
     registrar = Registrar(store, RegistrarConfig(node_id="gw1"))
     node = GatewayNodeJoined(node_id="gw1", wg_public_key=key(501), tunnel_ip="10.0.0.129",
@@ -251,13 +257,9 @@ async def test_the_answer_waits_until_the_node_holds_the_peer(
         await held.wait()
         return True
 
-    gw_identity = await SimCvm(pki, bytes(20), bytes([0xEE]) * 20, b"gateway").identity(ca)
     app = registration_app(registrar, verifier, RegistrationConfig(node_id="gw1"),
                            peer_applied=peer_applied)  # fmt: skip
-    port = free_port()
-    runner = await serve_registration(
-        app, "127.0.0.1", port, server_ssl_context(gw_identity[0], gw_identity[1], ca.pem)
-    )
+    runner, port = await _serve(app, pki, ca)
     gateway = Gateway(f"https://127.0.0.1:{port}", store, ca, pki, verifier, [])
     try:
         posting = asyncio.create_task(

@@ -59,6 +59,7 @@ class KmsClient:
         identity: tuple[str, str] | None = None,
         verifier: RaTlsVerifier | None = None,
         timeout: float = 30.0,
+        trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> None:
         self.url = url.rstrip("/").removesuffix("/prpc")
         if identity is not None:
@@ -75,7 +76,9 @@ class KmsClient:
             else aiohttp.TCPConnector(ssl=ctx, force_close=True)
         )
         self._session = aiohttp.ClientSession(
-            connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)
+            connector=conn,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            trace_configs=trace_configs,  # e.g. bench.kms times the connection set-up
         )
 
     async def __aenter__(self) -> Self:
