@@ -45,7 +45,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pydstack.adapters.haproxy import HaproxyConfig, HaproxyPlane
+from pydstack.adapters.ports import free_port
 from pydstack.core.gateway import Instance, RoutingTable
 
 from ._common import emit
@@ -74,12 +74,6 @@ from ._gateway_env import (
 PLANES = ("nginx", "haproxy_static", "haproxy_plane", "builtin")
 MODES = ("passthrough", "terminate")
 CONNS = ("keepalive", "newconn")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def table(ip: str) -> RoutingTable:

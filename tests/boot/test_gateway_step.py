@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pydstack.actors.gateway.up_launch import dev_ca
+from pydstack.adapters.ports import free_port
 from pydstack.adapters.sandbox._outbound import HostRelay, split_endpoint
 from pydstack.adapters.tdx.backend import SimulatorBackend
 from pydstack.adapters.tdx.pki import DevPki
@@ -57,9 +58,7 @@ def _agent(app_id: bytes) -> GuestAgent:
 async def test_an_unreachable_gateway_is_a_boot_error_at_gateway() -> None:
     """Registration fails on every URL: one BootFailed naming the step and the URL, and no
     WireGuard device is created (the backend's run dir stays empty)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     p = plan({"gateway_enabled": True},
              {"gateway_urls": [f"https://127.0.0.1:{port}"], "gateway_ca": _ca_pem()})  # fmt: skip
     seen: list[tuple[str, str]] = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ import pytest
 
 from pydstack.actors.supervisor import SupervisorClient, launch_supervisor
 from pydstack.adapters.cvm import CvmBackend, CvmError, CvmNotFound, CvmSpec, CvmStatus
+from pydstack.adapters.ports import free_port
 from pydstack.core.events import PortMap
 
 
@@ -61,12 +61,6 @@ class Host:
         if isinstance(self.proc, subprocess.Popen) and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(port: int, timeout: float = 5.0) -> int:

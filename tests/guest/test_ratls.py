@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import aiohttp
 import pytest
 from aiohttp import web
@@ -11,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pydstack.adapters.ports import free_port as _free_port
 from pydstack.adapters.tdx.collateral import Collateral
 from pydstack.adapters.tdx.ratls import (
     OID_ATTESTATION,
@@ -91,12 +90,6 @@ async def test_legacy_extensions_are_read(guest: Guest) -> None:
         _der(legacy), guest.collateral, now=guest.now, root_ca_der=guest.pki.root_der
     )
     assert r.ok, r.reasons
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _tls_pair(guest: Guest, *, ra: bool) -> tuple[str, str]:

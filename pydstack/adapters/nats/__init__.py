@@ -1,5 +1,6 @@
 """The NATS JetStream event store."""
 
+from ..ports import free_port
 from .cluster import NatsCluster, read_node
 from .errors import (
     ConflictError,
@@ -9,7 +10,7 @@ from .errors import (
     StreamMissing,
     Unreachable,
 )
-from .server import NatsServer, NatsServerConfig, NatsUser, free_port, nats_server_binary
+from .server import NatsServer, NatsServerConfig, NatsUser, nats_server_binary
 from .store import (
     DEFAULT_STREAM,
     NEW,

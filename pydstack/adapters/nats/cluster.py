@@ -29,8 +29,9 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ..ports import free_port
 from .errors import StoreError
-from .server import NatsServer, NatsServerConfig, free_port
+from .server import NatsServer, NatsServerConfig
 
 
 @dataclass(frozen=True, slots=True)

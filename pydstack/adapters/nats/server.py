@@ -98,12 +98,6 @@ def nats_server_binary() -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as s:
         # Like the server's own listener: connections of a killed server left in TIME_WAIT
