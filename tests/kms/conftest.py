@@ -61,6 +61,7 @@ class CollateralBox:
     def __init__(self, pki: DevPki) -> None:
         self.pki = pki
         self.status = "UpToDate"
+        self.unavailable = False  # a PCCS that does not answer
         self._cache: dict[str, Collateral] = {}
 
     def get(self, _quote: bytes = b"") -> Collateral:
@@ -70,6 +71,8 @@ class CollateralBox:
         return self._cache[self.status]
 
     async def __call__(self, quote: bytes) -> Collateral:
+        if self.unavailable:
+            raise ConnectionError("PCCS at https://pccs.test did not answer")
         return self.get(quote)
 
 

@@ -146,6 +146,25 @@ async def test_tampered_event_log_is_refused(kms: Kms, pki: DevPki) -> None:
     assert "rtmr3" in err.error.lower(), err.error
 
 
+async def test_unavailable_collateral_is_a_logged_refusal_and_no_request_stays_open(
+    kms: Kms, pki: DevPki
+) -> None:
+    """The request is on the log before its evidence is checked: a check that cannot run
+    (PCCS down) must still close it, with a KeyDenied naming the cause."""
+    kms.collateral.unavailable = True
+    err = await refused(kms, await bound_identity(make_cvm(pki), kms.temp))
+    assert "collateral unavailable" in err.error and "pccs.test" in err.error
+    evs = await kms.events()
+    req, denied = evs[-2], evs[-1]
+    assert isinstance(req, KeyRequested) and isinstance(denied, KeyDenied)
+    assert req.request_id == denied.request_id
+    # What the request claimed is recorded even though it could not be verified.
+    assert req.app_id == APP_ID.hex() and req.instance_id == (b"\x11" * 20).hex()
+    assert not fold(evs).open_requests
+    kms.collateral.unavailable = False
+    await get_app_key(kms, await bound_identity(make_cvm(pki), kms.temp))
+
+
 async def test_malformed_requests_get_400_and_append_nothing(kms: Kms, pki: DevPki) -> None:
     """Bad JSON or a wrong field type is a caller error: 400 naming the field, no events."""
     before = len(await kms.events())

@@ -6,7 +6,14 @@ attestation (SignCert). Checks, each with its own reason: the quote verifies und
 the runtime events replay to RTMR3, the quote's report_data binds the presented public key
 (`sha512("ratls-cert:" || SPKI)`), and the certificate is fresh (issued within `max_age`).
 
-    ev = check_certificate(der, collateral, policy=p, now=now, root_ca_der=dev_root, ...)
+Two steps, so the KMS can put a request on the log while its evidence is being verified:
+`present_certificate` / `present_csr` decode what the client presented (cheap: what
+`KeyRequested` records, with the app and instance ids the runtime events *claim*), then
+`verify_presented` checks it (dcap-qvl and the replays: the CPU-heavy part).
+
+    p = present_certificate(der)
+    ev = verify_presented(p, await collateral(p.quote), policy=pol, now=now, root_ca_der=dev_root,
+                          max_age=3600, vm_config=cfg)
     ev.reasons, ev.boot
 """
 
@@ -28,8 +35,18 @@ from pydstack.adapters.tdx.attestation import (
 )
 from pydstack.adapters.tdx.collateral import Collateral
 from pydstack.adapters.tdx.eventlog import EventLogError, replay_runtime_events
-from pydstack.adapters.tdx.identity import AppInfo, decode_app_info, measurements_of
-from pydstack.adapters.tdx.ratls import RaTlsError, binding_reasons, extract_attestation, pck_ppid
+from pydstack.adapters.tdx.identity import (
+    AppInfo,
+    decode_app_info,
+    find_event_payload,
+    measurements_of,
+)
+from pydstack.adapters.tdx.ratls import (
+    RaTlsError,
+    binding_reasons,
+    extract_attestation_raw,
+    pck_ppid,
+)
 from pydstack.adapters.tdx.verify import Policy, verify_quote
 from pydstack.core.kms import BootInfo, boot_info, quote_hash
 
@@ -68,9 +85,11 @@ def check_attestation(
     root_ca_der: bytes | None,
     vm_config: str = "",
     spki: bytes | None = None,
+    raw: bytes | None = None,
 ) -> Evidence:
-    """Verify quote + logs (+ key binding when `spki` is given) and build the BootInfo."""
-    raw = encode_attestation(att)
+    """Verify quote + logs (+ key binding when `spki` is given) and build the BootInfo.
+    `raw`: the attestation's encoding as presented (else it is encoded from `att`)."""
+    raw = encode_attestation(att) if raw is None else raw
     verdict = verify_quote(att.quote, collateral, policy, now, root_ca_der, event_log=att.event_log)
     reasons = list(verdict.reasons)
     quote = verdict.quote
@@ -109,6 +128,86 @@ def check_attestation(
     return Evidence(tuple(reasons), boot, raw, att.quote, info)
 
 
+class Presented(msgspec.Struct, frozen=True, kw_only=True):
+    """What a request presented, decoded but not verified yet."""
+
+    reasons: tuple[str, ...] = ()  # why it could not be decoded (then nothing is verified)
+    attestation: Attestation | None = None
+    raw: bytes = b""  # SCALE V0 attestation as presented
+    spki: bytes = b""  # the public key the quote's report_data must bind
+    issued_at: int | None = None  # the RA-TLS certificate's notBefore; None for a CSR
+
+    @property
+    def quote(self) -> bytes:
+        return self.attestation.quote if self.attestation is not None else b""
+
+    def claimed(self, event: str) -> str:
+        """Hex payload of a runtime event (app-id, instance-id) as claimed, unverified."""
+        att = self.attestation
+        found = find_event_payload(att.runtime_events, event) if att is not None else None
+        return found.hex() if found is not None else ""
+
+
+def present_certificate(der: bytes) -> Presented:
+    """Decode an RA-TLS client certificate (TLS already proved the client holds its key)."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        att, raw = extract_attestation_raw(cert)
+    except (ValueError, RaTlsError) as e:
+        return Presented(reasons=(f"client certificate: {e}",))
+    issued = int(cert.not_valid_before_utc.timestamp())
+    return Presented(attestation=att, raw=raw, spki=spki, issued_at=issued)
+
+
+def present_csr(raw: bytes, spki: bytes) -> Presented:
+    """Decode a SignCert request's attestation, which must bind the CSR's public key."""
+    try:
+        att = decode_attestation(raw)
+    except AttestationDecodeError as e:
+        return Presented(reasons=(f"csr attestation: {e}",), raw=raw)
+    return Presented(attestation=att, raw=raw, spki=spki)
+
+
+def verify_presented(
+    p: Presented,
+    collateral: Collateral | None,
+    *,
+    policy: Policy,
+    now: int,
+    root_ca_der: bytes | None,
+    max_age: int,
+    vm_config: str = "",
+) -> Evidence:
+    """Check decoded evidence: quote, logs, key binding and (certificates) freshness.
+    `collateral` may be None only when nothing was decoded (`p.reasons` says why)."""
+    if p.attestation is None or collateral is None:
+        return Evidence(p.reasons or ("no attestation presented",), None, p.raw, b"")
+    ev = check_attestation(
+        p.attestation,
+        collateral,
+        policy=policy,
+        now=now,
+        root_ca_der=root_ca_der,
+        vm_config=vm_config,
+        spki=p.spki,
+        raw=p.raw,
+    )
+    if p.issued_at is None:
+        return ev
+    fresh: list[str] = []
+    if now - p.issued_at > max_age:
+        fresh.append(
+            f"stale RA-TLS evidence: certificate issued {now - p.issued_at}s ago, max age "
+            f"{max_age}s (replayed quote?)"
+        )
+    elif p.issued_at - now > 300:
+        fresh.append(f"RA-TLS certificate issued {p.issued_at - now}s in the future")
+    return msgspec.structs.replace(ev, reasons=(*fresh, *ev.reasons)) if fresh else ev
+
+
 async def check_certificate(
     der: bytes,
     collateral: CollateralSource,
@@ -119,60 +218,13 @@ async def check_certificate(
     max_age: int,
     vm_config: str = "",
 ) -> Evidence:
-    """Check an RA-TLS client certificate (TLS already proved the client holds its key)."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-        spki = cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        att = extract_attestation(cert)
-    except (ValueError, RaTlsError) as e:
-        return Evidence((f"client certificate: {e}",), None, b"", b"")
-    ev = check_attestation(
-        att,
-        await collateral(att.quote),
-        policy=policy,
-        now=now,
-        root_ca_der=root_ca_der,
+    """Decode and check an RA-TLS client certificate in one go."""
+    p = present_certificate(der)
+    coll = await collateral(p.quote) if p.attestation is not None else None
+    return verify_presented(
+        p, coll, policy=policy, now=now, root_ca_der=root_ca_der, max_age=max_age,
         vm_config=vm_config,
-        spki=spki,
-    )
-    issued = int(cert.not_valid_before_utc.timestamp())
-    fresh: list[str] = []
-    if now - issued > max_age:
-        fresh.append(
-            f"stale RA-TLS evidence: certificate issued {now - issued}s ago, max age {max_age}s"
-            " (replayed quote?)"
-        )
-    elif issued - now > 300:
-        fresh.append(f"RA-TLS certificate issued {issued - now}s in the future")
-    return msgspec.structs.replace(ev, reasons=(*fresh, *ev.reasons)) if fresh else ev
-
-
-async def check_csr_attestation(
-    raw: bytes,
-    spki: bytes,
-    collateral: CollateralSource,
-    *,
-    policy: Policy,
-    now: int,
-    root_ca_der: bytes | None,
-    vm_config: str = "",
-) -> Evidence:
-    """Check a SignCert request's attestation, which must bind the CSR's public key."""
-    try:
-        att = decode_attestation(raw)
-    except AttestationDecodeError as e:
-        return Evidence((f"csr attestation: {e}",), None, raw, b"")
-    return check_attestation(
-        att,
-        await collateral(att.quote),
-        policy=policy,
-        now=now,
-        root_ca_der=root_ca_der,
-        vm_config=vm_config,
-        spki=spki,
-    )
+    )  # fmt: skip
 
 
 def make_recheck(

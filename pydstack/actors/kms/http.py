@@ -27,7 +27,7 @@ from pydstack.adapters.tdx.ratls import build_ratls_cert
 from pydstack.adapters.tdx.ratls_tls import peer_cert_der, server_ssl_context
 from pydstack.core.kms import CsrError, decode_csr
 
-from .evidence import check_csr_attestation
+from .evidence import present_csr
 from .service import Denied, KmsService, pem
 
 SERVICE: web.AppKey[KmsService] = web.AppKey("kms", KmsService)
@@ -133,17 +133,8 @@ async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamRes
     except Exception:
         raise BadRequest("signature", "csr signature does not verify") from None
     now = int(svc.clock())
-    ev = await check_csr_attestation(
-        att_raw,
-        csr.pubkey,
-        svc.collateral,
-        policy=svc.settings.policy,
-        now=now,
-        root_ca_der=svc.settings.root_ca_der,
-        vm_config=vm_config,
-    )
     try:
-        _, issued = await svc.decide("SignCert", ev, vm_config, now)
+        _, issued = await svc.decide("SignCert", present_csr(att_raw, csr.pubkey), vm_config, now)
     except Denied as d:
         return _denied(d)
     app_id = bytes.fromhex(issued.boot_info.app_id)

@@ -62,7 +62,15 @@ from pydstack.core.kms import (
 )
 from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
-from .evidence import CollateralSource, Evidence, attestation_hash, check_certificate, policy_json
+from .evidence import (
+    CollateralSource,
+    Evidence,
+    Presented,
+    attestation_hash,
+    policy_json,
+    present_certificate,
+    verify_presented,
+)
 from .keystore import RootKeyFile
 from .writer import DecisionLog
 
@@ -310,10 +318,17 @@ class KmsService:
 
     # -- decisions --------------------------------------------------------------------------------
 
-    async def _evidence(self, der: bytes, vm_config: str, now: int) -> Evidence:
-        return await check_certificate(
-            der,
-            self.collateral,
+    async def _verify(self, p: Presented, vm_config: str, now: int) -> Evidence:
+        """The evidence's verdict; a check that cannot run (collateral unavailable) refuses,
+        so the request already on the log is always closed by a decision."""
+        try:
+            coll = await self.collateral(p.quote) if p.attestation is not None else None
+        except Exception as e:
+            return Evidence((f"collateral unavailable: {type(e).__name__}: {e}",), None, p.raw,
+                            p.quote)  # fmt: skip
+        return verify_presented(
+            p,
+            coll,
             policy=self.settings.policy,
             now=now,
             root_ca_der=self.settings.root_ca_der,
@@ -322,11 +337,12 @@ class KmsService:
         )
 
     async def decide(
-        self, method: str, ev: Evidence, vm_config: str, now: int, *, kms: bool = False
+        self, method: str, p: Presented, vm_config: str, now: int, *, kms: bool = False
     ) -> tuple[str, Any]:
-        """Store the request, ask the backend (if the evidence holds), store the decision;
-        Denied on refusal. Shielded: a client that goes away does not cut a decision short."""
-        rid, outcome, _ = await self._shielded(self._decide(method, ev, vm_config, now, kms=kms))
+        """Store the request while its evidence is verified, ask the backend (if the evidence
+        holds), store the decision; Denied on refusal. Shielded: a client that goes away does
+        not cut a decision short."""
+        rid, outcome, _ = await self._shielded(self._decide(method, p, vm_config, now, kms=kms))
         return rid, outcome
 
     async def _shielded(self, decision: Coroutine[Any, Any, _T]) -> _T:
@@ -347,7 +363,7 @@ class KmsService:
     async def _decide(
         self,
         method: str,
-        ev: Evidence,
+        p: Presented,
         vm_config: str,
         now: int,
         *,
@@ -358,21 +374,25 @@ class KmsService:
         req = KeyRequest(
             request_id=rid,
             method=method,
-            attestation=ev.attestation,
-            quote=ev.quote,
+            attestation=p.raw,
+            quote=p.quote,
             vm_config=vm_config,
             policy=self._policy_json,
             verified_at=now,
             kms_instance=self.settings.instance_id,
+            app_id=p.claimed("app-id"),
+            instance_id=p.claimed("instance-id"),
         )
-        requested = key_requested(req, ev.boot)
-        # The request goes on the log while the backend thinks: neither waits for the other.
-        stored = asyncio.create_task(self.log.append([requested]))
+        # The request goes on the log while its evidence is verified and the backend thinks:
+        # the append's round trip hides behind dcap-qvl's CPU time instead of adding to it.
+        stored = asyncio.ensure_future(self.log.append([key_requested(req)]))
         try:
+            await _io_turns()  # let the append reach the socket before the CPU-bound checks
+            ev = await self._verify(p, vm_config, now)
             verdict = await self._ask(ev, kms)
         finally:
             await stored  # not stored: nothing is decided, the client gets an error
-        _, outcome = decide(
+        outcome = decide(
             req, reasons=ev.reasons, boot=ev.boot, verdict=verdict, backend=self.backend.name
         )
         events: list[Event] = [outcome]
@@ -391,12 +411,9 @@ class KmsService:
         prepared = None
         try:
             if isinstance(outcome, KeyIssued) and prepare is not None:
-                # CPU work for the answer while the decision travels to the log: let our
-                # append, the writer and nats-py's flusher run first (one loop turn each) so
-                # it is on the socket. What it makes leaves this KMS only once the decision
-                # is stored, below.
-                for _turn in range(3):
-                    await asyncio.sleep(0)
+                # CPU work for the answer while the decision travels to the log. What it
+                # makes leaves this KMS only once the decision is stored, below.
+                await _io_turns()
                 prepared = prepare(outcome)
         finally:
             await stored
@@ -405,7 +422,7 @@ class KmsService:
             method=method,
             request_id=rid,
             issued=issued,
-            app_id=requested.app_id,
+            app_id=req.app_id,
             reason=getattr(outcome, "reason", ""),
         )
         if not issued:
@@ -423,9 +440,9 @@ class KmsService:
 
     async def get_app_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
         now = int(self.clock())
-        ev = await self._evidence(der, vm_config, now)
+        p = present_certificate(der)
         _, issued, keys = await self._shielded(
-            self._decide("GetAppKey", ev, vm_config, now, kms=False, prepare=self._app_keys)
+            self._decide("GetAppKey", p, vm_config, now, kms=False, prepare=self._app_keys)
         )
         assert keys is not None  # prepared for every KeyIssued; a refusal raised Denied
         boot = issued.boot_info
@@ -442,8 +459,7 @@ class KmsService:
 
     async def get_kms_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
         now = int(self.clock())
-        ev = await self._evidence(der, vm_config, now)
-        await self.decide("GetKmsKey", ev, vm_config, now, kms=True)
+        await self.decide("GetKmsKey", present_certificate(der), vm_config, now, kms=True)
         return {
             "temp_ca_key": key_pem(self.temp_key),
             "keys": [{"ca_key": key_pem(self.root.ca_key()), "k256_key": self.root.k256.hex()}],
@@ -495,6 +511,14 @@ class KmsService:
             not_after=now + 10 * YEAR,
         )
         return cert, key
+
+
+async def _io_turns() -> None:
+    """Yield the loop three times: an append just started runs its task, the decision log's
+    writer and nats-py's flusher (one turn each), so its bytes are on the socket before this
+    task goes on with CPU work while the server stores them."""
+    for _turn in range(3):
+        await asyncio.sleep(0)
 
 
 def _k256_secret() -> bytes:

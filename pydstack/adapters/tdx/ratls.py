@@ -249,12 +249,23 @@ def _ext_bytes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | No
 
 def extract_attestation(cert: x509.Certificate) -> Attestation:
     """The attestation a certificate carries (1.8, else legacy 1.1 + 1.2)."""
+    return extract_attestation_raw(cert)[0]
+
+
+def extract_attestation_raw(cert: x509.Certificate) -> tuple[Attestation, bytes]:
+    """The attestation a certificate carries and its SCALE V0 encoding: the 1.8 extension's
+    bytes as presented (not re-encoded), or the legacy 1.1 + 1.2 pair encoded."""
     raw = _ext_bytes(cert, OID_ATTESTATION)
     if raw is not None:
         try:
-            return decode_attestation(raw)
+            return decode_attestation(raw), raw
         except AttestationDecodeError as e:
             raise RaTlsError(f"attestation extension: {e}") from None
+    att = _legacy_attestation(cert)
+    return att, encode_attestation(att)
+
+
+def _legacy_attestation(cert: x509.Certificate) -> Attestation:
     quote = _ext_bytes(cert, OID_TDX_QUOTE)
     if quote is None:
         raise RaTlsError("certificate has no RA-TLS attestation extension")

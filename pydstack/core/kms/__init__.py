@@ -2,7 +2,7 @@
 
 root = RootKeys(ca_scalar=..., k256=...)
 keys = app_key_material(root, app_id, instance_id)     # identical on every replica
-requested, outcome = decide(req, reasons=[], boot=boot, verdict=v, backend="webhook")
+outcome = decide(req, reasons=[], boot=boot, verdict=v, backend="webhook")
 problems = audit_kms_log(events, recheck)
 """
 

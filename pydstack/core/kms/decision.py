@@ -8,9 +8,9 @@ batch costs the server an fsync, ~10x an append); a KMS killed between them leav
 ``KeyRequested`` without a decision, which the restarted KMS closes with `abandoned` (a
 ``KeyDenied``: the client was never answered, so no key left the KMS).
 
-    requested = key_requested(req, boot)                 # stored before the backend answers
-    requested, outcome = decide(req, reasons=[], boot=boot, verdict=verdict, backend="webhook")
-    denied = abandoned(requested)                          # on restart, for a dangling request
+    requested = key_requested(req)              # stored while the evidence is verified
+    outcome = decide(req, reasons=[], boot=boot, verdict=verdict, backend="webhook")
+    denied = abandoned(requested)               # on restart, for a dangling request
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class KeyRequest(msgspec.Struct, frozen=True, kw_only=True):
     policy: str = ""
     verified_at: int = 0
     kms_instance: str = ""  # which replica takes it (KmsSettings.instance_id)
+    # Hex ids the attestation's runtime events claim, recorded before they are verified:
+    # a refusal names what was asked for; an issued decision's BootInfo is the verified truth.
+    app_id: str = ""
+    instance_id: str = ""
 
 
 def quote_hash(quote: bytes) -> str:
@@ -121,12 +125,12 @@ def precheck(boot: BootInfo | None, reasons: Sequence[str]) -> list[str]:
 ABANDONED = "KMS restarted before deciding; the client got no answer and no key"
 
 
-def key_requested(req: KeyRequest, boot: BootInfo | None) -> KeyRequested:
-    """The first event of a request: what was presented and checked, before any verdict."""
+def key_requested(req: KeyRequest) -> KeyRequested:
+    """The first event of a request: what was presented, before it is checked or decided."""
     return KeyRequested(
         request_id=req.request_id,
-        app_id=boot.app_id if boot else "",
-        instance_id=boot.instance_id if boot else "",
+        app_id=req.app_id,
+        instance_id=req.instance_id,
         quote_hash=quote_hash(req.quote),
         attestation=req.attestation,
         vm_config=req.vm_config,
@@ -151,27 +155,24 @@ def decide(
     boot: BootInfo | None,
     verdict: AuthVerdict | None,
     backend: str,
-) -> tuple[KeyRequested, KeyIssued | KeyDenied]:
-    """The two events for one request. `reasons` are the attestation's refusal reasons;
-    `verdict` is None when the backend was not asked (evidence already refused)."""
-    requested = key_requested(req, boot)
-    qh = requested.quote_hash
+) -> KeyIssued | KeyDenied:
+    """The decision closing `req` (its second event). `reasons` are the attestation's refusal
+    reasons; `verdict` is None when the backend was not asked (evidence already refused)."""
+    qh = quote_hash(req.quote)
     refused = precheck(boot, reasons)
     if refused:
         reason = "attestation refused: " + "; ".join(refused)
-        return requested, KeyDenied(
-            request_id=req.request_id, reason=reason, boot_info=boot, quote_hash=qh
-        )
+        return KeyDenied(request_id=req.request_id, reason=reason, boot_info=boot, quote_hash=qh)
     assert boot is not None  # precheck refuses a missing BootInfo
     if verdict is None or not verdict.is_allowed:
         why = verdict.reason if verdict is not None and verdict.reason else "no reason given"
-        return requested, KeyDenied(
+        return KeyDenied(
             request_id=req.request_id,
             reason=f"backend {backend} denied: {why}",
             boot_info=boot,
             quote_hash=qh,
         )
-    return requested, KeyIssued(
+    return KeyIssued(
         request_id=req.request_id,
         boot_info=boot,
         quote_hash=qh,
