@@ -14,11 +14,14 @@ The sequential p50 is split into the TCP + mutual TLS handshake as the client se
 (`connect_p50_ms`: both ends' OpenSSL 3.0, a client certificate carrying a quote and event
 log) and the rest. The floor under any RA-TLS request is measured in the same run, interleaved
 with the GetAppKey requests: a new mutual RA-TLS connection (a fresh client certificate of the
-same kind) and `GetMeta`, which does no work (`floor_p50_ms`). In TLS 1.3 the server checks the
-client's certificate after the client's handshake is over, so the floor also holds the server's
-half of the handshake. What GetAppKey adds over that floor (evidence decode, dcap-qvl, replays,
-KeyRequested appended while those run, backend, KeyIssued appended, derivation) is
-`over_floor_ratio` times dcap-qvl verify alone.
+same kind) and `GetTempCaCert`, which does no work and answers about as much as GetAppKey
+(`floor_p50_ms`; not GetMeta, whose ~30 KB answer costs the client's TLS transport ~2 ms more).
+In TLS 1.3 the server checks the client's certificate after the client's handshake is over,
+so the floor also holds the server's half of the handshake. What GetAppKey adds over that
+floor (evidence decode, dcap-qvl, replays, KeyRequested appended while those run, backend,
+KeyIssued appended, derivation) is `over_floor_ratio` times dcap-qvl verify alone. Last, the mutual TLS 1.3 handshake alone
+(`handshake_alone_p50_ms`): both ends in this process over memory BIOs, the KMS's server TLS
+settings and a CVM's RA-TLS client certificate: the CPU no TLS stack on this OpenSSL avoids.
 Last line: {"p50_ms", "p99_ms", "ratio" (p50 / dcap-qvl verify p50), "errors",
 "floor_p50_ms", "over_floor_ratio" ((p50 - floor) / verify p50), ...}.
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,11 +42,16 @@ from pathlib import Path
 
 import aiohttp
 import dcap_qvl
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench._common import parse_quick, percentile, temp_server
 from pydstack.actors.kms import KmsClient
+from pydstack.actors.kms.client import client_context
+from pydstack.actors.kms.http import rpc_ssl_context
+from pydstack.actors.kms.service import key_pem, pem
 from pydstack.adapters.tdx.collateral import collateral_from_json
 from pydstack.adapters.tdx.pki import DevPki
+from pydstack.adapters.tdx.ratls import build_ratls_cert
 from pydstack_guest import create_dev_app_keys
 from tests.kms.conftest import VM_CONFIG, bound_identity, make_cvm
 
@@ -57,24 +66,62 @@ async def one(
 ) -> float:
     """One CVM's GetAppKey: ms from connecting to the answer (its TLS context is built first,
     untimed, and its build time appended to `setup`; the TCP + mutual TLS handshake's share
-    is appended to `connect`). `method="GetMeta"`: the same connection and an RPC that does
-    no work, the floor under any RA-TLS request."""
+    is appended to `connect`). `method="GetTempCaCert"`: the same connection and an RPC that does
+    no work and answers ~2 KB as GetAppKey does: the floor under any RA-TLS request."""
     t = time.perf_counter()
     trace = [_connect_trace(connect)]
     async with KmsClient(url, ca_pem=ca, identity=identity, trace_configs=trace) as c:
         setup.append((time.perf_counter() - t) * 1000)  # the TLS context's build
         t = time.perf_counter()  # the client connects on its first call (one per request)
-        if method == "GetMeta":
-            meta = await c.call("GetMeta")
+        if method == "GetTempCaCert":
+            meta = await c.call(method)
             ms = (time.perf_counter() - t) * 1000
-            if "ca_cert" not in meta:
-                raise RuntimeError(f"GetMeta answered without ca_cert: {sorted(meta)}")
+            if "temp_ca_cert" not in meta:
+                raise RuntimeError(f"{method} answered without temp_ca_cert: {sorted(meta)}")
             return ms
         keys = await c.call("GetAppKey", {"api_version": 1, "vm_config": VM_CONFIG})
         ms = (time.perf_counter() - t) * 1000
     if len(keys.get("disk_crypt_key", "")) != 64:
         raise RuntimeError(f"GetAppKey answered without a disk key: {sorted(keys)}")
     return ms
+
+
+def handshake_alone(identity: tuple[str, str], temp_ca_pem: str, n: int) -> list[float]:
+    """ms per mutual TLS handshake, both ends in this process over memory BIOs (no sockets, no
+    event loop, no HTTP): the KMS's server TLS settings with a P-256 certificate of its kind,
+    the client's context as KmsClient builds it with a CVM's RA-TLS certificate."""
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    life = {"not_before": now - 60, "not_after": now + 3600}
+    ca = build_ratls_cert(ca_key, None, subject="bench CA", ca_path_len=0, **life)
+    leaf = build_ratls_cert(key, None, subject="kms", alt_names=["kms"], issuer=(ca, ca_key),
+                            usage_server_auth=True, **life)  # fmt: skip
+    server = rpc_ssl_context(pem(leaf) + pem(ca), key_pem(key), temp_ca_pem)
+    client = client_context(pem(ca), identity)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        c = client.wrap_bio(c_in, c_out, server_hostname="kms")
+        s = server.wrap_bio(s_in, s_out, server_side=True)
+        c_done = s_done = False
+        while not (c_done and s_done):
+            c_done = c_done or _step(c)
+            s_in.write(c_out.read())
+            s_done = s_done or _step(s)
+            c_in.write(s_out.read())
+        if s.getpeercert(binary_form=True) is None:
+            raise RuntimeError("the server got no client certificate")
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _step(side: ssl.SSLObject) -> bool:
+    try:
+        side.do_handshake()
+    except ssl.SSLWantReadError:
+        return False
+    return True
 
 
 def _connect_trace(out: list[float]) -> aiohttp.TraceConfig:
@@ -123,11 +170,11 @@ async def main(quick: bool) -> None:
                 seq: list[float] = []
                 setup: list[float] = []
                 connect: list[float] = []
-                floor: list[float] = []  # same connection, GetMeta: no evidence, no log
+                floor: list[float] = []  # same connection, no evidence, no log
                 for i, ident in enumerate(ids[:n_seq]):
                     try:  # interleaved, so both see the same machine
                         seq.append(await one(url, ca, ident, setup, connect))
-                        floor.append(await one(url, ca, ids[-1 - i], [], [], "GetMeta"))
+                        floor.append(await one(url, ca, ids[-1 - i], [], [], "GetTempCaCert"))
                     except Exception:
                         errors += 1
                 sem = asyncio.Semaphore(conc)
@@ -159,17 +206,21 @@ async def main(quick: bool) -> None:
         t = time.perf_counter()
         dcap_qvl.verify_with_root_ca(quote, coll, pki.root_der, now)
         vt.append((time.perf_counter() - t) * 1000)
+    # The mutual TLS handshake alone, both ends' CPU, same OpenSSL, certificates of the kind.
+    hs50 = percentile(handshake_alone(ids[0], temp["temp_ca_cert"], 300), 50)
     p50, p99, v50 = percentile(seq, 50), percentile(seq, 99), percentile(vt, 50)
     c50, f50 = percentile(connect, 50), percentile(floor, 50)
     print(f"sequential   n={len(seq)}  p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
           f"(of which TCP + mutual TLS handshake p50 {c50:.2f} ms)")  # fmt: skip
     print(
-        f"floor: new mutual RA-TLS connection + GetMeta (no work) p50 {f50:.2f} ms; "
+        f"floor: new mutual RA-TLS connection + GetTempCaCert (no work) p50 {f50:.2f} ms; "
         f"GetAppKey adds {p50 - f50:.2f} ms = {(p50 - f50) / v50:.2f}x dcap-qvl verify"
     )
     print(f"{conc} clients  n={len(lat)}  p50 {percentile(lat, 50):.2f} ms  "
           f"p99 {percentile(lat, 99):.2f} ms  {len(lat) / wall:.0f} req/s")  # fmt: skip
     print(f"dcap-qvl verify alone p50 {v50:.3f} ms")
+    print(f"mutual TLS handshake alone (both ends, in memory, {ssl.OPENSSL_VERSION}) "
+          f"p50 {hs50:.2f} ms")  # fmt: skip
     print(f"client TLS context build (untimed) p50 {percentile(setup, 50):.2f} ms")
     print(json.dumps({
         "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "ratio": round(p50 / v50, 2),
@@ -177,6 +228,7 @@ async def main(quick: bool) -> None:
         "c50_p99_ms": round(percentile(lat, 99), 3), "c50_rps": round(len(lat) / wall, 1),
         "verify_p50_ms": round(v50, 3), "client_setup_p50_ms": round(percentile(setup, 50), 3),
         "connect_p50_ms": round(c50, 3), "floor_p50_ms": round(f50, 3),
+        "handshake_alone_p50_ms": round(hs50, 3),
         "over_floor_ratio": round((p50 - f50) / v50, 2),
     }))  # fmt: skip
 

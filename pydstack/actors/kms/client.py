@@ -50,6 +50,18 @@ def plain_context(ca_pem: str | None) -> ssl.SSLContext:
     return ctx
 
 
+def client_context(ca_pem: str | None, identity: tuple[str, str] | None) -> ssl.SSLContext:
+    """The client's TLS context; with `identity` (chain PEM, key PEM) it presents that RA-TLS
+    certificate (mutual RA-TLS)."""
+    ctx = plain_context(ca_pem)
+    if identity is not None:
+        if ca_pem is None:
+            raise ValueError("mutual RA-TLS needs the KMS CA (ca_pem) to check the server")
+        with _pem_files(identity[0], identity[1]) as (chain_path, key_path):
+            ctx.load_cert_chain(chain_path, key_path)
+    return ctx
+
+
 class KmsClient:
     def __init__(
         self,
@@ -62,14 +74,7 @@ class KmsClient:
         trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> None:
         self.url = url.rstrip("/").removesuffix("/prpc")
-        if identity is not None:
-            if ca_pem is None:
-                raise ValueError("mutual RA-TLS needs the KMS CA (ca_pem) to check the server")
-            ctx = plain_context(ca_pem)
-            with _pem_files(identity[0], identity[1]) as (chain_path, key_path):
-                ctx.load_cert_chain(chain_path, key_path)
-        else:
-            ctx = plain_context(ca_pem)
+        ctx = client_context(ca_pem, identity)
         conn: aiohttp.TCPConnector = (
             RaTlsConnector(verifier, ssl=ctx, force_close=True)
             if verifier is not None

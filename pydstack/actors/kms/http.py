@@ -204,7 +204,12 @@ def make_app(svc: KmsService) -> web.Application:
 
 async def server_context(svc: KmsService) -> ssl.SSLContext:
     chain, key = await svc.rpc_identity()
-    ctx = server_ssl_context(chain, key, svc.temp_cert_pem)
+    return rpc_ssl_context(chain, key, svc.temp_cert_pem)
+
+
+def rpc_ssl_context(chain_pem: str, key_pem: str, temp_ca_pem: str) -> ssl.SSLContext:
+    """The KMS RPC's TLS settings: its certificate, client certificates under the temp CA."""
+    ctx = server_ssl_context(chain_pem, key_pem, temp_ca_pem)
     ctx.verify_mode = ssl.CERT_OPTIONAL  # public methods need no client certificate
     # No TLS 1.3 session tickets: every client is a fresh CVM that never resumes, and issuing
     # the two default tickets costs ~0.5 ms of CPU per handshake plus a write.
