@@ -19,9 +19,10 @@ same kind) and `GetTempCaCert`, which does no work and answers about as much as 
 In TLS 1.3 the server checks the client's certificate after the client's handshake is over,
 so the floor also holds the server's half of the handshake. What GetAppKey adds over that
 floor (evidence decode, dcap-qvl, replays, KeyRequested appended while those run, backend,
-KeyIssued appended, derivation) is `over_floor_ratio` times dcap-qvl verify alone. Last, the mutual TLS 1.3 handshake alone
-(`handshake_alone_p50_ms`): both ends in this process over memory BIOs, the KMS's server TLS
-settings and a CVM's RA-TLS client certificate: the CPU no TLS stack on this OpenSSL avoids.
+KeyIssued appended, derivation) is `over_floor_ratio` times dcap-qvl verify alone. Last,
+the mutual TLS 1.3 handshake alone (`handshake_alone_p50_ms`): both ends in this process over
+memory BIOs, the KMS's server TLS settings and a CVM's RA-TLS client certificate: the CPU no
+TLS stack on this OpenSSL avoids.
 Last line: {"p50_ms", "p99_ms", "ratio" (p50 / dcap-qvl verify p50), "errors",
 "floor_p50_ms", "over_floor_ratio" ((p50 - floor) / verify p50), ...}.
 
