@@ -1,11 +1,13 @@
 """`pydstack env encrypt`: encrypt a .env file for an app, as dstack-sdk's encrypt_env_vars does.
 
-    pydstack env encrypt --app-id 5bb4…6c56 --kms https://kms:9100 \
-        --kms-root 03ab…  .env  > app.env.enc.hex
+    pydstack env encrypt --app-id 5bb4…6c56 .env > app.env.enc.hex      # next to `pydstack up`
+    pydstack env encrypt --app-id 5bb4…6c56 --kms https://kms:9100 --kms-root 03ab… .env
 
-The app's X25519 public key comes from the KMS (`GetAppEnvEncryptPubKey`) and is accepted
-only when its timestamped signature recovers the pinned KMS root key (`--kms-root`, else the
-`KmsRootCreated` public key given by `--expect-root-from-meta` from GetMeta, with a warning).
+The app's X25519 public key comes from the KMS (`GetAppEnvEncryptPubKey`; default: the local
+`pydstack up`'s KMS) and is accepted only when its timestamped signature recovers a trusted
+KMS root key: the one pinned with `--kms-root`, else a `KmsRootCreated` root on the log (the
+local `up`'s, or `--nats`), else (no log reachable) the root the KMS itself reports in GetMeta,
+with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import click
 
 from pydstack.core.kms.derive import DerivationError, EnvPubKey, env_pubkey_signer
 from pydstack.core.kms.envcrypt import EnvFileError, encrypt_env, parse_env_file
+
+from ._common import Conn, connect, connection_options, resolve
 
 MAX_AGE = 300
 
@@ -62,37 +66,87 @@ def env() -> None:
 
 
 @env.command("encrypt")
+@connection_options
 @click.option("--app-id", required=True, help="app id, 20 bytes hex")
-@click.option("--kms", "kms_url", required=True, envvar="PYDSTACK_KMS", help="KMS base URL")
-@click.option("--kms-root", default=None, help="pinned KMS root k256 public key (hex)")
+@click.option("--kms", "kms_url", default=None, envvar="PYDSTACK_KMS",
+              help="KMS base URL [default: the local `pydstack up`'s KMS]")  # fmt: skip
+@click.option("--kms-root", default=None,
+              help="pinned KMS root k256 key (hex) [default: the roots on the log]")  # fmt: skip
 @click.option("--kms-ca", type=click.Path(exists=True, dir_okay=False), default=None,
               help="KMS CA certificate (PEM) to check the server with")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="write raw bytes here (default: hex on stdout)")  # fmt: skip
 @click.argument("env_file", type=click.Path(exists=True, dir_okay=False))
+@click.pass_context
 def encrypt(
-    app_id: str, kms_url: str, kms_root: str | None, kms_ca: str | None, output: str | None,
-    env_file: str,
+    ctx: click.Context, app_id: str, kms_url: str | None, kms_root: str | None,
+    kms_ca: str | None, output: str | None, env_file: str,
 ) -> None:  # fmt: skip
     """Encrypt ENV_FILE (KEY=VALUE lines) to the app's KMS-derived env key."""
     try:
         aid = bytes.fromhex(app_id.removeprefix("0x"))
         envs = parse_env_file(Path(env_file).read_text())
+        pinned = bytes.fromhex(kms_root.removeprefix("0x")) if kms_root else None
     except (ValueError, EnvFileError) as e:
         raise click.ClickException(str(e)) from None
     if len(aid) != 20:
         raise click.ClickException("--app-id must be 20 bytes of hex")
+    conn = resolve(ctx)
+    url = kms_url or conn.data.state().get("kms_url")
+    if not url:
+        raise click.ClickException(
+            "no KMS to ask: pass --kms URL, or run next to a `pydstack up` with its KMS "
+            "(or --data-dir of one)"
+        )
     ca_pem = Path(kms_ca).read_text() if kms_ca else None
-    pub, meta_root = asyncio.run(fetch_env_pubkey(kms_url, aid, ca_pem))
-    if kms_root is None:
+    pub, meta_root = asyncio.run(_fetch(url, aid, ca_pem))
+    roots = [pinned] if pinned is not None else asyncio.run(_log_roots(conn))
+    if not roots:
         click.echo(
-            f"warning: no --kms-root pinned; trusting the root the KMS reports ({meta_root})",
+            f"warning: no --kms-root pinned and no KMS root on a reachable log; trusting the "
+            f"root the KMS reports ({meta_root})",
             err=True,
         )
-    root = bytes.fromhex((kms_root or meta_root).removeprefix("0x"))
-    check_env_pubkey(pub, aid, root, int(time.time()))
+        roots = [bytes.fromhex(meta_root.removeprefix("0x"))]
+    now, errors = int(time.time()), []
+    for root in roots:
+        try:
+            check_env_pubkey(pub, aid, root, now)
+            break
+        except click.ClickException as e:
+            errors.append(e.message)
+    else:
+        raise click.ClickException(f"refusing the env key from {url}: {'; '.join(errors)}")
     blob = encrypt_env(envs, pub.public_key, ephemeral=os.urandom(32), iv=os.urandom(12))
     if output:
         Path(output).write_bytes(blob)
     else:
         sys.stdout.write(blob.hex() + "\n")
+
+
+async def _fetch(url: str, app_id: bytes, ca_pem: str | None) -> tuple[EnvPubKey, str]:
+    import aiohttp
+
+    from pydstack.actors.kms.client import KmsCallError
+
+    try:
+        return await fetch_env_pubkey(url, app_id, ca_pem)
+    except (KmsCallError, aiohttp.ClientError, OSError, TimeoutError, KeyError, ValueError) as e:
+        raise click.ClickException(
+            f"KMS {url}: {type(e).__name__}: {e}; is it running (`pydstack up`), or pass --kms"
+        ) from None
+
+
+async def _log_roots(conn: Conn) -> list[bytes]:
+    """The k256 roots of every KMS cluster on the log; none when no log is reachable."""
+    from pydstack.adapters.nats import StoreError
+    from pydstack.core.events import KmsRootCreated
+
+    from ._apps import read_events
+
+    try:
+        async with await connect(conn) as store:
+            found = await read_events(store, "dstack.kms.*")
+    except StoreError:
+        return []
+    return [a.event.k256_public_key for _, a in found if isinstance(a.event, KmsRootCreated)]

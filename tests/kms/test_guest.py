@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from dstack_sdk import AsyncDstackClient
 from dstack_sdk.encrypt_env_vars import EnvVar, encrypt_env_vars
 
@@ -17,6 +17,7 @@ from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
 from pydstack.cli.env import env as env_cli
 from pydstack.core.events import KeyIssued
+from pydstack.core.kms import app_key_material
 from pydstack_guest import GuestAgent, GuestConfig, KeyProviderError, serve_agent
 from pydstack_guest.keys import key_public, verify_key_chain
 from pydstack_guest.kms_provider import KmsKeyProvider, decrypt_env
@@ -89,3 +90,27 @@ async def test_env_vars_encrypted_by_sdk_and_by_cli_decrypt_in_the_guest(
     bad = [*args[:-1], "02" + "11" * 32, str(tmp_path / ".env")]
     result = await asyncio.to_thread(CliRunner().invoke, env_cli, bad)
     assert result.exit_code != 0 and "not the pinned KMS root" in result.output
+
+
+async def test_env_encrypt_trusts_the_kms_roots_on_the_log_without_a_pinned_root(
+    kms: Kms, tmp_path: Path
+) -> None:
+    """Without --kms-root the env key must recover a KmsRootCreated root from the log; only
+    when no log is reachable does it fall back to GetMeta's root, saying so."""
+    (tmp_path / ".env").write_text("A=1\n")
+    base = ["encrypt", "--app-id", APP_ID.hex(), "--kms", kms.url,
+            "--data-dir", str(tmp_path / "home")]  # fmt: skip
+    env_key = app_key_material(kms.svc.root, APP_ID, b"\x11" * 20).env_crypt_key
+
+    def run(*extra: str) -> Result:
+        return CliRunner().invoke(env_cli, [*base, *extra, str(tmp_path / ".env")])
+
+    on_log = await asyncio.to_thread(run, "--nats", kms.store.url)
+    assert on_log.exit_code == 0, on_log.output
+    assert "warning" not in on_log.output
+    assert decrypt_env(env_key, bytes.fromhex(on_log.output.strip().splitlines()[-1])) == [
+        ("A", "1")
+    ]
+    no_log = await asyncio.to_thread(run, "--nats", "nats://127.0.0.1:1")
+    assert no_log.exit_code == 0, no_log.output
+    assert "no KMS root on a reachable log; trusting the root the KMS reports" in no_log.output
