@@ -309,3 +309,20 @@ def _check_rotated(out: Path) -> None:
         lines = backup.read_text().splitlines()
         assert lines and all(line == "x" * 99 for line in lines[:-1])
     assert out.stat().st_size < 64 * 1024  # writes resumed at the start after truncation
+
+
+async def test_shutdown_is_refused_while_a_process_runs_and_exits_when_idle(
+    harness: SupervisorHarness,
+) -> None:
+    """A VMM that stops asks its supervisor to exit: only when nothing runs under it."""
+    async with await harness.start() as sv:
+        await sv.deploy(sleeper("busy"))
+        assert await sv.shutdown_if_idle() is False
+        assert await sv.ping()  # still serving, and still supervising
+        assert (await sv.info("busy")).running
+        await sv.stop("busy", timeout_s=0)
+        assert await sv.shutdown_if_idle() is True
+        assert harness.proc is not None
+        assert await asyncio.to_thread(harness.proc.wait, 10) == 0
+        assert not harness.socket.exists()  # the socket went with it
+        assert not await sv.ping()

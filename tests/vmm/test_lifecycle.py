@@ -118,3 +118,29 @@ async def test_bad_requests_are_refused_and_append_nothing(
             assert data["error"]
         await asyncio.sleep(0.5)
         assert await store.last_seq() == before
+
+
+async def test_the_supervisor_outlives_the_vmm_only_while_it_runs_cvms(vmm_host: VmmHost) -> None:
+    """A VMM that stops leaves its running CVMs under the supervisor (the next VMM adopts
+    them); with none left, the supervisor exits with it instead of lingering."""
+    from .conftest import supervisor_pids, wait_until
+
+    sock = vmm_host.root / "sv.sock"
+    async with vmm_host.running() as (_vmm, api):
+        await api.create("web1", free_port())
+        await api.wait_state("web1", "running")
+    pids = supervisor_pids(sock)
+    assert len(pids) == 1, "stopping the VMM must not take its running CVM's supervisor"
+    async with vmm_host.running() as (vmm, api):
+        assert supervisor_pids(sock) == pids  # adopted, not relaunched
+        await api.ok("RemoveVm", {"id": "web1"})
+
+        async def gone() -> bool:
+            return await vmm.backend.list() == []
+
+        await wait_until(gone, 15, "web1 removed")
+
+    async def exited() -> bool:
+        return not supervisor_pids(sock)
+
+    assert await wait_until(exited, 10, "the idle supervisor's exit")

@@ -18,6 +18,7 @@ from ._model import ProcessConfig, StopRequest
 from .errors import SupervisorError
 
 SUPERVISOR_KEY = web.AppKey("supervisor", Supervisor)
+EXIT_KEY = web.AppKey("exit", asyncio.Event)  # set: the server stops (POST /shutdown)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -80,9 +81,21 @@ async def _remove(request: web.Request) -> web.Response:
     return _ok(None)
 
 
-def make_app(supervisor: Supervisor) -> web.Application:
+async def _shutdown(request: web.Request) -> web.Response:
+    """Exit when idle: a VMM that stops with no CVM left leaves no supervisor behind. Refused
+    (409) while any process runs: those stay supervised until they are stopped or removed."""
+    running = [p.config.id for p in _sup(request).list() if p.running]
+    if running:
+        shown = ", ".join(running[:5]) + (", ..." if len(running) > 5 else "")
+        return _err(409, f"{len(running)} process(es) still running ({shown}); not exiting")
+    request.app[EXIT_KEY].set()
+    return _ok(None)
+
+
+def make_app(supervisor: Supervisor, exit_event: asyncio.Event | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[SUPERVISOR_KEY] = supervisor
+    app[EXIT_KEY] = exit_event or asyncio.Event()
     app.router.add_get("/ping", _ping)
     app.router.add_get("/list", _list)
     app.router.add_get("/info/{id}", _info)
@@ -90,4 +103,5 @@ def make_app(supervisor: Supervisor) -> web.Application:
     app.router.add_post("/start/{id}", _start)
     app.router.add_post("/stop/{id}", _stop)
     app.router.add_delete("/remove/{id}", _remove)
+    app.router.add_post("/shutdown", _shutdown)
     return app

@@ -1,4 +1,4 @@
-"""Run a supervisor on a unix socket until SIGTERM/SIGINT.
+"""Run a supervisor on a unix socket until SIGTERM/SIGINT (or, when idle, POST /shutdown).
 
 One supervisor per state dir: an exclusive ``flock`` on ``<state_dir>/supervisor.lock`` makes a
 second one fail at once instead of adopting (and then double-managing) the same processes.
@@ -58,13 +58,13 @@ async def serve(
         _clear_stale_socket(socket_path)
         socket_path.parent.mkdir(parents=True, exist_ok=True)
         async with await Supervisor.open(settings) as sup:
-            runner = web.AppRunner(make_app(sup), handle_signals=False)
+            done = asyncio.Event()  # SIGTERM/SIGINT, or POST /shutdown when idle
+            runner = web.AppRunner(make_app(sup, done), handle_signals=False)
             await runner.setup()
             try:
                 await web.UnixSite(runner, str(socket_path)).start()
                 os.chmod(socket_path, 0o600)
                 log.info("supervisor ready", socket=str(socket_path), processes=len(sup.list()))
-                done = asyncio.Event()
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, done.set)

@@ -21,7 +21,7 @@ import aiohttp
 import msgspec
 
 from ._model import ProcessConfig, ProcessInfo, Reply, StopRequest
-from .errors import SupervisorError, Unreachable, from_status
+from .errors import Conflict, SupervisorError, Unreachable, from_status
 
 T = TypeVar("T")
 
@@ -90,6 +90,14 @@ class SupervisorClient:
 
     async def remove(self, process_id: str) -> None:
         await self._call("DELETE", f"/remove/{process_id}", type(None), None, process_id)
+
+    async def shutdown_if_idle(self) -> bool:
+        """Ask the supervisor to exit; False (it stays) while any process runs under it."""
+        try:
+            await self._call("POST", "/shutdown", type(None))
+        except Conflict:
+            return False
+        return True
 
     async def wait_ready(self, timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -104,6 +104,21 @@ async def keep_supervisor(sv: SupervisorClient, state_dir: Path, every_s: float 
             _log.info("supervisor relaunched", socket=str(sv.socket_path))
 
 
+async def _release_supervisor(sv: SupervisorClient) -> None:
+    """On the VMM's exit: an idle supervisor exits too; one with CVMs keeps them running for
+    the next VMM to adopt (so a restart of `up` does not restart the CVMs)."""
+    try:
+        idle = await sv.shutdown_if_idle()
+    except SupervisorError as exc:
+        _log.warning("supervisor left running", reason=str(exc))
+        return
+    if idle:
+        _log.info("supervisor stopped: no CVM running", socket=str(sv.socket_path))
+    else:
+        _log.info("CVMs keep running under the supervisor; the next VMM adopts them",
+                  socket=str(sv.socket_path))  # fmt: skip
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -119,6 +134,7 @@ async def running_vmm(store: EventStore, launch: VmmLaunch) -> AsyncIterator[tup
     async with contextlib.AsyncExitStack() as stack:
         sv = await ensure_supervisor(sock, sd)
         stack.push_async_callback(sv.close)
+        stack.push_async_callback(_release_supervisor, sv)  # after the watchdog stopped
         watchdog = asyncio.create_task(keep_supervisor(sv, sd), name="vmm-supervisor-watchdog")
         stack.push_async_callback(_cancel, watchdog)
         backend = await build_backend(launch, sv)
