@@ -17,6 +17,12 @@ GetAppKey (``disk_crypt_key``; its hex is the LUKS passphrase, as in dstack):
   not open it stops the boot: nothing is ever reformatted;
 - anything else (data without a LUKS2 header): the boot stops.
 
+A first boot cut short between ``luksFormat`` and ``mkfs`` leaves a LUKS2 disk whose payload
+was never written. That is recognised on the raw disk (`payload_unwritten`: the payload's
+start and every place ext4 keeps a backup superblock still read as zeros, which no written
+ciphertext does) and the filesystem is made then; a disk whose filesystem is merely damaged
+is never reformatted (its mount fails and the boot stops).
+
 The key goes to cryptsetup on stdin (``--key-file=-``), never on a command line or a disk. The
 ext4 inside is mounted at `MOUNT`, and docker's and containerd's state directories are bind
 mounts from it (as dstack does), so the app's images, containers and volumes are encrypted.
@@ -278,15 +284,17 @@ async def setup_data_disk(
             )
     finally:
         await asyncio.to_thread(header_copy.unlink, missing_ok=True)
-    if action == "format":
+    resumed = action == "open" and await asyncio.to_thread(_unwritten, device)
+    if action == "format" or resumed:  # resumed: a first boot stopped before its mkfs
         await _must(run, "mkfs.ext4", mkfs_argv())
     await asyncio.to_thread(mount.mkdir, parents=True, exist_ok=True)
     await _must(run, f"mounting the data disk at {mount}", mount_argv(mount))
     marker = mount / MARKER
-    if action == "format":
+    if action == "format" or resumed:
         doc = {"formatted_at": int(time.time()), "app_id": label, "cipher": CIPHER}
         await asyncio.to_thread(marker.write_text, json.dumps(doc))
-        done = f"formatted {device} (new disk), opened"
+        done = (f"formatted {device} (new disk), opened" if action == "format" else
+                f"opened {device}, made its missing filesystem (first boot cut short)")  # fmt: skip
     else:
         await _must(run, "growing the filesystem", ["resize2fs", f"/dev/mapper/{MAPPER}"])
         done = f"opened {device}"
@@ -300,6 +308,47 @@ async def setup_data_disk(
         await asyncio.to_thread(dst.mkdir, parents=True, exist_ok=True)
         await _must(run, f"bind-mounting {dst}", ["mount", "--bind", str(src), str(dst)])
     return f"{done}, ext4 at {mount} (formatted at {since}); {', '.join(BINDS)} on it"
+
+
+EXT4_GROUP = 128 * 1024 * 1024  # 32768 blocks of 4 KiB per block group (mke2fs defaults)
+
+
+def backup_superblock_groups(limit: int) -> list[int]:
+    """Block groups below `limit` that hold a superblock copy under sparse_super: 0, 1 and the
+    powers of 3, 5 and 7."""
+    groups = {0, 1}
+    for base in (3, 5, 7):
+        g = base
+        while g < limit:
+            groups.add(g)
+            g *= base
+    return sorted(g for g in groups if g < limit)
+
+
+def payload_unwritten(read: Callable[[int, int], bytes], disk_size: int) -> bool:
+    """True when nothing was ever written to the LUKS2 payload of a disk that started out
+    zero: its first `PROBE` bytes and the first 4 KiB of every group that would carry an ext4
+    superblock (any written sector is ciphertext, never zeros). A disk too small to hold a
+    payload is not "unwritten": opening it fails later, clearly."""
+    if disk_size < PAYLOAD_OFFSET + PROBE:
+        return False
+    groups = backup_superblock_groups((disk_size - PAYLOAD_OFFSET) // EXT4_GROUP + 1)
+    for g in groups:
+        at = PAYLOAD_OFFSET + g * EXT4_GROUP
+        size = PROBE if g == 0 else 4096
+        if at + size > disk_size:
+            break
+        if read(at, size).strip(b"\0"):
+            return False
+    return True
+
+
+def _unwritten(device: Path) -> bool:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return payload_unwritten(lambda at, n: os.pread(fd, n, at), os.lseek(fd, 0, os.SEEK_END))
+    finally:
+        os.close(fd)
 
 
 def _read_head(device: Path) -> bytes:

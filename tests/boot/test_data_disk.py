@@ -24,12 +24,17 @@ from pydstack_guest import LocalKeyProvider, create_dev_app_keys
 from pydstack_guest.boot import BootFailed, HostShared, run_boot
 from pydstack_guest.data_disk import (
     BINDS,
+    EXT4_GROUP,
+    PAYLOAD_OFFSET,
+    PROBE,
     DataDiskError,
+    backup_superblock_groups,
     disk_action,
     find_device,
     format_argv,
     open_argv,
     passphrase,
+    payload_unwritten,
     setup_data_disk,
     validate_luks2_header,
 )
@@ -211,12 +216,52 @@ async def test_later_boots_open_and_mount_without_formatting(tmp_path: Path) -> 
     (tmp_path / "persistent").mkdir()
     (tmp_path / "persistent" / ".pydstack-data-disk").write_text('{"formatted_at": 1234}')
     fake = FakeSystem(luks2_header())
-    note = await _setup(tmp_path, luks2_header() + bytes(4096), fake)
+    note = await _setup(tmp_path, written_disk(), fake)
     cmds = [a[:2] for a, _ in fake.calls]
     assert ["cryptsetup", "luksFormat"] not in cmds and ["mkfs.ext4", "-q"] not in cmds
     assert cmds[:4] == [["cryptsetup", "luksHeaderBackup"], ["cryptsetup", "open"],
                         ["mount", "-t"], ["resize2fs", "/dev/mapper/dstack_data_disk"]]  # fmt: skip
     assert note.startswith(f"opened {tmp_path / 'vdb'}, ext4") and "(formatted at 1234)" in note
+
+
+def written_disk(size: int = PAYLOAD_OFFSET + (2 << 20)) -> bytes:
+    """A LUKS2 disk whose payload holds a filesystem (ciphertext: non-zero bytes)."""
+    head = luks2_header().ljust(PAYLOAD_OFFSET, b"\0")
+    return head + b"\x5a" * 4096 + bytes(size - PAYLOAD_OFFSET - 4096)
+
+
+async def test_a_first_boot_cut_short_before_mkfs_gets_its_filesystem_next_boot(
+    tmp_path: Path,
+) -> None:
+    """luksFormat done, payload never written: the next boot opens it and makes the ext4
+    (and the marker) instead of failing to mount forever."""
+    fake = FakeSystem(luks2_header())
+    disk = luks2_header().ljust(PAYLOAD_OFFSET + (2 << 20), b"\0")
+    note = await _setup(tmp_path, disk, fake)
+    assert [a[:2] for a, _ in fake.calls] == [
+        ["cryptsetup", "luksHeaderBackup"], ["cryptsetup", "open"], ["mkfs.ext4", "-q"],
+        ["mount", "-t"], ["mount", "--bind"], ["mount", "--bind"],
+    ]  # fmt: skip
+    assert note.startswith(f"opened {tmp_path / 'vdb'}, made its missing filesystem")
+    assert (tmp_path / "persistent" / ".pydstack-data-disk").exists()
+
+
+def test_payload_unwritten_looks_at_the_start_and_every_backup_superblock() -> None:
+    assert backup_superblock_groups(100) == [0, 1, 3, 5, 7, 9, 25, 27, 49, 81]
+    size = PAYLOAD_OFFSET + 10 * EXT4_GROUP
+    written: dict[int, bytes] = {}
+
+    def read(at: int, n: int) -> bytes:
+        return written.get(at, bytes(n))
+
+    assert payload_unwritten(read, size)
+    # A filesystem whose first MiB a host zeroed still has its backup superblocks: kept.
+    written[PAYLOAD_OFFSET + 9 * EXT4_GROUP] = b"\x01" + bytes(4095)
+    assert not payload_unwritten(read, size)
+    written.clear()
+    written[PAYLOAD_OFFSET] = b"\x01" + bytes(PROBE - 1)
+    assert not payload_unwritten(read, size)
+    assert not payload_unwritten(lambda at, n: bytes(n), PAYLOAD_OFFSET)  # no payload at all
 
 
 async def test_a_key_that_does_not_open_the_disk_stops_without_formatting(tmp_path: Path) -> None:
