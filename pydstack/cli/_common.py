@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -162,10 +164,43 @@ async def connect(conn: Conn, *, replicas: int = 1) -> EventStore:
         raise
 
 
+FORCE_EXIT_S = 3.0  # after Ctrl-C, how long a command may take to shut down cleanly
+
+
+async def _interruptible(coro: Coroutine[Any, Any, T]) -> T:
+    """Ctrl-C cancels the command; one that is still shutting down `FORCE_EXIT_S` later (or
+    a second Ctrl-C) exits at once with 130. Commands only read, or await every write's ack,
+    so nothing is lost by not waiting longer (a follower once sat in a client's close)."""
+    if threading.current_thread() is not threading.main_thread():
+        return await coro  # signals reach the main thread only (e.g. click's CliRunner)
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+
+    def force_exit() -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"interrupted; still shutting down after {FORCE_EXIT_S:g}s: exiting\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    def on_sigint() -> None:
+        if task.cancelling():
+            force_exit()
+        task.cancel()
+        loop.call_later(FORCE_EXIT_S, force_exit)
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine; every expected failure becomes one line and exit code 1."""
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_interruptible(coro))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except StoreError as exc:
