@@ -32,14 +32,15 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         with _lock:
             if port in _recent:
                 continue
-        if _bindable(host, port, kind):
+        if bindable(host, port, kind):
             with _lock:
                 _recent.append(port)
             return port
     raise OSError(f"no free port in {lo}-{hi} on {host}; free some listeners and retry")
 
 
-def _bindable(host: str, port: int, kind: int) -> bool:
+def bindable(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether `port` on `host` can be bound right now (nothing listens or holds it)."""
     with socket.socket(socket.AF_INET, kind) as s:
         try:
             s.bind((host, port))

@@ -4,7 +4,6 @@ gateway clusters on it, and sealing an env file to an app's verified KMS key."""
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,11 +89,7 @@ async def seal_env(
 ) -> tuple[bytes, str]:
     """Encrypt `envs` to the app's env key from the KMS (GetAppEnvEncryptPubKey), accepted only
     when its signature recovers a KMS root recorded on the log. Returns (blob, which root)."""
-    import aiohttp
-
-    from pydstack.actors.kms.client import KmsCallError
-
-    from .env import check_env_pubkey, fetch_env_pubkey
+    from .env import fetch_env_pubkey, trusted_root
 
     if not roots:
         raise click.ClickException(
@@ -102,18 +97,8 @@ async def seal_env(
             "(pydstack up) before deploying with --env-file"
         )
     aid = bytes.fromhex(app_id)
-    try:
-        pub, _ = await fetch_env_pubkey(kms_url, aid, None)
-    except (KmsCallError, aiohttp.ClientError, OSError, TimeoutError, KeyError) as exc:
-        raise click.ClickException(f"KMS {kms_url}: {type(exc).__name__}: {exc}") from None
-    now = int(time.time())
-    errors = []
-    for cluster, root in sorted(roots.items()):
-        try:
-            check_env_pubkey(pub, aid, root.k256_public_key, now)
-        except click.ClickException as exc:
-            errors.append(exc.message)
-            continue
-        blob = encrypt_env(envs, pub.public_key, ephemeral=os.urandom(32), iv=os.urandom(12))
-        return blob, cluster
-    raise click.ClickException(f"refusing the env key from {kms_url}: {'; '.join(errors)}")
+    pub, _ = await fetch_env_pubkey(kms_url, aid, None)
+    keys = {cluster: root.k256_public_key for cluster, root in roots.items()}
+    cluster = trusted_root(pub, aid, keys, kms_url)
+    blob = encrypt_env(envs, pub.public_key, ephemeral=os.urandom(32), iv=os.urandom(12))
+    return blob, cluster

@@ -16,6 +16,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -23,6 +24,7 @@ import click
 from pydstack.core.kms.derive import DerivationError, EnvPubKey, env_pubkey_signer
 from pydstack.core.kms.envcrypt import EnvFileError, encrypt_env, parse_env_file
 
+from ._apps import kms_url_of, read_events
 from ._common import Conn, connect, connection_options, resolve
 
 MAX_AGE = 300
@@ -31,19 +33,27 @@ MAX_AGE = 300
 async def fetch_env_pubkey(
     kms_url: str, app_id: bytes, ca_pem: str | None
 ) -> tuple[EnvPubKey, str]:
-    """(the signed env public key, the KMS root k256 public key GetMeta reports)."""
-    from pydstack.actors.kms.client import KmsClient
+    """(the signed env public key, the KMS root k256 public key GetMeta reports); a KMS that
+    cannot be reached or answers nonsense is a ClickException naming it."""
+    import aiohttp
 
-    async with KmsClient(kms_url, ca_pem=ca_pem) as kms:
-        resp = await kms.call("GetAppEnvEncryptPubKey", {"app_id": app_id.hex()})
-        meta = await kms.call("GetMeta")
-    pub = EnvPubKey(
-        public_key=bytes.fromhex(resp["public_key"]),
-        signature=bytes.fromhex(resp["signature"]),
-        timestamp=int(resp["timestamp"]),
-        signature_v1=bytes.fromhex(resp["signature_v1"]),
-    )
-    return pub, str(meta["k256_pubkey"])
+    from pydstack.actors.kms.client import KmsCallError, KmsClient
+
+    try:
+        async with KmsClient(kms_url, ca_pem=ca_pem) as kms:
+            resp = await kms.call("GetAppEnvEncryptPubKey", {"app_id": app_id.hex()})
+            meta = await kms.call("GetMeta")
+        pub = EnvPubKey(
+            public_key=bytes.fromhex(resp["public_key"]),
+            signature=bytes.fromhex(resp["signature"]),
+            timestamp=int(resp["timestamp"]),
+            signature_v1=bytes.fromhex(resp["signature_v1"]),
+        )
+        return pub, str(meta["k256_pubkey"])
+    except (KmsCallError, aiohttp.ClientError, OSError, TimeoutError, KeyError, ValueError) as e:
+        raise click.ClickException(
+            f"KMS {kms_url}: {type(e).__name__}: {e}; is it running (`pydstack up`), or pass --kms"
+        ) from None
 
 
 def check_env_pubkey(pub: EnvPubKey, app_id: bytes, root: bytes, now: int) -> None:
@@ -58,6 +68,20 @@ def check_env_pubkey(pub: EnvPubKey, app_id: bytes, root: bytes, now: int) -> No
         raise click.ClickException(
             f"env key signed by {signer.hex()}, not the pinned KMS root {root.hex()}"
         )
+
+
+def trusted_root(pub: EnvPubKey, app_id: bytes, roots: Mapping[str, bytes], kms_url: str) -> str:
+    """The name of the first of `roots` (by name) that signed `pub`, fresh; else a
+    ClickException naming every refusal."""
+    now, errors = int(time.time()), []
+    for name, root in sorted(roots.items()):
+        try:
+            check_env_pubkey(pub, app_id, root, now)
+        except click.ClickException as e:
+            errors.append(e.message)
+            continue
+        return name
+    raise click.ClickException(f"refusing the env key from {kms_url}: {'; '.join(errors)}")
 
 
 @click.group("env")
@@ -92,31 +116,23 @@ def encrypt(
     if len(aid) != 20:
         raise click.ClickException("--app-id must be 20 bytes of hex")
     conn = resolve(ctx)
-    url = kms_url or conn.data.state().get("kms_url")
+    url = kms_url_of(conn, kms_url)
     if not url:
         raise click.ClickException(
             "no KMS to ask: pass --kms URL, or run next to a `pydstack up` with its KMS "
             "(or --data-dir of one)"
         )
     ca_pem = Path(kms_ca).read_text() if kms_ca else None
-    pub, meta_root = asyncio.run(_fetch(url, aid, ca_pem))
-    roots = [pinned] if pinned is not None else asyncio.run(_log_roots(conn))
+    pub, meta_root = asyncio.run(fetch_env_pubkey(url, aid, ca_pem))
+    roots = {"pinned": pinned} if pinned is not None else asyncio.run(_log_roots(conn))
     if not roots:
         click.echo(
             f"warning: no --kms-root pinned and no KMS root on a reachable log; trusting the "
             f"root the KMS reports ({meta_root})",
             err=True,
         )
-        roots = [bytes.fromhex(meta_root.removeprefix("0x"))]
-    now, errors = int(time.time()), []
-    for root in roots:
-        try:
-            check_env_pubkey(pub, aid, root, now)
-            break
-        except click.ClickException as e:
-            errors.append(e.message)
-    else:
-        raise click.ClickException(f"refusing the env key from {url}: {'; '.join(errors)}")
+        roots = {"reported": bytes.fromhex(meta_root.removeprefix("0x"))}
+    trusted_root(pub, aid, roots, url)
     blob = encrypt_env(envs, pub.public_key, ephemeral=os.urandom(32), iv=os.urandom(12))
     if output:
         Path(output).write_bytes(blob)
@@ -124,29 +140,15 @@ def encrypt(
         sys.stdout.write(blob.hex() + "\n")
 
 
-async def _fetch(url: str, app_id: bytes, ca_pem: str | None) -> tuple[EnvPubKey, str]:
-    import aiohttp
-
-    from pydstack.actors.kms.client import KmsCallError
-
-    try:
-        return await fetch_env_pubkey(url, app_id, ca_pem)
-    except (KmsCallError, aiohttp.ClientError, OSError, TimeoutError, KeyError, ValueError) as e:
-        raise click.ClickException(
-            f"KMS {url}: {type(e).__name__}: {e}; is it running (`pydstack up`), or pass --kms"
-        ) from None
-
-
-async def _log_roots(conn: Conn) -> list[bytes]:
-    """The k256 roots of every KMS cluster on the log; none when no log is reachable."""
+async def _log_roots(conn: Conn) -> dict[str, bytes]:
+    """The k256 root of every KMS cluster on the log; none when no log is reachable."""
     from pydstack.adapters.nats import StoreError
     from pydstack.core.events import KmsRootCreated
-
-    from ._apps import read_events
 
     try:
         async with await connect(conn) as store:
             found = await read_events(store, "dstack.kms.*")
     except StoreError:
-        return []
-    return [a.event.k256_public_key for _, a in found if isinstance(a.event, KmsRootCreated)]
+        return {}
+    roots = (a.event for _, a in found if isinstance(a.event, KmsRootCreated))
+    return {r.cluster: r.k256_public_key for r in roots}

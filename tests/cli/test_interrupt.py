@@ -7,35 +7,24 @@ import subprocess
 import sys
 import time
 
-STUBBORN = """
-import asyncio, sys
+# A command that prints "ready", waits, and on cancellation runs `{shutdown}`.
+COMMAND = """
+import asyncio
 import pydstack.cli._common as common
 common.FORCE_EXIT_S = 0.5
 
-async def stubborn():
+async def command():
     print("ready", flush=True)
     try:
         await asyncio.sleep(3600)
     finally:
-        print("shutting down", flush=True)
-        await asyncio.sleep(3600)  # a shutdown that never ends (e.g. a stuck close)
+        {shutdown}
 
-common.run(stubborn())
+common.run(command())
 """
-
-CLEAN = """
-import asyncio
-import pydstack.cli._common as common
-
-async def clean():
-    print("ready", flush=True)
-    try:
-        await asyncio.sleep(3600)
-    finally:
-        print("closed", flush=True)
-
-common.run(clean())
-"""
+# A shutdown that never ends (e.g. a stuck close), and one that ends at once.
+STUBBORN = COMMAND.format(shutdown='print("shutting down", flush=True); await asyncio.sleep(3600)')
+CLEAN = COMMAND.format(shutdown='print("closed", flush=True)')
 
 
 def _interrupt(code: str) -> tuple[int, str, str, float]:

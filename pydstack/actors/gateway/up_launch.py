@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydstack.actors.decode import Malformed, decode_message
 from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
-from pydstack.adapters.ports import free_port
+from pydstack.adapters.ports import bindable, free_port
 from pydstack.adapters.proxy import StaticCertProvider
 from pydstack.core.events import KmsRootCreated
 
@@ -60,12 +60,7 @@ _SERVER, _CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_A
 
 def _free(host: str, want: int, kind: int = socket.SOCK_STREAM) -> int:
     """`want` when it is free, else a free port the node can still bind later (not ephemeral)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        try:
-            s.bind((host, want))
-        except OSError:
-            return free_port(host, kind)
-    return want
+    return want if bindable(host, want, kind) else free_port(host, kind)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

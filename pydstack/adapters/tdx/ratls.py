@@ -249,7 +249,8 @@ def _ext_bytes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | No
 
 def extract_attestation(cert: x509.Certificate) -> Attestation:
     """The attestation a certificate carries (1.8, else legacy 1.1 + 1.2)."""
-    return extract_attestation_raw(cert)[0]
+    raw = _ext_bytes(cert, OID_ATTESTATION)
+    return _decode_extension(raw) if raw is not None else _legacy_attestation(cert)
 
 
 def extract_attestation_raw(cert: x509.Certificate) -> tuple[Attestation, bytes]:
@@ -257,12 +258,16 @@ def extract_attestation_raw(cert: x509.Certificate) -> tuple[Attestation, bytes]
     bytes as presented (not re-encoded), or the legacy 1.1 + 1.2 pair encoded."""
     raw = _ext_bytes(cert, OID_ATTESTATION)
     if raw is not None:
-        try:
-            return decode_attestation(raw), raw
-        except AttestationDecodeError as e:
-            raise RaTlsError(f"attestation extension: {e}") from None
+        return _decode_extension(raw), raw
     att = _legacy_attestation(cert)
     return att, encode_attestation(att)
+
+
+def _decode_extension(raw: bytes) -> Attestation:
+    try:
+        return decode_attestation(raw)
+    except AttestationDecodeError as e:
+        raise RaTlsError(f"attestation extension: {e}") from None
 
 
 def _legacy_attestation(cert: x509.Certificate) -> Attestation:
