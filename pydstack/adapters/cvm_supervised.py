@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import msgspec
 
-from pydstack.actors.supervisor import NotFound, ProcessInfo, SupervisorClient, Unreachable
+from pydstack.adapters.supervisor import NotFound, ProcessInfo, SupervisorClient, Unreachable
 
 from .cvm import CvmError, CvmNotFound, CvmSpec, CvmStatus, GuestEvent
 

@@ -1,12 +1,15 @@
 """The supervisor: a separate process that runs the host's long-lived processes (QEMU,
 wireguard-go, helpers), so they survive a VMM restart and are adopted by a restarted
-supervisor. API: ``SupervisorClient``; server: ``python -m pydstack.actors.supervisor``.
+supervisor. Server: ``python -m pydstack.actors.supervisor``; its client and wire model are the
+adapter ``pydstack.adapters.supervisor`` (re-exported here for callers of the whole service).
 """
 
+from pydstack.adapters.supervisor import (
+    Conflict, NotFound, ProcessConfig, ProcessInfo, ProcessState, Status, SupervisorClient,
+    SupervisorError, Unreachable, launch_supervisor,
+)  # fmt: skip
+
 from ._core import Supervisor, SupervisorSettings
-from ._model import ProcessConfig, ProcessInfo, ProcessState, Status
-from .client import SupervisorClient, launch_supervisor
-from .errors import Conflict, NotFound, SupervisorError, Unreachable
 
 __all__ = [
     "Conflict", "NotFound", "ProcessConfig", "ProcessInfo", "ProcessState", "Status",

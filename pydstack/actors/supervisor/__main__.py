@@ -11,7 +11,7 @@ from pydstack.logs import configure
 
 from ._core import SupervisorSettings
 from ._server import serve
-from .errors import SupervisorError
+from pydstack.adapters.supervisor import SupervisorError
 
 
 def main(argv: list[str] | None = None) -> int:

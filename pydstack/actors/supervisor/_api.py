@@ -14,8 +14,8 @@ import msgspec
 from aiohttp import web
 
 from ._core import Supervisor
-from ._model import ProcessConfig, StopRequest
-from .errors import SupervisorError
+from pydstack.adapters.supervisor import ProcessConfig, StopRequest
+from pydstack.adapters.supervisor import SupervisorError
 
 SUPERVISOR_KEY = web.AppKey("supervisor", Supervisor)
 EXIT_KEY = web.AppKey("exit", asyncio.Event)  # set: the server stops (POST /shutdown)

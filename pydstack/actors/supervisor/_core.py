@@ -26,8 +26,8 @@ import structlog
 
 from . import _procfs
 from ._logs import open_for_child, rotate_if_large
-from ._model import ID_PATTERN, ProcessConfig, ProcessInfo, ProcessState
-from .errors import Conflict, NotFound, SupervisorError
+from pydstack.adapters.supervisor import ID_PATTERN, ProcessConfig, ProcessInfo, ProcessState
+from pydstack.adapters.supervisor import Conflict, NotFound, SupervisorError
 
 log = structlog.get_logger("supervisor")
 

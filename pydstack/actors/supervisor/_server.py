@@ -20,7 +20,7 @@ from aiohttp import web
 
 from ._api import make_app
 from ._core import Supervisor, SupervisorSettings
-from .errors import SupervisorError
+from pydstack.adapters.supervisor import SupervisorError
 
 log = structlog.get_logger("supervisor")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import msgspec
 
-from pydstack.actors.supervisor import NotFound, ProcessConfig, SupervisorClient
-from pydstack.actors.supervisor import SupervisorError as _SvError
+from pydstack.adapters.supervisor import NotFound, ProcessConfig, SupervisorClient
+from pydstack.adapters.supervisor import SupervisorError as _SvError
 from pydstack.adapters.cvm import CvmError, CvmSpec, CvmStatus
 from pydstack.adapters.cvm_supervised import SupervisedCvms, process_note
 

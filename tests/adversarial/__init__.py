@@ -1,0 +1,1 @@
+"""Attacks on pydstack, one test each; docs/threat-model.md names them."""
