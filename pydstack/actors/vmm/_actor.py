@@ -61,6 +61,7 @@ from pydstack.core.vmm import (
     Start,
     Stop,
     VmRecord,
+    check_image_name,
     check_ports,
     check_resources,
     plan,
@@ -348,6 +349,8 @@ class Vmm:
         try:
             if req.disk_gb and req.disk_gb < rec.resources.disk_gb:
                 raise Refused("disk_size", "the disk can only grow")
+            if req.image:  # the log may carry any name: refused here, not at the next start
+                check_image_name(req.image)
             check_resources(host, res.vcpu, res.memory_mb, vm_id)
             check_ports(host, ports, vm_id)
         except Refused as exc:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import msgspec
 
-from pydstack.adapters.supervisor import NotFound, ProcessConfig, SupervisorClient
-from pydstack.adapters.supervisor import SupervisorError as _SvError
 from pydstack.adapters.cvm import CvmError, CvmSpec, CvmStatus
 from pydstack.adapters.cvm_supervised import SupervisedCvms, process_note
+from pydstack.adapters.supervisor import NotFound, ProcessConfig, SupervisorClient
+from pydstack.adapters.supervisor import SupervisorError as _SvError
+from pydstack.core.vmm.image_name import image_name_error
 
 from . import disk as qdisk
 from .argv import (
@@ -81,6 +82,9 @@ class QemuBackend(SupervisedCvms):
         self.config = config
 
     def _image(self, name: str) -> Image:
+        # The name comes from the log, which may carry anything: checked again before the join.
+        if (reason := image_name_error(name)) is not None:
+            raise CvmError(reason)
         try:
             return Image.load((self.config.images or images_dir()) / name)
         except ImageError as e:
@@ -226,7 +230,7 @@ def write_simulated_td(shared: Path, image: Image, dev_pki: Path, app_images: Pa
     shutil.copytree(dev_pki, pki)
     names: list[str] = []
     for d in sorted(app_images.iterdir()) if app_images and app_images.is_dir() else []:
-        if (d / "metadata.json").is_file():
+        if image_name_error(d.name) is None and (d / "metadata.json").is_file():
             dest = shared / "images" / d.name
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(d, dest)

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import msgspec
 
-from pydstack.adapters.supervisor import NotFound, ProcessConfig, SupervisorClient
-from pydstack.adapters.supervisor import SupervisorError as _SvError
 from pydstack.adapters.cvm import CvmError, CvmSpec, CvmStatus
 from pydstack.adapters.cvm_supervised import SupervisedCvms, process_note
+from pydstack.adapters.supervisor import NotFound, ProcessConfig, SupervisorClient
+from pydstack.adapters.supervisor import SupervisorError as _SvError
 
 from . import _netns
 from .guest import SandboxRun
-from .images import SandboxImage, list_images, load_image
+from .images import ImageNameError, SandboxImage, list_images, load_image
 
 
 class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,6 +74,8 @@ class SandboxBackend(SupervisedCvms):
         wd = self.workdir(spec.vm_id)
         try:
             load_image(self.config.images, spec.image)
+        except ImageNameError as e:
+            raise CvmError(str(e)) from None
         except (FileNotFoundError, msgspec.DecodeError):
             raise CvmError(f"image {spec.image!r} is not in {self.config.images}") from None
         self._write_shared(spec)

@@ -16,6 +16,12 @@ from pathlib import Path
 
 import msgspec
 
+from pydstack.core.vmm.image_name import image_name_error
+
+
+class ImageNameError(ValueError):
+    """An image name that is not one safe path component (``../x``, ``/etc``, empty...)."""
+
 
 class SandboxImage(msgspec.Struct, frozen=True, kw_only=True):
     name: str = ""
@@ -27,6 +33,10 @@ class SandboxImage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def load_image(root: Path, name: str) -> SandboxImage:
+    """``<root>/<name>``'s metadata; ``name`` may come from the log or the host share, so it is
+    checked before the join (``ImageNameError``)."""
+    if (reason := image_name_error(name)) is not None:
+        raise ImageNameError(reason)
     path = root / name / "metadata.json"
     img = msgspec.json.decode(path.read_bytes(), type=SandboxImage)
     return msgspec.structs.replace(img, name=name)
@@ -36,7 +46,9 @@ def list_images(root: Path) -> list[SandboxImage]:
     if not root.is_dir():
         return []
     return [
-        load_image(root, d.name) for d in sorted(root.iterdir()) if (d / "metadata.json").is_file()
+        load_image(root, d.name)
+        for d in sorted(root.iterdir())
+        if image_name_error(d.name) is None and (d / "metadata.json").is_file()
     ]
 
 

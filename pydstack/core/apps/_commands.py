@@ -31,6 +31,7 @@ from pydstack.core.events import (
     subject,
 )
 from pydstack.core.projections import Vm
+from pydstack.core.vmm.image_name import image_name_error
 
 ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_SEALED_ENV: Final = 32 + 12 + 16  # ephemeral public key, IV, GCM tag
@@ -220,6 +221,8 @@ def plan_deploy(req: DeployRequest, *, vm_id: str) -> DeployPlan:
     if missing:
         raise BadInput("env_names", f"{', '.join(missing)} not in the app-compose's "
                                     "allowed_envs")  # fmt: skip
+    if req.image and (reason := image_name_error(req.image, "")) is not None:
+        raise BadInput("image", reason)  # "" is the host's only image (the VMM picks it)
     ports = tuple(parse_port(p) for p in req.ports)
     if len({(p.protocol, p.host_port) for p in ports}) != len(ports):
         raise BadInput("ports", "a host port is mapped twice")

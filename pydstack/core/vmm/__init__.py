@@ -1,6 +1,7 @@
 """Pure VMM decisions: the per-host plan, dstack's restart policy, request checks, the fold."""
 
 from . import record
+from .image_name import IMAGE_NAME, image_name_error
 from .plan import (
     Action,
     Adopt,
@@ -21,6 +22,7 @@ from .requests import (
     NAME,
     Refused,
     check_image,
+    check_image_name,
     check_ports,
     check_resources,
     decide_command,
@@ -30,9 +32,9 @@ from .requests import (
 from .restart import RestartDecision, RestartNow, RestartPolicy, RestartTrack, decide_restart
 
 __all__ = [
-    "NAME", "Action", "Adopt", "Append", "Discard", "Observed", "RecordExited", "RecordStopped",
-    "Refused", "Release", "Remove", "RestartDecision", "RestartNow", "RestartPolicy",
-    "RestartTrack", "Start", "Stop", "VmRecord", "check_image", "check_ports", "check_resources",
-    "decide_command", "decide_create", "decide_restart", "decide_update", "plan", "plan_vm",
-    "record",
+    "IMAGE_NAME", "NAME", "Action", "Adopt", "Append", "Discard", "Observed", "RecordExited",
+    "RecordStopped", "Refused", "Release", "Remove", "RestartDecision", "RestartNow",
+    "RestartPolicy", "RestartTrack", "Start", "Stop", "VmRecord", "check_image",
+    "check_image_name", "check_ports", "check_resources", "decide_command", "decide_create",
+    "decide_restart", "decide_update", "image_name_error", "plan", "plan_vm", "record",
 ]  # fmt: skip

@@ -25,6 +25,8 @@ from pydstack.core.events import (
 )
 from pydstack.core.projections import Host, Vm
 
+from .image_name import image_name_error
+
 NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ANY: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
 
@@ -78,7 +80,14 @@ def check_resources(host: Host, vcpu: int, memory_mb: int, vm_id: str = "") -> N
         )
 
 
+def check_image_name(image: str, field: str = "image") -> None:
+    """The name is one safe path component (``image_name_error``), else ``Refused``."""
+    if (reason := image_name_error(image, field)) is not None:
+        raise Refused(field, reason)
+
+
 def check_image(images: Collection[str], image: str) -> None:
+    check_image_name(image)
     if image not in images:
         have = ", ".join(sorted(images)) or "none"
         raise Refused("image", f"image {image!r} is not on this host (have: {have})")
@@ -158,8 +167,10 @@ def decide_update(
     if r.disk_gb and r.disk_gb < current_disk_gb:
         raise Refused("disk_size", f"disk can only grow ({current_disk_gb} GB now, "
                       f"{r.disk_gb} GB asked)")  # fmt: skip
-    if r.image and images is not None:
-        check_image(images, r.image)
+    if r.image:
+        check_image_name(r.image)
+        if images is not None:
+            check_image(images, r.image)
     if host is not None:
         if r.vcpu or r.memory_mb:
             check_resources(
