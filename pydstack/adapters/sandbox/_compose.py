@@ -3,6 +3,11 @@
 dstack's ``docker_compose_file`` is YAML; without a YAML library this reads JSON or the
 block-style subset compose files use (nested mappings, ``- item`` lists, plain or quoted
 scalars, ``#`` comments). Flow collections other than ``[a, b]`` are refused with the line.
+
+Env values are the host's (only their names are the app's), so they are substituted as
+``docker compose`` does: into the string values of the parsed file, never into its text, and
+the result is never parsed again. A value cannot add a key or a service, or change the file's
+structure; whatever it holds stays literal text in the scalar it was put into.
 """
 
 from __future__ import annotations
@@ -114,24 +119,95 @@ def _words(v: Any) -> tuple[str, ...]:
         return ()
     if isinstance(v, list):
         return tuple(str(x) for x in v)
-    return tuple(shlex.split(str(v)))
+    try:
+        return tuple(shlex.split(str(v)))
+    except ValueError as e:  # the text may hold env values (secrets): not in the message
+        raise ComposeError(f"a string command or entrypoint is not shell words ({e}); "
+                           "write it as a list") from None  # fmt: skip
 
 
-_VAR = re.compile(
-    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
-)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OPS = (":-", ":?", ":+", "-", "?", "+")
+
+
+def _closing(text: str, i: int) -> int:
+    """The index of the ``}`` closing the ``${`` just before `i` (only ``${`` nests, as in
+    compose), or -1."""
+    depth = 1
+    while i < len(text):
+        if text.startswith("${", i):
+            depth, i = depth + 1, i + 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def _braced(inner: str, env: Mapping[str, str]) -> str:
+    m = _NAME.match(inner)
+    op = next((o for o in _OPS if m and inner.startswith(o, m.end())), None)
+    if m is None or (op is None and m.end() != len(inner)):
+        raise ComposeError(f"invalid interpolation format in ${{{inner}}}")
+    name, value = m.group(), env.get(m.group())
+    if op is None:
+        return value or ""
+    word = inner[m.end() + len(op) :]
+    missing = value is None or (op[0] == ":" and value == "")
+    if op[-1] == "?":
+        if missing:
+            raise ComposeError(f"required variable {name} is missing a value: {word}")
+        return value or ""
+    if op[-1] == "-":
+        return interpolate(word, env) if missing else value or ""
+    return "" if missing else interpolate(word, env)  # "+": the word when set
 
 
 def interpolate(text: str, env: Mapping[str, str]) -> str:
-    """Compose's variable substitution: ``$$``, ``${VAR}``, ``${VAR:-default}``, ``$VAR``."""
+    """Compose's substitution in one string value: ``$$`` is ``$``; ``$VAR`` and ``${VAR}``
+    are VAR's value ("" when unset); ``${VAR:-word}`` / ``${VAR-word}`` the word when VAR is
+    unset or empty / unset; ``${VAR:?err}`` / ``${VAR?err}`` an error then; ``${VAR:+word}`` /
+    ``${VAR+word}`` the word when set and not empty / set. The word is itself interpolated;
+    a value never is. ``$`` before anything else is kept; a bad ``${`` is an error.
+    ::
 
-    def sub(m: re.Match[str]) -> str:
-        if m.group(1):
-            return "$"
-        name = m.group(2) or m.group(4)
-        return env.get(name) or (m.group(3) or "")
+        interpolate("${A:-x}-$$A", {"A": ""}) == "x-$A"
+    """
+    out: list[str] = []
+    i = 0
+    while (j := text.find("$", i)) >= 0:
+        out.append(text[i:j])
+        if text.startswith("$$", j):
+            out.append("$")
+            i = j + 2
+        elif text.startswith("${", j):
+            end = _closing(text, j + 2)
+            if end < 0:
+                raise ComposeError(f"invalid interpolation format in {text[j : j + 40]!r}: no }}")
+            out.append(_braced(text[j + 2 : end], env))
+            i = end + 1
+        elif m := _NAME.match(text, j + 1):
+            out.append(env.get(m.group(), ""))
+            i = m.end()
+        else:
+            out.append("$")
+            i = j + 1
+    out.append(text[i:])
+    return "".join(out)
 
-    return _VAR.sub(sub, text)
+
+def interpolate_values(doc: Any, env: Mapping[str, str]) -> Any:
+    """`doc` with `interpolate` applied to every string value in it (mappings and lists
+    recursively; keys and other scalars as they are), as compose treats a parsed file."""
+    if isinstance(doc, str):
+        return interpolate(doc, env)
+    if isinstance(doc, dict):
+        return {k: interpolate_values(v, env) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [interpolate_values(v, env) for v in doc]
+    return doc
 
 
 def _entry(item: str, given: Mapping[str, str]) -> tuple[str, str]:
@@ -142,8 +218,9 @@ def _entry(item: str, given: Mapping[str, str]) -> tuple[str, str]:
 def services(app_compose: bytes, env: Mapping[str, str] | None = None) -> list[Service]:
     """The services of an app-compose.json (``docker_compose_file``), in file order.
 
-    With `env` (the boot's allowed env), the file is interpolated as ``docker compose`` does
-    with its environment, and a bare ``- NAME`` environment entry takes NAME's value from it."""
+    With `env` (the boot's allowed env), the parsed file's string values are interpolated as
+    ``docker compose`` does with its environment (`interpolate_values`), and a bare ``- NAME``
+    environment entry takes NAME's value from it."""
     try:
         compose = json.loads(app_compose or b"{}")
     except ValueError as e:
@@ -152,7 +229,9 @@ def services(app_compose: bytes, env: Mapping[str, str] | None = None) -> list[S
     if not text:
         return []
     given: Mapping[str, str] = env or {}
-    doc = parse_yaml(text if env is None else interpolate(text, env))
+    doc = parse_yaml(text)
+    if env is not None:  # into parsed values only, never re-parsed
+        doc = interpolate_values(doc, env)
     out: list[Service] = []
     for name, svc in ((doc or {}).get("services") or {}).items():
         if not isinstance(svc, dict) or not svc.get("image"):
