@@ -575,13 +575,13 @@ def _dev_pki(path: Path) -> Path:
 
 def _dev_appkeys(kms_dir: Path) -> Path:
     """Key-provider keys that seal the dev KMS's root keys at rest (0600)."""
+    from pydstack.adapters.secretfile import write_secret
     from pydstack_guest import create_dev_app_keys
 
     path = kms_dir / "appkeys.json"
     if not path.exists():
         _, text = create_dev_app_keys(os.urandom(20), now=int(time.time()))
-        path.write_text(text)
-        path.chmod(0o600)
+        write_secret(path, text)
     return path
 
 

@@ -61,6 +61,7 @@ async def boot_simulated(
     ``DSTACK_AGENT_URL`` (for apps with no Unix-socket client, e.g. busybox wget). `dm_crypt`
     and `data_disk` as in `run_boot`: the QEMU image passes both (a LUKS2 data disk), the
     sandbox neither (no device-mapper in the host kernel: measured ``plain``)."""
+    from pydstack.adapters.secretfile import write_secret
     from pydstack.adapters.tdx.backend import SimulatorBackend
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
@@ -85,8 +86,7 @@ async def boot_simulated(
     if not keys_path.exists():
         info = json.loads(shared.instance_info or b"{}")
         app_id = bytes.fromhex(info.get("app_id", "")) or hashlib.sha256(compose).digest()[:20]
-        keys_path.parent.mkdir(parents=True, exist_ok=True)
-        keys_path.write_text(create_dev_app_keys(app_id, now=int(time.time()))[1])
+        write_secret(keys_path, create_dev_app_keys(app_id, now=int(time.time()))[1])
     result = await run_boot(backend, shared, report=report, local=LocalKeyProvider(keys_path),
                             os_image_hash=td.os_image_hash, dm_crypt=dm_crypt,
                             data_disk=data_disk)  # fmt: skip

@@ -305,6 +305,7 @@ async def _simulate(
     gateway: tuple[str, str, str | None] | None = None,
     instance_hex: str | None = None,
 ) -> None:
+    from pydstack.adapters.secretfile import write_secret
     from pydstack.adapters.tdx.backend import SimulatorBackend
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
@@ -335,8 +336,7 @@ async def _simulate(
     keys_path = state / "appkeys.json"
     if kms_url is None and not keys_path.exists():
         _, text = create_dev_app_keys(app_id, now=now)
-        keys_path.write_text(text)
-        os.chmod(keys_path, 0o600)
+        write_secret(keys_path, text)
     os_image_hash = hashlib.sha256(b"pydstack simulated image").digest()
     backend = SimulatorBackend(
         QuoteSimulator(pki),

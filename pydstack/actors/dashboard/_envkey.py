@@ -22,6 +22,8 @@ import aiohttp
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import x25519
 
+from pydstack.adapters.secretfile import write_secret
+
 MAX_AGE_S: Final = 300
 
 
@@ -50,10 +52,7 @@ class DevEnvKey:
     def load_or_create(cls, path: Path) -> DevEnvKey:
         """The key in ``path`` (raw 32 bytes as hex), created with mode 0600 the first time."""
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(os.urandom(32).hex() + "\n")
+            write_secret(path, os.urandom(32).hex() + "\n", overwrite=False)
         try:
             raw = bytes.fromhex(path.read_text().strip())
         except (OSError, ValueError) as exc:

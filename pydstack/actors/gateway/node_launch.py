@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -33,6 +32,7 @@ from aiohttp import web
 from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.proxy import CertProvider, ProxyConfig, ProxyServer
+from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json, fetch_collateral
 from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
 from pydstack.adapters.wireguard import DeviceError, PrivateKey, UserspaceBackend
@@ -112,11 +112,8 @@ def load_or_create_key(path: Path) -> PrivateKey:
     """The node's WireGuard key (base64, 0600), made on first use."""
     if path.exists():
         return PrivateKey.from_b64(path.read_text().strip())
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = PrivateKey.generate()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.b64 + "\n")
+    write_secret(path, key.b64 + "\n", overwrite=False)
     return key
 
 

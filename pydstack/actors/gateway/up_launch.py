@@ -35,6 +35,7 @@ from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.ports import bindable, free_port
 from pydstack.adapters.proxy import StaticCertProvider
+from pydstack.adapters.secretfile import write_secret
 from pydstack.core.events import KmsRootCreated
 
 from .node import NodeConfig
@@ -121,7 +122,7 @@ def dev_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    _write(key_path, _key_pem(key), 0o600)
+    write_secret(key_path, _key_pem(key))
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert, key
 

@@ -26,6 +26,7 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pydstack.adapters.secretfile import write_secret
 from pydstack.core.kms import RootKeys, hkdf
 from pydstack_guest.provider import KeyProvider
 
@@ -89,14 +90,7 @@ class RootKeyFile:
         nonce = secrets.token_bytes(12)
         plain = msgspec.msgpack.encode(_Sealed(root.ca_scalar.to_bytes(32, "big"), root.k256))
         blob = MAGIC + nonce + AESGCM(key).encrypt(nonce, plain, self.cluster.encode())
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_secret(self.path, blob)
 
     async def load(self) -> RootKeys:
         try:

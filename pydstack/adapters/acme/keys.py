@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pydstack.adapters.secretfile import write_secret
 from pydstack.core.gateway.sealing import MIN_SECRET, ClusterKey, seal
 
 
@@ -35,10 +36,7 @@ def seal_secret(recipient: bytes, plaintext: bytes, ad: bytes) -> bytes:
 def create_cluster_secret(path: Path) -> Path:
     """Write a new cluster secret (64 hex digits, mode 0600); refuses to overwrite one, since
     every certificate on the log is sealed to the key it gives."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(os.urandom(32).hex() + "\n")
-    return path
+    return write_secret(path, os.urandom(32).hex() + "\n", overwrite=False)
 
 
 def load_cluster_key(path: Path, cluster: str) -> ClusterKey:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import shutil
 import socket
 import tempfile
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from pydstack.adapters.secretfile import write_secret
 from pydstack.core.gateway import RoutingTable
 
 from .config import MAPS, REFUSALS, HaproxyConfig, RunPaths, render_config
@@ -80,9 +80,7 @@ def _placeholder_pem() -> bytes:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_secret(path, data)  # a PEM with its key: 0600, replaced whole (haproxy may read it)
 
 
 def _bind(cfg: HaproxyConfig) -> socket.socket:

@@ -28,6 +28,7 @@ from typing import Final
 
 import nkeys
 
+from pydstack.adapters.secretfile import write_secret
 from pydstack.core.audit import Signatory, make_keyring
 from pydstack.core.events import Signer
 
@@ -188,9 +189,7 @@ class IdentityStore:
         identity = Identity.generate(name, role)
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(identity.seed + "\n")
+        write_secret(self.path(name), identity.seed + "\n", overwrite=False)
         self._write_keyring([*self.all(), identity])
         return identity
 

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from ..secretfile import write_secret
 from .errors import TdxError
 
 SGX_EXT_OID = "1.2.840.113741.1.13.1"
@@ -247,10 +248,7 @@ class DevPki:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            fd = os.open(d / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.chmod(d / f"{name}.key", 0o600)  # also when the file already existed
+            write_secret(d / f"{name}.key", blob)  # replaces one that existed, 0600 throughout
         for name, cert in self.certs.items():
             (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         (d / "root.der").write_bytes(self.root_der)
