@@ -3,6 +3,7 @@ byte, whatever the umask, and never half written. Usage::
 
     write_secret(path, key_pem)                   # creates or atomically replaces
     write_secret(path, seed, overwrite=False)     # FileExistsError when one is there
+    seed = read_seed(path)                        # 32 bytes; SecretFileError if others can read
 
 The data goes to a new temporary file beside ``path``, created 0600 with ``O_EXCL`` (no file an
 attacker prepared is reused, no symlink followed) and ``fchmod``-ed to exactly 0600, fsynced,
@@ -22,6 +23,11 @@ from pathlib import Path
 
 SECRET_MODE = 0o600
 SECRET_DIR_MODE = 0o700
+SEED_LEN = 32
+
+
+class SecretFileError(ValueError):
+    """A secret file that cannot be used; the message names the file and what to do."""
 
 
 def private_dir(directory: Path) -> None:
@@ -96,3 +102,31 @@ def _sync_dir(directory: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_secret(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a secret file only its owner may read (``SecretFileError`` otherwise: a
+    secret others could read is no longer one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SecretFileError(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            raise SecretFileError(f"{path} is readable by others: chmod 600 it")
+        return f.read()
+
+
+def read_seed(path: str | os.PathLike[str]) -> bytes:
+    """A 32-byte seed from a secret file: 32 raw bytes, or 64 hex digits (a newline may
+    follow)."""
+    raw = read_secret(path)
+    if len(raw) == SEED_LEN:
+        return raw
+    text = raw.strip()
+    if len(text) == 2 * SEED_LEN:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    raise SecretFileError(f"{path}: expected {SEED_LEN} raw bytes or {2 * SEED_LEN} hex digits")

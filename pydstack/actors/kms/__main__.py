@@ -53,7 +53,14 @@ from pydstack.loop import run as run_loop
     metavar="URL",
     help="a running replica: get the cluster's root keys from it (both sides attest) first",
 )
-@click.option("--signer-seed-hex", envvar="PYDSTACK_KMS_SIGNER", default=None)
+@click.option(
+    "--signer-seed-file",
+    type=click.Path(dir_okay=False),
+    envvar="PYDSTACK_KMS_SIGNER_SEED_FILE",
+    default=None,
+    help="Ed25519 seed that signs this KMS's events (32 raw bytes or 64 hex digits, mode "
+    "0600) [default: a new one per run]; a file, never a value: argv is world-readable",
+)
 def main(**o: object) -> None:
     configure(level="info")
     run_loop(run(**o))  # type: ignore[arg-type]  # uvloop when installed: cheaper TLS per request
@@ -62,17 +69,21 @@ def main(**o: object) -> None:
 async def run(
     nats_url: str, cluster: str, host: str, port: int, key_file: str, seal_appkeys: str | None,
     guest_agent: str | None, auth: str, auth_url: str, allow_dev_auth: bool,
-    dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_hex: str | None,
+    dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_file: str | None,
     onboard_from: str = "",
 ) -> None:  # fmt: skip
     import os
 
     from pydstack.adapters.nats import EventStore
+    from pydstack.adapters.secretfile import SecretFileError, read_seed
     from pydstack.core.events import Signer
 
     from .launch import KmsLaunch, LaunchError, running_kms
 
-    seed = bytes.fromhex(signer_seed_hex) if signer_seed_hex else os.urandom(32)
+    try:
+        seed = read_seed(signer_seed_file) if signer_seed_file else os.urandom(32)
+    except SecretFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--signer-seed-file") from None
     signer = Signer.from_private_bytes(f"kms-{instance_id or cluster}", seed)
     opts = KmsLaunch(
         key_file=key_file, cluster=cluster, host=host, port=port, seal_appkeys=seal_appkeys,
