@@ -6,6 +6,12 @@ table, then either relay the TLS bytes untouched (``s``) or terminate TLS with t
 domain's certificate (``g``: ALPN h2) and relay plaintext. Backends are dialled
 concurrently and the first to connect wins. Anything wrong closes that one connection.
 
+Two caps keep one client from exhausting the host's file descriptors (each relayed
+connection holds two): ``max_connections_per_app`` (refused once routed, ``app_limit``) and
+``max_connections`` over all apps together, checked at accept: a connection over it is reset
+at once, before a byte is read (``global_limit``), and logged at most once per
+``limit_log_interval`` with the number refused since the last line.
+
 Usage::
 
     proxy = await ProxyServer.create(ProxyConfig(port=8443), certs, table)
@@ -19,6 +25,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -67,6 +74,8 @@ class ProxyConfig:
     idle_timeout: float | None = 600.0
     total_timeout: float | None = 5 * 3600.0
     max_connections_per_app: int = 2000  # 0: unlimited
+    max_connections: int = 10_000  # open connections over all apps together; 0: unlimited
+    limit_log_interval: float = 10.0  # seconds between two "limit reached" log lines
     max_client_hello: int = 16384
     half_close: bool | None = None  # None: on, except under uvloop (see relay.py)
     backlog: int = 4096
@@ -74,9 +83,10 @@ class ProxyConfig:
 
 @dataclass
 class ProxyStats:
-    """Counters tests and metrics read: accepted, routed by mode, refused by reason."""
+    """Counters tests and metrics read: accepted, routed by mode, refused by reason, open."""
 
     accepted: int = 0
+    active: int = 0  # connections open now (accepted, not yet closed), all apps together
     routed: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)
     active_by_app: Counter[str] = field(default_factory=Counter)
@@ -122,6 +132,8 @@ class ProxyServer:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         self._serving = False
+        self._over_limit = 0  # refused at accept since the last "limit reached" line
+        self._limit_logged = -float("inf")
         self._half_close = (
             config.half_close if config.half_close is not None else not _is_uvloop(self._loop)
         )
@@ -186,11 +198,34 @@ class ProxyServer:
             except OSError as exc:  # EMFILE and friends: log, keep serving
                 log.warning("accept failed", error=str(exc))
                 return
-            sock.setblocking(False)  # TCP_NODELAY: set by the loop's transport
             self.stats.accepted += 1
+            limit = self.config.max_connections
+            if limit and self.stats.active >= limit:
+                self._refuse_over_limit(sock)
+                continue
+            sock.setblocking(False)  # TCP_NODELAY: set by the loop's transport
+            self.stats.active += 1
             task = self._loop.create_task(self._serve(sock))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.stats.active -= 1
+
+    def _refuse_over_limit(self, sock: socket.socket) -> None:
+        """Over ``max_connections``: reset at once (no task, no timer, no TIME_WAIT kept)."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        self.stats.refused["global_limit"] += 1
+        self._over_limit += 1
+        now = time.monotonic()
+        if now - self._limit_logged >= self.config.limit_log_interval:
+            log.warning("connection limit reached, refusing new connections",
+                        limit=self.config.max_connections, active=self.stats.active,
+                        refused=self._over_limit)  # fmt: skip
+            self._limit_logged, self._over_limit = now, 0
 
     async def _serve(self, sock: socket.socket) -> None:
         try:
