@@ -188,7 +188,8 @@ class UpOptions:
     gateway_acme_ca_bundle: str = ""  # the ACME server's HTTPS CA ("": the system's roots)
     gateway_challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL
     vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
-    vmm_api_port: int = 0
+    vmm_api_port: int = -1  # the VMM API on TCP too (with its token): -1 no, 0 any free port
+    allow_public_ports: bool = False  # CVM ports on non-loopback host addresses
 
 
 class ControlPlane:
@@ -204,7 +205,8 @@ class ControlPlane:
         self.metrics_url = ""
         self.kms_url = ""
         self.dashboard_url = ""
-        self.vmm_url = ""
+        self.vmm_url = ""  # unix:<socket> (dstack's vmm-cli --url form)
+        self.vmm_api: dict[str, Any] = {}  # vmm_* entries of state.json, when a VMM runs
         self.gateway: dict[str, Any] = {}  # gateway_* entries of state.json, when one runs
 
     def stop(self) -> None:
@@ -287,6 +289,7 @@ class ControlPlane:
                 vcpu=self.opts.host_vcpu,
                 memory_mb=self.opts.host_memory_mb,
                 address=socket.gethostname(),
+                public_ports=self.opts.allow_public_ports,
             )
             await store.append(subj, [joined], version)
             _log.info("host joined", host_id=host_id, vcpu=joined.vcpu, memory_mb=joined.memory_mb)
@@ -418,15 +421,20 @@ class ControlPlane:
         config = VmmConfig(
             host_id=self.opts.host_id, state_dir=self.data.path / "vmm",
             vcpu=self.opts.host_vcpu, memory_mb=self.opts.host_memory_mb,
-            kms_urls=self.cvm_kms_urls(),
+            kms_urls=self.cvm_kms_urls(), allow_public_ports=self.opts.allow_public_ports,
             **await asyncio.to_thread(self._cvm_gateway),
         )  # fmt: skip
         launch = VmmLaunch(config=config, backend=self.opts.vmm_backend,
-                           api_port=self.opts.vmm_api_port, runtime=runtime,
+                           api_host=self.opts.host or "127.0.0.1", api_port=self.opts.vmm_api_port,
+                           runtime=runtime, guest_services=self._guest_services(),
                            dev_pki=await asyncio.to_thread(self._cvm_dev_pki))  # fmt: skip
-        _, self.vmm_url = await stack.enter_async_context(
-            _bounded(running_vmm(store, launch), "vmm")
-        )
+        _, api = await stack.enter_async_context(_bounded(running_vmm(store, launch), "vmm"))
+        self.vmm_url = api.url
+        self.vmm_api = {
+            "vmm_socket": str(api.socket) if api.socket else None,
+            "vmm_tcp_url": api.tcp_url or None,
+            "vmm_token_file": str(api.token_file) if api.token_file else None,
+        }
 
     def cvm_kms_urls(self) -> tuple[str, ...]:
         """sys-config of this host's CVMs: the KMS replicas their boot tries in turn, up's own
@@ -542,7 +550,7 @@ class ControlPlane:
             "metrics_url": self.metrics_url, "kms_url": self.kms_url or None,
             "actors": actors, "started": time.time(),
             "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
-            "vmm_url": self.vmm_url or None, **self.gateway,
+            "vmm_url": self.vmm_url or None, **self.vmm_api, **self.gateway,
         }  # fmt: skip
         self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
         where: dict[str, Any] = {

@@ -22,6 +22,7 @@ from pydstack.core.events import (
     VmResources,
     subject,
 )
+from pydstack.core.portmap import PortMapError, parse_port_map
 from pydstack.core.projections import Applied, apps
 
 from ._common import Settings, connect, connection_options, echo_json, json_option, resolve, run
@@ -39,21 +40,12 @@ def parse_size_mb(value: str) -> int:
 
 
 def parse_port(value: str) -> PortMap:
-    """``[tcp|udp:][ADDR:]HOST_PORT:VM_PORT``, like dstack's ``--port tcp:0.0.0.0:8080:80``."""
-    parts = value.split(":")
-    proto = "tcp"
-    if parts and parts[0].lower() in ("tcp", "udp"):
-        proto = parts.pop(0).lower()
-    addr = "127.0.0.1"
-    if len(parts) == 3:
-        addr = parts.pop(0)
-    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 65536 for p in parts):
-        raise click.BadParameter(
-            f"{value!r}: expected [tcp|udp:][ADDR:]HOST_PORT:VM_PORT, ports 1-65535 "
-            "(e.g. 8080:80 or tcp:0.0.0.0:8443:443)"
-        )
-    return PortMap(protocol=proto, host_address=addr, host_port=int(parts[0]),
-                   vm_port=int(parts[1]))  # fmt: skip
+    """``[tcp|udp:][ADDR:]HOST_PORT:VM_PORT``, like dstack's ``--port tcp:0.0.0.0:8080:80``
+    (ADDR an IP literal, ``[...]`` for IPv6)."""
+    try:
+        return parse_port_map(value)
+    except PortMapError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 class _Size(click.ParamType):  # type: ignore[type-arg]  # generic only since click 8.2

@@ -110,9 +110,22 @@ def _kms_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
     type=click.Choice(["none", "sandbox", "qemu"]),
     default="none",
     show_default=True,
-    help="run this host's VMM with that CVM backend (API URL in state.json: vmm_url)",
+    help="run this host's VMM with that CVM backend (its API: the unix socket in state.json's "
+    "vmm_url)",
 )
-@click.option("--vmm-api-port", type=click.IntRange(0, 65535), default=0, help="[default: any]")
+@click.option(
+    "--vmm-api-port",
+    type=click.IntRange(-1, 65535),
+    default=-1,
+    help="also serve the VMM API on this TCP port (0: any), on --listen's address; clients need "
+    "the token in state.json's vmm_token_file [default: unix socket only]",
+)
+@click.option(
+    "--allow-public-ports",
+    is_flag=True,
+    help="let CVM ports be forwarded from non-loopback host addresses (e.g. 0.0.0.0) "
+    "[default: loopback only]",
+)
 @click.option(
     "--gateway/--no-gateway",
     default=None,
@@ -183,6 +196,7 @@ def up_cmd(
     kms_auth_url: str,
     vmm_backend: str,
     vmm_api_port: int,
+    allow_public_ports: bool,
     gateway: bool | None,
     gateway_domain: str,
     gateway_port: int,
@@ -218,7 +232,8 @@ def up_cmd(
         kms_instance=host_id if no_host and named else "", gateway_node_id=gateway_node_id,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
-        gateway=gateway, gateway_domain=gateway_domain, gateway_port=gateway_port,
+        allow_public_ports=allow_public_ports, gateway=gateway, gateway_domain=gateway_domain,
+        gateway_port=gateway_port,
         gateway_listen=gateway_listen, gateway_acme_directory=gateway_acme_directory,
         gateway_acme_ca_bundle=gateway_acme_ca_bundle, gateway_challtestsrv=gateway_challtestsrv,
     )  # fmt: skip

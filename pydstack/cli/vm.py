@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import click
-import msgspec
 
 from pydstack.actors.vmm._view import LogView
 from pydstack.adapters.nats import ConflictError, EventStore
+from pydstack.adapters.vmm_api import VmmApi, VmmApiError, read_token
 from pydstack.core.events import PortMap, VmUpdateRequested, subject
 from pydstack.core.vmm import Refused, decide_command, decide_update
 
@@ -193,20 +193,36 @@ def vm_update(
 # -- through a host's VMM API --------------------------------------------------------------
 
 
-def _vmm_url(ctx: click.Context, given: str | None) -> str:
-    if given:
-        return given.rstrip("/")
+def _vmm_api(ctx: click.Context, given: str | None, token_file: str | None) -> VmmApi:
+    """The VMM API: --vmm URL (``unix:/path`` or ``http://host:port``), else the local `up`'s
+    unix socket; a TCP URL needs the token (--vmm-token-file, else the local `up`'s file)."""
     from pydstack.controlplane import DataDir
 
     state = DataDir.resolve(ctx.ensure_object(Settings).data_dir).state()
-    url = state.get("vmm_url") or os.environ.get("PYDSTACK_VMM")
+    url = (given or state.get("vmm_url") or "").rstrip("/")
     if not url:
         raise click.ClickException("no VMM API known: pass --vmm URL (a host's VMM API)")
-    return str(url).rstrip("/")
+    token = ""
+    if not url.startswith("unix:"):
+        path = token_file or (state.get("vmm_token_file") if url == state.get("vmm_tcp_url")
+                              else None)  # fmt: skip
+        if not path:
+            raise click.ClickException(
+                f"{url}: a TCP VMM API needs its token: pass --vmm-token-file FILE"
+            )
+        try:
+            token = read_token(Path(path))
+        except VmmApiError as exc:
+            raise click.ClickException(str(exc)) from None
+    return VmmApi(url, token=token, timeout_s=None)
 
 
-vmm_option = click.option("--vmm", "vmm", envvar="PYDSTACK_VMM", metavar="URL",
-                          help="a host's VMM API [default: the local `up`'s]")  # fmt: skip
+def vmm_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--vmm-token-file", "vmm_token_file", envvar="PYDSTACK_VMM_TOKEN_FILE",
+                     metavar="FILE", help="the API token of a TCP --vmm URL")(f)  # fmt: skip
+    return click.option("--vmm", "vmm", envvar="PYDSTACK_VMM", metavar="URL",
+                        help="a host's VMM API: unix:/path or http://host:port "
+                        "[default: the local `up`'s socket]")(f)  # fmt: skip
 
 
 @vm_group.command("logs")
@@ -215,21 +231,22 @@ vmm_option = click.option("--vmm", "vmm", envvar="PYDSTACK_VMM", metavar="URL",
 @click.argument("vm_id")
 @click.option("-f", "--follow", is_flag=True, help="keep printing new output")
 @click.pass_context
-def vm_logs(ctx: click.Context, vmm: str | None, vm_id: str, follow: bool) -> None:
+def vm_logs(
+    ctx: click.Context, vmm: str | None, vmm_token_file: str | None, vm_id: str, follow: bool
+) -> None:
     """The CVM's console (guest and app output), from its host's VMM."""
-    url = f"{_vmm_url(ctx, vmm)}/logs/{vm_id}" + ("?follow=1" if follow else "")
+    path = f"/logs/{vm_id}" + ("?follow=1" if follow else "")
 
     async def go() -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url) as r:
+            async with _vmm_api(ctx, vmm, vmm_token_file) as api, api.get(path) as r:
                 if r.status != 200:
                     raise click.ClickException((await r.json()).get("error", f"HTTP {r.status}"))
                 async for chunk in r.content.iter_any():
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
         except aiohttp.ClientError as exc:
-            raise click.ClickException(f"VMM API {url}: {exc}") from None
+            raise click.ClickException(f"VMM API: {exc}") from None
 
     try:
         asyncio.run(go())
@@ -247,16 +264,17 @@ def image_group() -> None:
 @vmm_option
 @json_option
 @click.pass_context
-def image_ls(ctx: click.Context, vmm: str | None, as_json: bool) -> None:
+def image_ls(
+    ctx: click.Context, vmm: str | None, vmm_token_file: str | None, as_json: bool
+) -> None:
     """Images the host's VMM can run (dstack's ListImages)."""
-    url = f"{_vmm_url(ctx, vmm)}/prpc/ListImages"
 
     async def go() -> list[dict[str, Any]]:
         try:
-            async with aiohttp.ClientSession() as s, s.post(url, json={}) as r:
-                data = msgspec.json.decode(await r.read())
-        except aiohttp.ClientError as exc:
-            raise click.ClickException(f"VMM API {url}: {exc}") from None
+            async with _vmm_api(ctx, vmm, vmm_token_file) as api:
+                data = await api.call("ListImages")
+        except VmmApiError as exc:
+            raise click.ClickException(str(exc)) from None
         images: list[dict[str, Any]] = data.get("images", [])
         return images
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests import vmmapi
 from tests.cli.harness import Up, cli, free_host_port, kill_processes_under, wait_for
 
 # The container serves "$SECRET|$OTHER" (compose `$$` = a literal `$` for the shell).
@@ -77,17 +78,6 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     srv.shutdown()
 
 
-def _post(url: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"{url}: {e.code} {e.read().decode()}") from None
-
-
 def _get(port: int) -> str:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
@@ -120,7 +110,7 @@ def test_kms_keys_env_and_denial(tmp_path: Path, webhook: tuple[str, list[dict[s
         assert enc.code == 0, enc.err
         port, port2 = free_host_port(), free_host_port()
         for vm_id, compose, p in (("ok1", ALLOWED, port), ("no1", DENIED, port2)):
-            _post(f"{vmm}/prpc/CreateVm", {
+            vmmapi.call(vmm, "CreateVm", {
                 "id": vm_id, "name": vm_id, "image": "sandbox-busybox", "vcpu": 1, "memory": 256,
                 "compose_file": compose.decode(), "encrypted_env": enc.out.strip(),
                 "ports": [{"host_port": p, "vm_port": 8080}]})  # fmt: skip
@@ -159,7 +149,7 @@ def test_kms_keys_env_and_denial(tmp_path: Path, webhook: tuple[str, list[dict[s
             vmm_url = json.loads((home / "state.json").read_text())["vmm_url"]
             for vm_id in ("ok1", "no1"):
                 with contextlib.suppress(Exception):
-                    _post(f"{vmm_url}/prpc/RemoveVm", {"id": vm_id})
+                    vmmapi.call(vmm_url, "RemoveVm", {"id": vm_id})
             for vm_id in ("ok1", "no1"):
                 wait_for(lambda v=vm_id: any(e["type"] == "VmRemoved"  # type: ignore[misc]
                                              for e in _vm_events(home, v)),

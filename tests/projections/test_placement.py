@@ -106,7 +106,8 @@ def test_wildcard_address_collides_with_any_address_but_other_protocols_do_not()
     wild = PortMap(host_address="0.0.0.0", host_port=20080, vm_port=80)
     udp = PortMap(protocol="udp", host_port=20080, vm_port=80)
     other_ip = PortMap(host_address="10.0.0.1", host_port=20080, vm_port=80)
-    hosts = place_all(hosts_of(H1), [request("v1", ports=((20080, 80),))])
+    public = HostJoined(host_id="h1", public_ports=True)  # its operator allows 10.0.0.1
+    hosts = place_all(hosts_of(public), [request("v1", ports=((20080, 80),))])
     for port, ok in ((wild, False), (udp, True), (other_ip, True)):
         r = VmRequested(
             vm_id="v2", app_id="a1", name="v2", resources=request().resources, ports=(port,)
@@ -200,3 +201,23 @@ def test_a_repeated_request_with_other_resources_gets_the_original_reservation()
     hosts = place_all(hosts_of(H1), [request("v1", vcpu=2)])
     again = decide_placement(hosts, request("v1", vcpu=8))
     assert isinstance(again, HostVmPlaced) and again.resources.vcpu == 2
+
+
+def test_a_non_loopback_port_goes_only_to_a_host_whose_operator_allows_public_ports() -> None:
+    public = HostJoined(host_id="h2", public_ports=True)
+    hosts = hosts_of(H1, public)
+    wild = PortMap(host_address="0.0.0.0", host_port=20080, vm_port=80)
+    r = VmRequested(vm_id="v", app_id="a1", name="v", resources=request().resources, ports=(wild,))
+    got = decide_placement(hosts, r)
+    assert isinstance(got, HostVmPlaced) and got.host_id == "h2"
+    pinned = decide_placement(hosts_of(H1), r)
+    assert isinstance(pinned, VmRejected) and "forwards only loopback ports" in pinned.reason
+
+
+def test_a_host_address_that_is_not_an_ip_literal_is_rejected_on_every_host() -> None:
+    hosts = hosts_of(HostJoined(host_id="h1", public_ports=True))
+    evil = PortMap(host_address="127.0.0.1:1-:1,guestfwd=tcp:10.0.2.100:4444-cmd:id",
+                   host_port=20080, vm_port=80)  # fmt: skip
+    r = VmRequested(vm_id="v", app_id="a1", name="v", resources=request().resources, ports=(evil,))
+    got = decide_placement(hosts, r)
+    assert isinstance(got, VmRejected) and "is not an IP address" in got.reason

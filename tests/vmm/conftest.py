@@ -82,13 +82,16 @@ async def wait_until(pred: Callable[[], Any], timeout_s: float = 30.0, what: str
 
 
 class Api:
+    """The VMM API over its unix socket (``unix:/path``), as the CLI and dstack's vmm-cli."""
+
     def __init__(self, url: str) -> None:
+        assert url.startswith("unix:"), url
         self.url = url
 
     async def call(self, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         async with (
-            aiohttp.ClientSession() as s,
-            s.post(f"{self.url}/prpc/{method}", json=body or {}) as r,
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.url[5:])) as s,
+            s.post(f"http://localhost/prpc/{method}", json=body or {}) as r,
         ):
             return r.status, await r.json()
 
@@ -128,14 +131,14 @@ class VmmHost:
         cfg = VmmConfig(host_id=self.host_id, state_dir=self.root / "vmm", restart=policy,
                         poll_interval_s=0.2, heartbeat_interval_s=60, port_range=(1024, 65535),
                         vcpu=4, memory_mb=4096, **kw)  # fmt: skip
-        return VmmLaunch(config=cfg, backend=self.backend, images=self.images, api_port=0,
+        return VmmLaunch(config=cfg, backend=self.backend, images=self.images,
                          supervisor_socket=self.root / "sv.sock",
                          runtime=RuntimeConfig(reconcile_interval_s=2.0))  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def running(self, policy: RestartPolicy = FAST) -> AsyncIterator[tuple[Vmm, Api]]:
-        async with running_vmm(self.store, self.launch(policy)) as (vmm, url):
-            yield vmm, Api(url)
+        async with running_vmm(self.store, self.launch(policy)) as (vmm, api):
+            yield vmm, Api(api.url)
 
     async def cleanup(self) -> None:
         from pydstack.actors.supervisor import SupervisorClient

@@ -33,6 +33,7 @@ from pydstack.core.events import (
     HostJoined,
     HostVmPlaced,
     HostVmReleased,
+    PortMap,
     VmBootError,
     VmBootProgress,
     VmExited,
@@ -46,6 +47,7 @@ from pydstack.core.events import (
     kind_filter,
     subject,
 )
+from pydstack.core.portmap import PortMapError, check_port_map
 from pydstack.core.vmm import (
     Action,
     Adopt,
@@ -86,6 +88,9 @@ class VmmConfig:
     cid_count: int = 1000
     port_range: tuple[int, int] = (20000, 29999)
     address: str = ""
+    # The operator's word, never a requester's: CVM ports may be forwarded from non-loopback
+    # addresses (announced in HostJoined, and checked again here before anything starts).
+    allow_public_ports: bool = False
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     poll_interval_s: float = 0.5
     heartbeat_interval_s: float = 30.0
@@ -141,12 +146,13 @@ class Vmm:
             await self.view.catch_up(self.store)
             h = self.view.hosts.get(c.host_id)
             same = h is not None and not h.left and (h.vcpu, h.memory_mb, h.cid_start,
-                   h.cid_count, h.port_range) == (c.vcpu, c.memory_mb, c.cid_start,
-                   c.cid_count, c.port_range)  # fmt: skip
+                   h.cid_count, h.port_range, h.public_ports) == (c.vcpu, c.memory_mb,
+                   c.cid_start, c.cid_count, c.port_range, c.allow_public_ports)  # fmt: skip
             if not same:
                 joined = HostJoined(
                     host_id=c.host_id, vcpu=c.vcpu, memory_mb=c.memory_mb, address=c.address,
                     cid_start=c.cid_start, cid_count=c.cid_count, port_range=c.port_range,
+                    public_ports=c.allow_public_ports,
                 )  # fmt: skip
                 await self._append(self.host_subject, [joined])
 
@@ -303,6 +309,12 @@ class Vmm:
         await self.store.commit(changes)
         await self.view.catch_up(self.store)
 
+    def _check_ports(self, ports: tuple[PortMap, ...]) -> None:
+        """Port maps from the log, checked against this host's own setting before anything
+        reaches a backend: the log's HostJoined may say otherwise, the operator decides."""
+        for p in ports:
+            check_port_map(p, public_allowed=self.config.allow_public_ports)
+
     def _spec(self, rec: VmRecord) -> CvmSpec:
         c = self.config
         if not rec.image:  # none asked for (`deploy` without --image): the host's only image
@@ -316,12 +328,13 @@ class Vmm:
     async def _start(self, rec: VmRecord, attempt: int) -> None:
         vm_id, subj = rec.vm.vm_id, subject("vm", rec.vm.vm_id)
         try:
+            self._check_ports(rec.ports)
             spec = self._spec(rec)
             await self.backend.create(spec)
             _, end = await self.backend.events(vm_id, 0)
             self._offset_path(vm_id).write_text(str(end))
             st = await self.backend.start(vm_id)
-        except (CvmError, ComposeMissing, OSError) as exc:
+        except (CvmError, ComposeMissing, OSError, PortMapError) as exc:
             _log.warning("start failed", vm_id=vm_id, error=str(exc))
             failed = VmBootError(vm_id=vm_id, stage="start", error=str(exc))
             await self._append(subj, [failed, VmExited(vm_id=vm_id, reason=f"start failed: {exc}")])
@@ -353,7 +366,8 @@ class Vmm:
                 check_image_name(req.image)
             check_resources(host, res.vcpu, res.memory_mb, vm_id)
             check_ports(host, ports, vm_id)
-        except Refused as exc:
+            self._check_ports(ports)
+        except (Refused, PortMapError) as exc:
             await self._append(subj, [VmUpdateRejected(vm_id=vm_id, reason=str(exc),
                                                        request=request_id)])  # fmt: skip
             return

@@ -2,9 +2,7 @@
 
 Writes become command events on the log (nothing else changes state); refused requests get
 ``{"error": ..., "field": ...}`` with a 4xx status and append nothing. ``GET /logs/<id>``
-(``?follow=1``) streams the CVM's console. Usage::
-
-    runner = await serve_api(vmm, host="127.0.0.1", port=0)   # vmm.api_url then
+(``?follow=1``) streams the CVM's console. Served, with who may call it, by ``_access``.
 """
 
 from __future__ import annotations
@@ -13,12 +11,13 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import version as pkg_version
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from pydstack.adapters.nats import ConflictError
 from pydstack.core.events import Event, PortMap, VmUpdateRequested, subject
@@ -281,20 +280,10 @@ async def _logs(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def make_api(vmm: Vmm) -> web.Application:
-    app = web.Application()
+def make_api(vmm: Vmm, middlewares: Sequence[Middleware] = ()) -> web.Application:
+    """The API's routes; who may call them is the caller's middlewares (``_access``)."""
+    app = web.Application(middlewares=list(middlewares))
     app[VMM] = vmm
     app.router.add_route("*", "/prpc/{method}", _prpc)
     app.router.add_get("/logs/{vm_id}", _logs)
     return app
-
-
-async def serve_api(vmm: Vmm, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(make_api(vmm))
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server = site._server  # aiohttp exposes the bound port only here
-    sockets = getattr(server, "sockets", None) or []
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return runner, f"http://{host}:{bound}"

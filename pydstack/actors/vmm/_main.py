@@ -17,14 +17,16 @@ from pathlib import Path
 import structlog
 
 from pydstack.actors.runtime import ActorRunner, RuntimeConfig
-from pydstack.actors.supervisor import SupervisorClient, SupervisorError, launch_supervisor
 from pydstack.adapters.cvm import CvmBackend
+from pydstack.adapters.firewall import HostServices
 from pydstack.adapters.nats import EventStore, StoreError
+from pydstack.adapters.supervisor import SupervisorClient, SupervisorError, launch_supervisor
 from pydstack.core.events import Signer
 from pydstack.core.vmm import RestartPolicy
 
+from ._access import ApiEndpoints, ApiSetupError, serve_api
 from ._actor import Vmm, VmmConfig
-from ._api import serve_api
+from ._egress import guarded_guests
 
 _log = structlog.get_logger("pydstack.vmm")
 
@@ -37,10 +39,13 @@ class VmmLaunch:
     backend: str = "sandbox"  # or "qemu"
     supervisor_socket: Path | None = None  # default: <state_dir>/supervisor.sock
     images: Path | None = None  # default: <state_dir>/images (sandbox) / images_dir() (qemu)
+    api_socket: bool = True  # the API on <state_dir>/api/vmm.sock (0600, our uid or root)
     api_host: str = "127.0.0.1"
-    api_port: int = -1  # -1: no API; 0: any free port
+    api_port: int = -1  # TCP with the token in <state_dir>/api/token: -1 none; 0 any free port
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dev_pki: Path | None = None  # no TDX: the simulator PKI the KMS trusts (`up`'s dev-pki)
+    # qemu: what guests may reach on this host (the rest of it is closed to them)
+    guest_services: HostServices = field(default_factory=HostServices)
 
 
 async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
@@ -126,8 +131,10 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_vmm(store: EventStore, launch: VmmLaunch) -> AsyncIterator[tuple[Vmm, str]]:
-    """The VMM actor (joined, consuming, polling) and its API URL ("" without API)."""
+async def running_vmm(
+    store: EventStore, launch: VmmLaunch
+) -> AsyncIterator[tuple[Vmm, ApiEndpoints]]:
+    """The VMM actor (joined, consuming, polling) and where its API listens."""
     sd = launch.config.state_dir
     sd.mkdir(parents=True, exist_ok=True)
     sock = launch.supervisor_socket or sd / "supervisor.sock"
@@ -137,16 +144,28 @@ async def running_vmm(store: EventStore, launch: VmmLaunch) -> AsyncIterator[tup
         stack.push_async_callback(_release_supervisor, sv)  # after the watchdog stopped
         watchdog = asyncio.create_task(keep_supervisor(sv, sd), name="vmm-supervisor-watchdog")
         stack.push_async_callback(_cancel, watchdog)
+        if launch.backend == "qemu":  # before any QEMU starts: its user and its firewall
+            await stack.enter_async_context(guarded_guests(launch.guest_services))
         backend = await build_backend(launch, sv)
         vmm = Vmm(store, backend, launch.config)
         await stack.enter_async_context(vmm)
         await stack.enter_async_context(ActorRunner(store, vmm, launch.runtime))
-        url = ""
-        if launch.api_port >= 0:
-            runner, url = await serve_api(vmm, launch.api_host, launch.api_port)
-            stack.push_async_callback(runner.cleanup)
-        _log.info("vmm ready", host_id=launch.config.host_id, backend=backend.kind, api=url)
-        yield vmm, url
+        ends = ApiEndpoints()
+        if launch.api_socket or launch.api_port >= 0:
+            api = sd / "api"
+            try:
+                runners, ends = await serve_api(
+                    vmm, socket=api / "vmm.sock" if launch.api_socket else None,
+                    tcp=(launch.api_host, launch.api_port) if launch.api_port >= 0 else None,
+                    token_file=api / "token",
+                )  # fmt: skip
+            except (ApiSetupError, OSError) as exc:
+                raise StoreError(f"VMM API: {exc}") from None
+            for runner in runners:
+                stack.push_async_callback(runner.cleanup)
+        _log.info("vmm ready", host_id=launch.config.host_id, backend=backend.kind,
+                  api=ends.url, api_tcp=ends.tcp_url)  # fmt: skip
+        yield vmm, ends
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,7 +178,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path)
     p.add_argument("--nkey-seed-file", help="NATS nkey seed (SU…) of the vmm identity; signs too")
     p.add_argument("--stream", default="DSTACK")
-    p.add_argument("--api-port", type=int, default=-1)
+    p.add_argument(
+        "--api-port",
+        type=int,
+        default=-1,
+        help="also serve the API on TCP (token: <state-dir>/api/token); 0: any port",
+    )
+    p.add_argument(
+        "--allow-public-ports",
+        action="store_true",
+        help="CVM ports may be forwarded from non-loopback host addresses",
+    )
     p.add_argument("--api-url-file", type=Path, help="write the API URL here once serving")
     p.add_argument("--vcpu", type=int, default=20)
     p.add_argument("--memory-mb", type=int, default=100 * 1024)
@@ -196,7 +225,7 @@ async def _run(a: argparse.Namespace) -> int:
         host_id=a.host_id, state_dir=a.state_dir.absolute(), vcpu=a.vcpu,
         memory_mb=a.memory_mb, cid_start=a.cid_start, port_range=(int(lo), int(hi)),
         restart=policy, poll_interval_s=a.poll_interval,
-        heartbeat_interval_s=a.heartbeat_interval,
+        heartbeat_interval_s=a.heartbeat_interval, allow_public_ports=a.allow_public_ports,
     )  # fmt: skip
     runtime = RuntimeConfig(reconcile_interval_s=a.reconcile_interval)
     launch = VmmLaunch(config=config, backend=a.backend, supervisor_socket=a.supervisor_socket,
@@ -207,9 +236,9 @@ async def _run(a: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with store, running_vmm(store, launch) as (_, url):
+    async with store, running_vmm(store, launch) as (_, api):
         if a.api_url_file:
-            a.api_url_file.write_text(url)
+            a.api_url_file.write_text(api.url)
         await stop.wait()
     return 0
 

@@ -29,6 +29,9 @@ from typing import Final, Literal
 
 import msgspec
 
+from pydstack.core.events import PortMap
+from pydstack.core.portmap import port_map_error
+
 Platform = Literal["tdx", "kvm", "tcg"]
 EVENTS_PORT_NAME: Final = "org.pydstack.events"
 SHARE_TAG: Final = "host-shared"  # dstack's mount tag
@@ -118,8 +121,14 @@ def _opt(value: str) -> str:
 
 
 def _hostfwds(ports: tuple[PortForward, ...]) -> str:
+    # _validate made each address an IP literal; escaped all the same, so no value can ever
+    # end this option and start another (guestfwd=...-cmd: runs host commands).
+    def addr(a: str) -> str:
+        return f"[{a}]" if ":" in a else a
+
     return "".join(
-        f",hostfwd={p.protocol}:{p.host_address}:{p.host_port}-:{p.vm_port}" for p in ports
+        ",hostfwd=" + _opt(f"{p.protocol}:{addr(p.host_address)}:{p.host_port}-:{p.vm_port}")
+        for p in ports
     )
 
 
@@ -147,8 +156,15 @@ def _validate(s: QemuSpec) -> None:
         if key in seen:
             raise ArgvError(f"ports: {p.protocol} {p.host_address}:{p.host_port} mapped twice")
         seen.add(key)
-        if not (0 < p.host_port < 65536 and 0 < p.vm_port < 65536):
-            raise ArgvError(f"ports: {p.host_port}->{p.vm_port} outside 1..65535")
+        # Public addresses were the host's decision (the VMM checked its setting); here only
+        # what QEMU's option parser must never see: anything but a protocol and an IP literal.
+        bad = port_map_error(
+            PortMap(protocol=p.protocol, host_address=p.host_address, host_port=p.host_port,
+                    vm_port=p.vm_port),
+            public_allowed=True,
+        )  # fmt: skip
+        if bad:
+            raise ArgvError(f"ports: {bad}")
 
 
 def _machine(s: QemuSpec) -> list[str]:

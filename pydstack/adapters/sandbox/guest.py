@@ -32,6 +32,7 @@ import msgspec
 
 from pydstack.adapters.cvm import CvmSpec
 from pydstack.adapters.streams import pipe
+from pydstack.core.portmap import port_map_error
 from pydstack_guest.compose_app import start_compose_app
 
 from . import _netns
@@ -66,10 +67,14 @@ def _bind(spec: CvmSpec) -> list[tuple[socket.socket, int]]:
         if p.protocol != "tcp":
             print(f"port {p.protocol}/{p.host_port}: only tcp is forwarded", flush=True)
             continue
+        bad = port_map_error(p, public_allowed=True)  # the VMM checked the host's setting
+        if bad:
+            print(f"port {p.protocol}/{p.host_port} not forwarded: {bad}", flush=True)
+            continue
         family = socket.AF_INET6 if ":" in p.host_address else socket.AF_INET
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((p.host_address or "0.0.0.0", p.host_port))
+        s.bind((p.host_address, p.host_port))
         s.listen(128)
         s.setblocking(False)
         out.append((s, p.vm_port))

@@ -30,6 +30,7 @@ from pydstack.core.events import (
     VmStopRequested,
     subject,
 )
+from pydstack.core.portmap import PortMapError, parse_port_map
 from pydstack.core.projections import Vm
 from pydstack.core.vmm.image_name import image_name_error
 
@@ -163,15 +164,12 @@ def compose_ids(text: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def parse_port(value: str, field: str = "ports") -> PortMap:
-    """``[tcp|udp:][ADDR:]HOST_PORT:VM_PORT`` (as ``pydstack vm request --port``)."""
-    parts = value.strip().split(":")
-    proto = parts.pop(0).lower() if parts and parts[0].lower() in ("tcp", "udp") else "tcp"
-    addr = parts.pop(0) if len(parts) == 3 else "127.0.0.1"
-    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 65536 for p in parts):
-        raise BadInput(field, f"{value!r}: expected [tcp|udp:][ADDR:]HOST_PORT:VM_PORT, "
-                              "ports 1-65535 (e.g. 8080:80)")  # fmt: skip
-    return PortMap(protocol=proto, host_address=addr, host_port=int(parts[0]),
-                   vm_port=int(parts[1]))  # fmt: skip
+    """``[tcp|udp:][ADDR:]HOST_PORT:VM_PORT`` (as ``pydstack vm request --port``); ADDR an IP
+    literal (``[...]`` for IPv6)."""
+    try:
+        return parse_port_map(value)
+    except PortMapError as exc:
+        raise BadInput(field, str(exc)) from None
 
 
 def _subject(kind: str, ident: str, field: str) -> str:

@@ -19,6 +19,9 @@ class HostJoined(Event, tag="HostJoined", frozen=True):
     cid_count: int = 1000
     port_range: tuple[int, int] = (20000, 29999)
     address: str = ""
+    # The host's operator lets CVM ports be forwarded from non-loopback addresses
+    # (`up --allow-public-ports`); without it a request for one is refused.
+    public_ports: bool = False
 
 
 class HostHeartbeat(Event, tag="HostHeartbeat", frozen=True):

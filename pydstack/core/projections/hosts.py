@@ -31,6 +31,7 @@ from pydstack.core.events import (
     VmRequested,
     VmResources,
 )
+from pydstack.core.portmap import port_map_error
 
 from ._applied import Applied
 
@@ -63,6 +64,7 @@ class Host(Struct, frozen=True, kw_only=True):
     cid_start: int
     cid_count: int
     port_range: tuple[int, int]
+    public_ports: bool = False  # HostJoined.public_ports: non-loopback port maps allowed
     vcpu_used: int = 0
     memory_used_mb: int = 0
     # vm_id -> reservation. Never mutated: every change builds a new dict.
@@ -112,6 +114,7 @@ def _joined(state: Host | None, e: HostJoined, a: Applied) -> Host:
         cid_start=e.cid_start,
         cid_count=e.cid_count,
         port_range=e.port_range,
+        public_ports=e.public_ports,
         left=False,
         left_reason="",
         joined_ns=a.time_ns,
@@ -191,8 +194,9 @@ def _check_request(req: VmRequested) -> str | None:
             f"vm {req.vm_id} asks for {r.vcpu} vCPU and {r.memory_mb} MB memory; both must be > 0"
         )
     for i, p in enumerate(req.ports):
-        if not 0 < p.host_port < 65536:
-            return f"host port {_port_name(p)} is not a valid port number"
+        bad = port_map_error(p, public_allowed=True)  # whether the host allows it: _misfit
+        if bad:
+            return bad
         if any(_overlap(p, q) for q in req.ports[:i]):
             return f"host port {_port_name(p)} is mapped twice"
     return None
@@ -220,6 +224,8 @@ def _misfit(
         return _Miss(3, h, f"{h} has no free CID (pool {host.cid_start}..{last} in use)")
     lo, hi = host.port_range
     for p in req.ports:
+        if not host.public_ports and port_map_error(p, public_allowed=False):
+            return _Miss(4, h, f"{h} forwards only loopback ports, not {p.host_address}")
         if not lo <= p.host_port <= hi:
             return _Miss(4, h, f"host port {_port_name(p)} is outside {h}'s range {lo}..{hi}")
     for p in req.ports:

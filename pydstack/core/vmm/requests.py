@@ -23,6 +23,7 @@ from pydstack.core.events import (
     VmStopRequested,
     VmUpdateRequested,
 )
+from pydstack.core.portmap import port_map_error
 from pydstack.core.projections import Host, Vm
 
 from .image_name import image_name_error
@@ -48,14 +49,14 @@ def _overlap(a: PortMap, b: PortMap) -> bool:
 
 
 def check_ports(host: Host, ports: tuple[PortMap, ...], vm_id: str = "") -> None:
-    """Each port valid, inside the host's range, not mapped twice, not reserved by another VM."""
+    """Each port valid (an IP literal; loopback unless the host allows public ports), inside
+    the host's range, not mapped twice, not reserved by another VM."""
     lo, hi = host.port_range
     for i, p in enumerate(ports):
         name = f"{p.protocol}/{p.host_port}"
-        if p.protocol not in ("tcp", "udp"):
-            raise Refused("ports", f"port protocol {p.protocol!r}: use tcp or udp")
-        if not 0 < p.vm_port < 65536:
-            raise Refused("ports", f"vm port {p.vm_port} is not a port number (1-65535)")
+        bad = port_map_error(p, public_allowed=host.public_ports)
+        if bad:
+            raise Refused("ports", bad)
         if not lo <= p.host_port <= hi:
             raise Refused("ports", f"host port {name} is outside this host's range {lo}..{hi}")
         if any(_overlap(p, q) for q in ports[:i]):
