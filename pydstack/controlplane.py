@@ -50,6 +50,7 @@ from pydstack.core.events import HostJoined, subject
 if TYPE_CHECKING:
     from pydstack.actors.gateway.up_launch import UpGateway
     from pydstack.actors.kms.launch import KmsLaunch
+    from pydstack.adapters.firewall import HostServices
 
 DEFAULT_PORT: Final = 4222
 # Every role gets an identity named after it, so later actors find theirs in the data dir.
@@ -448,6 +449,27 @@ class ControlPlane:
             return {}
         return {"gateway_urls": (url,), "gateway_ca": Path(self.gateway["gateway_ca"]).read_text()}
 
+    def _guest_services(self) -> HostServices:
+        """What this host's QEMU guests may reach on it (adapters.firewall): the KMS replicas,
+        up's gateway (registration, WireGuard) and a loopback resolver slirp relays DNS to."""
+        from pydstack.adapters.firewall import HostServices, RulesError, resolver_ports, url_ports
+
+        gw = self.gateway
+        try:
+            resolv = Path("/etc/resolv.conf").read_text()
+        except OSError:
+            resolv = ""
+        registration = gw.get("gateway_registration_url")
+        try:
+            return HostServices(
+                kms=url_ports(self.cvm_kms_urls()),
+                gateway_registration=url_ports([registration]) if registration else (),
+                wireguard=(gw["gateway_wireguard_port"],) if "gateway_wireguard_port" in gw else (),
+                dns=resolver_ports(resolv),
+            )
+        except RulesError as exc:
+            raise StoreError(f"guest egress rules: {exc}; check --kms-url") from None
+
     def _cvm_dev_pki(self) -> Path | None:
         """Without TDX, sandbox CVMs quote with the dev PKI that this KMS trusts."""
         dev = not Path("/sys/kernel/config/tsm/report").exists()
@@ -487,6 +509,7 @@ class ControlPlane:
             "gateway_admin_url": rn.admin_url, "gateway_registration_url": rn.registration_url,
             "gateway_proxy": f"{gw.listen}:{rn.proxy_port}", "gateway_domain": gw.domain,
             "gateway_ca": str(self.data.path / "gateway" / "ca.pem"),
+            "gateway_wireguard_port": rn.node.config.listen_port,
         }  # fmt: skip
 
     def _gateway_options(self, cfg: PlaneConfig) -> UpGateway:

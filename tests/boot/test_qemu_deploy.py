@@ -25,7 +25,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import pytest
 from pydstack.adapters.qemu import Image
 from pydstack_guest.data_disk import validate_luks2_header
 from tests.cli.harness import Up, cli, free_host_port, wait_for
+from tests.netns import Netns, entered
 
 from .test_gateway_deploy import (
     EXAMPLE,
@@ -69,17 +70,30 @@ def _image() -> Image:
     return img
 
 
+@pytest.fixture
+def image() -> Image:
+    return _image()
+
+
+@pytest.fixture
+def deploy_netns(image: Image) -> Iterator[Netns]:
+    """The whole deploy in a namespace of its own (up, its gateway and KMS, the CLI, QEMU),
+    entered once the image is built (that needs the network): up's VMM applies its guest
+    egress rules there, never to the machine's ruleset, and the guest boots behind them."""
+    with Netns.create("qemu-deploy") as ns, entered(ns):
+        yield ns
+
+
 def _qemu_pids(home: Path) -> list[int]:
     return [p for p in _ours(home) if b"qemu-system" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
-    short_tmp: Path,
+    short_tmp: Path, image: Image, deploy_netns: Netns
 ) -> None:
     """deploy says reachable; the page carries the app id the guest measured, the instance id
     the gateway registered and the env var deploy sealed; the app's quote verifies; the boot
     ran dstack's steps in order inside the guest; removing the VM leaves no QEMU."""
-    image = _image()
     home = short_tmp / "home"
     plane = Up(home, extra=("--vmm", "qemu", "--gateway", "--dashboard-port", "-1")).start()
     try:
@@ -134,6 +148,7 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         ]
         assert [b["os_image_hash"] for b in issued] == [image.digest], issued
         assert _qemu_pids(home), "no QEMU process for the deployed VM"
+        _check_guest_egress_rules(state)
         _check_data_disk_and_restart(home, wd, greeting, storage, proxy, url, ca)
     finally:
         cli(home, "vm", "rm", "hello1")
@@ -149,6 +164,22 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         tag = hashlib.sha256(str(home).encode()).hexdigest()[:8]
         gw = subprocess.run(["pgrep", "-f", f"wireguard-go -f dgw{tag}"], capture_output=True)
         assert gw.stdout == b"", "up's gateway left its wireguard-go"
+
+
+def _check_guest_egress_rules(state: dict[str, Any]) -> None:
+    """The guest booted behind up's rules: its QEMU user may open up's KMS and gateway
+    registration ports (TCP) and the gateway's WireGuard port (UDP) on this host, no other."""
+    table = subprocess.run(["nft", "list", "table", "inet", "pydstack_guest_egress"],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    def opened(proto: str) -> set[int]:
+        m = re.search(rf"{proto} dport (?:\{{ )?([\d, ]+?)(?: \}})? accept", table)
+        return {int(x) for x in m.group(1).split(",")} if m else set()
+
+    kms = int(state["kms_url"].rsplit(":", 1)[1])
+    registration = int(state["gateway_registration_url"].rsplit(":", 1)[1])
+    assert opened("tcp") - {53} == {kms, registration}, table
+    assert opened("udp") - {53} == {state["gateway_wireguard_port"]}, table
 
 
 def _stages(home: Path) -> list[dict[str, Any]]:

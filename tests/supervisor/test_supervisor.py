@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pydstack.actors.supervisor import (
@@ -23,6 +24,7 @@ from pydstack.actors.supervisor import (
     launch_supervisor,
 )
 from pydstack.actors.supervisor._procfs import is_alive
+from pydstack.adapters.supervisor import RunAs
 
 from .conftest import SupervisorHarness, sleeper
 
@@ -326,3 +328,37 @@ async def test_shutdown_is_refused_while_a_process_runs_and_exits_when_idle(
         assert await asyncio.to_thread(harness.proc.wait, 10) == 0
         assert not harness.socket.exists()  # the socket went with it
         assert not await sv.ping()
+
+
+async def test_a_process_runs_as_its_user_with_only_its_groups(
+    harness: SupervisorHarness,
+) -> None:
+    """``user`` gives the child exactly that uid, gid and supplementary groups (none of the
+    supervisor's root groups), while its log stays the one the supervisor opened."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can start a process as another user; this host runs as root")
+    script = "grep -E '^(Uid|Gid|Groups):' /proc/self/status"
+    cfg = ProcessConfig(id="as-nobody", command="/bin/sh", args=("-c", script), cwd="/",
+                        user=RunAs(uid=65534, gid=65534, groups=(65533,)))  # fmt: skip
+    async with await harness.start() as sv:
+        info = await sv.deploy(cfg)
+        await until(lambda: _status_is(sv, "as-nobody", "exited"))
+        lines = _status_lines(info.stdout_path)
+        assert lines["Uid"].split() == ["65534"] * 4 and lines["Gid"].split() == ["65534"] * 4
+        assert lines["Groups"].split() == ["65533"]
+        assert os.stat(info.stdout_path).st_uid == 0
+
+
+def _status_lines(path: str) -> dict[str, str]:
+    return dict(x.split(":", 1) for x in Path(path).read_text().splitlines())
+
+
+def test_a_config_without_user_encodes_as_before_the_field() -> None:
+    """Defaults are left out, so a supervisor still running older code (which refuses unknown
+    fields) accepts every config but one with a ``user``: that one fails instead of running
+    as root."""
+    assert msgspec.json.encode(ProcessConfig(id="p", command="/bin/true")) == (
+        b'{"id":"p","command":"/bin/true"}'
+    )
+    with_user = ProcessConfig(id="p", command="/bin/true", user=RunAs(uid=1, gid=1))
+    assert b'"user":{"uid":1,"gid":1,"groups":[]}' in msgspec.json.encode(with_user)

@@ -19,14 +19,16 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pydstack.adapters.firewall import GuestEgress
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.qemu import Image, QemuBackend, images_dir
+from pydstack.adapters.qemu.user import ensure_user
 from pydstack.core.events import (
     VmBootProgress,
     VmExited,
@@ -37,6 +39,7 @@ from pydstack.core.events import (
 )
 
 from ..cvm.contract import free_port
+from ..netns import Netns, entered
 from .conftest import FAST, Api, VmmHost, events_of, supervisor_pids, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,8 +63,16 @@ def guest_image() -> Image:
 
 
 @pytest.fixture
+def guest_netns() -> Iterator[Netns]:
+    """This test in a namespace of its own (NATS, the VMM's supervisor, QEMU, its hostfwd
+    port): the VMM applies its guest egress rules there, never to the machine's ruleset."""
+    with Netns.create("vmm-qemu") as ns, entered(ns):
+        yield ns
+
+
+@pytest.fixture
 async def qemu_host(
-    tmp_path: Path, guest_image: Image, store: EventStore, scheduled: None
+    tmp_path: Path, guest_image: Image, guest_netns: Netns, store: EventStore, scheduled: None
 ) -> AsyncIterator[VmmHost]:
     h = VmmHost(tmp_path, images_dir(), store, backend="qemu")
     yield h
@@ -122,6 +133,8 @@ async def test_qemu_guest_life_on_the_log(qemu_host: VmmHost, store: EventStore)
         first = await vmm.backend.status(vm)
         assert first.state == "running" and first.pid and first.cid is not None
         assert qemu_pids(vm) == [first.pid]
+        assert _uid(first.pid) == ensure_user().uid  # QEMU under its own user
+        assert "jump guest" in await GuestEgress(_uid(first.pid)).listed()  # and its rules
 
     # The VMM goes away, then its supervisor is killed -9: QEMU lives on, and the next VMM
     # (with a new supervisor) adopts it: same pid and CID, no second start on the log.
@@ -170,6 +183,8 @@ async def test_qemu_guest_life_on_the_log(qemu_host: VmmHost, store: EventStore)
         await wait_until(lambda: _count(kinds, "VmRemoved", 1), 30, "VmRemoved")
         assert await vmm.backend.list() == []
         assert qemu_pids(vm) == []
+    # The first VMM left the rules to the QEMU still running; this one, with none, removes them.
+    assert await GuestEgress(ensure_user().uid).listed() == ""
 
 
 async def create(api: Api, vm: str, port: int) -> None:
@@ -181,3 +196,8 @@ async def create(api: Api, vm: str, port: int) -> None:
 
 async def _count(kinds: Any, name: str, n: int) -> bool:
     return sum(k == name for k, _ in await kinds()) >= n
+
+
+def _uid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1])

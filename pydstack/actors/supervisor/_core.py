@@ -237,6 +237,7 @@ class Supervisor:
         out_path, err_path = entry.log_path("stdout"), entry.log_path("stderr")
         out_fd = open_for_child(out_path)
         err_fd = out_fd if err_path == out_path else open_for_child(err_path)
+        user = cfg.user  # the log fds are opened above as root; the child gets only the fds
         try:
             popen = subprocess.Popen(
                 cfg.argv,
@@ -247,6 +248,10 @@ class Supervisor:
                 env={**os.environ, **cfg.env},
                 start_new_session=True,  # signals to our group never reach it
                 close_fds=True,
+                # setgroups(groups) before setgid/setuid: none of root's groups are kept
+                user=user.uid if user else None,
+                group=user.gid if user else None,
+                extra_groups=list(user.groups) if user else None,
             )
         except OSError as e:
             raise SupervisorError(f"cannot start {cfg.command!r}: {e.strerror or e}") from None

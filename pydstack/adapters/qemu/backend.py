@@ -6,14 +6,16 @@ Work dir ``<vms_dir>/<vm_id>/``::
     data.qcow2      the data disk (``disk_gb``, else DATA_DISK_GB): the guest keeps it LUKS2
                     with the app's disk key (pydstack_guest.data_disk), so only ciphertext here
     shared/         9p host share (app-compose.json, sys-config, encrypted env...)
-    qmp.sock        QMP                     serial.log   console (rotated by the supervisor)
+    run/qmp.sock    QMP                     serial.log   console (rotated by the supervisor)
     events.log      guest events (virtio-serial org.pydstack.events), JSON lines
     boot.offset     size of events.log when the current run started
     stop-requested  present while a stop/kill asked for is in effect (stopped, not exited)
 
 The QEMU process is the supervisor's, under the id ``vm_id``, so it outlives the VMM; the
 backend keeps no state of its own that the work dir and the supervisor do not hold. Work dir
-and observation are shared with the sandbox backend (``adapters.cvm_supervised``).
+and observation are shared with the sandbox backend (``adapters.cvm_supervised``). QEMU runs as
+its own unprivileged user (``config.user``), owning only run/, the disks and the two logs; the
+work dir and the share it may only read (``adapters.qemu.user``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import msgspec
 
 from pydstack.adapters.cvm import CvmError, CvmSpec, CvmStatus
 from pydstack.adapters.cvm_supervised import SupervisedCvms, process_note
-from pydstack.adapters.supervisor import NotFound, ProcessConfig, SupervisorClient
+from pydstack.adapters.supervisor import NotFound, ProcessConfig, RunAs, SupervisorClient
 from pydstack.adapters.supervisor import SupervisorError as _SvError
 from pydstack.core.vmm.image_name import image_name_error
 
@@ -44,6 +46,7 @@ from .argv import (
 )
 from .image import Image, ImageError, images_dir
 from .qmp import Qmp, QmpError
+from .user import QEMU_USER, AccessError, ensure_user, grant_reach, prepare_workdir
 
 GIB = 1024**3
 DATA_DISK_GB = 8  # the data disk of a VM requested without a disk size (sparse)
@@ -64,6 +67,7 @@ class QemuBackendConfig(msgspec.Struct, frozen=True, kw_only=True):
     # images (busybox...) its docker engine imports: see `write_simulated_td`.
     dev_pki: Path | None = None
     app_images: Path | None = None
+    user: str = QEMU_USER  # QEMU runs as this system user (made on first start when missing)
 
 
 class QemuBackend(SupervisedCvms):
@@ -154,7 +158,7 @@ class QemuBackend(SupervisedCvms):
             if cfg.platform == "tdx" and spec.app_compose
             else None,
             qgs_port=cfg.qgs_port if cfg.platform == "tdx" else None,
-            qmp_socket=str(wd / "qmp.sock"),
+            qmp_socket=str(wd / "run" / "qmp.sock"),
             serial_log=str(wd / "serial.log"),
             events_log=str(wd / "events.log"),
         )
@@ -169,18 +173,31 @@ class QemuBackend(SupervisedCvms):
             await self._data_disk(spec)  # a VM created before data disks existed
         except qdisk.DiskError as e:
             raise CvmError(f"{vm_id}: {e}") from None
+        try:
+            who = await asyncio.to_thread(self._give_qemu_its_files, spec)
+        except (AccessError, OSError) as e:
+            raise CvmError(f"{vm_id}: {e}") from None
         self._begin_run(wd)
         proc = ProcessConfig(
             id=vm_id, name=spec.name or vm_id, command=argv[0], args=tuple(argv[1:]),
             cwd=str(wd), cid=spec.cid, note=self.note, logs=(str(wd / "serial.log"),),
             stdout=str(wd / "qemu.stdout.log"), stderr=str(wd / "qemu.stderr.log"),
-            pidfile=str(wd / "qemu.pid"), stop_timeout_s=self.config.kill_grace_s,
+            pidfile=str(wd / "qemu.pid"), stop_timeout_s=self.config.kill_grace_s, user=who,
         )  # fmt: skip
         try:
             await self.sv.deploy(proc)
         except _SvError as e:
             raise CvmError(f"{vm_id}: {e}") from None
         return await self.status(vm_id)
+
+    def _give_qemu_its_files(self, spec: CvmSpec) -> RunAs:
+        """QEMU's user (made when missing), owning or reading this CVM's files (``.user``)."""
+        who, image = ensure_user(self.config.user), self._image(spec.image)
+        wd = self.workdir(spec.vm_id)
+        prepare_workdir(wd, who, share_writable=not image.info.shared_ro)
+        files = (image.kernel, image.initrd, image.hda, image.rootfs, image.bios)
+        grant_reach(who, [wd], [p for p in files if p])
+        return who
 
     async def stop(self, vm_id: str, timeout_s: float = 30.0) -> CvmStatus:
         wd = self.workdir(vm_id)
@@ -189,7 +206,9 @@ class QemuBackend(SupervisedCvms):
             return await self.status(vm_id)
         self._note_stop(wd, "stop")
         try:
-            async with await Qmp.connect(wd / "qmp.sock", timeout_s=3) as q:
+            qmp = wd / "run" / "qmp.sock"  # wd / "qmp.sock": a QEMU started before run/ existed
+            qmp = qmp if qmp.exists() or not (wd / "qmp.sock").exists() else wd / "qmp.sock"
+            async with await Qmp.connect(qmp, timeout_s=3) as q:
                 reason = await q.shutdown(timeout_s)
             self._note_stop(wd, "stop", reason)
         except QmpError:

@@ -17,8 +17,21 @@ Status = Literal["running", "stopped", "exited", "error"]
 ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
-class ProcessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How to run one process. Empty ``stdout``/``stderr`` mean a log file in its state dir."""
+class RunAs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The unprivileged identity a process runs under: exactly these ids, no other groups."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups (e.g. kvm); root's are never kept
+
+
+# omit_defaults: a config without ``user`` encodes as before this field existed, so a
+# supervisor still running older code accepts it; one with ``user`` it refuses (fails closed).
+class ProcessConfig(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """How to run one process. Empty ``stdout``/``stderr`` mean a log file in its state dir;
+    ``user`` None: the supervisor's own user (root)."""
 
     id: str
     command: str
@@ -35,6 +48,7 @@ class ProcessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     stop_timeout_s: float = 10.0  # SIGTERM grace before SIGKILL
     log_max_bytes: int = 0  # 0: the supervisor's default
     log_backups: int = -1  # -1: the supervisor's default
+    user: RunAs | None = None  # run as this uid/gid (QEMU: its own unprivileged user)
 
     @property
     def argv(self) -> tuple[str, ...]:
