@@ -93,11 +93,13 @@ async def test_unauthorized_compose_hash_is_denied_and_policy_change_applies_nex
 
 
 async def test_debug_td_is_refused(kms: Kms, pki: DevPki, webhook: Webhook) -> None:
-    """A debug TD never reaches the backend."""
+    """A debug TD never reaches the backend; dcap-qvl refuses its quote outright, so, like any
+    evidence that does not verify, it leaves nothing on the log."""
+    before = len(await kms.events())
     err = await refused(kms, await bound_identity(make_cvm(pki, debug=True), kms.temp))
-    assert "debug TD refused" in err.error
+    assert "debug TD refused" in err.error and err.body["refused"] == "quote"
     assert webhook.seen == []
-    assert isinstance((await kms.events())[-1], KeyDenied)
+    assert len(await kms.events()) == before
 
 
 async def test_out_of_date_tcb_is_refused_by_policy(kms: Kms, pki: DevPki) -> None:
@@ -146,23 +148,45 @@ async def test_tampered_event_log_is_refused(kms: Kms, pki: DevPki) -> None:
     assert "rtmr3" in err.error.lower(), err.error
 
 
-async def test_unavailable_collateral_is_a_logged_refusal_and_no_request_stays_open(
+async def test_unavailable_collateral_is_a_503_naming_the_cause_and_appends_nothing(
     kms: Kms, pki: DevPki
 ) -> None:
-    """The request is on the log before its evidence is checked: a check that cannot run
-    (PCCS down) must still close it, with a KeyDenied naming the cause."""
+    """A check that cannot run (PCCS down) verified nothing: the client learns why and may
+    retry, the log gets nothing; once the PCCS answers the same CVM gets its keys."""
+    before = len(await kms.events())
     kms.collateral.unavailable = True
+    with pytest.raises(KmsCallError) as info:
+        await get_app_key(kms, await bound_identity(make_cvm(pki), kms.temp))
+    assert info.value.status == 503 and info.value.body["refused"] == "collateral_unavailable"
+    assert "collateral unavailable" in info.value.error and "pccs.test" in info.value.error
+    assert len(await kms.events()) == before
+    kms.collateral.unavailable = False
+    await get_app_key(kms, await bound_identity(make_cvm(pki), kms.temp))
+    evs = await kms.events()
+    req, issued = evs[-2], evs[-1]
+    assert isinstance(req, KeyRequested) and isinstance(issued, KeyIssued)
+    # The ids the request records are the verified ones (its runtime events replayed).
+    assert req.app_id == APP_ID.hex() and req.instance_id == (b"\x11" * 20).hex()
+    assert not fold(evs).open_requests
+
+
+async def test_a_derivation_failure_still_closes_the_logged_request(
+    kms: Kms, pki: DevPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys are derived while the request travels to the log: if that fails, the request
+    is closed with a KeyDenied naming the cause, never left open or issued without keys."""
+
+    def broken(boot: object) -> None:
+        raise ValueError("derivation exploded")
+
+    monkeypatch.setattr(kms.svc, "_app_keys", broken)
     err = await refused(kms, await bound_identity(make_cvm(pki), kms.temp))
-    assert "collateral unavailable" in err.error and "pccs.test" in err.error
+    assert "could not derive the keys" in err.error and "exploded" in err.error
     evs = await kms.events()
     req, denied = evs[-2], evs[-1]
     assert isinstance(req, KeyRequested) and isinstance(denied, KeyDenied)
-    assert req.request_id == denied.request_id
-    # What the request claimed is recorded even though it could not be verified.
-    assert req.app_id == APP_ID.hex() and req.instance_id == (b"\x11" * 20).hex()
+    assert req.request_id == denied.request_id == err.request_id
     assert not fold(evs).open_requests
-    kms.collateral.unavailable = False
-    await get_app_key(kms, await bound_identity(make_cvm(pki), kms.temp))
 
 
 async def test_malformed_requests_get_400_and_append_nothing(kms: Kms, pki: DevPki) -> None:

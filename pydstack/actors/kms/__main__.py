@@ -61,6 +61,13 @@ from pydstack.loop import run as run_loop
     help="Ed25519 seed that signs this KMS's events (32 raw bytes or 64 hex digits, mode "
     "0600) [default: a new one per run]; a file, never a value: argv is world-readable",
 )
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=0,
+    help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off); pydstack_kms_refused_total "
+    "counts the requests refused without an event",
+)
 def main(**o: object) -> None:
     configure(level="info")
     run_loop(run(**o))  # type: ignore[arg-type]  # uvloop when installed: cheaper TLS per request
@@ -70,7 +77,7 @@ async def run(
     nats_url: str, cluster: str, host: str, port: int, key_file: str, seal_appkeys: str | None,
     guest_agent: str | None, auth: str, auth_url: str, allow_dev_auth: bool,
     dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_file: str | None,
-    onboard_from: str = "",
+    onboard_from: str = "", metrics_port: int = 0,
 ) -> None:  # fmt: skip
     import os
 
@@ -96,6 +103,9 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    from pydstack.actors.metrics import serve_metrics
+
+    stop_metrics = serve_metrics(metrics_port) if metrics_port else None
     try:
         async with store, running_kms(store, opts) as url:
             # What start-up loaded (modules, root keys, folded state) lives as long as the
@@ -105,6 +115,9 @@ async def run(
             await stop.wait()
     except LaunchError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     sys.exit(0)
 
 

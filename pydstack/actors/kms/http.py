@@ -1,10 +1,13 @@
 """The KMS RPC over HTTPS: dstack's prpc paths `/prpc/KMS.<Method>` with JSON bodies.
 
-Bytes are hex in JSON (as dstack's prpc serde). A malformed body is answered 400 naming the
-field, before anything is appended; a refused decision is 403 with the reason and the request
-id (the refusal is on the log); a method that needs evidence and got no client certificate is
-401. The server asks for a client certificate (issued under the cluster's temp CA) but does not
-require one, so `GetTempCaCert`, `GetMeta` and `GetAppEnvEncryptPubKey` work without.
+Bytes are hex in JSON (as dstack's prpc serde). Refusals with nothing appended (`refusal.py`,
+each counted and logged): a malformed body is 400 naming the field; a field over its bound
+(vm_config, attestation) 413 naming it; evidence that does not verify 403; evidence that cannot
+be checked now (collateral unavailable) 503; a method that needs evidence and got no client
+certificate 401. Each answers `{"error", "refused": kind, "field"}`. A refusal decided on the
+log (the policy's or the backend's, for evidence that verified) is 403 with the reason and the
+request id. The server asks for a client certificate (issued under the cluster's temp CA) but
+does not require one, so `GetTempCaCert`, `GetMeta` and `GetAppEnvEncryptPubKey` work without.
 
     async with serve_kms(svc, "127.0.0.1", 0) as url: ...
 """
@@ -18,6 +21,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+import structlog
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,7 +31,8 @@ from pydstack.adapters.tdx.ratls import build_ratls_cert
 from pydstack.adapters.tdx.ratls_tls import peer_cert_der, server_ssl_context
 from pydstack.core.kms import CsrError, decode_csr
 
-from .evidence import present_csr
+from .evidence import MALFORMED, MAX_CERTIFICATE, OVERSIZE
+from .refusal import NO_CERTIFICATE, Refused, refuse
 from .service import Denied, KmsService, pem
 
 SERVICE: web.AppKey[KmsService] = web.AppKey("kms", KmsService)
@@ -71,13 +76,16 @@ def _denied(d: Denied) -> web.Response:
     return web.json_response({"error": d.reason, "request_id": d.request_id}, status=403)
 
 
-def _peer(request: web.Request) -> bytes:
+def _refused(r: Refused) -> web.Response:
+    return web.json_response(
+        {"error": r.reason, "refused": r.kind, "field": r.field}, status=r.status
+    )
+
+
+def _peer(request: web.Request, method: str) -> bytes:
     der = peer_cert_der(request.transport)
     if der is None:
-        raise web.HTTPUnauthorized(
-            text=json.dumps({"error": "this method needs an RA-TLS client certificate"}),
-            content_type="application/json",
-        )
+        raise refuse(method, NO_CERTIFICATE, "this method needs an RA-TLS client certificate")
     return der
 
 
@@ -86,7 +94,8 @@ async def get_app_key(request: web.Request, body: dict[str, Any]) -> web.StreamR
         raise BadRequest("api_version", f"unsupported api_version {body['api_version']}")
     vm_config = _str(body, "vm_config")
     try:
-        return web.json_response(await request.app[SERVICE].get_app_key(_peer(request), vm_config))
+        der = _peer(request, "GetAppKey")
+        return web.json_response(await request.app[SERVICE].get_app_key(der, vm_config))
     except Denied as d:
         return _denied(d)
 
@@ -94,7 +103,8 @@ async def get_app_key(request: web.Request, body: dict[str, Any]) -> web.StreamR
 async def get_kms_key(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     vm_config = _str(body, "vm_config")
     try:
-        return web.json_response(await request.app[SERVICE].get_kms_key(_peer(request), vm_config))
+        der = _peer(request, "GetKmsKey")
+        return web.json_response(await request.app[SERVICE].get_kms_key(der, vm_config))
     except Denied as d:
         return _denied(d)
 
@@ -119,6 +129,9 @@ async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamRes
     if _int(body, "api_version") != 2:
         raise BadRequest("api_version", "SignCert supports api_version 2 (CertSigningRequestV2)")
     raw, sig, vm_config = _bytes(body, "csr"), _bytes(body, "signature"), _str(body, "vm_config")
+    if len(raw) > MAX_CERTIFICATE:
+        raise refuse("SignCert", OVERSIZE, f"csr is {len(raw)} bytes, over {MAX_CERTIFICATE}",
+                     field="csr")  # fmt: skip
     try:
         csr, att_raw = decode_csr(raw)
         pub = serialization.load_der_public_key(csr.pubkey)
@@ -134,7 +147,7 @@ async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamRes
         raise BadRequest("signature", "csr signature does not verify") from None
     now = int(svc.clock())
     try:
-        _, issued = await svc.decide("SignCert", present_csr(att_raw, csr.pubkey), vm_config, now)
+        _, issued = await svc.decide_csr(att_raw, csr.pubkey, vm_config, now)
     except Denied as d:
         return _denied(d)
     app_id = bytes.fromhex(issued.boot_info.app_id)
@@ -167,6 +180,7 @@ class _PublicOnly:
         return self._pub
 
 
+KEY_METHODS = frozenset({"GetAppKey", "GetKmsKey", "SignCert"})  # refusals counted
 METHODS: dict[str, Handler] = {
     "GetAppKey": get_app_key,
     "GetKmsKey": get_kms_key,
@@ -182,17 +196,41 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     handler = METHODS.get(method)
     if handler is None:
         return web.json_response({"error": f"unknown method {method}"}, status=404)
-    raw = await request.read()
+    if method not in KEY_METHODS:
+        return await _handle(request, handler, method)
+    # A key request's refusal log line names the peer; nothing else about it is trusted yet.
+    with structlog.contextvars.bound_contextvars(peer=request.remote or ""):
+        try:
+            return await _handle(request, handler, method)
+        except Refused as r:
+            return _refused(r)
+
+
+async def _handle(request: web.Request, handler: Handler, method: str) -> web.StreamResponse:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        if method in KEY_METHODS:
+            refuse(method, OVERSIZE, "request body over the KMS's 1 MiB limit")
+        raise
     try:
         body = json.loads(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError) as e:
-        return web.json_response({"error": f"body is not JSON: {e}", "field": ""}, status=400)
+        return _bad(method, BadRequest("", f"body is not JSON: {e}"))
     if not isinstance(body, dict):
-        return web.json_response({"error": "body must be a JSON object", "field": ""}, status=400)
+        return _bad(method, BadRequest("", "body must be a JSON object"))
     try:
         return await handler(request, body)
     except BadRequest as e:
+        return _bad(method, e)
+
+
+def _bad(method: str, e: BadRequest) -> web.Response:
+    """400 naming the field; for a key request also a counted, logged refusal."""
+    if method not in KEY_METHODS:
         return web.json_response({"error": str(e), "field": e.field}, status=400)
+    r = refuse(method, MALFORMED, str(e), field=e.field)
+    return web.json_response({"error": r.reason, "refused": r.kind, "field": r.field}, status=400)
 
 
 def make_app(svc: KmsService) -> web.Application:

@@ -5,11 +5,19 @@
     async with svc:                      # starts the writer, closes requests cut off by a crash
         keys = await svc.get_app_key(peer_cert_der, vm_config)
 
-A request's `KeyRequested` is stored while the backend is asked, its `KeyIssued`/`KeyDenied`
-after; it is answered only once both are stored. A started decision runs to its end even if
-the client goes away. A KMS killed in between leaves a `KeyRequested` without a decision: the
-restarted KMS closes each of its own with a `KeyDenied` (`ABANDONED`) before serving, so no
-request stays half decided and none is decided twice; the client retries as a new request.
+Nothing goes on the log before the request's evidence verified: a vm_config over
+`MAX_VM_CONFIG` or an attestation over `MAX_ATTESTATION` bytes is refused before it is decoded,
+and evidence that is malformed, not bound to the TLS key, stale, signed by no genuine platform
+or whose logs do not replay (`Evidence.unverified`), or that cannot be checked (collateral
+unavailable), is refused with a metric and a log line only (`refusal.py`). Once it verified,
+the request's `KeyRequested` is stored while the backend is asked (and, for GetAppKey, the
+keys are derived: the append's round trip hides behind both), its `KeyIssued`/`KeyDenied`
+after; it is answered only once both are stored. A refusal by the policy (debug TD, TCB
+status) of evidence that verified is a `KeyDenied` like a backend's. A started decision runs to
+its end even if the client goes away. A KMS killed in between leaves a `KeyRequested` without
+a decision: the restarted KMS closes each of its own with a `KeyDenied` (`ABANDONED`) before
+serving, so no request stays half decided and none is decided twice; the client retries as a
+new request.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pydstack.adapters.tdx.ratls import Attester, build_ratls_cert, report_data_
 from pydstack.adapters.tdx.verify import Policy
 from pydstack.core.events import (
     Event,
+    KeyDenied,
     KeyIssued,
     KmsReplicaOnboarded,
     KmsRootCreated,
@@ -46,6 +55,7 @@ from pydstack.core.kms import (
     AppKeyMaterial,
     AuthBackend,
     AuthVerdict,
+    BootInfo,
     KeyRequest,
     KmsState,
     RootKeys,
@@ -57,21 +67,28 @@ from pydstack.core.kms import (
     env_public_key,
     fold,
     key_requested,
+    precheck,
+    quote_hash,
     temp_ca_scalar,
     undecided,
 )
 from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
 from .evidence import (
+    MALFORMED,
+    MAX_VM_CONFIG,
+    OVERSIZE,
     CollateralSource,
     Evidence,
     Presented,
     attestation_hash,
     policy_json,
     present_certificate,
+    present_csr,
     verify_presented,
 )
 from .keystore import RootKeyFile
+from .refusal import COLLATERAL_UNAVAILABLE, refuse
 from .writer import DecisionLog
 
 log = structlog.get_logger("pydstack.kms")
@@ -318,15 +335,30 @@ class KmsService:
 
     # -- decisions --------------------------------------------------------------------------------
 
-    async def _verify(self, p: Presented, vm_config: str, now: int) -> Evidence:
-        """The evidence's verdict; a check that cannot run (collateral unavailable) refuses,
-        so the request already on the log is always closed by a decision."""
+    def _bounded(self, method: str, vm_config: str) -> None:
+        """Refuse (nothing appended) a vm_config a KeyRequested may not store."""
+        size = len(vm_config.encode())
+        if size > MAX_VM_CONFIG:
+            raise refuse(method, OVERSIZE, f"vm_config is {size} bytes, over the "
+                         f"{MAX_VM_CONFIG}-byte limit (dstack's is a small JSON object)",
+                         field="vm_config")  # fmt: skip
+
+    async def _verified(self, method: str, p: Presented, vm_config: str, now: int) -> Evidence:
+        """The evidence once it verified; else `Refused`, counted and logged, nothing appended.
+        What remains in its reasons is the policy's (a decision on the log)."""
+        if p.attestation is None:
+            why = "attestation refused: " + "; ".join(p.reasons)
+            raise refuse(method, p.kind or MALFORMED, why)
         try:
-            coll = await self.collateral(p.quote) if p.attestation is not None else None
+            coll = await self.collateral(p.quote)
         except Exception as e:
-            return Evidence((f"collateral unavailable: {type(e).__name__}: {e}",), None, p.raw,
-                            p.quote)  # fmt: skip
-        return verify_presented(
+            raise refuse(
+                method,
+                COLLATERAL_UNAVAILABLE,
+                f"collateral unavailable: {type(e).__name__}: {e}; the evidence cannot be "
+                "checked now, retry later",
+            ) from None
+        ev = verify_presented(
             p,
             coll,
             policy=self.settings.policy,
@@ -335,15 +367,28 @@ class KmsService:
             max_age=self.settings.max_cert_age,
             vm_config=vm_config,
         )
+        if not ev.verified:
+            raise refuse(method, ev.kind, "attestation refused: " + "; ".join(ev.reasons),
+                         quote_hash=quote_hash(p.quote))  # fmt: skip
+        return ev
 
-    async def decide(
+    async def _decision(
         self, method: str, p: Presented, vm_config: str, now: int, *, kms: bool = False
     ) -> tuple[str, Any]:
-        """Store the request while its evidence is verified, ask the backend (if the evidence
-        holds), store the decision; Denied on refusal. Shielded: a client that goes away does
-        not cut a decision short."""
-        rid, outcome, _ = await self._shielded(self._decide(method, p, vm_config, now, kms=kms))
+        """Verify the evidence (`Refused`: nothing appended), then store the request while the
+        backend is asked, store the decision; Denied on refusal. The decision is shielded: a
+        client that goes away does not cut it short. Callers bound vm_config first."""
+        ev = await self._verified(method, p, vm_config, now)
+        rid, outcome, _ = await self._shielded(self._decide(method, p, ev, vm_config, now, kms=kms))
         return rid, outcome
+
+    async def decide_csr(
+        self, att_raw: bytes, spki: bytes, vm_config: str, now: int
+    ) -> tuple[str, KeyIssued]:
+        """SignCert's decision: the attestation must bind the CSR's key (`spki`); Denied or
+        `Refused` otherwise."""
+        self._bounded("SignCert", vm_config)
+        return await self._decision("SignCert", present_csr(att_raw, spki), vm_config, now)
 
     async def _shielded(self, decision: Coroutine[Any, Any, _T]) -> _T:
         task = asyncio.create_task(decision)
@@ -353,7 +398,7 @@ class KmsService:
 
     async def _ask(self, ev: Evidence, kms: bool) -> AuthVerdict | None:
         if ev.reasons or ev.boot is None:
-            return None  # refused on the evidence: the backend is not asked
+            return None  # refused by the policy: the backend is not asked
         ask = self.backend.authorize_kms if kms else self.backend.authorize_app
         try:
             return await ask(ev.boot)
@@ -364,12 +409,16 @@ class KmsService:
         self,
         method: str,
         p: Presented,
+        ev: Evidence,
         vm_config: str,
         now: int,
         *,
         kms: bool,
-        prepare: Callable[[KeyIssued], _T] | None = None,
+        prepare: Callable[[BootInfo], _T] | None = None,
     ) -> tuple[str, Any, _T | None]:
+        """Store the request of verified evidence `ev` and its decision. `prepare`: CPU work
+        for the answer (key derivation), done while the request travels to the log and the
+        backend thinks; what it makes leaves this KMS only with a stored KeyIssued."""
         rid = new_event_id()
         req = KeyRequest(
             request_id=rid,
@@ -380,21 +429,32 @@ class KmsService:
             policy=self._policy_json,
             verified_at=now,
             kms_instance=self.settings.instance_id,
-            app_id=p.claimed("app-id"),
+            app_id=p.claimed("app-id"),  # verified: the runtime events replayed to RTMR3
             instance_id=p.claimed("instance-id"),
         )
-        # The request goes on the log while its evidence is verified and the backend thinks:
-        # the append's round trip hides behind dcap-qvl's CPU time instead of adding to it.
+        # The request goes on the log while the backend is asked: the append's round trip
+        # hides behind the backend's (and the derivation's) instead of adding to it.
         stored = asyncio.ensure_future(self.log.append([key_requested(req)]))
+        asking = asyncio.ensure_future(self._ask(ev, kms))
+        prepared, broken = None, ""
         try:
-            await _io_turns()  # let the append reach the socket before the CPU-bound checks
-            ev = await self._verify(p, vm_config, now)
-            verdict = await self._ask(ev, kms)
+            await _io_turns()  # let the append and the backend's request reach their sockets
+            if prepare is not None and ev.boot is not None and not precheck(ev.boot, ev.reasons):
+                try:
+                    prepared = prepare(ev.boot)
+                except Exception as e:  # the request is (being) logged: it must be decided
+                    broken = f"KMS could not derive the keys: {type(e).__name__}: {e}"
+            verdict = await asking
         finally:
+            if not asking.done():
+                asking.cancel()
             await stored  # not stored: nothing is decided, the client gets an error
         outcome = decide(
             req, reasons=ev.reasons, boot=ev.boot, verdict=verdict, backend=self.backend.name
         )
+        if broken and isinstance(outcome, KeyIssued):
+            outcome = KeyDenied(request_id=rid, reason=broken, boot_info=ev.boot,
+                                quote_hash=outcome.quote_hash)  # fmt: skip
         events: list[Event] = [outcome]
         issued = not hasattr(outcome, "reason")
         if issued and kms and ev.boot is not None:
@@ -407,16 +467,7 @@ class KmsService:
                     request_id=rid,
                 )
             )
-        stored = asyncio.ensure_future(self.log.append(events))
-        prepared = None
-        try:
-            if isinstance(outcome, KeyIssued) and prepare is not None:
-                # CPU work for the answer while the decision travels to the log. What it
-                # makes leaves this KMS only once the decision is stored, below.
-                await _io_turns()
-                prepared = prepare(outcome)
-        finally:
-            await stored
+        await self.log.append(events)
         log.info(
             "kms decision",
             method=method,
@@ -429,8 +480,7 @@ class KmsService:
             raise Denied(str(getattr(outcome, "reason", "")), rid)
         return rid, outcome, prepared
 
-    def _app_keys(self, issued: KeyIssued) -> AppKeyMaterial:
-        boot = issued.boot_info
+    def _app_keys(self, boot: BootInfo) -> AppKeyMaterial:
         app_id = bytes.fromhex(boot.app_id)
         per_app = self._per_app.pop(app_id, None) or per_app_keys(self.root, app_id)
         self._per_app[app_id] = per_app  # most recently used last
@@ -440,9 +490,11 @@ class KmsService:
 
     async def get_app_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
         now = int(self.clock())
+        self._bounded("GetAppKey", vm_config)
         p = present_certificate(der)
+        ev = await self._verified("GetAppKey", p, vm_config, now)
         _, issued, keys = await self._shielded(
-            self._decide("GetAppKey", p, vm_config, now, kms=False, prepare=self._app_keys)
+            self._decide("GetAppKey", p, ev, vm_config, now, kms=False, prepare=self._app_keys)
         )
         assert keys is not None  # prepared for every KeyIssued; a refusal raised Denied
         boot = issued.boot_info
@@ -459,7 +511,8 @@ class KmsService:
 
     async def get_kms_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
         now = int(self.clock())
-        await self.decide("GetKmsKey", present_certificate(der), vm_config, now, kms=True)
+        self._bounded("GetKmsKey", vm_config)
+        await self._decision("GetKmsKey", present_certificate(der), vm_config, now, kms=True)
         return {
             "temp_ca_key": key_pem(self.temp_key),
             "keys": [{"ca_key": key_pem(self.root.ca_key()), "k256_key": self.root.k256.hex()}],

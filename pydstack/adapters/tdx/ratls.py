@@ -17,9 +17,9 @@ The TLS side (contexts, aiohttp server middleware and client connector) is in `r
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import hashlib
 import secrets
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -56,6 +56,10 @@ _MAX_EVENT_LOG_EXT = 1 << 20
 
 class RaTlsError(TdxError):
     """A certificate is not usable RA-TLS evidence; the message says which part failed."""
+
+
+class AttestationTooLarge(RaTlsError):
+    """The attestation a certificate carries is over the caller's bound (nothing decoded)."""
 
 
 class Attester(Protocol):
@@ -253,14 +257,24 @@ def extract_attestation(cert: x509.Certificate) -> Attestation:
     return _decode_extension(raw) if raw is not None else _legacy_attestation(cert)
 
 
-def extract_attestation_raw(cert: x509.Certificate) -> tuple[Attestation, bytes]:
+def extract_attestation_raw(
+    cert: x509.Certificate, max_len: int | None = None
+) -> tuple[Attestation, bytes]:
     """The attestation a certificate carries and its SCALE V0 encoding: the 1.8 extension's
-    bytes as presented (not re-encoded), or the legacy 1.1 + 1.2 pair encoded."""
+    bytes as presented (not re-encoded), or the legacy 1.1 + 1.2 pair encoded.
+
+    With `max_len`, an attestation over that many bytes raises `AttestationTooLarge` before
+    any of it is decoded (legacy: quote plus event log, decompressed at most that far)."""
     raw = _ext_bytes(cert, OID_ATTESTATION)
     if raw is not None:
+        if max_len is not None and len(raw) > max_len:
+            raise AttestationTooLarge(f"attestation is {len(raw)} bytes, over {max_len}")
         return _decode_extension(raw), raw
-    att = _legacy_attestation(cert)
-    return att, encode_attestation(att)
+    att = _legacy_attestation(cert, max_len)
+    raw = encode_attestation(att)
+    if max_len is not None and len(raw) > max_len:
+        raise AttestationTooLarge(f"attestation is {len(raw)} bytes, over {max_len}")
+    return att, raw
 
 
 def _decode_extension(raw: bytes) -> Attestation:
@@ -270,20 +284,20 @@ def _decode_extension(raw: bytes) -> Attestation:
         raise RaTlsError(f"attestation extension: {e}") from None
 
 
-def _legacy_attestation(cert: x509.Certificate) -> Attestation:
+def _legacy_attestation(cert: x509.Certificate, max_len: int | None = None) -> Attestation:
     quote = _ext_bytes(cert, OID_TDX_QUOTE)
     if quote is None:
         raise RaTlsError("certificate has no RA-TLS attestation extension")
     log = _ext_bytes(cert, OID_EVENT_LOG)
     if log is None:
         raise RaTlsError("certificate has a TDX quote but no event log extension")
+    limit = _MAX_EVENT_LOG_EXT if max_len is None else min(_MAX_EVENT_LOG_EXT, max_len)
     if log.startswith(_ELGZ):
-        try:
-            log = gzip.decompress(log[len(_ELGZ) :])
-        except (OSError, EOFError) as e:
-            raise RaTlsError(f"event log extension does not decompress: {e}") from None
-        if len(log) > _MAX_EVENT_LOG_EXT:
-            raise RaTlsError("event log extension is too large")
+        log = _gunzip(log[len(_ELGZ) :], limit)
+    if max_len is not None and len(quote) + len(log) > max_len:
+        raise AttestationTooLarge(
+            f"quote and event log are {len(quote) + len(log)} bytes, over {max_len}"
+        )
     try:
         events = parse_json_event_log(log)
     except EventLogError as e:
@@ -296,6 +310,20 @@ def _legacy_attestation(cert: x509.Certificate) -> Attestation:
         runtime_events=tuple(runtime_events_of(events)),
         report_data=report_data,
     )
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """One gzip member, decompressed at most `limit` bytes far (no decompression bomb)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise RaTlsError(f"event log extension does not decompress: {e}") from None
+    if len(out) > limit:
+        raise AttestationTooLarge(f"event log extension decompresses to over {limit} bytes")
+    if not d.eof:
+        raise RaTlsError("event log extension does not decompress: truncated gzip stream")
+    return out
 
 
 def pck_ppid(pck_leaf_pem: str) -> bytes:

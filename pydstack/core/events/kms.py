@@ -43,6 +43,8 @@ class KeyRequested(Event, tag="KeyRequested", frozen=True):
     quote_hash: str = ""
     # Added: the evidence and the rules a decision relied on, so an auditor can re-check it.
     # `attestation` is dstack's SCALE V0 attestation (quote + event logs + sys config): public.
+    # Appended only once that attestation verified, and bounded: the KMS refuses an attestation
+    # over 256 KiB or a vm_config over 16 KiB before decoding them.
     attestation: bytes = b""
     vm_config: str = ""
     policy: str = ""  # JSON of the verifier policy applied

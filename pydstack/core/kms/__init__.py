@@ -18,6 +18,7 @@ from .decision import (
     boot_info_from_webhook,
     decide,
     key_requested,
+    precheck,
     quote_hash,
     webhook_body,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "hkdf",
     "k256_public",
     "key_requested",
+    "precheck",
     "quote_hash",
     "temp_ca_scalar",
     "undecided",

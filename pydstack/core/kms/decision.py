@@ -1,14 +1,18 @@
 """The KMS decision: from checked evidence and a backend verdict to the events on the log. Pure.
 
-Every key request produces exactly two events, in this order on the log: ``KeyRequested``
-(the evidence: attestation, quote hash, policy, time) and then either ``KeyIssued`` (BootInfo,
-backend, verdict) or ``KeyDenied`` (reason). Neither ever carries key material: keys are
-re-derivable from the root keys and the BootInfo. The two are ordinary appends (an atomic
+Only a request whose evidence verified (a genuine quote bound to the client's TLS key, fresh,
+its logs replaying to the quote) reaches the log; any other is refused by the actor with a
+metric and a log line, and no event (the log holds nothing unauthenticated, and a
+``KeyRequested`` is bounded: attestation <= 256 KiB, vm_config <= 16 KiB). Such a request
+produces exactly two events, in this order: ``KeyRequested`` (the evidence: attestation, quote
+hash, policy, time) and then either ``KeyIssued`` (BootInfo, backend, verdict) or
+``KeyDenied`` (the policy's reasons, or the backend's). Neither ever carries key material: keys
+are re-derivable from the root keys and the BootInfo. The two are ordinary appends (an atomic
 batch costs the server an fsync, ~10x an append); a KMS killed between them leaves a
 ``KeyRequested`` without a decision, which the restarted KMS closes with `abandoned` (a
 ``KeyDenied``: the client was never answered, so no key left the KMS).
 
-    requested = key_requested(req)              # stored while the evidence is verified
+    requested = key_requested(req)              # stored while the backend is asked
     outcome = decide(req, reasons=[], boot=boot, verdict=verdict, backend="webhook")
     denied = abandoned(requested)               # on restart, for a dangling request
 """
@@ -28,7 +32,7 @@ APP_ID_LEN = 20
 
 
 class KeyRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One incoming request's evidence, as the actor gathered it."""
+    """One incoming request's verified evidence, as the actor gathered it."""
 
     request_id: str
     method: str  # GetAppKey, GetKmsKey, SignCert
@@ -38,8 +42,8 @@ class KeyRequest(msgspec.Struct, frozen=True, kw_only=True):
     policy: str = ""
     verified_at: int = 0
     kms_instance: str = ""  # which replica takes it (KmsSettings.instance_id)
-    # Hex ids the attestation's runtime events claim, recorded before they are verified:
-    # a refusal names what was asked for; an issued decision's BootInfo is the verified truth.
+    # Hex ids the attestation's runtime events state (verified: they replayed to RTMR3), so a
+    # policy or backend refusal names what was asked for.
     app_id: str = ""
     instance_id: str = ""
 
@@ -126,7 +130,7 @@ ABANDONED = "KMS restarted before deciding; the client got no answer and no key"
 
 
 def key_requested(req: KeyRequest) -> KeyRequested:
-    """The first event of a request: what was presented, before it is checked or decided."""
+    """The first event of a request: what was presented and verified, before it is decided."""
     return KeyRequested(
         request_id=req.request_id,
         app_id=req.app_id,
@@ -156,8 +160,9 @@ def decide(
     verdict: AuthVerdict | None,
     backend: str,
 ) -> KeyIssued | KeyDenied:
-    """The decision closing `req` (its second event). `reasons` are the attestation's refusal
-    reasons; `verdict` is None when the backend was not asked (evidence already refused)."""
+    """The decision closing `req` (its second event). `reasons` are the policy's refusal
+    reasons for its verified evidence (debug, TCB status, advisories, measurements); `verdict`
+    is None when the backend was not asked (evidence already refused)."""
     qh = quote_hash(req.quote)
     refused = precheck(boot, reasons)
     if refused:
