@@ -5,8 +5,16 @@ adapter ``pydstack.adapters.supervisor`` (re-exported here for callers of the wh
 """
 
 from pydstack.adapters.supervisor import (
-    Conflict, NotFound, ProcessConfig, ProcessInfo, ProcessState, Status, SupervisorClient,
-    SupervisorError, Unreachable, launch_supervisor,
+    Conflict,
+    NotFound,
+    ProcessConfig,
+    ProcessInfo,
+    ProcessState,
+    Status,
+    SupervisorClient,
+    SupervisorError,
+    Unreachable,
+    launch_supervisor,
 )  # fmt: skip
 
 from ._core import Supervisor, SupervisorSettings

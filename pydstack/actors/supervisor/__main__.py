@@ -7,11 +7,11 @@ import asyncio
 import sys
 from pathlib import Path
 
+from pydstack.adapters.supervisor import SupervisorError
 from pydstack.logs import configure
 
 from ._core import SupervisorSettings
 from ._server import serve
-from pydstack.adapters.supervisor import SupervisorError
 
 
 def main(argv: list[str] | None = None) -> int:

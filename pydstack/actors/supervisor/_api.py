@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from pydstack.adapters.supervisor import ProcessConfig, StopRequest, SupervisorError
+
 from ._core import Supervisor
-from pydstack.adapters.supervisor import ProcessConfig, StopRequest
-from pydstack.adapters.supervisor import SupervisorError
 
 SUPERVISOR_KEY = web.AppKey("supervisor", Supervisor)
 EXIT_KEY = web.AppKey("exit", asyncio.Event)  # set: the server stops (POST /shutdown)

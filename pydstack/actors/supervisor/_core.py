@@ -24,10 +24,18 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from pydstack.adapters.supervisor import (
+    ID_PATTERN,
+    Conflict,
+    NotFound,
+    ProcessConfig,
+    ProcessInfo,
+    ProcessState,
+    SupervisorError,
+)
+
 from . import _procfs
 from ._logs import open_for_child, rotate_if_large
-from pydstack.adapters.supervisor import ID_PATTERN, ProcessConfig, ProcessInfo, ProcessState
-from pydstack.adapters.supervisor import Conflict, NotFound, SupervisorError
 
 log = structlog.get_logger("supervisor")
 

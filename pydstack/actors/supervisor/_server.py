@@ -18,9 +18,10 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from pydstack.adapters.supervisor import SupervisorError
+
 from ._api import make_app
 from ._core import Supervisor, SupervisorSettings
-from pydstack.adapters.supervisor import SupervisorError
 
 log = structlog.get_logger("supervisor")
 
