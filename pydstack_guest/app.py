@@ -1,9 +1,9 @@
 """HTTP face of the guest agent: dstack's JSON RPC on dstack.sock, legacy tappd on tappd.sock.
 
 Requests are JSON objects (bytes as hex, as dstack's prpc JSON mode has them), answers too;
-a GET takes its arguments from the query string instead (`GET /GetQuote?report_data=ab..`, as
-dstack's prpc does). A caller mistake is a 400 `{"error": ..., "field": ...}` naming the
-field; an unknown method is a 404.
+on the unix sockets a GET takes its arguments from the query string instead
+(`GET /GetQuote?report_data=ab..`, as dstack's prpc does). A caller mistake is a 400
+`{"error": ..., "field": ...}` naming the field; an unknown method is a 404.
 
     app = make_app(agent)                      # POST /GetQuote {"report_data": "ab.."}
     async with serve_agent(agent, dstack_sock=path, tappd_sock=path2, tcp="127.0.0.1:8090"):
@@ -13,6 +13,18 @@ The optional TCP listener serves the same API as dstack.sock for apps that have 
 client (busybox wget). It hands out app keys, so it must be a loopback address: inside a CVM
 that is no wider than the socket. dstack's agent also listens on TCP port 8090, but on every
 interface and with a public API only (`Worker.Info`, `Worker.Version`, a dashboard).
+
+Loopback is not enough: an SSRF in any app container (a URL fetcher, an image proxy, a
+redirect followed) makes GET requests to 127.0.0.1 with the attacker's query. So on the TCP
+listener every method but the public `Info` and `Version` takes only ``POST`` with
+``Content-Type: application/json`` (GET: 405, another type: 415): keys (`GetKey`,
+`GetTlsKey`, `Sign`), quotes over a chosen report_data (`GetQuote`, `Attest`: one over
+``sha512("ratls-cert:" || spki)`` of the attacker's key is an RA-TLS identity of this app)
+and RTMR3 (`EmitEvent`). A browser cannot send that content type cross-origin without a
+preflight, and SSRF primitives rarely choose the method and headers::
+
+    wget -q -O - --header 'Content-Type: application/json' \
+        --post-data '{"report_data":"ab"}' http://127.0.0.1:8090/GetQuote
 """
 
 from __future__ import annotations
@@ -210,14 +222,41 @@ TAPPD_METHODS: dict[str, Method] = {
 }
 
 
+# What dstack's own TCP listener answers (`Worker.Info`, `Worker.Version`): no secret, no
+# quote over caller data, no measurement; GET with a query string stays fine for these.
+PUBLIC_METHODS = frozenset({"Info", "Version"})
+
+
+def _refused_on_tcp(name: str, request: web.Request) -> web.Response | None:
+    """405/415 for a request the TCP listener must not serve (see the module's docstring)."""
+    if name in PUBLIC_METHODS:
+        return None
+    if request.method != "POST":
+        return web.json_response(
+            {"error": f"{name} takes POST with a JSON body on the TCP listener, not "
+             f"{request.method}", "field": "method"},
+            status=405, headers={"Allow": "POST"},
+        )  # fmt: skip
+    if request.content_type != "application/json":
+        return web.json_response(
+            {"error": f"{name} takes Content-Type: application/json on the TCP listener, "
+             f"not {request.content_type!r}", "field": "Content-Type"},
+            status=415,
+        )  # fmt: skip
+    return None
+
+
 def _dispatch(
-    methods: dict[str, Method], strip: str
+    methods: dict[str, Method], strip: str, *, tcp: bool = False
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
         name = request.match_info["method"].removeprefix(strip)
         method = methods.get(name)
         if method is None:
             return web.json_response({"error": f"no such method {name!r}"}, status=404)
+        refused = _refused_on_tcp(name, request) if tcp else None
+        if refused is not None:
+            return refused
         try:
             result = await method(request.app[AGENT_KEY], await _args(request))
         except RequestError as e:
@@ -227,11 +266,12 @@ def _dispatch(
     return handle
 
 
-def make_app(agent: GuestAgent) -> web.Application:
-    """The dstack API (`/Info`, `/GetQuote`, ...); GET works for argument-less calls."""
+def make_app(agent: GuestAgent, *, tcp: bool = False) -> web.Application:
+    """The dstack API (`/Info`, `/GetQuote`, ...); GET takes the arguments from the query.
+    `tcp`: the loopback TCP listener's rules (POST + JSON but for `PUBLIC_METHODS`)."""
     app = web.Application()
     app[AGENT_KEY] = agent
-    handle = _dispatch(DSTACK_METHODS, "")
+    handle = _dispatch(DSTACK_METHODS, "", tcp=tcp)
     app.router.add_route("POST", "/{method}", handle)
     app.router.add_route("GET", "/{method}", handle)
     return app
@@ -306,7 +346,10 @@ async def serve_agent(
             await _unix_site(runner, path)
         bound = None
         if bind is not None:
-            site = web.TCPSite(runners[0], bind[0], bind[1])
+            tcp_runner = web.AppRunner(make_app(agent, tcp=True))
+            runners.append(tcp_runner)
+            await tcp_runner.setup()
+            site = web.TCPSite(tcp_runner, bind[0], bind[1])
             await site.start()
             host = f"[{bind[0]}]" if ":" in bind[0] else bind[0]
             bound = f"{host}:{site.port}"  # the port bound, also when 0 was asked

@@ -23,7 +23,10 @@ def test_hello_example_gets_the_agent_url_and_its_quote_script() -> None:
     assert sh[:2] == ("sh", "-c") and sh[3] == "sh"
     assert '"$@" > /www/cgi-bin/quote' in sh[2] and sh[2].endswith("exec httpd -f -p 8080 -h /www")
     assert script[0] == "#!/bin/sh"
-    assert 'wget -q -O - "$AGENT_URL/GetQuote?report_data=$rd"' in "\n".join(script)
+    assert (
+        'wget -q -O - --header "Content-Type: application/json" --post-data '
+        '"{\\"report_data\\":\\"$rd\\"}" "$AGENT_URL/GetQuote"'
+    ) in "\n".join(script)
     assert "$$" not in "\n".join(svc.command)
 
 

@@ -1,5 +1,6 @@
 """The agent's loopback TCP listener: the dstack API of dstack.sock, for apps without a
-Unix-socket client; GET takes its arguments from the query string, as dstack's prpc does."""
+Unix-socket client; but for Info and Version, only POST with a JSON body (an SSRF in an app
+sends GET: tests/adversarial/test_agent_tcp_ssrf.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .test_sdk import _verify
 
 async def test_tcp_listener_serves_the_socket_api(guest: Guest) -> None:
     """The unchanged SDK over http://127.0.0.1:PORT gets a quote over its report_data that
-    verifies; a plain GET with the report_data in the query gets one too."""
+    verifies; a plain POST of JSON (busybox wget --post-data) gets one too."""
     sock = guest.dstack_sock + ".tcp"
     async with serve_agent(guest.agent, dstack_sock=sock, tcp="127.0.0.1:0") as bound:
         assert bound is not None and bound.startswith("127.0.0.1:")
@@ -34,15 +35,17 @@ async def test_tcp_listener_serves_the_socket_api(guest: Guest) -> None:
 
         nonce = os.urandom(64)
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"{url}/GetQuote", params={"report_data": nonce.hex()}) as resp:
+            async with s.post(f"{url}/GetQuote", json={"report_data": nonce.hex()}) as resp:
                 assert resp.status == 200
                 body = await resp.json()
-            async with s.get(f"{url}/GetQuote", params={"report_data": "zz"}) as resp:
+            async with s.post(f"{url}/GetQuote", json={"report_data": "zz"}) as resp:
                 assert resp.status == 400
                 assert (await resp.json())["field"] == "report_data"
-            async with s.get(f"{url}/GetTlsKey", params={"usage_ra_tls": "maybe"}) as resp:
+            async with s.post(f"{url}/GetTlsKey", json={"usage_ra_tls": "maybe"}) as resp:
                 assert resp.status == 400
                 assert (await resp.json())["field"] == "usage_ra_tls"
+            async with s.get(f"{url}/Info") as resp:  # public, as dstack's TCP listener
+                assert resp.status == 200
         quote = bytes.fromhex(body["quote"])
         assert _verify(guest, quote, body["event_log"]) == []
         assert parse_quote(quote).report.report_data == nonce
