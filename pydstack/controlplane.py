@@ -179,6 +179,9 @@ class UpOptions:
     kms_instance: str = ""  # this up's KMS instance id [default: the host id]
     dashboard_port: int = 8080  # taken: any free port; 0: any free port; -1: no dashboard
     dashboard_kms: str = ""  # KMS URL for the deploy form's env keys [default: up's own KMS]
+    # Where the dashboard listens; not loopback: every request needs its login token
+    dashboard_listen: str = "127.0.0.1"
+    dashboard_hosts: tuple[str, ...] = ()  # further Host names it answers (e.g. a proxy's)
     # Gateway node (see _start_gateway); None: run one with the KMS where wireguard-go can run
     gateway: bool | None = None
     gateway_domain: str = "gw.localhost"
@@ -206,6 +209,7 @@ class ControlPlane:
         self.metrics_url = ""
         self.kms_url = ""
         self.dashboard_url = ""
+        self.dashboard_token_file = ""  # its login token (Bearer, or /?token= once)
         self.vmm_url = ""  # unix:<socket> (dstack's vmm-cli --url form)
         self.vmm_api: dict[str, Any] = {}  # vmm_* entries of state.json, when a VMM runs
         self.gateway: dict[str, Any] = {}  # gateway_* entries of state.json, when one runs
@@ -320,22 +324,26 @@ class ControlPlane:
         """The web dashboard (pydstack.actors.dashboard); its commands sign as `operator`."""
         if self.opts.dashboard_port < 0:
             return
-        from pydstack.actors.dashboard import Dashboard, DashboardConfig, EnvKeyError
+        from pydstack.actors.dashboard import Dashboard, DashboardConfig, EnvKeyError, GuardError
 
         store = await self._connect(operator, settings)
         stack.push_async_callback(_close, store)
         config = DashboardConfig(
             port=self.opts.dashboard_port,
+            host=self.opts.dashboard_listen,
             # up's own KMS, else the first --kms-url; none: a dev key (--no-kms)
             kms_url=self.opts.dashboard_kms or next(iter(self.cvm_kms_urls()), ""),
             dev_env_key=self.data.path / "dashboard" / "dev-env.key",
+            allowed_hosts=self.opts.dashboard_hosts,
+            login_token_file=self.data.path / "dashboard" / "login-token",
         )
         try:
             dash = await Dashboard.create(store, config)
-        except (OSError, EnvKeyError) as exc:
+        except (OSError, EnvKeyError, GuardError) as exc:
             raise StoreError(f"dashboard: {exc}; run without it with --dashboard-port -1") from None
         stack.push_async_callback(_bounded_call, dash.close, "dashboard")
         self.dashboard_url = dash.url
+        self.dashboard_token_file = str(config.login_token_file)
 
     async def _run_actors(
         self, ids: dict[str, Identity], settings: StreamSettings, cfg: PlaneConfig
@@ -573,6 +581,7 @@ class ControlPlane:
             "metrics_url": self.metrics_url, "kms_url": self.kms_url or None,
             "actors": actors, "started": time.time(),
             "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
+            "dashboard_login_token_file": self.dashboard_token_file or None,
             "vmm_url": self.vmm_url or None, **self.vmm_api, **self.gateway,
         }  # fmt: skip
         self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
@@ -580,6 +589,7 @@ class ControlPlane:
             "nats_url": self.url, "data_dir": str(self.data.path), "stream": cfg.stream,
             "actors": actors, "metrics": self.metrics_url or None,
             "dashboard": self.dashboard_url or None,
+            "dashboard_login_token_file": self.dashboard_token_file or None,
             "kms": self.kms_url or None,
             "gateway": self.gateway.get("gateway_proxy"),
             "identities": str(self.data.identities.dir),

@@ -23,6 +23,17 @@ def _kms_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
     return urls
 
 
+def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
+    from pydstack.actors.dashboard import GuardError, parse_host
+
+    for name in names:
+        try:
+            parse_host(name)
+        except GuardError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dashboard-host") from None
+    return names
+
+
 @click.command("up")
 @connection_options
 @click.option(
@@ -50,7 +61,24 @@ def _kms_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
     type=click.IntRange(-1, 65535),
     default=8080,
     show_default=True,
-    help="web dashboard on 127.0.0.1 (taken or 0: any free port, -1: off)",
+    help="web dashboard port (taken or 0: any free port, -1: off)",
+)
+@click.option(
+    "--dashboard-listen",
+    metavar="ADDR",
+    default="127.0.0.1",
+    show_default=True,
+    help="address the dashboard listens on; not loopback: every request needs its login "
+    "token (state.json: dashboard_login_token_file)",
+)
+@click.option(
+    "--dashboard-host",
+    "dashboard_hosts",
+    multiple=True,
+    metavar="NAME[:PORT]",
+    callback=lambda _c, _p, names: _dashboard_hosts(names),
+    help="a further name browsers reach the dashboard by, e.g. a reverse proxy's (repeatable; "
+    "any other Host header is refused)",
 )
 @click.option(
     "--dashboard-kms",
@@ -182,6 +210,8 @@ def up_cmd(
     metrics_port: int,
     dashboard_port: int,
     dashboard_kms: str,
+    dashboard_listen: str,
+    dashboard_hosts: tuple[str, ...],
     host_id: str,
     no_host: bool,
     host_vcpu: int,
@@ -231,6 +261,7 @@ def up_cmd(
         kms_onboard=kms_onboard, kms_urls=kms_urls,
         kms_instance=host_id if no_host and named else "", gateway_node_id=gateway_node_id,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
+        dashboard_listen=dashboard_listen, dashboard_hosts=dashboard_hosts,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
         allow_public_ports=allow_public_ports, gateway=gateway, gateway_domain=gateway_domain,
         gateway_port=gateway_port,

@@ -13,6 +13,7 @@ from pydstack.adapters.nats import NEW, EventStore
 from pydstack.core.events import HostJoined, subject
 
 from .conftest import Plane
+from .plane import page_headers
 from .support import log, seed_gateway, seed_kms, wait_for
 
 COMPOSE = json.dumps({"manifest_version": 2, "name": "api", "runner": "docker-compose",
@@ -20,11 +21,14 @@ COMPOSE = json.dumps({"manifest_version": 2, "name": "api", "runner": "docker-co
 
 
 async def call(url: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+    """GET, or POST as the dashboard's page does (its Origin and CSRF token, unless ``kw``'s
+    headers say otherwise)."""
     async with aiohttp.ClientSession() as s:
         if body is None and not kw:
             async with s.get(url + path) as r:
                 return r.status, await r.json()
         kw.setdefault("json", body)
+        kw["headers"] = await page_headers(s, url) | kw.get("headers", {})
         async with s.post(url + path, **kw) as r:
             return r.status, await r.json()
 

@@ -71,18 +71,23 @@ async def test_stream_resumes_after_last_event_id(plane: Plane) -> None:
 
 
 def test_up_serves_the_dashboard_and_signs_commands_as_operator(tmp_path: Path) -> None:
-    """`pydstack up` logs the dashboard URL in its ready line; a deploy through it is signed
-    by the operator identity (and allowed by the server's permissions for it)."""
+    """`pydstack up` logs the dashboard URL and its login token file (0600) in its ready line
+    and state.json; a deploy through it with that token (a client with no Origin) is signed by
+    the operator identity (and allowed by the server's permissions for it)."""
     up = Up(tmp_path / "data", extra=("--dashboard-port", "0", "--no-kms")).start()
     try:
         ready = up.ready()
         assert ready is not None
-        url = ready["dashboard"]
+        url, token_file = ready["dashboard"], Path(ready["dashboard_login_token_file"])
         assert url.startswith("http://127.0.0.1:")
-        assert json.loads((tmp_path / "data" / "state.json").read_text())["dashboard_url"] == url
+        state = json.loads((tmp_path / "data" / "state.json").read_text())
+        assert (state["dashboard_url"], state["dashboard_login_token_file"]) == (
+            url, str(token_file))  # fmt: skip
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        bearer = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
 
         async def deploy() -> tuple[int, dict[str, str], dict[str, str]]:
-            async with aiohttp.ClientSession() as s:
+            async with aiohttp.ClientSession(headers=bearer) as s:
                 async with s.post(url + "api/compose", json={"name": "u", "compose": COMPOSE}) as r:
                     preview = await r.json()
                 body = {"app_compose": preview["app_compose"], "vm_id": "up-vm"}

@@ -3,9 +3,11 @@
 Reads come from the in-memory ``LiveState``; commands are decided on the aggregate read
 fresh from the store and appended with its version (compare-and-set, retried on a conflict)
 under the store's identity (``operator``). Bad input is a 4xx whose ``error`` starts with the
-field it is about. Usage::
+field it is about. Who may ask at all is the guard's (``_guard``: Host allowlist, login token,
+CSRF token). Usage::
 
-    app = create_app(Services(state=state, hub=hub, store=store, env_key=DevEnvKey(...)))
+    services = Services(state=state, hub=hub, store=store, env_key=DevEnvKey(...))
+    app = create_app(services, Guard.create("127.0.0.1", port))
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from . import _write as write
 from ._commands import BadInput, CommandRefused
 from ._envkey import EnvKeyError
 from ._follower import Update
+from ._guard import GUARD, Guard, guard_middleware
 from ._services import SERVICES, Services, error_response, json_response, services
 from ._state import row_of
 
 STATIC: Final = Path(__file__).parent / "static"
 PAGES: Final = ("hosts", "apps", "vms", "keys", "gateways", "events", "deploy")
 KEEPALIVE_S: Final = 15.0
+_PAGE: Final = web.AppKey("page", str)  # index.html with the CSRF token in
 _LIVE_VIEWS: Final = ("hosts", "apps", "vms", "keys", "gateways")
 _CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -43,12 +47,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method == "POST":
-        origin = request.headers.get("Origin")
-        if origin is not None and origin.split("://", 1)[-1] != request.host:
-            return error_response(403, f"origin: {origin} may not send commands here")
-        if request.content_type != "application/json":
-            return error_response(415, "content-type: send application/json")
+    # The guard checked Host, Origin and the tokens; a form post is still not JSON.
+    if request.method == "POST" and request.content_type != "application/json":
+        return error_response(415, "content-type: send application/json")
     try:
         return await handler(request)
     except BadInput as exc:
@@ -74,6 +75,7 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
         return resp
     resp.headers.setdefault("Content-Security-Policy", _CSP)
     resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    resp.headers.setdefault("Referrer-Policy", "no-referrer")  # a ?token= URL stays here
     if request.path.startswith(("/api/", "/static/")):
         resp.headers.setdefault("Cache-Control", "no-cache")
     if request.path.startswith("/api/"):
@@ -84,8 +86,12 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
 # -- pages and reads ----------------------------------------------------------------------
 
 
-async def page(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html")
+async def page(request: web.Request) -> web.Response:
+    """index.html with this process's CSRF token in its ``<meta name="csrf-token">``; only a
+    page under an allowed Host can read it, and the page's JS sends it back on each write."""
+    # no-store: a page kept across a dashboard restart would carry a token no longer valid
+    return web.Response(text=request.app[_PAGE], content_type="text/html",
+                        headers={"Cache-Control": "no-store"})  # fmt: skip
 
 
 def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -211,10 +217,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def create_app(services: Services) -> web.Application:
-    """The dashboard application over ``services`` (nothing connects or starts here)."""
-    app = web.Application(middlewares=[_headers, _errors], client_max_size=4 * 1024 * 1024)
+def create_app(services: Services, guard: Guard) -> web.Application:
+    """The dashboard application over ``services``, open only as ``guard`` allows (nothing
+    connects or starts here)."""
+    app = web.Application(middlewares=[_headers, guard_middleware, _errors],
+                          client_max_size=4 * 1024 * 1024)  # fmt: skip
     app[SERVICES] = services
+    app[GUARD] = guard
+    app[_PAGE] = (STATIC / "index.html").read_text().replace("{{csrf_token}}", guard.csrf_token)
     r = app.router
     r.add_get("/", page)
     for name in PAGES:

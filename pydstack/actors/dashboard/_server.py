@@ -1,4 +1,4 @@
-"""The dashboard server: follower task + aiohttp site on loopback, owned by one object.
+"""The dashboard server: follower task + aiohttp site, owned by one object.
 
 Usage::
 
@@ -8,8 +8,11 @@ Usage::
         await dash.follower.ready.wait() # the views have caught up with the log
 
 The store's identity signs every command the dashboard appends (``operator`` under
-``pydstack up``). It listens on 127.0.0.1 only: it has no login, and the browser's WebCrypto
-X25519 needs a secure context, which plain http has only on loopback.
+``pydstack up``). It answers only requests naming one of its own Hosts, and writes only from
+its own page (CSRF token) or with the login token (``_guard``). It listens on 127.0.0.1 by
+default: the deploy form's WebCrypto X25519 needs a secure context, which plain http has only
+on loopback. Bound elsewhere (``host``), every request needs the login token
+(``login_token_file``; ``dash.login_token``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pydstack.adapters.nats import EventStore
 from ._api import create_app
 from ._envkey import DevEnvKey, EnvKeySource, KmsEnvKey
 from ._follower import Follower, Hub
+from ._guard import Guard, load_or_create_token
 from ._services import Services
 from ._state import EVENT_WINDOW, LiveState
 
@@ -44,12 +48,19 @@ class DashboardConfig:
     kms_ca_pem: str | None = None
     dev_env_key: Path | None = None  # without a KMS: the dev env key file (None: in memory)
     event_window: int = EVENT_WINDOW  # recent events kept in memory (older: read from NATS)
+    # Further names browsers may reach it by (Host header: NAME or NAME:PORT), e.g. a reverse
+    # proxy's; the bind address and, on loopback or wildcard binds, localhost are always in.
+    allowed_hosts: tuple[str, ...] = ()
+    # The login token (made 0600 the first time); None: a fresh one for this process only.
+    # Required on every request unless ``host`` is loopback; always good for writes.
+    login_token_file: Path | None = None
 
 
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``port``, or on a free port when that one is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for candidate in (port, 0) if port else (0,):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, candidate))
@@ -65,6 +76,15 @@ def _bind(host: str, port: int) -> socket.socket:
     raise AssertionError("unreachable")
 
 
+def _url_host(bind: str) -> str:
+    """Where to reach a socket bound to ``bind`` (a wildcard bind: over loopback)."""
+    if bind in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if ":" in bind:
+        return "[::1]" if bind.strip("[]") == "::" else f"[{bind.strip('[]')}]"
+    return bind
+
+
 class Dashboard:
     """Owns the follower task, the hub and the HTTP site; ``close`` stops all three."""
 
@@ -76,6 +96,7 @@ class Dashboard:
         self.follower = Follower(store, self.state, self.hub)
         self.env_key = self._env_key_source()
         self.url = ""
+        self.guard: Guard | None = None  # set once bound (the allowlist names the real port)
         self._runner: web.AppRunner | None = None
 
     def _env_key_source(self) -> EnvKeySource:
@@ -86,6 +107,16 @@ class Dashboard:
             return DevEnvKey(os.urandom(32))
         return DevEnvKey.load_or_create(c.dev_env_key)
 
+    @property
+    def login_token(self) -> str:
+        assert self.guard is not None, "not started"
+        return self.guard.login_token
+
+    @property
+    def csrf_token(self) -> str:
+        assert self.guard is not None, "not started"
+        return self.guard.csrf_token
+
     @classmethod
     async def create(cls, store: EventStore, config: DashboardConfig) -> Dashboard:
         dash = cls(store, config)
@@ -93,24 +124,30 @@ class Dashboard:
         return dash
 
     async def _start(self) -> None:
+        c = self.config
+        token = load_or_create_token(c.login_token_file) if c.login_token_file else ""
         await self.follower.__aenter__()
         try:
             services = Services(self.state, self.hub, self.store, self.env_key,
                                 self.follower.ready)  # fmt: skip
-            # shutdown_timeout: open event streams end at once (the hub closes them first).
-            self._runner = web.AppRunner(create_app(services), access_log=None,
-                                         shutdown_timeout=2.0)  # fmt: skip
-            await self._runner.setup()
-            sock = _bind(self.config.host, self.config.port)
-            site = web.SockSite(self._runner, sock)
-            await site.start()
+            sock = _bind(c.host, c.port)
             port = sock.getsockname()[1]
-            self.url = f"http://{self.config.host}:{port}/"
+            try:
+                self.guard = Guard.create(c.host, port, c.allowed_hosts, login_token=token)
+                # shutdown_timeout: open event streams end at once (the hub closes them first)
+                self._runner = web.AppRunner(create_app(services, self.guard), access_log=None,
+                                             shutdown_timeout=2.0)  # fmt: skip
+                await self._runner.setup()
+            except BaseException:
+                sock.close()
+                raise
+            await web.SockSite(self._runner, sock).start()
+            self.url = f"http://{_url_host(c.host)}:{port}/"
         except BaseException:
             await self.close()
             raise
-        _log.info("dashboard listening", url=self.url,
-                  env_key="kms" if self.config.kms_url else "dev")  # fmt: skip
+        _log.info("dashboard listening", url=self.url, login=self.guard.login_required,
+                  env_key="kms" if c.kms_url else "dev")  # fmt: skip
 
     async def close(self) -> None:
         self.hub.close()

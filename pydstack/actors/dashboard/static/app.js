@@ -51,6 +51,14 @@ function connect() {
   source.onerror = () => setLive("down", "reconnecting…");
 }
 
+// Opened as /?token=LOGIN once: the server set the login cookie; the token leaves the URL bar.
+const query = new URLSearchParams(location.search);
+if (query.has("token")) {
+  query.delete("token");
+  const rest = query.toString();
+  history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
+}
+
 for (const a of document.querySelectorAll("nav a")) {
   if (a.getAttribute("href") === `/${name}`) a.setAttribute("aria-current", "page");
 }

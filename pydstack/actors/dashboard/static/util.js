@@ -30,10 +30,16 @@ export class ApiError extends Error {}
 /** The highest stream sequence any answer was built from (the X-Pydstack-Seq header). */
 export const seen = { seq: 0 };
 
+/** This dashboard process's CSRF token: the server put it in the page and wants it back on
+ * every write (a page under another name cannot read it). */
+const csrfToken = document.querySelector('meta[name="csrf-token"]')?.content || "";
+
 /** GET or POST JSON; a non-2xx answer throws ApiError with the server's one-line error. */
 export async function api(path, body) {
   const init = body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrfToken },
+    body: JSON.stringify(body),
   };
   const resp = await fetch(path, init);
   seen.seq = Math.max(seen.seq, Number(resp.headers.get("X-Pydstack-Seq") || 0));
