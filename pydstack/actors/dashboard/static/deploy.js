@@ -26,7 +26,7 @@ function form() {
     field("Environment (KEY=VALUE per line, sealed in this browser)",
       h("textarea", { id: "env", name: "env", rows: 4, spellcheck: "false",
         placeholder: "API_TOKEN=secret" })),
-    field("Ports", h("input", { id: "ports", name: "ports", placeholder: "8080:80, tcp:0.0.0.0:8443:443" })),
+    field("Ports", h("input", { id: "ports", name: "ports", placeholder: "8080:80, tcp:127.0.0.1:8443:443" })),
     h("div", { class: "row" },
       field("vCPU", h("input", { id: "vcpu", name: "vcpu", type: "number", min: 1, value: 1 })),
       field("Memory (MB)", h("input", { id: "memory", name: "memory", type: "number", min: 64, value: 2048 })),
