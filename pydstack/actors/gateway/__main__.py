@@ -95,6 +95,7 @@ def _read(path: str | None) -> str | None:
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
 @click.option("--client-ca", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dev-pki", type=click.Path(file_okay=False), help="trust simulated quotes (dev)")
+@click.option("--pccs-url", default="", help="collateral from this PCCS [default: Intel's PCS]")
 @click.option("--recycle-interval", type=float, default=300.0, show_default=True)
 @click.option("--recycle-timeout", type=int, default=36_000, show_default=True)
 @click.option("--poll-interval", type=float, default=0.05, show_default=True)
@@ -151,7 +152,7 @@ async def run(**o: Any) -> None:
         chain, key, ca = o["tls"]
         registration = RegistrationLaunch(
             chain, key, ca, host=o["registration_host"], port=o["registration_port"],
-            dev_pki=o["dev_pki"],
+            dev_pki=o["dev_pki"], pccs_url=o["pccs_url"] or None,
         )  # fmt: skip
     config = NodeConfig(
         node_id=o["node_id"], base_domain=o["base_domain"], endpoint=o["endpoint"],

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.proxy import CertProvider, ProxyConfig, ProxyServer
 from pydstack.adapters.secretfile import write_secret
-from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json, fetch_collateral
+from pydstack.adapters.tdx.collateral import CollateralCache
+from pydstack.adapters.tdx.devpccs import dev_collateral
 from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
 from pydstack.adapters.wireguard import DeviceError, PrivateKey, UserspaceBackend
 from pydstack.adapters.wireguard import netns as ns
@@ -62,7 +62,9 @@ class RegistrationLaunch:
     host: str = "127.0.0.1"
     port: int = 0
     dev_pki: str | None = None  # directory of a DevPki: trust simulated quotes (dev only)
-    pccs_url: str = INTEL_PCCS
+    # Where collateral comes from; None: Intel's PCS, or with dev_pki the dev PKI's own (a
+    # URL with dev_pki: a PCCS serving the dev PKI, pydstack.adapters.tdx.devpccs).
+    pccs_url: str | None = None
     auth_webhook: str | None = None
 
 
@@ -131,27 +133,15 @@ async def _remove_stale_link(netns: str | None, ifname: str) -> None:
     await asyncio.sleep(0.1)  # let the old daemon close its socket
 
 
-class _DevCollateral:
-    def __init__(self, pki_dir: str | None, pccs_url: str) -> None:
-        self.pki_dir, self.pccs_url = pki_dir, pccs_url
-        self._dev: Collateral | None = None
-
-    async def __call__(self, quote: bytes) -> Collateral:
-        if self.pki_dir is None:
-            return await fetch_collateral(self.pccs_url, quote)
-        if self._dev is None:
-            from pydstack.adapters.tdx.pki import DevPki
-
-            pki = DevPki.load(self.pki_dir)
-            self._dev = collateral_from_json(pki.collateral_json(int(time.time())))
-        return self._dev
-
-
 def _verifier(reg: RegistrationLaunch) -> RaTlsVerifier:
-    root = None
-    if reg.dev_pki is not None:
-        root = (Path(reg.dev_pki) / "root.der").read_bytes()
-    return RaTlsVerifier(_DevCollateral(reg.dev_pki, reg.pccs_url), root_ca_der=root)
+    """RegisterCvm's quote check. Collateral is kept per platform (`CollateralCache`, as the
+    KMS does): every registration brings a new certificate, so the verifier's per-certificate
+    cache alone left one PCCS round trip per request (slow, and a flood's amplifier)."""
+    if reg.dev_pki is None:
+        return RaTlsVerifier(CollateralCache.pccs(reg.pccs_url or INTEL_PCCS))
+    root = (Path(reg.dev_pki) / "root.der").read_bytes()
+    source = CollateralCache.pccs(reg.pccs_url) if reg.pccs_url else dev_collateral(reg.dev_pki)
+    return RaTlsVerifier(source, root_ca_der=root)
 
 
 async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

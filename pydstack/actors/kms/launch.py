@@ -7,32 +7,37 @@
 On a TDX host the seal key and attestation come from the dstack guest agent (`guest_agent`);
 on a dev machine a simulator PKI (`dev_pki`) attests the KMS on a simulated TD and is the only
 root its verifier trusts.
+
+Before anything else the KMS asks its own backend about itself (`authority.authorize_self`:
+refused, it does not start). With the dev backend a replica gets the root keys only with this
+KMS's onboarding token (`replica_token_file`, made 0600 when missing) or an allow-listed
+measurement (`allow_mrs`); a replica presents the source's token from `onboard_token_file`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import dcap_qvl
+import structlog
 
 from pydstack.adapters.nats import EventStore
-from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json, fetch_collateral
+from pydstack.adapters.tdx.collateral import CollateralCache
 from pydstack.adapters.tdx.ratls import Attester
+from pydstack.core.kms import AuthBackend
 from pydstack_guest import LocalKeyProvider
 
-from .backends import make_backend
+from .authority import KmsAuthority, SelfRefused, authorize_self, read_token
+from .backends import WebhookBackend, make_backend
 from .http import serve_kms
 from .keystore import GuestAgentSealKey, KeyProviderSealKey, RootKeyFile, SealKeySource
 from .service import KmsService, KmsSettings
 
-if TYPE_CHECKING:
-    from pydstack.adapters.tdx.pki import DevPki
+log = structlog.get_logger("pydstack.kms")
 
 INTEL_PCCS = "https://api.trustedservices.intel.com/tdx/certification/v4"
 
@@ -56,6 +61,11 @@ class KmsLaunch:
     pccs_url: str = INTEL_PCCS
     instance_id: str = ""
     onboard_from: str = ""  # a running replica's URL: get the cluster's root keys from it first
+    onboard_token_file: str = ""  # the source's onboarding token, presented with onboard_from
+    # dev backend only: this KMS's onboarding token (made 0600 when missing), which a replica
+    # must present, and the measurements (MRTD, mr_aggregated, mr_system) allowed to onboard
+    replica_token_file: str = ""
+    allow_mrs: tuple[str, ...] = ()
 
 
 @asynccontextmanager
@@ -70,32 +80,80 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
         raise LaunchError("give a guest agent socket or an appkeys.json (the seal key source)")
     root_der, attester, collateral = await _trust(opts)
     backend = make_backend(opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth)
-    keyfile = RootKeyFile(opts.key_file, opts.cluster, seal)
-    if opts.onboard_from and not keyfile.exists():
-        if attester is None:
-            raise LaunchError("onboarding needs an attestation source (--guest-agent or --dev-pki)")
-        from .onboard import onboard_replica
-
-        await onboard_replica(
-            store, opts.cluster, source_url=opts.onboard_from, attester=attester,
-            backend=backend, collateral=collateral, keyfile=keyfile, root_ca_der=root_der,
+    async with contextlib.AsyncExitStack() as stack:
+        if isinstance(backend, WebhookBackend):
+            stack.push_async_callback(backend.close)
+        authority = _authority(opts, backend.name)
+        settings = KmsSettings(
+            cluster=opts.cluster, root_ca_der=root_der, instance_id=opts.instance_id
+        )
+        try:
+            await authorize_self(backend, attester, collateral, policy=settings.policy,
+                                 root_ca_der=root_der, now=int(time.time()))  # fmt: skip
+        except SelfRefused as exc:
+            raise LaunchError(str(exc)) from None
+        keyfile = RootKeyFile(opts.key_file, opts.cluster, seal)
+        if opts.onboard_from and not keyfile.exists():
+            await _onboard(store, opts, attester, backend, collateral, keyfile, root_der, authority)
+        svc = await KmsService.open(
+            store, settings, backend=backend, collateral=collateral, keyfile=keyfile,
+            attester=attester, authority=authority,
         )  # fmt: skip
-    svc = await KmsService.open(
-        store,
-        KmsSettings(cluster=opts.cluster, root_ca_der=root_der, instance_id=opts.instance_id),
-        backend=backend,
-        collateral=collateral,
-        keyfile=keyfile,
-        attester=attester,
-    )
-    async with svc, serve_kms(svc, opts.host, opts.port) as url:
-        yield url
+        async with svc, serve_kms(svc, opts.host, opts.port) as url:
+            _ready(url, backend.name, authority)
+            yield url
 
 
-async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, _Collateral]:
+def _authority(opts: KmsLaunch, backend: str) -> KmsAuthority:
+    """How this KMS authorizes replicas; LaunchError for options only the dev backend has."""
+    if backend != "dev" and (opts.allow_mrs or opts.replica_token_file):
+        raise LaunchError(
+            f"the {backend} backend decides which KMS may join (bootAuth/kms); an onboarding "
+            "token or --kms-allow-mr is how the dev backend, which authorizes apps only, does"
+        )
+    try:
+        return KmsAuthority.create(token_file=opts.replica_token_file, allow_mrs=opts.allow_mrs)
+    except ValueError as exc:  # a bad measurement; a token file others can read
+        raise LaunchError(str(exc)) from None
+
+
+async def _onboard(
+    store: EventStore, opts: KmsLaunch, attester: Attester | None, backend: AuthBackend,
+    collateral: CollateralCache, keyfile: RootKeyFile, root_der: bytes | None,
+    authority: KmsAuthority,
+) -> None:  # fmt: skip
+    if attester is None:
+        raise LaunchError("onboarding needs an attestation source (--guest-agent or --dev-pki)")
+    from .onboard import onboard_replica
+
+    try:
+        token = read_token(opts.onboard_token_file) if opts.onboard_token_file else ""
+    except ValueError as exc:
+        raise LaunchError(f"onboarding token: {exc}") from None
+    await onboard_replica(
+        store, opts.cluster, source_url=opts.onboard_from, attester=attester, backend=backend,
+        collateral=collateral, keyfile=keyfile, root_ca_der=root_der, token=token,
+        authority=authority,
+    )  # fmt: skip
+
+
+def _ready(url: str, backend: str, authority: KmsAuthority) -> None:
+    if backend == "dev":
+        log.warning(
+            "kms ready: DEV AUTHORIZATION (every attested app gets its keys; this KMS "
+            "authorized itself unchecked; a replica needs the onboarding token or an "
+            "allow-listed measurement)",
+            url=url, auth="dev", onboard_token_file=str(authority.token_file or "") or None,
+        )  # fmt: skip
+    else:
+        log.info("kms ready", url=url, auth=backend)
+
+
+async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, CollateralCache]:
     if not opts.dev_pki:
-        return None, None, _Collateral(opts.pccs_url, None)
+        return None, None, CollateralCache.pccs(opts.pccs_url)
     from pydstack.adapters.tdx.backend import SimulatorBackend
+    from pydstack.adapters.tdx.devpccs import dev_collateral
     from pydstack.adapters.tdx.pki import DevPki
     from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
     from pydstack_guest import GuestAgent, GuestConfig
@@ -116,63 +174,4 @@ async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, _Colla
             instance_id=hashlib.sha256(f"{name}:{opts.key_file}".encode()).digest()[:20],
         )  # fmt: skip
         attester = GuestAgent(backend, keys, GuestConfig())
-    return pki.root_der, attester, _Collateral("", pki)
-
-
-class _Collateral:
-    """Collateral for a quote: from the dev PKI (made once, valid 30 days) or a PCCS.
-
-    PCCS answers are kept per platform (FMSPC + PCK CA) for `ttl` seconds: without that every
-    key request would wait on a PCS round trip. Only the collateral is reused, never a
-    verdict: each quote is still verified in full, at its own `now`, against it (an expired
-    CRL or TCB info then shows as a refusal reason). Failed fetches are not kept, and
-    concurrent requests for a platform share one fetch.
-    """
-
-    def __init__(
-        self,
-        pccs_url: str,
-        pki: DevPki | None,
-        *,
-        ttl: float = 600.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.pccs_url = pccs_url
-        self.pki = pki
-        self.ttl = ttl
-        self.clock = clock
-        self.fetches = 0
-        self._dev: Collateral | None = None
-        self._pccs: dict[str, tuple[float, asyncio.Future[Collateral]]] = {}
-
-    async def __call__(self, quote: bytes) -> Collateral:
-        if self.pki is not None:
-            if self._dev is None:
-                self._dev = collateral_from_json(self.pki.collateral_json(int(time.time())))
-            return self._dev
-        key = _platform(quote)
-        hit = self._pccs.get(key)
-        if hit is not None and self.clock() - hit[0] < self.ttl:
-            return await asyncio.shield(hit[1])
-        fut: asyncio.Future[Collateral] = asyncio.ensure_future(self._fetch(quote))
-        self._pccs[key] = (self.clock(), fut)
-        fut.add_done_callback(lambda f: self._forget_failed(key, f))
-        return await asyncio.shield(fut)
-
-    async def _fetch(self, quote: bytes) -> Collateral:
-        self.fetches += 1
-        return await fetch_collateral(self.pccs_url, quote)
-
-    def _forget_failed(self, key: str, fut: asyncio.Future[Collateral]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            if self._pccs.get(key, (0.0, None))[1] is fut:
-                del self._pccs[key]
-
-
-def _platform(quote: bytes) -> str:
-    """The collateral a quote needs depends on its platform (FMSPC) and PCK CA only."""
-    try:
-        q = dcap_qvl.parse_quote(quote)
-        return f"{q.fmspc()}-{q.ca()}"
-    except ValueError:
-        return "unparsed:" + hashlib.sha256(quote).hexdigest()  # fetch_collateral refuses it
+    return pki.root_der, attester, dev_collateral(pki)

@@ -6,17 +6,37 @@ TDX TCB info, TD QE identity, root CA CRL) with the `DevPki`'s collateral, issue
 
     app = devpccs_app(pki, now=lambda: int(time.time()))
     # dcap-qvl: await get_collateral("http://127.0.0.1:PORT", quote)
+    source = dev_collateral(pki)          # or a DevPki directory, loaded on first use
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote as urlquote
 
 from aiohttp import web
 
+from .collateral import Collateral, CollateralCache, collateral_from_json
 from .pki import DevPki
+
+
+def dev_collateral(pki: DevPki | str | os.PathLike[str], **kw: Any) -> CollateralCache:
+    """The dev PKI's collateral (issued now, valid 30 days) behind the `CollateralCache` every
+    verifier uses, as a PCCS's would be; `pki` a directory is loaded on the first quote;
+    `kw`: `CollateralCache`'s options."""
+    box: list[DevPki] = [pki] if isinstance(pki, DevPki) else []
+
+    async def issue(quote: bytes) -> Collateral:
+        if not box:
+            assert not isinstance(pki, DevPki)  # else box held it from the start
+            box.append(DevPki.load(pki))
+        return collateral_from_json(box[0].collateral_json(int(time.time())))
+
+    return CollateralCache(issue, **kw)
 
 
 def devpccs_app(pki: DevPki, now: Callable[[], int]) -> web.Application:

@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .attestation import Attestation, AttestationDecodeError, decode_attestation, encode_attestation
 from .collateral import Collateral
-from .errors import TdxError
+from .errors import CollateralError, TdxError
 from .eventlog import (
     EventLogError,
     parse_json_event_log,
@@ -427,9 +427,16 @@ def check_ratls_cert(
 
 
 async def collateral_for_cert(cert_der: bytes, source: CollateralSource) -> Collateral:
-    """Fetch collateral for the quote inside a certificate (for network collateral sources)."""
+    """Fetch collateral for the quote inside a certificate (for network collateral sources);
+    collateral that cannot be had (a PCCS outage, a quote naming no platform) is a
+    `RaTlsError` saying so: the certificate cannot be checked now."""
     try:
         att = extract_attestation(x509.load_der_x509_certificate(cert_der))
     except ValueError as e:
         raise RaTlsError(f"not an X.509 certificate: {e}") from None
-    return await source(att.quote)
+    try:
+        return await source(att.quote)
+    except CollateralError as e:
+        raise RaTlsError(
+            f"collateral unavailable, the evidence cannot be checked now: {e}"
+        ) from None
