@@ -174,6 +174,8 @@ class UpOptions:
     kms_auth: str = ""
     kms_auth_url: str = ""
     kms_onboard: str = ""  # a running KMS to get the cluster's root keys from (a new replica)
+    kms_onboard_token_file: str = ""  # that KMS's onboarding token (its backend: dev)
+    kms_allow_mrs: tuple[str, ...] = ()  # dev backend: KMS measurements allowed the root keys
     # Further KMS replicas this host's CVMs may ask, in order, after this up's own KMS (if any)
     kms_urls: tuple[str, ...] = ()
     kms_instance: str = ""  # this up's KMS instance id [default: the host id]
@@ -207,7 +209,9 @@ class ControlPlane:
         self._stop = asyncio.Event()
         self._stop_metrics: Callable[[], None] | None = None
         self.metrics_url = ""
+        self.anchor: bytes | None = None  # the admin key: the root of the log's keyring
         self.kms_url = ""
+        self.kms: dict[str, Any] = {}  # kms_* entries of state.json: cluster, root, auth, token
         self.dashboard_url = ""
         self.dashboard_token_file = ""  # its login token (Bearer, or /?token= once)
         self.vmm_url = ""  # unix:<socket> (dstack's vmm-cli --url form)
@@ -242,6 +246,7 @@ class ControlPlane:
     async def _run(self) -> int:
         cfg = self._config()
         ids = self.data.identities.ensure_all(STANDARD_IDENTITIES)
+        self.anchor = ids["admin"].key
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
@@ -261,6 +266,7 @@ class ControlPlane:
                 admin = await self._connect(ids["admin"], settings)
                 stack.push_async_callback(_close, admin)
                 await admin.ensure_stream()
+                await self._ensure_keyring(admin, ids)
                 if self.opts.host_id:
                     await self._join_host(ids["vmm"], settings, self.opts.host_id)
                 self._serve_metrics()
@@ -280,7 +286,20 @@ class ControlPlane:
             nkey_seed=ident.seed,
             settings=settings,
             name=f"pydstack-{ident.name}",
+            anchor=self.anchor,
         )
+
+    async def _ensure_keyring(self, admin: EventStore, ids: dict[str, Identity]) -> None:
+        """Bind this data dir's identities on the log's keyring (signed by admin, the anchor
+        every actor here pins): the first `up` starts it; a joining host adds its host to the
+        vmm key. Events already on the log stay valid as "pre-keyring"."""
+        from pydstack.actors.trust import ensure_keyring
+        from pydstack.core.policy import HOST_BOUND
+
+        host = (self.opts.host_id,) if self.opts.host_id else ()
+        await ensure_keyring(admin, [
+            (i.key, i.name, i.role, host if i.role in HOST_BOUND else ()) for i in ids.values()
+        ])  # fmt: skip
 
     async def _join_host(self, vmm: Identity, settings: StreamSettings, host_id: str) -> None:
         """Record this machine as a host with room for VMs (once; later runs find it)."""
@@ -333,6 +352,9 @@ class ControlPlane:
             host=self.opts.dashboard_listen,
             # up's own KMS, else the first --kms-url; none: a dev key (--no-kms)
             kms_url=self.opts.dashboard_kms or next(iter(self.cvm_kms_urls()), ""),
+            # only this cluster's root may sign an env key (its KMS CA pinned from the log)
+            kms_cluster=self.kms.get("kms_cluster") or "main",
+            kms_dev_pki=_dev_pki(self.data.path / "dev-pki") if _simulated() else None,
             dev_env_key=self.data.path / "dashboard" / "dev-env.key",
             allowed_hosts=self.opts.dashboard_hosts,
             login_token_file=self.data.path / "dashboard" / "login-token",
@@ -402,7 +424,9 @@ class ControlPlane:
         from pydstack.actors.kms.launch import running_kms
 
         launch = self._kms_launch()
-        from pydstack.actors.kms.service import NotOnboarded
+        from pydstack.actors.kms.client import KmsCallError
+        from pydstack.actors.kms.pin import cluster_root, write_pin
+        from pydstack.actors.kms.service import KmsError, NotOnboarded
 
         store = await self._connect(ident, settings)
         stack.push_async_callback(_close, store)
@@ -412,6 +436,16 @@ class ControlPlane:
             )
         except NotOnboarded as exc:
             raise StoreError(f"{exc}; or start without a KMS (--no-kms)") from None
+        except (KmsError, KmsCallError) as exc:  # e.g. a source KMS refusing the onboarding
+            raise StoreError(f"KMS: {exc}") from None
+        # The data dir now knows its cluster and root: env keys are checked against them.
+        created = await cluster_root(store, launch.cluster)
+        assert created is not None  # the KMS serves: its root is on the log
+        pin = await asyncio.to_thread(write_pin, self.data.path, created)
+        self.kms = {
+            "kms_cluster": pin.cluster, "kms_root": pin.k256_root, "kms_auth": launch.auth,
+            "kms_onboard_token_file": launch.replica_token_file or None,
+        }  # fmt: skip
 
     async def _start_vmm(
         self,
@@ -553,6 +587,10 @@ class ControlPlane:
             host=host,
             port=self.opts.kms_port or (9100 if not port_in_use(host, 9100) else 0),
             onboard_from=self.opts.kms_onboard,
+            onboard_token_file=self.opts.kms_onboard_token_file,
+            # The dev backend authorizes no KMS: replicas present this token (0600) instead
+            replica_token_file=str(kms_dir / "onboard-token") if auth == "dev" else "",
+            allow_mrs=self.opts.kms_allow_mrs,
             # replicas sharing an identity differ by it
             instance_id=self.opts.kms_instance or self.opts.host_id or "",
             seal_appkeys=str(_dev_appkeys(kms_dir)) if dev else None,
@@ -578,7 +616,7 @@ class ControlPlane:
     def _ready(self, cfg: PlaneConfig, actors: list[str]) -> None:
         state = {
             "pid": os.getpid(), "nats_url": self.url, "stream": cfg.stream,
-            "metrics_url": self.metrics_url, "kms_url": self.kms_url or None,
+            "metrics_url": self.metrics_url, "kms_url": self.kms_url or None, **self.kms,
             "actors": actors, "started": time.time(),
             "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
             "dashboard_login_token_file": self.dashboard_token_file or None,
@@ -591,6 +629,10 @@ class ControlPlane:
             "dashboard": self.dashboard_url or None,
             "dashboard_login_token_file": self.dashboard_token_file or None,
             "kms": self.kms_url or None,
+            **({"kms_auth": "dev: every attested app gets its keys; the KMS authorized itself "
+                "unchecked; replicas need the onboarding token",
+                "kms_onboard_token_file": self.kms["kms_onboard_token_file"]}
+               if self.kms.get("kms_auth") == "dev" else {}),
             "gateway": self.gateway.get("gateway_proxy"),
             "identities": str(self.data.identities.dir),
         }  # fmt: skip

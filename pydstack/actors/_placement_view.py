@@ -3,7 +3,8 @@
 The view is a fold of every message up to ``cursor`` (a consistent snapshot across
 aggregates), kept current by reading the stream from the cursor. Besides the host and VM
 folds it records each relevant subject's :class:`Version` (sequence and hash of its last
-message, valid or not), which is what an optimistic append must name.
+message, valid or not), which is what an optimistic append must name. Host and VM messages go
+through the write policy (``judge``; keyring messages teach it): what it refuses is skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydstack.adapters.nats import Recorded, Version
 from pydstack.core.events import HostJoined, message_hash, parse_subject
 from pydstack.core.projections import Applied, Host, Vm, hosts, vms
 
-from .decode import Malformed, decode_message
+from .trust import Judge
 
 _log = structlog.get_logger("pydstack.scheduler")
 
@@ -58,7 +59,11 @@ class PlacementView:
     host_versions: dict[str, Version] = field(default_factory=dict)
     pending: dict[str, Pending] = field(default_factory=dict)
     decided: set[str] = field(default_factory=set)
-    skipped: int = 0  # malformed messages passed over while folding
+    skipped: int = 0  # messages passed over while folding (malformed or refused)
+    judge: Judge = field(default_factory=lambda: Judge("scheduler"))
+
+    def __post_init__(self) -> None:
+        self.judge.gate.verify = self.check_signatures
 
     def fold(self, records: Iterable[Recorded]) -> None:
         """Fold stored messages in stream order; messages at or below the cursor are skipped."""
@@ -74,17 +79,16 @@ class PlacementView:
                 self._fold_host(agg_id, rec)
             elif kind == "vm":
                 self._fold_vm(agg_id, rec)
+            elif kind == "keyring":
+                self.judge.admit(rec.seq, rec.subject, rec.data)
 
     def _decode(self, rec: Recorded) -> tuple[Applied, str] | None:
         """The event as the folds take it, and its correlation id; None if malformed."""
-        try:
-            env, event = decode_message(
-                rec.subject, rec.data, check_signature=self.check_signatures
-            )
-        except Malformed as bad:
+        ok = self.judge.admit(rec.seq, rec.subject, rec.data)
+        if ok is None or ok.event is None:
             self.skipped += 1
-            _log.debug("fold skips malformed message", seq=rec.seq, reason=bad.reason)
             return None
+        env, event = ok.envelope, ok.event
         if isinstance(event, HostJoined):
             event = self._with_defaults(event, env.body)
         return Applied(rec.seq, rec.time_ns or env.time_ns, event, env.id), env.correlation

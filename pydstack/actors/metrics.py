@@ -28,6 +28,12 @@ MALFORMED: Final = Counter(
     "Messages an actor skipped because they are not valid pydstack events.",
     ["actor", "reason"],
 )
+REFUSED: Final = Counter(
+    "pydstack_events_refused",
+    "Stored events a fold skipped because the write policy refuses them (bad signature, "
+    "unknown or revoked signer, a role or host writing what it may not), once per event.",
+    ["actor", "reason"],
+)
 RECONCILES: Final = Counter(
     "pydstack_actor_reconciles", "Reconcile passes an actor completed.", ["actor"]
 )

@@ -18,8 +18,11 @@ check the aggregate before deciding, and optimistic appends turn a duplicate dec
 conflict that the handler resolves by re-reading. A handler failure naks the message with a
 growing delay; a malformed message is logged with its sequence, counted in
 ``pydstack_actor_malformed_total{actor,reason}`` and terminated, so it never blocks the
-actor. Reconcile runs at start and every ``reconcile_interval_s``; that, not redelivery, is
-what makes a crash at any point safe.
+actor. A well-formed event the write policy refuses (an unknown or revoked signer, a role or
+host writing what it may not; ``pydstack.core.policy``) is terminated the same way and counted
+in ``pydstack_events_refused_total{actor,reason}``: handlers only see events that count.
+Reconcile runs at start and every ``reconcile_interval_s``; that, not redelivery, is what makes
+a crash at any point safe.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pydstack.core.events import AnyEvent, Envelope
 
 from . import metrics
 from .decode import Malformed, decode_message
+from .trust import Judge
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,9 @@ class ActorRunner:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._reconcile_now = asyncio.Event()
+        # The consumer sees some subjects only: the judge loads the keyring (and a VM's history
+        # when the owner rule needs it) before judging a delivered event.
+        self.judge = Judge(actor.name, store.anchor, verify=self.config.check_signatures)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -157,6 +164,7 @@ class ActorRunner:
                     await self._reconcile(sub)
                     next_reconcile = loop.time() + cfg.reconcile_interval_s
                 batch = await self._fetch(sub)
+                await self._load_keyring(batch)
                 for i, msg in enumerate(batch):
                     if self._stopping.is_set():
                         unhandled = batch[i:]
@@ -211,6 +219,16 @@ class ActorRunner:
         await asyncio.sleep(min(self.config.fetch_timeout_s, 1.0))
         return []
 
+    async def _load_keyring(self, batch: list[Msg]) -> None:
+        """One keyring read per batch at most (none when it holds nothing newer)."""
+        if not batch:
+            return
+        try:
+            await self.judge.load_keyring(self.store, int(batch[-1].metadata.sequence.stream))
+        except Exception as exc:  # judged per message below, which retries the read
+            metrics.ERRORS.labels(self.actor.name, "keyring").inc()
+            self.log.warning("keyring read failed", error=str(exc) or type(exc).__name__)
+
     async def _finish(self, msg: Msg) -> None:
         """Process one message even if the runner is cancelled meanwhile (bounded by grace)."""
         task = asyncio.ensure_future(self._process(msg))
@@ -240,6 +258,18 @@ class ActorRunner:
                 reason=bad.reason,
                 detail=bad.detail,
             )
+            await msg.term()
+            return
+        try:
+            ok = await self.judge.admit_read(self.store, seq, msg.subject, msg.data, opened=env)
+        except Exception as exc:  # the keyring or the VM's history could not be read
+            metrics.ERRORS.labels(name, "keyring").inc()
+            self.log.warning("cannot judge the event yet; redelivered later", seq=seq,
+                             error=str(exc) or type(exc).__name__)  # fmt: skip
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.config.nak_delay_s)
+            return
+        if ok is None:  # refused by the write policy: counted and logged by the judge
             await msg.term()
             return
         ctx = {

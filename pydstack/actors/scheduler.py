@@ -35,6 +35,7 @@ from typing import Final, Literal
 import structlog
 
 from pydstack.adapters.nats import Change, ConflictError, EventStore, StoreError, Version
+from pydstack.adapters.nats.identity import load_anchor
 from pydstack.adapters.nats.store import new_event_id
 from pydstack.core.events import (
     HostVmPlaced,
@@ -51,6 +52,7 @@ from pydstack.core.projections import Applied, decide_placement
 from . import metrics
 from ._placement_view import HostDefaults, PlacementView
 from .runtime import ActorRunner, Delivery, RuntimeConfig
+from .trust import Judge
 
 __all__ = ["Contended", "HostDefaults", "Plan", "Scheduler", "SchedulerConfig", "main"]
 
@@ -94,7 +96,11 @@ class Scheduler:
     def __init__(self, store: EventStore, config: SchedulerConfig | None = None) -> None:
         self.store = store
         self.config = config or SchedulerConfig()
-        self.view = PlacementView(self.config.defaults, self.config.check_signatures)
+        self.view = PlacementView(
+            self.config.defaults,
+            self.config.check_signatures,
+            judge=Judge(self.config.name, store.anchor),
+        )
         self._lock = asyncio.Lock()
 
     @property
@@ -267,6 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", help="Ed25519 seed (32 bytes raw or 64 hex chars)")
     p.add_argument("--nkey-seed-file", help="NATS nkey seed of this actor's identity")
     p.add_argument("--create-stream", action="store_true", help="create the stream if missing")
+    p.add_argument("--keyring", help="keyring.json whose admin key roots the log's keyring")
     p.add_argument("--default-vcpu", type=int, default=d.vcpu)
     p.add_argument("--default-memory-mb", type=int, default=d.memory_mb)
     p.add_argument("--default-cid-start", type=int, default=d.cid_start)
@@ -286,7 +293,10 @@ async def _run(args: argparse.Namespace, signer: Signer, nkey: str | None) -> in
         cid_count=args.default_cid_count,
     )
     try:
-        store = await EventStore.connect(args.nats, signer, nkey_seed=nkey, name=args.name)
+        anchor = load_anchor(Path(args.keyring)) if args.keyring else None
+        store = await EventStore.connect(
+            args.nats, signer, nkey_seed=nkey, name=args.name, anchor=anchor
+        )
     except StoreError as exc:
         _log.error("cannot start", error=str(exc))
         return 2

@@ -92,6 +92,14 @@ class Conn:
     def keyring_path(self) -> Path:
         return self.data.identities.keyring_path
 
+    @property
+    def anchor(self) -> bytes | None:
+        """The admin key this data dir pins as the root of the log's keyring (None: none)."""
+        try:
+            return self.data.identities.anchor()
+        except StoreError:
+            return None
+
 
 def resolve(ctx: click.Context) -> Conn:
     s = ctx.ensure_object(Settings)
@@ -154,6 +162,7 @@ async def connect(conn: Conn, *, replicas: int = 1) -> EventStore:
             settings=StreamSettings(name=conn.stream, replicas=replicas),
             name=f"pydstack-cli-{conn.signer.actor}",
             reconnect=False,
+            anchor=conn.anchor,
         )
     except Unreachable as exc:
         if "authorization" in str(exc).lower():

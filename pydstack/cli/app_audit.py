@@ -34,7 +34,7 @@ def _relevant(f: Finding, story: AppStory) -> bool:
 async def _read(
     conn: Conn, app_id: str, ring: Keyring | None
 ) -> tuple[AppStory, list[Finding], dict[str, list[tuple[int, bytes]]]]:
-    auditor = Auditor(keyring=ring, first_seq=1)
+    auditor = Auditor(keyring=ring, first_seq=1, anchor=conn.anchor)
     story = AppStory(app_id)
     findings: list[Finding] = []
     kms: dict[str, list[tuple[int, bytes]]] = {}

@@ -11,15 +11,24 @@ from typing import Any
 import click
 
 from pydstack.adapters.nats import StreamMissing
-from pydstack.adapters.nats.identity import load_keyring
+from pydstack.adapters.nats.identity import load_anchor, load_keyring
 from pydstack.core.audit import Auditor, Finding, Keyring, Summary
 
 from ._common import connect, connection_options, echo_json, json_option, progress, resolve, run
 
 
-def _summary_line(s: Summary, keyring: Path | None) -> str:
+def _summary_line(s: Summary, keyring: Path | None, anchor: bytes | None) -> str:
     signers = ", ".join(f"{name} {n}" for name, n in sorted(s.signers.items())) or "none"
-    ring = f"keyring {keyring}" if keyring else "no keyring (signers not checked against one)"
+    if s.keyring_seq:
+        root = f"anchored to the pinned admin key {anchor.hex()[:16]}…" if anchor else \
+            "NOT pinned: rooted in its first entry's signer"  # fmt: skip
+        ring = (f"keyring on the log from seq {s.keyring_seq} ({root}); {s.refused} events "
+                f"refused by the write policy")  # fmt: skip
+        if s.pre_keyring:
+            ring += f", {s.pre_keyring} pre-keyring"
+    else:
+        ring = "no keyring on the log (roles not checked)"
+        ring += f"; keyring file {keyring}" if keyring else ""
     span = f"seq {s.first_seq}-{s.last_seq}" if s.events else "empty stream"
     return (f"audited {s.events} events ({span}) on {s.aggregates} aggregates; signers: "
             f"{signers}; {ring}; {s.errors} errors, {s.warnings} warnings")  # fmt: skip
@@ -60,9 +69,11 @@ def audit_cmd(
     """Re-verify every signature, hash chain and sequence of the log, and every KMS decision.
 
     Exits non-zero when anything is wrong, naming the stream sequence and the reason (a
-    forged or altered event, a broken chain, a deleted or reordered message, a signer
-    writing outside its subjects, a KeyIssued whose recorded quote, event log or policy does
-    not re-verify). Unknown event types are warnings.
+    forged or altered event, a broken chain, a deleted or reordered message, an event the
+    write policy refuses against the log's keyring (every actor skipped it), a KeyIssued whose
+    recorded quote, event log or policy does not re-verify). Unknown event types and events
+    written before the log had a keyring are warnings. The keyring's root is the admin key of
+    the data dir's keyring.json (or --keyring's).
     """
     conn = resolve(ctx)
     if dev_pki is None and collateral is None and (conn.data.path / "dev-pki").is_dir():
@@ -74,8 +85,10 @@ def audit_cmd(
             raise click.BadParameter(f"{keyring_file} does not exist", param_hint="--keyring")
         ring_path = None
     ring: Keyring | None = None
+    anchor: bytes | None = None
     if ring_path is not None:
         ring = run(_load(ring_path))
+        anchor = load_anchor(ring_path)
     if app_id is not None:
         from .app_audit import audit_app
 
@@ -92,7 +105,7 @@ def audit_cmd(
                 click.echo(f.reason if f.severity == "error" else f"warning: {f.reason}")
 
     async def check() -> Summary:
-        auditor = Auditor(keyring=ring, first_seq=1)
+        auditor = Auditor(keyring=ring, first_seq=1, anchor=anchor)
         async with await connect(conn) as store:
             last = await store.last_seq()
             with progress(last, "auditing") as bar:
@@ -115,7 +128,7 @@ def audit_cmd(
         echo_json({"summary": {**asdict(summary), "ok": summary.ok,
                                "keyring": str(ring_path) if ring_path else None}})  # fmt: skip
     else:
-        click.echo(_summary_line(summary, ring_path))
+        click.echo(_summary_line(summary, ring_path, anchor))
     if first_error:
         f = first_error[0]
         more = f" ({summary.errors - 1} more listed)" if summary.errors > 1 else ""

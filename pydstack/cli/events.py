@@ -17,7 +17,8 @@ from pydstack.core.events import (
     verify,
 )
 from pydstack.core.events.subjects import KINDS
-from pydstack.core.projections import Projections, applied, fold
+from pydstack.core.policy import Allowed, Gate
+from pydstack.core.projections import Projections, fold, from_allowed
 
 from ._common import (
     Point,
@@ -139,8 +140,13 @@ def events_cmd(
 @json_option
 @click.pass_context
 def replay_cmd(ctx: click.Context, until: Point | None, as_json: bool) -> None:
-    """Rebuild apps, VMs and hosts as they were at a point of the log (pure folds)."""
+    """Rebuild apps, VMs and hosts as they were at a point of the log (pure folds).
+
+    Only events the write policy allows are folded (the actors' verdict, against the log's
+    keyring rooted in the data dir's admin key); the others are counted as skipped.
+    """
     conn = resolve(ctx)
+    gate = Gate.pinned(conn.anchor)
 
     async def rebuild() -> tuple[Projections, int, int]:
         state, skipped, upto, batch = Projections(), 0, 0, []
@@ -153,9 +159,10 @@ def replay_cmd(ctx: click.Context, until: Point | None, as_json: bool) -> None:
                 async for rec in store.read(until_seq=stop):
                     if until is not None and until[0] == "time" and rec.time_ns > until[1] * 1e9:
                         break
-                    try:
-                        a = applied(rec.seq, rec.data, rec.time_ns)
-                    except ValueError:
+                    v = gate.judge(rec.seq, rec.subject, rec.data)
+                    if isinstance(v, Allowed):
+                        a = from_allowed(v, rec.seq, rec.time_ns)
+                    else:
                         a, skipped = None, skipped + 1
                     if a is not None:
                         batch.append(a)
@@ -175,7 +182,7 @@ def replay_cmd(ctx: click.Context, until: Point | None, as_json: bool) -> None:
 
 
 def _print_state(p: Projections, skipped: int, upto: int) -> None:
-    click.echo(f"state at seq {upto}" + (f" ({skipped} unreadable messages skipped)"
+    click.echo(f"state at seq {upto}" + (f" ({skipped} unreadable or refused messages skipped)"
                                           if skipped else ""))  # fmt: skip
     click.echo(f"apps ({len(p.apps)})")
     for a in sorted(p.apps.values(), key=lambda a: a.app_id):

@@ -3,7 +3,7 @@
 Pure: it takes records ``(seq, subject, data)`` in stream order and yields findings; reading the
 stream is the caller's job. Usage::
 
-    auditor = Auditor(keyring=ring, first_seq=1)
+    auditor = Auditor(anchor=admin_key, first_seq=1)
     for seq, subject, data in records:
         for finding in auditor.check(seq, subject, data):
             print(finding.reason)
@@ -17,8 +17,16 @@ Each finding is one line naming the stream sequence it is about. What is checked
 - the bytes are a pydstack envelope and its Ed25519 signature verifies;
 - the envelope names the subject the message is stored under;
 - ``prev`` is the sha256 of the previous message on the same subject (the chain);
-- with a keyring: the key is known, belongs to the actor the envelope names, and that actor may
-  write this subject;
+- the write policy (``pydstack.core.policy``), against the keyring on the log itself
+  (``dstack.keyring.*``, rooted in ``anchor``, the admin key the auditor pins): the signer is
+  bound at that sequence and not revoked, its role may write this type on this aggregate kind,
+  a host's VMM stays on its own host and VMs. It is the verdict every fold applies, so a
+  refused event is named here by its sequence (``refused`` maps each to its reason) and was
+  skipped by every actor. Events before the keyring's first entry are "pre-keyring": checked
+  for signature and chain only, and reported once as a warning;
+- with a keyring file (``keyring``, the older per-signer subject lists): pre-keyring events
+  are checked against it: the key is known, belongs to the actor the envelope names, and that
+  actor may write this subject;
 - the body's tag equals the envelope type, and a known type's body matches its schema; an
   unknown type is a warning (a newer writer), not a failure.
 
@@ -45,6 +53,7 @@ from pydstack.core.events import (
     verify,
 )
 from pydstack.core.events.envelope import HASH_LEN
+from pydstack.core.policy import POLICY, STRUCTURAL, Allowed, Gate, Policy, Refused
 
 Severity = Literal["error", "warning"]
 
@@ -104,6 +113,9 @@ class Summary:
     first_seq: int
     last_seq: int
     keyring_checked: bool
+    refused: int = 0  # events the write policy refuses (every fold skipped them)
+    pre_keyring: int = 0  # events before the log's keyring (roles not checked)
+    keyring_seq: int = 0  # the keyring's first entry on the log (0: none)
 
     @property
     def ok(self) -> bool:
@@ -122,8 +134,11 @@ def _seqs(first: int, last: int) -> str:
 class Auditor:
     """Checks records one at a time, in the order the stream delivered them."""
 
-    keyring: Keyring | None = None
+    keyring: Keyring | None = None  # a keyring file's subject lists, for pre-keyring events
     first_seq: int | None = None  # the stream's first sequence; None: trust the first record
+    anchor: bytes | None = None  # the admin key the log's keyring must be rooted in
+    policy: Policy = POLICY
+    refused: dict[int, str] = field(default_factory=dict)  # seq -> the verdict's reason
     _next: int = 0
     _last_seen: int = 0
     _late: set[int] = field(default_factory=set)  # missing sequences that may still arrive
@@ -132,9 +147,12 @@ class Auditor:
     _events: int = 0
     _errors: int = 0
     _warnings: int = 0
+    _pre_keyring: list[int] = field(default_factory=list)  # [first, last, count]
+    gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
         self._next = self.first_seq or 0
+        self.gate = Gate.pinned(self.anchor, policy=self.policy)
 
     def check(self, seq: int, subject: str, data: bytes) -> list[Finding]:
         out: list[Finding] = []
@@ -143,9 +161,11 @@ class Auditor:
         digest = hashlib.sha256(data).digest()
         head = self._heads.get(subject)
         self._heads[subject] = (seq, digest)
+        signed = True
         try:
             env = verify(data)
         except SignatureError:
+            signed = False
             env = open_envelope(data)
             self._add(
                 out,
@@ -157,6 +177,7 @@ class Auditor:
             )
         except ValueError as exc:  # CodecError, and msgspec's UnicodeDecodeError on bad UTF-8
             self._add(out, seq, "unparseable", f"unparseable message on {subject}: {exc}", subject)
+            self.refused[seq] = "unparseable"
             return out
         self._signers[env.actor] += 1
         if env.subject != subject:
@@ -168,10 +189,25 @@ class Auditor:
                 subject,
             )
         self._chain(seq, subject, env, head, out)
-        if self.keyring is not None:
+        v = self.gate.judge(seq, subject, data, opened=env if signed else None)
+        pre = isinstance(v, Allowed) and v.pre_keyring
+        if pre:
+            self._note_pre_keyring(seq)
+        if self.keyring is not None and (pre or isinstance(v, Refused)):
             self._authorized(seq, subject, env, out)
         self._body(seq, subject, env, out)
+        if isinstance(v, Refused):
+            self.refused[seq] = v.reason
+            if v.reason not in STRUCTURAL:  # the checks above named the structural ones
+                self._add(out, seq, v.reason, f"refused: {env.type} by {env.actor!r}: "
+                          f"{v.detail}", subject)  # fmt: skip
         return out
+
+    def _note_pre_keyring(self, seq: int) -> None:
+        if not self._pre_keyring:
+            self._pre_keyring = [seq, seq, 0]
+        self._pre_keyring[1] = seq
+        self._pre_keyring[2] += 1
 
     def finish(self, last_seq: int | None = None) -> list[Finding]:
         """Call after the last record; the stream's `last_seq` reveals a missing tail."""
@@ -189,6 +225,17 @@ class Auditor:
                 last=last_seq,
             )
             self._next = last_seq + 1
+        genesis = self.gate.keyring.genesis
+        if genesis and self._pre_keyring:
+            first, last, n = self._pre_keyring
+            self._add(
+                out,
+                first,
+                "pre-keyring",
+                f"{_seqs(first, last)}: {n} events written before the keyring (its first entry "
+                f"is seq {genesis}): signatures and chains checked, roles not",
+                severity="warning",
+            )
         return out
 
     def summary(self) -> Summary:
@@ -200,7 +247,10 @@ class Auditor:
             warnings=self._warnings,
             first_seq=self.first_seq or 0,
             last_seq=self._last_seen,
-            keyring_checked=self.keyring is not None,
+            keyring_checked=self.keyring is not None or self.gate.keyring.genesis > 0,
+            refused=len(self.refused),
+            pre_keyring=self._pre_keyring[2] if self._pre_keyring else 0,
+            keyring_seq=self.gate.keyring.genesis,
         )
 
     # -- checks -------------------------------------------------------------------------------
@@ -369,9 +419,10 @@ def audit(
     keyring: Keyring | None = None,
     first_seq: int | None = None,
     last_seq: int | None = None,
+    anchor: bytes | None = None,
 ) -> Iterator[Finding]:
     """Every finding for a whole log, in order; use `Auditor` directly to get the summary too."""
-    auditor = Auditor(keyring=keyring, first_seq=first_seq)
+    auditor = Auditor(keyring=keyring, first_seq=first_seq, anchor=anchor)
     for seq, subject, data in records:
         yield from auditor.check(seq, subject, data)
     yield from auditor.finish(last_seq)

@@ -71,7 +71,7 @@ def test_replay_until_shows_the_past(tmp_path: Path, nats_server: NatsServer) ->
     past = json.loads(invoke(tmp_path, nats_server.url, "replay", "--json", "--until", "2").output)
     assert past["seq"] == 2 and past["vms"]["v1"]["state"] == "requested"
     now = invoke(tmp_path, nats_server.url, "replay")
-    assert "state at seq 4 (1 unreadable messages skipped)" in now.output
+    assert "state at seq 4 (1 unreadable or refused messages skipped)" in now.output
     assert "v1  rejected" in now.output and "(full)" in now.output
 
 

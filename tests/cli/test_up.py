@@ -64,7 +64,10 @@ def test_requested_vm_is_scheduled_and_the_log_audits_clean(plane: Up) -> None:
     assert [e["actor"] for e in events] == ["operator", "scheduler"]
     audit = cli(d, "audit")
     assert audit.code == 0, audit.out + audit.err
-    assert "0 errors" in audit.out and "signers: operator 1, scheduler 2, vmm 1" in audit.out
+    # admin 7: up binds its 7 identities on the log's keyring first (pydstack.core.policy)
+    assert "0 errors" in audit.out
+    assert "signers: admin 7, operator 1, scheduler 2, vmm 1" in audit.out
+    assert "keyring on the log from seq 1" in audit.out and "0 events refused" in audit.out
     now = cli(d, "replay", "--json").lines()[0]
     assert now["vms"][vm_id]["state"] == "scheduled"
     assert now["hosts"][ready_host(plane)]["vcpu_used"] == 2
@@ -240,13 +243,15 @@ def test_status_reports_stream_and_scheduler_lag(plane: Up) -> None:
     def caught_up() -> dict[str, object] | None:
         info = json.loads(cli(plane.data_dir, "status", "--json").out)
         [sched] = [c for c in info["consumers"] if c["name"] == "scheduler"]
-        return info if sched["lag"] == 0 and sched["last_delivered"] == 4 else None
+        return info if sched["lag"] == 0 and sched["last_delivered"] == 11 else None
 
     info = wait_for(caught_up, what="the scheduler's consumer to catch up")
-    # HostJoined, VmRequested, then HostVmPlaced + VmScheduled in one atomic commit
-    assert info["stream"]["last_seq"] == 4 and info["stream"]["deny_delete"] is False
+    # 7 keyring entries, HostJoined, VmRequested, then HostVmPlaced + VmScheduled in one
+    # atomic commit
+    assert info["stream"]["last_seq"] == 11 and info["stream"]["deny_delete"] is False
     assert info["local"]["up_running"] is True
     assert info["aggregates"] == {"host": {"aggregates": 1, "events": 2},
+                                  "keyring": {"aggregates": 1, "events": 7},
                                   "vm": {"aggregates": 1, "events": 2}}  # fmt: skip
 
 

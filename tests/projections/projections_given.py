@@ -25,6 +25,7 @@ class Message:
     seq: int
     data: bytes
     time_ns: int = 0
+    subject: str = ""
 
 
 _KIND = {"apps": "app", "vms": "vm", "hosts": "host"}
@@ -37,7 +38,7 @@ def seal_all(events: Iterable[AnyEvent], start: int = 1) -> list[Message]:
         target = route(e)
         subj = subject(_KIND[target[0]], target[1]) if target else "dstack.kms.c1"
         data = seal(SIGNER, e, subject=subj, event_id=f"e{seq}", time_ns=T0 + seq, correlation="c")
-        out.append(Message(seq, data))
+        out.append(Message(seq, data, subject=subj))
     return out
 
 

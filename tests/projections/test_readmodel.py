@@ -120,8 +120,8 @@ def test_messages_are_decoded_and_bad_ones_still_advance_the_checkpoint(tmp_path
     ]
     msgs = seal_all(events)
     msgs.insert(1, Message(99, b"\x00" * 200))  # garbage: not an envelope
-    msgs = [Message(i, m.data) for i, m in enumerate(msgs, 1)]
-    msgs.append(Message(5, msgs[0].data))  # a duplicate of an app event at a later seq
+    msgs = [Message(i, m.data, subject=m.subject) for i, m in enumerate(msgs, 1)]
+    msgs.append(Message(5, msgs[0].data, subject=msgs[0].subject))  # an app event repeated
     with ReadModel.open(tmp_path / "rm.db") as rm:
         got = rm.apply_messages(msgs)
         assert (got.applied, got.ignored, got.malformed, got.position) == (3, 1, 1, 5)

@@ -96,6 +96,7 @@ class Follower:
     ) -> None:
         self.store = store
         self.state = state
+        state.judge.pin(store.anchor)  # the admin key the log's keyring is anchored to
         self.hub = hub
         self.retry_s = retry_s
         self.ready = asyncio.Event()

@@ -4,7 +4,8 @@
 once: apps, VMs and hosts (the shared projections), KMS decisions with their BootInfo,
 gateway clusters (the gateway fold) and a bounded window of recent events. It returns one
 ``EventRow`` per message plus the names of the views that changed, which is what the
-server pushes to browsers. Usage::
+server pushes to browsers. Only what the write policy allows is folded (``judge``); a refused
+event still gets its row, with the refusal as its ``error``. Usage::
 
     state = LiveState()
     rows, changed = state.apply(records)   # records: .seq, .subject, .data, .time_ns
@@ -21,13 +22,16 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from pydstack.actors.decode import Malformed, decode_message
+from pydstack.actors.trust import Judge
 from pydstack.core.events import (
     AnyEvent,
     BootInfo,
     CvmRegistered,
+    Envelope,
     KeyDenied,
     KeyIssued,
     KeyRequested,
+    KmsRootCreated,
 )
 from pydstack.core.gateway.certs import CertState, is_cert_subject
 from pydstack.core.gateway.certs import fold as fold_certs
@@ -36,6 +40,7 @@ from pydstack.core.gateway.cluster import DEFAULT_CLUSTER, ClusterState, on_its_
 from pydstack.core.gateway.cluster import fold as fold_cluster
 from pydstack.core.kms import KmsState
 from pydstack.core.kms import apply as apply_kms
+from pydstack.core.policy import STRUCTURAL
 from pydstack.core.projections import Applied, Projections, apps, hosts, route, vms
 
 EVENT_WINDOW: Final = 5000  # recent events kept for the live page and /api/events
@@ -128,7 +133,8 @@ class LiveState:
         self.certs: dict[str, CertState] = {}  # per cluster: its domains (base domains too)
         self.events: deque[EventRow] = deque(maxlen=window)
         self.seq = 0
-        self.malformed = 0
+        self.malformed = 0  # messages not folded: malformed or refused by the write policy
+        self.judge = Judge("dashboard")
 
     @property
     def oldest_seq(self) -> int:
@@ -145,7 +151,7 @@ class LiveState:
             if rec.seq <= self.seq:
                 continue
             self.seq = rec.seq
-            row, a = _decode(rec)
+            row, a = self._admit(rec)
             if a is None:
                 self.malformed += 1
             else:
@@ -159,6 +165,18 @@ class LiveState:
         for name, batch in certs.items():
             self.certs[name] = fold_certs(batch, self.certs.get(name) or CertState(cluster=name))
         return rows, changed
+
+    def _admit(self, rec: Record) -> tuple[EventRow, Applied | None]:
+        ok = self.judge.admit(rec.seq, rec.subject, rec.data)
+        why = None if ok is not None else self.judge.refused.get(rec.seq)
+        if ok is None and why is not None and why.envelope and why.reason not in STRUCTURAL:
+            env = why.envelope  # well-formed, but its writer may not write it
+            return EventRow(rec.seq, rec.time_ns or env.time_ns, rec.subject, env.type,
+                            actor=env.actor, id=env.id,
+                            error=f"refused: {why.reason}: {why.detail}"), None  # fmt: skip
+        if ok is None or ok.event is None:  # malformed (the decoder says how), or unknown type
+            return _decode(rec)[0], None
+        return _row(rec, ok.envelope, ok.event)
 
     def domains(self, cluster: str) -> list[str]:
         """The base domains added to ``cluster`` and not removed (as every node folds them)."""
@@ -246,13 +264,11 @@ class LiveState:
                 self.decisions.popitem(last=False)
         return d
 
-    def root_k256(self) -> bytes | None:
-        """The KMS root k256 public key from the log (first cluster that has a root)."""
-        for name in sorted(self.kms):
-            root = self.kms[name].root
-            if root is not None and root.k256_public_key:
-                return root.k256_public_key
-        return None
+    def kms_root(self, cluster: str) -> KmsRootCreated | None:
+        """The root of KMS cluster `cluster` on the log, as its KMS folds it; another
+        cluster's root never stands in for it."""
+        state = self.kms.get(cluster)
+        return state.root if state is not None else None
 
 
 def row_of(rec: Record) -> EventRow:
@@ -265,6 +281,10 @@ def _decode(rec: Record) -> tuple[EventRow, Applied | None]:
         env, event = decode_message(rec.subject, rec.data)
     except Malformed as bad:
         return EventRow(rec.seq, rec.time_ns, rec.subject, "?", error=str(bad)), None
+    return _row(rec, env, event)
+
+
+def _row(rec: Record, env: Envelope, event: AnyEvent) -> tuple[EventRow, Applied]:
     row = EventRow(
         seq=rec.seq,
         time_ns=rec.time_ns or env.time_ns,

@@ -64,6 +64,7 @@ from pydstack.core.gateway.certs import (
 from pydstack.core.gateway.sealing import ClusterKey, binding
 from pydstack.core.projections import Applied
 
+from ..trust import Judge
 from .cert_provider import LogCertProvider
 from .view import to_applied
 
@@ -77,6 +78,7 @@ class CertView:
         self.store = store
         self.cluster = cluster
         self.check_signatures = check_signatures
+        self.judge = Judge(f"gateway-{cluster}", store.anchor, verify=check_signatures)
         self.state = CertState(cluster=cluster)
         self.cursor = 0
         self.versions: dict[str, Version] = {}
@@ -92,13 +94,14 @@ class CertView:
             if last <= self.cursor:
                 return 0
             batch: list[Applied] = []
+            await self.judge.load_keyring(self.store, last)
             recs = self.store.read(
                 subject="dstack.gateway.*", from_seq=self.cursor + 1, until_seq=last
             )
             async for rec in recs:
                 if is_cert_subject(self.cluster, rec.subject):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
-                    a = to_applied(self.cluster, rec, self.check_signatures, certs=True)
+                    a = to_applied(self.cluster, rec, self.judge, certs=True)
                     if a is not None:
                         batch.append(a)
             self.state = fold(batch, self.state)
@@ -312,7 +315,10 @@ async def _domain_state(store: EventStore, cluster: str, domain: str) -> tuple[C
     except ValueError as exc:
         raise ValueError(str(exc)) from None
     recs, version = await store.read_aggregate(subj)
-    applied = [a for r in recs if (a := to_applied(cluster, r, True, certs=True)) is not None]
+    judge = Judge(f"gateway-{cluster}", store.anchor)
+    if recs:
+        await judge.load_keyring(store, recs[-1].seq)
+    applied = [a for r in recs if (a := to_applied(cluster, r, judge, certs=True)) is not None]
     return fold(applied, CertState(cluster=cluster)), version
 
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pydstack.actors.decode import Malformed, decode_message
+from pydstack.actors.trust import Judge
 from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.ports import bindable, free_port
@@ -130,11 +130,9 @@ def dev_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
 async def kms_client_cas(store: EventStore) -> str:
     """The CAs CVM certificates chain to: every KMS root's CA and temp CA on the log."""
     pems: list[str] = []
-    async for rec in store.read(subject="dstack.kms.*"):
-        try:
-            _, event = decode_message(rec.subject, rec.data, check_signature=True)
-        except Malformed:
-            continue
+    recs = [rec async for rec in store.read(subject="dstack.kms.*")]
+    for ok in await Judge("gateway", store.anchor).admitted(store, recs):  # KMS-signed only
+        event = ok.event
         if isinstance(event, KmsRootCreated):
             pems += [p for p in (event.ca_cert_pem, event.temp_ca_cert_pem) if p]
     return "".join(dict.fromkeys(pems))

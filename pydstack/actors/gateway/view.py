@@ -14,6 +14,9 @@ the table, and their certificates are what the node's proxy serves.
 
 ``LedgerView`` folds only ``dstack.gateway.<cluster>``: all a registration decision needs
 (see ``core.gateway.cluster.decide_register``), read with one batched direct get.
+
+Both fold only what the write policy allows (``pydstack.actors.trust``): a ``CvmRegistered`` or
+a ``TunnelIpAllocated`` not signed by a gateway key of the keyring never reaches a table.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from typing import Final
 
 import structlog
 
-from pydstack.actors.decode import Malformed, decode_message
 from pydstack.adapters.nats import NEW, EventStore, Recorded, Version
 from pydstack.core.events import message_hash
 from pydstack.core.gateway import certs as cert_fold
@@ -34,24 +36,24 @@ from pydstack.core.gateway.cluster import ClusterState, cluster_subject, fold, o
 from pydstack.core.gateway.table import ClusterTable, routing_table
 from pydstack.core.projections import Applied
 
+from ..trust import Judge
+
 _log = structlog.get_logger("pydstack.gateway.view")
 _CVM_PREFIX: Final = "dstack.cvm."
+_KEYRING_PREFIX: Final = "dstack.keyring."
 
 
-def to_applied(
-    cluster: str, rec: Recorded, check_signatures: bool, *, certs: bool = False
-) -> Applied | None:
-    """The record as a fold input, or None when it is malformed or not on its own subject
-    (``certs``: the domain/account aggregates' rule, else the cluster's)."""
-    try:
-        env, event = decode_message(rec.subject, rec.data, check_signature=check_signatures)
-    except Malformed as bad:
-        _log.warning("skipped a message", seq=rec.seq, subject=rec.subject, reason=bad.reason)
+def to_applied(cluster: str, rec: Recorded, judge: Judge, *, certs: bool = False) -> Applied | None:
+    """The record as a fold input, or None when the write policy refuses it, its type is
+    unknown, or it is not on its own subject (``certs``: the domain/account aggregates' rule,
+    else the cluster's)."""
+    ok = judge.admit(rec.seq, rec.subject, rec.data)
+    if ok is None or ok.event is None:
         return None
     its = cert_fold.on_its_subject if certs else on_its_subject
-    if not its(cluster, rec.subject, event):
+    if not its(cluster, rec.subject, ok.event):
         return None
-    return Applied(rec.seq, rec.time_ns or env.time_ns, event, env.id)
+    return Applied(rec.seq, rec.time_ns or ok.envelope.time_ns, ok.event, ok.envelope.id)
 
 
 class ClusterView:
@@ -62,6 +64,7 @@ class ClusterView:
         self.cluster = cluster
         self.subject = cluster_subject(cluster)
         self.check_signatures = check_signatures
+        self.judge = Judge(f"gateway-{cluster}", store.anchor, verify=check_signatures)
         self.state = ClusterState(cluster=cluster)
         self.certs = CertState(cluster=cluster)
         self.cursor = 0
@@ -91,14 +94,16 @@ class ClusterView:
                 n += 1
                 if rec.subject == self.subject or rec.subject.startswith(_CVM_PREFIX):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
-                    a = to_applied(self.cluster, rec, self.check_signatures)
+                    a = to_applied(self.cluster, rec, self.judge)
                     if a is not None:
                         batch.append(a)
                 elif is_cert_subject(self.cluster, rec.subject):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
-                    a = to_applied(self.cluster, rec, self.check_signatures, certs=True)
+                    a = to_applied(self.cluster, rec, self.judge, certs=True)
                     if a is not None:
                         cert_batch.append(a)
+                elif rec.subject.startswith(_KEYRING_PREFIX):
+                    self.judge.admit(rec.seq, rec.subject, rec.data)
             self.state = fold(batch, self.state)
             if cert_batch:
                 self.certs = cert_fold.fold(cert_batch, self.certs)
@@ -136,6 +141,7 @@ class LedgerView:
         self.cluster = cluster
         self.subject = cluster_subject(cluster)
         self.check_signatures = check_signatures
+        self.judge = Judge(f"gateway-{cluster}", store.anchor, verify=check_signatures)
         self.state = ClusterState(cluster=cluster)
         self.version: Version = NEW
 
@@ -143,7 +149,8 @@ class LedgerView:
         recs, version = await self.store.read_aggregate(self.subject, after=self.version.seq)
         if not recs:
             return
-        batch = [a for r in recs if (a := to_applied(self.cluster, r, self.check_signatures))]
+        await self.judge.load_keyring(self.store, recs[-1].seq)
+        batch = [a for r in recs if (a := to_applied(self.cluster, r, self.judge))]
         self.state = fold(batch, self.state)
         self.state.seq = version.seq
         self.version = version

@@ -47,8 +47,6 @@ from pydstack.core.events import (
     KeyIssued,
     KmsReplicaOnboarded,
     KmsRootCreated,
-    decode_body,
-    open_envelope,
     subject,
 )
 from pydstack.core.kms import (
@@ -74,6 +72,7 @@ from pydstack.core.kms import (
 )
 from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
+from ..trust import Judge
 from .evidence import (
     MALFORMED,
     MAX_VM_CONFIG,
@@ -147,8 +146,10 @@ def _self_signed_ca(
 
 
 async def _load_state(store: EventStore, subj: str) -> KmsState:
+    """The cluster's state from the events on its subject that the write policy allows (a
+    KmsRootCreated or KeyIssued not signed by a KMS key of the keyring is skipped)."""
     records, _ = await store.read_aggregate(subj)
-    return fold(decode_body(open_envelope(r.data)) for r in records)
+    return fold(ok.event for ok in await Judge("kms", store.anchor).admitted(store, records))
 
 
 class KmsService:
@@ -293,10 +294,9 @@ class KmsService:
         """
         for _attempt in range(20):
             records, version = await self.store.read_aggregate(self.subject)
-            entries = []
-            for r in records:
-                env = open_envelope(r.data)
-                entries.append((env.actor, decode_body(env)))
+            judge = Judge("kms", self.store.anchor)
+            allowed = await judge.admitted(self.store, records)
+            entries = [(ok.envelope.actor, ok.event) for ok in allowed]
             cut_off = undecided(entries, self.store.signer.actor, self.settings.instance_id)
             if not cut_off:
                 return

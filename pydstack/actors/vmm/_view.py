@@ -1,4 +1,9 @@
-"""The VMM's fold of the log: hosts, every VM (``VmRecord``), app composes, subject versions."""
+"""The VMM's fold of the log: hosts, every VM (``VmRecord``), app composes, subject versions.
+
+Every message goes through the write policy first (``judge``): a ``VmScheduled`` that is not
+the scheduler's, a ``VmStopRequested`` by another host's VMM, a forged or unsigned event is
+skipped, counted and logged, never folded, so the VMM never acts on it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from pydstack.adapters.nats import EventStore, Version
-from pydstack.core.events import AppRegistered, AppUpgraded, CodecError, message_hash, parse_subject
-from pydstack.core.projections import Applied, Host, applied, hosts
+from pydstack.core.events import AppRegistered, AppUpgraded, message_hash, parse_subject
+from pydstack.core.projections import Applied, Host, hosts
 from pydstack.core.vmm import VmRecord, record
+
+from ..trust import Judge
 
 _log = structlog.get_logger("pydstack.vmm")
 
@@ -22,6 +29,7 @@ class LogView:
     app_compose: dict[str, str] = field(default_factory=dict)  # app_id -> latest compose hash
     versions: dict[str, Version] = field(default_factory=dict)
     cursor: int = 0
+    judge: Judge = field(default_factory=lambda: Judge("vmm"))
 
     def fold(self, seq: int, subj: str, data: bytes, time_ns: int = 0) -> Applied | None:
         if seq <= self.cursor:
@@ -29,13 +37,15 @@ class LogView:
         self.cursor = seq
         try:
             kind, agg = parse_subject(subj)
-            a = applied(seq, data, time_ns)
-        except (CodecError, ValueError) as exc:
-            _log.warning("undecodable message skipped", seq=seq, subject=subj, error=str(exc))
+        except ValueError as exc:
+            _log.warning("message off any aggregate skipped", seq=seq, subject=subj, error=str(exc))
             return None
+        # the head of the subject whatever it holds: appends name it (OCC)
         self.versions[subj] = Version(seq, message_hash(data))
-        if a is None:
+        ok = self.judge.admit(seq, subj, data)
+        if ok is None or ok.event is None:
             return None
+        a = Applied(seq, time_ns or ok.envelope.time_ns, ok.event, ok.envelope.id)
         if kind == "vm":
             rec = record.apply(self.vms.get(agg), a)
             if rec is not None:
@@ -51,6 +61,8 @@ class LogView:
         return a
 
     async def catch_up(self, store: EventStore) -> None:
+        if self.cursor == 0:
+            self.judge.pin(store.anchor)
         last = await store.last_seq()
         if last <= self.cursor:
             return

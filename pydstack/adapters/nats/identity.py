@@ -4,9 +4,11 @@ An identity's secret is a 32-byte Ed25519 seed, stored as an nkey user seed (``S
 same seed authenticates the actor to NATS and signs its events, so the ``key`` in an envelope
 is the nkey's public key: the server knows who publishes, the log proves who wrote.
 
-Who may write what is decided here, in one table (:data:`ROLES`). The embedded server turns
-it into NATS permissions (:func:`nats_user`); the auditor checks the log against the same
-subjects through the keyring file (:func:`load_keyring`). Usage::
+Who may publish where is one table, :data:`pydstack.core.policy.ROLES` (re-exported here); the
+embedded server turns it into NATS permissions (:func:`nats_user`). What each role may write,
+event by event, is the read-time policy every fold applies against the keyring on the log
+(``dstack.keyring.*``); ``keyring.json`` here lists this data dir's identities and pins the
+admin key, the keyring's trust anchor (:meth:`IdentityStore.anchor`). Usage::
 
     ids = IdentityStore(data_dir / "identities")
     scheduler = ids.ensure("scheduler", "scheduler")
@@ -24,38 +26,22 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import nkeys
 
 from pydstack.adapters.secretfile import write_secret
 from pydstack.core.audit import Signatory, make_keyring
 from pydstack.core.events import Signer
+from pydstack.core.policy import ADMIN, NAME, ROLES, Role
+
+__all__ = [
+    "ROLES", "Identity", "IdentityStore", "Role", "load_anchor", "load_keyring", "nats_user",
+    "read_seed_file",
+]  # fmt: skip
 
 from .errors import StoreError
 from .server import NatsUser
 from .store import DEFAULT_STREAM
-
-
-@dataclass(frozen=True, slots=True)
-class Role:
-    """What an actor of this role may append (event subjects) and whether it manages the stream."""
-
-    subjects: tuple[str, ...]
-    admin: bool = False
-    doc: str = ""
-
-
-# The one place that says who writes which aggregates.
-ROLES: Final[dict[str, Role]] = {
-    "admin": Role(("dstack.>",), admin=True, doc="`pydstack up`: creates and manages the stream"),
-    "operator": Role(("dstack.app.*", "dstack.vm.*"), doc="the CLI: AppRegistered, VmRequested…"),
-    "scheduler": Role(("dstack.vm.*", "dstack.host.*"), doc="VmScheduled/VmRejected, placements"),
-    "vmm": Role(("dstack.vm.*", "dstack.host.*"), doc="a host: HostJoined, VmStarted, VmExited…"),
-    "kms": Role(("dstack.kms.*",), doc="KeyIssued/KeyDenied, root keys, replicas"),
-    "gateway": Role(("dstack.gateway.*", "dstack.cvm.*"), doc="gateway nodes, CVM registration"),
-    "auditor": Role((), doc="reads everything, writes nothing"),
-}
 
 
 def _reader_api(stream: str) -> list[str]:
@@ -79,9 +65,6 @@ def _reader_api(stream: str) -> list[str]:
         f"$JS.ACK.{stream}.>",
         "$JS.FC.>",  # flow-control replies of ordered consumers
     ]
-
-
-_NAME: Final = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +109,7 @@ class Identity:
 
 
 def _check(name: str, role: str) -> None:
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise StoreError(f"bad identity name {name!r}: use 1-64 letters, digits, '_' or '-'")
     if role not in ROLES:
         raise StoreError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
@@ -204,6 +187,10 @@ class IdentityStore:
                 out.append(identity)
         return out
 
+    def anchor(self) -> bytes | None:
+        """The admin public key this data dir pins as the keyring's anchor (None: none yet)."""
+        return load_anchor(self.keyring_path) if self.keyring_path.exists() else None
+
     def _roles(self) -> dict[str, str]:
         if not self.keyring_path.exists():
             return {}
@@ -229,6 +216,15 @@ def _read_keyring_json(path: Path) -> list[dict[str, str]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"bad keyring {path}: {exc}") from None
     return list(entries)
+
+
+def load_anchor(path: Path) -> bytes | None:
+    """The admin identity's public key in a keyring.json: the key a node pins as the root of
+    the log's keyring (None when the file lists no admin)."""
+    for e in _read_keyring_json(path):
+        if e["role"] == ADMIN:
+            return bytes.fromhex(e["key"])
+    return None
 
 
 def load_keyring(path: Path) -> dict[bytes, Signatory]:

@@ -71,6 +71,10 @@ class EventStore:
     timeout: float = 5.0
     retries: int = 3
     denials: dict[str, str] = field(default_factory=dict)
+    # The admin public key this node pins as the root of the log's keyring: every fold reading
+    # through this connection judges events against a keyring whose first entry it signed
+    # (pydstack.core.policy). None: trust the first keyring entry's own signer.
+    anchor: bytes | None = None
     _acks: Acks | None = field(
         default=None, init=False, repr=False
     )  # lower-cased subject -> refusal
@@ -86,6 +90,7 @@ class EventStore:
         name: str | None = None,
         connect_timeout: float = 2.0,
         reconnect: bool = True,
+        anchor: bytes | None = None,
     ) -> EventStore:
         """Connect to NATS; fail fast with `Unreachable` instead of retrying forever."""
         opts: dict[str, Any] = {
@@ -125,6 +130,7 @@ class EventStore:
             url=url,
             settings=settings or StreamSettings(),
             denials=denials,
+            anchor=anchor,
         )
 
     async def close(self) -> None:

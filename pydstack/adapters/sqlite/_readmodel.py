@@ -9,10 +9,15 @@ the checkpoint) changes nothing, and deleting the file and replaying the log reb
 same rows. One process writes a given file; any number may read it (WAL). A ``ReadModel`` is
 used by one thread at a time (handing it to ``asyncio.to_thread`` is fine).
 
+Stored messages go through the write policy (``pydstack.core.policy.Gate``) before they are
+folded: what it refuses is counted, never folded. What the verdicts depend on, the keyring and
+each VM's owner, is stored with the checkpoint in the same transaction, so a restart judges
+the next messages exactly as a rebuild from the log would.
+
 Usage::
 
-    with ReadModel.open("state/readmodel.db") as rm:
-        rm.apply_messages(store_batch)  # objects with .seq, .data, .time_ns
+    with ReadModel.open("state/readmodel.db", anchor=admin_key) as rm:
+        rm.apply_messages(store_batch)  # objects with .seq, .subject, .data, .time_ns
         rm.position()                   # last stream sequence applied
         rm.list_vms(host="h1", state="running")
 """
@@ -20,7 +25,7 @@ Usage::
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +34,7 @@ from typing import Any, Final, Protocol, Self
 import msgspec
 import sqlite_utils
 
-from pydstack.core.events import CodecError
+from pydstack.core.policy import STRUCTURAL, Allowed, Gate, Keyring
 from pydstack.core.projections import (
     App,
     Applied,
@@ -38,21 +43,22 @@ from pydstack.core.projections import (
     Projections,
     Vm,
     VmState,
-    applied,
     apps,
+    from_allowed,
     hosts,
     route,
     vms,
 )
 
 # Bump when a state Struct changes incompatibly: the file is then rebuilt from the log.
-SCHEMA: Final = 1
+SCHEMA: Final = 2  # 2: the gate's state (keyring, VM owners) is kept too
 DEFAULT_NAME: Final = "main"
 
 _encode: Final = msgspec.msgpack.Encoder().encode
 _decode_app: Final = msgspec.msgpack.Decoder(App).decode
 _decode_vm: Final = msgspec.msgpack.Decoder(Vm).decode
 _decode_host: Final = msgspec.msgpack.Decoder(Host).decode
+_decode_keyring: Final = msgspec.msgpack.Decoder(Keyring).decode
 
 _TABLES: Final[dict[str, dict[str, type]]] = {
     "apps": {
@@ -116,6 +122,8 @@ class StoredMessage(Protocol):
     @property
     def seq(self) -> int: ...
     @property
+    def subject(self) -> str: ...
+    @property
     def data(self) -> bytes: ...
     @property
     def time_ns(self) -> int: ...
@@ -128,6 +136,7 @@ class BatchResult:
     redelivered: int = 0  # events at or below the checkpoint: skipped
     malformed: int = 0  # messages that did not decode (the auditor reports them)
     position: int = 0  # the checkpoint after the batch
+    refused: int = 0  # well-formed messages the write policy refuses (not folded)
 
 
 _DECODE: Final[dict[Model, Callable[[bytes], Any]]] = {
@@ -179,15 +188,19 @@ def _fold_and_write(conn: sqlite3.Connection, todo: list[tuple[Model, str, Appli
 class ReadModel:
     """Apps, VMs and hosts folded from the log into one SQLite file, with its checkpoint."""
 
-    def __init__(self, db: sqlite_utils.Database, name: str = DEFAULT_NAME) -> None:
+    def __init__(
+        self, db: sqlite_utils.Database, name: str = DEFAULT_NAME, gate: Gate | None = None
+    ) -> None:
         self.db = db
         self.name = name
+        self.gate = gate or Gate()
 
     @classmethod
-    def open(cls, path: str | Path) -> ReadModel:
+    def open(cls, path: str | Path, *, anchor: bytes | None = None) -> ReadModel:
         """Open or create the file (tables are created idempotently, WAL mode).
 
         A file written with another ``SCHEMA`` is emptied so that it is rebuilt from the log.
+        ``anchor``: the admin key the log's keyring must be rooted in (pydstack.core.policy).
         """
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +210,12 @@ class ReadModel:
         db.enable_wal()
         db.execute("PRAGMA synchronous=NORMAL")
         rm = cls(db)
-        rm._create()
+        try:
+            rm._create()
+            rm._load_gate(anchor)
+        except BaseException:
+            db.close()
+            raise
         return rm
 
     def _create(self) -> None:
@@ -210,6 +228,11 @@ class ReadModel:
             self.db.table("checkpoints").create(
                 {"name": str, "seq": int, "schema": int}, pk="name", if_not_exists=True
             )
+            self.db.table("keyrings").create(
+                {"name": str, "data": bytes}, pk="name", if_not_exists=True
+            )
+            self.db.table("vm_owners").create({"vm_id": str, "host": str}, pk="vm_id",
+                                              if_not_exists=True)  # fmt: skip
             row = self.db.execute(
                 "SELECT schema FROM checkpoints WHERE name = ?", [self.name]
             ).fetchone()
@@ -217,7 +240,7 @@ class ReadModel:
                 self._clear()
 
     def _clear(self) -> None:
-        for table in _TABLES:
+        for table in (*_TABLES, "keyrings", "vm_owners"):
             self.db.execute(f"DELETE FROM {table}")
         self.db.execute(
             "INSERT OR REPLACE INTO checkpoints (name, seq, schema) VALUES (?, 0, ?)",
@@ -228,6 +251,42 @@ class ReadModel:
         """Forget everything (rows and checkpoint) so the next batches rebuild from seq 1."""
         with self.db.atomic():
             self._clear()
+        self.gate = Gate.pinned(self.gate.keyring.anchor if self.gate.keyring.pinned else None)
+
+    def _load_gate(self, anchor: bytes | None) -> None:
+        """The keyring as of the checkpoint (owners are loaded per batch, see _owners)."""
+        row = self.db.execute("SELECT data FROM keyrings WHERE name = ?", [self.name]).fetchone()
+        gate = Gate.pinned(anchor)
+        if row is not None:
+            gate.keyring = _decode_keyring(row[0])
+            gate.pin(anchor)  # raises if the stored keyring is anchored to another key
+        self.gate = gate
+
+    def _owners(self, messages: list[StoredMessage]) -> None:
+        """Teach the gate the stored owners of the VMs a batch touches and it does not know."""
+        wanted = {
+            m.subject[10:] for m in messages if m.subject.startswith("dstack.vm.")
+        } - self.gate.owners.keys()
+        ordered = sorted(wanted)
+        for i in range(0, len(ordered), _LOAD_CHUNK):
+            chunk = ordered[i : i + _LOAD_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT vm_id, host FROM vm_owners WHERE vm_id IN ({marks})"
+            for vm_id, host in self.db.execute(sql, chunk):
+                self.gate.owners[vm_id] = host
+
+    def _save_gate(self, keyring_before: Keyring) -> None:
+        if self.gate.keyring is not keyring_before:
+            self.db.execute(
+                "INSERT OR REPLACE INTO keyrings (name, data) VALUES (?, ?)",
+                [self.name, _encode(self.gate.keyring)],
+            )
+        changes = self.gate.take_owner_changes()
+        if changes:
+            self.db.conn.executemany(
+                "INSERT OR REPLACE INTO vm_owners (vm_id, host) VALUES (?, ?)",
+                list(changes.items()),
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -254,47 +313,59 @@ class ReadModel:
         (to the seq of the last message read, when trailing messages did not decode). If
         anything raises, nothing of the batch is written.
         """
-        return self._run(((a.seq, a, False) for a in events), upto)
+        return self._run(((a.seq, a, None) for a in events), upto)
 
     def apply_messages(self, messages: Iterable[StoredMessage]) -> BatchResult:
-        """Decode stored messages and apply them as one batch.
+        """Judge stored messages (the write policy), decode and apply them as one batch.
 
-        Unknown event types and messages that do not decode still advance the checkpoint:
-        they are counted in the result, and reported by the auditor, not retried forever.
+        Unknown event types, messages that do not decode and messages the policy refuses
+        still advance the checkpoint: they are counted in the result, and reported by the
+        auditor, not retried forever.
         """
+        msgs = list(messages)
+        self._owners(msgs)
+        return self._run(((m.seq, None, m) for m in msgs), 0)
 
-        def decoded() -> Iterator[tuple[int, Applied | None, bool]]:
-            for m in messages:
-                try:
-                    yield m.seq, applied(m.seq, m.data, m.time_ns), False
-                except CodecError:
-                    yield m.seq, None, True
+    def _judge(self, m: StoredMessage) -> tuple[Applied | None, str]:
+        """The fold input of a stored message, or None and why ("malformed", "refused", "")."""
+        v = self.gate.judge(m.seq, m.subject, m.data)
+        if isinstance(v, Allowed):
+            return from_allowed(v, m.seq, m.time_ns), ""
+        return None, "malformed" if v.reason in STRUCTURAL else "refused"
 
-        return self._run(decoded(), 0)
-
-    def _run(self, items: Iterable[tuple[int, Applied | None, bool]], upto: int) -> BatchResult:
-        """Apply ``(seq, event or None, malformed)`` items in one transaction."""
-        ignored = redelivered = malformed = 0
+    def _run(
+        self, items: Iterable[tuple[int, Applied | None, StoredMessage | None]], upto: int
+    ) -> BatchResult:
+        """Apply ``(seq, event, None)`` or ``(seq, None, message)`` items in one transaction;
+        a message is judged only past the checkpoint (the gate sees each seq once)."""
+        ignored = redelivered = malformed = refused = 0
+        keyring = self.gate.keyring
         with self.db.atomic():
             start = pos = self.position()
             todo: list[tuple[Model, str, Applied]] = []
-            for seq, a, bad in items:
+            for seq, a, m in items:
                 if seq <= pos:
                     redelivered += 1
                     continue
                 pos = seq
+                why = ""
+                if m is not None:
+                    a, why = self._judge(m)
                 target = None if a is None else route(a.event)
                 if target is not None and a is not None:
                     todo.append((target[0], target[1], a))
-                elif bad:
+                elif why == "malformed":
                     malformed += 1
+                elif why == "refused":
+                    refused += 1
                 else:
                     ignored += 1
             pos = max(pos, upto)
             if pos > start:
                 _fold_and_write(self.db.conn, todo)
+                self._save_gate(keyring)
                 self.db.execute("UPDATE checkpoints SET seq = ? WHERE name = ?", [pos, self.name])
-        return BatchResult(len(todo), ignored, redelivered, malformed, pos)
+        return BatchResult(len(todo), ignored, redelivered, malformed, pos, refused)
 
     # -- reading ---------------------------------------------------------------------------
 

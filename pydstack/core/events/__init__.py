@@ -10,6 +10,7 @@ from .catalogue import (
     CvmEvent,
     GatewayEvent,
     HostEvent,
+    KeyringEvent,
     KmsEvent,
     VmEvent,
 )
@@ -46,6 +47,7 @@ from .gateways import (
     TunnelIpReleased,
 )
 from .hosts import HostHeartbeat, HostJoined, HostLeft, HostVmPlaced, HostVmReleased
+from .keyring import KeyRevoked, KeyringEntryAdded
 from .kms import BootInfo, KeyDenied, KeyIssued, KeyRequested, KmsReplicaOnboarded, KmsRootCreated
 from .subjects import ALL as ALL_SUBJECTS
 from .subjects import SubjectError, kind_filter, parse_subject, subject
@@ -81,7 +83,8 @@ __all__ = [
     "Envelope", "Event", "GatewayDomainAdded", "GatewayDomainRemoved",
     "GatewayEvent", "GatewayNodeDown", "GatewayNodeJoined", "GatewayNodeUp",
     "HostEvent", "HostHeartbeat", "HostJoined", "HostLeft", "HostVmPlaced", "HostVmReleased",
-    "KeyDenied", "KeyIssued", "KeyRequested", "KmsEvent", "KmsReplicaOnboarded",
+    "KeyDenied", "KeyIssued", "KeyRequested", "KeyRevoked", "KeyringEntryAdded", "KeyringEvent",
+    "KmsEvent", "KmsReplicaOnboarded",
     "KmsRootCreated", "PortAttrs", "PortMap", "SignatureError", "Signer", "SubjectError",
     "TunnelIpAllocated", "TunnelIpReleased", "VmBootError",
     "VmBootProgress", "VmEvent", "VmExited", "VmRejected", "VmRemoveRequested", "VmRemoved",

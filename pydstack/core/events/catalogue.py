@@ -28,6 +28,7 @@ from .gateways import (
     TunnelIpReleased,
 )
 from .hosts import HostHeartbeat, HostJoined, HostLeft, HostVmPlaced, HostVmReleased
+from .keyring import KeyRevoked, KeyringEntryAdded
 from .kms import KeyDenied, KeyIssued, KeyRequested, KmsReplicaOnboarded, KmsRootCreated
 from .vms import (
     VmBootError,
@@ -83,8 +84,11 @@ CertEvent = (
     | CertificateRenewalFailed
 )
 CvmEvent = CvmRegistered | CvmLiveness | CvmRecycled | CvmRemoved | CvmRegistrationRefused
+KeyringEvent = KeyringEntryAdded | KeyRevoked
 
-AnyEvent = AppEvent | VmEvent | HostEvent | KmsEvent | GatewayEvent | CvmEvent | CertEvent
+AnyEvent = (
+    AppEvent | VmEvent | HostEvent | KmsEvent | GatewayEvent | CvmEvent | CertEvent | KeyringEvent
+)
 
 EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     AppRegistered, AppUpgraded, AppRemoved,
@@ -98,4 +102,5 @@ EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     TunnelIpAllocated, TunnelIpReleased, CvmRemoved, CvmRegistrationRefused,
     GatewayDomainAdded, GatewayDomainRemoved, AcmeAccountCreated, CertificateRenewalStarted,
     CertificateIssued, CertificateRenewalFailed,
+    KeyringEntryAdded, KeyRevoked,
 )  # fmt: skip

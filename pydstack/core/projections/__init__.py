@@ -11,7 +11,7 @@ the auditor. Usage::
 """
 
 from . import apps, hosts, vms
-from ._applied import Applied, applied
+from ._applied import Applied, admit, applied, from_allowed
 from ._world import Model, Projections, fold, route
 from .apps import App
 from .hosts import Host, Placement, decide_placement
@@ -19,5 +19,6 @@ from .vms import READY_STAGES, Desired, Vm, VmState
 
 __all__ = [
     "READY_STAGES", "App", "Applied", "Desired", "Host", "Model", "Placement", "Projections",
-    "Vm", "VmState", "applied", "apps", "decide_placement", "fold", "hosts", "route", "vms",
+    "Vm", "VmState", "admit", "applied", "apps", "decide_placement", "fold", "from_allowed",
+    "hosts", "route", "vms",
 ]  # fmt: skip

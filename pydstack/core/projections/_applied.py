@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from pydstack.core.events import AnyEvent, decode_body, open_envelope
+from pydstack.core.policy import Allowed, Gate
 
 
 class Applied(msgspec.Struct, frozen=True):
@@ -33,3 +34,17 @@ def applied(seq: int, data: bytes, time_ns: int = 0) -> Applied | None:
     if event is None:
         return None
     return Applied(seq, time_ns or env.time_ns, event, env.id)
+
+
+def from_allowed(ok: Allowed, seq: int, time_ns: int = 0) -> Applied | None:
+    """The fold input of an allowed message (None for a type this version lacks)."""
+    if ok.event is None:
+        return None
+    return Applied(seq, time_ns or ok.envelope.time_ns, ok.event, ok.envelope.id)
+
+
+def admit(gate: Gate, seq: int, subject: str, data: bytes, time_ns: int = 0) -> Applied | None:
+    """Like :func:`applied`, through the write policy: the signature verified, the signer
+    allowed to write it (``gate.judge``, which also folds the keyring); None when refused."""
+    v = gate.judge(seq, subject, data)
+    return from_allowed(v, seq, time_ns) if isinstance(v, Allowed) else None

@@ -1,0 +1,186 @@
+"""Where the write policy meets the actors: a ``Gate`` plus its metric and its log line.
+
+Every fold that acts holds a :class:`Judge` and folds only what it admits::
+
+    judge = Judge("scheduler", anchor=store.anchor)
+    for rec in records:                          # stream order, every subject
+        ok = judge.admit(rec.seq, rec.subject, rec.data)
+        if ok is not None and ok.event is not None:
+            fold(ok.event)
+
+A refused event is skipped, counted once in ``pydstack_events_refused_total{actor,reason}``
+and logged once with its sequence and reason. A reader that sees only some subjects (one
+aggregate, or a durable consumer's filter) calls :meth:`Judge.load_keyring` first, and
+:meth:`Judge.admit_read` loads a VM's history when the owner rule needs it.
+:func:`ensure_keyring` is how ``pydstack up`` (the admin) puts its identities on the log.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Final, Protocol
+
+import structlog
+
+from pydstack.adapters.nats import ConflictError, EventStore, StoreError
+from pydstack.core.events import Envelope, KeyringEntryAdded
+from pydstack.core.policy import (
+    KEYRING_FILTER,
+    KEYRING_SUBJECT,
+    POLICY,
+    Allowed,
+    Gate,
+    Policy,
+    Refused,
+    Verdict,
+    additions,
+)
+
+from . import metrics
+
+_log = structlog.get_logger("pydstack.trust")
+_SEEN_MAX: Final = 100_000
+# (actor, seq, event id) of the refusals reported: two folds of one actor (its consumer and its
+# view) count and log an event once; the id tells apart two streams' events at one seq.
+_seen: OrderedDict[tuple[str, int, str], None] = OrderedDict()
+
+
+class _Rec(Protocol):
+    @property
+    def seq(self) -> int: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+
+
+def _first_time(actor: str, seq: int, ident: str) -> bool:
+    key = (actor, seq, ident)
+    if key in _seen:
+        return False
+    _seen[key] = None
+    if len(_seen) > _SEEN_MAX:
+        _seen.popitem(last=False)
+    return True
+
+
+class Judge:
+    """One actor's gate: admits or refuses each stored message, counting and logging refusals."""
+
+    def __init__(
+        self,
+        actor: str,
+        anchor: bytes | None = None,
+        *,
+        verify: bool = True,
+        policy: Policy = POLICY,
+    ) -> None:
+        self.actor = actor
+        self.gate = Gate.pinned(anchor, policy=policy, verify=verify)
+        self.refused: OrderedDict[int, Refused] = OrderedDict()  # recent refusals, by seq
+        self._keyring_upto = 0  # every keyring event below this seq is folded
+
+    def pin(self, anchor: bytes | None) -> None:
+        """Pin the admin key of the store it reads through (before the first event)."""
+        self.gate.pin(anchor)
+
+    def admit(
+        self, seq: int, subject: str, data: bytes, opened: Envelope | None = None
+    ) -> Allowed | None:
+        """The allowed event, or None (refused: counted and logged)."""
+        v: Verdict = self.gate.judge(seq, subject, data, opened=opened)
+        if isinstance(v, Refused):
+            self._refuse(seq, subject, v)
+            return None
+        return v
+
+    def _refuse(self, seq: int, subject: str, v: Refused) -> None:
+        self.refused[seq] = v
+        if len(self.refused) > 1000:
+            self.refused.popitem(last=False)
+        env = v.envelope
+        if not _first_time(self.actor, seq, env.id if env else ""):
+            return
+        metrics.REFUSED.labels(self.actor, v.reason).inc()
+        _log.warning(
+            "event refused by the write policy; skipped",
+            actor=self.actor, seq=seq, subject=subject, reason=v.reason, detail=v.detail,
+            event_type=env.type if env else None, signer=env.actor if env else None,
+        )  # fmt: skip
+
+    # -- readers of some subjects only -----------------------------------------------------------
+
+    async def load_keyring(self, store: EventStore, upto: int) -> None:
+        """Fold every keyring event stored before ``upto`` (one read, only when ``upto`` is
+        past what was loaded): what a reader of one aggregate or one consumer needs first."""
+        if upto <= self._keyring_upto:
+            return
+        self.pin(store.anchor)
+        records, _ = await store.read_aggregate(KEYRING_FILTER)
+        self.learn(records)  # a refused keyring event is the keyring's readers' to report
+        self._keyring_upto = upto
+
+    async def admit_read(
+        self, store: EventStore, seq: int, subject: str, data: bytes, opened: Envelope | None = None
+    ) -> Allowed | None:
+        """``admit`` for a reader that did not see the stream from its start: loads the keyring
+        up to ``seq`` first, and the VM's own history when a host-bound writer's ownership of
+        it is not known yet (the VM's pin and placement are on its own subject)."""
+        await self.load_keyring(store, seq)
+        v = self.gate.judge(seq, subject, data, opened=opened)
+        if isinstance(v, Refused) and v.reason == "not-owner" and subject.startswith("dstack.vm."):
+            vm_id = subject.split(".", 2)[2]
+            if vm_id not in self.gate.owners:
+                history, _ = await store.read_aggregate(subject)
+                self.learn(r for r in history if r.seq < seq)
+                v = self.gate.judge(seq, subject, data, opened=opened)
+        if isinstance(v, Refused):
+            self._refuse(seq, subject, v)
+            return None
+        return v
+
+    def learn(self, records: Iterable[_Rec]) -> None:
+        """Judge earlier records only for what they teach the gate (no counting, no log)."""
+        for rec in records:
+            self.gate.judge(rec.seq, rec.subject, rec.data)
+
+    async def admitted(self, store: EventStore, records: Iterable[_Rec]) -> list[Allowed]:
+        """The allowed events among one aggregate's records (keyring loaded first)."""
+        recs = list(records)
+        if recs:
+            await self.load_keyring(store, recs[-1].seq)
+        out = []
+        for rec in recs:
+            ok = self.admit(rec.seq, rec.subject, rec.data)
+            if ok is not None:
+                out.append(ok)
+        return out
+
+
+Wanted = list[tuple[bytes, str, str, tuple[str, ...]]]  # (key, name, role, hosts)
+
+
+async def ensure_keyring(admin: EventStore, wanted: Wanted) -> list[KeyringEntryAdded]:
+    """Bind every wanted identity on the log's keyring, signed by ``admin`` (whose key must be
+    the anchor, or an admin of the keyring); returns what it appended. The first call on a
+    log without a keyring starts it: events already stored become "pre-keyring"."""
+    for _ in range(10):
+        records, version = await admin.read_aggregate(KEYRING_SUBJECT)
+        judge = Judge("keyring", admin.anchor)
+        judge.learn(records)
+        ring = judge.gate.keyring
+        new = additions(ring, wanted)
+        if not new:
+            return []
+        if ring.genesis and not ring.is_admin(admin.signer.public_key, version.seq + 1):
+            _log.warning("cannot bind identities on the log's keyring: this admin key is not "
+                         "its admin", key=admin.signer.public_key.hex()[:16])  # fmt: skip
+            return []
+        try:
+            await admin.append(KEYRING_SUBJECT, new, version)
+        except ConflictError:
+            continue  # another admin wrote meanwhile: decide again on what is there now
+        _log.info("keyring updated", entries=[f"{e.name} ({e.role})" for e in new])
+        return new
+    raise StoreError(f"{KEYRING_SUBJECT} kept changing; try again")
