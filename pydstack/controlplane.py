@@ -354,7 +354,7 @@ class ControlPlane:
             kms_url=self.opts.dashboard_kms or next(iter(self.cvm_kms_urls()), ""),
             # only this cluster's root may sign an env key (its KMS CA pinned from the log)
             kms_cluster=self.kms.get("kms_cluster") or "main",
-            kms_dev_pki=_dev_pki(self.data.path / "dev-pki") if _simulated() else None,
+            kms_dev_pki=_dev_pki(self.data.path / "dev-pki") if _no_tdx() else None,
             dev_env_key=self.data.path / "dashboard" / "dev-env.key",
             allowed_hosts=self.opts.dashboard_hosts,
             login_token_file=self.data.path / "dashboard" / "login-token",
@@ -645,6 +645,10 @@ class ControlPlane:
             **where,
             hint="pydstack events --follow  |  pydstack status  |  Ctrl-C to stop",
         )
+
+
+def _no_tdx() -> bool:
+    return not Path("/sys/kernel/config/tsm/report").exists()
 
 
 def _dev_pki(path: Path) -> Path:

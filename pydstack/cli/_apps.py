@@ -1,22 +1,26 @@
-"""What ``deploy``, ``app`` and ``audit --app`` share: reading the log once, the KMS roots and
-gateway clusters on it, and sealing an env file to an app's verified KMS key."""
+"""What ``deploy``, ``app`` and ``audit --app`` share: reading the log once, the gateway
+clusters on it, and sealing an env file to an app's verified KMS key."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pydstack.adapters.nats import EventStore, Recorded
-from pydstack.core.events import ALL_SUBJECTS, CodecError, KmsRootCreated
+from pydstack.core.events import ALL_SUBJECTS, CodecError
 from pydstack.core.gateway.cluster import ClusterState, on_its_subject
 from pydstack.core.gateway.cluster import fold as fold_cluster
 from pydstack.core.kms.envcrypt import EnvFileError, encrypt_env, parse_env_file
 from pydstack.core.projections import Applied, applied
 
 from ._common import Conn
+
+if TYPE_CHECKING:
+    from .env import ClusterTrust
 
 
 def decoded(rec: Recorded) -> Applied | None:
@@ -40,9 +44,8 @@ async def read_events(store: EventStore, subject: str = ALL_SUBJECTS) -> list[tu
 
 @dataclass
 class LogContext:
-    """KMS roots and gateway clusters as folded from the log."""
+    """Gateway clusters as folded from the log (KMS roots: `env.cluster_trust`, by cluster)."""
 
-    kms_roots: dict[str, KmsRootCreated] = field(default_factory=dict)  # cluster -> root
     clusters: dict[str, ClusterState] = field(default_factory=dict)
 
     def base_domains(self) -> dict[str, str]:
@@ -57,9 +60,6 @@ class LogContext:
 
 async def log_context(store: EventStore) -> LogContext:
     ctx = LogContext()
-    for _, a in await read_events(store, "dstack.kms.*"):
-        if isinstance(a.event, KmsRootCreated):
-            ctx.kms_roots.setdefault(a.event.cluster, a.event)
     gateway = await read_events(store, "dstack.gateway.*")
     cvms = await read_events(store, "dstack.cvm.*")
     names = {s.split(".", 2)[2] for s, _ in gateway if ":" not in s}
@@ -85,20 +85,20 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
 
 
 async def seal_env(
-    kms_url: str, app_id: str, envs: list[tuple[str, str]], roots: dict[str, KmsRootCreated]
+    kms_url: str, app_id: str, envs: list[tuple[str, str]], trust: ClusterTrust
 ) -> tuple[bytes, str]:
     """Encrypt `envs` to the app's env key from the KMS (GetAppEnvEncryptPubKey), accepted only
-    when its signature recovers a KMS root recorded on the log. Returns (blob, which root)."""
+    when its signature recovers the root of the pinned KMS cluster (`env.cluster_trust`), over
+    TLS to that cluster's KMS CA. Returns (blob, the cluster)."""
     from .env import fetch_env_pubkey, trusted_root
 
-    if not roots:
+    if trust.root is None:
         raise click.ClickException(
-            "no KMS root on the log (KmsRootCreated) to check the env key against; start a KMS "
-            "(pydstack up) before deploying with --env-file"
+            f"no root of KMS cluster {trust.cluster} on the log (KmsRootCreated) to check the "
+            "env key against; start a KMS (pydstack up) before deploying with --env-file"
         )
     aid = bytes.fromhex(app_id)
-    pub, _ = await fetch_env_pubkey(kms_url, aid, None)
-    keys = {cluster: root.k256_public_key for cluster, root in roots.items()}
-    cluster = trusted_root(pub, aid, keys, kms_url)
+    pub, _ = await fetch_env_pubkey(kms_url, aid, trust.ca_pem)
+    cluster = trusted_root(pub, aid, {trust.cluster: trust.root}, kms_url)
     blob = encrypt_env(envs, pub.public_key, ephemeral=os.urandom(32), iv=os.urandom(12))
     return blob, cluster

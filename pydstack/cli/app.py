@@ -32,9 +32,10 @@ from pydstack.core.apps import (
 from pydstack.core.events import Event, subject
 from pydstack.core.projections import App
 
-from ._apps import kms_url_of, log_context, read_env_file, read_events, seal_env
+from ._apps import kms_url_of, read_env_file, read_events, seal_env
 from ._common import connect, connection_options, echo_json, fmt_time, json_option, resolve, run
 from .commands import app_group as app_group  # re-exported: main registers it from here
+from .env import cluster_trust
 
 RETRIES = 3
 
@@ -229,7 +230,8 @@ def app_upgrade(
                 url = kms_url_of(conn, kms_url)
                 if not url:
                     raise click.ClickException("--env-file needs a KMS: pass --kms URL")
-                blob, _ = await seal_env(url, aid, envs, (await log_context(store)).kms_roots)
+                trust = await cluster_trust(conn, None, store)
+                blob, _ = await seal_env(url, aid, envs, trust)
             try:
                 upgrade, updates = decide_upgrade(info.app, info.vms, aid, text,
                                                   encrypted_env=blob)  # fmt: skip

@@ -44,6 +44,7 @@ from pydstack.core.projections import apps
 from ._apps import LogContext, decoded, kms_url_of, log_context, read_env_file, seal_env
 from ._common import Conn, connect, connection_options, echo_json, json_option, resolve, run
 from .commands import _Size
+from .env import cluster_trust
 
 RETRIES = 3
 
@@ -181,9 +182,11 @@ def deploy_cmd(
                 if not url:
                     raise click.ClickException("--env-file needs a KMS: pass --kms URL (or run "
                                                "`pydstack up` with its KMS)")  # fmt: skip
-                blob, root = await seal_env(url, app_id, envs, log.kms_roots)
+                trust = await cluster_trust(conn, None, store)
+                blob, root = await seal_env(url, app_id, envs, trust)
                 out.info(f"env          {len(envs)} vars sealed to the app key from "
-                         f"{urlsplit(url).netloc} (signed by KMS root {root} on the log)",
+                         f"{urlsplit(url).netloc} (signed by KMS cluster {root}'s root, "
+                         f"{trust.source})",
                          env_vars=list(names), kms=url, kms_root=root)  # fmt: skip
                 try:
                     plan = plan_deploy(_with_env(req, blob), vm_id=vm)

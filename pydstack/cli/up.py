@@ -194,6 +194,23 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
     help="a running KMS of the cluster to get the root keys from (a replica's first start)",
 )
 @click.option(
+    "--kms-onboard-token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="with --kms-onboard: the source's onboarding token (its DATA_DIR/kms/onboard-token, "
+    "copied here 0600), sent inside the mutual RA-TLS channel: a dev-backend KMS releases "
+    "its root keys to no replica without it (or --kms-allow-mr on the source)",
+)
+@click.option(
+    "--kms-allow-mr",
+    "kms_allow_mrs",
+    multiple=True,
+    metavar="HEX",
+    help="dev backend: a KMS measurement allowed to hold the root keys without the token "
+    "(replicas onboarding from this KMS, and the source this one onboards from): MRTD "
+    "(96 hex digits; names the firmware only) or mr_aggregated / mr_system (64); repeatable",
+)
+@click.option(
     "--kms-url",
     "kms_urls",
     multiple=True,
@@ -237,6 +254,8 @@ def up_cmd(
     gateway_node_id: str,
     join: str,
     kms_onboard: str,
+    kms_onboard_token_file: str | None,
+    kms_allow_mrs: tuple[str, ...],
     kms_urls: tuple[str, ...],
 ) -> None:
     """Start the control plane: nats-server + JetStream, the stream, the actors.
@@ -246,7 +265,8 @@ def up_cmd(
     joins that server or cluster instead, using the identities of the data dir (on a
     further host: `--join URL`, with `--kms --kms-onboard URL` for a KMS replica; a KMS
     replica alone: `--no-host --no-gateway --kms --kms-onboard URL --host-id NAME`, NAME being
-    its instance id). `--kms-url URL` names further KMS replicas this host's CVMs may ask.
+    its instance id, and `--kms-onboard-token-file FILE` the source's onboarding token when
+    its backend is dev). `--kms-url URL` names further KMS replicas this host's CVMs may ask.
     Stop with Ctrl-C: actors first, then nats-server.
     """
     s = ctx.ensure_object(Settings)
@@ -258,7 +278,8 @@ def up_cmd(
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
-        kms_onboard=kms_onboard, kms_urls=kms_urls,
+        kms_onboard=kms_onboard, kms_onboard_token_file=kms_onboard_token_file or "",
+        kms_allow_mrs=kms_allow_mrs, kms_urls=kms_urls,
         kms_instance=host_id if no_host and named else "", gateway_node_id=gateway_node_id,
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         dashboard_listen=dashboard_listen, dashboard_hosts=dashboard_hosts,

@@ -290,7 +290,7 @@ async def test_a_kms_process_serves_its_refusals_on_metrics(
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
         url = line.decode().strip().split("=", 1)[1]
-        async with KmsClient(url) as c:
+        async with KmsClient(url, dev_pki=pki) as c:
             temp = await c.call("GetTempCaCert")
         state0 = await stream_state(store)
         stale = (await unverified_identities_for(temp, pki))["stale"]

@@ -118,7 +118,7 @@ async def test_kms_process_has_no_seed_in_its_cmdline_and_signs_with_the_file(
     argv = [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_server.url,
             "--cluster", "argv", "--port", "0", "--key-file", str(tmp_path / "root.sealed"),
             "--seal-appkeys", str(tmp_path / "appkeys.json"), "--dev-pki", str(tmp_path / "pki"),
-            "--auth-url", "http://127.0.0.1:9", "--signer-seed-file", str(seed_file)]  # fmt: skip
+            "--auth", "dev", "--allow-dev-auth", "--signer-seed-file", str(seed_file)]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None

@@ -16,7 +16,7 @@ from pydstack.core.events import AppRegistered, HostJoined, VmRequested, subject
 from pydstack.core.kms.derive import env_crypt_key, k256_public
 from pydstack_guest.kms_provider import decrypt_env
 from tests.cli.harness import Up, cli
-from tests.kms.conftest import Kms
+from tests.kms.conftest import CLUSTER, Kms
 
 from .conftest import Plane
 from .support import log, open_tab, wait_for
@@ -32,10 +32,11 @@ async def test_browser_seals_env_to_the_kms_key_checked_against_the_root_on_the_
     """With a KMS configured, the form shows the key as the KMS's (signature checked against
     the KmsRootCreated root on the log), and what it seals opens with the app's env key the
     KMS derives from its root: what a CVM gets at boot."""
-    cfg = DashboardConfig(port=0, kms_url=kms.url, kms_ca_pem=kms.temp["ca_cert"])
+    cfg = DashboardConfig(port=0, kms_url=kms.url, kms_cluster=CLUSTER)
     async with await Dashboard.create(plane.operator, cfg) as dash:
         await dash.follower.ready.wait()
-        assert dash.state.root_k256() == k256_public(kms.svc.root.k256)
+        root = dash.state.kms_root(CLUSTER)
+        assert root is not None and root.k256_public_key == k256_public(kms.svc.root.k256)
         tab = await open_tab(browser, f"{dash.url}deploy")
         await tab.page.fill("#compose", COMPOSE)
         await tab.page.fill("#env", "DB_PASSWORD=hunter2")

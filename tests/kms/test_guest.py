@@ -22,7 +22,7 @@ from pydstack_guest import GuestAgent, GuestConfig, KeyProviderError, serve_agen
 from pydstack_guest.keys import key_public, verify_key_chain
 from pydstack_guest.kms_provider import KmsKeyProvider, decrypt_env
 
-from .conftest import APP_ID, VM_CONFIG, Kms, make_cvm
+from .conftest import APP_ID, CLUSTER, VM_CONFIG, Kms, make_cvm
 
 
 def verifier(kms: Kms, pki: DevPki) -> RaTlsVerifier:
@@ -81,9 +81,12 @@ async def test_env_vars_encrypted_by_sdk_and_by_cli_decrypt_in_the_guest(
 
     (tmp_path / ".env").write_text('# comment\nDB_PASS="s3cr3t"\nexport TOKEN=abc\n')
     root = kms.svc.root.k256_public().hex()
-    args = ["encrypt", "--app-id", APP_ID.hex(), "--kms", kms.url, "--kms-root", root]
+    pki.save(tmp_path / "pki")  # no CA pinned: the KMS's RA-TLS is checked under the dev PKI
+    args = ["encrypt", "--app-id", APP_ID.hex(), "--kms", kms.url, "--kms-dev-pki",
+            str(tmp_path / "pki"), "--kms-root", root]  # fmt: skip
     result = await asyncio.to_thread(CliRunner().invoke, env_cli, [*args, str(tmp_path / ".env")])
     assert result.exit_code == 0, result.output
+    assert "SIMULATED TDX" in result.output
     blob = bytes.fromhex(result.stdout.strip().splitlines()[-1])
     assert decrypt_env(keys.env_crypt_key, blob) == [("DB_PASS", "s3cr3t"), ("TOKEN", "abc")]
     # A wrong pinned root is refused before anything is encrypted.
@@ -93,12 +96,14 @@ async def test_env_vars_encrypted_by_sdk_and_by_cli_decrypt_in_the_guest(
 
 
 async def test_env_encrypt_trusts_the_kms_roots_on_the_log_without_a_pinned_root(
-    kms: Kms, tmp_path: Path
+    kms: Kms, pki: DevPki, tmp_path: Path
 ) -> None:
-    """Without --kms-root the env key must recover a KmsRootCreated root from the log; only
-    when no log is reachable does it fall back to GetMeta's root, saying so."""
+    """Without --kms-root the env key must recover the root of the cluster (--kms-cluster) on
+    the log, over TLS to its CA from the log; only when no log is reachable does it fall back
+    to GetMeta's root, saying so, from a KMS whose RA-TLS verified under the dev PKI."""
     (tmp_path / ".env").write_text("A=1\n")
-    base = ["encrypt", "--app-id", APP_ID.hex(), "--kms", kms.url,
+    pki.save(tmp_path / "home" / "dev-pki")  # what a simulated `up` leaves in its data dir
+    base = ["encrypt", "--app-id", APP_ID.hex(), "--kms", kms.url, "--kms-cluster", CLUSTER,
             "--data-dir", str(tmp_path / "home")]  # fmt: skip
     env_key = app_key_material(kms.svc.root, APP_ID, b"\x11" * 20).env_crypt_key
 
@@ -114,3 +119,4 @@ async def test_env_encrypt_trusts_the_kms_roots_on_the_log_without_a_pinned_root
     no_log = await asyncio.to_thread(run, "--nats", "nats://127.0.0.1:1")
     assert no_log.exit_code == 0, no_log.output
     assert "no KMS root on a reachable log; trusting the root the KMS reports" in no_log.output
+    assert "SIMULATED TDX" in no_log.output

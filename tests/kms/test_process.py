@@ -71,8 +71,12 @@ async def test_kill_mid_request_leaves_no_half_decision(
         await hold.wait()
         return web.json_response({"isAllowed": True, "reason": "", "gatewayAppId": ""})
 
+    async def kms_auth(request: web.Request) -> web.Response:  # the KMS asks about itself
+        return web.json_response({"isAllowed": True, "reason": "", "gatewayAppId": ""})
+
     app = web.Application()
     app.router.add_post("/bootAuth/app", boot_auth)
+    app.router.add_post("/bootAuth/kms", kms_auth)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -89,7 +93,7 @@ async def test_kill_mid_request_leaves_no_half_decision(
     proc, url = await _start(args)
     cvm = make_cvm(pki)
     try:
-        async with KmsClient(url) as c:
+        async with KmsClient(url, dev_pki=pki) as c:
             temp = await c.call("GetTempCaCert")
         identity = await bound_identity(cvm, temp)
         body = {"api_version": 1, "vm_config": VM_CONFIG}
@@ -235,7 +239,7 @@ async def test_replica_onboards_and_answers_identically(
     async with svc_b, serve_kms(svc_b) as url_b:
         answers = []
         for url in (kms.url, url_b):
-            async with KmsClient(url) as c:
+            async with KmsClient(url, dev_pki=pki) as c:
                 temp = await c.call("GetTempCaCert")
                 meta = await c.call("GetMeta")
             identity = await bound_identity(cvm, temp)

@@ -32,6 +32,7 @@ import pytest
 
 from pydstack.adapters.nats import NatsCluster, read_node
 from pydstack.adapters.sandbox import _netns
+from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.wireguard import netns as ns
 from pydstack.core.events import verify
 from tests.cli.harness import PYDSTACK, cli, wait_for
@@ -304,6 +305,12 @@ async def test_two_hosts_survive_a_nats_node_a_kms_replica_and_a_gateway_going_d
                 )
 
 
+def copy_token(source: str, home: Path) -> str:
+    """What an operator does: copy the source KMS's onboarding token (0600) to the replica."""
+    assert Path(source).stat().st_mode & 0o777 == 0o600
+    return str(write_secret(home.parent / f"{home.name}-onboard-token", Path(source).read_bytes()))
+
+
 async def _scenario(
     lan: Lan, cluster: NatsCluster, homes: dict[str, Path], hosts: list[HostUp]
 ) -> None:
@@ -324,10 +331,14 @@ async def _scenario(
     for home in (home_k, home_b):
         for d in ("identities", "dev-pki"):
             await asyncio.to_thread(shutil.copytree, home_a / d, home / d)
-    # K: a KMS replica alone (no VMM, no gateway), onboarded from A's KMS; instance "hk".
+    # K: a KMS replica alone (no VMM, no gateway), onboarded from A's KMS; instance "hk". A's
+    # dev backend authorizes no KMS: the operator copies A's onboarding token to K (0600).
+    assert state_a["kms_onboard_token_file"] == str(home_a / "kms" / "onboard-token")
+    token_k = await asyncio.to_thread(copy_token, state_a["kms_onboard_token_file"], home_k)
     kms_k = HostUp("hk", lan.ns("hk"), home_k, [
         "--join", nats, "--listen", ip_k, "--no-host", "--host-id", "hk", "--no-gateway",
-        "--kms", "--kms-onboard", state_a["kms_url"]])  # fmt: skip
+        "--kms", "--kms-onboard", state_a["kms_url"],
+        "--kms-onboard-token-file", token_k])  # fmt: skip
     hosts.append(kms_k)
     state_k = await asyncio.to_thread(kms_k.wait_ready)
     assert state_k["kms_url"].startswith(f"https://{ip_k}:"), state_k

@@ -1,10 +1,13 @@
 """Where the deploy form gets the X25519 key it encrypts env vars to.
 
 With a KMS configured, the key is the KMS's answer to ``GetAppEnvEncryptPubKey``, accepted
-only when its timestamped signature recovers the KMS root k256 key: the root recorded on the
-log (``KmsRootCreated``) when there is one, else the root GetMeta reports (then said so).
-Without a KMS it is a development key kept in the data dir (``DevEnvKey``), and the form says
-that too. Usage::
+only when its timestamped signature recovers the root k256 key of the KMS cluster the dashboard
+is pinned to by its id (``kms_cluster``): that cluster's root on the log (its
+``KmsRootCreated``), never another cluster's, and then over TLS to that cluster's KMS CA. Only
+when the log holds no root of that cluster is the root GetMeta reports taken (then said so),
+from a server that must prove it is an attested KMS (RA-TLS, ``kms:rpc``; under the dev PKI
+when simulated, also said so). Without a KMS it is a development key kept in the data dir
+(``DevEnvKey``), and the form says that too. Usage::
 
     source = DevEnvKey.load_or_create(data_dir / "dashboard" / "dev-env.key")
     key = await source.get(app_id)     # EnvKey(public_key="ab…", source="dev", detail="…")
@@ -16,13 +19,17 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import aiohttp
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from pydstack.adapters.secretfile import write_secret
+
+if TYPE_CHECKING:
+    from pydstack.adapters.tdx.pki import DevPki
+    from pydstack.core.events import KmsRootCreated
 
 MAX_AGE_S: Final = 300
 
@@ -81,24 +88,37 @@ class DevEnvKey:
 
 
 class KmsEnvKey:
-    """The app's env key from a KMS, checked against the KMS root (see the module doc)."""
+    """The app's env key from a KMS, checked against the root of KMS cluster `cluster` (see
+    the module doc)."""
 
     def __init__(
-        self, url: str, *, ca_pem: str | None = None, root: Callable[[], bytes | None]
+        self,
+        url: str,
+        *,
+        cluster: str,
+        root: Callable[[], KmsRootCreated | None],
+        ca_pem: str | None = None,
+        dev_pki: DevPki | None = None,
     ) -> None:
         self.url = url
-        self.ca_pem = ca_pem
-        self.root = root  # the root k256 key on the log, if any
+        self.cluster = cluster
+        self.root = root  # the cluster's root on the log, if any
+        self.ca_pem = ca_pem  # a KMS CA to pin [default: the cluster's]
+        self.dev_pki = dev_pki  # no CA to pin: the KMS's RA-TLS is checked under it (simulated)
 
     async def get(self, app_id: str) -> EnvKey:
         from pydstack.actors.kms.client import KmsCallError, KmsClient
         from pydstack.core.kms import DerivationError, EnvPubKey, env_pubkey_signer
 
         aid = bytes.fromhex(app_id)
+        created = self.root()
+        pinned = created.k256_public_key if created is not None else None
+        ca_pem = self.ca_pem or (created.ca_cert_pem if created is not None else None) or None
         try:
-            async with KmsClient(self.url, ca_pem=self.ca_pem, timeout=10.0) as kms:
+            async with KmsClient(
+                self.url, ca_pem=ca_pem, dev_pki=self.dev_pki, timeout=10.0
+            ) as kms:
                 resp = await kms.call("GetAppEnvEncryptPubKey", {"app_id": app_id})
-                pinned = self.root()
                 meta_root = None if pinned else str((await kms.call("GetMeta"))["k256_pubkey"])
         except (KmsCallError, aiohttp.ClientError, OSError, TimeoutError, KeyError) as exc:
             raise EnvKeyError(f"KMS {self.url}: {type(exc).__name__}: {exc}") from None
@@ -117,9 +137,15 @@ class KmsEnvKey:
         root = pinned or bytes.fromhex((meta_root or "").removeprefix("0x"))
         if signer != root:
             raise EnvKeyError(
-                f"KMS {self.url}: env key signed by {signer.hex()}, not the KMS root {root.hex()}"
+                f"KMS {self.url}: env key signed by {signer.hex()}, not KMS cluster "
+                f"{self.cluster}'s root {root.hex()}"
             )
-        how = "the KMS root on the log" if pinned else "the root GetMeta reports (not pinned)"
+        if pinned:
+            how = f"the KMS root on the log (cluster {self.cluster})"
+        else:
+            how = "the root GetMeta reports (not pinned; its RA-TLS checked" + (
+                " under the dev PKI: SIMULATED TDX)" if self.dev_pki is not None else ")"
+            )
         return EnvKey(
             public_key=pub.public_key.hex(),
             source="kms",

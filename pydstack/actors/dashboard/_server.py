@@ -45,7 +45,9 @@ class DashboardConfig:
     port: int = 8080  # taken: any free port (logged); 0: any free port
     host: str = "127.0.0.1"
     kms_url: str = ""  # set: env keys come from this KMS (GetAppEnvEncryptPubKey)
-    kms_ca_pem: str | None = None
+    kms_ca_pem: str | None = None  # [default: the cluster's KMS CA on the log]
+    kms_cluster: str = "main"  # only this KMS cluster's root may sign an env key
+    kms_dev_pki: Path | None = None  # no CA to pin: check the KMS's RA-TLS under it (simulated)
     dev_env_key: Path | None = None  # without a KMS: the dev env key file (None: in memory)
     event_window: int = EVENT_WINDOW  # recent events kept in memory (older: read from NATS)
     # Further names browsers may reach it by (Host header: NAME or NAME:PORT), e.g. a reverse
@@ -102,7 +104,12 @@ class Dashboard:
     def _env_key_source(self) -> EnvKeySource:
         c = self.config
         if c.kms_url:
-            return KmsEnvKey(c.kms_url, ca_pem=c.kms_ca_pem, root=self.state.root_k256)
+            from pydstack.adapters.tdx.pki import DevPki
+
+            return KmsEnvKey(
+                c.kms_url, cluster=c.kms_cluster, root=lambda: self.state.kms_root(c.kms_cluster),
+                ca_pem=c.kms_ca_pem, dev_pki=DevPki.load(c.kms_dev_pki) if c.kms_dev_pki else None,
+            )  # fmt: skip
         if c.dev_env_key is None:  # nowhere to keep it: a key for this process only
             return DevEnvKey(os.urandom(32))
         return DevEnvKey.load_or_create(c.dev_env_key)

@@ -2,7 +2,11 @@
 
 Dev/simulator options (`--dev-pki DIR`) make it trust a simulator PKI and attest itself on a
 simulated TD; on a TDX host pass `--guest-agent /var/run/dstack.sock` instead (seal key and
-attestation then come from the dstack guest agent). Prints `KMS_URL=<url>` once serving.
+attestation then come from the dstack guest agent). Before serving it asks its own backend
+about itself (bootAuth/kms; refused: one line and exit 1; `--auth dev` allows itself, loudly).
+Prints `KMS_URL=<url>` once serving. With `--auth dev` no replica gets the root keys without
+this KMS's onboarding token (`--replica-token-file`) or an allow-listed measurement
+(`--allow-mr`); a replica passes the source's token with `--onboard-token-file`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,28 @@ from pydstack.loop import run as run_loop
     help="a running replica: get the cluster's root keys from it (both sides attest) first",
 )
 @click.option(
+    "--onboard-token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="with --onboard-from: the source KMS's onboarding token (mode 0600), sent inside the "
+    "mutual RA-TLS channel; what a dev-backend source needs to release its root keys",
+)
+@click.option(
+    "--replica-token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="--auth dev: this KMS's onboarding token, made 0600 when missing; a replica "
+    "presenting it gets the root keys",
+)
+@click.option(
+    "--allow-mr",
+    "allow_mrs",
+    multiple=True,
+    metavar="HEX",
+    help="--auth dev: a replica (or source) measurement allowed to hold the root keys: MRTD "
+    "(96 hex digits; names the firmware only) or mr_aggregated / mr_system (64); repeatable",
+)
+@click.option(
     "--signer-seed-file",
     type=click.Path(dir_okay=False),
     envvar="PYDSTACK_KMS_SIGNER_SEED_FILE",
@@ -77,7 +103,8 @@ async def run(
     nats_url: str, cluster: str, host: str, port: int, key_file: str, seal_appkeys: str | None,
     guest_agent: str | None, auth: str, auth_url: str, allow_dev_auth: bool,
     dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_file: str | None,
-    onboard_from: str = "", metrics_port: int = 0,
+    onboard_from: str = "", metrics_port: int = 0, onboard_token_file: str | None = None,
+    replica_token_file: str | None = None, allow_mrs: tuple[str, ...] = (),
 ) -> None:  # fmt: skip
     import os
 
@@ -85,7 +112,9 @@ async def run(
     from pydstack.adapters.secretfile import SecretFileError, read_seed
     from pydstack.core.events import Signer
 
+    from .client import KmsCallError
     from .launch import KmsLaunch, LaunchError, running_kms
+    from .service import KmsError
 
     try:
         seed = read_seed(signer_seed_file) if signer_seed_file else os.urandom(32)
@@ -96,6 +125,8 @@ async def run(
         key_file=key_file, cluster=cluster, host=host, port=port, seal_appkeys=seal_appkeys,
         guest_agent=guest_agent, auth=auth, auth_url=auth_url, allow_dev_auth=allow_dev_auth,
         dev_pki=dev_pki, pccs_url=pccs_url, instance_id=instance_id, onboard_from=onboard_from,
+        onboard_token_file=onboard_token_file or "", replica_token_file=replica_token_file or "",
+        allow_mrs=allow_mrs,
     )  # fmt: skip
     store = await EventStore.connect(nats_url, signer)
     await store.ensure_stream()
@@ -113,7 +144,7 @@ async def run(
             gc.freeze()
             print(f"KMS_URL={url}", flush=True)
             await stop.wait()
-    except LaunchError as exc:
+    except (LaunchError, KmsError, KmsCallError) as exc:  # refused to start: one line
         raise click.ClickException(str(exc)) from None
     finally:
         if stop_metrics is not None:

@@ -3,8 +3,10 @@
 - `WebhookBackend`: dstack's auth-simple protocol: POST `<url>/bootAuth/app` or
   `<url>/bootAuth/kms` with the BootInfo (camelCase, hex) -> `{isAllowed, reason,
   gatewayAppId}`. Any transport or format error refuses (fail closed) with the error as reason.
-- `DevBackend`: allows everything. Refused unless explicitly enabled; warns loudly on start and
-  names itself in every verdict, so a dev decision is recognisable on the log.
+- `DevBackend`: allows every attested app, and no KMS: the cluster's root keys (`GetKmsKey`)
+  never follow from it (a replica needs an explicit onboarding authorization, see
+  `authority.py`). Refused unless explicitly enabled; warns loudly on start and names itself
+  in every verdict, so a dev decision is recognisable on the log.
 - `eth`: on-chain allow-lists, in `pydstack.adapters.eth` (built separately).
 
     backend = make_backend("webhook", url="http://127.0.0.1:8000")
@@ -19,7 +21,7 @@ from typing import Any, Self
 import aiohttp
 import structlog
 
-from pydstack.core.kms import AuthBackend, AuthVerdict, BootInfo, webhook_body
+from pydstack.core.kms import DEV_NOT_FOR_KMS, AuthBackend, AuthVerdict, BootInfo, webhook_body
 
 log = structlog.get_logger("pydstack.kms")
 
@@ -80,7 +82,7 @@ class WebhookBackend:
 
 
 class DevBackend:
-    """Allow-all, for development only."""
+    """Allow every attested app, for development only; never a KMS (`DEV_NOT_FOR_KMS`)."""
 
     name = "dev"
 
@@ -100,7 +102,9 @@ class DevBackend:
         return AuthVerdict(True, "dev backend allows all", self.gateway_app_id)
 
     async def authorize_kms(self, boot: BootInfo) -> AuthVerdict:
-        return AuthVerdict(True, "dev backend allows all", self.gateway_app_id)
+        # With the dev backend anything that boots would get the root keys, and with them
+        # every app's keys: a KMS is authorized explicitly (authority.KmsAuthority) instead.
+        return AuthVerdict(False, DEV_NOT_FOR_KMS)
 
 
 def make_backend(kind: str, *, url: str = "", allow_dev: bool = False) -> AuthBackend:

@@ -1,12 +1,18 @@
 """A client of the KMS RPC (CLI, replica onboarding, tests): JSON over HTTPS, optional RA-TLS.
 
-    async with KmsClient(url) as kms:                       # no client cert, no server pin
+    async with KmsClient(url) as kms:                       # no pin: the server must attest
         tmp = await kms.call("GetTempCaCert")
+    async with KmsClient(url, dev_pki=pki) as kms: ...      # the same, simulated TDX (dev PKI)
     async with KmsClient(url, ca_pem=tmp["ca_cert"], identity=(chain, key),
                          verifier=ratls_verifier) as kms:   # mutual RA-TLS
         keys = await kms.call("GetAppKey", {"api_version": 1, "vm_config": cfg})
 
-`call` raises `KmsCallError` (status, error text, request id) on any non-200 answer.
+With `ca_pem` (the cluster's KMS CA, e.g. from `KmsRootCreated` on the log) TLS checks the
+server's chain to it. Without a pin the server must prove it is an attested KMS before a byte
+of the request is sent: its certificate names the `kms:rpc` usage and carries RA-TLS evidence
+that verifies (bound to its key, quote under Intel's root, or under the dev PKI's root when
+`dev_pki` is given: simulated TDX, no real TEE). `call` raises `KmsCallError` (status, error
+text, request id) on any non-200 answer; a server that is no attested KMS is `RaTlsPeerRefused`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import ssl
 import time
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 from cryptography import x509
@@ -25,6 +31,11 @@ from pydstack.adapters.tdx.ratls import Attester, issue_ratls_cert
 from pydstack.adapters.tdx.ratls_tls import RaTlsConnector, RaTlsVerifier, _pem_files
 
 from .service import key_pem, pem
+
+if TYPE_CHECKING:
+    from pydstack.adapters.tdx.pki import DevPki
+
+KMS_RPC_USAGE = "kms:rpc"  # the special usage of a KMS's RPC server certificate
 
 
 class KmsCallError(Exception):
@@ -44,7 +55,9 @@ def plain_context(ca_pem: str | None) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False  # identity is the pinned CA / the attestation, not a DNS name
     if ca_pem is None:
-        ctx.verify_mode = ssl.CERT_NONE  # trust comes from signatures checked by the caller
+        # No chain to check against: the caller checks the server's attestation instead
+        # (KmsClient: RaTlsConnector with kms_verifier), before any request byte is sent.
+        ctx.verify_mode = ssl.CERT_NONE
     else:
         ctx.load_verify_locations(cadata=ca_pem)
     return ctx
@@ -62,6 +75,24 @@ def client_context(ca_pem: str | None, identity: tuple[str, str] | None) -> ssl.
     return ctx
 
 
+def kms_verifier(
+    *, dev_pki: DevPki | None = None, pccs_url: str = "", cache_seconds: float = 300.0
+) -> RaTlsVerifier:
+    """What a client without a pinned CA checks of the server: its certificate names the
+    `kms:rpc` usage, and its RA-TLS evidence verifies under Intel's root (collateral from
+    `pccs_url`, default Intel's PCS) or, simulated, under `dev_pki`'s root."""
+    from pydstack.adapters.tdx.collateral import CollateralCache
+    from pydstack.adapters.tdx.devpccs import dev_collateral
+
+    from .launch import INTEL_PCCS
+
+    if dev_pki is not None:
+        source, root = dev_collateral(dev_pki), dev_pki.root_der
+    else:
+        source, root = CollateralCache.pccs(pccs_url or INTEL_PCCS), None
+    return RaTlsVerifier(source, root_ca_der=root, usage=KMS_RPC_USAGE, cache_seconds=cache_seconds)
+
+
 class KmsClient:
     def __init__(
         self,
@@ -70,10 +101,21 @@ class KmsClient:
         ca_pem: str | None = None,
         identity: tuple[str, str] | None = None,
         verifier: RaTlsVerifier | None = None,
+        dev_pki: DevPki | None = None,
         timeout: float = 30.0,
         trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> None:
         self.url = url.rstrip("/").removesuffix("/prpc")
+        if ca_pem is None:
+            if verifier is None:
+                verifier = kms_verifier(dev_pki=dev_pki)
+            elif verifier.usage != KMS_RPC_USAGE:
+                raise ValueError(
+                    "without a pinned KMS CA (ca_pem) the server's certificate must be checked "
+                    f"for the {KMS_RPC_USAGE} usage: pass kms_verifier(...) or ca_pem"
+                )
+        # The server's evidence is checked against a dev PKI: simulated TDX, no real TEE.
+        self.simulated = verifier is not None and verifier.root_ca_der is not None
         ctx = client_context(ca_pem, identity)
         conn: aiohttp.TCPConnector = (
             RaTlsConnector(verifier, ssl=ctx, force_close=True)

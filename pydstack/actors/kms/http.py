@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydstack.adapters.tdx.ratls import build_ratls_cert
 from pydstack.adapters.tdx.ratls_tls import peer_cert_der, server_ssl_context
 from pydstack.core.kms import CsrError, decode_csr
+from pydstack.core.kms.onboarding import MAX_TOKEN
 
 from .evidence import MALFORMED, MAX_CERTIFICATE, OVERSIZE
 from .refusal import NO_CERTIFICATE, Refused, refuse
@@ -102,9 +103,14 @@ async def get_app_key(request: web.Request, body: dict[str, Any]) -> web.StreamR
 
 async def get_kms_key(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     vm_config = _str(body, "vm_config")
+    # Ours, beside dstack's fields: the source's onboarding token (authority.py), sent only
+    # inside the mutual RA-TLS channel; never logged, never on the log.
+    token = _str(body, "onboard_token")
+    if len(token) > MAX_TOKEN:
+        raise BadRequest("onboard_token", f"onboard_token is over {MAX_TOKEN} characters")
     try:
         der = _peer(request, "GetKmsKey")
-        return web.json_response(await request.app[SERVICE].get_kms_key(der, vm_config))
+        return web.json_response(await request.app[SERVICE].get_kms_key(der, vm_config, token))
     except Denied as d:
         return _denied(d)
 

@@ -1,13 +1,17 @@
 """Replica onboarding: a new KMS instance gets the cluster's root keys from a running one.
 
-Both sides attest: the replica checks the source's RA-TLS server certificate (evidence +
-`authorize_kms` on the replica's backend) before asking; the source checks the replica's
-RA-TLS client certificate and asks its backend (`authorize_kms`) before releasing, and stores
-`KeyRequested`, `KeyIssued` and `KmsReplicaOnboarded` together. The replica accepts the keys
-only if they match the public keys of `KmsRootCreated` on the shared log, then seals them.
+Both sides attest: the replica checks the source's RA-TLS server certificate (evidence, and
+the source's authorization: `KmsAuthority.authorize_source`) before asking; the source checks
+the replica's RA-TLS client certificate and its authorization (`bootAuth/kms` of a webhook or
+contract backend; with the dev backend the source's onboarding token, which the replica sends
+inside the mutual RA-TLS channel, or an allow-listed measurement) before releasing, and stores
+`KeyRequested`, `KeyIssued` and `KmsReplicaOnboarded` (naming that authorization) together.
+The replica accepts the keys only if they match the public keys of `KmsRootCreated` on the
+shared log, then seals them.
 
     root = await onboard_replica(store, settings, source_url=url, attester=agent,
-                                 backend=backend, collateral=src, keyfile=keyfile)
+                                 backend=backend, collateral=src, keyfile=keyfile,
+                                 token=read_token(token_file))
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
 from pydstack.core.events import subject
 from pydstack.core.kms import AuthBackend, RootKeys, k256_public
 
+from .authority import KmsAuthority
 from .client import KmsClient, plain_context, ratls_identity
 from .evidence import CollateralSource, check_certificate
 from .keystore import RootKeyFile
@@ -59,7 +64,11 @@ async def onboard_replica(
     root_ca_der: bytes | None = None,
     vm_config: str = "",
     max_age: int = 3600,
+    token: str = "",
+    authority: KmsAuthority | None = None,
 ) -> RootKeys:
+    """`token`: the source's onboarding token (its dev backend authorizes no KMS without it
+    or an allow-listed measurement); `authority`: how this replica judges the source."""
     state = await _load_state(store, subject("kms", settings_cluster))
     created = state.root
     if created is None:
@@ -80,7 +89,8 @@ async def onboard_replica(
     )
     if ev.reasons or ev.boot is None:
         raise KmsError("source KMS attestation refused: " + "; ".join(ev.reasons))
-    verdict = await backend.authorize_kms(ev.boot)
+    authority = authority or KmsAuthority()
+    verdict, _ = await authority.authorize_source(backend, ev.boot, ev.quote)
     if not verdict.is_allowed:
         raise KmsError(f"source KMS not allowed by backend {backend.name}: {verdict.reason}")
     async with KmsClient(source_url, ca_pem=ca) as kms:
@@ -92,7 +102,8 @@ async def onboard_replica(
 
     verifier = RaTlsVerifier(collateral, root_ca_der=root_ca_der)
     async with KmsClient(source_url, ca_pem=ca, identity=identity, verifier=verifier) as kms:
-        resp = await kms.call("GetKmsKey", {"vm_config": vm_config})
+        body = {"vm_config": vm_config, **({"onboard_token": token} if token else {})}
+        resp = await kms.call("GetKmsKey", body)
     keys = resp.get("keys")
     if not isinstance(keys, list) or len(keys) != 1:
         raise KmsError("source KMS returned no root keys")

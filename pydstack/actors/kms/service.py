@@ -73,6 +73,7 @@ from pydstack.core.kms import (
 from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
 from ..trust import Judge
+from .authority import KmsAuthority
 from .evidence import (
     MALFORMED,
     MAX_VM_CONFIG,
@@ -164,10 +165,13 @@ class KmsService:
         created: KmsRootCreated,
         attester: Attester | None = None,
         clock: Callable[[], float] = time.time,
+        authority: KmsAuthority | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.backend = backend
+        # Who may get the root keys (GetKmsKey): never the dev backend on its own.
+        self.authority = authority or KmsAuthority()
         self.collateral = collateral
         self.root = root
         # Per-app derivations (k256 key and its root signature, env key) are deterministic
@@ -201,6 +205,7 @@ class KmsService:
         keyfile: RootKeyFile,
         attester: Attester | None = None,
         clock: Callable[[], float] = time.time,
+        authority: KmsAuthority | None = None,
     ) -> KmsService:
         """Load this instance's root keys; create them (once per cluster) if the log has none."""
         subj = subject("kms", settings.cluster)
@@ -225,6 +230,7 @@ class KmsService:
             created=created,
             attester=attester,
             clock=clock,
+            authority=authority,
         )
 
     @staticmethod
@@ -373,13 +379,15 @@ class KmsService:
         return ev
 
     async def _decision(
-        self, method: str, p: Presented, vm_config: str, now: int, *, kms: bool = False
-    ) -> tuple[str, Any]:
+        self, method: str, p: Presented, vm_config: str, now: int, *, kms: bool = False,
+        token: str = "",
+    ) -> tuple[str, Any]:  # fmt: skip
         """Verify the evidence (`Refused`: nothing appended), then store the request while the
         backend is asked, store the decision; Denied on refusal. The decision is shielded: a
         client that goes away does not cut it short. Callers bound vm_config first."""
         ev = await self._verified(method, p, vm_config, now)
-        rid, outcome, _ = await self._shielded(self._decide(method, p, ev, vm_config, now, kms=kms))
+        decision = self._decide(method, p, ev, vm_config, now, kms=kms, token=token)
+        rid, outcome, _ = await self._shielded(decision)
         return rid, outcome
 
     async def decide_csr(
@@ -396,14 +404,18 @@ class KmsService:
         task.add_done_callback(self._deciding.discard)
         return await asyncio.shield(task)
 
-    async def _ask(self, ev: Evidence, kms: bool) -> AuthVerdict | None:
+    async def _ask(self, ev: Evidence, kms: bool, token: str) -> tuple[AuthVerdict | None, str]:
+        """The verdict on verified evidence and, for a KMS, what authorized it."""
         if ev.reasons or ev.boot is None:
-            return None  # refused by the policy: the backend is not asked
-        ask = self.backend.authorize_kms if kms else self.backend.authorize_app
+            return None, ""  # refused by the policy: the backend is not asked
         try:
-            return await ask(ev.boot)
+            if kms:
+                return await self.authority.authorize_replica(
+                    self.backend, ev.boot, ev.quote, token
+                )
+            return await self.backend.authorize_app(ev.boot), ""
         except Exception as e:  # a broken backend refuses; it never allows
-            return backend_failure(self.backend.name, f"{type(e).__name__}: {e}")
+            return backend_failure(self.backend.name, f"{type(e).__name__}: {e}"), ""
 
     async def _decide(
         self,
@@ -415,6 +427,7 @@ class KmsService:
         *,
         kms: bool,
         prepare: Callable[[BootInfo], _T] | None = None,
+        token: str = "",
     ) -> tuple[str, Any, _T | None]:
         """Store the request of verified evidence `ev` and its decision. `prepare`: CPU work
         for the answer (key derivation), done while the request travels to the log and the
@@ -435,7 +448,7 @@ class KmsService:
         # The request goes on the log while the backend is asked: the append's round trip
         # hides behind the backend's (and the derivation's) instead of adding to it.
         stored = asyncio.ensure_future(self.log.append([key_requested(req)]))
-        asking = asyncio.ensure_future(self._ask(ev, kms))
+        asking = asyncio.ensure_future(self._ask(ev, kms, token))
         prepared, broken = None, ""
         try:
             await _io_turns()  # let the append and the backend's request reach their sockets
@@ -444,7 +457,7 @@ class KmsService:
                     prepared = prepare(ev.boot)
                 except Exception as e:  # the request is (being) logged: it must be decided
                     broken = f"KMS could not derive the keys: {type(e).__name__}: {e}"
-            verdict = await asking
+            verdict, authorization = await asking
         finally:
             if not asking.done():
                 asking.cancel()
@@ -465,6 +478,7 @@ class KmsService:
                     attestation_hash=attestation_hash(ev.attestation),
                     boot_info=ev.boot,
                     request_id=rid,
+                    authorization=authorization,  # what allowed it; never the token
                 )
             )
         await self.log.append(events)
@@ -509,10 +523,13 @@ class KmsService:
             "os_image_hash": boot.os_image_hash,
         }
 
-    async def get_kms_key(self, der: bytes, vm_config: str) -> dict[str, Any]:
+    async def get_kms_key(self, der: bytes, vm_config: str, token: str = "") -> dict[str, Any]:
+        """The root keys, for a replica its authorization allows (`KmsAuthority`); `token`:
+        the onboarding token it presented inside the mutual RA-TLS channel."""
         now = int(self.clock())
         self._bounded("GetKmsKey", vm_config)
-        await self._decision("GetKmsKey", present_certificate(der), vm_config, now, kms=True)
+        p = present_certificate(der)
+        await self._decision("GetKmsKey", p, vm_config, now, kms=True, token=token)
         return {
             "temp_ca_key": key_pem(self.temp_key),
             "keys": [{"ca_key": key_pem(self.root.ca_key()), "k256_key": self.root.k256.hex()}],

@@ -257,6 +257,13 @@ def extract_attestation(cert: x509.Certificate) -> Attestation:
     return _decode_extension(raw) if raw is not None else _legacy_attestation(cert)
 
 
+def special_usage(cert: x509.Certificate) -> str | None:
+    """The dstack special usage a certificate names (1.3.6.1.4.1.62397.1.4, e.g. `kms:rpc`,
+    `app:ca`), or None when it names none."""
+    raw = _ext_bytes(cert, OID_CERT_USAGE)
+    return raw.decode("utf-8", "replace") if raw is not None else None
+
+
 def extract_attestation_raw(
     cert: x509.Certificate, max_len: int | None = None
 ) -> tuple[Attestation, bytes]:

@@ -27,8 +27,16 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography import x509
 
-from .ratls import CollateralSource, RaTlsError, RaTlsResult, check_ratls_cert, collateral_for_cert
+from .ratls import (
+    CollateralSource,
+    RaTlsError,
+    RaTlsResult,
+    check_ratls_cert,
+    collateral_for_cert,
+    special_usage,
+)
 from .verify import Policy
 
 RATLS_PEER: web.RequestKey[RaTlsResult] = web.RequestKey("ratls_peer", RaTlsResult)
@@ -38,7 +46,8 @@ class RaTlsVerifier:
     """Checks peer certificates; caches results per certificate for `cache_seconds`.
 
     The cache matters because every TLS connection presents the same certificate and a
-    check costs a dcap-qvl verification (and maybe a collateral fetch).
+    check costs a dcap-qvl verification (and maybe a collateral fetch). `usage`: the dstack
+    special usage the certificate must name (e.g. `kms:rpc`), checked before its evidence.
     """
 
     def __init__(
@@ -49,7 +58,9 @@ class RaTlsVerifier:
         root_ca_der: bytes | None = None,
         clock: Callable[[], float] = time.time,
         cache_seconds: float = 300.0,
+        usage: str | None = None,
     ) -> None:
+        self.usage = usage
         self._collateral = collateral
         self._policy = policy
         self._root = root_ca_der
@@ -57,12 +68,21 @@ class RaTlsVerifier:
         self._ttl = cache_seconds
         self._cache: dict[bytes, tuple[float, RaTlsResult]] = {}
 
+    @property
+    def root_ca_der(self) -> bytes | None:
+        """The root quotes must chain to (None: Intel's; set: a simulator's dev PKI)."""
+        return self._root
+
     async def verify_der(self, cert_der: bytes) -> RaTlsResult:
         key = hashlib.sha256(cert_der).digest()
         now = self._clock()
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1]
+        if self.usage is not None:
+            wrong = _usage_reason(cert_der, self.usage)
+            if wrong:
+                return RaTlsResult(False, (wrong,), b"")
         try:
             coll = await collateral_for_cert(cert_der, self._collateral)
         except RaTlsError as e:
@@ -74,6 +94,17 @@ class RaTlsVerifier:
             self._cache.clear()  # bounded; a miss only costs a re-check
         self._cache[key] = (now, result)
         return result
+
+
+def _usage_reason(cert_der: bytes, usage: str) -> str:
+    """Why the certificate does not name special usage `usage` ('' when it does)."""
+    try:
+        found = special_usage(x509.load_der_x509_certificate(cert_der))
+    except (ValueError, RaTlsError) as e:
+        return f"not an RA-TLS certificate: {e}"
+    if found != usage:
+        return f"certificate usage is {found!r}, not {usage!r}"
+    return ""
 
 
 @contextlib.contextmanager

@@ -77,3 +77,6 @@ class KmsReplicaOnboarded(Event, tag="KmsReplicaOnboarded", frozen=True):
     attestation_hash: str = ""
     boot_info: BootInfo | None = None  # added: the replica's attested identity
     request_id: str = ""  # added: the GetKmsKey request that carried the root keys
+    # added: what allowed it ("token", "mr_td:<hex>", "mr_aggregated:<hex>", "backend:<name>");
+    # never the token itself
+    authorization: str = ""

@@ -36,9 +36,17 @@ from .derive import (
     k256_public,
     temp_ca_scalar,
 )
+from .onboarding import (
+    DEV_NOT_FOR_KMS,
+    OnboardingPolicy,
+    explicit_verdict,
+    parse_measurement,
+    token_digest,
+)
 
 __all__ = [
     "ABANDONED",
+    "DEV_NOT_FOR_KMS",
     "AppKeyMaterial",
     "AuthBackend",
     "AuthVerdict",
@@ -50,6 +58,7 @@ __all__ = [
     "EnvPubKey",
     "KeyRequest",
     "KmsState",
+    "OnboardingPolicy",
     "Recheck",
     "RootKeys",
     "abandoned",
@@ -67,13 +76,16 @@ __all__ = [
     "encode_csr",
     "env_pubkey_signer",
     "env_public_key",
+    "explicit_verdict",
     "fold",
     "hkdf",
     "k256_public",
     "key_requested",
+    "parse_measurement",
     "precheck",
     "quote_hash",
     "temp_ca_scalar",
+    "token_digest",
     "undecided",
     "webhook_body",
 ]  # fmt: skip
