@@ -10,6 +10,10 @@ Named steps run in order; each reports a stage, and the first failure stops the 
                             os_image_hash=h)
     # result.keys for the agent, result.env (allowed_envs only) for the compose runner
 
+Keys come from a KMS only once it passed `pydstack_guest.kms_trust`'s checks against the
+root app-compose pins (``key_provider_id``), never sys-config's; a KMS that fails one is a
+``keys`` boot error naming the check.
+
 RTMR3 gets dstack's order: system-preparing, app-id, compose-hash, instance-id, boot-mr-done
 (before keys, so the KMS sees them), then os-image-hash, key-provider, storage-fs, system-ready.
 """
@@ -32,6 +36,7 @@ from pydstack.adapters.tdx.quote import parse_quote
 from .agent import measure_identity
 from .data_disk import DataDiskError, device_mapper_present
 from .kms_provider import KmsKeyProvider, decrypt_env
+from .kms_trust import KmsTrust
 from .provider import AppKeys, KeyProvider, KeyProviderError
 
 Report = Callable[[str, str], None]
@@ -60,9 +65,9 @@ class SysConfig(msgspec.Struct, frozen=True, kw_only=True):
     docker_registry: str = ""
     host_api_url: str = ""
     vm_config: str = "{}"
-    kms_ca: str = ""  # PEM of the KMS cluster CA; empty: take the one GetTempCaCert names
+    kms_ca: str = ""  # read, never trusted: the KMS root is app-compose's key_provider_id
     gateway_ca: str = ""  # PEM the gateways' registration certificates chain to
-    key_provider_id: str = ""  # hex; when set the keys must come from this provider
+    key_provider_id: str = ""  # hex; must agree with app-compose's, never a pin of its own
 
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,7 +86,7 @@ class AppCompose(msgspec.Struct, frozen=True, kw_only=True):
     allowed_envs: list[str] = []
     kms_enabled: bool | None = None  # None: use a KMS when sys-config names one
     key_provider: str = ""  # "kms" / "local" / "" (dstack >= 0.5.1)
-    key_provider_id: str = ""  # hex pin (dstack), same meaning as SysConfig.key_provider_id
+    key_provider_id: str = ""  # hex: the KMS root CA's SPKI DER (dstack); measured, trusted
     gateway_enabled: bool = False
     tproxy_enabled: bool = False  # dstack's older name of gateway_enabled
 
@@ -103,7 +108,7 @@ class BootPlan(msgspec.Struct, frozen=True, kw_only=True):
     app_id: bytes
     instance_id: bytes
     kms_urls: tuple[str, ...]  # empty: local keys
-    pinned_provider_id: bytes
+    pinned_provider_id: bytes  # app-compose's key_provider_id (b"": no pin)
 
 
 class StoragePlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,10 +181,13 @@ def plan_boot(shared: HostShared) -> BootPlan:
     instance_id = _hex("host-shared", "instance-info instance_id", info.instance_id)
     if len(app_id) != 20 or len(instance_id) not in (0, 20):
         raise BootFailed("host-shared", "app_id and instance_id must be 20 bytes")
-    pins = {p for p in (compose.key_provider_id, sysc.key_provider_id) if p}
-    if len(pins) > 1:
-        raise BootFailed("compose", "app-compose and sys-config pin different key providers")
-    pinned = _hex("compose", "key_provider_id", pins.pop()) if pins else b""
+    # Only the measured app-compose pins: sys-config is the host's, and a host that could
+    # pin its own KMS root would hand the CVM keys it knows.
+    pinned = _hex("compose", "key_provider_id", compose.key_provider_id)
+    host_pin = _hex("host-shared", "sys-config key_provider_id", sysc.key_provider_id)
+    if host_pin and pinned and host_pin != pinned:
+        raise BootFailed("compose", "app-compose and sys-config pin different key providers "
+                         "(only app-compose's key_provider_id is trusted)")  # fmt: skip
     return BootPlan(
         compose=compose, sys_config=sysc, compose_hash=compose_hash, app_id=app_id,
         instance_id=instance_id or hashlib.sha256(b"instance" + app_id).digest()[:20],
@@ -258,18 +266,25 @@ async def _emit(backend: TdxBackend, name: str, payload: bytes) -> None:
     await asyncio.to_thread(backend.emit_event, name, payload)
 
 
-async def _keys(plan: BootPlan, backend: TdxBackend, local: KeyProvider, vm_config: str) -> AppKeys:
+async def _keys(
+    plan: BootPlan, backend: TdxBackend, local: KeyProvider, vm_config: str,
+    trust: KmsTrust | None,
+) -> tuple[AppKeys, str]:  # fmt: skip
+    """(keys, what the boot log says of their source). A KMS's keys count only once it passed
+    every check of `kms_trust`; one that fails is skipped, naming the check, and the next
+    KMS URL is tried (as dstack tries each); none left is a boot error at ``keys``."""
     if not plan.kms_urls:
-        return await local.app_keys()
+        return await local.app_keys(), "local dev keys"
+    trust = trust or KmsTrust.intel(plan.sys_config.pccs_url)
     errors = []
-    for url in plan.kms_urls:  # dstack tries each KMS in turn
-        kms = KmsKeyProvider(url, backend, vm_config=vm_config,
-                             ca_pem=plan.sys_config.kms_ca or None)  # fmt: skip
+    for url in plan.kms_urls:
+        kms = KmsKeyProvider(url, backend, trust=trust, app_id=plan.app_id, vm_config=vm_config,
+                             root_pin=plan.pinned_provider_id)  # fmt: skip
         try:
-            return await kms.app_keys()
+            return await kms.app_keys(), f"{url}: {kms.verified}"
         except KeyProviderError as e:
-            errors.append(str(e))
-    raise BootFailed("keys", "; ".join(errors))
+            errors.append(f"KMS {url}: {e}")
+    raise BootFailed("keys", "no key from an unverified KMS is used: " + "; ".join(errors))
 
 
 async def run_boot(
@@ -281,10 +296,13 @@ async def run_boot(
     os_image_hash: bytes,
     dm_crypt: bool | None = None,
     data_disk: DataDisk | None = None,
+    kms_trust: KmsTrust | None = None,
 ) -> BootResult:
     """Run the steps; raises `BootFailed` naming the first step that failed. `dm_crypt`
     None: whether this kernel has device-mapper; with it and `data_disk` the storage step
-    sets up the LUKS2 data disk, else the data is measured ``plain`` (not encrypted)."""
+    sets up the LUKS2 data disk, else the data is measured ``plain`` (not encrypted).
+    `kms_trust`: how the KMS's RA-TLS evidence is checked (None: Intel's root, collateral
+    from sys-config's PCCS; a simulated TD passes `KmsTrust.dev`)."""
     step = ["compose"]
 
     def done(name: str, detail: str, following: str) -> None:
@@ -292,7 +310,9 @@ async def run_boot(
         step[0] = following
 
     try:
-        return await _steps(backend, shared, done, local, os_image_hash, dm_crypt, data_disk)
+        return await _steps(
+            backend, shared, done, local, os_image_hash, dm_crypt, data_disk, kms_trust
+        )
     except BootFailed:
         raise
     except Exception as e:  # any failure must stop the boot, named by its step
@@ -307,6 +327,7 @@ async def _steps(
     os_image_hash: bytes,
     dm_crypt: bool | None,
     data_disk: DataDisk | None,
+    kms_trust: KmsTrust | None,
 ) -> BootResult:
     plan = plan_boot(shared)
     done("compose", f"{plan.compose.name or '-'} runner={plan.compose.runner} "
@@ -316,11 +337,10 @@ async def _steps(
                            app_compose=shared.app_compose.decode())  # fmt: skip
     done("identity", f"app {plan.app_id.hex()} instance {plan.instance_id.hex()}", "keys")
     try:
-        keys = await _keys(plan, backend, local, vm_config)
+        keys, source = await _keys(plan, backend, local, vm_config, kms_trust)
     except KeyProviderError as e:
         raise BootFailed("keys", str(e)) from None
     check_key_provider(plan, keys)
-    source = ", ".join(plan.kms_urls) or "local dev keys"
     done("keys", f"{keys.provider_name} {source}", "mrconfigid")
     quote, _ = await asyncio.to_thread(backend.attest, bytes(64))
     mr = check_mr_config_id(parse_quote(quote).report.mr_config_id, plan, keys)

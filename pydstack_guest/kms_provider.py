@@ -1,13 +1,17 @@
 """App keys from a KMS over mutual RA-TLS (dstack's `KeyProvider::Kms`), and env decryption.
 
-Flow (dstack-util `request_app_keys_from_kms_url`): ask the KMS for its temp CA
-(`GetTempCaCert`, no client certificate), issue an RA-TLS client certificate under it whose
-quote binds the certificate key, then call `GetAppKey` presenting it; the KMS's own server
-certificate must chain to the cluster CA and, with a verifier, carry acceptable evidence.
-The agent's local CA (for `GetTlsKey`) is the temp CA, as dstack's client certificates are.
+Flow (dstack-util `request_app_keys_from_kms_url`): ask the KMS for its temp CA and root CA
+(`GetTempCaCert`, no client certificate, nothing trusted yet), issue an RA-TLS client
+certificate under the temp CA whose quote binds the certificate key, then call `GetAppKey`
+and `GetMeta` presenting it, on a connection whose server passed the checks of
+`pydstack_guest.kms_trust` (root pin, TLS chain, ``kms:rpc``, issuer, RA-TLS) before a byte
+was sent; the keys count only once their k256 root is attested and signs them. The agent's
+local CA (for `GetTlsKey`) is the temp CA, as dstack's client certificates are.
 
-    provider = KmsKeyProvider("https://kms:9100", backend, verifier=verifier)
+    provider = KmsKeyProvider("https://kms:9100", backend, trust=KmsTrust.dev(pki),
+                              app_id=app_id, root_pin=compose_key_provider_id)
     agent = await GuestAgent.create(backend, provider, config)
+    provider.verified      # what was checked, for the boot log
     envs = decrypt_env(agent.keys.env_crypt_key, encrypted_blob)
 """
 
@@ -17,6 +21,7 @@ import asyncio
 import json
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -28,9 +33,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydstack.adapters.tdx.attestation import Attestation
 from pydstack.adapters.tdx.backend import TdxBackend
 from pydstack.adapters.tdx.eventlog import runtime_events_of
-from pydstack.adapters.tdx.ratls import issue_ratls_cert
-from pydstack.adapters.tdx.ratls_tls import RaTlsConnector, RaTlsVerifier, client_ssl_context
+from pydstack.adapters.tdx.ratls import RaTlsResult, issue_ratls_cert
+from pydstack.adapters.tdx.ratls_tls import client_ssl_context, peer_cert_der
 
+from .kms_trust import (
+    KmsCheckFailed,
+    KmsTrust,
+    check_k256_root,
+    check_k256_signature,
+    check_root_pin,
+    check_server,
+    fingerprint,
+    spki_of,
+)
 from .provider import AppKeys, KeyProviderError
 
 
@@ -50,18 +65,44 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
     ).decode()
 
 
+class _CheckedConnector(aiohttp.TCPConnector):
+    """Runs `check` on the server's certificate after the handshake, before any request byte
+    (aiohttp has no public hook; `_create_connection` is stable through 3.x, as in
+    `RaTlsConnector`); the results are kept for the caller."""
+
+    def __init__(self, check: Callable[[bytes], Awaitable[RaTlsResult]], **kw: Any) -> None:
+        super().__init__(**kw)
+        self._check = check
+        self.results: list[RaTlsResult] = []
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        proto = await super()._create_connection(req, traces, timeout)
+        der = peer_cert_der(proto.transport)
+        try:
+            if der is None:
+                raise KmsCheckFailed("tls-chain", "the server sent no certificate")
+            self.results.append(await self._check(der))
+        except BaseException:
+            proto.close()
+            raise
+        return proto
+
+
 class KmsKeyProvider:
-    """`KeyProvider` that fetches the app keys from a KMS once, then serves them from memory."""
+    """`KeyProvider` that fetches the app keys from a KMS it verified, once; then serves them
+    from memory. `root_pin`: app-compose's ``key_provider_id`` (empty: none, said loudly in
+    `verified`); `app_id`: this CVM's measured app id (the KMS signs the app key for it)."""
 
     def __init__(
         self,
         url: str,
         backend: TdxBackend,
         *,
+        trust: KmsTrust,
+        app_id: bytes,
+        root_pin: bytes = b"",
         vm_config: str = "",
         sys_config: str = "",
-        verifier: RaTlsVerifier | None = None,
-        ca_pem: str | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.url = url.rstrip("/").removesuffix("/prpc")
@@ -69,79 +110,97 @@ class KmsKeyProvider:
             backend, sys_config or json.dumps({"vm_config": vm_config})
         )
         self.vm_config = vm_config
-        self.verifier = verifier
-        self.ca_pem = ca_pem  # pin the cluster CA; None = take it from GetTempCaCert
+        self.trust, self.app_id, self.root_pin = trust, app_id, root_pin
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.verified = ""  # what the checks established, once `fetch` succeeded
         self._keys: AppKeys | None = None
 
-    async def _post(
-        self, ctx: ssl.SSLContext, method: str, body: dict[str, Any], ratls: bool
+    async def _call(
+        self, s: aiohttp.ClientSession, method: str, body: dict[str, Any]
     ) -> dict[str, Any]:
-        conn: aiohttp.TCPConnector = (
-            RaTlsConnector(self.verifier, ssl=ctx, force_close=True)
-            if ratls and self.verifier is not None
-            else aiohttp.TCPConnector(ssl=ctx, force_close=True)
-        )
         try:
-            async with aiohttp.ClientSession(connector=conn, timeout=self.timeout) as s:
-                async with s.post(f"{self.url}/prpc/KMS.{method}", json=body) as resp:
-                    out = json.loads(await resp.text())
-                    if resp.status != 200:
-                        raise KeyProviderError(
-                            f"KMS {self.url} refused {method} ({resp.status}): "
-                            f"{out.get('error', out) if isinstance(out, dict) else out}"
-                        )
+            async with s.post(f"{self.url}/prpc/KMS.{method}", json=body) as resp:
+                out = json.loads(await resp.text())
+                if resp.status != 200:
+                    raise KeyProviderError(
+                        f"KMS {self.url} refused {method} ({resp.status}): "
+                        f"{out.get('error', out) if isinstance(out, dict) else out}"
+                    )
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise KmsCheckFailed("tls-chain", f"the server's TLS chain does not verify to the "
+                                 f"KMS root CA: {e.certificate_error}") from None  # fmt: skip
         except (aiohttp.ClientError, OSError, ValueError) as e:
             raise KeyProviderError(f"KMS {self.url} {method}: {e}") from None
         if not isinstance(out, dict):
             raise KeyProviderError(f"KMS {self.url} {method}: answer is not a JSON object")
         return out
 
-    async def fetch(self) -> AppKeys:
+    async def _temp_ca(self) -> dict[str, Any]:
+        """GetTempCaCert: nothing is trusted yet (dstack: tls_no_check), its answer is checked."""
         plain = ssl.create_default_context()
         plain.check_hostname = False
-        if self.ca_pem is None:
-            plain.verify_mode = ssl.CERT_NONE  # the CA it names is measured as key-provider id
-        else:
-            plain.load_verify_locations(cadata=self.ca_pem)
-        tmp = await self._post(plain, "GetTempCaCert", {}, ratls=False)
-        ca_pem = self.ca_pem or str(tmp["ca_cert"])
-        temp_cert = x509.load_pem_x509_certificate(str(tmp["temp_ca_cert"]).encode())
-        temp_key = serialization.load_pem_private_key(str(tmp["temp_ca_key"]).encode(), None)
+        plain.verify_mode = ssl.CERT_NONE
+        conn = aiohttp.TCPConnector(ssl=plain)
+        async with aiohttp.ClientSession(connector=conn, timeout=self.timeout) as s:
+            return await self._call(s, "GetTempCaCert", {})
+
+    async def fetch(self) -> AppKeys:
+        tmp = await self._temp_ca()
+        try:
+            root_pem = str(tmp["ca_cert"])
+            root = x509.load_pem_x509_certificate(root_pem.encode())
+            temp_cert = x509.load_pem_x509_certificate(str(tmp["temp_ca_cert"]).encode())
+            temp_key = serialization.load_pem_private_key(str(tmp["temp_ca_key"]).encode(), None)
+        except (KeyError, ValueError, TypeError) as e:
+            raise KeyProviderError(
+                f"KMS {self.url} GetTempCaCert answer is malformed: {e}"
+            ) from None
         if not isinstance(temp_key, ec.EllipticCurvePrivateKey):
             raise KeyProviderError("KMS temp CA key is not an EC key")
+        if self.root_pin:
+            check_root_pin(root, self.root_pin)
         now = int(time.time())
         key, cert = await issue_ratls_cert(
-            self.attester,
-            subject="pydstack guest",
-            not_before=now - 60,
-            not_after=now + 3600,
+            self.attester, subject="pydstack guest", not_before=now - 60, not_after=now + 3600,
             issuer=(temp_cert, temp_key),
-        )
+        )  # fmt: skip
         chain = cert.public_bytes(serialization.Encoding.PEM).decode() + str(tmp["temp_ca_cert"])
-        ctx = client_ssl_context(chain, _pem_key(key), ca_pem)
-        keys = await self._post(
-            ctx, "GetAppKey", {"api_version": 1, "vm_config": self.vm_config}, ratls=True
-        )
-        meta = await self._post(plain, "GetMeta", {}, ratls=False)
-        ca = x509.load_pem_x509_certificate(ca_pem.encode())
+        ctx = client_ssl_context(chain, _pem_key(key), root_pem)
+        conn = _CheckedConnector(lambda der: check_server(der, root, self.trust), ssl=ctx)
+        async with aiohttp.ClientSession(connector=conn, timeout=self.timeout) as s:
+            body = {"api_version": 1, "vm_config": self.vm_config}
+            keys = await self._call(s, "GetAppKey", body)
+            meta = await self._call(s, "GetMeta", {})
+        server = conn.results[-1]  # every connection was checked; they all presented one key
+        ca_spki = spki_of(root)
+        k256_root = await check_k256_root(meta, ca_spki, server, self.trust, now=now)
         try:
-            return AppKeys(
-                k256_key=bytes.fromhex(keys["k256_key"]),
-                k256_signature=bytes.fromhex(keys["k256_signature"]),
-                ca_cert_pem=str(tmp["temp_ca_cert"]),
+            k256_key, k256_sig = (
+                bytes.fromhex(keys["k256_key"]),
+                bytes.fromhex(keys["k256_signature"]),
+            )
+            app_keys = AppKeys(
+                k256_key=k256_key, k256_signature=k256_sig, ca_cert_pem=str(tmp["temp_ca_cert"]),
                 ca_key_pem=str(tmp["temp_ca_key"]),
                 disk_crypt_key=bytes.fromhex(keys["disk_crypt_key"]),
                 env_crypt_key=bytes.fromhex(keys["env_crypt_key"]),
-                gateway_app_id=str(keys.get("gateway_app_id", "")),
-                provider_name="kms",
-                provider_id=ca.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                ),
-                kms_root_public=bytes.fromhex(meta["k256_pubkey"]),
-            )
+                gateway_app_id=str(keys.get("gateway_app_id", "")), provider_name="kms",
+                provider_id=ca_spki, kms_root_public=k256_root,
+            )  # fmt: skip
         except (KeyError, ValueError, TypeError) as e:
             raise KeyProviderError(f"KMS {self.url} GetAppKey answer is malformed: {e}") from None
+        check_k256_signature(k256_key, k256_sig, self.app_id, k256_root)
+        self.verified = self._summary(server, ca_spki)
+        return app_keys
+
+    def _summary(self, server: RaTlsResult, ca_spki: bytes) -> str:
+        kms_app = server.app_info.app_id.hex()[:16] if server.app_info else "?"
+        pin = (f"root CA {fingerprint(ca_spki)}… pinned by app-compose" if self.root_pin else
+               f"WARNING: KMS root NOT PINNED (app-compose has no key_provider_id): any "
+               f"attested KMS is accepted; this one's root CA is {fingerprint(ca_spki)}…, "
+               f"pin it with key_provider_id={ca_spki.hex()}")  # fmt: skip
+        return (f"kms:rpc, {self.trust.describe()} (KMS app {kms_app}…), k256 root attested "
+                f"and signing the app key; {pin}")  # fmt: skip
 
     async def app_keys(self) -> AppKeys:
         if self._keys is None:

@@ -70,6 +70,7 @@ async def boot_simulated(
     from . import GuestAgent, GuestConfig, LocalKeyProvider, serve_agent
     from .boot import run_boot
     from .gateway_setup import setup_gateway
+    from .kms_trust import KmsTrust
     from .provider import create_dev_app_keys
 
     compose = shared.app_compose
@@ -87,9 +88,11 @@ async def boot_simulated(
         info = json.loads(shared.instance_info or b"{}")
         app_id = bytes.fromhex(info.get("app_id", "")) or hashlib.sha256(compose).digest()[:20]
         write_secret(keys_path, create_dev_app_keys(app_id, now=int(time.time()))[1])
+    # The KMS is attested by the same dev PKI (the host share's): RA-TLS checks run on it,
+    # and the boot log says "simulated".
     result = await run_boot(backend, shared, report=report, local=LocalKeyProvider(keys_path),
                             os_image_hash=td.os_image_hash, dm_crypt=dm_crypt,
-                            data_disk=data_disk)  # fmt: skip
+                            data_disk=data_disk, kms_trust=KmsTrust.dev(pki))  # fmt: skip
     vm_config = json.dumps({**json.loads(result.vm_config), "cpu_count": td.vcpu,
                             "memory_size": td.memory_mb * 1024 * 1024})  # fmt: skip
     agent = GuestAgent(backend, result.keys, GuestConfig(

@@ -321,6 +321,7 @@ async def _simulate(
         serve_agent,
     )
     from pydstack_guest.kms_provider import KmsKeyProvider
+    from pydstack_guest.kms_trust import KmsTrust
 
     now = int(time.time())
     pki_dir = dev_pki or state / "pki"
@@ -356,7 +357,10 @@ async def _simulate(
     else:
         # dstack's order: identity measured, then keys from the KMS, then the rest.
         await measure_identity(backend, app_id=app_id, app_compose=compose, instance_id=instance_id)
-        keys = await KmsKeyProvider(kms_url, backend, vm_config=vm_config).app_keys()
+        # The KMS of `up` is attested by the same dev PKI: its checks run as a CVM's would.
+        provider = KmsKeyProvider(kms_url, backend, trust=KmsTrust.dev(pki), app_id=app_id,
+                                  vm_config=vm_config)  # fmt: skip
+        keys = await provider.app_keys()
         await measure_after_keys(backend, keys, os_image_hash=os_image_hash)
         click.echo(f"app keys from {kms_url} for app {app_id.hex()}", err=True)
     agent = GuestAgent(

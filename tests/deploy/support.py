@@ -79,6 +79,7 @@ async def guest_env_key(plane: Up, app_compose: str) -> bytes:
     from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
     from pydstack_guest import measure_identity
     from pydstack_guest.kms_provider import KmsKeyProvider
+    from pydstack_guest.kms_trust import KmsTrust
 
     compose_hash = hashlib.sha256(app_compose.encode()).digest()
     backend = SimulatorBackend(
@@ -90,5 +91,8 @@ async def guest_env_key(plane: Up, app_compose: str) -> bytes:
                            instance_id=os.urandom(20))  # fmt: skip
     vm_config = json.dumps({"os_image_hash": hashlib.sha256(b"pydstack image").hexdigest()})
     kms_url = plane.ready()["kms"]  # type: ignore[index]
-    keys = await KmsKeyProvider(kms_url, backend, vm_config=vm_config).app_keys()
+    trust = KmsTrust.dev(plane.data_dir / "dev-pki")  # up's KMS is attested by it
+    keys = await KmsKeyProvider(
+        kms_url, backend, trust=trust, app_id=compose_hash[:20], vm_config=vm_config
+    ).app_keys()
     return keys.env_crypt_key

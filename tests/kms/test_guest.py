@@ -14,31 +14,36 @@ from dstack_sdk.encrypt_env_vars import EnvVar, encrypt_env_vars
 
 from pydstack.adapters.tdx.collateral import Collateral
 from pydstack.adapters.tdx.pki import DevPki
-from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
 from pydstack.cli.env import env as env_cli
 from pydstack.core.events import KeyIssued
 from pydstack.core.kms import app_key_material
-from pydstack_guest import GuestAgent, GuestConfig, KeyProviderError, serve_agent
+from pydstack_guest import GuestAgent, GuestConfig, serve_agent
 from pydstack_guest.keys import key_public, verify_key_chain
 from pydstack_guest.kms_provider import KmsKeyProvider, decrypt_env
+from pydstack_guest.kms_trust import KmsCheckFailed, KmsTrust
 
-from .conftest import APP_ID, CLUSTER, VM_CONFIG, Kms, make_cvm
+from .conftest import APP_ID, CLUSTER, VM_CONFIG, Cvm, Kms, make_cvm
 
 
-def verifier(kms: Kms, pki: DevPki) -> RaTlsVerifier:
+def trust(kms: Kms, pki: DevPki) -> KmsTrust:
     async def source(quote: bytes) -> Collateral:
         return kms.collateral.get(quote)
 
-    return RaTlsVerifier(source, root_ca_der=pki.root_der)
+    return KmsTrust(source, root_ca_der=pki.root_der)
+
+
+def provider(kms: Kms, pki: DevPki, cvm: Cvm) -> KmsKeyProvider:
+    return KmsKeyProvider(
+        kms.url, cvm.backend, trust=trust(kms, pki), app_id=APP_ID, vm_config=VM_CONFIG
+    )
 
 
 async def test_guest_agent_boots_on_kms_keys(kms: Kms, pki: DevPki) -> None:
     """The agent's GetKey chain (via dstack-sdk) ends at the KMS root; KeyIssued is logged."""
     cvm = make_cvm(pki)
-    provider = KmsKeyProvider(
-        kms.url, cvm.backend, vm_config=VM_CONFIG, verifier=verifier(kms, pki)
+    agent = await GuestAgent.create(
+        cvm.backend, provider(kms, pki, cvm), GuestConfig(vm_config=VM_CONFIG)
     )
-    agent = await GuestAgent.create(cvm.backend, provider, GuestConfig(vm_config=VM_CONFIG))
     assert agent.keys.kms_root_public == kms.svc.root.k256_public()
     d = Path(tempfile.mkdtemp(prefix="pyds-", dir="/tmp"))
     try:
@@ -55,14 +60,13 @@ async def test_guest_agent_boots_on_kms_keys(kms: Kms, pki: DevPki) -> None:
 
 
 async def test_guest_refuses_a_kms_without_attestation(kms: Kms, pki: DevPki) -> None:
-    """A KMS whose RPC cert carries no acceptable evidence gets no request from the guest."""
+    """A KMS whose RPC cert carries no acceptable evidence gets no request from the guest;
+    the error names the check (more in tests/adversarial/test_cvm_trusts_only_its_kms.py)."""
     kms.collateral.status = "OutOfDate"  # the KMS's own quote now fails the guest's policy
     cvm = make_cvm(pki)
-    provider = KmsKeyProvider(
-        kms.url, cvm.backend, vm_config=VM_CONFIG, verifier=verifier(kms, pki)
-    )
-    with pytest.raises(KeyProviderError, match="RA-TLS server refused"):
-        await provider.app_keys()
+    with pytest.raises(KmsCheckFailed, match="check ra-tls failed") as e:
+        await provider(kms, pki, cvm).app_keys()
+    assert e.value.check == "ra-tls"
     assert not [e for e in await kms.events() if isinstance(e, KeyIssued)]
 
 
@@ -71,7 +75,7 @@ async def test_env_vars_encrypted_by_sdk_and_by_cli_decrypt_in_the_guest(
 ) -> None:
     """dstack-sdk's encrypt_env_vars and `pydstack env encrypt` both reach the guest's key."""
     cvm = make_cvm(pki)
-    keys = await KmsKeyProvider(kms.url, cvm.backend, vm_config=VM_CONFIG).app_keys()
+    keys = await provider(kms, pki, cvm).app_keys()
     async with kms.client() as c:
         pub = await c.call("GetAppEnvEncryptPubKey", {"app_id": APP_ID.hex()})
     blob = bytes.fromhex(

@@ -28,6 +28,7 @@ import dcap_qvl
 from .errors import CollateralError
 from .quote import parse_quote
 
+INTEL_PCS = "https://api.trustedservices.intel.com/tdx/certification/v4"
 _CAUSE_INDEX = re.compile(r"^\d+: ")  # anyhow numbers causes when there are several
 
 # dcap-qvl ships no py.typed; this alias documents what flows through our API.
