@@ -629,6 +629,7 @@ class ControlPlane:
             "dashboard": self.dashboard_url or None,
             "dashboard_login_token_file": self.dashboard_token_file or None,
             "kms": self.kms_url or None,
+            "vmm": self.vmm_url or None,
             **({"kms_auth": "dev: every attested app gets its keys; the KMS authorized itself "
                 "unchecked; replicas need the onboarding token",
                 "kms_onboard_token_file": self.kms["kms_onboard_token_file"]}
