@@ -81,6 +81,8 @@ class PlacementView:
                 self._fold_vm(agg_id, rec)
             elif kind == "keyring":
                 self.judge.admit(rec.seq, rec.subject, rec.data)
+            elif kind == "app":  # app owners: a tenant may request VMs of its own apps only
+                self.judge.learn((rec,))
 
     def _decode(self, rec: Recorded) -> tuple[Applied, str] | None:
         """The event as the folds take it, and its correlation id; None if malformed."""

@@ -11,7 +11,7 @@ Every fold that acts holds a :class:`Judge` and folds only what it admits::
 A refused event is skipped, counted once in ``pydstack_events_refused_total{actor,reason}``
 and logged once with its sequence and reason. A reader that sees only some subjects (one
 aggregate, or a durable consumer's filter) calls :meth:`Judge.load_keyring` first, and
-:meth:`Judge.admit_read` loads a VM's history when the owner rule needs it.
+:meth:`Judge.admit_read` loads a VM's or an app's history when an owner rule needs it.
 :func:`ensure_keyring` is how ``pydstack up`` (the admin) puts its identities on the log.
 """
 
@@ -24,7 +24,15 @@ from typing import Final, Protocol
 import structlog
 
 from pydstack.adapters.nats import ConflictError, EventStore, StoreError
-from pydstack.core.events import Envelope, KeyringEntryAdded
+from pydstack.core.events import (
+    CodecError,
+    Envelope,
+    KeyringEntryAdded,
+    VmRequested,
+    decode_body,
+    open_envelope,
+)
+from pydstack.core.events import subject as subject_of
 from pydstack.core.policy import (
     KEYRING_FILTER,
     KEYRING_SUBJECT,
@@ -35,6 +43,8 @@ from pydstack.core.policy import (
     Refused,
     Verdict,
     additions,
+    app_owner_key,
+    vm_app_key,
 )
 
 from . import metrics
@@ -129,16 +139,43 @@ class Judge:
         it is not known yet (the VM's pin and placement are on its own subject)."""
         await self.load_keyring(store, seq)
         v = self.gate.judge(seq, subject, data, opened=opened)
-        if isinstance(v, Refused) and v.reason == "not-owner" and subject.startswith("dstack.vm."):
-            vm_id = subject.split(".", 2)[2]
-            if vm_id not in self.gate.owners:
-                history, _ = await store.read_aggregate(subject)
-                self.learn(r for r in history if r.seq < seq)
-                v = self.gate.judge(seq, subject, data, opened=opened)
+        if isinstance(v, Refused) and v.reason == "not-owner":
+            v = await self._with_owners(store, seq, subject, data, opened, v)
         if isinstance(v, Refused):
             self._refuse(seq, subject, v)
             return None
         return v
+
+    async def _with_owners(
+        self,
+        store: EventStore,
+        seq: int,
+        subject: str,
+        data: bytes,
+        opened: Envelope | None,
+        v: Verdict,
+    ) -> Verdict:
+        """Judge again once the owners the verdict needs are loaded from their own subjects:
+        the VM's history (its pin, placement and app), then the app's (its owner)."""
+        owners = self.gate.owners
+        kind, _, agg = subject.removeprefix("dstack.").partition(".")
+        history: list[_Rec] = []
+        apps = {agg} if kind == "app" else set()
+        if kind == "vm":
+            if agg not in owners or vm_app_key(agg) not in owners:
+                found, _ = await store.read_aggregate(subject)
+                history = [r for r in found if r.seq < seq]
+            apps |= {owners.get(vm_app_key(agg), "")} | {_requested_app(r.data) for r in history}
+            if v.envelope is not None:
+                apps.add(_requested_app(data))
+        todo = sorted(a for a in apps if a and app_owner_key(a) not in owners)
+        for app in todo:
+            found, _ = await store.read_aggregate(subject_of("app", app))
+            self.learn(r for r in found if r.seq < seq)
+        self.learn(history)  # after the apps: a tenant's VmRequested needs its app's owner
+        if not todo and not history:
+            return v
+        return self.gate.judge(seq, subject, data, opened=opened)
 
     def learn(self, records: Iterable[_Rec]) -> None:
         """Judge earlier records only for what they teach the gate (no counting, no log)."""
@@ -156,6 +193,16 @@ class Judge:
             if ok is not None:
                 out.append(ok)
         return out
+
+
+def _requested_app(data: bytes) -> str:
+    """The app id a stored VmRequested names ("" for anything else)."""
+    try:
+        env = open_envelope(data)
+        event = decode_body(env) if env.type == "VmRequested" else None
+    except (CodecError, UnicodeDecodeError):
+        return ""
+    return event.app_id if isinstance(event, VmRequested) else ""
 
 
 Wanted = list[tuple[bytes, str, str, tuple[str, ...]]]  # (key, name, role, hosts)

@@ -250,11 +250,11 @@ def test_the_gate_learns_owners_from_the_pin_then_the_placement_only() -> None:
     gate = Gate.pinned(ADMIN.public_key)
     for rec in log.records:
         gate.judge(*rec)
-    assert gate.owners == {"a": "h1"}
+    assert gate.owners == {"a": "h1", "vmapp.a": "app"}  # and the app it was requested under
     gate.take_owner_changes()
     log.add(SCHEDULER, "dstack.vm.a", placed("a", "h2"))
     gate.judge(*log.records[-1])
-    assert gate.owners == {"a": "h2"} and gate.take_owner_changes() == {"a": "h2"}
+    assert gate.owners == {"a": "h2", "vmapp.a": "app"} and gate.take_owner_changes() == {"a": "h2"}
     assert gate.take_owner_changes() == {}
 
 

@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol, Self
 import msgspec
 import sqlite_utils
 
-from pydstack.core.policy import STRUCTURAL, Allowed, Gate, Keyring
+from pydstack.core.policy import STRUCTURAL, Allowed, Gate, Keyring, vm_app_key
 from pydstack.core.projections import (
     App,
     Applied,
@@ -260,13 +260,17 @@ class ReadModel:
         if row is not None:
             gate.keyring = _decode_keyring(row[0])
             gate.pin(anchor)  # raises if the stored keyring is anchored to another key
+        # app owners: few, and a tenant's VmRequested names its app in the body, not the subject
+        sql = "SELECT vm_id, host FROM vm_owners WHERE vm_id LIKE 'app.%'"
+        gate.owners.update(self.db.execute(sql).fetchall())
         self.gate = gate
 
     def _owners(self, messages: list[StoredMessage]) -> None:
-        """Teach the gate the stored owners of the VMs a batch touches and it does not know."""
-        wanted = {
-            m.subject[10:] for m in messages if m.subject.startswith("dstack.vm.")
-        } - self.gate.owners.keys()
+        """Teach the gate the stored owners (host, app) of the VMs a batch touches and it does
+        not know (rows ``<vm_id>`` and ``vmapp.<vm_id>``; app owners, ``app.<app_id>``, are
+        all loaded with the gate)."""
+        vms = {m.subject[10:] for m in messages if m.subject.startswith("dstack.vm.")}
+        wanted = (vms | {vm_app_key(v) for v in vms}) - self.gate.owners.keys()
         ordered = sorted(wanted)
         for i in range(0, len(ordered), _LOAD_CHUNK):
             chunk = ordered[i : i + _LOAD_CHUNK]

@@ -16,6 +16,8 @@ from ._keyring import Binding, Keyring, additions, entry_error
 from ._keyring import apply as apply_keyring
 from ._table import (
     ADMIN,
+    APP_ADMINS,
+    APP_BOUND,
     AUDITOR,
     GATEWAY,
     HOST_BOUND,
@@ -25,19 +27,31 @@ from ._table import (
     POLICY,
     ROLES,
     SCHEDULER,
+    TENANT,
     VMM,
     WRITERS,
     Policy,
     Role,
 )
-from ._verdict import REASONS, STRUCTURAL, Allowed, Gate, Refused, Verdict, verdict
+from ._verdict import (
+    REASONS,
+    STRUCTURAL,
+    Allowed,
+    Gate,
+    Refused,
+    Verdict,
+    app_owner_key,
+    verdict,
+    vm_app_key,
+)
 
 KEYRING_SUBJECT = "dstack.keyring.main"
 KEYRING_FILTER = "dstack.keyring.*"
 
 __all__ = [
-    "ADMIN", "AUDITOR", "GATEWAY", "HOST_BOUND", "KEYRING_FILTER", "KEYRING_SUBJECT", "KMS",
-    "NAME", "OPERATOR", "POLICY", "REASONS", "ROLES", "SCHEDULER", "STRUCTURAL", "VMM",
+    "ADMIN", "APP_ADMINS", "APP_BOUND", "AUDITOR", "GATEWAY", "HOST_BOUND", "KEYRING_FILTER",
+    "KEYRING_SUBJECT", "KMS",
+    "NAME", "OPERATOR", "POLICY", "REASONS", "ROLES", "SCHEDULER", "STRUCTURAL", "TENANT", "VMM",
     "WRITERS", "Allowed", "Binding", "Gate", "Keyring", "Policy", "Refused", "Role", "Verdict",
-    "additions", "apply_keyring", "entry_error", "verdict",
+    "additions", "app_owner_key", "apply_keyring", "entry_error", "verdict", "vm_app_key",
 ]  # fmt: skip

@@ -87,6 +87,7 @@ VMM: Final = "vmm"
 KMS: Final = "kms"
 GATEWAY: Final = "gateway"
 AUDITOR: Final = "auditor"
+TENANT: Final = "tenant"
 
 # The NATS side: subjects each role may publish to (the embedded server's permissions).
 ROLES: Final[dict[str, Role]] = {
@@ -97,10 +98,18 @@ ROLES: Final[dict[str, Role]] = {
     KMS: Role(("dstack.kms.*",), doc="KeyIssued/KeyDenied, root keys, replicas"),
     GATEWAY: Role(("dstack.gateway.*", "dstack.cvm.*"), doc="gateway nodes, CVM registration"),
     AUDITOR: Role((), doc="reads everything, writes nothing"),
+    TENANT: Role(
+        ("dstack.app.*", "dstack.vm.*"),
+        doc="`pydstack tenant add`: its own apps and their VMs (owner rule)",
+    ),
 }
 
 # Roles whose keys are bound to hosts (the keyring entry names them).
 HOST_BOUND: Final = frozenset({VMM})
+# Roles whose VM commands are bound to the apps they own (see the app owner rule in _verdict).
+APP_BOUND: Final = frozenset({TENANT})
+# Roles that may write any app's events whoever owns it (every other role: only its own apps).
+APP_ADMINS: Final = frozenset({ADMIN})
 # Body fields that name a host: a host-bound writer may only name one of its own.
 HOST_FIELDS: Final = ("host", "host_id")
 # Body field that must equal the aggregate id of the subject it is stored on, per kind.
@@ -115,11 +124,12 @@ def _rows(
     return {(tag_of(t), kind): roles for t in types}
 
 
-_COMMANDS: Final = frozenset({OPERATOR, ADMIN})
-_VM_COMMANDS: Final = frozenset({OPERATOR, ADMIN, VMM})  # VMM: its API, its own host's VMs
+_COMMANDS: Final = frozenset({OPERATOR, ADMIN, TENANT})  # + the app owner rule
+# VMM: its API, its own host's VMs; tenant: the VMs of its own apps
+_VM_COMMANDS: Final = frozenset({OPERATOR, ADMIN, VMM, TENANT})
 
 WRITERS: Final[Mapping[tuple[str, str], frozenset[str]]] = {
-    # the operator's commands (CLI, dashboard; tenants and app ownership come later)
+    # commands (CLI, dashboard): the operator's and the tenants', under the app owner rule
     **_rows("app", _COMMANDS, AppRegistered, AppUpgraded, AppRemoved),
     **_rows("vm", _VM_COMMANDS, VmRequested, VmStartRequested, VmStopRequested,
             VmRemoveRequested, VmUpdateRequested),
@@ -152,6 +162,8 @@ class Policy:
 
     writers: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=lambda: WRITERS)
     host_bound: frozenset[str] = HOST_BOUND
+    app_bound: frozenset[str] = APP_BOUND
+    app_admins: frozenset[str] = APP_ADMINS
     roles: frozenset[str] = frozenset(ROLES)
 
     def may_write(self, role: str, event_type: str, kind: str) -> bool:

@@ -15,8 +15,16 @@ and the VM owners as it goes (``gate.judge(seq, subject, data)``).
 The checks, in order: the bytes are an envelope stored on the subject it names; its Ed25519
 signature verifies against the key it carries; the body matches its type; then, once the log
 has a keyring (see ``_keyring``), the key is bound at that sequence and not revoked, its role
-may write this type on this kind of aggregate, the body's id is the subject's, and a
-host-bound writer (a VMM) stays on its own hosts and their VMs.
+may write this type on this kind of aggregate, the body's id is the subject's, a host-bound
+writer (a VMM) stays on its own hosts and their VMs, and the app owner rule holds: the key
+that signed an app's first ``AppRegistered`` owns it, and only that key or an admin writes
+the app's events afterwards (the host's ``operator`` included: it owns only the apps it
+registered); an app-bound writer (a tenant) requests and commands only VMs of its own apps.
+
+``owners`` holds what the owner rules need, folded from the aggregates' own subjects by a
+:class:`Gate`: ``<vm_id>`` -> the VM's host (placement or pin), ``app.<app_id>`` -> the
+owner's public key (hex), ``vmapp.<vm_id>`` -> the app id the VM was requested under (VM ids
+and app ids are subject tokens: they hold no dot, so the three never collide).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from nacl.exceptions import BadSignatureError
 
 from pydstack.core.events import (
     AnyEvent,
+    AppRegistered,
     CodecError,
     Envelope,
     KeyRevoked,
@@ -173,7 +182,48 @@ def verdict(
         bad = _owner_error(b, kind, agg, event, owners)
         if bad is not None:
             return Refused("not-owner", f"{_who(b)} {bad}", env)
+    if b.role not in policy.app_admins and (
+        kind == "app" or (kind == "vm" and b.role in policy.app_bound)
+    ):
+        bad = _app_owner_error(env.key, kind, agg, event, owners)
+        if bad is not None:
+            return Refused("not-owner", f"{_who(b)} {bad}", env)
     return Allowed(env, event, b)
+
+
+def app_owner_key(app_id: str) -> str:
+    """The ``owners`` entry holding an app's owner (its public key, hex)."""
+    return f"app.{app_id}"
+
+
+def vm_app_key(vm_id: str) -> str:
+    """The ``owners`` entry holding the app id a VM was requested under."""
+    return f"vmapp.{vm_id}"
+
+
+def _app_owner_error(
+    key: bytes, kind: str, agg: str, event: AnyEvent, owners: Mapping[str, str]
+) -> str | None:
+    """Why a writer that is not an app admin may not write this (None: it may). On an app's
+    subject: only its owner, once registered (the first AppRegistered makes its signer the
+    owner). On a VM's subject (app-bound writers only): the VM's app must be the writer's."""
+    me = key.hex()
+    if kind == "app":
+        owner = owners.get(app_owner_key(agg))
+        if owner is None:
+            return None if isinstance(event, AppRegistered) else f"may not write app {agg}: " \
+                "never registered"  # fmt: skip
+        return None if owner == me else f"may not write app {agg}: owned by {owner[:16]}…"
+    if isinstance(event, VmRequested):
+        app = event.app_id
+    else:
+        app = owners.get(vm_app_key(agg), "")
+        if not app:
+            return f"may not write vm {agg}: never requested under an app"
+    owner = owners.get(app_owner_key(app))
+    if owner is None:
+        return f"may not write vm {agg}: app {app} is not registered"
+    return None if owner == me else f"may not write vm {agg}: app {app} is not its own"
 
 
 def _keyring_verdict(
@@ -218,10 +268,12 @@ def _owner_error(
 @dataclass
 class Gate:
     """Judges stored messages in stream order and folds what the verdicts depend on: the
-    keyring (its own subject) and each VM's owner (its VmRequested pin, then VmScheduled).
+    keyring (its own subject), each VM's owner (its VmRequested pin, then VmScheduled) and
+    app (its VmRequested), and each app's owner (the signer of its first AppRegistered).
 
     A reader that sees only some subjects feeds the keyring subject first (``judge`` ignores
-    a keyring event it already folded) and the history of a VM before that VM's events.
+    a keyring event it already folded), the history of a VM before that VM's events, and the
+    history of an app before a tenant's events on its VMs.
     Pure: no clock, no I/O; the caller counts and logs the refusals.
     """
 
@@ -267,8 +319,15 @@ class Gate:
         kind, agg = _split(subject)
         if kind == "keyring":
             self.keyring = apply_keyring(self.keyring, seq, env.key, event)
+        elif kind == "app":
+            owner = app_owner_key(agg)
+            if isinstance(event, AppRegistered) and owner not in self.owners:
+                self.owners[owner] = self._owner_changes[owner] = env.key.hex()
         elif kind == "vm":
             if isinstance(event, VmRequested):
+                app = vm_app_key(agg)
+                if app not in self.owners:
+                    self.owners[app] = self._owner_changes[app] = event.app_id
                 if agg not in self.owners:
                     self.owners[agg] = self._owner_changes[agg] = event.host
             elif isinstance(event, VmScheduled) and agg in self.owners:
