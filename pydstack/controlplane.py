@@ -43,9 +43,10 @@ from pydstack.adapters.nats import (
     StreamSettings,
     free_port,
 )
-from pydstack.adapters.nats.identity import ROLES, Identity, IdentityStore, nats_user
+from pydstack.adapters.nats.identity import ROLES, Identity, IdentityStore, nats_users
 from pydstack.adapters.nats.server import port_in_use
 from pydstack.core.events import HostJoined, subject
+from pydstack.core.policy import Keyring
 
 if TYPE_CHECKING:
     from pydstack.actors.gateway.up_launch import UpGateway
@@ -193,9 +194,14 @@ class UpOptions:
     gateway_acme_directory: str = ""  # "": dev CA certificates; else ACME (up_launch.UpGateway)
     gateway_acme_ca_bundle: str = ""  # the ACME server's HTTPS CA ("": the system's roots)
     gateway_challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL
+    # nftables in the gateway's namespace (here: the host's): no forwarding between CVMs
+    gateway_forward_guard: bool = True
     vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
     vmm_api_port: int = -1  # the VMM API on TCP too (with its token): -1 no, 0 any free port
     allow_public_ports: bool = False  # CVM ports on non-loopback host addresses
+    # A join bundle (`pydstack host add`): this host's own keys and the cluster's public data;
+    # the data dir then holds no admin key and this up needs no stream-admin rights
+    join_bundle: str = ""
 
 
 class ControlPlane:
@@ -245,8 +251,11 @@ class ControlPlane:
 
     async def _run(self) -> int:
         cfg = self._config()
-        ids = self.data.identities.ensure_all(STANDARD_IDENTITIES)
-        self.anchor = ids["admin"].key
+        if self.opts.join_bundle:
+            ids = await asyncio.to_thread(self._install_bundle, cfg)
+        else:
+            ids = self.data.identities.ensure_all(STANDARD_IDENTITIES)
+        self.anchor = self.data.identities.anchor()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
@@ -257,16 +266,22 @@ class ControlPlane:
                 else:
                     self.server = NatsServer(NatsServerConfig(
                         data_dir=self.data.nats_dir, host=cfg.host, port=cfg.port,
-                        users=[nats_user(i, cfg.stream) for i in ids.values()],
+                        users=nats_users(Keyring(), ids.values(), cfg.stream, self._host()),
                     ))  # fmt: skip
                     await self.server.start()
                     stack.push_async_callback(self._stop_server)
                     self.url = self.server.url
                 settings = StreamSettings(name=cfg.stream, deny_delete=cfg.deny_delete)
-                admin = await self._connect(ids["admin"], settings)
-                stack.push_async_callback(_close, admin)
-                await admin.ensure_stream()
-                await self._ensure_keyring(admin, ids)
+                if "admin" in ids:
+                    admin = await self._connect(ids["admin"], settings)
+                    stack.push_async_callback(_close, admin)
+                    await admin.ensure_stream()
+                    await self._ensure_keyring(admin, ids)
+                    if self.server is not None:
+                        self._follow_keyring(stack, admin, ids, cfg)
+                else:  # a host joined with a bundle: the stream must exist (no admin rights)
+                    async with await self._connect(ids["vmm"], settings) as probe:
+                        await probe.ensure_stream()
                 if self.opts.host_id:
                     await self._join_host(ids["vmm"], settings, self.opts.host_id)
                 self._serve_metrics()
@@ -277,6 +292,45 @@ class ControlPlane:
                 loop.remove_signal_handler(sig)
         _log.info("control plane stopped", data_dir=str(self.data.path))
         return 0
+
+    def _host(self) -> str:
+        return self.opts.host_id or ""
+
+    def _follow_keyring(
+        self,
+        stack: contextlib.AsyncExitStack,
+        admin: EventStore,
+        ids: dict[str, Identity],
+        cfg: PlaneConfig,
+    ) -> None:
+        """Keep the embedded server's users equal to the log's keyring (a key bound by
+        `pydstack host add` may log in, a revoked one is logged out): config rewritten and
+        reloaded (SIGHUP) on every keyring change. Servers `up` does not run (a NATS cluster
+        of your own) need the same users: `pydstack host nats-config` prints them."""
+        from pydstack.actors.hosts import follow_nats_users
+
+        server = self.server
+        assert server is not None
+
+        def on_change(ring: Keyring) -> None:
+            if server.reload(nats_users(ring, ids.values(), cfg.stream, self._host())):
+                _log.info("nats users reloaded from the keyring", users=len(server.config.users))
+
+        task = asyncio.create_task(follow_nats_users(admin, on_change), name="nats-users")
+        task.add_done_callback(_report_follower)
+        stack.callback(task.cancel)
+
+    def _install_bundle(self, cfg: PlaneConfig) -> dict[str, Identity]:
+        """Put a join bundle's keys (0600) and public keyring into the data dir; its
+        identities by role. The bundle names the NATS URLs, stream and host id."""
+        from pydstack.adapters.nats.bundle import install_bundle, read_bundle
+
+        bundle = read_bundle(Path(self.opts.join_bundle))
+        if self.opts.host_id and self.opts.host_id != bundle.host:
+            raise StoreError(f"--host-id {self.opts.host_id} but the bundle is host "
+                             f"{bundle.host}'s; drop --host-id")  # fmt: skip
+        cfg.stream = bundle.stream
+        return install_bundle(bundle, self.data.identities, self.data.path)
 
     async def _connect(self, ident: Identity, settings: StreamSettings) -> EventStore:
         # An unauthenticated server (joined with --nats) just ignores the nkey.
@@ -374,23 +428,27 @@ class ControlPlane:
 
         runtime = RuntimeConfig(reconcile_interval_s=self.opts.reconcile_interval_s)
         async with contextlib.AsyncExitStack() as stack:
-            store = await self._connect(ids["scheduler"], settings)
-            stack.push_async_callback(_close, store)
-            scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
-            runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
+            waits: set[asyncio.Task[Any]] = {asyncio.create_task(self._stop.wait(), name="stop")}
+            if "scheduler" in ids:  # a host joined with a bundle runs none (it has no key)
+                store = await self._connect(ids["scheduler"], settings)
+                stack.push_async_callback(_close, store)
+                scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
+                runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
+                # shield: cancelling this waiter must not cancel the runner, which stops below
+                waits.add(asyncio.create_task(_shielded(runner.wait()), name="actor-scheduler"))
             if self.opts.kms or (self.opts.kms is None and self.server is not None):
-                await self._start_kms(stack, ids["kms"], settings)
-            await self._start_gateway(stack, ids["gateway"], settings, cfg)
-            await self._serve_dashboard(stack, ids["operator"], settings)
-            await self._start_vmm(stack, ids["vmm"], settings, runtime)
+                await self._start_kms(stack, _needs(ids, "kms", "--no-kms"), settings)
+            if "gateway" in ids or self.opts.gateway:
+                gw = _needs(ids, "gateway", "--no-gateway, or `host add --gateway`")
+                await self._start_gateway(stack, gw, settings, cfg)
+            if "operator" in ids:
+                await self._serve_dashboard(stack, ids["operator"], settings)
+            if self.opts.vmm_backend and self.opts.host_id:
+                await self._start_vmm(stack, _needs(ids, "vmm", "--vmm none"), settings, runtime)
             running = {"vmm": self.vmm_url, "kms": self.kms_url, "gateway": bool(self.gateway),
                        "dashboard": self.dashboard_url}  # fmt: skip
-            self._ready(cfg, ["scheduler", *(name for name, on in running.items() if on)])
-            waits = {
-                asyncio.create_task(self._stop.wait(), name="stop"),
-                # shield: cancelling this waiter must not cancel the runner, which stops below
-                asyncio.create_task(_shielded(runner.wait()), name="actor-scheduler"),
-            }
+            self._ready(cfg, [*(["scheduler"] if "scheduler" in ids else []),
+                              *(name for name, on in running.items() if on)])  # fmt: skip
             watcher = None
             if self.server is not None:
                 watcher = asyncio.create_task(self._watch_server(), name="nats-server")
@@ -565,6 +623,7 @@ class ControlPlane:
             dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
             acme_directory=o.gateway_acme_directory,
             acme_ca_bundle=o.gateway_acme_ca_bundle or None, challtestsrv=o.gateway_challtestsrv,
+            forward_guard=o.gateway_forward_guard,
         )  # fmt: skip
 
     def _kms_launch(self) -> KmsLaunch:
@@ -646,6 +705,19 @@ class ControlPlane:
             **where,
             hint="pydstack events --follow  |  pydstack status  |  Ctrl-C to stop",
         )
+
+
+def _needs(ids: dict[str, Identity], role: str, instead: str) -> Identity:
+    if role not in ids:
+        raise StoreError(f"this data dir holds no {role} key (joined with a bundle without "
+                         f"one); start with {instead}")  # fmt: skip
+    return ids[role]
+
+
+def _report_follower(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("following the keyring for NATS users failed; `up` must be restarted to "
+                   "apply later keyring changes", error=str(task.exception()))  # fmt: skip
 
 
 def _no_tdx() -> bool:

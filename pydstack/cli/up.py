@@ -176,6 +176,13 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option("--gateway-challtestsrv", default="", metavar="URL", help="DNS-01 provider")
 @click.option(
+    "--gateway-forward-guard/--no-gateway-forward-guard",
+    default=True,
+    show_default=True,
+    help="nftables table in the host's ruleset: nothing is forwarded into or out of the "
+    "gateway's WireGuard interface, so CVMs cannot reach each other through it",
+)
+@click.option(
     "--gateway-node-id",
     default="gw1",
     show_default=True,
@@ -251,6 +258,7 @@ def up_cmd(
     gateway_acme_directory: str,
     gateway_acme_ca_bundle: str,
     gateway_challtestsrv: str,
+    gateway_forward_guard: bool,
     gateway_node_id: str,
     join: str,
     kms_onboard: str,
@@ -288,6 +296,7 @@ def up_cmd(
         gateway_port=gateway_port,
         gateway_listen=gateway_listen, gateway_acme_directory=gateway_acme_directory,
         gateway_acme_ca_bundle=gateway_acme_ca_bundle, gateway_challtestsrv=gateway_challtestsrv,
+        gateway_forward_guard=gateway_forward_guard,
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
     try:

@@ -102,7 +102,10 @@ def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Pa
     if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
         pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
     home = short_tmp / "home"
-    plane = Up(home, extra=("--vmm", "sandbox", "--gateway", "--dashboard-port", "-1")).start()
+    # The gateway runs in the host's namespace here: its nftables guard stays out of the
+    # machine's ruleset (tests/adversarial/test_gateway_forwarding.py tests it in namespaces).
+    plane = Up(home, extra=("--vmm", "sandbox", "--gateway", "--no-gateway-forward-guard",
+                            "--dashboard-port", "-1")).start()  # fmt: skip
     sandboxes: dict[str, dict[str, str]] = {}
     vms = ["hello1", "hello2"]
     try:
@@ -292,7 +295,7 @@ async def test_deployed_example_is_served_with_a_certificate_from_pebble(short_t
         root = short_tmp / "pebble-root.pem"
         await asyncio.to_thread(root.write_bytes, await peb.root_pem())
         plane = await asyncio.to_thread(Up(home, extra=(
-            "--vmm", "sandbox", "--gateway", "--dashboard-port", "-1",
+            "--vmm", "sandbox", "--gateway", "--no-gateway-forward-guard", "--dashboard-port", "-1",
             "--gateway-acme-directory", peb.directory_url, "--gateway-acme-ca-bundle",
             peb.ca_bundle, "--gateway-challtestsrv", peb.challtestsrv_url)).start)  # fmt: skip
         sandboxes: dict[str, dict[str, str]] = {}

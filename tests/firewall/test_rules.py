@@ -1,4 +1,5 @@
-"""The guest egress allow list and its nftables text (pure: no nft, no namespace)."""
+"""The guest egress allow list, the gateway's forwarding guard and their nftables text (pure:
+no nft, no namespace)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pydstack.adapters.firewall import (
     HostServices,
     RulesError,
     allowed,
+    forward_guard,
+    forward_table,
     processes_of,
     removal,
     resolver_ports,
@@ -93,3 +96,23 @@ def test_only_live_processes_of_the_user_keep_the_rules(tmp_path: Path) -> None:
         )
     (tmp_path / "self").mkdir()
     assert processes_of(999, tmp_path) == [10]
+
+
+def test_the_gateway_guard_drops_forwarding_into_and_out_of_its_interface() -> None:
+    """One table per interface, replaced atomically: in the forward hook, whatever arrives on
+    the gateway's WireGuard interface, or would leave by it, is dropped (CVM to CVM and to the
+    gateway's networks); the gateway's own connections (output) are not its business."""
+    text = forward_guard("dgw0")
+    assert forward_table("dgw0") == "pydstack_gw_dgw0"
+    assert text.startswith("table inet pydstack_gw_dgw0\ndelete table inet pydstack_gw_dgw0\n")
+    assert "type filter hook forward priority filter; policy accept;" in text
+    assert '\t\tiifname "dgw0" counter drop\n' in text
+    assert '\t\toifname "dgw0" counter drop\n' in text
+    assert "hook output" not in text and "hook input" not in text
+    assert forward_table("wg-a.1") == "pydstack_gw_wg_a_1"
+
+
+@pytest.mark.parametrize("ifname", ["", "a" * 16, 'dgw0" accept', "dgw 0", "dgw0\n"])
+def test_an_interface_name_nft_would_parse_is_refused(ifname: str) -> None:
+    with pytest.raises(RulesError, match="interface name"):
+        forward_guard(ifname)

@@ -38,8 +38,11 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path, acme: bool
     tmp_path = short_tmp  # wireguard-go's UAPI socket path must fit in sun_path
     home = tmp_path / "home"
     async with namespace_lan() as lan, contextlib.AsyncExitStack() as stack:
+        # up's node runs in the host's namespace: its nftables guard stays out of the
+        # machine's ruleset (the guard: tests/adversarial/test_gateway_forwarding.py).
         extra: tuple[str, ...] = ("--listen", lan.host_ip, "--dashboard-port", "-1",
-                                  "--gateway-domain", BASE)  # fmt: skip
+                                  "--gateway-domain", BASE,
+                                  "--no-gateway-forward-guard")  # fmt: skip
         if acme:
             peb = await stack.enter_async_context(
                 running_pebble(tmp_path / "pebble", host=lan.host_ip)

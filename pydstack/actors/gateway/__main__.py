@@ -96,6 +96,10 @@ def _read(path: str | None) -> str | None:
 @click.option("--client-ca", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dev-pki", type=click.Path(file_okay=False), help="trust simulated quotes (dev)")
 @click.option("--pccs-url", default="", help="collateral from this PCCS [default: Intel's PCS]")
+@click.option(
+    "--forward-guard/--no-forward-guard", default=True, show_default=True,
+    help="nftables: forward nothing into or out of the WireGuard interface (CVM to CVM)",
+)  # fmt: skip
 @click.option("--recycle-interval", type=float, default=300.0, show_default=True)
 @click.option("--recycle-timeout", type=int, default=36_000, show_default=True)
 @click.option("--poll-interval", type=float, default=0.05, show_default=True)
@@ -165,6 +169,7 @@ async def run(**o: Any) -> None:
         proxy_host=o["proxy_host"], proxy_port=o["proxy_port"], certs=certs,
         acme=_acme(o), admin_host=o["admin_host"], admin_port=o["admin_port"],
         registration=registration, address_plan=o["address_plan"],
+        forward_guard=o["forward_guard"],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,10 +4,12 @@
     async with running_node(store, NodeLaunch(node=NodeConfig(...), state_dir=...)) as rn:
         rn.node.status(); rn.admin_url; rn.proxy_port; rn.registration_url
 
-It owns what it creates, in this order and undone in reverse: the WireGuard device (a stale
-interface left by a killed node is removed first; the key lives in ``state_dir/wg.key`` so a
-restarted node keeps its identity), the proxy, the node's loops, the RegisterCvm endpoint
-(mutual RA-TLS) and the admin endpoint.
+It owns what it creates, in this order and undone in reverse: the forwarding guard of its
+interface (nftables, in its namespace: nothing is forwarded into or out of the tunnel, so a
+CVM reaches no other CVM through it; ``forward_guard=False`` leaves it out), the WireGuard
+device (a stale interface left by a killed node is removed first; the key lives in
+``state_dir/wg.key`` so a restarted node keeps its identity), the proxy, the node's loops,
+the RegisterCvm endpoint (mutual RA-TLS) and the admin endpoint.
 
 Certificates come from ``certs`` (a static provider) or, with ``acme``, from the log: the
 node serves what is recorded for its cluster's domains (keys unsealed with the cluster key),
@@ -29,6 +31,7 @@ import structlog
 from aiohttp import web
 
 from pydstack.adapters.acme import DnsProvider
+from pydstack.adapters.firewall import FirewallError, ForwardGuard, RulesError
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.proxy import CertProvider, ProxyConfig, ProxyServer
 from pydstack.adapters.secretfile import write_secret
@@ -95,6 +98,7 @@ class NodeLaunch:
     admin_port: int = 0  # 0: any free port; -1: none
     registration: RegistrationLaunch | None = None
     address_plan: str = "10.0.0.0/25"  # where CVM addresses come from
+    forward_guard: bool = True  # nftables: drop forwarding into/out of the interface
 
 
 @dataclass
@@ -131,6 +135,28 @@ async def _remove_stale_link(netns: str | None, ifname: str) -> None:
             break
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.1)  # let the old daemon close its socket
+
+
+async def _guard_forwarding(launch: NodeLaunch, stack: contextlib.AsyncExitStack) -> None:
+    """Before the interface exists (nft matches it by name): no window where it forwards."""
+    netns = Path(f"/var/run/netns/{launch.netns}") if launch.netns else None
+    guard = ForwardGuard(launch.ifname, netns=netns)
+    try:
+        await guard.apply()
+    except (FirewallError, RulesError) as e:
+        raise DeviceError(
+            f"gateway node {launch.node.node_id}: cannot guard {launch.ifname} against "
+            f"forwarding between CVMs: {e}; install nftables (make sysdeps), or run without "
+            "the guard (--no-forward-guard) where nothing forwards"
+        ) from None
+
+    async def remove() -> None:
+        try:
+            await guard.remove()
+        except FirewallError as e:  # the interface is gone already: its rules match nothing
+            _log.warning("forwarding guard not removed", table=guard.table, error=str(e))
+
+    stack.push_async_callback(remove)
 
 
 def _verifier(reg: RegistrationLaunch) -> RaTlsVerifier:
@@ -183,6 +209,11 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
     async with contextlib.AsyncExitStack() as stack:
         if launch.acme is not None:
             await _start_acme(store, cfg, launch.acme, stack)
+        if launch.forward_guard:
+            await _guard_forwarding(launch, stack)
+        else:
+            _log.warning("no forwarding guard: with ip_forward on, CVMs reach each other "
+                         "through this node", ifname=launch.ifname)  # fmt: skip
         device = await backend.create(launch.ifname, launch.netns)
         stack.push_async_callback(device.close)
         proxy = await ProxyServer.create(

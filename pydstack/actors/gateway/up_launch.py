@@ -54,6 +54,7 @@ class UpGateway:
     acme_directory: str = ""  # "": the dev CA's wildcard; else certificates from this ACME CA
     acme_ca_bundle: str | None = None  # the ACME server's HTTPS CA (None: the system's roots)
     challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL ("": none)
+    forward_guard: bool = True  # NodeLaunch.forward_guard
 
 
 _SERVER, _CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
@@ -186,4 +187,5 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
         admin_host="127.0.0.1",
         admin_port=0,
         registration=registration,
+        forward_guard=gw.forward_guard,
     )

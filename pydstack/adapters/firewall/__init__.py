@@ -1,12 +1,15 @@
-"""Host firewall for CVMs: what a QEMU guest may reach on this host (nftables)."""
+"""Host firewall for CVMs (nftables): what a QEMU guest may reach on this host, and that a
+gateway forwards nothing between CVMs."""
 
-from .nft import FirewallError, GuestEgress, processes_of, unavailable_reason
+from .nft import FirewallError, ForwardGuard, GuestEgress, processes_of, unavailable_reason
 from .rules import (
     PROTOCOLS,
     TABLE,
     HostServices,
     RulesError,
     allowed,
+    forward_guard,
+    forward_table,
     removal,
     resolver_ports,
     ruleset,
@@ -14,7 +17,7 @@ from .rules import (
 )
 
 __all__ = [
-    "PROTOCOLS", "TABLE", "FirewallError", "GuestEgress", "HostServices", "RulesError",
-    "allowed", "processes_of", "removal", "resolver_ports", "ruleset", "unavailable_reason",
-    "url_ports",
+    "PROTOCOLS", "TABLE", "FirewallError", "ForwardGuard", "GuestEgress", "HostServices",
+    "RulesError", "allowed", "forward_guard", "forward_table", "processes_of", "removal",
+    "resolver_ports", "ruleset", "unavailable_reason", "url_ports",
 ]  # fmt: skip

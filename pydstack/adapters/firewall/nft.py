@@ -1,10 +1,13 @@
-"""The guest egress table, applied and removed with the ``nft`` binary (nftables).
+"""The guest egress table and the gateway's forwarding guard, applied and removed with the
+``nft`` binary (nftables).
 
 Usage::
 
     fw = GuestEgress(uid)                 # netns=Path("/var/run/netns/x"): apply it there
     await fw.apply(HostServices(kms=(9100,)))   # replaces the table atomically
     await fw.remove()
+    guard = ForwardGuard("dgw0")          # a gateway's tunnel forwards nothing
+    await guard.apply(); ...; await guard.remove()
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import os
 import shutil
 from pathlib import Path
 
-from .rules import TABLE, HostServices, removal, ruleset
+from .rules import (
+    TABLE,
+    HostServices,
+    forward_guard,
+    forward_guard_removal,
+    forward_table,
+    removal,
+    ruleset,
+)
 
 
 class FirewallError(Exception):
@@ -39,23 +50,8 @@ class GuestEgress:
         self.uid = uid
         self.netns = netns
 
-    def _argv(self, *args: str) -> list[str]:
-        nft = ["nft", *args]
-        return ["nsenter", f"--net={self.netns}", *nft] if self.netns else nft
-
     async def _run(self, *args: str, stdin: str = "") -> str:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(*args), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-        except FileNotFoundError as exc:
-            raise FirewallError(f"{exc.filename}: not found (install nftables)") from None
-        out, err = await proc.communicate(stdin.encode())
-        if proc.returncode != 0:
-            lines = err.decode(errors="replace").strip().splitlines() or ["(no message)"]
-            raise FirewallError(f"nft {' '.join(args)}: {lines[0]}")
-        return out.decode()
+        return await _nft(self.netns, *args, stdin=stdin)
 
     async def apply(self, services: HostServices) -> None:
         await self._run("-f", "-", stdin=ruleset(self.uid, services))
@@ -69,6 +65,44 @@ class GuestEgress:
             return await self._run("list", "table", "inet", TABLE)
         except FirewallError:
             return ""
+
+
+class ForwardGuard:
+    """The forwarding guard of a gateway's WireGuard interface (`rules.forward_guard`), in
+    this process's network namespace or in ``netns``."""
+
+    def __init__(self, ifname: str, *, netns: Path | None = None) -> None:
+        self.ifname, self.netns = ifname, netns
+        self.table = forward_table(ifname)
+
+    async def apply(self) -> None:
+        await _nft(self.netns, "-f", "-", stdin=forward_guard(self.ifname))
+
+    async def remove(self) -> None:
+        await _nft(self.netns, "-f", "-", stdin=forward_guard_removal(self.ifname))
+
+    async def listed(self) -> str:
+        try:
+            return await _nft(self.netns, "list", "table", "inet", self.table)
+        except FirewallError:
+            return ""
+
+
+async def _nft(netns: Path | None, *args: str, stdin: str = "") -> str:
+    nft = ["nft", *args]
+    argv = ["nsenter", f"--net={netns}", *nft] if netns else nft
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    except FileNotFoundError as exc:
+        raise FirewallError(f"{exc.filename}: not found (install nftables)") from None
+    out, err = await proc.communicate(stdin.encode())
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines() or ["(no message)"]
+        raise FirewallError(f"nft {' '.join(args)}: {lines[0]}")
+    return out.decode()
 
 
 def processes_of(uid: int, proc: Path = Path("/proc")) -> list[int]:

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
@@ -104,6 +105,46 @@ def removal() -> str:
 def _replace_prefix() -> str:
     # Declaring the table first makes the delete succeed when it does not exist yet.
     return f"table inet {TABLE}\ndelete table inet {TABLE}\n"
+
+
+# -- the gateway's tunnel: nothing forwarded into or out of it --------------------------------
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")  # what Linux takes, minus what nft would parse
+
+
+def forward_table(ifname: str) -> str:
+    """The table name of a gateway interface's forwarding guard."""
+    if not _IFNAME.match(ifname):
+        raise RulesError(f"interface name {ifname!r}: want 1-15 of [A-Za-z0-9_.-]")
+    return "pydstack_gw_" + re.sub(r"[.-]", "_", ifname)
+
+
+def forward_guard(ifname: str) -> str:
+    """The ``nft -f`` text that (re)places the guard of a gateway's WireGuard interface.
+
+    Every CVM is a peer of the gateway's interface; with ``ip_forward`` on (docker turns it
+    on, so do routers) the kernel forwards what a CVM sends to another CVM's tunnel address,
+    or to anything the gateway's namespace reaches, and back. The gateway never needs that:
+    its proxy terminates every connection it makes to a CVM (output, not forward). So the
+    forward hook drops whatever arrives on, or would leave by, that interface.
+    (``sysctl net.ipv4.conf.<if>.forwarding=0`` is no answer: writing ``ip_forward=1``, as
+    docker does, sets every interface's back to 1.)"""
+    table = forward_table(ifname)
+    return (
+        f"table inet {table}\ndelete table inet {table}\n"
+        f"table inet {table} {{\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter; policy accept;\n"
+        f'\t\tiifname "{ifname}" counter drop\n'  # CVM to CVM, CVM to the gateway's networks
+        f'\t\toifname "{ifname}" counter drop\n'  # anything routed into the tunnel
+        "\t}\n"
+        "}\n"
+    )
+
+
+def forward_guard_removal(ifname: str) -> str:
+    table = forward_table(ifname)
+    return f"table inet {table}\ndelete table inet {table}\n"
 
 
 def url_ports(urls: tuple[str, ...] | list[str]) -> tuple[int, ...]:
