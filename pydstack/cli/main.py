@@ -27,6 +27,7 @@ class _LazyGroup(click.Group):
         "env": "pydstack.cli.env:env",  # KMS owner: env encrypt
         "deploy": "pydstack.cli.deploy:deploy_cmd",  # compose file -> running app, followed
         "gateway": "pydstack.cli.gateway:gateway",  # gateway: status, routes, peers, add-domain
+        "host": "pydstack.cli.host:host",  # admin: per-host keys and join bundles
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

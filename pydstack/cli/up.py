@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
 from click.core import ParameterSource
 
 from pydstack.adapters.nats import StoreError
+from pydstack.adapters.nats.bundle import is_bundle, read_bundle
 from pydstack.controlplane import ControlPlane, DataDir, UpOptions, default_host_id
 from pydstack.logs import configure
 from pydstack.loop import run as run_loop
@@ -191,8 +193,10 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
 @click.option(
     "--join",
     default="",
-    metavar="URL",
-    help="join this NATS server or cluster as a further host (same as --nats URL)",
+    metavar="BUNDLE|URL",
+    help="join as a further host with the join bundle `pydstack host add NAME` wrote (this "
+    "host's own keys only; host id, NATS URLs and KMS URLs from the bundle), or join this NATS "
+    "server or cluster with the data dir's identities (same as --nats URL)",
 )
 @click.option(
     "--kms-onboard",
@@ -281,7 +285,17 @@ def up_cmd(
     configure(level=log_level, json=log_json)
     # --host-id also names the KMS instance; with --no-host only when given (a replica alone)
     named = ctx.get_parameter_source("host_id") not in (None, ParameterSource.DEFAULT)
+    bundle = ""
+    if join and is_bundle(join):
+        try:
+            b = read_bundle(Path(join))
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        bundle, join = join, ",".join(b.nats_urls)
+        host_id = host_id if named else b.host
+        kms_urls = kms_urls or b.kms_urls
     opts = UpOptions(
+        join_bundle=bundle,
         port=port, host=host, nats_url=join or s.nats, stream=s.stream, allow_delete=allow_delete,
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,

@@ -20,6 +20,7 @@ keys, roles and subjects: safe to copy to auditors and other hosts).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -32,39 +33,56 @@ import nkeys
 from pydstack.adapters.secretfile import write_secret
 from pydstack.core.audit import Signatory, make_keyring
 from pydstack.core.events import Signer
-from pydstack.core.policy import ADMIN, NAME, ROLES, Role
+from pydstack.core.policy import ADMIN, AUDITOR, HOST_BOUND, NAME, ROLES, Keyring, Role
 
 __all__ = [
-    "ROLES", "Identity", "IdentityStore", "Role", "load_anchor", "load_keyring", "nats_user",
-    "read_seed_file",
+    "ROLES", "Identity", "IdentityStore", "Role", "durables_of", "inbox_prefix", "load_anchor",
+    "load_keyring", "nats_user", "nats_user_of", "nats_users", "public_nkey", "read_seed_file",
 ]  # fmt: skip
 
 from .errors import StoreError
 from .server import NatsUser
-from .store import DEFAULT_STREAM
+from .store import DEFAULT_STREAM, inbox_prefix
 
 
-def _reader_api(stream: str) -> list[str]:
-    """The JetStream API an actor needs to read, follow and consume; no stream changes at all."""
+def _reader_api(stream: str, durables: Iterable[str]) -> list[str]:
+    """The JetStream API an actor needs to read and follow the stream (ephemeral, unnamed
+    consumers: ordered readers), and to create, use and delete its own durable consumers,
+    named in ``durables``; nobody else's, and no stream changes at all."""
     api = "$JS.API"
-    return [
+    out = [
         f"{api}.INFO",
         f"{api}.STREAM.NAMES",
         f"{api}.STREAM.INFO.{stream}",
         f"{api}.STREAM.MSG.GET.{stream}",
         f"{api}.DIRECT.GET.{stream}",
         f"{api}.DIRECT.GET.{stream}.>",
-        f"{api}.CONSUMER.CREATE.{stream}",
-        f"{api}.CONSUMER.CREATE.{stream}.>",
-        f"{api}.CONSUMER.DURABLE.CREATE.{stream}.>",
-        f"{api}.CONSUMER.INFO.{stream}.>",
-        f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
-        f"{api}.CONSUMER.DELETE.{stream}.>",
+        f"{api}.CONSUMER.CREATE.{stream}",  # unnamed: the server names it (ordered readers)
         f"{api}.CONSUMER.LIST.{stream}",
         f"{api}.CONSUMER.NAMES.{stream}",
-        f"$JS.ACK.{stream}.>",
         "$JS.FC.>",  # flow-control replies of ordered consumers
     ]
+    for d in dict.fromkeys(durables):
+        out += [
+            f"{api}.CONSUMER.CREATE.{stream}.{d}",
+            f"{api}.CONSUMER.CREATE.{stream}.{d}.>",
+            f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{d}",
+            f"{api}.CONSUMER.INFO.{stream}.{d}",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.{d}",
+            f"{api}.CONSUMER.DELETE.{stream}.{d}",
+            f"$JS.ACK.{stream}.{d}.>",
+        ]
+    return out
+
+
+def durables_of(name: str, role: str, hosts: Iterable[str] = ()) -> tuple[str, ...]:
+    """The durable consumers an identity may own: its own name (the scheduler's ``scheduler``,
+    a host key's ``vmm-<host>``) and, for a host-bound role, ``vmm-<host>`` of each host (the
+    VMM actor's durable, :class:`pydstack.actors.vmm.Vmm`). The auditor owns none."""
+    if role == AUDITOR:
+        return ()
+    extra = (f"vmm-{h}" for h in hosts) if role in HOST_BOUND else ()
+    return tuple(dict.fromkeys((name, *extra)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +133,60 @@ def _check(name: str, role: str) -> None:
         raise StoreError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
 
 
-def nats_user(identity: Identity, stream: str = DEFAULT_STREAM) -> NatsUser:
-    """Server permissions: its own event subjects plus the read/consume API (admin: all)."""
-    role = ROLES[identity.role]
+def nats_user(
+    identity: Identity, stream: str = DEFAULT_STREAM, hosts: Iterable[str] = ()
+) -> NatsUser:
+    """Server permissions of one identity (admin: all): its role's event subjects (a
+    host-bound role's ``dstack.host.*`` narrowed to ``hosts``), reading the stream, its own
+    durable consumers only, and replies only on its own inboxes (``inbox_prefix``)."""
+    return nats_user_of(identity.nkey, identity.name, identity.role, stream, hosts)
+
+
+def nats_user_of(
+    nkey: str, name: str, role_name: str, stream: str = DEFAULT_STREAM, hosts: Iterable[str] = ()
+) -> NatsUser:
+    """:func:`nats_user` from public data only (a keyring entry: no seed needed)."""
+    role = ROLES[role_name]
     if role.admin:
-        return NatsUser(identity.nkey, publish=(">",), subscribe=(">",))
+        return NatsUser(nkey, publish=(">",), subscribe=(">",))
+    hosts = tuple(hosts)
+    subjects: tuple[str, ...] = role.subjects
+    if role_name in HOST_BOUND:
+        subjects = tuple(s for s in subjects if s != "dstack.host.*")
+        subjects += tuple(f"dstack.host.{h}" for h in hosts)
     return NatsUser(
-        identity.nkey,
-        publish=(*role.subjects, *_reader_api(stream)),
-        subscribe=("_INBOX.>",),
+        nkey,
+        publish=(*subjects, *_reader_api(stream, durables_of(name, role_name, hosts))),
+        subscribe=(f"{inbox_prefix(nkey)}.>",),
     )
+
+
+def nats_users(
+    ring: Keyring, local: Iterable[Identity], stream: str = DEFAULT_STREAM, host: str = ""
+) -> list[NatsUser]:
+    """Every NATS user a server of this cluster admits: each key the log's keyring binds and
+    has not revoked (hosts as bound there), plus this data dir's identities not on it yet (a
+    host-bound one: on ``host``). A revoked key has no user: the server refuses its login."""
+    users: dict[str, NatsUser] = {}
+    revoked = set()
+    for key, b in ring.names().items():
+        nkey = public_nkey(key)
+        if b.revoked:
+            revoked.add(nkey)
+        elif b.role in ROLES:
+            users[nkey] = nats_user_of(nkey, b.name, b.role, stream, b.hosts)
+    for i in local:
+        if i.nkey not in users and i.nkey not in revoked:
+            hosts = (host,) if host and i.role in HOST_BOUND else ()
+            users[i.nkey] = nats_user(i, stream, hosts)
+    return sorted(users.values(), key=lambda u: u.nkey)
+
+
+def public_nkey(key: bytes) -> str:
+    """The public user nkey (``U…``) of an Ed25519 public key (what a keyring entry holds)."""
+    raw = bytes([nkeys.PREFIX_BYTE_USER]) + key
+    crc = nkeys.crc16(bytearray(raw))
+    return base64.b32encode(raw + crc.to_bytes(2, "little")).decode().rstrip("=")
 
 
 def read_seed_file(path: Path) -> str:

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -172,6 +172,17 @@ class NatsServer:
             return False
         writer.close()
         await writer.wait_closed()
+        return True
+
+    def reload(self, users: Sequence[NatsUser]) -> bool:
+        """Replace the users (rewrite the config, SIGHUP: the server reloads it in place and
+        closes connections of users no longer in it). False when they were already these."""
+        if tuple(users) == tuple(self.config.users):
+            return False
+        self.config = replace(self.config, users=tuple(users))
+        self.conf_path.write_text(self.config.render())
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGHUP)
         return True
 
     def kill(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Final, Self
 import nats
 import nats.errors
 import nats.js.errors
+import nkeys
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -55,6 +56,12 @@ _STREAM_NOT_FOUND: Final = 10059
 _NO_SUITABLE_PEERS: Final = 10005  # a meta leader that does not know enough peers yet
 _H_EXPECT: Final = "Nats-Expected-Last-Subject-Sequence"
 _H_MSGID: Final = "Nats-Msg-Id"
+
+
+def inbox_prefix(nkey: str) -> str:
+    """The reply subjects of one NATS user (``_INBOX.<public nkey>``): the server lets each
+    identity subscribe only below its own, so no role reads another's replies."""
+    return f"_INBOX.{nkey}"
 
 
 class _ClusterForming(Exception):
@@ -103,6 +110,9 @@ class EventStore:
         }
         if nkey_seed:
             opts["nkeys_seed_str"] = nkey_seed
+            opts["inbox_prefix"] = inbox_prefix(
+                nkeys.from_seed(nkey_seed.encode()).public_key.decode()
+            )
 
         denials: dict[str, str] = {}
 
