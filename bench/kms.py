@@ -159,7 +159,7 @@ async def main(quick: bool) -> None:
             assert proc.stdout is not None
             url = proc.stdout.readline().decode().strip().split("=", 1)[1]
             try:
-                async with KmsClient(url) as c:
+                async with KmsClient(url, dev_pki=pki) as c:
                     temp = await c.call("GetTempCaCert")
                 ca = temp["ca_cert"]
                 # One CVM identity per request: each CVM presents its own fresh certificate.
