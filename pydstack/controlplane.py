@@ -46,7 +46,7 @@ from pydstack.adapters.nats import (
 from pydstack.adapters.nats.identity import ROLES, Identity, IdentityStore, nats_users
 from pydstack.adapters.nats.server import port_in_use
 from pydstack.core.events import HostJoined, subject
-from pydstack.core.policy import Keyring
+from pydstack.core.policy import TENANT, Keyring
 
 if TYPE_CHECKING:
     from pydstack.actors.gateway.up_launch import UpGateway
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT: Final = 4222
 # Every role gets an identity named after it, so later actors find theirs in the data dir.
-STANDARD_IDENTITIES: Final = tuple((role, role) for role in ROLES)
+# one identity per role, named after it; tenants get theirs from `pydstack tenant add NAME`
+STANDARD_IDENTITIES: Final = tuple((role, role) for role in ROLES if role != TENANT)
 
 _log = structlog.get_logger("pydstack.up")
 

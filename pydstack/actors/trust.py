@@ -27,10 +27,12 @@ from pydstack.adapters.nats import ConflictError, EventStore, StoreError
 from pydstack.core.events import (
     CodecError,
     Envelope,
+    Event,
     KeyringEntryAdded,
     VmRequested,
     decode_body,
     open_envelope,
+    seal,
 )
 from pydstack.core.events import subject as subject_of
 from pydstack.core.policy import (
@@ -140,13 +142,13 @@ class Judge:
         await self.load_keyring(store, seq)
         v = self.gate.judge(seq, subject, data, opened=opened)
         if isinstance(v, Refused) and v.reason == "not-owner":
-            v = await self._with_owners(store, seq, subject, data, opened, v)
+            v = await self.with_owners(store, seq, subject, data, opened, v)
         if isinstance(v, Refused):
             self._refuse(seq, subject, v)
             return None
         return v
 
-    async def _with_owners(
+    async def with_owners(
         self,
         store: EventStore,
         seq: int,
@@ -155,8 +157,9 @@ class Judge:
         opened: Envelope | None,
         v: Verdict,
     ) -> Verdict:
-        """Judge again once the owners the verdict needs are loaded from their own subjects:
-        the VM's history (its pin, placement and app), then the app's (its owner)."""
+        """``v`` (a ``not-owner`` refusal) judged again once the owners it needs are loaded
+        from their own subjects: the VM's history (its pin, placement and app), then the
+        app's (its owner); ``v`` itself when nothing was missing."""
         owners = self.gate.owners
         kind, _, agg = subject.removeprefix("dstack.").partition(".")
         history: list[_Rec] = []
@@ -171,9 +174,9 @@ class Judge:
         todo = sorted(a for a in apps if a and app_owner_key(a) not in owners)
         for app in todo:
             found, _ = await store.read_aggregate(subject_of("app", app))
-            self.learn(r for r in found if r.seq < seq)
-        self.learn(history)  # after the apps: a tenant's VmRequested needs its app's owner
-        if not todo and not history:
+            history += [r for r in found if r.seq < seq]
+        self.learn(sorted(history, key=lambda r: r.seq))  # in stream order, as a full reader
+        if not history:
             return v
         return self.gate.judge(seq, subject, data, opened=opened)
 
@@ -203,6 +206,25 @@ def _requested_app(data: bytes) -> str:
     except (CodecError, UnicodeDecodeError):
         return ""
     return event.app_id if isinstance(event, VmRequested) else ""
+
+
+async def would_refuse(store: EventStore, writes: Iterable[tuple[str, Event]]) -> Refused | None:
+    """What the write policy would say to ``store``'s signer appending ``writes`` now (one
+    ``(subject, event)`` each): the first refusal, as every fold would judge it, or None. A
+    writer asks before appending (the CLI, the dashboard), so a refused write is an error
+    message, not a skipped event on the permanent log."""
+    judge = Judge("writer", store.anchor)
+    seq = await store.last_seq() + 1
+    await judge.load_keyring(store, seq)
+    for subj, event in writes:
+        data = seal(store.signer, event, subject=subj, event_id="check", time_ns=0,
+                    correlation="check")  # fmt: skip
+        v = judge.gate.judge(seq, subj, data)
+        if isinstance(v, Refused) and v.reason == "not-owner":
+            v = await judge.with_owners(store, seq, subj, data, None, v)
+        if isinstance(v, Refused):
+            return v
+    return None
 
 
 Wanted = list[tuple[bytes, str, str, tuple[str, ...]]]  # (key, name, role, hosts)

@@ -15,6 +15,7 @@ from pydstack.core.events import ALL_SUBJECTS, CodecError
 from pydstack.core.gateway.cluster import ClusterState, on_its_subject
 from pydstack.core.gateway.cluster import fold as fold_cluster
 from pydstack.core.kms.envcrypt import EnvFileError, encrypt_env, parse_env_file
+from pydstack.core.policy import Allowed, Gate
 from pydstack.core.projections import Applied, applied
 
 from ._common import Conn
@@ -39,7 +40,14 @@ async def read_log(store: EventStore, subject: str = ALL_SUBJECTS) -> list[Recor
 
 
 async def read_events(store: EventStore, subject: str = ALL_SUBJECTS) -> list[tuple[str, Applied]]:
-    return [(r.subject, a) for r in await read_log(store, subject) if (a := decoded(r))]
+    """The events of `subject` the folds take; on the whole log, only what the write policy
+    allows (what every actor folds: a refused AppUpgraded is not the app's compose here
+    either; `pydstack audit` names the refusals)."""
+    records = await read_log(store, subject)
+    if subject == ALL_SUBJECTS:
+        gate = Gate.pinned(store.anchor)
+        records = [r for r in records if isinstance(gate.judge(r.seq, r.subject, r.data), Allowed)]
+    return [(r.subject, a) for r in records if (a := decoded(r))]
 
 
 @dataclass

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +31,7 @@ import nats.js.errors
 from pydstack.adapters.nats import EventStore, StoreError, StreamSettings, Unreachable
 from pydstack.adapters.nats.identity import Identity, load_keyring, read_seed_file
 from pydstack.controlplane import DEFAULT_PORT, DataDir
-from pydstack.core.events import Signer
+from pydstack.core.events import Event, Signer
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -171,6 +171,19 @@ async def connect(conn: Conn, *, replicas: int = 1) -> EventStore:
                 "of the `pydstack up` that created the identities"
             ) from None
         raise
+
+
+async def refuse_if_refused(store: EventStore, writes: Iterable[tuple[str, Event]]) -> None:
+    """Append nothing the write policy would refuse: every fold would skip it, and the log
+    would keep it for ever. Raises one line naming the rule (checked against the log's
+    keyring and owners now; the folds judge again at read time)."""
+    from pydstack.actors.trust import would_refuse  # the actors' import chain is heavy
+
+    refused = await would_refuse(store, writes)
+    if refused is not None:
+        who = store.signer.actor
+        raise StoreError(f"refused by the write policy ({refused.reason}): {refused.detail}; "
+                         f"signing as {who!r}, nothing appended")  # fmt: skip
 
 
 FORCE_EXIT_S = 3.0  # after Ctrl-C, how long a command may take to shut down cleanly

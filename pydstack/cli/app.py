@@ -33,7 +33,16 @@ from pydstack.core.events import Event, subject
 from pydstack.core.projections import App
 
 from ._apps import kms_url_of, read_env_file, read_events, seal_env
-from ._common import connect, connection_options, echo_json, fmt_time, json_option, resolve, run
+from ._common import (
+    connect,
+    connection_options,
+    echo_json,
+    fmt_time,
+    json_option,
+    refuse_if_refused,
+    resolve,
+    run,
+)
 from .commands import app_group as app_group  # re-exported: main registers it from here
 from .env import cluster_trust
 
@@ -163,6 +172,10 @@ async def _commit_with_vms(
 ) -> int:
     """App events and one event per VM subject, atomically; returns the app's new seq."""
     app_subj = subject("app", app_id)
+    await refuse_if_refused(store, [
+        *((app_subj, e) for e in app_events),
+        *((subject("vm", str(getattr(e, "vm_id"))), e) for e in vm_events),  # noqa: B009
+    ])  # fmt: skip
     for attempt in range(RETRIES):
         changes = []
         if app_events:

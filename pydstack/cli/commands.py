@@ -25,7 +25,16 @@ from pydstack.core.events import (
 from pydstack.core.portmap import PortMapError, parse_port_map
 from pydstack.core.projections import Applied, apps
 
-from ._common import Settings, connect, connection_options, echo_json, json_option, resolve, run
+from ._common import (
+    Settings,
+    connect,
+    connection_options,
+    echo_json,
+    json_option,
+    refuse_if_refused,
+    resolve,
+    run,
+)
 
 _SIZE: Final = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _MB: Final = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
@@ -191,9 +200,11 @@ def app_register(
                     previous_compose_hash=state.compose_hash,
                     compose=raw,
                 )
+                await refuse_if_refused(store, [(subj, upgrade)])
                 return "upgraded", (await store.append(subj, [upgrade], version)).seq
             event = AppRegistered(app_id=app_id, compose_hash=compose_hash, name=name,
                                   compose=raw, owner=owner)  # fmt: skip
+            await refuse_if_refused(store, [(subj, event)])
             return "registered", (await store.append(subj, [event], version)).seq
 
     outcome, seq = run(publish())

@@ -42,7 +42,16 @@ from pydstack.core.events import subject
 from pydstack.core.projections import apps
 
 from ._apps import LogContext, decoded, kms_url_of, log_context, read_env_file, seal_env
-from ._common import Conn, connect, connection_options, echo_json, json_option, resolve, run
+from ._common import (
+    Conn,
+    connect,
+    connection_options,
+    echo_json,
+    json_option,
+    refuse_if_refused,
+    resolve,
+    run,
+)
 from .commands import _Size
 from .env import cluster_trust
 
@@ -95,6 +104,7 @@ async def _commit(store: EventStore, plan: DeployPlan) -> tuple[str, int]:
         outcome, event = decide_deploy_app(app, plan)
         changes = [Change(app_subj, [event], version)] if event else []
         changes.append(Change(vm_subj, [plan.request], NEW))
+        await refuse_if_refused(store, [(c.subject, e) for c in changes for e in c.events])
         try:
             done = await store.commit(changes)
         except ConflictError:

@@ -28,6 +28,7 @@ class _LazyGroup(click.Group):
         "deploy": "pydstack.cli.deploy:deploy_cmd",  # compose file -> running app, followed
         "gateway": "pydstack.cli.gateway:gateway",  # gateway: status, routes, peers, add-domain
         "host": "pydstack.cli.host:host",  # admin: per-host keys and join bundles
+        "tenant": "pydstack.cli.tenant:tenant",  # admin: tenant add (app owners' identities)
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -29,9 +29,12 @@ VMM2 = signer("vmm-h2", 5)  # acts for host h2
 KMS = signer("kms", 6)
 GATEWAY = signer("gateway", 7)
 STRANGER = signer("stranger", 8)  # in no keyring
+TENANT_A = signer("tenant-a", 9)  # tenants: own the apps they register
+TENANT_B = signer("tenant-b", 10)
 
 ROLE_OF = {ADMIN: "admin", OPERATOR: "operator", SCHEDULER: "scheduler", VMM1: "vmm",
-           VMM2: "vmm", KMS: "kms", GATEWAY: "gateway"}  # fmt: skip
+           VMM2: "vmm", KMS: "kms", GATEWAY: "gateway", TENANT_A: "tenant",
+           TENANT_B: "tenant"}  # fmt: skip
 HOSTS_OF = {VMM1: ("h1",), VMM2: ("h2",)}
 RES = VmResources(vcpu=1, memory_mb=512)
 

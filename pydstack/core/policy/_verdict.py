@@ -23,8 +23,10 @@ registered); an app-bound writer (a tenant) requests and commands only VMs of it
 
 ``owners`` holds what the owner rules need, folded from the aggregates' own subjects by a
 :class:`Gate`: ``<vm_id>`` -> the VM's host (placement or pin), ``app.<app_id>`` -> the
-owner's public key (hex), ``vmapp.<vm_id>`` -> the app id the VM was requested under (VM ids
-and app ids are subject tokens: they hold no dot, so the three never collide).
+owner's public key (hex) ``@`` the sequence of its registration (a timeline: an event before
+it sees no owner, whatever order a partial reader learnt them in), ``vmapp.<vm_id>`` -> the
+app id the VM was requested under (VM and app ids are subject tokens: they hold no dot, so
+the three never collide).
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def verdict(
     if b.role not in policy.app_admins and (
         kind == "app" or (kind == "vm" and b.role in policy.app_bound)
     ):
-        bad = _app_owner_error(env.key, kind, agg, event, owners)
+        bad = _app_owner_error(env.key, kind, agg, event, owners, seq)
         if bad is not None:
             return Refused("not-owner", f"{_who(b)} {bad}", env)
     return Allowed(env, event, b)
@@ -201,15 +203,23 @@ def vm_app_key(vm_id: str) -> str:
     return f"vmapp.{vm_id}"
 
 
+def _app_owner(owners: Mapping[str, str], app_id: str, seq: int) -> str | None:
+    """The app's owner key (hex) as of ``seq``: registered before it (None: not then)."""
+    owner, _, since = owners.get(app_owner_key(app_id), "").partition("@")
+    if not owner or (since.isdigit() and int(since) >= seq):
+        return None
+    return owner
+
+
 def _app_owner_error(
-    key: bytes, kind: str, agg: str, event: AnyEvent, owners: Mapping[str, str]
+    key: bytes, kind: str, agg: str, event: AnyEvent, owners: Mapping[str, str], seq: int
 ) -> str | None:
     """Why a writer that is not an app admin may not write this (None: it may). On an app's
     subject: only its owner, once registered (the first AppRegistered makes its signer the
     owner). On a VM's subject (app-bound writers only): the VM's app must be the writer's."""
     me = key.hex()
     if kind == "app":
-        owner = owners.get(app_owner_key(agg))
+        owner = _app_owner(owners, agg, seq)
         if owner is None:
             return None if isinstance(event, AppRegistered) else f"may not write app {agg}: " \
                 "never registered"  # fmt: skip
@@ -220,7 +230,7 @@ def _app_owner_error(
         app = owners.get(vm_app_key(agg), "")
         if not app:
             return f"may not write vm {agg}: never requested under an app"
-    owner = owners.get(app_owner_key(app))
+    owner = _app_owner(owners, app, seq)
     if owner is None:
         return f"may not write vm {agg}: app {app} is not registered"
     return None if owner == me else f"may not write vm {agg}: app {app} is not its own"
@@ -322,7 +332,7 @@ class Gate:
         elif kind == "app":
             owner = app_owner_key(agg)
             if isinstance(event, AppRegistered) and owner not in self.owners:
-                self.owners[owner] = self._owner_changes[owner] = env.key.hex()
+                self.owners[owner] = self._owner_changes[owner] = f"{env.key.hex()}@{seq}"
         elif kind == "vm":
             if isinstance(event, VmRequested):
                 app = vm_app_key(agg)

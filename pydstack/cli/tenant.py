@@ -1,0 +1,117 @@
+"""``pydstack tenant add NAME``: a tenant's own identity, bound on the log's keyring by admin.
+
+A tenant writes app and VM commands like the operator, under the app owner rule: the key that
+signs an app's first ``AppRegistered`` owns the app, and only that key or admin may upgrade or
+remove it afterwards; a tenant requests and commands only VMs of its own apps. Usage::
+
+    pydstack tenant add alice                      # DATA/identities/alice.nk (0600)
+    pydstack tenant add alice --out alice.creds    # and a copy for alice's machine
+    pydstack --as alice deploy compose.yaml        # on this machine
+    pydstack --creds alice.creds --nats URL app upgrade APP compose.yaml   # on alice's
+
+It needs this data dir's admin identity (the first host's). The embedded NATS server accepts
+the new key once its users are rebuilt from the keyring (restart ``up``); the tenant's NATS
+permissions are the operator's subjects (``core.policy.ROLES``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pydstack.adapters.nats import EventStore, StoreError
+from pydstack.adapters.nats.identity import Identity
+from pydstack.adapters.secretfile import write_secret
+from pydstack.core.policy import TENANT
+
+from ._common import Conn, connect, connection_options, echo_json, json_option, resolve, run
+
+
+@click.group("tenant")
+def tenant() -> None:
+    """Tenants: identities that own the apps they register."""
+
+
+def _admin_conn(conn: Conn) -> Conn:
+    admin = conn.data.identities.load("admin")
+    if admin is None:
+        raise StoreError(
+            f"no admin identity in {conn.data.identities.dir}: run this on the first host "
+            "(the data dir of the `pydstack up` that created the keyring)"
+        )
+    return Conn(conn.url, admin.signer, admin.seed, conn.stream, conn.data)
+
+
+def _creds_text(ident: Identity, conn: Conn) -> str:
+    anchor = conn.anchor
+    return (
+        f"# pydstack tenant {ident.name}: its nkey seed signs its events and logs in to NATS.\n"
+        f"# use: pydstack --creds THIS_FILE --nats {conn.url} --stream {conn.stream} ...\n"
+        f"# public nkey {ident.nkey}\n"
+        f"# the cluster's admin key (the keyring's anchor): {anchor.hex() if anchor else '?'}\n"
+        f"{ident.seed}\n"
+    )
+
+
+@tenant.command("add")
+@connection_options
+@click.argument("name")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="also write a creds file for the tenant's machine (0600, never overwritten)",
+)
+@json_option
+@click.pass_context
+def tenant_add(ctx: click.Context, name: str, out: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Mint a tenant's key and bind it on the log's keyring (signed by admin)."""
+    conn = resolve(ctx)
+    admin = _admin_conn(conn)
+    ids = conn.data.identities
+    found = ids.load(name)
+    if found is not None and found.role != TENANT:
+        raise click.ClickException(f"{name!r} is already the {found.role} identity; pick another")
+    ident = ids.ensure(name, TENANT)
+
+    async def go() -> dict[str, Any]:
+        from pydstack.actors.trust import ensure_keyring
+
+        store: EventStore
+        async with await connect(admin) as store:
+            added = await ensure_keyring(store, [(ident.key, name, TENANT, ())])
+            if not added:  # already bound, or this admin key is not the keyring's admin
+                ring_ok = ident.key in await _bound_keys(store)
+                if not ring_ok:
+                    raise StoreError(f"could not bind {name!r} on the log's keyring: this "
+                                     "data dir's admin is not the keyring's admin")  # fmt: skip
+            return {"name": name, "role": TENANT, "key": ident.key.hex(), "nkey": ident.nkey,
+                    "seed_file": str(ids.path(name)), "bound": bool(added)}  # fmt: skip
+
+    r = run(go())
+    if out is not None:
+        try:
+            write_secret(out, _creds_text(ident, conn), overwrite=False)
+        except FileExistsError:
+            raise click.ClickException(f"{out} exists; not overwriting a creds file") from None
+        r["creds_file"] = str(out)
+    if as_json:
+        echo_json(r)
+        return
+    state = "bound on the log's keyring" if r["bound"] else "already on the log's keyring"
+    click.echo(f"tenant {name}: key {ident.nkey} {state}; seed in {r['seed_file']} (0600)")
+    if out is not None:
+        click.echo(f"creds for {name}'s machine: {out} (0600; holds the seed: move it privately)")
+    click.echo(f"use it here with: pydstack --as {name} ...")
+
+
+async def _bound_keys(store: EventStore) -> set[bytes]:
+    from pydstack.actors.trust import Judge
+    from pydstack.core.policy import KEYRING_SUBJECT
+
+    records, _ = await store.read_aggregate(KEYRING_SUBJECT)
+    judge = Judge("keyring", store.anchor)
+    judge.learn(records)
+    return {k for k, b in judge.gate.keyring.names().items() if not b.revoked}

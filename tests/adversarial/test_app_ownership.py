@@ -1,0 +1,284 @@
+"""Attack: a tenant (or the host's operator) upgrades, removes or runs another tenant's app.
+
+Any key that could write ``dstack.app.*`` could append ``AppUpgraded`` for any app: a second
+tenant, or the untrusted host operator's CLI identity, swapped the compose every fold then
+ran. Now the key that signed an app's first ``AppRegistered`` owns it; only that key or admin
+writes the app's events afterwards, and a tenant requests and commands only VMs of its own
+apps. Every fold refuses the rest (``not-owner``, the shared verdict), ``audit`` names each
+sequence, and the CLI refuses before appending (real NATS throughout)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from pydstack.actors._placement_view import PlacementView
+from pydstack.actors.dashboard import LiveState
+from pydstack.actors.trust import Judge, ensure_keyring
+from pydstack.actors.vmm._view import LogView
+from pydstack.adapters.nats import (
+    EventStore,
+    NatsServer,
+    Recorded,
+    StreamSettings,
+    new_event_id,
+)
+from pydstack.adapters.nats.identity import IdentityStore
+from pydstack.adapters.sqlite import ReadModel
+from pydstack.cli.main import main as cli_main
+from pydstack.core.audit import Auditor
+from pydstack.core.events import (
+    AppRegistered,
+    AppRemoved,
+    AppUpgraded,
+    Event,
+    Signer,
+    VmRequested,
+    VmStopRequested,
+    message_hash,
+    seal,
+)
+from pydstack.core.policy import HOST_BOUND, Gate, Refused
+from tests.policy.given import (
+    ADMIN,
+    GATEWAY,
+    HOSTS_OF,
+    KMS,
+    OPERATOR,
+    RES,
+    ROLE_OF,
+    SCHEDULER,
+    TENANT_A,
+    TENANT_B,
+    VMM1,
+    VMM2,
+)
+
+ANCHOR = ADMIN.public_key
+EVERYONE = (ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY, TENANT_A, TENANT_B)
+Wanted = list[tuple[bytes, str, str, tuple[str, ...]]]
+WANTED: Wanted = [(s.public_key, s.actor, ROLE_OF[s], HOSTS_OF.get(s, ()) if ROLE_OF[s] in
+                   HOST_BOUND else ()) for s in EVERYONE]  # fmt: skip
+APP_A = "a1" * 20  # tenant A's app
+APP_OP = "0b" * 20  # the operator's own app
+SUBJ_A = f"dstack.app.{APP_A}"
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return ADMIN
+
+
+@pytest.fixture
+async def store(nats_server: NatsServer) -> AsyncIterator[EventStore]:
+    settings = StreamSettings(deny_delete=False)
+    async with await EventStore.connect(
+        nats_server.url, ADMIN, settings=settings, anchor=ANCHOR
+    ) as s:
+        await s.ensure_stream()
+        assert len(await ensure_keyring(s, WANTED)) == len(WANTED)
+        yield s
+
+
+async def put(url: str, by: Signer, subject: str, event: Event) -> int:
+    """Publish ``event`` signed by ``by`` as a raw client would (no API, no policy check)."""
+    async with await EventStore.connect(url, by) as s:
+        last = await s.last_by_subject(subject)
+        prev = message_hash(last.data) if last else b""
+        data = seal(by, event, subject=subject, event_id=new_event_id(), time_ns=time.time_ns(),
+                    correlation="attack", prev=prev)  # fmt: skip
+        return int((await s.js.publish(subject, data)).seq)
+
+
+def registered(app_id: str, h: str = "c1") -> AppRegistered:
+    return AppRegistered(app_id=app_id, compose_hash=h, name="web", compose=b"{}")
+
+
+def upgraded(app_id: str, h: str, prev: str = "c1") -> AppUpgraded:
+    return AppUpgraded(app_id=app_id, compose_hash=h, previous_compose_hash=prev, compose=b"{}")
+
+
+def vm_of(app_id: str, vm_id: str) -> VmRequested:
+    return VmRequested(vm_id=vm_id, app_id=app_id, name=vm_id, resources=RES)
+
+
+async def all_records(store: EventStore) -> list[Recorded]:
+    return [r async for r in store.read()]
+
+
+async def every_fold(store: EventStore, tmp: Path) -> dict[str, Any]:
+    """Each fold's refused sequences and the compose hash it holds for tenant A's app."""
+    recs = await all_records(store)
+    out: dict[str, Any] = {}
+    gate = Gate.pinned(ANCHOR)
+    out["policy"] = {r.seq: v.reason for r in recs
+                     if isinstance(v := gate.judge(r.seq, r.subject, r.data), Refused)}  # fmt: skip
+    auditor = Auditor(anchor=ANCHOR, first_seq=1)
+    for r in recs:
+        auditor.check(r.seq, r.subject, r.data)
+    out["audit"] = dict(auditor.refused)
+    view = LogView()  # a host's VMM
+    view.judge.pin(ANCHOR)
+    for r in recs:
+        view.fold(r.seq, r.subject, r.data)
+    out["vmm"] = (set(view.judge.refused), view.app_compose.get(APP_A))
+    live = LiveState()  # the dashboard
+    live.judge.pin(ANCHOR)
+    live.apply(recs)
+    app = live.proj.apps.get(APP_A)
+    out["dashboard"] = (set(live.judge.refused), app.compose_hash if app else None)
+    with ReadModel.open(tmp / f"rm-{time.monotonic_ns()}.db", anchor=ANCHOR) as rm:
+        got = rm.apply_messages(recs)
+        row = rm.get_app(APP_A)
+        out["read-model"] = (got.refused, row.compose_hash if row else None)
+    placement = PlacementView(judge=Judge("scheduler", ANCHOR))  # learns apps, judges VMs
+    placement.fold(recs)
+    out["scheduler"] = set(placement.judge.refused)
+    consumer = Judge("runtime", ANCHOR)  # a durable consumer on vm/app subjects, mid-stream
+    for r in recs:
+        if r.subject.startswith(("dstack.vm.", "dstack.app.")):
+            await consumer.admit_read(store, r.seq, r.subject, r.data)
+    out["runtime"] = set(consumer.refused)
+    return out
+
+
+def _only(out: dict[str, Any], refused: dict[int, str], compose: str, tmp: Path) -> None:
+    """Every fold refused exactly ``refused`` and holds ``compose`` for tenant A's app."""
+    assert out["policy"] == out["audit"] == refused
+    assert out["vmm"] == (set(refused), compose)
+    assert out["dashboard"] == (set(refused), compose)
+    assert out["read-model"] == (len(refused), compose)
+    assert out["runtime"] == set(refused)
+
+
+async def test_a_second_tenant_cannot_upgrade_or_remove_the_first_tenants_app(
+    store: EventStore, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
+    bad = await put(url, TENANT_B, SUBJ_A, upgraded(APP_A, "evil"))
+    gone = await put(url, TENANT_B, SUBJ_A, AppRemoved(app_id=APP_A, reason="mine now"))
+    again = await put(url, TENANT_B, SUBJ_A, registered(APP_A, "evil"))  # re-register: no
+    out = await every_fold(store, tmp_path)
+    _only(out, {bad: "not-owner", gone: "not-owner", again: "not-owner"}, "c1", tmp_path)
+
+
+async def test_the_host_operator_cannot_upgrade_a_tenants_app_but_keeps_its_own(
+    store: EventStore, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
+    bad = await put(url, OPERATOR, SUBJ_A, upgraded(APP_A, "evil"))
+    await put(url, OPERATOR, f"dstack.app.{APP_OP}", registered(APP_OP))
+    own = await put(url, OPERATOR, f"dstack.app.{APP_OP}", upgraded(APP_OP, "c2"))
+    out = await every_fold(store, tmp_path)
+    _only(out, {bad: "not-owner"}, "c1", tmp_path)
+    assert own not in out["policy"]
+
+
+async def test_the_owner_and_admin_may_upgrade_a_tenants_app(
+    store: EventStore, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
+    await put(url, TENANT_A, SUBJ_A, upgraded(APP_A, "c2"))
+    _only(await every_fold(store, tmp_path), {}, "c2", tmp_path)
+    await put(url, ADMIN, SUBJ_A, upgraded(APP_A, "c3", "c2"))
+    _only(await every_fold(store, tmp_path), {}, "c3", tmp_path)
+
+
+async def test_a_tenant_runs_and_commands_only_vms_of_its_own_apps(
+    store: EventStore, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A VM under an app id is the app owner's (or the hosts'): tenant B may not request one
+    of A's app, nor stop A's VM; the operator may (hosts run VMs of apps), and requesting a
+    VM never changes the app's compose."""
+    url = nats_server.url
+    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
+    await put(url, TENANT_A, "dstack.vm.va", vm_of(APP_A, "va"))
+    await put(url, OPERATOR, "dstack.vm.vo", vm_of(APP_A, "vo"))
+    b_runs = await put(url, TENANT_B, "dstack.vm.vb", vm_of(APP_A, "vb"))
+    b_stops = await put(url, TENANT_B, "dstack.vm.va", VmStopRequested(vm_id="va"))
+    nobody = await put(url, TENANT_B, "dstack.vm.vz", vm_of("ff" * 20, "vz"))  # unregistered
+    a_stops = await put(url, TENANT_A, "dstack.vm.vo", VmStopRequested(vm_id="vo"))
+    out = await every_fold(store, tmp_path)
+    refused = {b_runs: "not-owner", b_stops: "not-owner", nobody: "not-owner"}
+    _only(out, refused, "c1", tmp_path)
+    assert out["scheduler"] == set(refused) and a_stops not in out["policy"]
+
+
+# -- the CLI: --as a tenant that does not own the app exits non-zero, appends nothing ----------
+
+
+def app_compose(image: str) -> str:
+    import json
+
+    yaml = f"services:\n  web:\n    image: {image}\n"
+    return json.dumps({"manifest_version": 2, "name": "web", "runner": "docker-compose",
+                       "docker_compose_file": yaml, "app_id": "a1" * 20})  # fmt: skip
+
+
+def _cli(data: Path, url: str, *args: str) -> Any:
+    return CliRunner().invoke(cli_main, ["--data-dir", str(data), "--nats", url, *args])
+
+
+async def test_cli_tenant_add_and_as_another_tenant_app_upgrade_is_refused_before_appending(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"  # a data dir as `up` leaves it: admin (the anchor) and operator
+    ids = IdentityStore(data / "identities")
+    admin, operator = ids.ensure("admin", "admin"), ids.ensure("operator", "operator")
+    settings = StreamSettings(deny_delete=False)
+    store = await EventStore.connect(nats_server.url, admin.signer, settings=settings,
+                                     anchor=admin.key)  # fmt: skip
+    await store.ensure_stream()
+    await ensure_keyring(store, [(i.key, i.name, i.role, ()) for i in (admin, operator)])
+    url = nats_server.url
+    for name in ("alice", "bob"):
+        r = await _in_thread(_cli, data, url, "tenant", "add", name, "--out",
+                             str(tmp_path / f"{name}.creds"))  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert f"tenant {name}:" in r.output and (tmp_path / f"{name}.creds").stat().st_mode \
+            & 0o777 == 0o600  # fmt: skip
+    compose = tmp_path / "app-compose.json"
+    compose.write_text(app_compose("nginx"))
+    r = await _in_thread(_cli, data, url, "--as", "alice", "app", "register", str(compose),
+                         "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    app_id = _app_id(r.output)
+    compose.write_text(app_compose("evil"))
+    before = await store.last_seq()
+    r = await _in_thread(_cli, data, url, "--creds", str(tmp_path / "bob.creds"), "app",
+                         "upgrade", app_id, str(compose))  # fmt: skip
+    assert r.exit_code != 0
+    err = r.output.strip().splitlines()
+    assert len(err) == 1 and "refused by the write policy (not-owner)" in err[0], r.output
+    assert await store.last_seq() == before  # nothing appended
+    r = await _in_thread(_cli, data, url, "--as", "operator", "app", "upgrade", app_id,
+                         str(compose))  # fmt: skip
+    assert r.exit_code != 0 and "not-owner" in r.output
+    r = await _in_thread(_cli, data, url, "--as", "alice", "app", "upgrade", app_id,
+                         str(compose))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert await store.last_seq() > before
+    await store.close()
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
+
+
+def _app_id(output: str) -> str:
+    import json
+
+    for line in output.splitlines():
+        if line.startswith("{"):
+            return str(json.loads(line)["app_id"])
+    raise AssertionError(output)
