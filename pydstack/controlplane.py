@@ -39,6 +39,7 @@ from pydstack.adapters.nats import (
     EventStore,
     NatsServer,
     NatsServerConfig,
+    PermissionDenied,
     StoreError,
     StreamSettings,
     free_port,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from pydstack.adapters.firewall import HostServices
 
 DEFAULT_PORT: Final = 4222
+JOIN_WAIT_S: Final = 20.0  # how long a joining host waits for the servers to admit its key
 # Every role gets an identity named after it, so later actors find theirs in the data dir.
 # one identity per role, named after it; tenants get theirs from `pydstack tenant add NAME`
 STANDARD_IDENTITIES: Final = tuple((role, role) for role in ROLES if role != TENANT)
@@ -357,21 +359,38 @@ class ControlPlane:
         ])  # fmt: skip
 
     async def _join_host(self, vmm: Identity, settings: StreamSettings, host_id: str) -> None:
-        """Record this machine as a host with room for VMs (once; later runs find it)."""
-        async with await self._connect(vmm, settings) as store:
-            subj = subject("host", host_id)
-            history, version = await store.read_aggregate(subj)
-            if history:
-                return
-            joined = HostJoined(
-                host_id=host_id,
-                vcpu=self.opts.host_vcpu,
-                memory_mb=self.opts.host_memory_mb,
-                address=socket.gethostname(),
-                public_ports=self.opts.allow_public_ports,
-            )
-            await store.append(subj, [joined], version)
+        """Record this machine as a host with room for VMs (once; later runs find it). The
+        servers admit the key on dstack.host.<host_id> once they reloaded their users from
+        the keyring entry just bound: refused meanwhile, it is tried again for a while."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JOIN_WAIT_S
+        while True:
+            async with await self._connect(vmm, settings) as store:
+                subj = subject("host", host_id)
+                history, version = await store.read_aggregate(subj)
+                if history:
+                    return
+                joined = HostJoined(
+                    host_id=host_id,
+                    vcpu=self.opts.host_vcpu,
+                    memory_mb=self.opts.host_memory_mb,
+                    address=socket.gethostname(),
+                    public_ports=self.opts.allow_public_ports,
+                )
+                store.timeout = 2.0
+                try:
+                    await store.append(subj, [joined], version)
+                except PermissionDenied:
+                    if loop.time() > deadline:
+                        raise StoreError(
+                            f"the NATS servers do not let key {vmm.name!r} write {subj}: is it "
+                            "bound to this host on the keyring, and do the servers follow the "
+                            "keyring (`pydstack host nats-config`)?"
+                        ) from None
+                    await asyncio.sleep(0.5)
+                    continue
             _log.info("host joined", host_id=host_id, vcpu=joined.vcpu, memory_mb=joined.memory_mb)
+            return
 
     def _serve_metrics(self) -> None:
         if self.opts.metrics_port < 0:

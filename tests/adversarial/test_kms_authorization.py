@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -188,7 +189,8 @@ async def test_a_kms_its_own_backend_denies_does_not_start(
         [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_server.url, "--cluster",
          "selfauth", "--port", "0", "--key-file", str(tmp_path / "root.sealed"),
          "--seal-appkeys", str(tmp_path / "appkeys.json"), "--dev-pki", str(pki_dir),
-         "--auth", "webhook", "--auth-url", webhook.url],
+         "--auth", "webhook", "--auth-url", webhook.url, "--signer-seed-file",
+         str(write_secret(tmp_path / "kms.seed", os.urandom(32).hex()))],
         capture_output=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode != 0 and b"KMS_URL=" not in proc.stdout

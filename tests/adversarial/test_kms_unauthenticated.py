@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY
 from pydstack.actors.kms import KmsClient, make_recheck
 from pydstack.adapters.nats import EventStore, NatsServer
 from pydstack.adapters.ports import free_port
+from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.eventlog import runtime_tdx_event
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.ratls import ratls_report_data
@@ -283,7 +284,8 @@ async def test_a_kms_process_serves_its_refusals_on_metrics(
         [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_server.url, "--port", "0",
          "--key-file", str(tmp_path / "root.sealed"), "--seal-appkeys",
          str(tmp_path / "appkeys.json"), "--auth", "dev", "--allow-dev-auth", "--dev-pki",
-         str(tmp_path / "pki"), "--metrics-port", str(port)],
+         str(tmp_path / "pki"), "--metrics-port", str(port), "--signer-seed-file",
+         str(write_secret(tmp_path / "kms.seed", os.urandom(32).hex()))],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -20,7 +20,7 @@ from pydstack.adapters.nats import (
     PermissionDenied,
     StreamSettings,
 )
-from pydstack.adapters.nats.identity import IdentityStore, load_keyring, nats_user
+from pydstack.adapters.nats.identity import IdentityStore, inbox_prefix, load_keyring, nats_user
 from pydstack.core.events import KmsRootCreated, VmRejected, open_envelope, seal
 
 
@@ -101,7 +101,12 @@ async def test_an_actor_cannot_delete_the_stream_or_a_message(
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
 
-    nc = await nats.connect(server.url, nkeys_seed_str=oper.seed, error_cb=on_error)
+    nc = await nats.connect(  # replies come on its own inbox only
+        server.url,
+        nkeys_seed_str=oper.seed,
+        error_cb=on_error,
+        inbox_prefix=inbox_prefix(oper.nkey),
+    )
     try:
         js = nc.jetstream(timeout=1.0)
         await js.publish("dstack.vm.a", b"whatever")  # its own subject: accepted

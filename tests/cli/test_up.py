@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nats
+import nkeys
 import pytest
 from click.testing import CliRunner
 
-from pydstack.adapters.nats.identity import IdentityStore
+from pydstack.adapters.nats.identity import IdentityStore, inbox_prefix
 from pydstack.cli import up as up_module
 from pydstack.cli.main import main
 from pydstack.controlplane import ControlPlane, DataDir, UpOptions
@@ -100,7 +101,8 @@ def test_events_follow_shows_request_then_schedule(plane: Up) -> None:
 
 
 async def publish_raw(d: Path, port: int, subject: str, data: bytes, seed: str) -> int:
-    nc = await nats.connect(f"nats://127.0.0.1:{port}", nkeys_seed_str=seed)
+    prefix = inbox_prefix(nkeys.from_seed(seed.encode()).public_key.decode())
+    nc = await nats.connect(f"nats://127.0.0.1:{port}", nkeys_seed_str=seed, inbox_prefix=prefix)
     try:
         ack = await nc.jetstream().publish(subject, data)
         return int(ack.seq)

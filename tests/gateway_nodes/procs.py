@@ -16,6 +16,9 @@ from typing import Any
 
 import aiohttp
 
+from pydstack.adapters.nats.identity import Identity
+from pydstack.adapters.secretfile import write_secret
+
 ADMIN_PORT = 8080
 REG_PORT = 8011
 WG_PORT = 51820
@@ -85,6 +88,13 @@ async def get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
             return out
 
 
+def _creds(path: Path, node_id: str) -> Path:
+    """A gateway identity's seed file (the node signs with it, never with a random key)."""
+    if not path.exists():
+        write_secret(path, Identity.generate(f"gateway-{node_id}", "gateway").seed + "\n")
+    return path
+
+
 def node_argv(
     node_id: str,
     netns: str,
@@ -107,6 +117,7 @@ def node_argv(
         "--admin-port", str(ADMIN_PORT), "--tunnel-net", tunnel_net,
         "--address-plan", client_range, "--tunnel-ip", tunnel_ip,
         "--url", f"https://{address}:{REG_PORT}", "--log-level", "warning",
+        "--creds", str(_creds(state_dir.parent / f"{node_id}.nk", node_id)),
     ]  # fmt: skip
     if files and "chain" in files:  # without: certificates come from elsewhere (ACME)
         argv += ["--cert-chain", str(files["chain"]), "--cert-key", str(files["key"])]

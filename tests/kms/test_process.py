@@ -24,6 +24,7 @@ from pydstack.actors.kms import (
     serve_kms,
 )
 from pydstack.adapters.nats import EventStore, NatsServer
+from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import (
     BootInfo,
@@ -41,8 +42,11 @@ from .conftest import CLUSTER, VM_CONFIG, Kms, Webhook, bound_identity, kms_gues
 
 
 async def _start(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    seed = Path(args[args.index("--key-file") + 1]).parent / "kms-identity.seed"
+    if not seed.exists():  # the KMS signs with a keyring identity's seed, never a random key
+        write_secret(seed, os.urandom(32).hex())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pydstack.actors.kms", *args],
+        [sys.executable, "-m", "pydstack.actors.kms", *args, "--signer-seed-file", str(seed)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.stdout is not None

@@ -24,6 +24,7 @@ from pydstack.actors import ActorRunner, RuntimeConfig, Scheduler, SchedulerConf
 from pydstack.actors.vmm import Vmm, VmmConfig, VmmLaunch, running_vmm
 from pydstack.adapters.nats import EventStore, NatsServer
 from pydstack.adapters.sandbox import build_busybox_image
+from pydstack.adapters.secretfile import write_secret
 from pydstack.core.events import AnyEvent, subject
 from pydstack.core.projections import applied
 from pydstack.core.vmm import RestartPolicy
@@ -202,6 +203,9 @@ class VmmProcess:
     async def start(self) -> Api:
         self.url_file.unlink(missing_ok=True)
         r = self.host.root
+        seed = r / "vmm-identity.seed"  # the host's VMM key (the store's signer), never random
+        if not seed.exists():
+            write_secret(seed, self.host.store.signer.sodium_key[:32].hex())
         log = (r / "vmm.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pydstack.actors.vmm", "--nats", self.server.url,
@@ -209,7 +213,8 @@ class VmmProcess:
              "--supervisor-socket", str(r / "sv.sock"), "--images", str(self.host.images),
              "--api-port", "0", "--api-url-file", str(self.url_file), "--vcpu", "4",
              "--memory-mb", "4096", "--port-range", "1024-65535", "--poll-interval", "0.2",
-             "--restart-interval", "0.2", "--restart-backoff", "0.3"],
+             "--restart-interval", "0.2", "--restart-backoff", "0.3",
+             "--nkey-seed-file", str(seed)],
             stdout=log, stderr=log,
         )  # fmt: skip
 

@@ -59,7 +59,10 @@ def _read(path: str | None) -> str | None:
 
 @click.command()
 @click.option("--nats", "nats_url", required=True, envvar="PYDSTACK_NATS")
-@click.option("--creds", type=click.Path(dir_okay=False), help="nkey seed file (role gateway)")
+@click.option("--creds", type=click.Path(dir_okay=False),
+              help="nkey seed file of a gateway identity on the keyring (required)")  # fmt: skip
+@click.option("--keyring", type=click.Path(dir_okay=False), default=None,
+              help="keyring.json whose admin key roots the log's keyring (pinned)")  # fmt: skip
 @click.option("--identity", default="gateway", show_default=True, help="signer name")
 @click.option("--stream", default="DSTACK", show_default=True)
 @click.option("--node-id", required=True)
@@ -133,21 +136,20 @@ def main(**o: Any) -> None:
 
 async def run(**o: Any) -> None:
     from pydstack.adapters.nats import EventStore, StoreError, StreamSettings
-    from pydstack.adapters.nats.identity import Identity, read_seed_file
+    from pydstack.adapters.nats.identity import standalone_identity
     from pydstack.adapters.proxy import StaticCertProvider
     from pydstack.adapters.wireguard import WireGuardError
-    from pydstack.core.events import Signer
 
     from .node import NodeConfig
     from .node_launch import NodeLaunch, RegistrationLaunch, running_node
     from .recycler import RecycleConfig
 
-    seed = read_seed_file(Path(o["creds"])) if o["creds"] else None
-    signer = (
-        Identity(o["identity"], "gateway", seed).signer
-        if seed
-        else Signer.from_private_bytes(o["identity"], os.urandom(32))
-    )
+    try:
+        signer, seed, anchor = standalone_identity(
+            o["creds"], o["identity"], "gateway", o["keyring"], "--creds"
+        )
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
     certs: Any = None
     if o["cert_pair"] is not None:
         certs = StaticCertProvider({o["base_domain"]: o["cert_pair"]})
@@ -178,7 +180,7 @@ async def run(**o: Any) -> None:
     try:
         store = await EventStore.connect(
             o["nats_url"], signer, nkey_seed=seed, settings=StreamSettings(name=o["stream"]),
-            name=f"pydstack-gateway-{o['node_id']}",
+            name=f"pydstack-gateway-{o['node_id']}", anchor=anchor,
         )  # fmt: skip
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None

@@ -84,8 +84,17 @@ from pydstack.loop import run as run_loop
     type=click.Path(dir_okay=False),
     envvar="PYDSTACK_KMS_SIGNER_SEED_FILE",
     default=None,
-    help="Ed25519 seed that signs this KMS's events (32 raw bytes or 64 hex digits, mode "
-    "0600) [default: a new one per run]; a file, never a value: argv is world-readable",
+    help="the seed of this KMS's keyring identity (role kms), which signs its events and logs "
+    "in to NATS: an nkey seed file (a data dir's identities/kms.nk) or 32 raw bytes / 64 hex "
+    "digits, mode 0600; required (a random key is on no keyring: every fold would refuse its "
+    "events); a file, never a value: argv is world-readable",
+)
+@click.option(
+    "--keyring",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="keyring.json whose admin key roots the log's keyring (pinned; else the first "
+    "keyring entry's own signer)",
 )
 @click.option(
     "--metrics-port",
@@ -105,22 +114,22 @@ async def run(
     dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_file: str | None,
     onboard_from: str = "", metrics_port: int = 0, onboard_token_file: str | None = None,
     replica_token_file: str | None = None, allow_mrs: tuple[str, ...] = (),
+    keyring: str | None = None,
 ) -> None:  # fmt: skip
-    import os
-
-    from pydstack.adapters.nats import EventStore
-    from pydstack.adapters.secretfile import SecretFileError, read_seed
-    from pydstack.core.events import Signer
+    from pydstack.adapters.nats import EventStore, StoreError
+    from pydstack.adapters.nats.identity import standalone_identity
 
     from .client import KmsCallError
     from .launch import KmsLaunch, LaunchError, running_kms
     from .service import KmsError
 
     try:
-        seed = read_seed(signer_seed_file) if signer_seed_file else os.urandom(32)
-    except SecretFileError as exc:
+        signer, nkey, anchor = standalone_identity(
+            signer_seed_file, f"kms-{instance_id or cluster}", "kms", keyring,
+            "--signer-seed-file",
+        )  # fmt: skip
+    except StoreError as exc:
         raise click.BadParameter(str(exc), param_hint="--signer-seed-file") from None
-    signer = Signer.from_private_bytes(f"kms-{instance_id or cluster}", seed)
     opts = KmsLaunch(
         key_file=key_file, cluster=cluster, host=host, port=port, seal_appkeys=seal_appkeys,
         guest_agent=guest_agent, auth=auth, auth_url=auth_url, allow_dev_auth=allow_dev_auth,
@@ -128,7 +137,7 @@ async def run(
         onboard_token_file=onboard_token_file or "", replica_token_file=replica_token_file or "",
         allow_mrs=allow_mrs,
     )  # fmt: skip
-    store = await EventStore.connect(nats_url, signer)
+    store = await EventStore.connect(nats_url, signer, nkey_seed=nkey, anchor=anchor)
     await store.ensure_stream()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,7 +21,6 @@ from pydstack.adapters.cvm import CvmBackend
 from pydstack.adapters.firewall import HostServices
 from pydstack.adapters.nats import EventStore, StoreError
 from pydstack.adapters.supervisor import SupervisorClient, SupervisorError, launch_supervisor
-from pydstack.core.events import Signer
 from pydstack.core.vmm import RestartPolicy
 
 from ._access import ApiEndpoints, ApiSetupError, serve_api
@@ -176,7 +175,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--supervisor-socket", type=Path)
     p.add_argument("--images", type=Path)
-    p.add_argument("--nkey-seed-file", help="NATS nkey seed (SU…) of the vmm identity; signs too")
+    p.add_argument(
+        "--nkey-seed-file",
+        help="NATS nkey seed (SU…) of this host's vmm identity "
+        "(identities/vmm-<host>.nk of `up --join BUNDLE`); signs too; required",
+    )
+    p.add_argument("--keyring", help="keyring.json whose admin key roots the log's keyring")
     p.add_argument("--stream", default="DSTACK")
     p.add_argument(
         "--api-port",
@@ -208,13 +212,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(a: argparse.Namespace) -> int:
-    from pydstack.adapters.nats import StreamSettings
-    from pydstack.adapters.nats.identity import Identity, read_seed_file
+    from pydstack.adapters.nats import StoreError, StreamSettings
+    from pydstack.adapters.nats.identity import standalone_identity
 
-    seed = read_seed_file(Path(a.nkey_seed_file)) if a.nkey_seed_file else None
     name = f"vmm-{a.host_id}"
-    signer = (Identity(name, "vmm", seed).signer if seed
-              else Signer.from_private_bytes(name, os.urandom(32)))  # fmt: skip
+    try:
+        signer, seed, anchor = standalone_identity(
+            a.nkey_seed_file, name, "vmm", a.keyring, "--nkey-seed-file"
+        )
+    except StoreError as exc:
+        _log.error("cannot start", error=str(exc))
+        return 2
     lo, _, hi = a.port_range.partition("-")
     policy = RestartPolicy(
         enabled=not a.no_auto_restart, interval_s=a.restart_interval,
@@ -230,7 +238,7 @@ async def _run(a: argparse.Namespace) -> int:
     runtime = RuntimeConfig(reconcile_interval_s=a.reconcile_interval)
     launch = VmmLaunch(config=config, backend=a.backend, supervisor_socket=a.supervisor_socket,
                        images=a.images, api_port=a.api_port, runtime=runtime)  # fmt: skip
-    store = await EventStore.connect(a.nats, signer, nkey_seed=seed, name=name,
+    store = await EventStore.connect(a.nats, signer, nkey_seed=seed, name=name, anchor=anchor,
                                      settings=StreamSettings(name=a.stream))  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

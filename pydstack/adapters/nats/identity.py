@@ -38,6 +38,7 @@ from pydstack.core.policy import ADMIN, AUDITOR, HOST_BOUND, NAME, ROLES, Keyrin
 __all__ = [
     "ROLES", "Identity", "IdentityStore", "Role", "durables_of", "inbox_prefix", "load_anchor",
     "load_keyring", "nats_user", "nats_user_of", "nats_users", "public_nkey", "read_seed_file",
+    "standalone_identity",
 ]  # fmt: skip
 
 from .errors import StoreError
@@ -58,6 +59,8 @@ def _reader_api(stream: str, durables: Iterable[str]) -> list[str]:
         f"{api}.DIRECT.GET.{stream}",
         f"{api}.DIRECT.GET.{stream}.>",
         f"{api}.CONSUMER.CREATE.{stream}",  # unnamed: the server names it (ordered readers)
+        # consumers' metadata (lag for `status`): LIST shows every consumer's info anyway
+        f"{api}.CONSUMER.INFO.{stream}.>",
         f"{api}.CONSUMER.LIST.{stream}",
         f"{api}.CONSUMER.NAMES.{stream}",
         "$JS.FC.>",  # flow-control replies of ordered consumers
@@ -67,7 +70,6 @@ def _reader_api(stream: str, durables: Iterable[str]) -> list[str]:
             f"{api}.CONSUMER.CREATE.{stream}.{d}",
             f"{api}.CONSUMER.CREATE.{stream}.{d}.>",
             f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{d}",
-            f"{api}.CONSUMER.INFO.{stream}.{d}",
             f"{api}.CONSUMER.MSG.NEXT.{stream}.{d}",
             f"{api}.CONSUMER.DELETE.{stream}.{d}",
             f"$JS.ACK.{stream}.{d}.>",
@@ -199,6 +201,33 @@ def read_seed_file(path: Path) -> str:
     if match is None:
         raise StoreError(f"{path} holds no nkey user seed (a line starting with SU)")
     return match.group(0)
+
+
+def standalone_identity(
+    seed_file: str | None, name: str, role: str, keyring: str | None, option: str
+) -> tuple[Signer, str | None, bytes | None]:
+    """What a standalone process (``python -m pydstack.actors.kms`` / ``.vmm`` / gateway) signs
+    and logs in with: its keyring identity's seed file (an nkey seed, ``identities/<name>.nk``
+    or a join bundle's, or for the KMS 32 raw bytes / 64 hex digits) and the admin anchor
+    pinned from ``keyring`` (a keyring.json). Returns (signer, nkey seed or None, anchor).
+    No seed file is an error: a random key is bound to no role, so every fold would refuse
+    what it writes."""
+    from pydstack.adapters.secretfile import SecretFileError, read_seed
+
+    if not seed_file:
+        raise StoreError(
+            f"no identity: pass {option} FILE (the {role} identity's seed, e.g. a data dir's "
+            f"identities/{role}.nk or a key of `pydstack host add`)"
+        )
+    anchor = load_anchor(Path(keyring)) if keyring else None
+    try:
+        seed = read_seed_file(Path(seed_file))
+    except StoreError:
+        try:
+            return Signer.from_private_bytes(name, read_seed(seed_file)), None, anchor
+        except SecretFileError as exc:
+            raise StoreError(f"{seed_file}: neither an nkey seed nor a raw seed ({exc})") from None
+    return Identity(name, role, seed).signer, seed, anchor
 
 
 class IdentityStore:
