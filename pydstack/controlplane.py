@@ -283,7 +283,7 @@ class ControlPlane:
                     if self.server is not None:
                         self._follow_keyring(stack, admin, ids, cfg)
                 else:  # a host joined with a bundle: the stream must exist (no admin rights)
-                    async with await self._connect(ids["vmm"], settings) as probe:
+                    async with await self._connect(next(iter(ids.values())), settings) as probe:
                         await probe.ensure_stream()
                 if self.opts.host_id:
                     await self._join_host(ids["vmm"], settings, self.opts.host_id)

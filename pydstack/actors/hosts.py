@@ -21,7 +21,15 @@ import structlog
 from pydstack.adapters.nats import ConflictError, EventStore, StoreError
 from pydstack.adapters.nats.identity import Identity
 from pydstack.core.events import KeyRevoked
-from pydstack.core.policy import GATEWAY, KEYRING_FILTER, KEYRING_SUBJECT, NAME, VMM, Keyring
+from pydstack.core.policy import (
+    GATEWAY,
+    KEYRING_FILTER,
+    KEYRING_SUBJECT,
+    KMS,
+    NAME,
+    VMM,
+    Keyring,
+)
 
 from .trust import Judge, ensure_keyring
 
@@ -33,7 +41,7 @@ def host_identity_names(host: str) -> dict[str, str]:
     is also ``vmm-<host>``) and ``gateway-<host>``."""
     if not NAME.match(f"gateway-{host}"):
         raise StoreError(f"bad host name {host!r}: use 1-56 letters, digits, '_' or '-'")
-    return {VMM: f"vmm-{host}", GATEWAY: f"gateway-{host}"}
+    return {VMM: f"vmm-{host}", GATEWAY: f"gateway-{host}", KMS: f"kms-{host}"}
 
 
 async def read_keyring(store: EventStore) -> tuple[Keyring, int]:
@@ -44,14 +52,16 @@ async def read_keyring(store: EventStore) -> tuple[Keyring, int]:
     return judge.gate.keyring, version.seq
 
 
-async def add_host(admin: EventStore, host: str, *, gateway: bool = False) -> list[Identity]:
+async def add_host(
+    admin: EventStore, host: str, *, gateway: bool = False, kms: bool = False
+) -> list[Identity]:
     """Mint the host's keys and bind them on the keyring (signed by ``admin``): its VMM key
-    with ``hosts=[host]``, and a gateway key when asked for. A name already bound is refused
-    (its seed was given out once; remove the host and add it under a new name)."""
+    with ``hosts=[host]``, and a gateway and a KMS key when asked for. A name already bound
+    is refused (its seed was given out once; remove the host, add it under a new name)."""
     names = host_identity_names(host)
     ring, _ = await read_keyring(admin)
     taken = {b.name for b in ring.names().values()}
-    wanted = [VMM, *([GATEWAY] if gateway else [])]
+    wanted = [VMM, *([GATEWAY] if gateway else []), *([KMS] if kms else [])]
     for role in wanted:
         if names[role] in taken:
             raise StoreError(

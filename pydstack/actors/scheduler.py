@@ -273,7 +273,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", help="Ed25519 seed (32 bytes raw or 64 hex chars)")
     p.add_argument("--nkey-seed-file", help="NATS nkey seed of this actor's identity")
     p.add_argument("--create-stream", action="store_true", help="create the stream if missing")
-    p.add_argument("--keyring", help="keyring.json whose admin key roots the log's keyring")
+    p.add_argument(
+        "--keyring",
+        metavar="FILE",
+        type=Path,
+        help="keyring.json whose admin key roots the log's keyring",
+    )
     p.add_argument("--default-vcpu", type=int, default=d.vcpu)
     p.add_argument("--default-memory-mb", type=int, default=d.memory_mb)
     p.add_argument("--default-cid-start", type=int, default=d.cid_start)

@@ -31,6 +31,7 @@ def _admin(ctx: click.Context) -> Conn:
 @host.command("add")
 @click.argument("name")
 @click.option("--gateway", is_flag=True, help="also a key for the host's gateway node")
+@click.option("--kms", is_flag=True, help="also a key for a KMS replica on the host")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="where to write the join bundle (0600) [default: NAME.bundle]")  # fmt: skip
 @click.option("--nats-url", "nats_urls", multiple=True, metavar="URL",
@@ -42,6 +43,7 @@ def add(
     ctx: click.Context,
     name: str,
     gateway: bool,
+    kms: bool,
     out: str | None,
     nats_urls: tuple[str, ...],
     kms_urls: tuple[str, ...],
@@ -49,13 +51,14 @@ def add(
     """Mint host NAME's own keys, bind them on the keyring, write its join bundle.
 
     The bundle holds only NAME's seeds (its VMM key, bound to NAME; with --gateway its
-    gateway node's key) and the cluster's public data. Servers `up` runs admit the new keys
-    at once (they follow the keyring); other NATS servers: see `host nats-config`."""
+    gateway node's key, with --kms its KMS replica's) and the cluster's public data.
+    Servers `up` runs admit the new keys at once (they follow the keyring); other NATS
+    servers: see `host nats-config`."""
     conn = _admin(ctx)
     path = Path(out or f"{name}.bundle")
     if path.exists():
         raise click.ClickException(f"{path} exists; remove it or choose another --out")
-    run(_add(conn, name, gateway, path, nats_urls, kms_urls))
+    run(_add(conn, name, (gateway, kms), path, nats_urls, kms_urls))
     click.echo(f"host {name}: keys bound on the keyring; join bundle {path} (0600)")
     click.echo(f"on {name}: pydstack up --join {path} [--vmm sandbox|qemu]")
 
@@ -63,7 +66,7 @@ def add(
 async def _add(
     conn: Conn,
     name: str,
-    gateway: bool,
+    roles: tuple[bool, bool],
     path: Path,
     nats_urls: tuple[str, ...],
     kms_urls: tuple[str, ...],
@@ -77,7 +80,7 @@ async def _add(
             f"`host add` signs as the cluster's admin: {conn.data.identities.dir} has no admin key"
         )
     async with await connect(conn) as admin:
-        ids = await add_host(admin, name, gateway=gateway)
+        ids = await add_host(admin, name, gateway=roles[0], kms=roles[1])
     public = json.loads(conn.keyring_path.read_text())["identities"]
     public += [
         {"name": i.name, "role": i.role, "nkey": i.nkey, "key": i.key.hex(),

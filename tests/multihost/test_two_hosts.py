@@ -326,17 +326,25 @@ async def _scenario(
         "--kms", *sandbox])  # fmt: skip
     hosts.append(host_a)
     state_a = await asyncio.to_thread(host_a.wait_ready)
-    # Further machines use the first one's identities and (without TDX) its dev PKI, so the
-    # KMS replicas trust each other's and the CVMs' simulated quotes.
-    for home in (home_k, home_b):
-        for d in ("identities", "dev-pki"):
-            await asyncio.to_thread(shutil.copytree, home_a / d, home / d)
+    # Further machines get keys of their own from A's admin (`host add`: a join bundle with
+    # only their seeds and the cluster's public data); without TDX they also share A's dev
+    # PKI, so the KMS replicas trust each other's and the CVMs' simulated quotes.
+    bundles: dict[str, Path] = {}
+    for name, home, role in (("hk", home_k, "--kms"), ("hb", home_b, "--gateway")):
+        bundles[name] = home_a.parent / f"{name}.bundle"
+        r = cli(home_a, "--nats", nats, "host", "add", name, "--out", str(bundles[name]), role)
+        assert r.code == 0, r.out + r.err
+        await asyncio.to_thread(shutil.copytree, home_a / "dev-pki", home / "dev-pki")
+    seeds_a = [f.read_text().strip() for f in (home_a / "identities").glob("*.nk")]
+    for bundle in bundles.values():
+        text = bundle.read_text()
+        assert not [seed for seed in seeds_a if seed in text]  # none of A's, admin's included
     # K: a KMS replica alone (no VMM, no gateway), onboarded from A's KMS; instance "hk". A's
     # dev backend authorizes no KMS: the operator copies A's onboarding token to K (0600).
     assert state_a["kms_onboard_token_file"] == str(home_a / "kms" / "onboard-token")
     token_k = await asyncio.to_thread(copy_token, state_a["kms_onboard_token_file"], home_k)
     kms_k = HostUp("hk", lan.ns("hk"), home_k, [
-        "--join", nats, "--listen", ip_k, "--no-host", "--host-id", "hk", "--no-gateway",
+        "--join", str(bundles["hk"]), "--listen", ip_k, "--no-host", "--no-gateway",
         "--kms", "--kms-onboard", state_a["kms_url"],
         "--kms-onboard-token-file", token_k])  # fmt: skip
     hosts.append(kms_k)
@@ -345,11 +353,13 @@ async def _scenario(
     assert state_k["vmm_url"] is None and "gateway_proxy" not in state_k, state_k
     # B: VMM and gateway node, no KMS: its CVMs ask K, then A.
     host_b = HostUp("hb", lan.ns("hb"), home_b, [
-        "--join", nats, "--listen", ip_b, "--host-id", "hb", "--gateway-node-id", "gwb",
+        "--join", str(bundles["hb"]), "--listen", ip_b, "--gateway-node-id", "gwb",
         "--no-kms", "--kms-url", state_k["kms_url"], "--kms-url", state_a["kms_url"],
         *sandbox])  # fmt: skip
     hosts.append(host_b)
     state_b = await asyncio.to_thread(host_b.wait_ready)
+    for home, keys in ((home_k, {"vmm-hk", "kms-hk"}), (home_b, {"vmm-hb", "gateway-hb"})):
+        assert {p.stem for p in (home / "identities").glob("*.nk")} == keys  # no admin key
     assert state_b["kms_url"] is None and state_b["gateway_proxy"].startswith(f"{ip_b}:")
 
     apps: dict[str, str] = {}

@@ -180,7 +180,12 @@ def _parser() -> argparse.ArgumentParser:
         help="NATS nkey seed (SU…) of this host's vmm identity "
         "(identities/vmm-<host>.nk of `up --join BUNDLE`); signs too; required",
     )
-    p.add_argument("--keyring", help="keyring.json whose admin key roots the log's keyring")
+    p.add_argument(
+        "--keyring",
+        metavar="FILE",
+        type=Path,
+        help="keyring.json whose admin key roots the log's keyring",
+    )
     p.add_argument("--stream", default="DSTACK")
     p.add_argument(
         "--api-port",

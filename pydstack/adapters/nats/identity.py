@@ -204,7 +204,7 @@ def read_seed_file(path: Path) -> str:
 
 
 def standalone_identity(
-    seed_file: str | None, name: str, role: str, keyring: str | None, option: str
+    seed_file: str | None, name: str, role: str, keyring: str | Path | None, option: str
 ) -> tuple[Signer, str | None, bytes | None]:
     """What a standalone process (``python -m pydstack.actors.kms`` / ``.vmm`` / gateway) signs
     and logs in with: its keyring identity's seed file (an nkey seed, ``identities/<name>.nk``
