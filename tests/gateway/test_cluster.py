@@ -28,7 +28,7 @@ from pydstack.core.gateway.ports import DeclaredPorts
 from pydstack.core.gateway.recycle import decide_liveness, decide_recycle
 from pydstack.core.gateway.table import ClusterTable, TableIndex, routing_table
 
-from .given import Log, app, inst, key, request
+from .given import Log, app, hexid, inst, key, request
 
 HOUR = 3600
 
@@ -61,6 +61,7 @@ def test_admission_events_carry_identity_key_and_ports() -> None:
         app_id=app(2),
         wg_public_key=key(3),
         tunnel_ip="10.0.0.2",
+        compose_hash=hexid("compose", 2),
     )
     assert a.record.port_policy == "restrict"
     assert [p.port for p in a.record.ports] == [80, 443]

@@ -6,7 +6,8 @@ valid evidence; such junk is not written to the log), and the app id, instance i
 compose hash come from the attested event log, never from the request. Then the optional
 authorization webhook (POST of the AppInfo JSON; any 2xx allows, like dstack), then the
 cluster decision and its atomic commit (``Registrar``). Refusals of an attested caller are
-answered with a 4xx JSON ``{"error", "code"}`` and recorded as ``CvmRegistrationRefused``::
+answered with a 4xx JSON ``{"error", "code"}`` and recorded as ``CvmRegistrationRefused``,
+except claims on someone else's ids (``UNRECORDED``: 403, nothing appended)::
 
     app = registration_app(registrar, verifier, RegistrationConfig(node_id="gw1"))
     ssl = server_ssl_context(chain_pem, key_pem, ca_pem)   # mutual: clients must present one
@@ -55,7 +56,12 @@ STATUS: Final[dict[str, int]] = {
     "app_mismatch": 409,
     "pool_exhausted": 503,
     "node_down": 503,
+    "id_in_use": 403,
+    "not_same_instance": 403,
 }
+# refused without a CvmRegistrationRefused: the instance subject they name is someone else's
+# (a victim's instance or app id), and a record there is the attacker's to write
+UNRECORDED: Final = frozenset({"id_in_use", "not_same_instance"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +170,7 @@ def registration_app(
 
     async def refuse(req: RegisterRequest, code: RefusalCode, reason: str) -> web.Response:
         refusal = Refused(code=code, reason=reason)
-        recorded = await registrar.refused(req, refusal)
+        recorded = code not in UNRECORDED and await registrar.refused(req, refusal)
         _log.info("registration refused", instance_id=req.instance_id, app_id=req.app_id,
                   code=code, reason=reason, recorded=recorded)  # fmt: skip
         return web.json_response({"error": reason, "code": code}, status=STATUS[code])
@@ -181,6 +187,7 @@ def registration_app(
             compose_hash=info.compose_hash.hex(),
             wg_public_key="",
             attestation_hash=att_hash,
+            mr_system=info.mr_system.hex(),
         )
         try:
             body = _DECODER.decode(await request.read())

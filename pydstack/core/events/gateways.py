@@ -56,6 +56,10 @@ class TunnelIpAllocated(Event, tag="TunnelIpAllocated", frozen=True):
     app_id: str
     wg_public_key: str
     tunnel_ip: str
+    # added (issue 14): the attested identity holding the lease; a lease moves to another
+    # key only for the same one. "" on entries written before (they match anything).
+    compose_hash: str = ""
+    mr_system: str = ""
 
 
 class TunnelIpReleased(Event, tag="TunnelIpReleased", frozen=True):
@@ -79,6 +83,7 @@ class CvmRegistered(Event, tag="CvmRegistered", frozen=True):
     attestation_hash: str = ""
     ports: tuple[PortAttrs, ...] = ()  # added: dstack's PortPolicy.ports
     cluster: str = ""  # added: the cluster whose ledger admitted it ("" = default)
+    mr_system: str = ""  # added (issue 14): the attested OS + key provider measurement
 
 
 class CvmLiveness(Event, tag="CvmLiveness", frozen=True):

@@ -51,10 +51,12 @@ from .ports import DeclaredPorts
 
 DEFAULT_CLUSTER: Final = "default"
 Status = Literal["active", "recycled", "removed"]
-# "unauthorized" is the authorization webhook's (actor side); the rest are decide_register's
+# "unauthorized" is the authorization webhook's (actor side); the rest are decide_register's.
+# "id_in_use" (an app id as instance id or the reverse) and "not_same_instance" (another
+# attested identity under an instance id that holds a lease) are refused, never recorded.
 RefusalCode = Literal[
     "bad_request", "bad_key", "key_in_use", "app_mismatch", "pool_exhausted", "node_down",
-    "unauthorized",
+    "unauthorized", "id_in_use", "not_same_instance",
 ]  # fmt: skip
 
 
@@ -76,6 +78,16 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     wg_public_key: str
     tunnel_ip: str
     seq: int = 0
+    compose_hash: str = ""  # the attested identity holding it ("" on old entries: any)
+    mr_system: str = ""
+
+    def same_instance(self, compose_hash: str, mr_system: str) -> bool:
+        """Whether an attestation with these values is the TD that holds the lease (the
+        app id is bound separately): its compose and its measured OS + key provider."""
+        return all(
+            not mine or mine == theirs
+            for mine, theirs in ((self.compose_hash, compose_hash), (self.mr_system, mr_system))
+        )
 
 
 class CvmRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,6 +123,14 @@ class ClusterState:
     instances: dict[str, CvmRecord] = field(default_factory=dict)  # incl. ended records
     seq: int = 0
     held_ips: set[int] = field(default_factory=set)  # ip_holder's keys as ints (allocation)
+    apps: set[str] = field(default_factory=set)  # bound_app's values: ids that are app ids
+
+    def id_kind(self, ident: str) -> str | None:
+        """ "app" or "instance" when ``ident`` is already one on the ledger (ids of the two
+        kinds share the routing namespace ``<id>.<domain>``, so one id is never both)."""
+        if ident in self.apps:
+            return "app"
+        return "instance" if ident in self.bound_app else None
 
     def copy(self) -> ClusterState:
         return ClusterState(
@@ -123,6 +143,7 @@ class ClusterState:
             dict(self.instances),
             self.seq,
             set(self.held_ips),
+            set(self.apps),
         )
 
     def routed(self, instance_id: str) -> CvmRecord | None:
@@ -192,6 +213,11 @@ def _apply(s: ClusterState, a: Applied) -> None:
             iid = e.instance_id
             if s.bound_app.get(iid, e.app_id) != e.app_id:
                 return
+            if iid == e.app_id or iid in s.apps or e.app_id in s.bound_app:
+                return  # an app id as instance id or the reverse: one namespace for routing
+            held = s.leases.get(iid)
+            if held is not None and not held.same_instance(e.compose_hash, e.mr_system):
+                return  # another attested identity under an instance id that holds a lease
             if s.ip_holder.get(e.tunnel_ip, iid) != iid or e.tunnel_ip in _node_ips(s):
                 return
             if s.key_holder.get(e.wg_public_key, iid) != iid:
@@ -203,11 +229,14 @@ def _apply(s: ClusterState, a: Applied) -> None:
                 wg_public_key=e.wg_public_key,
                 tunnel_ip=e.tunnel_ip,
                 seq=a.seq,
+                compose_hash=e.compose_hash,
+                mr_system=e.mr_system,
             )
             s.ip_holder[e.tunnel_ip] = iid
             s.held_ips.add(_ip_int(e.tunnel_ip))
             s.key_holder[e.wg_public_key] = iid
             s.bound_app[iid] = e.app_id
+            s.apps.add(e.app_id)
         case TunnelIpReleased() if _ours(s, e.cluster):
             lease = s.leases.get(e.instance_id)
             if lease is not None and lease.tunnel_ip == e.tunnel_ip:
@@ -310,6 +339,7 @@ class RegisterRequest(msgspec.Struct, frozen=True, kw_only=True):
     wg_public_key: str
     port_policy: DeclaredPorts = DeclaredPorts()
     attestation_hash: str = ""
+    mr_system: str = ""  # hex, the attested OS + key provider measurement (AppInfo.mr_system)
 
 
 class Admission(msgspec.Struct, frozen=True, kw_only=True):
@@ -370,17 +400,27 @@ def decide_register(
     key = canonical_key(req.wg_public_key)
     if key is None:
         return Refused(code="bad_key", reason="client_public_key is not a WireGuard public key")
+    if req.instance_id == req.app_id or state.id_kind(req.instance_id) == "app":
+        return Refused(code="id_in_use", reason=f"instance id {req.instance_id} is an app id")
+    if state.id_kind(req.app_id) == "instance":
+        return Refused(code="id_in_use", reason=f"app id {req.app_id} is an instance id")
     bound = state.bound_app.get(req.instance_id)
     if bound is not None and bound != req.app_id:
         return Refused(
             code="app_mismatch", reason=f"instance {req.instance_id} is bound to app {bound}"
+        )
+    lease = state.leases.get(req.instance_id)
+    if lease is not None and not lease.same_instance(req.compose_hash, req.mr_system):
+        return Refused(
+            code="not_same_instance",
+            reason=f"instance {req.instance_id} holds its address under another attested "
+            "identity (compose hash or mr_system differ)",
         )
     holder = state.key_holder.get(key)
     if holder is not None and holder != req.instance_id:
         return Refused(
             code="key_in_use", reason="WireGuard public key is registered to another instance"
         )
-    lease = state.leases.get(req.instance_id)
     ip = lease.tunnel_ip if lease is not None else _free_address(state, plan)
     if ip is None:
         return Refused(code="pool_exhausted", reason=f"no free address in {plan.client_ip_range}")
@@ -394,6 +434,8 @@ def decide_register(
             app_id=req.app_id,
             wg_public_key=key,
             tunnel_ip=ip,
+            compose_hash=req.compose_hash,
+            mr_system=req.mr_system,
         ),
         record=CvmRegistered(
             app_id=req.app_id,
@@ -405,6 +447,7 @@ def decide_register(
             ports=pp.ports,
             attestation_hash=req.attestation_hash,
             cluster="" if state.cluster == DEFAULT_CLUSTER else state.cluster,
+            mr_system=req.mr_system,
         ),
     )
 

@@ -1,0 +1,112 @@
+"""App ids and instance ids at the gateway (issue 14).
+
+The host writes instance-info, so a TD's attested instance id (and, until the KMS checks it,
+its app id) is whatever the host chose. Before: an instance id equal to a victim's app id was
+looked up first and shadowed the whole app (``<victim app id>.<domain>`` reached the
+attacker), an app id equal to a victim's instance id was admitted, and a registration under
+a victim's instance id from another key moved the victim's tunnel IP to the attacker's key.
+Now one id is never both an app and an instance on a cluster's ledger, and a lease moves to
+a new key only for the same attested instance (app id, compose hash, mr_system); each claim
+on someone else's id is refused with 403 and one line, nothing appended."""
+
+from __future__ import annotations
+
+import pytest
+
+from pydstack.core.events import AnyEvent, TunnelIpAllocated
+from pydstack.core.gateway.cluster import ClusterState, fold, on_its_subject
+from pydstack.core.gateway.table import TableIndex, routing_table
+from pydstack.core.projections import Applied
+from tests.gateway.given import key
+from tests.gateway.simcvm import SimCvm
+from tests.gateway.test_registration import Gateway, gateway, pki
+
+__all__ = ["gateway", "pki"]  # fixtures of the RegisterCvm suite (real mutual TLS, NATS)
+
+VICTIM_APP = bytes([0x5A] * 20)
+ATTACKER_APP = bytes([0xA7] * 20)
+
+
+async def _routes(gw: Gateway) -> TableIndex:
+    """The routing index every gateway node derives from the log as it stands."""
+    events = [
+        Applied(n, 0, e)
+        for n, (subj, e) in enumerate(await gw.events(), 1)
+        if on_its_subject("default", subj, e) and isinstance(e, AnyEvent)
+    ]
+    return TableIndex.of(routing_table(fold(events, ClusterState())))
+
+
+async def _victim(gw: Gateway) -> SimCvm:
+    victim = SimCvm(gw.pki, VICTIM_APP, bytes([0x11] * 20), b"victim compose")
+    status, out = await gw.post(await victim.identity(gw.ca), {"client_public_key": key(1)})
+    assert status == 200, out
+    return victim
+
+
+async def _refused(gw: Gateway, cvm: SimCvm, wg_key: str, code: str, reason: str) -> None:
+    before = await gw.store.last_seq()
+    status, out = await gw.post(await cvm.identity(gw.ca), {"client_public_key": wg_key})
+    assert (status, out["code"]) == (403, code) and reason in out["error"], out
+    assert "\n" not in out["error"]
+    assert await gw.store.last_seq() == before  # nothing appended, not even a refusal
+
+
+@pytest.mark.timeout(60)
+async def test_an_app_id_as_instance_id_is_refused_and_does_not_shadow_the_app(
+    gateway: Gateway,
+) -> None:
+    """A TD whose host wrote the victim's app id as its instance id gets 403; the victim's
+    app URL still resolves to the victim's instance only."""
+    victim = await _victim(gateway)
+    shadow = SimCvm(gateway.pki, ATTACKER_APP, VICTIM_APP, b"attacker compose")
+    await _refused(
+        gateway, shadow, key(2), "id_in_use", f"instance id {VICTIM_APP.hex()} is an app id"
+    )
+    routes = (await _routes(gateway)).resolve(VICTIM_APP.hex())
+    assert [r.instance_id for r in routes] == [victim.instance_id.hex()]
+
+
+@pytest.mark.timeout(60)
+async def test_an_instance_id_as_app_id_is_refused(gateway: Gateway) -> None:
+    """An app id equal to a victim's instance id is refused (the reverse of the above)."""
+    victim = await _victim(gateway)
+    twin = SimCvm(gateway.pki, victim.instance_id, bytes([0x22] * 20), b"attacker compose")
+    await _refused(
+        gateway, twin, key(2), "id_in_use", f"app id {victim.instance_id.hex()} is an instance id"
+    )
+    routes = await _routes(gateway)
+    assert routes.resolve(victim.instance_id.hex())[0].wg_public_key == key(1)
+
+
+@pytest.mark.timeout(60)
+async def test_a_victims_instance_id_from_another_td_keeps_its_address_and_key(
+    gateway: Gateway,
+) -> None:
+    """A TD whose host wrote the victim's app id and instance id, with its own compose, asks
+    for the victim's lease with its own WireGuard key: 403, the IP stays with the victim's
+    key and the route with the victim's instance."""
+    victim = await _victim(gateway)
+    thief = SimCvm(gateway.pki, VICTIM_APP, victim.instance_id, b"attacker compose")
+    await _refused(gateway, thief, key(2), "not_same_instance", "another attested identity")
+    ledger = [e for _, e in await gateway.events() if isinstance(e, TunnelIpAllocated)]
+    assert [(e.wg_public_key, e.tunnel_ip) for e in ledger] == [(key(1), "10.0.0.2")]
+    (route,) = (await _routes(gateway)).resolve(VICTIM_APP.hex())
+    assert (route.wg_public_key, route.tunnel_ip) == (key(1), "10.0.0.2")
+
+
+@pytest.mark.timeout(60)
+async def test_the_same_instance_rebooted_with_a_new_key_keeps_its_address(
+    gateway: Gateway,
+) -> None:
+    """Control: the victim's own TD booting again (same app, compose, measurements) with a
+    fresh WireGuard key keeps its address, now with the new key."""
+    victim = await _victim(gateway)
+    again = SimCvm(gateway.pki, VICTIM_APP, victim.instance_id, b"victim compose")
+    status, out = await gateway.post(
+        await again.identity(gateway.ca), {"client_public_key": key(3)}
+    )
+    assert status == 200 and out["wg"]["client_ip"] == "10.0.0.2", out
+    (route,) = (await _routes(gateway)).resolve(VICTIM_APP.hex())
+    assert route.wg_public_key == key(3)
+
