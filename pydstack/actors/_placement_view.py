@@ -115,7 +115,8 @@ class PlacementView:
             self.hosts[host_id] = host
 
     def _fold_vm(self, vm_id: str, rec: Recorded) -> None:
-        if vm_id in self.decided:
+        if vm_id in self.decided:  # nothing to decide; judged still: refusals are counted
+            self.judge.admit(rec.seq, rec.subject, rec.data)  # (and owners learnt) by all folds
             return
         version = Version(rec.seq, message_hash(rec.data))
         got = self._decode(rec)

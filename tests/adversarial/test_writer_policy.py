@@ -4,7 +4,8 @@ zeroed signature used to be folded and acted on (the VMM's fold checked no signa
 the VMM started the CVM. Every fold now asks the same verdict (``pydstack.core.policy``)
 against the keyring on the log, rooted in the pinned admin key: no actor acts, and ``audit``
 names the sequence. A hypothesis test checks that the policy, every fold and the auditor
-agree on any mix of writers, types, subjects and corruptions (real NATS throughout)."""
+agree on any mix of writers (tenants included: the app owner rule), types, subjects and
+corruptions (real NATS throughout)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pydstack.actors import Scheduler, SchedulerConfig, metrics
@@ -38,6 +39,8 @@ from pydstack.adapters.sqlite import ReadModel
 from pydstack.core.audit import Auditor
 from pydstack.core.events import (
     AppRegistered,
+    AppRemoved,
+    AppUpgraded,
     CvmRegistered,
     Event,
     GatewayNodeJoined,
@@ -68,6 +71,8 @@ from tests.policy.given import (
     ROLE_OF,
     SCHEDULER,
     STRANGER,
+    TENANT_A,
+    TENANT_B,
     VMM1,
     VMM2,
     entry,
@@ -75,8 +80,10 @@ from tests.policy.given import (
 from tests.vmm.conftest import VmmHost, compose, events_of, wait_until
 
 ANCHOR = ADMIN.public_key
-WANTED = [(s.public_key, s.actor, ROLE_OF[s], HOSTS_OF.get(s, ()) if ROLE_OF[s] in HOST_BOUND
-           else ()) for s in (ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY)]  # fmt: skip
+WANTED: list[tuple[bytes, str, str, tuple[str, ...]]] = [
+    (s.public_key, s.actor, ROLE_OF[s], HOSTS_OF.get(s, ()) if ROLE_OF[s] in HOST_BOUND else ())
+    for s in (ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY)
+]
 
 
 # -- the host: h1's VMM signs as VMM1; the keyring binds every role; no scheduler runs ----------
@@ -233,7 +240,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         loop.close()
 
 
-SIGNERS = (ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY, STRANGER)
+SIGNERS = (ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY, TENANT_A, TENANT_B, STRANGER)
 VMS, HOSTS = ("a", "b"), ("h1", "h2")
 
 
@@ -241,7 +248,8 @@ def _event(kind: str, agg: str, other: str, host: str) -> tuple[str, Event]:
     """One event of ``kind``; its body names ``other`` as the aggregate when they differ."""
     match kind:
         case "VmRequested":
-            return f"dstack.vm.{agg}", VmRequested(vm_id=other, app_id="x", name="n",
+            app = "b" if host == "h2" else "a"  # the app owner rule: whose app is it
+            return f"dstack.vm.{agg}", VmRequested(vm_id=other, app_id=app, name="n",
                                                    resources=RES, host=host)  # fmt: skip
         case "VmScheduled":
             return f"dstack.vm.{agg}", VmScheduled(vm_id=other, host=host or "h1", cid=1000)
@@ -259,6 +267,11 @@ def _event(kind: str, agg: str, other: str, host: str) -> tuple[str, Event]:
                                                     resources=RES)  # fmt: skip
         case "AppRegistered":
             return f"dstack.app.{agg}", AppRegistered(app_id=other, compose_hash="c")
+        case "AppUpgraded":
+            return f"dstack.app.{agg}", AppUpgraded(app_id=other, compose_hash="d",
+                                                    previous_compose_hash="c")  # fmt: skip
+        case "AppRemoved":
+            return f"dstack.app.{agg}", AppRemoved(app_id=other)
         case "KmsRootCreated":
             return "dstack.kms.main", KmsRootCreated(cluster="main", ca_public_key=b"",
                                                      k256_public_key=b"")  # fmt: skip
@@ -279,7 +292,8 @@ def _event(kind: str, agg: str, other: str, host: str) -> tuple[str, Event]:
 
 
 KINDS = ("VmRequested", "VmScheduled", "VmStarted", "VmStopRequested", "VmExited",
-         "HostJoined", "HostVmPlaced", "AppRegistered", "KmsRootCreated", "GatewayNodeJoined",
+         "HostJoined", "HostVmPlaced", "AppRegistered", "AppRegistered", "AppUpgraded",
+         "AppRemoved", "KmsRootCreated", "GatewayNodeJoined",
          "CvmRegistered", "KeyringEntryAdded", "KeyRevoked")  # fmt: skip
 writes = st.lists(
     st.tuples(
@@ -312,7 +326,7 @@ async def _publish(env: Env, plan: list[tuple[Any, ...]], pre: int) -> list[Reco
 
     for i, w in enumerate(plan):
         if i == pre:  # some writes before the keyring (pre-keyring), the rest after it
-            for e in [entry(ADMIN), *(entry(s) for s in SIGNERS[1:7])]:
+            for e in [entry(ADMIN), *(entry(s) for s in SIGNERS[1:9])]:
                 await put(ADMIN, KEYRING_SUBJECT, e)
         by, kind, agg, other, host, how = w
         subj, event = _event(kind, agg, other, host)
@@ -354,6 +368,17 @@ async def _folds(env: Env, recs: list[Recorded], tmp: Path) -> dict[str, Any]:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
           HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(plan=writes, pre=st.integers(0, 3))
+@example(  # tenants and owners: B and the operator upgrade A's app, B runs and stops A's VMs
+    plan=[(TENANT_A, "AppRegistered", "a", "a", "", ""),
+          (TENANT_B, "AppUpgraded", "a", "a", "", ""),
+          (OPERATOR, "AppUpgraded", "a", "a", "", ""),
+          (TENANT_B, "VmRequested", "a", "a", "", ""),
+          (TENANT_A, "VmRequested", "b", "b", "", ""),
+          (TENANT_B, "VmStopRequested", "b", "b", "", ""),
+          (TENANT_A, "AppUpgraded", "a", "a", "", ""),
+          (OPERATOR, "VmStopRequested", "b", "b", "", "")],
+    pre=0,
+)  # fmt: skip
 def test_the_policy_every_fold_and_audit_agree(
     env: Env, tmp_path: Path, plan: list[tuple[Any, ...]], pre: int
 ) -> None:
