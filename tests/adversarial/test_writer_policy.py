@@ -365,6 +365,27 @@ async def _folds(env: Env, recs: list[Recorded], tmp: Path) -> dict[str, Any]:
     return out
 
 
+def _owners_hold(recs: list[Recorded], verdicts: dict[int, Any]) -> None:
+    """The app owner rule, as a model independent of the verdict's code: after the keyring,
+    an allowed AppUpgraded/AppRemoved/AppRegistered of a registered app is its owner's (the
+    signer of its first allowed AppRegistered) or admin's, one of an unregistered app only
+    admin's; a tenant's allowed VmRequested names an app the tenant owns."""
+    owner: dict[str, bytes] = {}
+    for r in recs:
+        v = verdicts[r.seq]
+        if not isinstance(v, Allowed) or v.event is None:
+            continue
+        key, e = v.envelope.key, v.event
+        if isinstance(e, AppRegistered | AppUpgraded | AppRemoved):
+            app = r.subject.rsplit(".", 1)[1]
+            if not v.pre_keyring and key != ADMIN.public_key:
+                assert owner.get(app, key if isinstance(e, AppRegistered) else b"") == key, r.seq
+            if isinstance(e, AppRegistered):
+                owner.setdefault(app, key)
+        elif isinstance(e, VmRequested) and v.signer is not None and v.signer.role == "tenant":
+            assert owner.get(e.app_id) == key, r.seq
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
           HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(plan=writes, pre=st.integers(0, 3))
@@ -386,6 +407,7 @@ def test_the_policy_every_fold_and_audit_agree(
     gate = Gate.pinned(ANCHOR)
     verdicts = {r.seq: gate.judge(r.seq, r.subject, r.data) for r in recs}
     refused = {s for s, v in verdicts.items() if isinstance(v, Refused)}
+    _owners_hold(recs, verdicts)
     auditor = Auditor(anchor=ANCHOR, first_seq=1)
     for r in recs:
         auditor.check(r.seq, r.subject, r.data)
