@@ -9,9 +9,10 @@ remove it afterwards; a tenant requests and commands only VMs of its own apps. U
     pydstack --as alice deploy compose.yaml        # on this machine
     pydstack --creds alice.creds --nats URL app upgrade APP compose.yaml   # on alice's
 
-It needs this data dir's admin identity (the first host's). The embedded NATS server accepts
-the new key once its users are rebuilt from the keyring (restart ``up``); the tenant's NATS
-permissions are the operator's subjects (``core.policy.ROLES``).
+It needs this data dir's admin identity (the first host's). The NATS server an ``up`` runs
+takes its users from the log's keyring, so the key can log in at once (a cluster you run
+yourself: ``pydstack host nats-config``); its NATS permissions are the operator's subjects
+(``core.policy.ROLES``), the owner rule is enforced by every fold.
 """
 
 from __future__ import annotations
