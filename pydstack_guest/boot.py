@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -72,8 +73,15 @@ class SysConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     instance_id_seed: str = ""
-    instance_id: str = ""
+    instance_id: str = ""  # read, never used: the guest derives it (see instance_id_of)
     app_id: str = ""
+
+
+def instance_id_of(seed: bytes, app_id: bytes) -> bytes:
+    """dstack's instance id (dstack-util ``measure_app_info``): ``sha256(seed || app_id)``
+    truncated to 20 bytes, both raw bytes (instance-info's hex decoded). The host chooses
+    only the seed; the id it may have written beside it is ignored, as in dstack."""
+    return hashlib.sha256(seed + app_id).digest()[:20]
 
 
 class AppCompose(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,9 +186,11 @@ def plan_boot(shared: HostShared) -> BootPlan:
                          "names none (kms_urls is empty)")  # fmt: skip
     compose_hash = hashlib.sha256(shared.app_compose).digest()
     app_id = _hex("host-shared", "instance-info app_id", info.app_id) or compose_hash[:20]
-    instance_id = _hex("host-shared", "instance-info instance_id", info.instance_id)
-    if len(app_id) != 20 or len(instance_id) not in (0, 20):
-        raise BootFailed("host-shared", "app_id and instance_id must be 20 bytes")
+    if len(app_id) != 20:
+        raise BootFailed("host-shared", "app_id must be 20 bytes")
+    seed = _hex("host-shared", "instance-info instance_id_seed", info.instance_id_seed)
+    if not seed or compose.key_provider == "none":
+        seed = os.urandom(20)  # dstack: a fresh instance when no seed or no reusable disk
     # Only the measured app-compose pins: sys-config is the host's, and a host that could
     # pin its own KMS root would hand the CVM keys it knows.
     pinned = _hex("compose", "key_provider_id", compose.key_provider_id)
@@ -190,7 +200,7 @@ def plan_boot(shared: HostShared) -> BootPlan:
                          "(only app-compose's key_provider_id is trusted)")  # fmt: skip
     return BootPlan(
         compose=compose, sys_config=sysc, compose_hash=compose_hash, app_id=app_id,
-        instance_id=instance_id or hashlib.sha256(b"instance" + app_id).digest()[:20],
+        instance_id=instance_id_of(seed, app_id),
         kms_urls=() if local else tuple(sysc.kms_urls), pinned_provider_id=pinned,
     )  # fmt: skip
 

@@ -11,12 +11,16 @@ on someone else's id is refused with 403 and one line, nothing appended."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from pydstack.core.events import AnyEvent, TunnelIpAllocated
 from pydstack.core.gateway.cluster import ClusterState, fold, on_its_subject
 from pydstack.core.gateway.table import TableIndex, routing_table
 from pydstack.core.projections import Applied
+from pydstack_guest.boot import HostShared, plan_boot
 from tests.gateway.given import key
 from tests.gateway.simcvm import SimCvm
 from tests.gateway.test_registration import Gateway, gateway, pki
@@ -110,3 +114,15 @@ async def test_the_same_instance_rebooted_with_a_new_key_keeps_its_address(
     (route,) = (await _routes(gateway)).resolve(VICTIM_APP.hex())
     assert route.wg_public_key == key(3)
 
+
+def test_a_host_written_instance_id_is_not_measured() -> None:
+    """The host writes a victim's instance id beside its own seed into instance-info: the
+    guest measures sha256(seed || app_id)[:20] (dstack's derivation), never the written id,
+    so the KMS and the gateway, which read the instance id from the replayed event log, see
+    the attacker's own instance."""
+    victim_instance, seed = bytes([0x11] * 20), bytes([0x77] * 20)
+    info = {"app_id": VICTIM_APP.hex(), "instance_id": victim_instance.hex(),
+            "instance_id_seed": seed.hex()}  # fmt: skip
+    plan = plan_boot(HostShared(app_compose=b"{}", instance_info=json.dumps(info).encode()))
+    assert plan.instance_id == hashlib.sha256(seed + VICTIM_APP).digest()[:20]
+    assert plan.instance_id != victim_instance

@@ -80,3 +80,18 @@ def test_without_dm_crypt_the_disk_is_measured_plain() -> None:
     assert plan_storage(dm_crypt=True).fs == "plain"
     assert "NOT encrypted" in plan_storage(dm_crypt=True).note
     assert "no dm-crypt" in plan_storage(dm_crypt=False).note
+
+
+def test_the_instance_id_is_derived_from_the_seed_and_app_id_as_dstack_does() -> None:
+    """sha256(seed || app_id)[:20] over the raw bytes; the host's instance_id is ignored."""
+    seed, app = bytes(range(20)), bytes([0xAB] * 20)
+    info = {"instance_id_seed": seed.hex(), "app_id": app.hex(), "instance_id": "cd" * 20}
+    plan = plan_boot(HostShared(app_compose=b"{}", instance_info=json.dumps(info).encode()))
+    assert plan.instance_id == hashlib.sha256(seed + app).digest()[:20]
+
+
+def test_without_a_seed_every_boot_is_a_new_instance() -> None:
+    """No seed (or key_provider "none": no reusable disk): a random seed, as dstack."""
+    info = json.dumps({"app_id": "ab" * 20}).encode()
+    ids = {plan_boot(HostShared(app_compose=b"{}", instance_info=info)).instance_id for _ in "ab"}
+    assert len(ids) == 2
