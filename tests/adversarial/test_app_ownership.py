@@ -282,3 +282,42 @@ def _app_id(output: str) -> str:
         if line.startswith("{"):
             return str(json.loads(line)["app_id"])
     raise AssertionError(output)
+
+
+# -- the dashboard (it writes as `operator`): another owner's app is a 403, nothing appended ----
+
+
+async def test_the_dashboard_as_operator_cannot_upgrade_a_tenants_app(
+    store: EventStore, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import json
+
+    import aiohttp
+
+    from pydstack.actors.dashboard import Dashboard, DashboardConfig
+    from tests.dashboard.plane import page_headers
+
+    async def call(url: str, path: str, body: Any) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s:  # as the dashboard's own page posts
+            headers = await page_headers(s, url)
+            async with s.post(url + path, json=body, headers=headers) as r:
+                return r.status, await r.json()
+
+    def deploy_body(image: str) -> dict[str, Any]:
+        return {"app_compose": app_compose(image), "vcpu": 1, "memory_mb": 256}
+
+    tenant_compose = app_compose("nginx")
+    reg = AppRegistered(
+        app_id=APP_A, compose_hash="c1", name="web", compose=tenant_compose.encode()
+    )
+    await put(nats_server.url, TENANT_A, SUBJ_A, reg)
+    async with await EventStore.connect(nats_server.url, OPERATOR, anchor=ANCHOR) as operator:
+        cfg = DashboardConfig(port=0, dev_env_key=tmp_path / "dev-env.key")
+        async with await Dashboard.create(operator, cfg) as dash:
+            await dash.follower.ready.wait()
+            before = await store.last_seq()
+            status, got = await call(dash.url, "api/deploy", deploy_body("evil"))
+            assert status == 403, got
+            assert "refused by the write policy (not-owner)" in got["error"], got
+            assert "\n" not in json.dumps(got["error"])
+            assert await store.last_seq() == before  # nothing appended

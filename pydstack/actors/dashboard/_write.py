@@ -2,7 +2,9 @@
 
 Each command is decided on its aggregate read fresh from the store and appended with that
 aggregate's version (compare-and-set), retried when another writer got there first, under
-the store's identity (``operator``). Bad input raises ``BadInput`` (400, naming the field).
+the store's identity (``operator``). Bad input raises ``BadInput`` (400, naming the field);
+a write the policy would refuse (another owner's app: ``operator`` owns only the apps it
+registered) is 403 with one line, nothing appended.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Final
 
 from aiohttp import web
 
+from pydstack.actors.trust import would_refuse
 from pydstack.adapters.nats import NEW, Change, ConflictError, Recorded
 from pydstack.core.events import AppRegistered, AppUpgraded, SubjectError, subject
+from pydstack.core.policy import Refused
 from pydstack.core.projections import App, Applied, Vm, applied
 from pydstack.core.projections import apps as apps_fold
 from pydstack.core.projections import vms as vms_fold
@@ -31,7 +35,7 @@ from ._commands import (
     plan_deploy,
 )
 from ._envkey import EnvKeyError
-from ._services import json_response, services
+from ._services import error_response, json_response, services
 
 RETRIES: Final = 3
 _HEX40: Final = re.compile(r"^[0-9a-f]{40}$")
@@ -126,6 +130,9 @@ async def deploy(request: web.Request) -> web.Response:
         if (await s.store.last_by_subject(vm_subj)) is not None:
             raise BadInput("vm_id", f"vm {plan.request.vm_id} already exists; choose another")
         changes.append(Change(vm_subj, [plan.request], NEW))
+        refused = await would_refuse(s.store, [(c.subject, e) for c in changes for e in c.events])
+        if refused is not None:
+            return _refused(refused)
         try:
             done = await s.store.commit(changes)
         except ConflictError:
@@ -136,6 +143,12 @@ async def deploy(request: web.Request) -> web.Response:
                       "vm_id": plan.request.vm_id, "app": outcome,
                       "seq": done[vm_subj].seq}, 201)  # fmt: skip
     raise AssertionError("unreachable")
+
+
+def _refused(refused: Refused) -> web.Response:
+    """403: the write policy would refuse it (every fold would skip it): nothing appended."""
+    return error_response(403, f"refused by the write policy ({refused.reason}): "
+                               f"{refused.detail}; nothing appended")  # fmt: skip
 
 
 async def vm_command(request: web.Request) -> web.Response:
@@ -150,6 +163,9 @@ async def vm_command(request: web.Request) -> web.Response:
     for attempt in range(RETRIES):
         history, version = await s.store.read_aggregate(subj)
         event = decide_vm_command(_fold_vm(history), vm_id, action, force=body.force)
+        refused = await would_refuse(s.store, [(subj, event)])
+        if refused is not None:
+            return _refused(refused)
         try:
             new = await s.store.append(subj, [event], version)
         except ConflictError:
