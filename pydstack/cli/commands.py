@@ -127,6 +127,7 @@ def vm_request(
 
     async def publish() -> int:
         async with await connect(conn) as store:
+            await refuse_if_refused(store, [(subj, event)])
             try:
                 version = await store.append(subj, [event], NEW)
             except ConflictError:

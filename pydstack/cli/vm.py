@@ -28,7 +28,16 @@ from pydstack.adapters.vmm_api import VmmApi, VmmApiError, read_token
 from pydstack.core.events import PortMap, VmUpdateRequested, subject
 from pydstack.core.vmm import Refused, decide_command, decide_update
 
-from ._common import Settings, connect, connection_options, echo_json, json_option, resolve, run
+from ._common import (
+    Settings,
+    connect,
+    connection_options,
+    echo_json,
+    json_option,
+    refuse_if_refused,
+    resolve,
+    run,
+)
 from .commands import _Port, _Size, vm_group
 
 
@@ -106,6 +115,7 @@ def _command(ctx: click.Context, vm_id: str, action: str, force: bool = False) -
             try:
                 event = decide_command(rec.vm if rec else None, vm_id, action, force=force)
                 subj = subject("vm", vm_id)
+                await refuse_if_refused(store, [(subj, event)])
                 return (await store.append(subj, [event], view.version(subj))).seq
             except Refused as exc:
                 raise click.ClickException(str(exc)) from None
@@ -181,6 +191,7 @@ def vm_update(
                 decide_update(rec.vm if rec else None, host, None, request,
                               current_disk_gb=disk_now)  # fmt: skip
                 subj = subject("vm", vm_id)
+                await refuse_if_refused(store, [(subj, request)])
                 return (await store.append(subj, [request], view.version(subj))).seq
             except Refused as exc:
                 raise click.ClickException(str(exc)) from None

@@ -266,6 +266,17 @@ async def test_cli_tenant_add_and_as_another_tenant_app_upgrade_is_refused_befor
                          str(compose))  # fmt: skip
     assert r.exit_code == 0, r.output
     assert await store.last_seq() > before
+    # VMs: bob may not run one of alice's app, nor stop alice's; alice may
+    r = await _in_thread(_cli, data, url, "--as", "bob", "vm", "request", "--app-id", app_id,
+                         "--vm-id", "vb")  # fmt: skip
+    assert r.exit_code != 0 and "not-owner" in r.output, r.output
+    r = await _in_thread(_cli, data, url, "--as", "alice", "vm", "request", "--app-id", app_id,
+                         "--vm-id", "va")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    before = await store.last_seq()
+    r = await _in_thread(_cli, data, url, "--as", "bob", "vm", "stop", "va")
+    assert r.exit_code != 0 and "not-owner" in r.output, r.output
+    assert await store.last_seq() == before
     await store.close()
 
 
