@@ -432,6 +432,8 @@ class ControlPlane:
             dev_env_key=self.data.path / "dashboard" / "dev-env.key",
             allowed_hosts=self.opts.dashboard_hosts,
             login_token_file=self.data.path / "dashboard" / "login-token",
+            tenants_dir=self.data.path / "dashboard" / "tenants",  # tenant add --dashboard
+            identities_dir=self.data.identities.dir,
         )
         try:
             dash = await Dashboard.create(store, config)

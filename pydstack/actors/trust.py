@@ -216,12 +216,12 @@ async def would_refuse(store: EventStore, writes: Iterable[tuple[str, Event]]) -
     judge = Judge("writer", store.anchor)
     seq = await store.last_seq() + 1
     await judge.load_keyring(store, seq)
-    for subj, event in writes:
+    for i, (subj, event) in enumerate(writes):  # at the sequences a commit would store them
         data = seal(store.signer, event, subject=subj, event_id="check", time_ns=0,
                     correlation="check")  # fmt: skip
-        v = judge.gate.judge(seq, subj, data)
+        v = judge.gate.judge(seq + i, subj, data)
         if isinstance(v, Refused) and v.reason == "not-owner":
-            v = await judge.with_owners(store, seq, subj, data, None, v)
+            v = await judge.with_owners(store, seq + i, subj, data, None, v)
         if isinstance(v, Refused):
             return v
     return None

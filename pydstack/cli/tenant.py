@@ -6,6 +6,7 @@ remove it afterwards; a tenant requests and commands only VMs of its own apps. U
 
     pydstack tenant add alice                      # DATA/identities/alice.nk (0600)
     pydstack tenant add alice --out alice.creds    # and a copy for alice's machine
+    pydstack tenant add alice --dashboard          # and a dashboard login as alice
     pydstack --as alice deploy compose.yaml        # on this machine
     pydstack --creds alice.creds --nats URL app upgrade APP compose.yaml   # on alice's
 
@@ -17,6 +18,7 @@ yourself: ``pydstack host nats-config``); its NATS permissions are the operator'
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +67,17 @@ def _creds_text(ident: Identity, conn: Conn) -> str:
     default=None,
     help="also write a creds file for the tenant's machine (0600, never overwritten)",
 )
+@click.option(
+    "--dashboard",
+    is_flag=True,
+    help="also a dashboard login token for it (DATA/dashboard/tenants/NAME.token, "
+    "0600): who logs in with it writes as this tenant",
+)
 @json_option
 @click.pass_context
-def tenant_add(ctx: click.Context, name: str, out: Path | None, as_json: bool) -> None:  # fmt: skip
+def tenant_add(
+    ctx: click.Context, name: str, out: Path | None, dashboard: bool, as_json: bool
+) -> None:  # fmt: skip
     """Mint a tenant's key and bind it on the log's keyring (signed by admin)."""
     conn = resolve(ctx)
     admin = _admin_conn(conn)
@@ -98,6 +108,11 @@ def tenant_add(ctx: click.Context, name: str, out: Path | None, as_json: bool) -
         except FileExistsError:
             raise click.ClickException(f"{out} exists; not overwriting a creds file") from None
         r["creds_file"] = str(out)
+    if dashboard:
+        token_file = conn.data.path / "dashboard" / "tenants" / f"{name}.token"
+        if not token_file.exists():
+            write_secret(token_file, secrets.token_urlsafe(32) + "\n", overwrite=False)
+        r["dashboard_token_file"] = str(token_file)
     if as_json:
         echo_json(r)
         return
@@ -106,6 +121,9 @@ def tenant_add(ctx: click.Context, name: str, out: Path | None, as_json: bool) -
     if out is not None:
         click.echo(f"creds for {name}'s machine: {out} (0600; holds the seed: move it privately)")
     click.echo(f"use it here with: pydstack --as {name} ...")
+    if dashboard:
+        click.echo(f"dashboard login as {name}: the token in {r['dashboard_token_file']} "
+                   "(Authorization: Bearer TOKEN, or open /?token=TOKEN once)")  # fmt: skip
 
 
 async def _bound_keys(store: EventStore) -> set[bytes]:

@@ -332,3 +332,48 @@ async def test_the_dashboard_as_operator_cannot_upgrade_a_tenants_app(
             assert "refused by the write policy (not-owner)" in got["error"], got
             assert "\n" not in json.dumps(got["error"])
             assert await store.last_seq() == before  # nothing appended
+
+
+async def test_the_dashboard_writes_as_the_logged_in_tenant(
+    store: EventStore, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A tenant's login token (tenant add --dashboard) signs its writes with the tenant's key:
+    alice's deploy registers an app alice owns; bob's login cannot upgrade it, alice's can."""
+    import aiohttp
+
+    from pydstack.actors.dashboard import Dashboard, DashboardConfig
+    from pydstack.adapters.secretfile import write_secret
+    from pydstack.core.events import open_envelope
+
+    ids = IdentityStore(tmp_path / "identities")
+    tenants = {n: ids.ensure(n, "tenant") for n in ("alice", "bob")}
+    await ensure_keyring(store, [(i.key, n, "tenant", ()) for n, i in tenants.items()])
+    tokens = {n: f"{n}-token-{'x' * 32}" for n in tenants}
+    for n, t in tokens.items():
+        write_secret(tmp_path / "tenants" / f"{n}.token", t + "\n")
+
+    async def deploy(url: str, who: str, image: str) -> tuple[int, Any]:
+        body = {"app_compose": app_compose(image), "vcpu": 1, "memory_mb": 256}
+        headers = {"Authorization": f"Bearer {tokens[who]}"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url + "api/deploy", json=body, headers=headers) as r,
+        ):
+            return r.status, await r.json()
+
+    async with await EventStore.connect(nats_server.url, OPERATOR, anchor=ANCHOR) as operator:
+        cfg = DashboardConfig(port=0, dev_env_key=tmp_path / "dev-env.key",
+                              tenants_dir=tmp_path / "tenants",
+                              identities_dir=tmp_path / "identities")  # fmt: skip
+        async with await Dashboard.create(operator, cfg) as dash:
+            await dash.follower.ready.wait()
+            status, got = await deploy(dash.url, "alice", "nginx")
+            assert status == 201 and got["app"] == "registered", got
+            last = await store.last_by_subject(SUBJ_A)
+            assert last is not None and open_envelope(last.data).key == tenants["alice"].key
+            before = await store.last_seq()
+            status, got = await deploy(dash.url, "bob", "evil")
+            assert status == 403 and "(not-owner)" in got["error"], got
+            assert await store.last_seq() == before
+            status, got = await deploy(dash.url, "alice", "nginx2")
+            assert status == 201 and got["app"] == "upgraded", got

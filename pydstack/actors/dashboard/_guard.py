@@ -8,7 +8,9 @@ dashboard's own page (Origin equal to the Host, and the per-process CSRF token t
 in its ``<meta name="csrf-token">`` sent back as ``X-CSRF-Token``) or carry the login token as
 ``Authorization: Bearer`` (non-browser clients: no browser sends that header on its own). On
 a bind that is not loopback every request needs the login token as well: the Bearer header,
-or the HttpOnly SameSite=Strict cookie that opening ``/?token=...`` once sets. Usage::
+or the HttpOnly SameSite=Strict cookie that opening ``/?token=...`` once sets. A tenant's login
+token (``pydstack tenant add NAME --dashboard``: ``tenants_dir/NAME.token``) logs in as that
+tenant: its writes are signed with the tenant's key (``request[TENANT]``). Usage::
 
     token = load_or_create_token(data_dir / "dashboard" / "login-token")   # 0600
     guard = Guard.create("127.0.0.1", 8080, ("dash.lan",), login_token=token)
@@ -152,15 +154,33 @@ class Guard:
     login_required: bool
     port: int
     csrf_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    tenants_dir: Path | None = None  # <NAME>.token: that tenant's login token (tenant add)
 
     @classmethod
     def create(
-        cls, bind: str, port: int, extra_hosts: tuple[str, ...] = (), *, login_token: str = ""
-    ) -> Guard:
+        cls, bind: str, port: int, extra_hosts: tuple[str, ...] = (), *, login_token: str = "",
+        tenants_dir: Path | None = None,
+    ) -> Guard:  # fmt: skip
         """The guard of a dashboard bound to ``bind``:``port`` (the port it really got)."""
         return cls(hosts=allowed_hosts(bind, port, extra_hosts),
                    login_token=login_token or secrets.token_urlsafe(32),
-                   login_required=needs_login(bind), port=port)  # fmt: skip
+                   login_required=needs_login(bind), port=port,
+                   tenants_dir=tenants_dir)  # fmt: skip
+
+    def tenant_of(self, token: str) -> str | None:
+        """The tenant whose login token this is (None: no tenant's). Read at each login, so a
+        ``pydstack tenant add NAME --dashboard`` counts at once and a deleted file at once."""
+        if self.tenants_dir is None or not token:
+            return None
+        found = None
+        for path in sorted(self.tenants_dir.glob("*.token")):
+            try:
+                mine = read_secret(path).decode("ascii", "replace").strip()
+            except (OSError, SecretFileError):
+                continue
+            if _TOKEN.match(mine) and _same(token, mine):
+                found = path.stem
+        return found
 
     @property
     def cookie(self) -> str:
@@ -169,6 +189,7 @@ class Guard:
 
 
 GUARD: Final = web.AppKey("guard", Guard)
+TENANT: Final = web.RequestKey("tenant", str)  # the tenant logged in ("": the operator)
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -193,12 +214,20 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
                               "dashboard; add it with --dashboard-host")  # fmt: skip
     bearer = _bearer(request)
     query = request.query.get("token") if request.method in _READS else None
+    tenant = None
     for given in (bearer, query):
         if given is not None and not _same(given, g.login_token):
-            return _unauthorized("login: wrong token")
-    cookie_ok = _same(request.cookies.get(g.cookie, ""), g.login_token)  # stale: as if none
+            tenant = tenant or g.tenant_of(given)
+            if tenant is None:
+                return _unauthorized("login: wrong token")
+    cookie = request.cookies.get(g.cookie, "")
+    cookie_ok = _same(cookie, g.login_token)  # stale: as if none
+    if not cookie_ok and cookie and bearer is None and query is None:
+        tenant = g.tenant_of(cookie)
+        cookie_ok = tenant is not None
     if g.login_required and bearer is None and query is None and not cookie_ok:
         return _unauthorized(_LOGIN)
+    request[TENANT] = tenant or ""  # the identity its writes are signed with
     if request.method not in _READS and bearer is None:
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is None:
@@ -210,7 +239,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             return error_response(403, f"csrf: missing or wrong {CSRF_HEADER}; reload the page")
     resp = await handler(request)
     if query is not None and not resp.prepared:
-        resp.set_cookie(g.cookie, g.login_token, path="/", httponly=True, samesite="Strict")
+        resp.set_cookie(g.cookie, query, path="/", httponly=True, samesite="Strict")
     return resp
 
 

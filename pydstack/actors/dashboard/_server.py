@@ -56,6 +56,10 @@ class DashboardConfig:
     # The login token (made 0600 the first time); None: a fresh one for this process only.
     # Required on every request unless ``host`` is loopback; always good for writes.
     login_token_file: Path | None = None
+    # Tenants' logins: <NAME>.token here logs in as tenant NAME, whose seed (NAME.nk in
+    # identities_dir) signs its writes (`pydstack tenant add NAME --dashboard`).
+    tenants_dir: Path | None = None
+    identities_dir: Path | None = None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -136,11 +140,12 @@ class Dashboard:
         await self.follower.__aenter__()
         try:
             services = Services(self.state, self.hub, self.store, self.env_key,
-                                self.follower.ready)  # fmt: skip
+                                self.follower.ready, c.identities_dir)  # fmt: skip
             sock = _bind(c.host, c.port)
             port = sock.getsockname()[1]
             try:
-                self.guard = Guard.create(c.host, port, c.allowed_hosts, login_token=token)
+                self.guard = Guard.create(c.host, port, c.allowed_hosts, login_token=token,
+                                          tenants_dir=c.tenants_dir)  # fmt: skip
                 # shutdown_timeout: open event streams end at once (the hub closes them first)
                 self._runner = web.AppRunner(create_app(services, self.guard), access_log=None,
                                              shutdown_timeout=2.0)  # fmt: skip

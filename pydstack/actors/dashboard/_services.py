@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
@@ -23,6 +25,20 @@ class Services:
     store: EventStore  # its identity signs the commands (``operator`` under `pydstack up`)
     env_key: EnvKeySource
     ready: asyncio.Event | None = None  # set once the follower has caught up
+    identities: Path | None = None  # the data dir's identities: a tenant's seed signs its writes
+
+    def writer(self, tenant: str) -> EventStore:
+        """The store whose signer writes for ``tenant`` ("": the dashboard's own identity):
+        the same connection, signing with the tenant's key from the data dir's identities."""
+        if not tenant:
+            return self.store
+        from pydstack.adapters.nats.identity import IdentityStore
+        from pydstack.core.policy import TENANT
+
+        ident = IdentityStore(self.identities).load(tenant) if self.identities else None
+        if ident is None or ident.role != TENANT:
+            raise web.HTTPForbidden(text=f"login: no tenant identity {tenant!r} on this host")
+        return dataclasses.replace(self.store, signer=ident.signer)
 
 
 SERVICES: Final = web.AppKey("services", Services)
@@ -30,6 +46,14 @@ SERVICES: Final = web.AppKey("services", Services)
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def writer(request: web.Request) -> EventStore:
+    """The store a write of this request is signed through: the logged-in tenant's key, or
+    the dashboard's own identity."""
+    from ._guard import TENANT  # _guard imports this module
+
+    return services(request).writer(request.get(TENANT, ""))
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -2,9 +2,10 @@
 
 Each command is decided on its aggregate read fresh from the store and appended with that
 aggregate's version (compare-and-set), retried when another writer got there first, under
-the store's identity (``operator``). Bad input raises ``BadInput`` (400, naming the field);
-a write the policy would refuse (another owner's app: ``operator`` owns only the apps it
-registered) is 403 with one line, nothing appended.
+the store's identity (``operator``), or the logged-in tenant's (``_services.writer``). Bad
+input raises ``BadInput`` (400, naming the field); a write the policy would refuse (another
+owner's app: ``operator`` owns only the apps it registered) is 403 with one line, nothing
+appended.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ._commands import (
     plan_deploy,
 )
 from ._envkey import EnvKeyError
-from ._services import error_response, json_response, services
+from ._services import error_response, json_response, services, writer
 
 RETRIES: Final = 3
 _HEX40: Final = re.compile(r"^[0-9a-f]{40}$")
@@ -99,12 +100,12 @@ def _applied(history: list[Recorded]) -> list[Applied]:
 async def deploy(request: web.Request) -> web.Response:
     """AppRegistered (unless already registered; AppUpgraded for a new compose of a named app
     id) and VmRequested, in one atomic commit."""
-    s = services(request)
+    store = writer(request)
     req = decode_body(await request.read(), DeployRequest)
     plan = plan_deploy(req, vm_id=str(uuid.uuid4()))
     app_subj, vm_subj = subject("app", plan.app_id), subject("vm", plan.request.vm_id)
     for attempt in range(RETRIES):
-        history, version = await s.store.read_aggregate(app_subj)
+        history, version = await store.read_aggregate(app_subj)
         app = _fold_app(history)
         changes = []
         if app is None or app.removed:
@@ -127,14 +128,14 @@ async def deploy(request: web.Request) -> web.Response:
                 compose=plan.compose,
             )
             changes.append(Change(app_subj, [upgrade], version))
-        if (await s.store.last_by_subject(vm_subj)) is not None:
+        if (await store.last_by_subject(vm_subj)) is not None:
             raise BadInput("vm_id", f"vm {plan.request.vm_id} already exists; choose another")
         changes.append(Change(vm_subj, [plan.request], NEW))
-        refused = await would_refuse(s.store, [(c.subject, e) for c in changes for e in c.events])
+        refused = await would_refuse(store, [(c.subject, e) for c in changes for e in c.events])
         if refused is not None:
             return _refused(refused)
         try:
-            done = await s.store.commit(changes)
+            done = await store.commit(changes)
         except ConflictError:
             if attempt == RETRIES - 1:
                 raise
@@ -153,7 +154,7 @@ def _refused(refused: Refused) -> web.Response:
 
 async def vm_command(request: web.Request) -> web.Response:
     """POST /api/vms/{vm_id}/{start|stop|remove}: append the command event as the operator."""
-    s = services(request)
+    store = writer(request)
     vm_id, action = request.match_info["vm_id"], request.match_info["action"]
     body = decode_body(await request.read(), CommandRequest)
     try:
@@ -161,13 +162,13 @@ async def vm_command(request: web.Request) -> web.Response:
     except SubjectError as exc:
         raise BadInput("vm_id", str(exc)) from None
     for attempt in range(RETRIES):
-        history, version = await s.store.read_aggregate(subj)
+        history, version = await store.read_aggregate(subj)
         event = decide_vm_command(_fold_vm(history), vm_id, action, force=body.force)
-        refused = await would_refuse(s.store, [(subj, event)])
+        refused = await would_refuse(store, [(subj, event)])
         if refused is not None:
             return _refused(refused)
         try:
-            new = await s.store.append(subj, [event], version)
+            new = await store.append(subj, [event], version)
         except ConflictError:
             if attempt == RETRIES - 1:
                 raise
