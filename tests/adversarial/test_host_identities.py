@@ -13,6 +13,7 @@ real nats-server with the generated permissions."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import stat
@@ -132,6 +133,36 @@ async def test_a_host_key_cannot_delete_the_schedulers_consumer(cluster: Cluster
         await nc.close()
     info = await cluster.admin.js.consumer_info("DSTACK", "scheduler")
     assert info.name == "scheduler"
+
+
+async def test_a_host_key_cannot_rewrite_the_schedulers_consumer_through_the_unnamed_api(
+    cluster: Cluster,
+) -> None:
+    """$JS.API.CONSUMER.CREATE.<stream> (no name in the subject) updates whatever consumer its
+    body names: allowed for ordered readers, it let any key empty the scheduler's filter."""
+    async with await cluster.connect(cluster.ids["scheduler"]) as sched:
+        sub = await sched.durable("scheduler", ["dstack.vm.*"])
+        await sub.unsubscribe()
+    errors: list[str] = []
+    nc = await _raw(cluster, cluster.h2, errors)
+    try:
+        body = {"stream_name": "DSTACK", "action": "update",
+                "config": {"name": "scheduler", "filter_subject": "dstack.nothing",
+                           "deliver_policy": "all", "ack_policy": "explicit"}}  # fmt: skip
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request("$JS.API.CONSUMER.CREATE.DSTACK", json.dumps(body).encode(), 1.0)
+        await asyncio.sleep(0.1)
+        assert _violations(errors, '"$js.api.consumer.create.dstack"'), errors
+    finally:
+        await nc.close()
+    info = await cluster.admin.js.consumer_info("DSTACK", "scheduler")
+    assert info.config.filter_subjects == ["dstack.vm.*"] or info.config.filter_subject == (
+        "dstack.vm.*"
+    )
+    # and the reads a host needs still work without any consumer
+    async with await cluster.connect(cluster.h2) as h2:
+        assert [r.seq async for r in h2.read()]
+        assert [r.seq async for r in h2.read(subject="dstack.keyring.*", from_time=0.0)]
 
 
 async def test_a_host_key_cannot_read_another_roles_inbox(cluster: Cluster) -> None:

@@ -32,7 +32,7 @@ import nkeys
 
 from pydstack.adapters.secretfile import write_secret
 from pydstack.core.audit import Signatory, make_keyring
-from pydstack.core.events import Signer
+from pydstack.core.events import ALL_SUBJECTS, Signer
 from pydstack.core.policy import ADMIN, AUDITOR, HOST_BOUND, NAME, ROLES, Keyring, Role
 
 __all__ = [
@@ -47,9 +47,10 @@ from .store import DEFAULT_STREAM, inbox_prefix
 
 
 def _reader_api(stream: str, durables: Iterable[str]) -> list[str]:
-    """The JetStream API an actor needs to read and follow the stream (ephemeral, unnamed
-    consumers: ordered readers), and to create, use and delete its own durable consumers,
-    named in ``durables``; nobody else's, and no stream changes at all."""
+    """The JetStream API an actor needs to read the stream (direct gets: no consumer) and to
+    create, use and delete its own durable consumers, named in ``durables``; nobody else's,
+    no unnamed ones (that API also updates any existing consumer named in its body), and no
+    stream changes at all."""
     api = "$JS.API"
     out = [
         f"{api}.INFO",
@@ -58,12 +59,10 @@ def _reader_api(stream: str, durables: Iterable[str]) -> list[str]:
         f"{api}.STREAM.MSG.GET.{stream}",
         f"{api}.DIRECT.GET.{stream}",
         f"{api}.DIRECT.GET.{stream}.>",
-        f"{api}.CONSUMER.CREATE.{stream}",  # unnamed: the server names it (ordered readers)
         # consumers' metadata (lag for `status`): LIST shows every consumer's info anyway
         f"{api}.CONSUMER.INFO.{stream}.>",
         f"{api}.CONSUMER.LIST.{stream}",
         f"{api}.CONSUMER.NAMES.{stream}",
-        "$JS.FC.>",  # flow-control replies of ordered consumers
     ]
     for d in dict.fromkeys(durables):
         out += [
@@ -159,7 +158,8 @@ def nats_user_of(
     return NatsUser(
         nkey,
         publish=(*subjects, *_reader_api(stream, durables_of(name, role_name, hosts))),
-        subscribe=(f"{inbox_prefix(nkey)}.>",),
+        # its own inbox; the event subjects only as a follower's wake-up (readable anyway)
+        subscribe=(f"{inbox_prefix(nkey)}.>", ALL_SUBJECTS),
     )
 
 

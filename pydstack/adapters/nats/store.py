@@ -58,6 +58,10 @@ _H_EXPECT: Final = "Nats-Expected-Last-Subject-Sequence"
 _H_MSGID: Final = "Nats-Msg-Id"
 
 
+_READ_BATCH: Final = 512  # messages per direct get of read()
+_FOLLOW_POLL_S: Final = 0.5  # a follower looks again at least this often
+
+
 def inbox_prefix(nkey: str) -> str:
     """The reply subjects of one NATS user (``_INBOX.<public nkey>``): the server lets each
     identity subscribe only below its own, so no role reads another's replies."""
@@ -451,7 +455,9 @@ class EventStore:
             return out, await self.version_at(subject, after)
         return out, NEW
 
-    async def _direct_batch(self, subject: str, start: int, n: int) -> tuple[list[Recorded], int]:
+    async def _direct_batch(
+        self, subject: str, start: int, n: int, *, start_time: float | None = None
+    ) -> tuple[list[Recorded], int]:
         inbox = self.nc.new_inbox()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -460,7 +466,13 @@ class EventStore:
 
         sub = await self.nc.subscribe(inbox, cb=collect)
         try:
-            req = json.dumps({"seq": start, "next_by_subj": subject, "batch": n}).encode()
+            ask: dict[str, Any] = {"seq": start, "next_by_subj": subject, "batch": n}
+            if start_time is not None:
+                from datetime import UTC, datetime
+
+                del ask["seq"]
+                ask["start_time"] = datetime.fromtimestamp(start_time, UTC).isoformat()
+            req = json.dumps(ask).encode()
             await self.nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", req, reply=inbox)
             out: list[Recorded] = []
             pending = 0
@@ -503,55 +515,57 @@ class EventStore:
         follow: bool = False,
         until_seq: int | None = None,
     ) -> AsyncIterator[Recorded]:
-        """Every stored message in order (ordered consumer); with `follow`, then new ones too."""
+        """Every stored message in order; with `follow`, then new ones too.
+
+        Batched direct gets, no consumer: a reader needs no right to create one (a role
+        allowed to create unnamed consumers could also rewrite any durable consumer through
+        that API, e.g. empty the scheduler's filter). Following waits on a plain subscription
+        to the subjects (a wake-up only; the messages come from the stream), polling too."""
         stop = until_seq
         if not follow and stop is None:
             stop = await self.last_seq()
             if stop == 0:
                 return
+        start = max(from_seq, 1)
         if from_time is not None:
-            from datetime import UTC, datetime
-
-            cfg = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_TIME,
-                opt_start_time=datetime.fromtimestamp(from_time, UTC),
-            )
-        else:
-            cfg = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
-            )
-        if stop is not None and from_time is None and from_seq > stop:
-            return
-        if not follow and subject != ALL_SUBJECTS and from_time is None:
-            # An ordered consumer on a filter with nothing to deliver would just sit until the
-            # timeout; one direct get tells us whether anything matches at all.
-            first, _ = await self._direct_batch(subject, max(from_seq, 1), 1)
-            if not first:
+            first, _ = await self._direct_batch(subject, 0, 1, start_time=from_time)
+            if not first and not follow:
                 return
-        sub = await self.js.subscribe(
-            subject,
-            ordered_consumer=True,
-            config=cfg,
-            stream=self.stream,
-            pending_msgs_limit=1_000_000,
-        )
+            start = first[0].seq if first else (await self.last_seq()) + 1
+        if stop is not None and start > stop:
+            return
+        wake = asyncio.Event()
+        sub = None
+        if follow:
+
+            async def ping(_msg: Msg) -> None:
+                wake.set()
+
+            sub = await self.nc.subscribe(subject, cb=ping)
         try:
             while True:
-                try:
-                    msg = await sub.next_msg(timeout=None if follow else self.timeout)
-                except nats.errors.TimeoutError:
-                    if follow:
+                wake.clear()
+                batch, pending = await self._direct_batch(subject, start, _READ_BATCH)
+                for rec in batch:
+                    if stop is not None and rec.seq > stop:
+                        return
+                    yield rec
+                    if stop is not None and rec.seq >= stop:
+                        return
+                if batch:
+                    start = batch[-1].seq + 1
+                    if pending:
                         continue
-                    raise StoreError("reading the stream stalled; check the NATS server") from None
-                meta = msg.metadata
-                seq = int(meta.sequence.stream)
-                if stop is not None and seq > stop:
+                if not follow:
                     return
-                yield Recorded(seq, msg.subject, msg.data, int(meta.timestamp.timestamp() * 1e9))
-                if stop is not None and (seq >= stop or (not follow and meta.num_pending == 0)):
-                    return
+                # woken by a publish (stored by now, or at the next poll), else poll
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _FOLLOW_POLL_S)
+                if wake.is_set():
+                    await asyncio.sleep(0.01)
         finally:
-            await sub.unsubscribe()
+            if sub is not None:
+                await sub.unsubscribe()
 
     async def durable(
         self,
