@@ -121,7 +121,7 @@ def resolve(ctx: click.Context) -> Conn:
                 if ring.exists() else None  # fmt: skip
             if known is not None:
                 name = known.actor
-            elif Path(s.creds).suffix == ".nk":
+            elif Path(s.creds).suffix in (".nk", ".creds"):  # alice.creds (tenant add --out)
                 name = Path(s.creds).stem
         signer = Signer.from_private_bytes(name, raw)
     else:

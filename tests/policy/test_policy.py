@@ -11,6 +11,8 @@ from pydstack.core.audit import subject_matches
 from pydstack.core.events import (
     EVENT_TYPES,
     AppRegistered,
+    AppRemoved,
+    AppUpgraded,
     Envelope,
     HostHeartbeat,
     HostJoined,
@@ -19,6 +21,7 @@ from pydstack.core.events import (
     KeyringEntryAdded,
     KmsRootCreated,
     VmExited,
+    VmRequested,
     VmStarted,
     VmStopped,
     VmStopRequested,
@@ -44,6 +47,8 @@ from tests.policy.given import (
     RES,
     SCHEDULER,
     STRANGER,
+    TENANT_A,
+    TENANT_B,
     VMM1,
     VMM2,
     Log,
@@ -314,3 +319,63 @@ def test_a_read_model_keeps_the_keyring_and_owners_with_its_checkpoint(tmp_path:
         ReadModel.open(tmp_path / "rm.db", anchor=STRANGER.public_key),
     ):
         pass
+
+
+# -- app owners and tenants ----------------------------------------------------------------------
+
+
+def _vm(vm_id: str, app_id: str) -> VmRequested:
+    return VmRequested(vm_id=vm_id, app_id=app_id, name=vm_id, resources=RES)
+
+
+def _up(app_id: str, h: str) -> AppUpgraded:
+    return AppUpgraded(app_id=app_id, compose_hash=h, previous_compose_hash="c")
+
+
+def _reg(app_id: str) -> AppRegistered:
+    return AppRegistered(app_id=app_id, compose_hash="c")
+
+
+def test_an_app_is_its_first_registrants_and_admins_only() -> None:
+    log = Log()
+    log.keyring(OPERATOR, TENANT_A, TENANT_B)
+    x, y = "dstack.app.x", "dstack.app.y"
+    seqs = {
+        "b upgrades x before it exists": log.add(TENANT_B, x, _up("x", "b0")),
+        "a registers x": log.add(TENANT_A, x, _reg("x")),
+        "b upgrades x": log.add(TENANT_B, x, _up("x", "b")),
+        "b registers x again": log.add(TENANT_B, x, _reg("x")),
+        "operator upgrades x": log.add(OPERATOR, x, _up("x", "o")),
+        "b removes x": log.add(TENANT_B, x, AppRemoved(app_id="x")),
+        "a upgrades x": log.add(TENANT_A, x, _up("x", "a")),
+        "admin upgrades x": log.add(ADMIN, x, _up("x", "adm")),
+        "operator registers y": log.add(OPERATOR, y, _reg("y")),
+        "operator upgrades y": log.add(OPERATOR, y, _up("y", "d")),
+        "b runs a vm of x": log.add(TENANT_B, "dstack.vm.v1", _vm("v1", "x")),
+        "a runs a vm of x": log.add(TENANT_A, "dstack.vm.v2", _vm("v2", "x")),
+        "operator runs a vm of x": log.add(OPERATOR, "dstack.vm.v3", _vm("v3", "x")),
+        "b stops a's vm": log.add(TENANT_B, "dstack.vm.v2", VmStopRequested(vm_id="v2")),
+        "a stops the operator's vm of x": log.add(TENANT_A, "dstack.vm.v3",
+                                                 VmStopRequested(vm_id="v3")),
+        "a runs a vm of y": log.add(TENANT_A, "dstack.vm.v4", _vm("v4", "y")),
+    }  # fmt: skip
+    v = judge_all(log)
+    got = {what: reason(v[s]) for what, s in seqs.items()}
+    allowed = {"a registers x", "a upgrades x", "admin upgrades x", "operator registers y",
+               "operator upgrades y", "a runs a vm of x", "operator runs a vm of x",
+               "a stops the operator's vm of x"}  # fmt: skip
+    assert got == {w: "allowed" if w in allowed else "not-owner" for w in seqs}
+
+
+def test_app_owners_are_a_timeline_whatever_order_they_are_learnt_in() -> None:
+    """A partial reader may learn an app's registration before judging an earlier event:
+    the event still sees no owner (the owner entry carries its registration's sequence)."""
+    log = Log()
+    log.keyring(TENANT_A)
+    early = log.add(TENANT_A, "dstack.vm.v", _vm("v", "x"))
+    log.add(TENANT_A, "dstack.app.x", _reg("x"))
+    gate = Gate.pinned(ADMIN.public_key)
+    for rec in log.records[:-2]:  # the keyring
+        gate.judge(*rec)
+    gate.judge(*log.records[-1])  # the registration, learnt first
+    assert reason(gate.judge(*log.records[early - 1])) == "not-owner"
