@@ -173,8 +173,8 @@ class UpOptions:
     reconcile_interval_s: float = 10.0
     kms: bool | None = None  # None: run one with the embedded server, not when joining
     kms_port: int = 0  # 0: 9100 when free, else any free port
-    # "": on a host without TDX, the simulator PKI and allow-all "dev" authorization (loudly);
-    # otherwise "webhook" (kms_auth_url) or "dev".
+    # "": "log" (an app gets keys only for a compose its own events on the log name), on
+    # every host; "webhook" (kms_auth_url), or "dev" (allow-all, loudly) when asked.
     kms_auth: str = ""
     kms_auth_url: str = ""
     kms_onboard: str = ""  # a running KMS to get the cluster's root keys from (a new replica)
@@ -655,7 +655,7 @@ class ControlPlane:
         kms_dir = self.data.path / "kms"
         kms_dir.mkdir(mode=0o700, exist_ok=True)
         dev = not Path("/sys/kernel/config/tsm/report").exists()
-        auth = self.opts.kms_auth or ("dev" if dev else "webhook")
+        auth = self.opts.kms_auth or "log"  # dev only when asked: it allows every app
         if auth == "dev":
             _log.warning(
                 "KMS authorization is 'dev': EVERY attested app gets keys. Development only; "
@@ -669,8 +669,8 @@ class ControlPlane:
             port=self.opts.kms_port or (9100 if not port_in_use(host, 9100) else 0),
             onboard_from=self.opts.kms_onboard,
             onboard_token_file=self.opts.kms_onboard_token_file,
-            # The dev backend authorizes no KMS: replicas present this token (0600) instead
-            replica_token_file=str(kms_dir / "onboard-token") if auth == "dev" else "",
+            # log and dev authorize no KMS: replicas present this token (0600) instead
+            replica_token_file=str(kms_dir / "onboard-token") if auth in ("log", "dev") else "",
             allow_mrs=self.opts.kms_allow_mrs,
             # replicas sharing an identity differ by it
             instance_id=self.opts.kms_instance or self.opts.host_id or "",

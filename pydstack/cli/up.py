@@ -129,9 +129,10 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--kms-port", type=click.IntRange(0, 65535), default=0, help="[default: 9100]")
 @click.option(
     "--kms-auth",
-    type=click.Choice(["dev", "webhook"]),
+    type=click.Choice(["log", "webhook", "dev"]),
     default=None,
-    help="authorization backend [default: dev on hosts without TDX, else webhook]",
+    help="authorization backend [default: log: an app gets keys only for a compose its own "
+    "AppRegistered/AppUpgraded events name; dev (every attested app) only when asked]",
 )
 @click.option("--kms-auth-url", default="", help="auth-simple webhook for --kms-auth webhook")
 @click.option(

@@ -11,16 +11,26 @@ on someone else's id is refused with 403 and one line, nothing appended."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
+from pydstack.core.apps import ComposeRequest, build_app_compose
 from pydstack.core.events import AnyEvent, TunnelIpAllocated
 from pydstack.core.gateway.cluster import ClusterState, fold, on_its_subject
 from pydstack.core.gateway.table import TableIndex, routing_table
 from pydstack.core.projections import Applied
 from pydstack_guest.boot import HostShared, plan_boot
+from tests import vmmapi
+from tests.boot.test_gateway_deploy import EXAMPLE, _cleanup, _events, _get, _line, _sandbox
+from tests.cli.harness import Up, cli, free_host_port, wait_for
 from tests.gateway.given import key
 from tests.gateway.simcvm import SimCvm
 from tests.gateway.test_registration import Gateway, gateway, pki
@@ -126,3 +136,74 @@ def test_a_host_written_instance_id_is_not_measured() -> None:
     plan = plan_boot(HostShared(app_compose=b"{}", instance_info=json.dumps(info).encode()))
     assert plan.instance_id == hashlib.sha256(seed + VICTIM_APP).digest()[:20]
     assert plan.instance_id != victim_instance
+
+
+@pytest.mark.timeout(500)
+def test_a_second_vm_with_a_victims_app_id_and_its_own_compose_gets_no_keys_and_no_route(
+    short_tmp: Path,
+) -> None:
+    """Default ``up`` (the log backend) with the example deployed; a second VM created through
+    the VMM API under the victim's app id with a compose of its own: the KMS denies its keys
+    (KeyDenied naming the compose), its boot stops at keys, it never registers at the gateway,
+    and every request to the victim's URL is served by the victim. Before, the dev default
+    gave it keys and the gateway balanced the victim's users onto it."""
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
+        pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
+    home = short_tmp / "home"
+    plane = Up(home, extra=("--vmm", "sandbox", "--gateway", "--no-gateway-forward-guard",
+                            "--dashboard-port", "-1")).start()  # fmt: skip
+    sandboxes: dict[str, dict[str, str]] = {}
+    vms = ["victim", "evil"]
+    try:
+        state = msgspec.json.decode((home / "state.json").read_bytes())
+        proxy, ca = state["gateway_proxy"], state["gateway_ca"]
+        (short_tmp / "hello.env").write_text("GREETING=victim\n")
+        r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
+                "--port", f"{free_host_port()}:8080", "--vm-id", "victim",
+                "--timeout", "150", timeout=200)  # fmt: skip
+        sandboxes["victim"] = _sandbox(home, "victim")
+        assert r.code == 0, r.out + r.err
+        app_id, url = _line(r.out, "app id"), _line(r.out, "url")
+        evil = build_app_compose(ComposeRequest(name="evil", compose=EXAMPLE.read_text()))
+        evil_hash = hashlib.sha256(evil.encode()).hexdigest()
+        status, out = vmmapi.request(state["vmm_url"], "POST", "/prpc/CreateVm", {
+            "id": "evil", "name": "evil", "image": "sandbox-busybox", "compose_file": evil,
+            "app_id": app_id, "memory": 256, "disk_size": 1})  # fmt: skip
+        assert status == 200, out
+
+        def denied() -> str | None:
+            for e in _events(home, "dstack.kms.*"):
+                boot = e["body"].get("boot_info") or {}
+                if e["type"] == "KeyDenied" and boot.get("compose_hash") == evil_hash:
+                    return str(e["body"]["reason"])
+            return None
+
+        reason = wait_for(denied, timeout=120, what="the KMS to deny the second compose")
+        sandboxes["evil"] = _sandbox(home, "evil")
+        assert f"compose hash {evil_hash} is not one app {app_id} registered" in reason
+
+        def boot_error() -> dict[str, Any] | None:
+            found = [e["body"] for e in _events(home, "dstack.vm.evil")
+                     if e["type"] == "VmBootError"]  # fmt: skip
+            return found[0] if found else None
+
+        err = wait_for(boot_error, timeout=60, what="the second VM's boot error")
+        assert err["error"].startswith("boot error at keys"), err
+        assert not any(e["type"] == "AppUpgraded" for e in _events(home, f"dstack.app.{app_id}"))
+        regs = [e["body"] for e in _events(home, "dstack.*.*") if e["type"] == "CvmRegistered"]
+        assert len([g for g in regs if g["app_id"] == app_id]) == 1  # the victim's only
+        assert all(g["compose_hash"] != evil_hash for g in regs)
+        for _ in range(20):
+            code, body = _get(proxy, url, ca)
+            assert code == 200 and body.splitlines()[-1] == "GREETING=victim", body
+    finally:
+        for vm in vms:
+            cli(home, "vm", "rm", vm)
+        with contextlib.suppress(AssertionError):
+            for vm in vms:
+                wait_for(lambda v=vm: any(e["type"] == "VmRemoved"  # type: ignore[misc]
+                                          for e in _events(home, f"dstack.vm.{v}")),
+                         timeout=40, what=f"{vm} removed")  # fmt: skip
+        stopped = plane.stop()
+        _cleanup(short_tmp, sandboxes)
+        assert stopped == 0, plane.text()

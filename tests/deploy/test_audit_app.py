@@ -36,12 +36,12 @@ def test_story_includes_the_guests_key_and_rechecks_it(plane: Up, tmp_path: Path
     assert [x["actor"] for x in story if x["type"] in ("VmScheduled", "KeyIssued")] == [
         "scheduler", "kms"]  # fmt: skip
     issued = story[-1]["text"]
-    assert "backend dev" in issued and f"app {app_id[:12]}" in issued and "tcb UpToDate" in issued
+    assert "backend log" in issued and f"app {app_id[:12]}" in issued and "tcb UpToDate" in issued
     assert all(not x["problems"] for x in story)
     assert summary["summary"]["keys_rechecked"] == 1 and summary["summary"]["ok"] is True
     assert summary["summary"]["errors"] == 0
     info = cli(plane.data_dir, "app", "info", app_id, "--json").lines()[0]
-    assert [(k["outcome"], k["backend"]) for k in info["keys"]] == [("issued", "dev")]
+    assert [(k["outcome"], k["backend"]) for k in info["keys"]] == [("issued", "log")]
 
 
 async def _publish_raw(url: str, subject: str, data: bytes, seed: str) -> int:

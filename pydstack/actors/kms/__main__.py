@@ -40,7 +40,12 @@ from pydstack.loop import run as run_loop
     default=None,
     help="dstack guest agent socket (seal key + attestation)",
 )
-@click.option("--auth", type=click.Choice(["webhook", "dev"]), default="webhook")
+@click.option(
+    "--auth",
+    type=click.Choice(["webhook", "log", "dev"]),
+    default="webhook",
+    help="log: an app's own AppRegistered/AppUpgraded events name its allowed composes",
+)
 @click.option("--auth-url", default="")
 @click.option("--allow-dev-auth", is_flag=True, envvar="PYDSTACK_KMS_ALLOW_DEV")
 @click.option(

@@ -46,6 +46,9 @@ from .evidence import CollateralSource, check_attestation
 
 log = structlog.get_logger("pydstack.kms")
 DEV = "dev"
+# Backends that authorize apps only (dev: every attested app; log: what the app's events on
+# the log allow): a KMS is authorized explicitly (token, allow-listed measurement) with them.
+APPS_ONLY = frozenset({DEV, "log"})
 SELF_REPORT_DATA = bytes(64)  # what dstack's KMS quotes about itself (no key to bind)
 
 
@@ -80,7 +83,7 @@ class KmsAuthority:
     ) -> tuple[AuthVerdict, str]:
         """May the replica of verified `boot` (its `quote`) get the root keys? (verdict, what
         allowed it: "token", "mr_td:<hex>"…, "backend:<name>")."""
-        if backend.name != DEV:
+        if backend.name not in APPS_ONLY:
             return await _ask_kms(backend, boot), f"backend:{backend.name}"
         return explicit_verdict(self.policy, boot, parse_quote(quote).report.mr_td, token)
 
@@ -88,7 +91,7 @@ class KmsAuthority:
         self, backend: AuthBackend, boot: BootInfo, quote: bytes
     ) -> tuple[AuthVerdict, str]:
         """May a replica take the root keys from the source KMS of verified `boot`?"""
-        if backend.name != DEV:
+        if backend.name not in APPS_ONLY:
             return await _ask_kms(backend, boot), f"backend:{backend.name}"
         if not self.policy.allowed_mrs:
             return AuthVerdict(True, "holds the cluster's root (dev: no allow-list)"), "root"
@@ -131,6 +134,10 @@ async def authorize_self(
             backend=DEV,
         )
         return AuthVerdict(True, "dev backend: self-authorized, unchecked")
+    if backend.name in APPS_ONLY:
+        log.info("kms self-authorization: the log backend authorizes apps only; this KMS "
+                 "serves the root its key file holds", backend=backend.name)  # fmt: skip
+        return AuthVerdict(True, f"{backend.name} backend: apps only, self not asked")
     if attester is None:
         raise SelfRefused(
             f"KMS self-authorization: backend {backend.name} must be asked about this KMS, "

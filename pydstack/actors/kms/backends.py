@@ -7,6 +7,8 @@
   never follow from it (a replica needs an explicit onboarding authorization, see
   `authority.py`). Refused unless explicitly enabled; warns loudly on start and names itself
   in every verdict, so a dev decision is recognisable on the log.
+- `LogBackend` (`log_backend.py`, the default of `up`): an app's own `AppRegistered` /
+  `AppUpgraded` events on the log name the compose hashes it may run; no KMS.
 - `eth`: on-chain allow-lists, in `pydstack.adapters.eth` (built separately).
 
     backend = make_backend("webhook", url="http://127.0.0.1:8000")
@@ -21,6 +23,7 @@ from typing import Any, Self
 import aiohttp
 import structlog
 
+from pydstack.adapters.nats import EventStore
 from pydstack.core.kms import DEV_NOT_FOR_KMS, AuthBackend, AuthVerdict, BootInfo, webhook_body
 
 log = structlog.get_logger("pydstack.kms")
@@ -107,9 +110,19 @@ class DevBackend:
         return AuthVerdict(False, DEV_NOT_FOR_KMS)
 
 
-def make_backend(kind: str, *, url: str = "", allow_dev: bool = False) -> AuthBackend:
+def make_backend(
+    kind: str, *, url: str = "", allow_dev: bool = False, store: EventStore | None = None
+) -> AuthBackend:
     if kind == "webhook":
         return WebhookBackend(url)
     if kind == "dev":
         return DevBackend(enabled=allow_dev)
-    raise BackendConfigError(f"unknown auth backend {kind!r}: use webhook or dev (eth: see docs)")
+    if kind == "log":
+        if store is None:
+            raise BackendConfigError("the log backend reads the app's events: give it the store")
+        from .log_backend import LogBackend
+
+        return LogBackend(store)
+    raise BackendConfigError(
+        f"unknown auth backend {kind!r}: use log, webhook or dev (eth: see docs)"
+    )

@@ -31,7 +31,7 @@ from pydstack.adapters.tdx.ratls import Attester
 from pydstack.core.kms import AuthBackend
 from pydstack_guest import LocalKeyProvider
 
-from .authority import KmsAuthority, SelfRefused, authorize_self, read_token
+from .authority import APPS_ONLY, KmsAuthority, SelfRefused, authorize_self, read_token
 from .backends import WebhookBackend, make_backend
 from .http import serve_kms
 from .keystore import GuestAgentSealKey, KeyProviderSealKey, RootKeyFile, SealKeySource
@@ -79,7 +79,7 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
     else:
         raise LaunchError("give a guest agent socket or an appkeys.json (the seal key source)")
     root_der, attester, collateral = await _trust(opts)
-    backend = make_backend(opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth)
+    backend = make_backend(opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth, store=store)
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(backend, WebhookBackend):
             stack.push_async_callback(backend.close)
@@ -106,10 +106,11 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
 
 def _authority(opts: KmsLaunch, backend: str) -> KmsAuthority:
     """How this KMS authorizes replicas; LaunchError for options only the dev backend has."""
-    if backend != "dev" and (opts.allow_mrs or opts.replica_token_file):
+    if backend not in APPS_ONLY and (opts.allow_mrs or opts.replica_token_file):
         raise LaunchError(
             f"the {backend} backend decides which KMS may join (bootAuth/kms); an onboarding "
-            "token or --kms-allow-mr is how the dev backend, which authorizes apps only, does"
+            "token or --kms-allow-mr is how the log and dev backends, which authorize apps "
+            "only, do"
         )
     try:
         return KmsAuthority.create(token_file=opts.replica_token_file, allow_mrs=opts.allow_mrs)
