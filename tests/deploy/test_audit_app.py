@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 import nats
+import nkeys
 
-from pydstack.adapters.nats.identity import IdentityStore
+from pydstack.adapters.nats.identity import IdentityStore, inbox_prefix
 from pydstack.core.events import VmStopped, seal
 from tests.cli.harness import Up, cli
 
@@ -45,7 +46,8 @@ def test_story_includes_the_guests_key_and_rechecks_it(plane: Up, tmp_path: Path
 
 
 async def _publish_raw(url: str, subject: str, data: bytes, seed: str) -> int:
-    nc = await nats.connect(url, nkeys_seed_str=seed)
+    prefix = inbox_prefix(nkeys.from_seed(seed.encode()).public_key.decode())
+    nc = await nats.connect(url, nkeys_seed_str=seed, inbox_prefix=prefix)  # its own replies
     try:
         return int((await nc.jetstream().publish(subject, data)).seq)
     finally:
