@@ -645,7 +645,7 @@ class ControlPlane:
             dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
             acme_directory=o.gateway_acme_directory,
             acme_ca_bundle=o.gateway_acme_ca_bundle or None, challtestsrv=o.gateway_challtestsrv,
-            forward_guard=o.gateway_forward_guard,
+            forward_guard=o.gateway_forward_guard, log_auth=(o.kms_auth or "log") == "log",
         )  # fmt: skip
 
     def _kms_launch(self) -> KmsLaunch:

@@ -22,8 +22,20 @@ from typing import Any
 import msgspec
 import pytest
 
+from pydstack.actors.gateway import Registrar, RegistrarConfig
+from pydstack.actors.gateway.registration import RegistrationConfig, registration_app
+from pydstack.adapters.nats import NEW, EventStore, Version
+from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.apps import ComposeRequest, build_app_compose
-from pydstack.core.events import AnyEvent, TunnelIpAllocated
+from pydstack.core.events import (
+    AnyEvent,
+    AppRegistered,
+    AppUpgraded,
+    GatewayNodeJoined,
+    TunnelIpAllocated,
+    message_hash,
+    subject,
+)
 from pydstack.core.gateway.cluster import ClusterState, fold, on_its_subject
 from pydstack.core.gateway.table import TableIndex, routing_table
 from pydstack.core.projections import Applied
@@ -32,8 +44,8 @@ from tests import vmmapi
 from tests.boot.test_gateway_deploy import EXAMPLE, _cleanup, _events, _get, _line, _sandbox
 from tests.cli.harness import Up, cli, free_host_port, wait_for
 from tests.gateway.given import key
-from tests.gateway.simcvm import SimCvm
-from tests.gateway.test_registration import Gateway, gateway, pki
+from tests.gateway.simcvm import DevCa, SimCvm
+from tests.gateway.test_registration import Gateway, _dev_verifier, _serve, gateway, pki
 
 __all__ = ["gateway", "pki"]  # fixtures of the RegisterCvm suite (real mutual TLS, NATS)
 
@@ -123,6 +135,63 @@ async def test_the_same_instance_rebooted_with_a_new_key_keeps_its_address(
     assert status == 200 and out["wg"]["client_ip"] == "10.0.0.2", out
     (route,) = (await _routes(gateway)).resolve(VICTIM_APP.hex())
     assert route.wg_public_key == key(3)
+
+
+@pytest.mark.timeout(60)
+async def test_an_upgrade_its_app_allows_on_the_log_keeps_the_address(gateway: Gateway) -> None:
+    """The victim's instance booting a compose its app's AppUpgraded names (same instance id,
+    same OS) keeps its address with its new key; the thief's compose, on no app event, does
+    not, even after that upgrade."""
+    victim = await _victim(gateway)
+    old, new = victim.compose_hash.hex(), hashlib.sha256(b"victim compose v2").hexdigest()
+    app = subject("app", VICTIM_APP.hex())
+    await gateway.store.append(app, [AppRegistered(app_id=VICTIM_APP.hex(), compose_hash=old)], NEW)
+    last = await gateway.store.last_by_subject(app)
+    assert last is not None
+    upgrade = AppUpgraded(app_id=VICTIM_APP.hex(), compose_hash=new, previous_compose_hash=old)
+    await gateway.store.append(app, [upgrade], Version(last.seq, message_hash(last.data)))
+    thief = SimCvm(gateway.pki, VICTIM_APP, victim.instance_id, b"attacker compose")
+    await _refused(gateway, thief, key(2), "not_same_instance", "do not name")
+    v2 = SimCvm(gateway.pki, VICTIM_APP, victim.instance_id, b"victim compose v2")
+    status, out = await gateway.post(await v2.identity(gateway.ca), {"client_public_key": key(3)})
+    assert status == 200 and out["wg"]["client_ip"] == "10.0.0.2", out
+    (route,) = (await _routes(gateway)).resolve(VICTIM_APP.hex())
+    assert route.wg_public_key == key(3)
+
+
+@pytest.mark.timeout(60)
+async def test_with_the_log_backend_the_gateway_admits_only_composes_the_app_names(
+    store: EventStore, pki: DevPki
+) -> None:
+    """A gateway of an up whose KMS uses the log backend (RegistrationConfig.log_auth): a TD
+    of an unregistered app, or of a registered app with a compose its events do not name, is
+    refused (403 unauthorized); the registered compose is admitted. (A TD that skips the
+    KMS cannot reach the victim's URL with a compose of its own.)"""
+    ca = DevCa.create()
+    registrar = Registrar(store, RegistrarConfig(node_id="gw1"))
+    node = GatewayNodeJoined(node_id="gw1", wg_public_key=key(501), tunnel_ip="10.0.0.129",
+                             endpoint="192.0.2.1:51820", base_domain="gw.example.com")  # fmt: skip
+    assert await registrar.join(node) == node
+    cfg = RegistrationConfig(node_id="gw1", log_auth=True)
+    runner, port = await _serve(registration_app(registrar, _dev_verifier(pki), cfg), pki, ca)
+    gw = Gateway(f"https://127.0.0.1:{port}", store, ca, pki, _dev_verifier(pki), [])
+    try:
+        victim = SimCvm(pki, VICTIM_APP, bytes([0x11] * 20), b"victim compose")
+        evil = SimCvm(pki, VICTIM_APP, bytes([0x12] * 20), b"attacker compose")
+        status, out = await gw.post(await victim.identity(ca), {"client_public_key": key(1)})
+        assert (status, out["code"]) == (403, "unauthorized"), out
+        registered = AppRegistered(app_id=VICTIM_APP.hex(), compose_hash=victim.compose_hash.hex())
+        await store.append(subject("app", VICTIM_APP.hex()), [registered], NEW)
+        status, out = await gw.post(await evil.identity(ca), {"client_public_key": key(2)})
+        assert (status, out["code"]) == (403, "unauthorized") and "not named" in out["error"]
+        status, out = await gw.post(await victim.identity(ca), {"client_public_key": key(1)})
+        assert status == 200, out
+        assert [r.instance_id for r in (await _routes(gw)).resolve(VICTIM_APP.hex())] == [
+            victim.instance_id.hex()
+        ]
+    finally:
+        await runner.cleanup()
+        await registrar.aclose()
 
 
 def test_a_host_written_instance_id_is_not_measured() -> None:

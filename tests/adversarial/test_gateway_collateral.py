@@ -104,7 +104,10 @@ async def test_registrations_of_one_platform_fetch_collateral_once(
                                 pccs_url=box.url)  # fmt: skip
     url, runner, registrar = await _gateway(store, pki, launch, ca)
     try:
-        cvms = [SimCvm(pki, bytes([0xA]) * 20, bytes([n]) * 20, b"compose a") for n in range(N)]
+        # instance ids never equal the app id (0x0a * 20): one id is an app or an instance
+        cvms = [
+            SimCvm(pki, bytes([0xA]) * 20, bytes([0x40 + n]) * 20, b"compose a") for n in range(N)
+        ]
         ids = [await c.identity(ca) for c in cvms]
         assert await _register(url, ca, ids[0], 0) == 200
         one_fetch = box.hits

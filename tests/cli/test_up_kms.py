@@ -19,6 +19,8 @@ def test_simulated_guest_gets_keys_from_the_kms_of_up(tmp_path: Path) -> None:
         assert kms_url.startswith("https://127.0.0.1:")
         compose = tmp_path / "app-compose.json"
         compose.write_text('{"manifest_version":2,"name":"demo","runner":"docker-compose"}')
+        # the KMS's default (log) backend: keys only for a compose the app's events name
+        assert cli(home, "app", "register", str(compose)).code == 0
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
         with sim_log.open("wb") as f:
             sim = subprocess.Popen(
@@ -59,7 +61,8 @@ def test_audit_catches_a_signed_but_lying_kms_decision(tmp_path: Path) -> None:
     from pydstack.core.events import KeyIssued, KeyRequested, decode_body, open_envelope
 
     home = tmp_path / "home"
-    plane = Up(home, extra=("--no-gateway",)).start()  # about the KMS; long tmp paths
+    # `attest simulate`'s own compose is registered nowhere: the dev backend, not the log's
+    plane = Up(home, extra=("--no-gateway", "--kms-auth", "dev")).start()
     try:
         url = plane.ready()["nats_url"]  # type: ignore[index]
         kms_url = plane.ready()["kms"]  # type: ignore[index]

@@ -40,8 +40,9 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path, acme: bool
     async with namespace_lan() as lan, contextlib.AsyncExitStack() as stack:
         # up's node runs in the host's namespace: its nftables guard stays out of the
         # machine's ruleset (the guard: tests/adversarial/test_gateway_forwarding.py).
+        # `attest simulate` boots an app registered nowhere: the dev backend, not the log's
         extra: tuple[str, ...] = ("--listen", lan.host_ip, "--dashboard-port", "-1",
-                                  "--gateway-domain", BASE,
+                                  "--gateway-domain", BASE, "--kms-auth", "dev",
                                   "--no-gateway-forward-guard")  # fmt: skip
         if acme:
             peb = await stack.enter_async_context(

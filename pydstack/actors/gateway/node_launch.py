@@ -69,6 +69,7 @@ class RegistrationLaunch:
     # URL with dev_pki: a PCCS serving the dev PKI, pydstack.adapters.tdx.devpccs).
     pccs_url: str | None = None
     auth_webhook: str | None = None
+    log_auth: bool = False  # RegistrationConfig.log_auth (up with the KMS's log backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +240,9 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
             app = registration_app(
                 registrar,
                 _verifier(reg),
-                RegistrationConfig(node_id=cfg.node_id, auth_webhook=reg.auth_webhook),
+                RegistrationConfig(
+                    node_id=cfg.node_id, auth_webhook=reg.auth_webhook, log_auth=reg.log_auth
+                ),
                 peer_applied=node.wait_peer_applied,
             )
             ssl_ctx = server_ssl_context(reg.chain_pem, reg.key_pem, reg.client_ca_pem)

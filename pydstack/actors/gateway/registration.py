@@ -30,6 +30,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from pydstack.actors.kms.log_backend import allowed_on_log
 from pydstack.adapters.nats import StoreError
 from pydstack.adapters.tdx.attestation import encode_attestation
 from pydstack.adapters.tdx.ratls_tls import RATLS_PEER, RaTlsVerifier, ratls_middleware
@@ -68,6 +69,8 @@ UNRECORDED: Final = frozenset({"id_in_use", "not_same_instance"})
 class RegistrationConfig:
     node_id: str | None = None
     auth_webhook: str | None = None  # dstack core.auth.url; None = every attested app allowed
+    # the KMS's log backend: admit only a compose hash the app's own events on the log name
+    log_auth: bool = False
     auth_timeout_s: float = 5.0
     agent_port: int = 8090  # dstack proxy.agent_port (the guest agent inside the CVM)
     external_port: int = 443
@@ -142,6 +145,17 @@ async def _authorized(
         return f"authorization webhook failed: {type(exc).__name__}: {exc}"
 
 
+async def _with_upgrade(registrar: Registrar, req: RegisterRequest) -> RegisterRequest:
+    """``req`` marked ``compose_on_log`` when its instance holds a lease under another compose
+    and the app's own events on the log allow the new one (an upgrade of that instance)."""
+    await registrar.ledger.catch_up()
+    lease = registrar.state.leases.get(req.instance_id)
+    if lease is None or not lease.compose_hash or lease.compose_hash == req.compose_hash:
+        return req
+    allowed = await allowed_on_log(registrar.store, req.app_id)
+    return msgspec.structs.replace(req, compose_on_log=req.compose_hash in allowed)
+
+
 PeerApplied = Callable[[str], Awaitable[bool]]
 
 
@@ -204,6 +218,14 @@ def registration_app(
             req = msgspec.structs.replace(
                 req, port_policy=DeclaredPorts.of(body.port_policy.restrict_mode, ports)
             )
+        try:
+            req = await _with_upgrade(registrar, req)
+            on_log = await allowed_on_log(registrar.store, req.app_id) if cfg.log_auth else None
+        except StoreError as exc:
+            return web.json_response({"error": str(exc), "code": "busy"}, status=503)
+        if on_log is not None and req.compose_hash not in on_log:
+            why = f"compose hash {req.compose_hash} is not named by app {req.app_id}'s events"
+            return await refuse(req, "unauthorized", why)
         if cfg.auth_webhook is not None:
             denied = await _authorized(request.app[session_key], cfg, info.to_json_obj())
             if denied is not None:

@@ -55,6 +55,7 @@ class UpGateway:
     acme_ca_bundle: str | None = None  # the ACME server's HTTPS CA (None: the system's roots)
     challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL ("": none)
     forward_guard: bool = True  # NodeLaunch.forward_guard
+    log_auth: bool = False  # admit only composes the app's events on the log name (KMS: log)
 
 
 _SERVER, _CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
@@ -168,7 +169,7 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
     if client_cas:
         registration = RegistrationLaunch(
             reg_chain.decode(), reg_key.decode(), client_cas, host=gw.listen, port=reg_port,
-            dev_pki=gw.dev_pki,
+            dev_pki=gw.dev_pki, log_auth=gw.log_auth,
         )  # fmt: skip
     acme = _acme(gdir, gw, "default") if gw.acme_directory else None
     tag = hashlib.sha256(str(data_path).encode()).hexdigest()[:8]

@@ -19,6 +19,18 @@ from pydstack.core.kms.auth import AuthVerdict, BootInfo
 from pydstack.core.kms.log_auth import LOG_NOT_FOR_KMS, allowed_composes, decide_log_auth
 
 
+async def allowed_on_log(store: EventStore, app_id: str) -> frozenset[str]:
+    """The compose hashes the log allows ``app_id`` (hex) now (also the gateway's check of
+    an instance that comes back with another compose)."""
+    app = app_id.lower().removeprefix("0x")
+    if len(app) != 40 or any(c not in "0123456789abcdef" for c in app):
+        return frozenset()
+    records, _ = await store.read_aggregate(subject("app", app))
+    # a fresh judge per request: the app's owner is decided by its own first event
+    admitted = await Judge("kms-log-auth", store.anchor).admitted(store, records)
+    return allowed_composes(ok.event for ok in admitted)
+
+
 class LogBackend:
     """Allow an app the compose hashes its own history on the log names."""
 
@@ -30,13 +42,7 @@ class LogBackend:
 
     async def allowed(self, app_id: str) -> frozenset[str]:
         """The compose hashes the log allows ``app_id`` (hex) now."""
-        app = app_id.lower().removeprefix("0x")
-        if len(app) != 40 or any(c not in "0123456789abcdef" for c in app):
-            return frozenset()
-        records, _ = await self.store.read_aggregate(subject("app", app))
-        # a fresh judge per request: the app's owner is decided by its own first event
-        admitted = await Judge("kms-log-auth", self.store.anchor).admitted(self.store, records)
-        return allowed_composes(ok.event for ok in admitted)
+        return await allowed_on_log(self.store, app_id)
 
     async def authorize_app(self, boot: BootInfo) -> AuthVerdict:
         return decide_log_auth(boot, await self.allowed(boot.app_id), self.gateway_app_id)

@@ -60,6 +60,9 @@ class TunnelIpAllocated(Event, tag="TunnelIpAllocated", frozen=True):
     # key only for the same one. "" on entries written before (they match anything).
     compose_hash: str = ""
     mr_system: str = ""
+    # added (issue 14): the lease moved to a compose the app's own events on the log allow
+    # (an upgrade of the same instance), not the compose that held it
+    app_upgrade: bool = False
 
 
 class TunnelIpReleased(Event, tag="TunnelIpReleased", frozen=True):

@@ -217,7 +217,8 @@ def _apply(s: ClusterState, a: Applied) -> None:
                 return  # an app id as instance id or the reverse: one namespace for routing
             held = s.leases.get(iid)
             if held is not None and not held.same_instance(e.compose_hash, e.mr_system):
-                return  # another attested identity under an instance id that holds a lease
+                if not (e.app_upgrade and held.same_instance(held.compose_hash, e.mr_system)):
+                    return  # another attested identity under an instance id holding a lease
             if s.ip_holder.get(e.tunnel_ip, iid) != iid or e.tunnel_ip in _node_ips(s):
                 return
             if s.key_holder.get(e.wg_public_key, iid) != iid:
@@ -340,6 +341,8 @@ class RegisterRequest(msgspec.Struct, frozen=True, kw_only=True):
     port_policy: DeclaredPorts = DeclaredPorts()
     attestation_hash: str = ""
     mr_system: str = ""  # hex, the attested OS + key provider measurement (AppInfo.mr_system)
+    # the registrar found compose_hash among those the app's own events on the log allow
+    compose_on_log: bool = False
 
 
 class Admission(msgspec.Struct, frozen=True, kw_only=True):
@@ -410,12 +413,17 @@ def decide_register(
             code="app_mismatch", reason=f"instance {req.instance_id} is bound to app {bound}"
         )
     lease = state.leases.get(req.instance_id)
+    upgrade = False
     if lease is not None and not lease.same_instance(req.compose_hash, req.mr_system):
-        return Refused(
-            code="not_same_instance",
-            reason=f"instance {req.instance_id} holds its address under another attested "
-            "identity (compose hash or mr_system differ)",
-        )
+        # an upgrade of the same instance: its app's events allow the new compose, same OS
+        upgrade = req.compose_on_log and lease.same_instance(lease.compose_hash, req.mr_system)
+        if not upgrade:
+            return Refused(
+                code="not_same_instance",
+                reason=f"instance {req.instance_id} holds its address under another attested "
+                "identity (mr_system differs, or a compose hash its app's events on the log do "
+                "not name)",
+            )
     holder = state.key_holder.get(key)
     if holder is not None and holder != req.instance_id:
         return Refused(
@@ -436,6 +444,7 @@ def decide_register(
             tunnel_ip=ip,
             compose_hash=req.compose_hash,
             mr_system=req.mr_system,
+            app_upgrade=upgrade,
         ),
         record=CvmRegistered(
             app_id=req.app_id,
