@@ -24,6 +24,8 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from pydstack.actors.hosts import add_host, read_keyring, remove_host
 from pydstack.actors.trust import Judge, ensure_keyring
@@ -87,7 +89,7 @@ def _violations(errors: list[str], what: str) -> bool:
     return any("permissions violation" in e and what in e for e in errors)
 
 
-async def _raw(c: Cluster, ident: Identity, errors: list[str]) -> nats.NATS:
+async def _raw(c: Cluster, ident: Identity, errors: list[str]) -> Client:
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc).lower())
 
@@ -174,7 +176,7 @@ async def test_a_host_key_cannot_read_another_roles_inbox(cluster: Cluster) -> N
     try:
         got: list[bytes] = []
 
-        async def cb(msg: nats.aio.msg.Msg) -> None:
+        async def cb(msg: Msg) -> None:
             got.append(msg.data)
 
         await nc.subscribe(f"_INBOX.{sched.nkey}.>", cb=cb)
