@@ -17,9 +17,10 @@ import json
 import os
 import re
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nats
 import nats.errors
@@ -34,6 +35,7 @@ from pydstack.adapters.nats import (
     NatsServer,
     NatsServerConfig,
     PermissionDenied,
+    Recorded,
     StreamSettings,
 )
 from pydstack.adapters.nats.identity import Identity, IdentityStore, nats_users
@@ -200,8 +202,17 @@ async def test_the_auditor_reads_but_cannot_create_or_delete_a_durable_consumer(
         sub = await sched.durable("scheduler", ["dstack.vm.*"])
         await sub.unsubscribe()
     auditor = cluster.ids["auditor"]
-    async with await cluster.connect(auditor) as store:  # reading: ordered consumers work
+    async with await cluster.connect(auditor) as store:  # reading and following work
         assert [r.seq async for r in store.read()]
+        last = await store.last_seq()
+        follower = cast(AsyncGenerator[Recorded, None], store.read(from_seq=last + 1, follow=True))
+        first = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.2)
+        async with await cluster.connect(cluster.h2) as h2:
+            joined = HostJoined(host_id="h2", vcpu=1, memory_mb=1, address="b")
+            await h2.append("dstack.host.h2", [joined], 0)
+        assert (await asyncio.wait_for(first, 5)).subject == "dstack.host.h2"
+        await follower.aclose()
         with pytest.raises(Exception):  # noqa: B017 - a timeout or the server's refusal
             await store.durable("auditor", ["dstack.>"])
     errors: list[str] = []
