@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from pydstack.actors.kms.evidence import check_attestation
-from pydstack.adapters.tdx.devpccs import devpccs_app
 from pydstack.adapters.tdx.collateral import CollateralCache
+from pydstack.adapters.tdx.devpccs import devpccs_app
 from pydstack.adapters.tdx.errors import CollateralError
 from pydstack.adapters.tdx.pki import DevPki, PkiParams
 from pydstack.adapters.tdx.verify import Policy
