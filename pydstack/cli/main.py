@@ -9,6 +9,8 @@ import importlib
 
 import click
 
+from pydstack.adapters.nats import StoreError
+
 from ._common import Settings, connection_options
 from .app import app_group  # also adds ls/info/upgrade/rm to `app`
 from .audit import audit_cmd, status_cmd
@@ -30,6 +32,14 @@ class _LazyGroup(click.Group):
         "host": "pydstack.cli.host:host",  # admin: per-host keys and join bundles
         "tenant": "pydstack.cli.tenant:tenant",  # admin: tenant add (app owners' identities)
     }
+
+    def invoke(self, ctx: click.Context) -> object:
+        # Commands that fail before their coroutine runs (e.g. no admin identity in this data
+        # dir) raise StoreError outside `run`: still one line and exit 1, never a traceback.
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})

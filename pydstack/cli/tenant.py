@@ -8,7 +8,7 @@ remove it afterwards; a tenant requests and commands only VMs of its own apps. U
     pydstack tenant add alice --out alice.creds    # and a copy for alice's machine
     pydstack tenant add alice --dashboard          # and a dashboard login as alice
     pydstack tenant keygen alice.nk                # on alice's machine: prints U...
-    pydstack tenant add alice --nkey U...          # bind it: its seed never on this host
+    pydstack tenant add alice --public-nkey U...          # bind it: its seed never on this host
     pydstack --as alice deploy compose.yaml        # on this machine
     pydstack --creds alice.creds --nats URL app upgrade APP compose.yaml   # on alice's
 
@@ -78,7 +78,7 @@ def _creds_text(ident: Identity, conn: Conn) -> str:
     "0600): who logs in with it writes as this tenant",
 )
 @click.option(
-    "--nkey",
+    "--public-nkey",
     "public",
     metavar="U...",
     default=None,
@@ -101,7 +101,7 @@ def tenant_add(
     ident: Identity | None = None
     if public is not None:
         if out is not None or dashboard:
-            raise click.UsageError("--nkey binds a key whose seed stays with the tenant: "
+            raise click.UsageError("--public-nkey binds a key whose seed stays with the tenant: "
                                    "no --out or --dashboard (they need the seed here)")  # fmt: skip
         key, nkey = _public_key(public), public.strip()
     else:
@@ -160,7 +160,7 @@ def tenant_add(
 @click.argument("seed_file", type=click.Path(dir_okay=False, path_type=Path))
 def tenant_keygen(seed_file: Path) -> None:
     """Make a tenant key on the tenant's own machine: the seed in SEED_FILE (0600, never
-    overwritten); prints the public nkey for the admin's `tenant add NAME --nkey U...`."""
+    overwritten); prints the public nkey for the admin's `tenant add NAME --public-nkey U...`."""
     ident = Identity.generate(seed_file.stem if NAME.match(seed_file.stem) else "tenant", TENANT)
     try:
         write_secret(seed_file, ident.seed + "\n", overwrite=False)
@@ -178,8 +178,10 @@ def _public_key(nkey: str) -> bytes:
         raw = b""
     if len(raw) != 35 or raw[0] != nkeys.PREFIX_BYTE_USER or \
             int.from_bytes(raw[33:], "little") != nkeys.crc16(bytearray(raw[:33])):  # fmt: skip
-        raise click.BadParameter(f"{text[:60]!r} is not a public user nkey (U...)",
-                                 param_hint="--nkey")  # fmt: skip
+        # Never echo a seed (S...) given here by mistake: the terminal's scrollback keeps it.
+        shown = "a seed, not a public key" if text.startswith("S") else repr(text[:60])
+        raise click.BadParameter(f"{shown} is not a public user nkey (U...)",
+                                 param_hint="--public-nkey")  # fmt: skip
     return bytes(raw[1:33])
 
 

@@ -277,11 +277,13 @@ async def test_cli_tenant_add_and_as_another_tenant_app_upgrade_is_refused_befor
     r = await _in_thread(_cli, data, url, "--as", "bob", "vm", "stop", "va")
     assert r.exit_code != 0 and "not-owner" in r.output, r.output
     assert await store.last_seq() == before
-    # a tenant's own key (its seed never on the admin's host): keygen there, add --nkey here
+    # a tenant's own key (its seed never on the admin's host): keygen there, add --public-nkey here
     carol = tmp_path / "carol-machine" / "carol.nk"
     r = await _in_thread(_cli, data, url, "tenant", "keygen", str(carol))
     assert r.exit_code == 0 and carol.stat().st_mode & 0o777 == 0o600, r.output
-    r = await _in_thread(_cli, data, url, "tenant", "add", "carol", "--nkey", r.output.strip())
+    r = await _in_thread(
+        _cli, data, url, "tenant", "add", "carol", "--public-nkey", r.output.strip()
+    )
     assert r.exit_code == 0 and "bound on the log's keyring" in r.output, r.output
     assert not (data / "identities" / "carol.nk").exists()
     compose.write_text(app_compose("carols"))

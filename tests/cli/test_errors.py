@@ -48,6 +48,22 @@ def test_stream_missing(tmp_path: Path, nats_server: NatsServer, command: list[s
     assert "stream 'DSTACK' does not exist" in one_line_error(r)
 
 
+@pytest.mark.parametrize("command", [["host", "add", "h2"], ["host", "remove", "h2"],
+                                     ["tenant", "add", "alice"]])  # fmt: skip
+def test_admin_commands_without_the_admin_identity(tmp_path: Path, command: list[str]) -> None:
+    r = invoke(tmp_path, *command)
+    assert r.exit_code == 1 and "admin" in one_line_error(r)
+
+
+def test_a_seed_given_as_a_public_key_is_refused_and_not_echoed() -> None:
+    from pydstack.cli.tenant import _public_key
+
+    seed = "SUAM3TUDIBPC5I4R4CFVDOMOEZ4RL2G6O4VYOUK5B5QXAMMFGB3OCGKQEY"
+    with pytest.raises(click.BadParameter) as exc:
+        _public_key(seed)
+    assert seed[:8] not in str(exc.value) and "a seed, not a public key" in str(exc.value)
+
+
 def test_bad_compose_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
