@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import nats
 import pytest
@@ -243,6 +245,22 @@ async def test_version_equality_is_by_value() -> None:
     assert Version(3, b"x") == Version(3, b"x") and NEW == Version()
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """kill(SIGSTOP) returns before every thread of the target has stopped (group stop is
+    asynchronous): wait until each of the server's threads is in state T, so the append below
+    really goes to a server that cannot answer (once, under load, it still did)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(st in ("T", "t") for st in states):
+            return
+        assert time.monotonic() < deadline, f"nats-server not stopped: {states}"
+        time.sleep(0.01)
+
+
 async def test_an_unanswered_append_times_out_with_a_typed_error(
     store: EventStore, nats_server: NatsServer
 ) -> None:
@@ -254,6 +272,7 @@ async def test_an_unanswered_append_times_out_with_a_typed_error(
     v = await store.append(V1, [rejected("before")], NEW)
     os.kill(nats_server.proc.pid, signal.SIGSTOP)
     try:
+        _wait_stopped(nats_server.proc.pid)
         t = time.monotonic()
         with pytest.raises(StoreError, match=f"append to {V1} got no answer"):
             await store.append(V1, [rejected("stuck")], v)

@@ -477,7 +477,8 @@ class EventStore:
             out: list[Recorded] = []
             pending = 0
             while True:
-                msg = await asyncio.wait_for(queue.get(), timeout=self.timeout)
+                async with asyncio.timeout(self.timeout):  # see read(): never loses a cancel
+                    msg = await queue.get()
                 hdrs = msg.headers or {}
                 status = hdrs.get("Status", "")
                 if status == "404":
@@ -558,9 +559,13 @@ class EventStore:
                         continue
                 if not follow:
                     return
-                # woken by a publish (stored by now, or at the next poll), else poll
+                # woken by a publish (stored by now, or at the next poll), else poll.
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when
+                # the wake-up and a cancel arrive together, losing the cancel, and a follower
+                # cancelled at shutdown then polls forever (a dashboard test's teardown hung).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), _FOLLOW_POLL_S)
+                    async with asyncio.timeout(_FOLLOW_POLL_S):
+                        await wake.wait()
                 if wake.is_set():
                     await asyncio.sleep(0.01)
         finally:
