@@ -89,9 +89,9 @@ class ClusterView:
                 return 0
             batch: list[Applied] = []
             cert_batch: list[Applied] = []
-            n = 0
+            n, seen = 0, self.cursor
             async for rec in self.store.read(from_seq=self.cursor + 1, until_seq=last):
-                n += 1
+                n, seen = n + 1, rec.seq
                 if rec.subject == self.subject or rec.subject.startswith(_CVM_PREFIX):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
                     a = to_applied(self.cluster, rec, self.judge)
@@ -107,7 +107,8 @@ class ClusterView:
             self.state = fold(batch, self.state)
             if cert_batch:
                 self.certs = cert_fold.fold(cert_batch, self.certs)
-            self.cursor = max(self.cursor, last)
+            # only as far as what was read: a lagging replica may end the read short of `last`
+            self.cursor = max(self.cursor, seen)
             self.state.seq = self.cursor
             return n
 
