@@ -219,6 +219,7 @@ class ControlPlane:
         self._stop_metrics: Callable[[], None] | None = None
         self.metrics_url = ""
         self.anchor: bytes | None = None  # the admin key: the root of the log's keyring
+        self.admin_store: EventStore | None = None  # None on a host joined with a bundle
         self.kms_url = ""
         self.kms: dict[str, Any] = {}  # kms_* entries of state.json: cluster, root, auth, token
         self.dashboard_url = ""
@@ -280,6 +281,7 @@ class ControlPlane:
                     stack.push_async_callback(_close, admin)
                     await admin.ensure_stream()
                     await self._ensure_keyring(admin, ids)
+                    self.admin_store = admin
                     if self.server is not None:
                         self._follow_keyring(stack, admin, ids, cfg)
                 else:  # a host joined with a bundle: the stream must exist (no admin rights)
@@ -552,12 +554,33 @@ class ControlPlane:
                            runtime=runtime, guest_services=self._guest_services(),
                            dev_pki=await asyncio.to_thread(self._cvm_dev_pki))  # fmt: skip
         _, api = await stack.enter_async_context(_bounded(running_vmm(store, launch), "vmm"))
+        await self._register_host_images()
         self.vmm_url = api.url
         self.vmm_api = {
             "vmm_socket": str(api.socket) if api.socket else None,
             "vmm_tcp_url": api.tcp_url or None,
             "vmm_token_file": str(api.token_file) if api.token_file else None,
         }
+
+    async def _register_host_images(self) -> None:
+        """Put this host's images on the log (as admin), so the KMS can measure its CVMs
+        against them; a host joined with a bundle has no admin key: `image register` there."""
+        from pydstack.actors.image_registry import host_image_registrations, register_image
+
+        backend = self.opts.vmm_backend or ""
+        if self.admin_store is None:
+            why = "no admin key here; run `pydstack image register DIR` on the admin host"
+            _log.warning("this host's images are not registered", why=why, backend=backend)
+            return
+        try:
+            regs = await asyncio.to_thread(
+                host_image_registrations, backend, self.data.path / "vmm"
+            )
+        except (OSError, ValueError) as exc:  # ImageError is a ValueError: a broken image
+            raise StoreError(f"vmm: an image of this host cannot be measured: {exc}") from None
+        for reg in regs:
+            if await register_image(self.admin_store, reg):
+                _log.info("image registered", image=reg.name, os_image_hash=reg.os_image_hash)
 
     def cvm_kms_urls(self) -> tuple[str, ...]:
         """sys-config of this host's CVMs: the KMS replicas their boot tries in turn, up's own

@@ -33,9 +33,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
+
 from pydstack.adapters.sandbox._docker import Docker
 from pydstack.adapters.sandbox._outbound import LOOPBACK, relay_targets, split_endpoint
 from pydstack.adapters.streams import pipe
+from pydstack.core.measure import ImageParts
 
 from .boot import BootFailed, HostShared, read_host_shared
 
@@ -121,9 +124,13 @@ async def run(stop: asyncio.Event) -> None:
         await asyncio.to_thread(subprocess.run, ["modprobe", "tun"], capture_output=True)
         vcpu, mem = _vm_size(shared)
         name = json.loads(shared.app_compose).get("name") or "app"
+        try:
+            parts = msgspec.convert(dev.get("image"), ImageParts)
+        except msgspec.ValidationError as e:
+            raise BootFailed("host-shared", f"dev-td.json image parts: {e}") from None
         td = SimulatedTd(pki_dir=SHARE / "dev-pki", state_dir=STATE,
-                         os_image_hash=bytes.fromhex(dev["os_image_hash"]), name=name,
-                         vcpu=vcpu, memory_mb=mem)  # fmt: skip
+                         os_image_hash=bytes.fromhex(dev["os_image_hash"]), image=parts,
+                         name=name, vcpu=vcpu, memory_mb=mem)  # fmt: skip
         app_id = str(json.loads(shared.instance_info or b"{}").get("app_id") or "")
 
         async def data_disk(key: bytes) -> str:

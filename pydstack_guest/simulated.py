@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydstack.adapters.wireguard import WireGuardBackend
+from pydstack.core.measure import ImageParts
 
 from .boot import DataDisk, HostShared, Report
 from .gateway_setup import Reach
@@ -44,6 +45,7 @@ class SimulatedTd:
     pki_dir: Path  # dev PKI (root.der ...); generated there when missing and writable
     state_dir: Path  # writable: local dev keys (used only without a KMS)
     os_image_hash: bytes
+    image: ImageParts  # what the TD is measured from (the image registered on the log)
     name: str
     vcpu: int
     memory_mb: int
@@ -62,10 +64,11 @@ async def boot_simulated(
     and `data_disk` as in `run_boot`: the QEMU image passes both (a LUKS2 data disk), the
     sandbox neither (no device-mapper in the host kernel: measured ``plain``)."""
     from pydstack.adapters.secretfile import write_secret
-    from pydstack.adapters.tdx.backend import SimulatorBackend
+    from pydstack.adapters.tdx.backend import measured_simulator
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
-    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+    from pydstack.adapters.tdx.simulator import QuoteSimulator
+    from pydstack.core.measure import VmShape
 
     from . import GuestAgent, GuestConfig, LocalKeyProvider, serve_agent
     from .boot import run_boot
@@ -79,10 +82,15 @@ async def boot_simulated(
     else:
         pki = DevPki.generate()
         pki.save(td.pki_dir)
-    backend = SimulatorBackend(QuoteSimulator(pki), TdMeasurements(
-        mr_td=hashlib.sha384(b"pydstack sandbox TD").digest(),
+    # Measured as a TD of this image and shape would be: the KMS recomputes the same values
+    # from the image registered on the log and the shape in vm_config.
+    shape = VmShape(cpu_count=td.vcpu, memory_size=td.memory_mb << 20)
+    backend = measured_simulator(
+        QuoteSimulator(pki),
+        td.image,
+        shape,
         mr_config_id=mr_config_id_v1(hashlib.sha256(compose).digest()),
-    ))  # fmt: skip
+    )
     keys_path = td.state_dir / "appkeys.json"  # local dev keys, used only without a KMS
     if not keys_path.exists():
         info = json.loads(shared.instance_info or b"{}")

@@ -45,6 +45,8 @@ from pydstack.adapters.tdx.eventlog import (
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.quote import Quote
 from pydstack.adapters.tdx.ratls import binding_reasons, check_attestation, extract_attestation
+from pydstack.core.events import ImageRegistered
+from pydstack.core.measure import ImageParts, VmShape
 
 DEFAULT_PCCS = "https://pccs.phala.network"
 
@@ -258,6 +260,14 @@ def verify(
 )
 @click.option("--gateway-netns", default=None, help="existing netns for the CVM's WireGuard")
 @click.option("--instance-id", "instance_hex", default=None, help="hex, 20 bytes [random]")
+@click.option("--image", "image_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="image directory the TD is measured as (a KMS serves only images "
+                   "registered on its log: `up`'s are DATA/vmm/images/*) [a built-in "
+                   "unregistered one]")  # fmt: skip
+@click.option("--vcpu", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="the VM shape the TD is measured in")  # fmt: skip
+@click.option("--memory", "memory_mb", type=click.IntRange(16, 1 << 26), default=1024,
+              show_default=True, help="MiB, the VM shape the TD is measured in")  # fmt: skip
 def simulate(
     state_dir: str,
     sock: str,
@@ -270,11 +280,15 @@ def simulate(
     gateway_ca: str | None,
     gateway_netns: str | None,
     instance_hex: str | None,
+    image_dir: str | None,
+    vcpu: int,
+    memory_mb: int,
 ) -> None:
     """Run a guest agent on the TDX simulator (verify with --dev-root STATE/pki/root.der)."""
     if gateway_url and not gateway_ca:
         raise click.UsageError("--gateway needs --gateway-ca")
     Path(state_dir).mkdir(parents=True, exist_ok=True)
+    image = _sim_image(Path(image_dir) if image_dir else None)
     asyncio.run(
         _simulate(
             Path(state_dir),
@@ -286,8 +300,27 @@ def simulate(
             Path(dev_pki) if dev_pki else None,
             (gateway_url, _read_text(gateway_ca or ""), gateway_netns) if gateway_url else None,
             instance_hex,
+            (image, VmShape(cpu_count=vcpu, memory_size=memory_mb << 20)),
         )
     )
+
+
+def _sim_image(path: Path | None) -> ImageRegistered:
+    """The image a simulated TD is measured as: `path`'s registration, else a built-in one."""
+    from pydstack.actors.image_registry import ImageRegistryError, image_registration
+
+    if path is not None:
+        try:
+            return image_registration(path)
+        except ImageRegistryError as e:
+            raise click.ClickException(str(e)) from None
+    sums = f"{hashlib.sha256(b'pydstack simulated rootfs').hexdigest()}  rootfs\n"
+    return ImageRegistered(
+        os_image_hash=hashlib.sha256(sums.encode()).hexdigest(), name="pydstack-simulated",
+        sha256sum=sums, firmware=hashlib.sha384(b"pydstack simulated TDVF").hexdigest(),
+        kernel=hashlib.sha384(b"pydstack simulated kernel").hexdigest(),
+        initrd=hashlib.sha384(b"pydstack simulated initrd").hexdigest(),
+    )  # fmt: skip
 
 
 def _read_text(path: str) -> str:
@@ -304,12 +337,13 @@ async def _simulate(
     dev_pki: Path | None = None,
     gateway: tuple[str, str, str | None] | None = None,
     instance_hex: str | None = None,
+    measured: tuple[ImageRegistered, VmShape] | None = None,
 ) -> None:
     from pydstack.adapters.secretfile import write_secret
-    from pydstack.adapters.tdx.backend import SimulatorBackend
+    from pydstack.adapters.tdx.backend import measured_simulator
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
-    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+    from pydstack.adapters.tdx.simulator import QuoteSimulator
     from pydstack_guest import (
         GuestAgent,
         GuestConfig,
@@ -338,15 +372,14 @@ async def _simulate(
     if kms_url is None and not keys_path.exists():
         _, text = create_dev_app_keys(app_id, now=now)
         write_secret(keys_path, text)
-    os_image_hash = hashlib.sha256(b"pydstack simulated image").digest()
-    backend = SimulatorBackend(
-        QuoteSimulator(pki),
-        TdMeasurements(
-            mr_td=hashlib.sha384(b"pydstack simulated TD image").digest(),
-            mr_config_id=mr_config_id_v1(hashlib.sha256(compose.encode()).digest()),
-        ),
-    )
-    vm_config = json.dumps({"os_image_hash": os_image_hash.hex()})
+    image, shape = measured or (_sim_image(None), VmShape(cpu_count=1, memory_size=1 << 30))
+    os_image_hash = bytes.fromhex(image.os_image_hash)
+    parts = ImageParts(firmware=image.firmware, kernel=image.kernel, initrd=image.initrd,
+                       cmdline=image.cmdline)  # fmt: skip
+    config_id = mr_config_id_v1(hashlib.sha256(compose.encode()).digest())
+    backend = measured_simulator(QuoteSimulator(pki), parts, shape, mr_config_id=config_id)
+    vm_config = json.dumps({"os_image_hash": image.os_image_hash, "cpu_count": shape.cpu_count,
+                            "memory_size": shape.memory_size})  # fmt: skip
     instance_id = bytes.fromhex(instance_hex) if instance_hex else os.urandom(20)
     if kms_url is None:
         keys = await LocalKeyProvider(keys_path).app_keys()

@@ -16,8 +16,9 @@ from .app import app_group  # also adds ls/info/upgrade/rm to `app`
 from .audit import audit_cmd, status_cmd
 from .commands import init_cmd, vm_group
 from .events import events_cmd, replay_cmd
+from .image_log import image_group  # image register | registered | revoke
 from .up import up_cmd
-from .vm import image_group  # also adds ls/info/start/stop/rm/logs/update to `vm`
+from .vm import image_group as _image_group  # noqa: F401 - adds ls/info/start/stop/rm… to `vm`
 
 
 class _LazyGroup(click.Group):

@@ -27,16 +27,15 @@ from pydstack.actors.kms import KmsClient, KmsService, KmsSettings, WebhookBacke
 from pydstack.actors.kms.service import ROOT_TAG
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.attestation import encode_attestation
-from pydstack.adapters.tdx.backend import SimulatorBackend
 from pydstack.adapters.tdx.collateral import Collateral
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data, report_data_for
-from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
 from pydstack.core.kms import CertConfig, Csr, encode_csr
 from pydstack_guest import LocalKeyProvider
 from pydstack_guest.boot import BootFailed, BootResult, HostShared, plan_boot, run_boot
 from pydstack_guest.keys import k256_public, kms_issue_app_key
 from pydstack_guest.kms_trust import KMS_ROOT_TAG, KmsTrust, spki_of
+from tests import images
 from tests.kms.conftest import (
     OS_IMAGE,
     VM_CONFIG,
@@ -148,9 +147,7 @@ async def boot_victim(
     compose = victim_compose(pin)
     compose_hash = hashlib.sha256(compose).digest()
     webhook.config["apps"][compose_hash[:20].hex()] = {"composeHashes": [compose_hash.hex()]}
-    backend = SimulatorBackend(
-        QuoteSimulator(pki), TdMeasurements(mr_td=hashlib.sha384(b"kms test TD").digest())
-    )
+    backend = images.measured_backend(pki)  # the test image the KMS fixture registered
     sysc = {"kms_urls": [kms_url], "vm_config": VM_CONFIG}
     info = {"instance_id": os.urandom(20).hex()}
     shared = HostShared(app_compose=compose, sys_config=json.dumps(sysc).encode(),

@@ -57,6 +57,7 @@ from pydstack.core.events import (
     subject,
 )
 from pydstack_guest import LocalKeyProvider, create_dev_app_keys
+from tests import images
 from tests.kms import conftest as rig
 from tests.kms.conftest import VM_CONFIG, Webhook, bound_identity, make_cvm
 
@@ -102,6 +103,7 @@ async def test_an_app_cannot_fetch_the_root_keys_from_a_dev_kms(
     """On a dev KMS (a default `make up`), an attested app gets its own keys but `GetKmsKey`
     is refused: the answer holds no root key, the log a KeyDenied saying why, no onboarding.
     The KMS said "dev" loudly when it became ready."""
+    await images.register_test_image(store)
     with capture_logs() as logs:
         async with running_kms(store, dev_launch(tmp_path, pki_dir, "kms-a")) as url:
             async with KmsClient(url, dev_pki=pki) as c:
@@ -222,6 +224,7 @@ async def cluster_kms(
     write_secret(tmp / f"{cluster}-appkeys.json", text)
     seal = KeyProviderSealKey(LocalKeyProvider(tmp / f"{cluster}-appkeys.json"))
     agent, _ = rig.kms_guest(pki, tmp, f"{cluster}-kms")
+    await images.register_test_image(store)
     svc = await KmsService.open(
         store, KmsSettings(cluster=cluster, root_ca_der=pki.root_der, instance_id=cluster),
         backend=DevBackend(enabled=True), collateral=rig.CollateralBox(pki),

@@ -205,7 +205,7 @@ async def test_oversized_fields_are_refused_before_verification(kms: Kms, pki: D
     kms.svc.collateral = counting
     state0, metric0 = await stream_state(kms.store), refused_total()
     cvm = make_cvm(pki)
-    body = {"os_image_hash": OS_IMAGE.hex(), "cpu_count": 1, "pad": ""}
+    body = {**json.loads(VM_CONFIG), "pad": ""}
     body["pad"] = "x" * (16384 - len(json.dumps(body)))
     at_limit = json.dumps(body)
     assert len(at_limit.encode()) == 16384

@@ -4,6 +4,7 @@ simulated TD, and how the guest dials a gateway's WireGuard endpoint through sli
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from pydstack.adapters.qemu import Image
 from pydstack.adapters.qemu.backend import write_simulated_td
+from pydstack.adapters.qemu.image import NO_BIOS
 from pydstack.adapters.sandbox import build_busybox_image
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack_guest.image_boot import reach
@@ -29,7 +31,8 @@ def _image(root: Path) -> Image:
 
 def test_host_share_of_a_simulated_td(tmp_path: Path) -> None:
     """dev-pki/ is the PKI the KMS trusts (same root), each sandbox image is copied whole, and
-    dev-td.json names the booted image's digest and those images; a second create replaces
+    dev-td.json names the booted image's digest, those images and the digests the simulated TD
+    is measured from; a second create replaces
     them (no stale PKI)."""
     if not shutil.which("busybox"):
         pytest.skip("busybox-static not installed")
@@ -45,7 +48,9 @@ def test_host_share_of_a_simulated_td(tmp_path: Path) -> None:
     tar = images / "sandbox-busybox" / "rootfs.tar"
     assert (shared / "images" / "sandbox-busybox" / "rootfs.tar").read_bytes() == tar.read_bytes()
     doc = json.loads((shared / "dev-td.json").read_text())
-    assert doc == {"os_image_hash": "ab" * 32, "images": ["sandbox-busybox"]}
+    x = hashlib.sha384(b"x").hexdigest()  # the kernel and initrd files are b"x"
+    parts = {"firmware": NO_BIOS, "kernel": x, "initrd": x, "cmdline": ""}  # no bios: QEMU's own
+    assert doc == {"os_image_hash": "ab" * 32, "images": ["sandbox-busybox"], "image": parts}
 
 
 async def test_wireguard_endpoint_on_the_host_loopback_is_dialled_at_slirps_host_alias() -> None:

@@ -125,3 +125,16 @@ def free_host_port() -> int:
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", p))
             return p
+
+
+def register_busybox_image(home: Path) -> Path:
+    """A sandbox image registered on the log of the `up` in `home` with `pydstack image
+    register` (as the admin does for an image `up` did not register itself); its directory."""
+    from pydstack.adapters.sandbox import build_busybox_image
+
+    root = home / "test-images"
+    if not (root / "sandbox-busybox" / "metadata.json").exists():
+        build_busybox_image(root)
+    r = cli(home, "image", "register", str(root / "sandbox-busybox"))
+    assert r.code == 0 and "registered" in r.out, r.out + r.err
+    return root / "sandbox-busybox"

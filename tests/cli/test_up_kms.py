@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.cli.harness import PYDSTACK, Up, cli, wait_for
+from tests.cli.harness import PYDSTACK, Up, cli, register_busybox_image, wait_for
 
 
 def test_simulated_guest_gets_keys_from_the_kms_of_up(tmp_path: Path) -> None:
@@ -26,7 +26,8 @@ def test_simulated_guest_gets_keys_from_the_kms_of_up(tmp_path: Path) -> None:
             sim = subprocess.Popen(
                 [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"),
                  "--socket", str(tmp_path / "d.sock"), "--compose", str(compose),
-                 "--kms", kms_url, "--dev-pki", str(home / "dev-pki")],
+                 "--kms", kms_url, "--dev-pki", str(home / "dev-pki"),
+                 "--image", str(register_busybox_image(home))],
                 stdout=f, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         try:
@@ -71,7 +72,8 @@ def test_audit_catches_a_signed_but_lying_kms_decision(tmp_path: Path) -> None:
         with log.open("wb") as f:
             sim = subprocess.Popen(
                 [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"), "--socket",
-                 str(tmp_path / "d.sock"), "--kms", kms_url, "--dev-pki", str(home / "dev-pki")],
+                 str(tmp_path / "d.sock"), "--kms", kms_url, "--dev-pki", str(home / "dev-pki"),
+                 "--image", str(register_busybox_image(home))],
                 stdout=f, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.nats.identity import IdentityStore
 from pydstack.core.events import Event, decode_body, open_envelope
-from tests.cli.harness import Up, cli
+from tests.cli.harness import Up, cli, register_busybox_image
 
 UP_ARGS = ("--no-gateway", "--dashboard-port", "-1")
 COMPOSE_YAML = "services:\n  web:\n    image: nginx:{tag}\n    ports: ['80:80']\n"
@@ -73,23 +73,28 @@ def append_as(plane: Up, actor: str, subject: str, *events: Event) -> int:
 async def guest_env_key(plane: Up, app_compose: str) -> bytes:
     """Boot a simulated TDX guest of this app-compose on the KMS of `up` (KmsKeyProvider, RA-TLS)
     and return the env key the KMS derived for it; KeyRequested + KeyIssued land on the log."""
-    from pydstack.adapters.tdx.backend import SimulatorBackend
+    from pydstack.adapters.sandbox.images import image_registration
+    from pydstack.adapters.tdx.backend import measured_simulator
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
-    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+    from pydstack.adapters.tdx.simulator import QuoteSimulator
+    from pydstack.core.measure import ImageParts, VmShape
     from pydstack_guest import measure_identity
     from pydstack_guest.kms_provider import KmsKeyProvider
     from pydstack_guest.kms_trust import KmsTrust
 
     compose_hash = hashlib.sha256(app_compose.encode()).digest()
-    backend = SimulatorBackend(
-        QuoteSimulator(DevPki.load(plane.data_dir / "dev-pki")),
-        TdMeasurements(mr_td=hashlib.sha384(b"pydstack simulated TD image").digest(),
-                       mr_config_id=mr_config_id_v1(compose_hash)),
-    )  # fmt: skip
+    # measured as a TD of a sandbox image the admin registered, in a 1 vCPU, 512 MiB VM
+    image = image_registration(register_busybox_image(plane.data_dir).parent, "sandbox-busybox")
+    shape = VmShape(cpu_count=1, memory_size=512 << 20)
+    parts = ImageParts(firmware=image.firmware, kernel=image.kernel, initrd=image.initrd,
+                       cmdline=image.cmdline)  # fmt: skip
+    backend = measured_simulator(QuoteSimulator(DevPki.load(plane.data_dir / "dev-pki")), parts,
+                                 shape, mr_config_id=mr_config_id_v1(compose_hash))  # fmt: skip
     await measure_identity(backend, app_id=compose_hash[:20], app_compose=app_compose,
                            instance_id=os.urandom(20))  # fmt: skip
-    vm_config = json.dumps({"os_image_hash": hashlib.sha256(b"pydstack image").hexdigest()})
+    vm_config = json.dumps({"os_image_hash": image.os_image_hash, "cpu_count": 1,
+                            "memory_size": shape.memory_size})  # fmt: skip
     kms_url = plane.ready()["kms"]  # type: ignore[index]
     trust = KmsTrust.dev(plane.data_dir / "dev-pki")  # up's KMS is attested by it
     keys = await KmsKeyProvider(

@@ -38,6 +38,9 @@ def test_story_includes_the_guests_key_and_rechecks_it(plane: Up, tmp_path: Path
         "scheduler", "kms"]  # fmt: skip
     issued = story[-1]["text"]
     assert "backend log" in issued and f"app {app_id[:12]}" in issued and "tcb UpToDate" in issued
+    # the KMS measured it as the image `up` registered, for the VM's shape
+    assert "image check: os image sandbox-busybox" in issued
+    assert "MRTD, RTMR0-2 match for 1 vCPU, 512 MiB (simulated)" in issued
     assert all(not x["problems"] for x in story)
     assert summary["summary"]["keys_rechecked"] == 1 and summary["summary"]["ok"] is True
     assert summary["summary"]["errors"] == 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from cryptography import x509
@@ -39,11 +40,14 @@ from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data
 from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
 from pydstack.core.events import decode_body, open_envelope, subject
 from pydstack.core.kms import boot_info_from_webhook
+from pydstack.core.measure import ImageParts, VmShape
 from pydstack_guest import GuestAgent, GuestConfig, LocalKeyProvider, create_dev_app_keys
+from tests import images
 
 CLUSTER = "test"
-OS_IMAGE = hashlib.sha256(b"pydstack kms test image").digest()
-VM_CONFIG = json.dumps({"os_image_hash": OS_IMAGE.hex(), "cpu_count": 1})
+# the image the KMS measures test CVMs against (registered by the `kms` fixture)
+OS_IMAGE = images.OS_IMAGE
+VM_CONFIG = images.TEST_VM_CONFIG
 COMPOSE = '{"manifest_version":2,"name":"app","runner":"docker-compose"}'
 COMPOSE_HASH = hashlib.sha256(COMPOSE.encode()).digest()
 APP_ID = COMPOSE_HASH[:20]
@@ -94,14 +98,18 @@ def make_cvm(
     app_id: bytes | None = None,
     instance_id: bytes = b"\x11" * 20,
     debug: bool = False,
-    mr_td: bytes = hashlib.sha384(b"kms test TD").digest(),
+    mr_td: bytes | None = None,
+    parts: ImageParts = images.TEST_PARTS,
+    shape: VmShape = images.TEST_SHAPE,
 ) -> Cvm:
-    """A simulated CVM booted the way dstack boots up to the KMS request."""
+    """A simulated CVM booted the way dstack boots up to the KMS request: measured as the
+    registered test image (`parts`) in TEST_VM_CONFIG's shape (`shape`), unless `mr_td`
+    names another firmware's MRTD."""
     compose_hash = hashlib.sha256(compose.encode()).digest()
-    m = TdMeasurements(mr_td=mr_td)
-    if debug:
-        m = TdMeasurements(mr_td=mr_td, td_attributes=DEBUG_ATTRIBUTES)
-    backend = SimulatorBackend(QuoteSimulator(pki), m)
+    m = TdMeasurements(td_attributes=DEBUG_ATTRIBUTES) if debug else TdMeasurements()
+    backend = images.measured_backend(pki, parts=parts, shape=shape, td=m)
+    if mr_td is not None:
+        backend = SimulatorBackend(QuoteSimulator(pki), msgspec.structs.replace(m, mr_td=mr_td))
     for name, payload in [
         ("system-preparing", b""),
         ("app-id", app_id if app_id is not None else compose_hash[:20]),
@@ -234,6 +242,7 @@ async def kms(
 ) -> AsyncIterator[Kms]:
     box = CollateralBox(pki)
     agent, keyfile = kms_guest(pki, tmp_path, "kms-a")
+    await images.register_test_image(store)
     svc = await KmsService.open(
         store, KmsSettings(cluster=CLUSTER, root_ca_der=pki.root_der, instance_id="kms-a"),
         backend=WebhookBackend(webhook.url), collateral=box, keyfile=keyfile, attester=agent,

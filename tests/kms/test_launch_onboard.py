@@ -15,6 +15,7 @@ from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import KmsReplicaOnboarded, decode_body, open_envelope, subject
 from pydstack_guest import create_dev_app_keys
+from tests import images
 
 from .conftest import VM_CONFIG, bound_identity, make_cvm
 
@@ -55,6 +56,7 @@ async def test_second_instance_onboards_from_the_first(
 ) -> None:
     pki_dir = tmp_path / "pki"
     pki.save(pki_dir)
+    await images.register_test_image(store)
     async with running_kms(store, launch(tmp_path, pki_dir, "kms-a")) as url_a:
         with pytest.raises(NotOnboarded, match="--kms-onboard URL"):
             async with running_kms(store, launch(tmp_path, pki_dir, "kms-b")):

@@ -37,6 +37,7 @@ from pydstack.core.events import (
 )
 from pydstack.core.kms import ABANDONED, fold, undecided
 from pydstack_guest import create_dev_app_keys
+from tests import images
 
 from .conftest import CLUSTER, VM_CONFIG, Kms, Webhook, bound_identity, kms_guest, make_cvm
 
@@ -94,6 +95,7 @@ async def test_kill_mid_request_leaves_no_half_decision(
         str(tmp_path / "root.sealed"), "--seal-appkeys", str(tmp_path / "appkeys.json"),
         "--auth", "webhook", "--auth-url", hook, "--dev-pki", str(tmp_path / "pki"),
     ]  # fmt: skip
+    await images.register_test_image(store)
     proc, url = await _start(args)
     cvm = make_cvm(pki)
     try:

@@ -87,6 +87,7 @@ from .evidence import (
     present_csr,
     verify_presented,
 )
+from .images import check_request_image
 from .keystore import RootKeyFile
 from .refusal import COLLATERAL_UNAVAILABLE, refuse
 from .writer import DecisionLog
@@ -120,6 +121,10 @@ class KmsSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_cert_age: int = 3600
     rpc_domain: str = "kms.pydstack.local"
     instance_id: str = ""
+    # App requests must name an image registered on the log whose measurements for the
+    # claimed shape are the quote's (actors/kms/images). Off only for a KMS whose clients'
+    # images are out of scope, e.g. a test of another rule; `up` and `pydstack kms` keep it.
+    check_images: bool = True
 
 
 def pem(cert: x509.Certificate) -> str:
@@ -445,9 +450,22 @@ class KmsService:
             app_id=p.claimed("app-id"),  # verified: the runtime events replayed to RTMR3
             instance_id=p.claimed("instance-id"),
         )
-        # The request goes on the log while the backend is asked: the append's round trip
-        # hides behind the backend's (and the derivation's) instead of adding to it.
+        # The request goes on the log while the image is checked and the backend is asked:
+        # the append's round trip hides behind theirs instead of adding to it.
         stored = asyncio.ensure_future(self.log.append([key_requested(req)]))
+        image_check = ""
+        if self.settings.check_images and not kms and ev.boot is not None:
+            try:
+                checked = await check_request_image(
+                    self.store, ev.boot.os_image_hash, vm_config, ev.quote,
+                    simulated=self.settings.root_ca_der is not None,
+                )  # fmt: skip
+                image_check = checked.summary
+                if not checked.ok:  # a policy reason: the backend is not asked
+                    ev = msgspec.structs.replace(ev, reasons=(*ev.reasons, *checked.reasons))
+            except BaseException:
+                await asyncio.gather(stored, return_exceptions=True)
+                raise
         asking = asyncio.ensure_future(self._ask(ev, kms, token))
         prepared, broken = None, ""
         try:
@@ -465,6 +483,8 @@ class KmsService:
         outcome = decide(
             req, reasons=ev.reasons, boot=ev.boot, verdict=verdict, backend=self.backend.name
         )
+        if image_check and isinstance(outcome, KeyIssued):
+            outcome = msgspec.structs.replace(outcome, image_check=image_check)
         if broken and isinstance(outcome, KeyIssued):
             outcome = KeyDenied(request_id=rid, reason=broken, boot_info=ev.boot,
                                 quote_hash=outcome.quote_hash)  # fmt: skip

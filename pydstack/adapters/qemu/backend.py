@@ -44,7 +44,7 @@ from .argv import (
     build_argv,
     mrconfigid_for_compose,
 )
-from .image import Image, ImageError, images_dir
+from .image import Image, ImageError, image_registration, images_dir
 from .qmp import Qmp, QmpError
 from .user import QEMU_USER, AccessError, ensure_user, grant_reach, prepare_workdir
 
@@ -254,5 +254,7 @@ def write_simulated_td(shared: Path, image: Image, dev_pki: Path, app_images: Pa
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(d, dest)
             names.append(d.name)
-    doc = {"os_image_hash": image.digest, "images": names}
+    reg = image_registration(image)  # the simulated TD is measured from what it boots
+    parts = {k: getattr(reg, k) for k in ("firmware", "kernel", "initrd", "cmdline")}
+    doc = {"os_image_hash": reg.os_image_hash, "images": names, "image": parts}
     (shared / "dev-td.json").write_bytes(msgspec.json.encode(doc))

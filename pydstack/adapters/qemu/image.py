@@ -20,6 +20,8 @@ from pathlib import Path
 
 import msgspec
 
+from pydstack.core.events import ImageRegistered
+
 
 class ImageError(Exception):
     """An image directory is incomplete or does not match its digests."""
@@ -53,6 +55,32 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha384_file(path: Path) -> str:
+    h = hashlib.sha384()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+NO_BIOS = hashlib.sha384(b"pydstack: QEMU's default firmware").hexdigest()
+
+
+def image_registration(image: Image) -> ImageRegistered:
+    """What ``pydstack image register`` puts on the log for this image: its dstack
+    ``os_image_hash`` with the ``sha256sum.txt`` it is the hash of, and the sha384 of the
+    files the measurements depend on (firmware, kernel, initrd) and the command line."""
+    sums_file = image.dir / "sha256sum.txt"
+    sums = sums_file.read_text() if sums_file.exists() else ""
+    return ImageRegistered(
+        os_image_hash=image.digest or os_image_hash(sums.encode()), name=image.name,
+        version=image.info.version, sha256sum=sums,
+        firmware=sha384_file(image.bios) if image.bios else NO_BIOS,
+        kernel=sha384_file(image.kernel), initrd=sha384_file(image.initrd),
+        cmdline=image.info.cmdline or "",
+    )  # fmt: skip
 
 
 def os_image_hash(sha256sum_txt: bytes) -> str:

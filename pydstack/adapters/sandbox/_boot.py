@@ -15,7 +15,6 @@ data disk is NOT encrypted (the QEMU guest has LUKS2: `pydstack_guest.data_disk`
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -37,18 +36,28 @@ class Network:
 
 async def boot(
     wd: Path, dev_pki: str, spec: CvmSpec, sock: Path, report: Callable[[str, str], None],
-    net: Network | None = None,
+    net: Network | None = None, *, images: Path,
 ) -> Booted:  # fmt: skip
-    """Raises `pydstack_guest.boot.BootFailed` when a step fails."""
+    """Raises `pydstack_guest.boot.BootFailed` when a step fails. `images`: the sandbox images'
+    root, where ``spec.image`` is measured from (as `pydstack image register` does)."""
     from pydstack.adapters.wireguard import UserspaceBackend
-    from pydstack_guest.boot import read_host_shared
+    from pydstack.core.measure import ImageParts
+    from pydstack_guest.boot import BootFailed, read_host_shared
     from pydstack_guest.simulated import SimulatedTd, boot_simulated
+
+    from .images import image_registration
 
     compose = spec.app_compose or b'{"name":"sandbox"}'
     shared = read_host_shared(wd / "shared", app_compose=compose)
+    try:
+        reg = image_registration(images, spec.image)
+    except (OSError, ValueError) as e:
+        raise BootFailed("image", f"image {spec.image!r} cannot be measured: {e}") from None
     td = SimulatedTd(
         pki_dir=Path(dev_pki) if dev_pki else wd / "sim" / "pki", state_dir=wd / "sim",
-        os_image_hash=hashlib.sha256(f"pydstack sandbox image {spec.image}".encode()).digest(),
+        os_image_hash=bytes.fromhex(reg.os_image_hash),
+        image=ImageParts(firmware=reg.firmware, kernel=reg.kernel, initrd=reg.initrd,
+                         cmdline=reg.cmdline),
         name=spec.name, vcpu=spec.vcpu, memory_mb=spec.memory_mb,
     )  # fmt: skip
     return await boot_simulated(

@@ -140,7 +140,8 @@ async def main(wd: Path) -> int:
         try:
             net = Network(rd, RELAY[0].udp) if RELAY else None
             booted = await boot(wd, run.dev_pki, spec, rd / "dstack.sock",
-                                lambda stage, detail: emit(wd, stage, detail), net)  # fmt: skip
+                                lambda stage, detail: emit(wd, stage, detail), net,
+                                images=Path(run.images))  # fmt: skip
         except BootFailed as exc:
             # A failed boot halts (dstack #334): the VMM records VmBootError, no restart loop.
             emit(wd, "error", str(exc))

@@ -7,6 +7,7 @@ that each CVM's docker engine imports under the names the metadata lists (no reg
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 
+from pydstack.core.events import ImageRegistered
 from pydstack.core.vmm.image_name import image_name_error
 
 
@@ -81,3 +83,32 @@ def build_busybox_image(root: Path, name: str = "sandbox-busybox") -> SandboxIma
     meta = SandboxImage(version="1", description="busybox-static rootfs (sandbox backend)")
     (d / "metadata.json").write_bytes(msgspec.json.encode(meta))
     return msgspec.structs.replace(meta, name=name)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def image_registration(root: Path, name: str) -> ImageRegistered:
+    """What ``pydstack image register`` puts on the log for a sandbox image.
+
+    A sandbox CVM runs on the host's kernel with no firmware, so its simulated measurements
+    bind the image's content instead: ``initrd`` is the sha384 of its ``sha256sum.txt``
+    (``metadata.json`` and the rootfs tarball), whose sha256 is the ``os_image_hash``, as in
+    dstack's image directories."""
+    img = load_image(root, name)
+    if img.rootfs in ("", ".", "..") or "/" in img.rootfs:
+        raise ImageNameError(f"image {name}: rootfs {img.rootfs!r} is not a file name")
+    d = root / name
+    sums = "".join(f"{_sha256_file(d / f)}  {f}\n" for f in sorted({"metadata.json", img.rootfs}))
+    return ImageRegistered(
+        os_image_hash=hashlib.sha256(sums.encode()).hexdigest(), name=name,
+        version=img.version, sha256sum=sums,
+        firmware=hashlib.sha384(b"pydstack sandbox: no firmware").hexdigest(),
+        kernel=hashlib.sha384(b"pydstack sandbox: the host's kernel").hexdigest(),
+        initrd=hashlib.sha384(sums.encode()).hexdigest(),
+    )  # fmt: skip

@@ -20,6 +20,9 @@ from typing import Protocol
 
 import msgspec
 
+from pydstack.core.measure import ImageParts, VmShape, simulated_boot_log
+from pydstack.core.measure.simulated import simulated_mr_td
+
 from .errors import BackendError
 from .eventlog import EventLogError, TdxEvent, extend, replay_rtmrs, runtime_tdx_event
 from .simulator import QuoteSimulator, TdMeasurements
@@ -175,3 +178,18 @@ class SimulatorBackend(RecordingBackend):
         with self._lock:
             r = self._rtmrs
             return (r[0], r[1], r[2], r[3])
+
+
+def measured_simulator(
+    simulator: QuoteSimulator, parts: ImageParts, shape: VmShape, *,
+    mr_config_id: bytes = bytes(48), td: TdMeasurements | None = None,
+) -> SimulatorBackend:  # fmt: skip
+    """A simulated TD booted from an image's `parts` in a VM of `shape`: MRTD and the boot
+    log (RTMR0-2) by the simulator's measurement rule (`core.measure.simulated`), which the
+    KMS recomputes from the image registered on the log."""
+    entries = simulated_boot_log(parts, shape)
+    events = [TdxEvent(e.imr, e.event_type, e.digest, e.name, e.payload) for e in entries]
+    base = msgspec.structs.replace(
+        td or TdMeasurements(), mr_td=simulated_mr_td(parts), mr_config_id=mr_config_id
+    )  # `td`: the other report fields (attributes, owner...)
+    return SimulatorBackend(simulator, base, boot_events=events)

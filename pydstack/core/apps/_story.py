@@ -190,9 +190,10 @@ class AppStory:
                     f"{_h(e.instance_id)}, quote {_h(e.quote_hash)}, {_policy(e.policy)}"
                 )
             case KeyIssued() if e.request_id in self.requests:
+                image = f"; image check: {e.image_check}" if e.image_check else ""
                 return (f"key issued for {e.request_id} by backend {e.backend or '?'}"
                         f"{' (' + e.verdict + ')' if e.verdict else ''}: "
-                        f"{boot_info_text(e.boot_info)}")  # fmt: skip
+                        f"{boot_info_text(e.boot_info)}{image}")  # fmt: skip
             case KeyDenied() if e.request_id in self.requests or (
                 e.boot_info is not None and e.boot_info.app_id == self.app_id
             ):

@@ -28,6 +28,7 @@ from .gateways import (
     TunnelIpReleased,
 )
 from .hosts import HostHeartbeat, HostJoined, HostLeft, HostVmPlaced, HostVmReleased
+from .images import ImageRegistered, ImageRevoked
 from .keyring import KeyRevoked, KeyringEntryAdded
 from .kms import KeyDenied, KeyIssued, KeyRequested, KmsReplicaOnboarded, KmsRootCreated
 from .vms import (
@@ -85,9 +86,18 @@ CertEvent = (
 )
 CvmEvent = CvmRegistered | CvmLiveness | CvmRecycled | CvmRemoved | CvmRegistrationRefused
 KeyringEvent = KeyringEntryAdded | KeyRevoked
+ImageEvent = ImageRegistered | ImageRevoked
 
 AnyEvent = (
-    AppEvent | VmEvent | HostEvent | KmsEvent | GatewayEvent | CvmEvent | CertEvent | KeyringEvent
+    AppEvent
+    | VmEvent
+    | HostEvent
+    | KmsEvent
+    | GatewayEvent
+    | CvmEvent
+    | CertEvent
+    | KeyringEvent
+    | ImageEvent
 )
 
 EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
@@ -103,4 +113,5 @@ EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     GatewayDomainAdded, GatewayDomainRemoved, AcmeAccountCreated, CertificateRenewalStarted,
     CertificateIssued, CertificateRenewalFailed,
     KeyringEntryAdded, KeyRevoked,
+    ImageRegistered, ImageRevoked,
 )  # fmt: skip

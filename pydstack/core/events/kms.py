@@ -62,6 +62,8 @@ class KeyIssued(Event, tag="KeyIssued", frozen=True):
     backend: str
     verdict: str = ""
     gateway_app_id: str = ""  # added: the backend's answer, returned with the keys
+    # added: the image check the KMS made before asking the backend (core.measure.check)
+    image_check: str = ""
 
 
 class KeyDenied(Event, tag="KeyDenied", frozen=True):

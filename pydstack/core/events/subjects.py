@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 PREFIX = "dstack"
-KINDS = frozenset({"app", "vm", "host", "cvm", "kms", "gateway", "actor", "keyring"})
+KINDS = frozenset({"app", "vm", "host", "cvm", "kms", "gateway", "actor", "keyring", "image"})
 ALL = f"{PREFIX}.>"
 
 # A NATS subject token: no dots, wildcards or whitespace. We are stricter than NATS so that

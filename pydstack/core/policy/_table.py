@@ -41,6 +41,8 @@ from pydstack.core.events import (
     HostLeft,
     HostVmPlaced,
     HostVmReleased,
+    ImageRegistered,
+    ImageRevoked,
     KeyDenied,
     KeyIssued,
     KeyRequested,
@@ -113,7 +115,9 @@ APP_ADMINS: Final = frozenset({ADMIN})
 # Body fields that name a host: a host-bound writer may only name one of its own.
 HOST_FIELDS: Final = ("host", "host_id")
 # Body field that must equal the aggregate id of the subject it is stored on, per kind.
-AGGREGATE_FIELDS: Final[Mapping[str, str]] = {"vm": "vm_id", "host": "host_id", "app": "app_id"}
+AGGREGATE_FIELDS: Final[Mapping[str, str]] = {
+    "vm": "vm_id", "host": "host_id", "app": "app_id", "image": "os_image_hash",
+}  # fmt: skip
 
 NAME: Final = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -153,6 +157,8 @@ WRITERS: Final[Mapping[tuple[str, str], frozenset[str]]] = {
             CvmRegistrationRefused),
     # the keyring itself (its first entry: the pinned admin key, see Keyring)
     **_rows("keyring", frozenset({ADMIN}), KeyringEntryAdded, KeyRevoked),
+    # what the KMS measures requests against: an admin decision, never a host's
+    **_rows("image", frozenset({ADMIN}), ImageRegistered, ImageRevoked),
 }  # fmt: skip
 
 
