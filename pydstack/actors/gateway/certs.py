@@ -94,18 +94,25 @@ class CertView:
             if last <= self.cursor:
                 return 0
             batch: list[Applied] = []
+            seen = self.cursor
             await self.judge.load_keyring(self.store, last)
             recs = self.store.read(
                 subject="dstack.gateway.*", from_seq=self.cursor + 1, until_seq=last
             )
             async for rec in recs:
+                seen = rec.seq
                 if is_cert_subject(self.cluster, rec.subject):
                     self.versions[rec.subject] = Version(rec.seq, message_hash(rec.data))
                     a = to_applied(self.cluster, rec, self.judge, certs=True)
                     if a is not None:
                         batch.append(a)
             self.state = fold(batch, self.state)
-            self.cursor = last
+            # Only as far as what was read, not to `last`: a direct get served by a lagging
+            # cluster replica may end the read short, and jumping there would skip those
+            # events for good. The read is filtered, so `seen` also stays behind `last` when
+            # other subjects were appended since; the next pass then reads that tail again
+            # (one filtered get that finds nothing), the price of never skipping.
+            self.cursor = max(self.cursor, seen)
             return len(batch)
 
 
