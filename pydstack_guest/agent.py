@@ -35,8 +35,10 @@ from pydstack.adapters.tdx.eventlog import (
 from pydstack.adapters.tdx.identity import AppInfo, decode_app_info, measurements_of
 from pydstack.adapters.tdx.quote import parse_quote
 from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data
+from pydstack.core.kms import CertConfig
 
 from . import keys as k
+from .cert_client import request_certificate
 from .provider import AppKeys, KeyProvider
 
 AGENT_VERSION = "0.5.7"  # the dstack guest API level served (SDKs gate features on it)
@@ -229,9 +231,24 @@ class GuestAgent:
         not_before: int | None = None,
         not_after: int | None = None,
     ) -> dict[str, Any]:
-        """A certificate for `key` from the app CA; RA-TLS evidence when `usage_ra_tls`."""
+        """A certificate for `key` from the app CA; RA-TLS evidence when `usage_ra_tls`.
+
+        Keys from a KMS: the KMS's `SignCert` issues it (chain leaf, app CA, KMS root; dstack's
+        `CertRequestClient::Kms`); local dev keys: their own CA signs it."""
         if not_before is not None and not_after is not None and not_before >= not_after:
             raise RequestError("not_before", "not_before must be earlier than not_after")
+        pem = serialization.Encoding.PEM
+        key_pem = key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        if self.keys.kms_url:
+            chain = await self._kms_certificate(key, CertConfig(
+                subject=subject, subject_alt_names=tuple(alt_names),
+                usage_server_auth=usage_server_auth, usage_client_auth=usage_client_auth,
+                ext_quote=usage_ra_tls, ext_app_info=with_app_info, not_before=not_before,
+                not_after=not_after,
+            ))  # fmt: skip
+            return {"key": key_pem, "certificate_chain": chain}
         now = int(self.clock())
         att = None
         info = None
@@ -252,14 +269,22 @@ class GuestAgent:
             not_before=now - 3600 if not_before is None else not_before,
             not_after=now + 10 * 365 * 86400 if not_after is None else not_after,
         )
-        pem = serialization.Encoding.PEM
-        key_pem = key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
         return {
             "key": key_pem,
             "certificate_chain": [cert.public_bytes(pem).decode(), self.keys.ca_cert_pem],
         }
+
+    async def _kms_certificate(
+        self, key: ec.EllipticCurvePrivateKey, config: CertConfig
+    ) -> list[str]:
+        """SignCert: the CSR's attestation binds `key`; the KMS decides on it (and embeds it
+        or its AppInfo when `config` asks)."""
+        att = await self.attestation(ratls_report_data(key.public_key()))
+        app_id = self.app_info(att).app_id
+        return await request_certificate(
+            self.keys, key, config, encode_attestation(att),
+            vm_config=self.config.vm_config, app_id=app_id,
+        )  # fmt: skip
 
     def fresh_tls_key(self) -> ec.EllipticCurvePrivateKey:
         # dstack: HKDF of 32 random bytes with empty context; same distribution as a fresh key.

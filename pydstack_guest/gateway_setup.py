@@ -2,7 +2,8 @@
 
 It runs after the env is decrypted and before docker starts, as dstack's stage 1 does. An app
 whose app-compose enables the gateway (``gateway_enabled``, older name ``tproxy_enabled``)
-gets an RA-TLS client certificate from its agent, registers its WireGuard key with each
+gets an RA-TLS client certificate from its agent (KMS keys: from the KMS's ``SignCert``, under
+the app's CA; the gateway admits nothing else), registers its WireGuard key with each
 sys-config ``gateway_urls`` entry in turn until one accepts, and brings up its tunnel with every
 gateway node as a peer. A failure is ``BootFailed("gateway", ...)``: the boot halts, it never
 loops (dstack #334)::
@@ -67,10 +68,13 @@ class GatewayTunnel:
 
 
 async def _identity(agent: GuestAgent) -> tuple[str, str]:
-    """A fresh RA-TLS client certificate (chain, key) under the app's CA."""
+    """A fresh RA-TLS client certificate (chain, key) under the app's CA: with KMS keys the
+    KMS's SignCert issues it (leaf, app CA, KMS root: what the gateway admits), with its
+    quote and AppInfo embedded (dstack-util asks ext_app_info, and ext_quote for gateways
+    that check the quote, as ours does)."""
     tls = await agent.tls_key(
         agent.fresh_tls_key(), subject="dstack-guest-agent", alt_names=(), usage_ra_tls=True,
-        usage_server_auth=False, usage_client_auth=True,
+        usage_server_auth=False, usage_client_auth=True, with_app_info=True,
     )  # fmt: skip
     return "".join(tls["certificate_chain"]), str(tls["key"])
 

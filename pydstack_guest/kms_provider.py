@@ -5,8 +5,9 @@ Flow (dstack-util `request_app_keys_from_kms_url`): ask the KMS for its temp CA 
 certificate under the temp CA whose quote binds the certificate key, then call `GetAppKey`
 and `GetMeta` presenting it, on a connection whose server passed the checks of
 `pydstack_guest.kms_trust` (root pin, TLS chain, ``kms:rpc``, issuer, RA-TLS) before a byte
-was sent; the keys count only once their k256 root is attested and signs them. The agent's
-local CA (for `GetTlsKey`) is the temp CA, as dstack's client certificates are.
+was sent; the keys count only once their k256 root is attested and signs them. The keys name
+this KMS and its verified root CA: the agent's certificates (`GetTlsKey`, the gateway's
+client certificate) come from its `SignCert` (`cert_client.py`), never from the temp CA.
 
     provider = KmsKeyProvider("https://kms:9100", backend, trust=KmsTrust.dev(pki),
                               app_id=app_id, root_pin=compose_key_provider_id)
@@ -185,7 +186,8 @@ class KmsKeyProvider:
                 disk_crypt_key=bytes.fromhex(keys["disk_crypt_key"]),
                 env_crypt_key=bytes.fromhex(keys["env_crypt_key"]),
                 gateway_app_id=str(keys.get("gateway_app_id", "")), provider_name="kms",
-                provider_id=ca_spki, kms_root_public=k256_root,
+                provider_id=ca_spki, kms_root_public=k256_root, kms_url=self.url,
+                kms_ca_cert_pem=root_pem,
             )  # fmt: skip
         except (KeyError, ValueError, TypeError) as e:
             raise KeyProviderError(f"KMS {self.url} GetAppKey answer is malformed: {e}") from None

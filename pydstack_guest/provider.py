@@ -46,6 +46,11 @@ class AppKeys(msgspec.Struct, frozen=True):
     provider_name: str = "local"
     provider_id: bytes = b""
     kms_root_public: bytes = b""
+    # The KMS the keys came from (dstack's KeyProvider::Kms url): certificates (GetTlsKey,
+    # the gateway's client certificate) come from its SignCert, under the app's CA and this
+    # root CA, which the boot verified; empty for local keys, which sign with their own CA.
+    kms_url: str = ""
+    kms_ca_cert_pem: str = ""
 
     def ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cert = x509.load_pem_x509_certificate(self.ca_cert_pem.encode())

@@ -1,6 +1,7 @@
 """Simulated CVMs for the RegisterCvm tests: a TDX simulator backend that has measured a
 dstack boot (app-id, compose-hash, instance-id into RTMR3) and an RA-TLS client certificate
-issued by a shared test CA (what the KMS root / app CA is in dstack)."""
+in the shape KMS ``SignCert`` issues: leaf, the app's CA (``app:ca``, its app id), and a
+shared test CA standing in for the KMS root."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydstack.adapters.tdx.attestation import Attestation
 from pydstack.adapters.tdx.backend import SimulatorBackend
 from pydstack.adapters.tdx.eventlog import runtime_events_of
 from pydstack.adapters.tdx.pki import DevPki
-from pydstack.adapters.tdx.ratls import build_ratls_cert, issue_ratls_cert
+from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data
 from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
 
 
@@ -53,6 +54,16 @@ class DevCa:
     @property
     def pem(self) -> str:
         return pem(self.cert)
+
+    def app_ca(self, app_id: bytes) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """An app's CA under this CA, as the KMS derives one (``app:ca``, the app id)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = int(time.time())
+        cert = build_ratls_cert(
+            key, None, subject="Dstack App CA", ca_path_len=0, issuer=(self.cert, self.key),
+            app_id=app_id, special_usage="app:ca", not_before=now - 3600, not_after=now + 86400,
+        )  # fmt: skip
+        return cert, key
 
     def plain_identity(self) -> tuple[str, str]:
         """A client certificate from the CA with no attestation at all."""
@@ -97,9 +108,15 @@ class SimCvm:
         return Attestation(quote, tuple(log), tuple(runtime_events_of(log)), data)
 
     async def identity(self, ca: DevCa) -> tuple[str, str]:
-        """(chain PEM, key PEM) of a fresh RA-TLS certificate issued by ``ca``."""
+        """(chain PEM, key PEM) of a fresh RA-TLS certificate as KMS SignCert issues it: under
+        this app's CA, which ``ca`` (the stand-in KMS root) signed."""
         now = int(time.time())
-        key, cert = await issue_ratls_cert(
-            self, issuer=(ca.cert, ca.key), not_before=now - 60, not_after=now + 3600
-        )
-        return pem(cert) + ca.pem, key_pem(key)
+        app_ca, app_ca_key = ca.app_ca(self.app_id)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = build_ratls_cert(
+            key, await self.attest(ratls_report_data(key.public_key())), subject="RA-TLS Cert",
+            issuer=(app_ca, app_ca_key), usage_server_auth=True, usage_client_auth=True,
+            app_id=self.app_id, special_usage="app:custom", not_before=now - 60,
+            not_after=now + 3600,
+        )  # fmt: skip
+        return pem(cert) + pem(app_ca) + ca.pem, key_pem(key)

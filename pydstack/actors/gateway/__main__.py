@@ -96,7 +96,11 @@ def _read(path: str | None) -> str | None:
 @click.option("--url", default="", help="RegisterCvm URL advertised to CVMs")
 @click.option("--tls-chain", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
-@click.option("--client-ca", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--client-ca", type=click.Path(exists=True, dir_okay=False),
+    help="the KMS root CA (GetMeta ca_cert): CVMs register with their KMS SignCert chain under "
+    "it; KMS temp CAs are never trusted",
+)  # fmt: skip
 @click.option("--dev-pki", type=click.Path(file_okay=False), help="trust simulated quotes (dev)")
 @click.option("--pccs-url", default="", help="collateral from this PCCS [default: Intel's PCS]")
 @click.option(

@@ -45,6 +45,7 @@ from pydstack.core.gateway.sealing import ClusterKey
 
 from .cert_provider import LogCertProvider
 from .certs import CertKeeper, CertKeeperConfig, ensure_domain
+from .client_chain import AppChainCheck, kms_cas
 from .node import GatewayNode, NodeConfig
 from .node_admin import admin_app
 from .registrar import Registrar, RegistrarConfig
@@ -171,6 +172,23 @@ def _verifier(reg: RegistrationLaunch) -> RaTlsVerifier:
     return RaTlsVerifier(source, root_ca_der=root)
 
 
+async def _client_chain(store: EventStore, node_id: str, reg: RegistrationLaunch) -> AppChainCheck:
+    """Registration admits only KMS SignCert chains (`client_chain.py`) under the given
+    client CAs, minus every KMS temp CA on the log (its key is public)."""
+    _, temps = await kms_cas(store)
+    check = AppChainCheck.from_pem(reg.client_ca_pem, never_pem=temps)
+    if not check.roots:
+        raise DeviceError(
+            f"gateway node {node_id}: the client CA holds no KMS root CA (only KMS temp CAs, "
+            "whose keys GetTempCaCert gives to anyone); give the KMS root CA "
+            "(KmsRootCreated.ca_cert_pem, GetMeta's ca_cert)"
+        )
+    if check.never & AppChainCheck.from_pem(reg.client_ca_pem).roots:
+        _log.warning("KMS temp CAs in the client CA are not trusted for registration",
+                     node=node_id)  # fmt: skip
+    return check
+
+
 async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -237,6 +255,7 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
             reg = launch.registration
             from pydstack.adapters.tdx.ratls_tls import server_ssl_context
 
+            chain_check = await _client_chain(store, cfg.node_id, reg)
             app = registration_app(
                 registrar,
                 _verifier(reg),
@@ -244,8 +263,9 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
                     node_id=cfg.node_id, auth_webhook=reg.auth_webhook, log_auth=reg.log_auth
                 ),
                 peer_applied=node.wait_peer_applied,
+                client_chain=chain_check,
             )
-            ssl_ctx = server_ssl_context(reg.chain_pem, reg.key_pem, reg.client_ca_pem)
+            ssl_ctx = server_ssl_context(reg.chain_pem, reg.key_pem, chain_check.roots_pem)
             runner = await serve_registration(app, reg.host, reg.port, ssl_ctx)
             stack.push_async_callback(runner.cleanup)
             reg_url = cfg.url or f"https://{reg.host}:{reg.port}"

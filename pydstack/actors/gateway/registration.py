@@ -1,13 +1,16 @@
 """``/prpc/Gateway.RegisterCvm`` (dstack's JSON shape) behind mutual RA-TLS.
 
-The caller's identity is its client certificate: TLS checks the chain (the app CA / KMS
-root), ``ratls_middleware`` checks the quote and event log (403 for anything without
-valid evidence; such junk is not written to the log), and the app id, instance id and
-compose hash come from the attested event log, never from the request. Then the optional
-authorization webhook (POST of the AppInfo JSON; any 2xx allows, like dstack), then the
-cluster decision and its atomic commit (``Registrar``). Refusals of an attested caller are
-answered with a 4xx JSON ``{"error", "code"}`` and recorded as ``CvmRegistrationRefused``,
-except claims on someone else's ids (``UNRECORDED``: 403, nothing appended)::
+The caller's identity is its client certificate: TLS checks the chain to the KMS root CA
+(never the KMS temp CA, whose key is public), ``ratls_middleware`` checks the quote and
+event log (403 for anything without valid evidence; such junk is not written to the log),
+the chain must be the KMS's ``SignCert`` chain for the attested app (leaf, that app's CA,
+root: `client_chain.py`; else 403 ``not_app_certificate``, nothing appended), and the app
+id, instance id and compose hash come from the attested event log, never from the request.
+Then the optional authorization webhook (POST of the AppInfo JSON; any 2xx allows, like
+dstack), then the cluster decision and its atomic commit (``Registrar``). Refusals of an
+attested caller are answered with a 4xx JSON ``{"error", "code"}`` and recorded as
+``CvmRegistrationRefused``, except claims on someone else's ids (``UNRECORDED``: 403,
+nothing appended)::
 
     app = registration_app(registrar, verifier, RegistrationConfig(node_id="gw1"))
     ssl = server_ssl_context(chain_pem, key_pem, ca_pem)   # mutual: clients must present one
@@ -33,7 +36,12 @@ from aiohttp import web
 from pydstack.actors.kms.log_backend import allowed_on_log
 from pydstack.adapters.nats import StoreError
 from pydstack.adapters.tdx.attestation import encode_attestation
-from pydstack.adapters.tdx.ratls_tls import RATLS_PEER, RaTlsVerifier, ratls_middleware
+from pydstack.adapters.tdx.ratls_tls import (
+    RATLS_PEER,
+    RaTlsVerifier,
+    peer_chain_der,
+    ratls_middleware,
+)
 from pydstack.core.events import PortAttrs
 from pydstack.core.gateway.cluster import (
     Admission,
@@ -44,6 +52,7 @@ from pydstack.core.gateway.cluster import (
 )
 from pydstack.core.gateway.ports import DeclaredPorts
 
+from .client_chain import AppChainCheck
 from .registrar import Registrar
 
 _log = structlog.get_logger("pydstack.gateway.registration")
@@ -63,6 +72,9 @@ STATUS: Final[dict[str, int]] = {
 # refused without a CvmRegistrationRefused: the instance subject they name is someone else's
 # (a victim's instance or app id), and a record there is the attacker's to write
 UNRECORDED: Final = frozenset({"id_in_use", "not_same_instance"})
+# refused before any decision, nothing appended: the client certificate is not the KMS's
+# SignCert certificate for the attested app (temp CA, another app's, no app CA)
+NOT_APP_CERT: Final = "not_app_certificate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +177,15 @@ def registration_app(
     config: RegistrationConfig | None = None,
     *,
     peer_applied: PeerApplied | None = None,
+    client_chain: AppChainCheck | None = None,
 ) -> web.Application:
     """The RegisterCvm endpoint; serve it with ``server_ssl_context`` (mutual TLS).
 
     ``peer_applied(public_key)``: this node's wait until its WireGuard device holds the new
-    peer; the answer waits for it (bounded), so the CVM's first handshake succeeds."""
+    peer; the answer waits for it (bounded), so the CVM's first handshake succeeds.
+    ``client_chain``: the client certificate must be the KMS's ``SignCert`` certificate for
+    the attested app (`client_chain.py`; a node always sets it, tests of other rules may
+    not); else 403 ``not_app_certificate``, nothing appended."""
     cfg = config or RegistrationConfig()
     app = web.Application(middlewares=[ratls_middleware(verifier)])
     session_key = web.AppKey("webhook_session", aiohttp.ClientSession)
@@ -194,6 +210,13 @@ def registration_app(
         info = peer.app_info
         if info is None or peer.attestation is None:
             return web.json_response({"error": "attestation carries no app info"}, status=403)
+        if client_chain is not None:
+            why = client_chain.reason(peer_chain_der(request.transport), info.app_id)
+            if why is not None:
+                _log.info("registration refused", app_id=info.app_id.hex(),
+                          instance_id=info.instance_id.hex(), code=NOT_APP_CERT,
+                          reason=why, recorded=False)  # fmt: skip
+                return web.json_response({"error": why, "code": NOT_APP_CERT}, status=403)
         att_hash = hashlib.sha256(encode_attestation(peer.attestation)).hexdigest()
         req = RegisterRequest(
             app_id=info.app_id.hex(),

@@ -8,8 +8,9 @@ certificates on the log instead: it adds its base domain with that ACME director
 renews through DNS-01 when it has a DNS provider (``challtestsrv``), and opens the keys with
 the cluster key from ``DATA/gateway/cluster.secret`` (made once; copy it to the other nodes
 of the cluster, ``--cluster-secret``). The RegisterCvm endpoint keeps its dev CA identity.
-CVM client certificates must chain to the KMS CAs on the log (``KmsRootCreated``), quotes to
-the dev PKI where the host has no TDX::
+CVM client certificates must be KMS ``SignCert`` certificates of their app, chaining to the
+KMS root CA of up's cluster on the log (``KmsRootCreated``; never its temp CA), quotes to the
+dev PKI where the host has no TDX::
 
     launch = await up_launch(store, data_path, UpGateway(domain="gw.localhost", listen=...))
     async with running_node(store, launch) as rn: ...
@@ -30,14 +31,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pydstack.actors.trust import Judge
+from pydstack.actors.kms.pin import read_pin
 from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.ports import bindable, free_port
 from pydstack.adapters.proxy import StaticCertProvider
 from pydstack.adapters.secretfile import write_secret
-from pydstack.core.events import KmsRootCreated
 
+from .client_chain import kms_cas
 from .node import NodeConfig
 from .node_launch import AcmeLaunch, NodeLaunch, RegistrationLaunch
 
@@ -129,15 +130,11 @@ def dev_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
     return cert, key
 
 
-async def kms_client_cas(store: EventStore) -> str:
-    """The CAs CVM certificates chain to: every KMS root's CA and temp CA on the log."""
-    pems: list[str] = []
-    recs = [rec async for rec in store.read(subject="dstack.kms.*")]
-    for ok in await Judge("gateway", store.anchor).admitted(store, recs):  # KMS-signed only
-        event = ok.event
-        if isinstance(event, KmsRootCreated):
-            pems += [p for p in (event.ca_cert_pem, event.temp_ca_cert_pem) if p]
-    return "".join(dict.fromkeys(pems))
+async def kms_client_cas(store: EventStore, cluster: str = "") -> str:
+    """The CAs CVM certificates chain to: the KMS root CA of `cluster` (every cluster's when
+    ""), as on the log. Never a temp CA: its key is public (`client_chain.py`)."""
+    roots, _ = await kms_cas(store, cluster)
+    return roots
 
 
 def _acme(gdir: Path, gw: UpGateway, cluster: str) -> AcmeLaunch:
@@ -164,7 +161,8 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
     reg_chain, reg_key = _leaf(ca, ["localhost"], sorted({gw.listen, "127.0.0.1"}))
     reg_port = _free(gw.listen, gw.registration_port or 8011)
     wg_port = _free(gw.listen, gw.wg_port or 51820, socket.SOCK_DGRAM)
-    client_cas = await kms_client_cas(store)
+    pin = read_pin(data_path)  # up's KMS cluster, once its KMS served (else every cluster's)
+    client_cas = await kms_client_cas(store, pin.cluster if pin is not None else "")
     registration = None
     if client_cas:
         registration = RegistrationLaunch(

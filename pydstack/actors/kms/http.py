@@ -27,11 +27,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pydstack.adapters.tdx.attestation import decode_attestation
 from pydstack.adapters.tdx.ratls import build_ratls_cert
 from pydstack.adapters.tdx.ratls_tls import peer_cert_der, server_ssl_context
 from pydstack.core.kms import CsrError, decode_csr
 from pydstack.core.kms.onboarding import MAX_TOKEN
 
+from .certgrants import usage_of
 from .evidence import MALFORMED, MAX_CERTIFICATE, OVERSIZE
 from .refusal import NO_CERTIFICATE, Refused, refuse
 from .service import Denied, KmsService, pem
@@ -151,18 +153,22 @@ async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamRes
         pub.verify(sig, raw, ec.ECDSA(hashes.SHA256()))
     except Exception:
         raise BadRequest("signature", "csr signature does not verify") from None
+    c = csr.config
     now = int(svc.clock())
+    usage = usage_of(c.usage_server_auth, c.usage_client_auth)
     try:
-        _, issued = await svc.decide_csr(att_raw, csr.pubkey, vm_config, now)
+        _, issued, ev = await svc.decide_csr(att_raw, csr.pubkey, vm_config, now, usage)
     except Denied as d:
         return _denied(d)
     app_id = bytes.fromhex(issued.boot_info.app_id)
     ca_cert, ca_key = svc.app_ca(app_id)
-    c = csr.config
+    # dstack `CaCert::sign_csr`: the CSR's attestation (verified, bound to this key) when it
+    # asks for ext_quote, the AppInfo of that attestation when it asks for ext_app_info.
+    att = decode_attestation(att_raw) if c.ext_quote else None
     # build_ratls_cert only reads key.public_key() when an issuer signs: a public key will do.
     cert = build_ratls_cert(
         cast(ec.EllipticCurvePrivateKey, _PublicOnly(pub)),
-        None,
+        att,
         subject=c.subject,
         org_name=c.org_name,
         alt_names=c.subject_alt_names,
@@ -170,6 +176,7 @@ async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamRes
         usage_server_auth=c.usage_server_auth,
         usage_client_auth=c.usage_client_auth,
         app_id=app_id,
+        app_info=ev.app_info if c.ext_app_info else None,
         special_usage="app:custom",
         not_before=c.not_before or now - 3600,
         not_after=c.not_after or now + 365 * 86400,

@@ -24,8 +24,10 @@ from .evidence import BINDING, EVENT_LOG, MALFORMED, OVERSIZE, QUOTE, STALE
 COLLATERAL_UNAVAILABLE = "collateral_unavailable"  # the check cannot run (PCCS down)
 NO_CERTIFICATE = "no_certificate"  # a key method called without a client certificate
 OTHER = "other"  # a kind this module does not know (a bug): still counted, never client text
+# SignCert: another decision for this instance and usage inside its window (certgrants.py)
+RATE_LIMITED = "rate_limited"
 KINDS = frozenset({MALFORMED, OVERSIZE, QUOTE, BINDING, STALE, EVENT_LOG, COLLATERAL_UNAVAILABLE,
-                   NO_CERTIFICATE, OTHER})  # fmt: skip
+                   NO_CERTIFICATE, RATE_LIMITED, OTHER})  # fmt: skip
 MAX_REASON = 1000
 
 REFUSED: Final = Counter(
@@ -35,7 +37,7 @@ REFUSED: Final = Counter(
     ["reason"],
 )
 # HTTP status per kind; the rest is 403 (the evidence is refused; a malformed body is 400).
-_STATUS = {OVERSIZE: 413, COLLATERAL_UNAVAILABLE: 503, NO_CERTIFICATE: 401}
+_STATUS = {OVERSIZE: 413, COLLATERAL_UNAVAILABLE: 503, NO_CERTIFICATE: 401, RATE_LIMITED: 429}
 
 log = structlog.get_logger("pydstack.kms")
 

@@ -74,6 +74,7 @@ from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
 from ..trust import Judge
 from .authority import KmsAuthority
+from .certgrants import CertGrants, Grant, RateLimited, at_boot, grant_key, grants_on_log
 from .evidence import (
     MALFORMED,
     MAX_VM_CONFIG,
@@ -89,7 +90,7 @@ from .evidence import (
 )
 from .images import check_request_image
 from .keystore import RootKeyFile
-from .refusal import COLLATERAL_UNAVAILABLE, refuse
+from .refusal import COLLATERAL_UNAVAILABLE, RATE_LIMITED, refuse
 from .writer import DecisionLog
 
 log = structlog.get_logger("pydstack.kms")
@@ -196,6 +197,8 @@ class KmsService:
         self.temp_key = ec.derive_private_key(temp_ca_scalar(root), ec.SECP256R1())
         self.temp_cert_pem = created.temp_ca_cert_pem
         self._deciding: set[asyncio.Task[Any]] = set()
+        self.cert_grants = CertGrants()  # SignCert decisions, re-used per instance and usage
+        self._grants_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -396,12 +399,52 @@ class KmsService:
         return rid, outcome
 
     async def decide_csr(
-        self, att_raw: bytes, spki: bytes, vm_config: str, now: int
-    ) -> tuple[str, KeyIssued]:
-        """SignCert's decision: the attestation must bind the CSR's key (`spki`); Denied or
-        `Refused` otherwise."""
+        self, att_raw: bytes, spki: bytes, vm_config: str, now: int, usage: str = "none"
+    ) -> tuple[str, KeyIssued, Evidence]:
+        """SignCert's decision, bounded per instance, compose hash and `usage` (`certgrants`):
+        the attestation must bind the CSR's key (`spki`); Denied, or `Refused` (nothing
+        appended: evidence, bounds, or another decision for this instance inside its window)
+        otherwise. Returns the deciding request's id, its KeyIssued and this request's own
+        verified evidence (what the certificate may embed)."""
         self._bounded("SignCert", vm_config)
-        return await self._decision("SignCert", present_csr(att_raw, spki), vm_config, now)
+        p = present_csr(att_raw, spki)
+        ev = await self._verified("SignCert", p, vm_config, now)
+        if ev.boot is not None and p.attestation is not None:  # dstack: the boot-time view
+            boot_time = at_boot(ev.boot, p.quote, p.attestation.runtime_events)
+            ev = msgspec.structs.replace(ev, boot=boot_time)
+        if not self.cert_grants.loaded:
+            await self._load_grants()
+        boot = ev.boot
+        key = grant_key(boot, usage) if boot is not None else (
+            p.claimed("app-id"), p.claimed("instance-id"), "", usage)  # fmt: skip
+
+        async def decision() -> Grant:
+            try:
+                rid, outcome, _ = await self._shielded(
+                    self._decide("SignCert", p, ev, vm_config, now, kms=False, usage=usage)
+                )
+            except Denied as d:
+                return Grant(d.request_id, now, KeyDenied(request_id=d.request_id,
+                             reason=d.reason, boot_info=boot))  # fmt: skip
+            return Grant(rid, now, outcome)
+
+        try:
+            grant = await self.cert_grants.decide(key, boot, now, decision)
+        except RateLimited as r:
+            raise refuse("SignCert", RATE_LIMITED, r.reason, app_id=key[0],
+                         instance_id=key[1]) from None  # fmt: skip
+        if isinstance(grant.outcome, KeyDenied):
+            raise Denied(grant.outcome.reason, grant.request_id)
+        return grant.request_id, grant.outcome, ev
+
+    async def _load_grants(self) -> None:
+        """The SignCert grants already on the log, once, before this instance's first."""
+        async with self._grants_lock:
+            if self.cert_grants.loaded:
+                return
+            records, _ = await self.store.read_aggregate(self.subject)
+            allowed = await Judge("kms", self.store.anchor).admitted(self.store, records)
+            self.cert_grants.load(grants_on_log(ok.event for ok in allowed))
 
     async def _shielded(self, decision: Coroutine[Any, Any, _T]) -> _T:
         task = asyncio.create_task(decision)
@@ -433,6 +476,7 @@ class KmsService:
         kms: bool,
         prepare: Callable[[BootInfo], _T] | None = None,
         token: str = "",
+        usage: str = "",
     ) -> tuple[str, Any, _T | None]:
         """Store the request of verified evidence `ev` and its decision. `prepare`: CPU work
         for the answer (key derivation), done while the request travels to the log and the
@@ -449,6 +493,7 @@ class KmsService:
             kms_instance=self.settings.instance_id,
             app_id=p.claimed("app-id"),  # verified: the runtime events replayed to RTMR3
             instance_id=p.claimed("instance-id"),
+            usage=usage,  # SignCert: what its grant is for (certgrants)
         )
         # The request goes on the log while the image is checked and the backend is asked:
         # the append's round trip hides behind theirs instead of adding to it.

@@ -264,6 +264,12 @@ def special_usage(cert: x509.Certificate) -> str | None:
     return raw.decode("utf-8", "replace") if raw is not None else None
 
 
+def app_id_of(cert: x509.Certificate) -> bytes | None:
+    """The app id a certificate names (1.3.6.1.4.1.62397.1.3: an app CA, an app's SignCert
+    certificate), or None when it names none."""
+    return _ext_bytes(cert, OID_APP_ID)
+
+
 def extract_attestation_raw(
     cert: x509.Certificate, max_len: int | None = None
 ) -> tuple[Attestation, bytes]:

@@ -161,6 +161,22 @@ def peer_cert_der(transport: asyncio.BaseTransport | None) -> bytes | None:
     return der if der else None
 
 
+def peer_chain_der(transport: asyncio.BaseTransport | None) -> list[bytes]:
+    """The peer's chain as TLS verified it, leaf first, trust anchor last ([] without one).
+
+    Python 3.13 has `SSLObject.get_verified_chain`; 3.10-3.12 have it on the C object."""
+    if transport is None:
+        return []
+    obj = transport.get_extra_info("ssl_object")
+    if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+        return []
+    public = getattr(obj, "get_verified_chain", None)
+    if public is not None:
+        return [bytes(c) for c in public() or []]
+    chain = obj._sslobj.get_verified_chain()  # type: ignore[union-attr]  # 3.11: not public yet
+    return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain or []]  # type: ignore[attr-defined]
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -53,6 +53,9 @@ class KeyRequested(Event, tag="KeyRequested", frozen=True):
     # Added: the KMS instance that took the request. Replicas may share one identity (one
     # actor name), so a restarted instance closes only the requests its previous life took.
     kms_instance: str = ""
+    # Added: SignCert only, the certificate usage the decision is for ("server", "client",
+    # "server+client", "none"): its grant is reused per (instance, compose hash, usage).
+    usage: str = ""
 
 
 class KeyIssued(Event, tag="KeyIssued", frozen=True):

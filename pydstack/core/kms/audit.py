@@ -113,6 +113,14 @@ def audit_key_issued(requested: KeyRequested, issued: KeyIssued, recheck: Rechec
     if qh != issued.quote_hash or qh != requested.quote_hash:
         problems.append(f"{rid}: quote hash {qh} differs from the recorded {issued.quote_hash}")
     problems += [f"{rid}: re-verification refuses: {reason}" for reason in reasons]
+    if boot is not None and requested.method == "SignCert":
+        # SignCert decides on dstack's boot-time view (RTMR3 up to boot-mr-done, no key
+        # provider: actors/kms/certgrants.at_boot); the re-check derives the current one, so
+        # those two fields are taken as recorded and everything else must match.
+        recorded = issued.boot_info
+        boot = msgspec.structs.replace(
+            boot, mr_aggregated=recorded.mr_aggregated, mr_system=recorded.mr_system
+        )
     if boot != issued.boot_info:
         problems.append(f"{rid}: re-derived BootInfo differs from the recorded one")
     if not issued.backend:

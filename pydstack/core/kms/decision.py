@@ -46,6 +46,7 @@ class KeyRequest(msgspec.Struct, frozen=True, kw_only=True):
     # policy or backend refusal names what was asked for.
     app_id: str = ""
     instance_id: str = ""
+    usage: str = ""  # SignCert: the certificate usage decided for (`KeyRequested.usage`)
 
 
 def quote_hash(quote: bytes) -> str:
@@ -142,6 +143,7 @@ def key_requested(req: KeyRequest) -> KeyRequested:
         verified_at=req.verified_at,
         method=req.method,
         kms_instance=req.kms_instance,
+        usage=req.usage,
     )
 
 
