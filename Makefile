@@ -12,7 +12,7 @@ SOLC_VERSION := 0.8.28
 SOLCJS := $(VENV)/solcjs/.installed-$(SOLC_VERSION)
 # Debian packages the project needs; installed only when missing. nftables + acl: the QEMU
 # backend runs QEMU as its own user (pydstack-qemu, made by the VMM) behind nft rules.
-DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2 qemu-system-x86 qemu-utils mmdebstrap linux-image-amd64 busybox-static e2fsprogs cpio pebble chromium chromium-driver haproxy nginx libnginx-mod-stream wrk docker.io nftables acl
+DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2 qemu-system-x86 qemu-utils mmdebstrap linux-image-amd64 busybox-static e2fsprogs cpio pebble chromium chromium-driver haproxy nginx libnginx-mod-stream wrk docker.io nftables acl ovmf osslsigncode
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: up test lint typecheck unit deps sysdeps bench clean
