@@ -27,6 +27,7 @@ from pydstack.core.apps import (
     boot_info_text,
     build_app_compose,
     decide_remove,
+    decide_revoke_compose,
     decide_upgrade,
 )
 from pydstack.core.events import Event, subject
@@ -148,7 +149,9 @@ def app_info(ctx: click.Context, app_id: str, as_json: bool) -> None:
     click.echo(f"compose   {a.compose_hash}  (registered {fmt_time(a.registered_ns)}, "
                f"{a.upgrades} upgrades)")  # fmt: skip
     for n, h in enumerate(a.history[:-1], 1):
-        click.echo(f"  was {n:>2}  {h}")
+        click.echo(f"  was {n:>2}  {h}{'  REVOKED' if h in a.revoked else ''}")
+    if a.compose_hash in a.revoked:
+        click.echo("  the current compose is REVOKED: no key for it (app upgrade to another)")
     click.echo(f"vms       {len(info.vms) or 'none'}")
     for v in info.vms:
         ports = ", ".join(f"{p.host_port}->{p.vm_port}" for p in v.ports) or "-"
@@ -307,3 +310,39 @@ def app_rm(ctx: click.Context, app_id: str, reason: str, as_json: bool) -> None:
     else:
         vms = ", ".join(r["vms"]) or "none"
         click.echo(f"removed app {r['app_id']} (seq {r['seq']}); remove requested for vms: {vms}")
+
+
+@app_group.command("revoke-compose")
+@connection_options
+@click.argument("app_id")
+@click.argument("compose_hash")
+@click.option("--reason", default="", help="recorded in AppComposeRevoked")
+@json_option
+@click.pass_context
+def app_revoke_compose(
+    ctx: click.Context, app_id: str, compose_hash: str, reason: str, as_json: bool
+) -> None:
+    """Withdraw one compose hash the app allowed (owner or admin): the KMS issues no key and
+    the gateway admits no new registration for it from now on (a running CVM keeps what it
+    has until it reboots); the rest of the history stays allowed."""
+    conn = resolve(ctx)
+
+    async def go() -> dict[str, Any]:
+        async with await connect(conn) as store:
+            cat = await catalog(store)
+            aid = find_app(cat, app_id)
+            info = cat.info(aid)
+            try:
+                event = decide_revoke_compose(
+                    info.app if info else None, aid, compose_hash, reason=reason
+                )
+            except CommandRefused as exc:
+                raise click.ClickException(str(exc)) from None
+            seq = await _commit_with_vms(store, aid, [event], [])
+            return {"app_id": aid, "compose_hash": event.compose_hash, "seq": seq}
+
+    r = run(go())
+    if as_json:
+        echo_json(r)
+    else:
+        click.echo(f"app {r['app_id']}: compose {r['compose_hash'][:16]}… revoked (seq {r['seq']})")

@@ -70,7 +70,7 @@ def append_as(plane: Up, actor: str, subject: str, *events: Event) -> int:
     return asyncio.run(_append(url, plane.data_dir, actor, subject, events))
 
 
-async def guest_env_key(plane: Up, app_compose: str) -> bytes:
+async def guest_env_key(plane: Up, app_compose: str, app_id: str = "") -> bytes:
     """Boot a simulated TDX guest of this app-compose on the KMS of `up` (KmsKeyProvider, RA-TLS)
     and return the env key the KMS derived for it; KeyRequested + KeyIssued land on the log."""
     from pydstack.adapters.sandbox.images import image_registration
@@ -84,6 +84,7 @@ async def guest_env_key(plane: Up, app_compose: str) -> bytes:
     from pydstack_guest.kms_trust import KmsTrust
 
     compose_hash = hashlib.sha256(app_compose.encode()).digest()
+    app = bytes.fromhex(app_id) if app_id else compose_hash[:20]  # an upgrade keeps its app id
     # measured as a TD of a sandbox image the admin registered, in a 1 vCPU, 512 MiB VM
     image = image_registration(register_busybox_image(plane.data_dir).parent, "sandbox-busybox")
     shape = VmShape(cpu_count=1, memory_size=512 << 20)
@@ -91,13 +92,13 @@ async def guest_env_key(plane: Up, app_compose: str) -> bytes:
                        cmdline=image.cmdline)  # fmt: skip
     backend = measured_simulator(QuoteSimulator(DevPki.load(plane.data_dir / "dev-pki")), parts,
                                  shape, mr_config_id=mr_config_id_v1(compose_hash))  # fmt: skip
-    await measure_identity(backend, app_id=compose_hash[:20], app_compose=app_compose,
+    await measure_identity(backend, app_id=app, app_compose=app_compose,
                            instance_id=os.urandom(20))  # fmt: skip
     vm_config = json.dumps({"os_image_hash": image.os_image_hash, "cpu_count": 1,
                             "memory_size": shape.memory_size})  # fmt: skip
     kms_url = plane.ready()["kms"]  # type: ignore[index]
     trust = KmsTrust.dev(plane.data_dir / "dev-pki")  # up's KMS is attested by it
     keys = await KmsKeyProvider(
-        kms_url, backend, trust=trust, app_id=compose_hash[:20], vm_config=vm_config
+        kms_url, backend, trust=trust, app_id=app, vm_config=vm_config
     ).app_keys()
     return keys.env_crypt_key

@@ -73,3 +73,49 @@ def test_unknown_app_is_a_one_line_error(plane: Up) -> None:
         r = cli(plane.data_dir, *args)
         assert r.code == 1 and len(r.err.strip().splitlines()) == 1, r.err
         assert "no app" in r.err or "no events of app" in r.err
+
+
+def test_the_owner_revokes_one_compose_version_and_the_kms_stops_serving_it(
+    plane: Up, tmp_path: Path
+) -> None:
+    """app revoke-compose: the withdrawn version gets a KeyDenied from up's KMS (log backend),
+    the current one still gets its keys; info and the app's story show it; revoking it twice,
+    or a hash the app never allowed, is a one-line error."""
+    import asyncio
+
+    import pytest
+
+    from pydstack_guest.provider import KeyProviderError
+
+    from .support import guest_env_key
+
+    d = plane.data_dir
+    code, lines, err = deploy(plane, str(write_app(tmp_path, "shop", tag="1")), "--no-wait")
+    assert code == 0, err
+    first = merged(lines)
+    app_id, v1 = first["app_id"], first["compose_hash"]
+    r = cli(d, "app", "upgrade", app_id, str(write_app(tmp_path / "v2", "shop", tag="2")),
+            "--json")  # fmt: skip
+    assert r.code == 0, r.err
+    *_, (_, _, upgraded) = events_of(plane, f"dstack.app.{app_id}")
+    assert isinstance(upgraded, AppUpgraded)
+    assert asyncio.run(guest_env_key(plane, first["app_compose"]))  # v1 is allowed so far
+
+    r = cli(d, "app", "revoke-compose", app_id, v1, "--reason", "CVE-2026-7", "--json")
+    assert r.code == 0, r.err
+    assert r.lines()[0]["compose_hash"] == v1
+    with pytest.raises(KeyProviderError, match=f"compose hash {v1} is not one app"):
+        asyncio.run(guest_env_key(plane, first["app_compose"]))
+    assert asyncio.run(guest_env_key(plane, upgraded.compose.decode(), app_id))  # v2 served
+
+    info = cli(d, "app", "info", app_id, "--json").lines()[0]
+    assert info["app"]["revoked"] == [v1] and info["app"]["history"][0] == v1
+    assert f"{v1}  REVOKED" in cli(d, "app", "info", app_id).out
+    story = cli(d, "audit", "--app", app_id, "--json").lines()
+    assert any("revoked" in line.get("text", "") and "CVE-2026-7" in line["text"]
+               for line in story)  # fmt: skip
+    again = cli(d, "app", "revoke-compose", app_id, v1)
+    assert again.code == 1 and "already revoked" in again.err
+    unknown = cli(d, "app", "revoke-compose", app_id, "ab" * 32)
+    assert unknown.code == 1 and "is not one app" in unknown.err
+    assert len(unknown.err.strip().splitlines()) == 1

@@ -49,3 +49,15 @@ async def test_a_vm_requested_with_another_compose_adds_nothing(store: EventStor
     assert not (await backend.authorize_app(boot(EVIL))).is_allowed
     assert not (await backend.authorize_app(boot(V1, app="0x" + APP[:-2]))).is_allowed
     assert not (await backend.authorize_kms(boot(V1))).is_allowed
+
+
+def test_a_revoked_compose_leaves_the_allowed_set_until_named_again() -> None:
+    from pydstack.core.events import AppComposeRevoked
+
+    spelt = "0x" + V1.upper()  # the same hash as a client may spell it
+    events: list[object] = [AppRegistered(app_id=APP, compose_hash=V1),
+                            AppUpgraded(app_id=APP, compose_hash=V2, previous_compose_hash=V1),
+                            AppComposeRevoked(app_id=APP, compose_hash=spelt)]  # fmt: skip
+    assert allowed_composes(events) == {V2}
+    again = AppUpgraded(app_id=APP, compose_hash=V1, previous_compose_hash=V2)
+    assert allowed_composes([*events, again]) == {V1, V2}

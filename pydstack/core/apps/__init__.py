@@ -28,7 +28,14 @@ from ._commands import (
     parse_port,
     plan_deploy,
 )
-from ._decide import Outcome, decide_deploy_app, decide_remove, decide_upgrade, live_vms
+from ._decide import (
+    Outcome,
+    decide_deploy_app,
+    decide_remove,
+    decide_revoke_compose,
+    decide_upgrade,
+    live_vms,
+)
 from ._story import AppStory, StoryLine, boot_info_text
 from ._watch import Step, Watch, step, waiting_for
 
@@ -36,7 +43,8 @@ __all__ = [
     "ACTIONS", "AppCatalog", "AppInfo", "AppStory", "BadInput", "CommandRefused",
     "CommandRequest", "ComposeRequest", "DeployPlan", "DeployRequest", "GatewayRow", "KeyRow",
     "Outcome", "Step", "StoryLine", "VmCommand", "Watch", "as_app_compose", "boot_info_text",
-    "build_app_compose", "compose_ids", "decide_deploy_app", "decide_remove", "decide_upgrade",
+    "build_app_compose", "compose_ids", "decide_deploy_app", "decide_remove",
+    "decide_revoke_compose", "decide_upgrade",
     "decide_vm_command", "decode_body", "live_vms", "parse_port", "plan_deploy", "step",
     "waiting_for",
 ]  # fmt: skip

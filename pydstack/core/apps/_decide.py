@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from pydstack.core.events import (
+    AppComposeRevoked,
     AppRegistered,
     AppRemoved,
     AppUpgraded,
@@ -106,3 +107,20 @@ def decide_remove(
         raise CommandRefused(f"app {app_id} is already removed")
     removals = [VmRemoveRequested(vm_id=v.vm_id) for v in live_vms(vms, app_id)]
     return AppRemoved(app_id=app_id, reason=reason), removals
+
+
+def decide_revoke_compose(
+    app: App | None, app_id: str, compose_hash: str, *, reason: str = ""
+) -> AppComposeRevoked:
+    """Withdraw one compose hash the app's history allowed: no key or route for it from then
+    on. Refused for an unknown app or hash, or one already withdrawn."""
+    h = compose_hash.lower().removeprefix("0x")
+    if app is None:
+        raise CommandRefused(f"no app {app_id}", 404)
+    if app.removed:
+        raise CommandRefused(f"app {app_id} is removed: nothing to revoke")
+    if h not in app.history:
+        raise CommandRefused(f"compose {h[:16]}… is not one app {app_id} ever allowed", 404)
+    if h in app.revoked:
+        raise CommandRefused(f"compose {h[:16]}… of app {app_id} is already revoked")
+    return AppComposeRevoked(app_id=app_id, compose_hash=h, reason=reason)

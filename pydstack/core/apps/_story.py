@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from pydstack.core.events import (
+    AppComposeRevoked,
     AppRegistered,
     AppRemoved,
     AppUpgraded,
@@ -135,6 +136,10 @@ class AppStory:
                         f"{e.compose_hash}")  # fmt: skip
             case AppRemoved():
                 return f"removed ({e.reason or 'no reason given'})"
+            case AppComposeRevoked():
+                why = e.reason or "no reason given"
+                return (f"compose {_h(e.compose_hash)} revoked: no key for it, no new "
+                        f"registration ({why})")  # fmt: skip
             case _:
                 return f"{type(e).__name__}"
 

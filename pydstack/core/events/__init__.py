@@ -1,7 +1,7 @@
 """Typed events, their signed and hash-chained envelope, and aggregate subjects."""
 
 from ._base import Event, tag_of
-from .apps import AppRegistered, AppRemoved, AppUpgraded
+from .apps import AppComposeRevoked, AppRegistered, AppRemoved, AppUpgraded
 from .catalogue import (
     EVENT_TYPES,
     AnyEvent,
@@ -80,6 +80,7 @@ __all__ = [
     "EVENT_TYPES",
     "AcmeAccountCreated",
     "AnyEvent",
+    "AppComposeRevoked",
     "AppEvent",
     "AppRegistered",
     "AppRemoved",

@@ -24,6 +24,16 @@ class AppUpgraded(Event, tag="AppUpgraded", frozen=True):
     compose: bytes = b""
 
 
+class AppComposeRevoked(Event, tag="AppComposeRevoked", frozen=True):
+    """The owner withdraws one compose hash the app's history allowed (e.g. a version with a
+    vulnerability): no key and no new gateway registration for it from now on. History stays
+    add-only; only a later registration or upgrade naming the same hash allows it again."""
+
+    app_id: str
+    compose_hash: str
+    reason: str = ""
+
+
 class AppRemoved(Event, tag="AppRemoved", frozen=True):
     app_id: str
     reason: str = ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from .apps import AppRegistered, AppRemoved, AppUpgraded
+from .apps import AppComposeRevoked, AppRegistered, AppRemoved, AppUpgraded
 from .gateways import (
     AcmeAccountCreated,
     CertificateIssued,
@@ -51,7 +51,7 @@ from .vms import (
     VmUpdateRequested,
 )
 
-AppEvent = AppRegistered | AppUpgraded | AppRemoved
+AppEvent = AppRegistered | AppUpgraded | AppRemoved | AppComposeRevoked
 VmEvent = (
     VmRequested
     | VmScheduled
@@ -101,7 +101,7 @@ AnyEvent = (
 )
 
 EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
-    AppRegistered, AppUpgraded, AppRemoved,
+    AppRegistered, AppUpgraded, AppRemoved, AppComposeRevoked,
     VmRequested, VmScheduled, VmRejected, VmStartRequested, VmStopRequested, VmRemoveRequested,
     VmStarted, VmBootProgress, VmBootError, VmExited, VmStopped, VmRemoved,
     VmRestartScheduled, VmRestartExhausted, VmUpdateRequested, VmUpdated, VmUpdateRejected,

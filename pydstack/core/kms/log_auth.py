@@ -2,8 +2,10 @@
 
 An app may get its keys for a compose hash exactly when one of its ``AppRegistered`` /
 ``AppUpgraded`` events (allowed by the write policy: the app's owner or an admin) names it.
-The set only grows (every version ever allowed stays on the log, auditable) until the owner
-removes the app (``AppRemoved`` revokes all of it; a later ``AppRegistered`` starts again).
+The history only grows (every version ever allowed stays on the log, auditable); the owner
+shrinks the allowed set by withdrawing one version (``AppComposeRevoked``, until a later
+registration or upgrade names it again) or all of them (``AppRemoved``; a later
+``AppRegistered`` starts again).
 A VM created under an app id adds nothing: only app events count. Usage::
 
     allowed = allowed_composes(admitted_app_events)      # {compose hash hex, ...}
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pydstack.core.events import AppRegistered, AppRemoved, AppUpgraded
+from pydstack.core.events import AppComposeRevoked, AppRegistered, AppRemoved, AppUpgraded
 from pydstack.core.events.kms import BootInfo
 
 from .auth import AuthVerdict
@@ -33,6 +35,8 @@ def allowed_composes(events: Iterable[object]) -> frozenset[str]:
         match e:
             case AppRegistered() | AppUpgraded():
                 allowed.add(e.compose_hash.lower().removeprefix("0x"))
+            case AppComposeRevoked():  # the owner withdrew this version
+                allowed.discard(e.compose_hash.lower().removeprefix("0x"))
             case AppRemoved():
                 allowed.clear()
             case _:

@@ -19,6 +19,7 @@ from typing import Final
 
 from pydstack.core.events import (
     AcmeAccountCreated,
+    AppComposeRevoked,
     AppRegistered,
     AppRemoved,
     AppUpgraded,
@@ -134,7 +135,7 @@ _VM_COMMANDS: Final = frozenset({OPERATOR, ADMIN, VMM, TENANT})
 
 WRITERS: Final[Mapping[tuple[str, str], frozenset[str]]] = {
     # commands (CLI, dashboard): the operator's and the tenants', under the app owner rule
-    **_rows("app", _COMMANDS, AppRegistered, AppUpgraded, AppRemoved),
+    **_rows("app", _COMMANDS, AppRegistered, AppUpgraded, AppRemoved, AppComposeRevoked),
     **_rows("vm", _VM_COMMANDS, VmRequested, VmStartRequested, VmStopRequested,
             VmRemoveRequested, VmUpdateRequested),
     # the scheduler's decisions (a VMM re-places its own VM on an accepted update)

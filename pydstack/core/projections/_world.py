@@ -12,6 +12,7 @@ from typing import Final, Literal
 
 from pydstack.core.events import (
     AnyEvent,
+    AppComposeRevoked,
     AppRegistered,
     AppRemoved,
     AppUpgraded,
@@ -40,7 +41,7 @@ from ._applied import Applied
 Model = Literal["apps", "vms", "hosts"]
 
 _MODEL: Final[dict[type, Model]] = {
-    **dict.fromkeys((AppRegistered, AppUpgraded, AppRemoved), "apps"),
+    **dict.fromkeys((AppRegistered, AppUpgraded, AppRemoved, AppComposeRevoked), "apps"),
     **dict.fromkeys(
         (
             VmRequested, VmScheduled, VmRejected, VmStartRequested, VmStopRequested,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from msgspec import Struct
 from msgspec.structs import replace
 
-from pydstack.core.events import AppRegistered, AppRemoved, AppUpgraded
+from pydstack.core.events import AppComposeRevoked, AppRegistered, AppRemoved, AppUpgraded
 
 from ._applied import Applied
 
@@ -24,6 +24,7 @@ class App(Struct, frozen=True, kw_only=True):
     compose_hash: str  # the current one
     compose: bytes = b""  # raw app-compose.json of the current compose_hash
     history: tuple[str, ...] = ()  # every compose hash, oldest first, current last
+    revoked: tuple[str, ...] = ()  # compose hashes the owner withdrew since they were allowed
     upgrades: int = 0
     removed: bool = False
     removed_reason: str = ""
@@ -56,10 +57,17 @@ def apply(state: App | None, a: Applied) -> App | None:
                 compose_hash=e.compose_hash,
                 compose=e.compose,
                 history=(*state.history, e.compose_hash),
+                revoked=tuple(h for h in state.revoked if h != e.compose_hash),
                 upgrades=state.upgrades + 1,
                 updated_ns=a.time_ns,
                 seq=a.seq,
             )
+        case AppComposeRevoked() as e if (
+            state is not None and not state.removed and e.compose_hash in state.history
+            and e.compose_hash not in state.revoked
+        ):  # fmt: skip
+            revoked = (*state.revoked, e.compose_hash)
+            return replace(state, revoked=revoked, updated_ns=a.time_ns, seq=a.seq)
         case AppRemoved() as e if state is not None and not state.removed:
             return replace(
                 state, removed=True, removed_reason=e.reason, updated_ns=a.time_ns, seq=a.seq
