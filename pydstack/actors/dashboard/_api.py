@@ -202,8 +202,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if backlog:
             await resp.write(_sse(Update(seq, backlog, frozenset(_LIVE_VIEWS))))
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the update when it
+            # and the handler's cancel (client gone, shutdown) arrive together, losing the cancel.
             try:
-                update = await asyncio.wait_for(sub.get(), KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):
+                    update = await sub.get()
             except TimeoutError:
                 await resp.write(b": keepalive\n\n")
                 continue

@@ -198,12 +198,16 @@ class Supervisor:
                 return entry.info()
             entry.stopping = True
             self._signal(entry, signal.SIGKILL if grace == 0 else signal.SIGTERM)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns when the exit and a
+            # cancel arrive together, losing the cancel (close(stop_all=True) runs at shutdown).
             try:
-                await asyncio.wait_for(entry.exited.wait(), grace or 10.0)
+                async with asyncio.timeout(grace or 10.0):
+                    await entry.exited.wait()
             except TimeoutError:
                 log.warning("stop timed out, killing", id=process_id, grace_s=grace)
                 self._signal(entry, signal.SIGKILL)
-                await asyncio.wait_for(entry.exited.wait(), 10.0)
+                async with asyncio.timeout(10.0):
+                    await entry.exited.wait()
         log.info("stopped", id=process_id, exit_code=entry.state.exit_code)
         return entry.info()
 

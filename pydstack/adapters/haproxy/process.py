@@ -102,8 +102,9 @@ class HaproxyProcess:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancel
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()

@@ -284,7 +284,8 @@ async def _direct_batch(
         out: list[Msg] = []
         pending = 0
         while True:
-            msg = await asyncio.wait_for(queue.get(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see EventStore.read
+                msg = await queue.get()
             hdrs = msg.headers or {}
             status = hdrs.get("Status", "")
             if status == "404" and not out:

@@ -196,8 +196,9 @@ class NatsServer:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)  # lame-duck free shutdown, flushes JetStream
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancel
+            async with asyncio.timeout(timeout):
+                await asyncio.to_thread(proc.wait)
         except TimeoutError:
             proc.kill()
             proc.wait()

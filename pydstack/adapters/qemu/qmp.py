@@ -78,8 +78,11 @@ class Qmp:
 
     async def wait_shutdown(self, timeout_s: float) -> str | None:
         """The reason of the next SHUTDOWN event, or None when none came in time."""
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the event when it and
+        # a cancel arrive together, losing the cancel (a cancelled VM stop would run on).
         try:
-            event = await asyncio.wait_for(self._shutdowns.get(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                event = await self._shutdowns.get()
         except TimeoutError:
             return None
         raw = event.get("data")

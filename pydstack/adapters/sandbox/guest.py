@@ -168,8 +168,10 @@ async def main(wd: Path) -> int:
             stack.callback(server.close)
         emit(wd, "ready", ",".join(f"{s.getsockname()[1]}->{p}" for s, p in LISTENERS))
         while not stop.is_set():
+            # asyncio.timeout: 3.11's wait_for can lose a cancel (see EventStore.read)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
             if dockerd.poll() is not None:
                 emit(wd, "error", f"dockerd exited with {dockerd.returncode}")
                 return 1

@@ -190,8 +190,11 @@ class UserspaceBackend(WireGuardBackend):
         return device
 
     async def _wait_ready(self, device: UserspaceDevice, proc: asyncio.subprocess.Process) -> None:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns when the device gets
+        # ready as a cancel arrives, losing the cancel.
         try:
-            await asyncio.wait_for(self._poll_ready(device, proc), timeout=10)
+            async with asyncio.timeout(10):
+                await self._poll_ready(device, proc)
         except TimeoutError as exc:
             raise DeviceError(
                 f"wireguard-go for {device.ifname} did not open {device.socket_path} in 10s"
