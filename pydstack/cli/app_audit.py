@@ -33,16 +33,22 @@ def _relevant(f: Finding, story: AppStory) -> bool:
 
 async def _read(
     conn: Conn, app_id: str, ring: Keyring | None
-) -> tuple[AppStory, list[Finding], dict[str, list[tuple[int, bytes]]]]:
+) -> tuple[
+    AppStory, list[Finding], dict[str, list[tuple[int, bytes]]], list[tuple[int, str, object]]
+]:  # fmt: skip
+    from .audit import image_record
+
     auditor = Auditor(keyring=ring, first_seq=1, anchor=conn.anchor)
     story = AppStory(app_id)
     findings: list[Finding] = []
     kms: dict[str, list[tuple[int, bytes]]] = {}
+    images: list[tuple[int, str, object]] = []
     async with await connect(conn) as store:
         last = await store.last_seq()
         if last:
             async for rec in store.read(until_seq=last):
                 findings += auditor.check(rec.seq, rec.subject, rec.data)
+                images.extend(image_record(rec.seq, rec.subject, rec.data, auditor.refused))
                 try:
                     env = open_envelope(rec.data)
                     event = decode_body(env)
@@ -55,7 +61,7 @@ async def _read(
                 if line is not None and rec.subject.startswith("dstack.kms."):
                     kms.setdefault(rec.subject, []).append((rec.seq, rec.data))
         findings += auditor.finish(last)
-    return story, findings, kms
+    return story, findings, kms, images
 
 
 def audit_app(
@@ -70,12 +76,12 @@ def audit_app(
     from .audit import recheck_kms
 
     app_id = app_id.lower().removeprefix("0x")
-    story, findings, kms = run(_read(conn, app_id, ring))
+    story, findings, kms, images = run(_read(conn, app_id, ring))
     if not story.lines:
         raise click.ClickException(f"no events of app {app_id} on the log (pydstack app ls)")
     mine = [f for f in findings if _relevant(f, story)]
     for subj, recs in kms.items():
-        mine += recheck_kms(subj, recs, collateral, dev_pki)
+        mine += recheck_kms(subj, recs, collateral, dev_pki, images)
     elsewhere = sum(f.severity == "error" and not _relevant(f, story) for f in findings)
     by_seq: dict[int, list[Finding]] = {}
     story_seqs = {ln.seq for ln in story.lines}

@@ -79,6 +79,7 @@ def audit_cmd(
     if dev_pki is None and collateral is None and (conn.data.path / "dev-pki").is_dir():
         dev_pki = conn.data.path / "dev-pki"
     kms_logs: dict[str, list[tuple[int, bytes]]] = {}
+    images: list[tuple[int, str, object]] = []  # admitted image events, for the image checks
     ring_path = None if no_keyring else (keyring_file or conn.keyring_path)
     if ring_path is not None and not ring_path.exists():
         if keyring_file is not None:
@@ -114,10 +115,12 @@ def audit_cmd(
                         emit(auditor.check(rec.seq, rec.subject, rec.data))
                         if rec.subject.startswith("dstack.kms."):
                             kms_logs.setdefault(rec.subject, []).append((rec.seq, rec.data))
+                        images.extend(image_record(rec.seq, rec.subject, rec.data,
+                                                   auditor.refused))  # fmt: skip
                         bar.update()
             emit(auditor.finish(last))
         extra = [f for subj, recs in kms_logs.items()
-                 for f in recheck_kms(subj, recs, collateral, dev_pki)]  # fmt: skip
+                 for f in recheck_kms(subj, recs, collateral, dev_pki, images)]  # fmt: skip
         emit(extra)
         s = auditor.summary()
         errors = sum(f.severity == "error" for f in extra)
@@ -135,16 +138,71 @@ def audit_cmd(
         raise click.ClickException(f"audit failed at {f.reason}{more}")
 
 
+def image_record(rec_seq: int, subject: str, data: bytes, refused: dict[int, str]) -> list[
+    tuple[int, str, object]
+]:  # fmt: skip
+    """An admitted image event as the re-check of image checks needs it (else nothing)."""
+    from pydstack.core.events import CodecError, decode_body, open_envelope
+
+    if not subject.startswith("dstack.image.") or rec_seq in refused:
+        return []
+    try:
+        return [(rec_seq, subject, decode_body(open_envelope(data)))]
+    except CodecError:
+        return []
+
+
+def recheck_images(
+    subj: str, events: list[tuple[int, object]], images: list[tuple[int, str, object]],
+    simulated: bool,
+) -> list[Finding]:  # fmt: skip
+    """Re-run each KeyIssued's image check with the images the log held when it was decided:
+    the recorded summary must come out again, from the recorded attestation and vm_config."""
+    from pydstack.actors.kms.images import quote_measurements
+    from pydstack.adapters.tdx.attestation import AttestationDecodeError, decode_attestation
+    from pydstack.core.events import KeyIssued, KeyRequested
+    from pydstack.core.measure import check_image
+    from pydstack.core.measure.check import image_at
+
+    requests: dict[str, KeyRequested] = {}
+    out: list[Finding] = []
+    for seq, e in events:
+        if isinstance(e, KeyRequested):
+            requests.setdefault(e.request_id, e)
+        if not isinstance(e, KeyIssued) or not e.image_check:
+            continue
+        req = requests.get(e.request_id)
+        if req is None:
+            continue  # audit_kms_log names the missing request
+        try:
+            measured = quote_measurements(decode_attestation(req.attestation).quote)
+        except (AttestationDecodeError, ValueError) as exc:
+            measured, why = None, f"attestation: {exc}"
+        if measured is not None:
+            h = e.boot_info.os_image_hash
+            again = check_image(image_at(images, h, seq), h, req.vm_config, measured,
+                                simulated=simulated)  # fmt: skip
+            if again.ok and again.summary == e.image_check:
+                continue
+            why = "; ".join(again.reasons) or f"re-check says {again.summary!r}"
+        reason = f"seq {seq}: {subj}: {e.request_id}: image check does not hold: {why}"
+        out.append(Finding(seq=seq, code="kms_image_check", reason=reason, subject=subj))
+    return out
+
+
 def recheck_kms(
-    subj: str, recs: list[tuple[int, bytes]], collateral: Path | None, dev_pki: Path | None
-) -> list[Finding]:
-    """Re-verify one KMS aggregate's decisions against their recorded evidence and policy."""
+    subj: str, recs: list[tuple[int, bytes]], collateral: Path | None, dev_pki: Path | None,
+    images: list[tuple[int, str, object]] | None = None,
+) -> list[Finding]:  # fmt: skip
+    """Re-verify one KMS aggregate's decisions against their recorded evidence and policy,
+    and (with `images`, the admitted image events) their image checks."""
     from pydstack.actors.kms import make_recheck
     from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json
     from pydstack.core.events import CodecError, KeyIssued, decode_body, open_envelope
     from pydstack.core.kms import audit_kms_log
 
     events = []
+    sequenced: list[tuple[int, object]] = []
     seq_of: dict[str, int] = {}  # request id -> seq of its decision, to name it in findings
     for seq, data in recs:
         try:
@@ -152,6 +210,7 @@ def recheck_kms(
         except CodecError:
             continue  # already reported by the log audit
         events.append(body)
+        sequenced.append((seq, body))
         rid = getattr(body, "request_id", None)
         if isinstance(rid, str):
             seq_of[rid] = seq
@@ -184,7 +243,7 @@ def recheck_kms(
         at["now"] = now
         return inner(raw, vm_config, policy, now)
 
-    out = []
+    out = recheck_images(subj, sequenced, images, dev_pki is not None) if images is not None else []
     for p in audit_kms_log(events, recheck):
         seq = seq_of.get(p.split(":", 1)[0], first)
         out.append(Finding(seq=seq, code="kms_decision", reason=f"seq {seq}: {subj}: {p}",

@@ -107,3 +107,76 @@ def test_audit_catches_a_signed_but_lying_kms_decision(tmp_path: Path) -> None:
         assert "1 errors" in r.out
     finally:
         assert plane.stop() == 0
+
+
+def test_audit_re_runs_the_image_check_of_every_key_issued(tmp_path: Path) -> None:
+    """A KMS (its key signs) records a decision for a request that names another registered
+    image than the TD booted, with a consistent BootInfo and a passing image check: `pydstack
+    audit` re-runs the check with the images the log held then and fails, naming the register;
+    the genuine decisions before it re-check clean."""
+    import asyncio
+    import json
+
+    import msgspec
+
+    from pydstack.adapters.nats import EventStore
+    from pydstack.adapters.nats.identity import IdentityStore
+    from pydstack.core.events import KeyIssued, KeyRequested, decode_body, open_envelope
+
+    home = tmp_path / "home"
+    plane = Up(home, extra=("--no-gateway", "--kms-auth", "dev")).start()
+    try:
+        url, kms_url = plane.ready()["nats_url"], plane.ready()["kms"]  # type: ignore[index]
+        image = register_busybox_image(home)
+        other = tmp_path / "other-image"  # a second registered image: other content, other hash
+        other.mkdir()
+        (other / "rootfs.tar").write_bytes((image / "rootfs.tar").read_bytes())
+        meta = json.loads((image / "metadata.json").read_text())
+        (other / "metadata.json").write_text(json.dumps({**meta, "version": "evil"}))
+        r = cli(home, "image", "register", str(other), "--json")
+        assert r.code == 0, r.err
+        other_hash = r.lines()[0]["os_image_hash"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
+        log = tmp_path / "sim.log"
+        with log.open("wb") as f:
+            sim = subprocess.Popen(
+                [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"), "--socket",
+                 str(tmp_path / "d.sock"), "--kms", kms_url, "--dev-pki", str(home / "dev-pki"),
+                 "--image", str(image)],
+                stdout=f, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        try:
+            wait_for(lambda: "app keys from" in log.read_text() or sim.poll() is not None,
+                     timeout=30, what="keys")  # fmt: skip
+        finally:
+            sim.terminate()
+            sim.wait(timeout=10)
+        assert cli(home, "audit").code == 0  # the genuine decision re-checks, image included
+
+        async def forge() -> int:
+            kms = IdentityStore(home / "identities").load("kms")
+            assert kms is not None
+            async with await EventStore.connect(url, kms.signer, nkey_seed=kms.seed) as store:
+                recs, version = await store.read_aggregate("dstack.kms.main")
+                bodies = [decode_body(open_envelope(r.data)) for r in recs]
+                req = next(b for b in bodies if isinstance(b, KeyRequested))
+                issued = next(b for b in bodies if isinstance(b, KeyIssued))
+                claimed = {**json.loads(req.vm_config), "os_image_hash": other_hash}
+                again = msgspec.structs.replace(req, request_id="forged",
+                                                vm_config=json.dumps(claimed))  # fmt: skip
+                lie = msgspec.structs.replace(
+                    issued, request_id="forged",
+                    boot_info=msgspec.structs.replace(issued.boot_info, os_image_hash=other_hash),
+                    image_check=issued.image_check.replace("sandbox-busybox", "other-image"),
+                )  # fmt: skip
+                v = await store.append("dstack.kms.main", [again, lie], version)
+                return v.seq
+
+        seq = asyncio.run(forge())
+        r = cli(home, "audit")
+        assert r.code == 1
+        assert f"seq {seq}: dstack.kms.main: forged: image check does not hold" in r.out, r.out
+        assert "RTMR2 is" in r.out and "the image gives" in r.out
+        assert "re-derived BootInfo differs" not in r.out  # only the image betrays it
+    finally:
+        assert plane.stop() == 0

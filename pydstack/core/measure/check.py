@@ -23,7 +23,9 @@ from pydstack.core.events.images import ImageRegistered, ImageRevoked, ShapeMeas
 from .shape import ShapeError, VmShape, shape_of_vm_config
 from .simulated import ImageParts, Measured, simulated_measurements
 
-__all__ = ["ImageCheck", "ShapeMeasurements", "check_image", "expected_for", "latest_image"]
+__all__ = [
+    "ImageCheck", "ShapeMeasurements", "check_image", "expected_for", "image_at", "latest_image",
+]  # fmt: skip
 
 _FIELDS = ("mr_td", "rtmr0", "rtmr1", "rtmr2")
 _LABEL = {"mr_td": "MRTD", "rtmr0": "RTMR0", "rtmr1": "RTMR1", "rtmr2": "RTMR2"}
@@ -55,6 +57,15 @@ def latest_image(events: Iterable[object], aggregate_id: str) -> ImageRegistered
         elif isinstance(e, ImageRevoked):
             image = None
     return image
+
+
+def image_at(
+    records: Iterable[tuple[int, str, object]], os_image_hash: str, before: int
+) -> ImageRegistered | None:
+    """The image as the admitted records ``(seq, subject, event)`` left it before seq
+    `before`: what a KMS deciding then could read (an auditor's re-check)."""
+    subj = f"dstack.image.{os_image_hash}"
+    return latest_image((e for s, sj, e in records if sj == subj and s < before), os_image_hash)
 
 
 def _shape_of(m: ShapeMeasurements) -> VmShape:
