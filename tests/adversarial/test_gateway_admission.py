@@ -332,11 +332,11 @@ async def test_get_tls_key_chain_verifies_to_the_kms_root_through_the_app_ca(
 async def test_a_signcert_flood_by_one_instance_adds_one_decision_per_usage(
     kms: Kms, pki: DevPki
 ) -> None:
-    """One instance sends 120 SignCert requests for client certificates, 120 for server
-    certificates, and 40 more with other measurements (another os_image_hash in vm_config):
-    every certificate is issued for its own key, the log grows by one KeyRequested + one
-    KeyIssued per usage, the other measurements get 429 and nothing; an instance whose
-    compose is not allowed floods 60: each gets the same 403 and its one KeyDenied."""
+    """One instance sends 120 SignCert requests for client certificates and 120 for server
+    certificates: every certificate is issued for its own key, the log grows by one
+    KeyRequested + KeyIssued per usage. 40 more claim four other images: two get their own
+    (refused) decision, the rest 429 and nothing (three decisions per window). An instance
+    whose compose is not allowed floods 60: each gets the same 403 and its one KeyDenied."""
     cvm = make_cvm(pki, instance_id=b"\x51" * 20)
     before = len(await kms.events())
 
@@ -353,18 +353,23 @@ async def test_a_signcert_flood_by_one_instance_adds_one_decision_per_usage(
     assert [type(e) for e in new] == [KeyRequested, KeyIssued] * 2, new
     assert [e.usage for e in new if isinstance(e, KeyRequested)] == ["client", "server"]
 
-    other_image = json.dumps({**json.loads(VM_CONFIG), "os_image_hash": "ab" * 32})
-
-    async def other_measurements() -> int:
+    async def other_measurements(vm_config: str) -> int:
         key = ec.generate_private_key(ec.SECP256R1())
         try:
-            await sign_cert(kms, cvm, key, vm_config=other_image)
+            await sign_cert(kms, cvm, key, vm_config=vm_config)
         except KmsCallError as e:
             return e.status
         return 200
 
-    assert set(await asyncio.gather(*(other_measurements() for _ in range(40)))) == {429}
-    assert len(await kms.events()) == before + 4
+    # Other claimed images: each is decided once (refused: no such image), up to three
+    # decisions per instance, compose hash and usage in a window; beyond, 429 and nothing.
+    for n, want in enumerate((403, 403, 429, 429)):
+        other = json.dumps({**json.loads(VM_CONFIG), "os_image_hash": f"{n + 1:02x}" * 32})
+        statuses = await asyncio.gather(*(other_measurements(other) for _ in range(10)))
+        assert set(statuses) == {want}, (n, statuses)
+    new = (await kms.events())[before + 4 :]
+    assert [type(e) for e in new] == [KeyRequested, KeyDenied] * 2, new
+    before += 8
 
     refused = make_cvm(pki, compose=EVIL_COMPOSE, instance_id=b"\x52" * 20)
 
@@ -375,6 +380,6 @@ async def test_a_signcert_flood_by_one_instance_adds_one_decision_per_usage(
         return e.value.error
 
     reasons = await asyncio.gather(*(denied() for _ in range(60)))
-    new = (await kms.events())[before + 4 :]
+    new = (await kms.events())[before:]
     assert [type(e) for e in new] == [KeyRequested, KeyDenied], new
     assert set(reasons) == {new[1].reason}

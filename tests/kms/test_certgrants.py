@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
@@ -43,17 +44,28 @@ async def test_one_decision_for_concurrent_requests_then_reuse_within_the_window
     assert (await grants.decide(KEY, BOOT, 1100, decide)).request_id == "r2"
 
 
-async def test_other_measurements_inside_the_window_are_rate_limited() -> None:
-    grants = CertGrants(issued_ttl=100)
+async def test_other_measurements_get_their_own_decision_up_to_the_bound() -> None:
+    """Another BootInfo of the same key is decided anew (a TCB status that changed), at most
+    `per_window` decisions in a window; beyond, 429 until the oldest expires."""
+    grants = CertGrants(issued_ttl=100, per_window=2)
+    ids = iter(["r1", "r2", "r3"])
 
-    async def decide() -> Grant:
-        return Grant("r1", 1000, issued("r1"))
+    def decider(boot: BootInfo, at: int) -> Callable[[], Awaitable[Grant]]:
+        async def decide() -> Grant:
+            rid = next(ids)
+            return Grant(rid, at, issued(rid, boot))
 
-    await grants.decide(KEY, BOOT, 1000, decide)
-    other = msgspec.structs.replace(BOOT, os_image_hash="ee" * 32)
+        return decide
+
+    other = msgspec.structs.replace(BOOT, tcb_status="OutOfDate")
+    third = msgspec.structs.replace(BOOT, os_image_hash="ee" * 32)
+    assert (await grants.decide(KEY, BOOT, 1000, decider(BOOT, 1000))).request_id == "r1"
+    assert (await grants.decide(KEY, other, 1010, decider(other, 1010))).request_id == "r2"
+    assert (await grants.decide(KEY, BOOT, 1020, decider(BOOT, 1020))).request_id == "r1"
     with pytest.raises(RateLimited) as e:
-        await grants.decide(KEY, other, 1010, decide)
-    assert e.value.retry_after == 90
+        await grants.decide(KEY, third, 1020, decider(third, 1020))
+    assert e.value.retry_after == 80
+    assert (await grants.decide(KEY, third, 1100, decider(third, 1100))).request_id == "r3"
 
 
 async def test_a_failed_decision_is_not_a_grant() -> None:
@@ -64,7 +76,7 @@ async def test_a_failed_decision_is_not_a_grant() -> None:
 
     with pytest.raises(ConnectionError):
         await grants.decide(KEY, BOOT, 1000, broken)
-    assert grants.current(KEY, 1000) is None
+    assert grants.current(KEY, 1000) == []
 
 
 def test_grants_are_read_back_from_the_log() -> None:
@@ -84,8 +96,11 @@ def test_grants_are_read_back_from_the_log() -> None:
     ]
     got = grants_on_log(events)
     assert got.keys() == {KEY, grant_key(BOOT, "server")}
-    assert got[KEY].request_id == "a" and got[KEY].decided_at == 10
-    assert isinstance(got[grant_key(BOOT, "server")].outcome, KeyDenied)
+    assert [(g.request_id, g.decided_at) for g in got[KEY]] == [("a", 10)]
+    assert isinstance(got[grant_key(BOOT, "server")][0].outcome, KeyDenied)
+    grants = CertGrants()
+    grants.load(got)
+    assert [g.request_id for g in grants.current(KEY, 20)] == ["a"]
 
 
 def test_usage_is_the_eku_flags() -> None:

@@ -1,29 +1,31 @@
-"""SignCert decisions, bounded per instance and usage: a decision is made (and logged) once
-per (app, instance, compose hash, usage) and window, then re-used.
+"""SignCert decisions, bounded per instance and usage: a few decisions (and their log
+entries) per (app, instance, compose hash, usage) and window, each then re-used.
 
 A CVM asks for certificates again and again (its gateway registration, every `GetTlsKey` of
 its apps), and an app can ask in a loop. Deciding each one as a key request appends a
 `KeyRequested` (its whole attestation, up to 256 KiB) and a decision: an instance could grow
-the permanent log without bound. So the first SignCert of an instance for a usage is decided
-as any key request (evidence verified, `KeyRequested` with its ``usage``, the backend asked,
-`KeyIssued`/`KeyDenied`, on the boot-time measurements as dstack decides SignCert: `at_boot`)
-and becomes a *grant*; within the grant's window (`ISSUED_TTL` for an
-issue, `DENIED_TTL` for a refusal, from the decision's ``verified_at``) every later SignCert of
-that key whose freshly verified evidence yields the **same BootInfo** is answered under it and
-appends nothing: an issue signs the new certificate (each certificate's evidence is still
-verified, so it binds its own key), a refusal answers the same 403 with the decision's request
-id. The same key with another BootInfo inside the window (another TCB status, image or
-measurement of that very instance) is refused, 429 `rate_limited`, nothing appended; after
-the window the next request is decided anew. Concurrent requests for one key wait for the one
-decision in flight.
+the permanent log without bound. So a SignCert is decided as any key request (evidence
+verified, `KeyRequested` with its ``usage``, the backend asked, `KeyIssued`/`KeyDenied`, on
+the boot-time measurements as dstack decides SignCert: `at_boot`) only when no decision of
+its key inside the window has the same BootInfo; that decision becomes a *grant*. Within a
+grant's window (`ISSUED_TTL` for an issue, `DENIED_TTL` for a refusal, from the decision's
+``verified_at``) every later SignCert of the key whose freshly verified evidence yields the
+**same BootInfo** is answered under it and appends nothing: an issue signs the new
+certificate (each request's evidence is still verified, so it binds its own key), a refusal
+answers the same 403 with the decision's request id. Another BootInfo of that very instance
+(a TCB status that changed with the collateral, another claimed image) gets its own
+decision, at most `PER_WINDOW` per key in a window; beyond, 429 `rate_limited`, nothing
+appended, until the oldest leaves its window. Concurrent requests for one key wait for the
+one decision in flight.
 
-Bound: per key and window at most one `KeyRequested` + one decision per KMS replica (replicas
-share grants through the log only when they load it, at their first SignCert). The usage is
-one of four values (EKU flags), so one instance and compose hash add at most 8 events per
-replica per hour, however often it asks. Grants survive a restart: they are read back from
-the log at the first SignCert. At most `CAPACITY` keys are held (least recently used first
-out); an evicted key costs one more decision, never a wrong answer. A new instance id needs
-a new attested boot, so a flood of distinct instances is bounded by what attests, as for
+Bound: per key and window at most `PER_WINDOW` `KeyRequested` + decision pairs per KMS
+replica (replicas share grants through the log only when they load it, at their first
+SignCert). The usage is one of four values (EKU flags), so one instance and compose hash add
+at most 4 x 3 x 2 = 24 events per replica per hour however often it asks, 2 per usage for a
+CVM whose measurements do not change. Grants survive a restart: they are read back from the
+log at the first SignCert. At most `CAPACITY` keys are held (least recently used first out);
+an evicted key costs one more decision, never a wrong answer. A new instance id needs a new
+attested boot, so a flood of distinct instances is bounded by what attests, as for
 `GetAppKey`.
 
     grants = CertGrants()
@@ -46,6 +48,7 @@ from pydstack.core.events import BootInfo, KeyDenied, KeyIssued, KeyRequested
 
 ISSUED_TTL = 3600  # seconds an issue is re-used for (dstack's gateway client renews hourly)
 DENIED_TTL = 300  # seconds a refusal is re-used for (the app's owner may allow it meanwhile)
+PER_WINDOW = 3  # decisions per key and window (a TCB status or image change of an instance)
 CAPACITY = 65536
 SIGN_CERT = "SignCert"
 
@@ -60,10 +63,6 @@ class Grant(msgspec.Struct, frozen=True):
     @property
     def boot(self) -> BootInfo | None:
         return self.outcome.boot_info
-
-    def valid_at(self, now: int, issued_ttl: int, denied_ttl: int) -> bool:
-        ttl = issued_ttl if isinstance(self.outcome, KeyIssued) else denied_ttl
-        return now < self.decided_at + ttl
 
 
 class RateLimited(Exception):
@@ -99,20 +98,21 @@ def grant_key(boot: BootInfo, usage: str) -> GrantKey:
     return (boot.app_id, boot.instance_id, boot.compose_hash, usage)
 
 
-def grants_on_log(events: Iterable[object]) -> dict[GrantKey, Grant]:
-    """The newest SignCert grant per key among the (admitted) events of a KMS subject."""
+def grants_on_log(events: Iterable[object]) -> dict[GrantKey, list[Grant]]:
+    """The SignCert grants per key among the (admitted) events of a KMS subject, oldest
+    first."""
     asked: dict[str, KeyRequested] = {}
-    out: dict[GrantKey, Grant] = {}
+    out: dict[GrantKey, list[Grant]] = {}
     for e in events:
         if isinstance(e, KeyRequested) and e.method == SIGN_CERT and e.usage:
             asked[e.request_id] = e
         elif isinstance(e, KeyIssued | KeyDenied) and e.request_id in asked:
             req = asked.pop(e.request_id)
             if e.boot_info is not None:
-                key = grant_key(e.boot_info, req.usage)
-                old = out.get(key)
-                if old is None or old.decided_at <= req.verified_at:
-                    out[key] = Grant(e.request_id, req.verified_at, e)
+                grant = Grant(e.request_id, req.verified_at, e)
+                out.setdefault(grant_key(e.boot_info, req.usage), []).append(grant)
+    for grants in out.values():
+        grants.sort(key=lambda g: g.decided_at)
     return out
 
 
@@ -124,30 +124,37 @@ class CertGrants:
         *,
         issued_ttl: int = ISSUED_TTL,
         denied_ttl: int = DENIED_TTL,
+        per_window: int = PER_WINDOW,
         capacity: int = CAPACITY,
     ) -> None:
-        self.issued_ttl, self.denied_ttl, self.capacity = issued_ttl, denied_ttl, capacity
-        self._grants: OrderedDict[GrantKey, Grant] = OrderedDict()
+        self.issued_ttl, self.denied_ttl = issued_ttl, denied_ttl
+        self.per_window, self.capacity = per_window, capacity
+        self._grants: OrderedDict[GrantKey, list[Grant]] = OrderedDict()
         self._deciding: dict[GrantKey, asyncio.Future[Grant]] = {}
         self.loaded = False
 
-    def load(self, grants: dict[GrantKey, Grant]) -> None:
-        for key, grant in grants.items():
-            self._put(key, grant)
+    def load(self, grants: dict[GrantKey, list[Grant]]) -> None:
+        for key, found in grants.items():
+            for grant in found:
+                self._put(key, grant)
         self.loaded = True
 
+    def _ttl(self, grant: Grant) -> int:
+        return self.issued_ttl if isinstance(grant.outcome, KeyIssued) else self.denied_ttl
+
     def _put(self, key: GrantKey, grant: Grant) -> None:
-        self._grants[key] = grant
+        kept = [*self._grants.get(key, []), grant][-self.per_window :]
+        self._grants[key] = kept
         self._grants.move_to_end(key)
         while len(self._grants) > self.capacity:
             self._grants.popitem(last=False)
 
-    def current(self, key: GrantKey, now: int) -> Grant | None:
-        grant = self._grants.get(key)
-        if grant is None or not grant.valid_at(now, self.issued_ttl, self.denied_ttl):
-            return None
-        self._grants.move_to_end(key)
-        return grant
+    def current(self, key: GrantKey, now: int) -> list[Grant]:
+        """The key's decisions still inside their window, oldest first."""
+        valid = [g for g in self._grants.get(key, []) if now < g.decided_at + self._ttl(g)]
+        if valid:
+            self._grants.move_to_end(key)
+        return valid
 
     async def decide(
         self,
@@ -157,27 +164,27 @@ class CertGrants:
         decision: Callable[[], Awaitable[Grant]],
     ) -> Grant:
         """The grant `boot` is answered under: a current one of the same BootInfo, else a new
-        decision (one at a time per key); `RateLimited` when the current one is for another
-        BootInfo."""
+        decision (one at a time per key), at most `per_window` of them in a window;
+        `RateLimited` beyond."""
         while True:
-            grant = self.current(key, now)
-            if grant is not None:
-                if grant.boot == boot:
-                    return grant
-                ttl = self.issued_ttl if isinstance(grant.outcome, KeyIssued) else self.denied_ttl
-                wait = max(1, grant.decided_at + ttl - now)
-                raise RateLimited(
-                    f"this instance's SignCert for usage {key[3]!r} was decided at "
-                    f"{grant.decided_at} (request {grant.request_id}) for other measurements; "
-                    f"one decision per instance, compose hash and usage per window: retry in "
-                    f"{wait} s",
-                    wait,
-                )
+            valid = self.current(key, now)
+            same = [g for g in valid if g.boot == boot]
+            if same:
+                return same[-1]
             pending = self._deciding.get(key)
             if pending is None:
                 break
             # then look again: it may be for another BootInfo, or have failed (decide anew)
             await asyncio.wait([pending])
+        if len(valid) >= self.per_window:
+            wait = max(1, min(g.decided_at + self._ttl(g) for g in valid) - now)
+            raise RateLimited(
+                f"this instance's SignCert for usage {key[3]!r} was already decided "
+                f"{len(valid)} times in this window for other measurements (last: request "
+                f"{valid[-1].request_id}); at most {self.per_window} decisions per instance, "
+                f"compose hash and usage per window: retry in {wait} s",
+                wait,
+            )
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         self._deciding[key] = fut
         try:
