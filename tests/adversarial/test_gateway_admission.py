@@ -44,10 +44,12 @@ from pydstack.actors.gateway.registration import (
     registration_app,
     serve_registration,
 )
-from pydstack.actors.kms import KmsCallError
+from pydstack.actors.kms import KmsCallError, make_recheck
 from pydstack.adapters.nats import EventStore
-from pydstack.adapters.tdx.attestation import encode_attestation
+from pydstack.adapters.tdx.attestation import decode_attestation, encode_attestation
+from pydstack.adapters.tdx.identity import decode_app_info, measurements_of
 from pydstack.adapters.tdx.pki import DevPki
+from pydstack.adapters.tdx.quote import parse_quote
 from pydstack.adapters.tdx.ratls import (
     OID_APP_INFO,
     app_id_of,
@@ -66,7 +68,7 @@ from pydstack.core.events import (
     decode_body,
     open_envelope,
 )
-from pydstack.core.kms import CertConfig
+from pydstack.core.kms import CertConfig, audit_kms_log
 from pydstack_guest import GuestAgent, GuestConfig, serve_agent
 from pydstack_guest.cert_client import signed_csr
 from tests.gateway.given import key as wg_key
@@ -336,7 +338,9 @@ async def test_a_signcert_flood_by_one_instance_adds_one_decision_per_usage(
     certificates: every certificate is issued for its own key, the log grows by one
     KeyRequested + KeyIssued per usage. 40 more claim four other images: two get their own
     (refused) decision, the rest 429 and nothing (three decisions per window). An instance
-    whose compose is not allowed floods 60: each gets the same 403 and its one KeyDenied."""
+    whose compose is not allowed floods 60: each gets the same 403 and its one KeyDenied.
+    Decisions use the boot-time measurements (an event emitted after boot changes nothing),
+    and the log audits clean."""
     cvm = make_cvm(pki, instance_id=b"\x51" * 20)
     before = len(await kms.events())
 
@@ -352,6 +356,11 @@ async def test_a_signcert_flood_by_one_instance_adds_one_decision_per_usage(
     new = (await kms.events())[before:]
     assert [type(e) for e in new] == [KeyRequested, KeyIssued] * 2, new
     assert [e.usage for e in new if isinstance(e, KeyRequested)] == ["client", "server"]
+    # An event the app emits after boot changes RTMR3, not the boot-time measurements that
+    # SignCert decides on: still answered under the same decision.
+    cvm.backend.emit_event("app-event", b"after boot")
+    await issue(False)
+    assert len(await kms.events()) == before + 4
 
     async def other_measurements(vm_config: str) -> int:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -383,3 +392,17 @@ async def test_a_signcert_flood_by_one_instance_adds_one_decision_per_usage(
     new = (await kms.events())[before:]
     assert [type(e) for e in new] == [KeyRequested, KeyDenied], new
     assert set(reasons) == {new[1].reason}
+    # A TD that emitted an event after boot before its first SignCert: decided on the
+    # boot-time view (dstack's), which the auditor accepts.
+    late = make_cvm(pki, instance_id=b"\x53" * 20)
+    late.backend.emit_event("app-event", b"before asking")
+    await sign_cert(kms, late, ec.generate_private_key(ec.SECP256R1()))
+    requested, decided = (await kms.events())[-2:]
+    assert isinstance(requested, KeyRequested) and isinstance(decided, KeyIssued)
+    att = decode_attestation(requested.attestation)
+    td = measurements_of(parse_quote(att.quote).report)
+    at_boot = decode_app_info(td, att.runtime_events, boottime_mr=True)
+    now_view = decode_app_info(td, att.runtime_events)
+    assert decided.boot_info.mr_aggregated == at_boot.mr_aggregated.hex()
+    assert at_boot.mr_aggregated != now_view.mr_aggregated
+    assert audit_kms_log(await kms.events(), make_recheck(kms.collateral.get, pki.root_der)) == []
