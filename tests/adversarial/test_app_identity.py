@@ -11,11 +11,8 @@ on someone else's id is refused with 403 and one line, nothing appended."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +38,18 @@ from pydstack.core.gateway.table import TableIndex, routing_table
 from pydstack.core.projections import Applied
 from pydstack_guest.boot import HostShared, plan_boot
 from tests import vmmapi
-from tests.boot.test_gateway_deploy import EXAMPLE, _cleanup, _events, _get, _line, _sandbox
-from tests.cli.harness import Up, cli, free_host_port, wait_for
+from tests.boot.test_gateway_deploy import (
+    EXAMPLE,
+    _cleanup,
+    _deploy_example,
+    _events,
+    _get,
+    _line,
+    _remove_vms,
+    _sandbox,
+    _up_with_gateway,
+)
+from tests.cli.harness import wait_for
 from tests.gateway.given import key
 from tests.gateway.simcvm import DevCa, SimCvm
 from tests.gateway.test_registration import Gateway, _dev_verifier, _serve, gateway, pki
@@ -216,22 +223,13 @@ def test_a_second_vm_with_a_victims_app_id_and_its_own_compose_gets_no_keys_and_
     (KeyDenied naming the compose), its boot stops at keys, it never registers at the gateway,
     and every request to the victim's URL is served by the victim. Before, the dev default
     gave it keys and the gateway balanced the victim's users onto it."""
-    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
-        pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
-    home = short_tmp / "home"
-    plane = Up(home, extra=("--vmm", "sandbox", "--gateway", "--no-gateway-forward-guard",
-                            "--dashboard-port", "-1")).start()  # fmt: skip
+    home, plane = _up_with_gateway(short_tmp)
     sandboxes: dict[str, dict[str, str]] = {}
     vms = ["victim", "evil"]
     try:
         state = msgspec.json.decode((home / "state.json").read_bytes())
         proxy, ca = state["gateway_proxy"], state["gateway_ca"]
-        (short_tmp / "hello.env").write_text("GREETING=victim\n")
-        r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
-                "--port", f"{free_host_port()}:8080", "--vm-id", "victim",
-                "--timeout", "150", timeout=200)  # fmt: skip
-        sandboxes["victim"] = _sandbox(home, "victim")
-        assert r.code == 0, r.out + r.err
+        r = _deploy_example(home, short_tmp, "victim", "victim", sandboxes)
         app_id, url = _line(r.out, "app id"), _line(r.out, "url")
         evil = build_app_compose(ComposeRequest(name="evil", compose=EXAMPLE.read_text()))
         evil_hash = hashlib.sha256(evil.encode()).hexdigest()
@@ -266,13 +264,7 @@ def test_a_second_vm_with_a_victims_app_id_and_its_own_compose_gets_no_keys_and_
             code, body = _get(proxy, url, ca)
             assert code == 200 and body.splitlines()[-1] == "GREETING=victim", body
     finally:
-        for vm in vms:
-            cli(home, "vm", "rm", vm)
-        with contextlib.suppress(AssertionError):
-            for vm in vms:
-                wait_for(lambda v=vm: any(e["type"] == "VmRemoved"  # type: ignore[misc]
-                                          for e in _events(home, f"dstack.vm.{v}")),
-                         timeout=40, what=f"{vm} removed")  # fmt: skip
+        _remove_vms(home, vms)
         stopped = plane.stop()
         _cleanup(short_tmp, sandboxes)
         assert stopped == 0, plane.text()

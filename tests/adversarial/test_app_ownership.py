@@ -26,7 +26,6 @@ from pydstack.adapters.nats import (
     NatsServer,
     Recorded,
     StreamSettings,
-    new_event_id,
 )
 from pydstack.adapters.nats.identity import IdentityStore
 from pydstack.adapters.sqlite import ReadModel
@@ -36,22 +35,18 @@ from pydstack.core.events import (
     AppRegistered,
     AppRemoved,
     AppUpgraded,
-    Event,
     Signer,
     VmRequested,
     VmStopRequested,
-    message_hash,
-    seal,
 )
-from pydstack.core.policy import HOST_BOUND, Gate, Refused
+from pydstack.core.policy import Gate, Refused
+from tests.adversarial.writers import forge, keyed_store, wanted
 from tests.policy.given import (
     ADMIN,
     GATEWAY,
-    HOSTS_OF,
     KMS,
     OPERATOR,
     RES,
-    ROLE_OF,
     SCHEDULER,
     TENANT_A,
     TENANT_B,
@@ -61,9 +56,7 @@ from tests.policy.given import (
 
 ANCHOR = ADMIN.public_key
 EVERYONE = (ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY, TENANT_A, TENANT_B)
-Wanted = list[tuple[bytes, str, str, tuple[str, ...]]]
-WANTED: Wanted = [(s.public_key, s.actor, ROLE_OF[s], HOSTS_OF.get(s, ()) if ROLE_OF[s] in
-                   HOST_BOUND else ()) for s in EVERYONE]  # fmt: skip
+WANTED = wanted(*EVERYONE)
 APP_A = "a1" * 20  # tenant A's app
 APP_OP = "0b" * 20  # the operator's own app
 SUBJ_A = f"dstack.app.{APP_A}"
@@ -76,23 +69,8 @@ def signer() -> Signer:
 
 @pytest.fixture
 async def store(nats_server: NatsServer) -> AsyncIterator[EventStore]:
-    settings = StreamSettings(deny_delete=False)
-    async with await EventStore.connect(
-        nats_server.url, ADMIN, settings=settings, anchor=ANCHOR
-    ) as s:
-        await s.ensure_stream()
-        assert len(await ensure_keyring(s, WANTED)) == len(WANTED)
+    async with keyed_store(nats_server.url, ADMIN, WANTED) as s:
         yield s
-
-
-async def put(url: str, by: Signer, subject: str, event: Event) -> int:
-    """Publish ``event`` signed by ``by`` as a raw client would (no API, no policy check)."""
-    async with await EventStore.connect(url, by) as s:
-        last = await s.last_by_subject(subject)
-        prev = message_hash(last.data) if last else b""
-        data = seal(by, event, subject=subject, event_id=new_event_id(), time_ns=time.time_ns(),
-                    correlation="attack", prev=prev)  # fmt: skip
-        return int((await s.js.publish(subject, data)).seq)
 
 
 def registered(app_id: str, h: str = "c1") -> AppRegistered:
@@ -160,10 +138,10 @@ async def test_a_second_tenant_cannot_upgrade_or_remove_the_first_tenants_app(
     store: EventStore, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
-    bad = await put(url, TENANT_B, SUBJ_A, upgraded(APP_A, "evil"))
-    gone = await put(url, TENANT_B, SUBJ_A, AppRemoved(app_id=APP_A, reason="mine now"))
-    again = await put(url, TENANT_B, SUBJ_A, registered(APP_A, "evil"))  # re-register: no
+    await forge(url, TENANT_A, SUBJ_A, registered(APP_A))
+    bad = await forge(url, TENANT_B, SUBJ_A, upgraded(APP_A, "evil"))
+    gone = await forge(url, TENANT_B, SUBJ_A, AppRemoved(app_id=APP_A, reason="mine now"))
+    again = await forge(url, TENANT_B, SUBJ_A, registered(APP_A, "evil"))  # re-register: no
     out = await every_fold(store, tmp_path)
     _only(out, {bad: "not-owner", gone: "not-owner", again: "not-owner"}, "c1", tmp_path)
 
@@ -172,10 +150,10 @@ async def test_the_host_operator_cannot_upgrade_a_tenants_app_but_keeps_its_own(
     store: EventStore, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
-    bad = await put(url, OPERATOR, SUBJ_A, upgraded(APP_A, "evil"))
-    await put(url, OPERATOR, f"dstack.app.{APP_OP}", registered(APP_OP))
-    own = await put(url, OPERATOR, f"dstack.app.{APP_OP}", upgraded(APP_OP, "c2"))
+    await forge(url, TENANT_A, SUBJ_A, registered(APP_A))
+    bad = await forge(url, OPERATOR, SUBJ_A, upgraded(APP_A, "evil"))
+    await forge(url, OPERATOR, f"dstack.app.{APP_OP}", registered(APP_OP))
+    own = await forge(url, OPERATOR, f"dstack.app.{APP_OP}", upgraded(APP_OP, "c2"))
     out = await every_fold(store, tmp_path)
     _only(out, {bad: "not-owner"}, "c1", tmp_path)
     assert own not in out["policy"]
@@ -185,10 +163,10 @@ async def test_the_owner_and_admin_may_upgrade_a_tenants_app(
     store: EventStore, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
-    await put(url, TENANT_A, SUBJ_A, upgraded(APP_A, "c2"))
+    await forge(url, TENANT_A, SUBJ_A, registered(APP_A))
+    await forge(url, TENANT_A, SUBJ_A, upgraded(APP_A, "c2"))
     _only(await every_fold(store, tmp_path), {}, "c2", tmp_path)
-    await put(url, ADMIN, SUBJ_A, upgraded(APP_A, "c3", "c2"))
+    await forge(url, ADMIN, SUBJ_A, upgraded(APP_A, "c3", "c2"))
     _only(await every_fold(store, tmp_path), {}, "c3", tmp_path)
 
 
@@ -199,13 +177,13 @@ async def test_a_tenant_runs_and_commands_only_vms_of_its_own_apps(
     of A's app, nor stop A's VM; the operator may (hosts run VMs of apps), and requesting a
     VM never changes the app's compose."""
     url = nats_server.url
-    await put(url, TENANT_A, SUBJ_A, registered(APP_A))
-    await put(url, TENANT_A, "dstack.vm.va", vm_of(APP_A, "va"))
-    await put(url, OPERATOR, "dstack.vm.vo", vm_of(APP_A, "vo"))
-    b_runs = await put(url, TENANT_B, "dstack.vm.vb", vm_of(APP_A, "vb"))
-    b_stops = await put(url, TENANT_B, "dstack.vm.va", VmStopRequested(vm_id="va"))
-    nobody = await put(url, TENANT_B, "dstack.vm.vz", vm_of("ff" * 20, "vz"))  # unregistered
-    a_stops = await put(url, TENANT_A, "dstack.vm.vo", VmStopRequested(vm_id="vo"))
+    await forge(url, TENANT_A, SUBJ_A, registered(APP_A))
+    await forge(url, TENANT_A, "dstack.vm.va", vm_of(APP_A, "va"))
+    await forge(url, OPERATOR, "dstack.vm.vo", vm_of(APP_A, "vo"))
+    b_runs = await forge(url, TENANT_B, "dstack.vm.vb", vm_of(APP_A, "vb"))
+    b_stops = await forge(url, TENANT_B, "dstack.vm.va", VmStopRequested(vm_id="va"))
+    nobody = await forge(url, TENANT_B, "dstack.vm.vz", vm_of("ff" * 20, "vz"))  # unregistered
+    a_stops = await forge(url, TENANT_A, "dstack.vm.vo", VmStopRequested(vm_id="vo"))
     out = await every_fold(store, tmp_path)
     refused = {b_runs: "not-owner", b_stops: "not-owner", nobody: "not-owner"}
     _only(out, refused, "c1", tmp_path)
@@ -334,7 +312,7 @@ async def test_the_dashboard_as_operator_cannot_upgrade_a_tenants_app(
     reg = AppRegistered(
         app_id=APP_A, compose_hash="c1", name="web", compose=tenant_compose.encode()
     )
-    await put(nats_server.url, TENANT_A, SUBJ_A, reg)
+    await forge(nats_server.url, TENANT_A, SUBJ_A, reg)
     async with await EventStore.connect(nats_server.url, OPERATOR, anchor=ANCHOR) as operator:
         cfg = DashboardConfig(port=0, dev_env_key=tmp_path / "dev-env.key")
         async with await Dashboard.create(operator, cfg) as dash:

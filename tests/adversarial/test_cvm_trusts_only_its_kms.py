@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -36,6 +35,7 @@ from pydstack_guest.boot import BootFailed, BootResult, HostShared, plan_boot, r
 from pydstack_guest.keys import k256_public, kms_issue_app_key
 from pydstack_guest.kms_trust import KMS_ROOT_TAG, KmsTrust, spki_of
 from tests import images
+from tests.gateway import simcvm
 from tests.kms.conftest import (
     OS_IMAGE,
     VM_CONFIG,
@@ -50,16 +50,6 @@ from tests.kms.conftest import (
 )
 
 __all__ = ["kms", "pki", "webhook"]  # the KMS suite's fixtures
-
-
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
 
 
 @dataclass
@@ -216,7 +206,9 @@ async def test_certificate_without_kms_rpc_usage(
     cert = build_ratls_cert(key, att, subject="kms", alt_names=["localhost"],
                             issuer=(kms.svc.ca_cert, kms.svc.root.ca_key()),
                             usage_server_auth=True, not_before=0, not_after=2**31)  # fmt: skip
-    fake = await served(FakeKms(kms.temp, kms.svc.meta(), lambda: {}), _pem(cert), _key_pem(key))
+    fake = await served(
+        FakeKms(kms.temp, kms.svc.meta(), lambda: {}), simcvm.pem(cert), simcvm.key_pem(key)
+    )
     boot = await boot_victim(fake.url, pki, trust_of(kms, pki), webhook, tmp_path)
     assert "special usage is None" in refused(boot, "kms:rpc")
     assert "GetAppKey" not in fake.calls
@@ -240,7 +232,7 @@ async def test_signcert_certificate_of_another_app(
     async with KmsClient(kms.url, ca_pem=kms.temp["ca_cert"]) as c:
         chain = (await c.call("SignCert", body))["certificate_chain"]
     fake = await served(FakeKms(kms.temp, kms.svc.meta(), lambda: {}), "".join(chain),
-                        _key_pem(key))  # fmt: skip
+                        simcvm.key_pem(key))  # fmt: skip
     boot = await boot_victim(fake.url, pki, trust_of(kms, pki), webhook, tmp_path)
     assert "'app:custom'" in refused(boot, "kms:rpc")
     assert "GetAppKey" not in fake.calls

@@ -7,6 +7,7 @@ as the KMS does, and remembers a failed fetch briefly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -68,9 +69,16 @@ async def pccs(tmp_path: Path) -> AsyncIterator[tuple[Pccs, DevPki]]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
 async def _gateway(
-    store: EventStore, pki: DevPki, launch: RegistrationLaunch, ca: DevCa
-) -> tuple[str, web.AppRunner, Registrar]:
+    store: EventStore, pccs: tuple[Pccs, DevPki], tmp: Path
+) -> AsyncIterator[tuple[str, DevCa]]:
+    """A gateway node's RegisterCvm endpoint whose verifier fetches collateral from the
+    PCCS: its URL, and the CA the CVMs' client certificates chain to."""
+    box, pki = pccs
+    ca = DevCa.create()
+    launch = RegistrationLaunch("", "", ca.pem, dev_pki=str(tmp / "dev-pki"),
+                                pccs_url=box.url)  # fmt: skip
     registrar = Registrar(store, RegistrarConfig(node_id="gw1"))
     await registrar.join(GatewayNodeJoined(
         node_id="gw1", wg_public_key=key(501), tunnel_ip="10.0.0.129",
@@ -82,7 +90,11 @@ async def _gateway(
     runner = await serve_registration(
         app, "127.0.0.1", port, server_ssl_context(chain, key_pem, ca.pem)
     )
-    return f"https://127.0.0.1:{port}", runner, registrar
+    try:
+        yield f"https://127.0.0.1:{port}", ca
+    finally:
+        await runner.cleanup()
+        await registrar.aclose()
 
 
 async def _register(url: str, ca: DevCa, identity: tuple[str, str], n: int) -> int:
@@ -99,11 +111,7 @@ async def test_registrations_of_one_platform_fetch_collateral_once(
     """N CVMs of one platform register, concurrently and then one by one: all are admitted
     and the PCCS serves the collateral of a single fetch."""
     box, pki = pccs
-    ca = DevCa.create()
-    launch = RegistrationLaunch("", "", ca.pem, dev_pki=str(tmp_path / "dev-pki"),
-                                pccs_url=box.url)  # fmt: skip
-    url, runner, registrar = await _gateway(store, pki, launch, ca)
-    try:
+    async with _gateway(store, pccs, tmp_path) as (url, ca):
         # instance ids never equal the app id (0x0a * 20): one id is an app or an instance
         cvms = [
             SimCvm(pki, bytes([0xA]) * 20, bytes([0x40 + n]) * 20, b"compose a") for n in range(N)
@@ -117,9 +125,6 @@ async def test_registrations_of_one_platform_fetch_collateral_once(
         statuses += [await _register(url, ca, ids[n], n) for n in range(half, N)]
         assert statuses == [200] * (N - 1)
         assert box.hits == one_fetch, f"{box.hits} PCCS requests for {N} registrations"
-    finally:
-        await runner.cleanup()
-        await registrar.aclose()
 
 
 async def test_a_pccs_outage_is_not_hammered(
@@ -128,11 +133,7 @@ async def test_a_pccs_outage_is_not_hammered(
     """While the PCCS fails, a burst of registrations is refused at once and reaches the PCCS
     only for the first (the failure is remembered for a few seconds)."""
     box, pki = pccs
-    ca = DevCa.create()
-    launch = RegistrationLaunch("", "", ca.pem, dev_pki=str(tmp_path / "dev-pki"),
-                                pccs_url=box.url)  # fmt: skip
-    url, runner, registrar = await _gateway(store, pki, launch, ca)
-    try:
+    async with _gateway(store, pccs, tmp_path) as (url, ca):
         box.up = False
         cvm = SimCvm(pki, bytes([0xA]) * 20, b"\x01" * 20, b"compose a")
         assert await _register(url, ca, await cvm.identity(ca), 1) == 403
@@ -141,6 +142,3 @@ async def test_a_pccs_outage_is_not_hammered(
             other = SimCvm(pki, bytes([0xA]) * 20, bytes([n]) * 20, b"compose a")
             assert await _register(url, ca, await other.identity(ca), n) == 403
         assert box.hits == first
-    finally:
-        await runner.cleanup()
-        await registrar.aclose()

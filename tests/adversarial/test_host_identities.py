@@ -13,6 +13,7 @@ real nats-server with the generated permissions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -91,11 +92,27 @@ def _violations(errors: list[str], what: str) -> bool:
     return any("permissions violation" in e and what in e for e in errors)
 
 
-async def _raw(c: Cluster, ident: Identity, errors: list[str]) -> Client:
+@contextlib.asynccontextmanager
+async def _raw(c: Cluster, ident: Identity) -> AsyncIterator[tuple[Client, list[str]]]:
+    """A plain NATS connection with ``ident``'s nkey, and the errors the server sends it
+    (lower-cased, as they arrive); closed at exit."""
+    errors: list[str] = []
+
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc).lower())
 
-    return await nats.connect(c.server.url, nkeys_seed_str=ident.seed, error_cb=on_error)
+    nc = await nats.connect(c.server.url, nkeys_seed_str=ident.seed, error_cb=on_error)
+    try:
+        yield nc, errors
+    finally:
+        await nc.close()
+
+
+async def _scheduler_consumer(c: Cluster) -> None:
+    """The scheduler's durable consumer, created by the scheduler (as its actor does)."""
+    async with await c.connect(c.ids["scheduler"]) as sched:
+        sub = await sched.durable("scheduler", ["dstack.vm.*"])
+        await sub.unsubscribe()
 
 
 async def test_a_host_key_cannot_write_another_hosts_subject_and_the_folds_refuse_it(
@@ -119,12 +136,8 @@ async def test_a_host_key_cannot_write_another_hosts_subject_and_the_folds_refus
 
 
 async def test_a_host_key_cannot_delete_the_schedulers_consumer(cluster: Cluster) -> None:
-    async with await cluster.connect(cluster.ids["scheduler"]) as sched:
-        sub = await sched.durable("scheduler", ["dstack.vm.*"])
-        await sub.unsubscribe()
-    errors: list[str] = []
-    nc = await _raw(cluster, cluster.h2, errors)
-    try:
+    await _scheduler_consumer(cluster)
+    async with _raw(cluster, cluster.h2) as (nc, errors):
         js = nc.jetstream(timeout=1.0)
         with pytest.raises(nats.errors.TimeoutError):
             await js.delete_consumer("DSTACK", "scheduler")
@@ -133,8 +146,6 @@ async def test_a_host_key_cannot_delete_the_schedulers_consumer(cluster: Cluster
         # nor create one under the scheduler's name, nor pull from it
         with pytest.raises(nats.errors.TimeoutError):
             await nc.request("$JS.API.CONSUMER.MSG.NEXT.DSTACK.scheduler", b"1", timeout=1.0)
-    finally:
-        await nc.close()
     info = await cluster.admin.js.consumer_info("DSTACK", "scheduler")
     assert info.name == "scheduler"
 
@@ -144,12 +155,8 @@ async def test_a_host_key_cannot_rewrite_the_schedulers_consumer_through_the_unn
 ) -> None:
     """$JS.API.CONSUMER.CREATE.<stream> (no name in the subject) updates whatever consumer its
     body names: allowed for ordered readers, it let any key empty the scheduler's filter."""
-    async with await cluster.connect(cluster.ids["scheduler"]) as sched:
-        sub = await sched.durable("scheduler", ["dstack.vm.*"])
-        await sub.unsubscribe()
-    errors: list[str] = []
-    nc = await _raw(cluster, cluster.h2, errors)
-    try:
+    await _scheduler_consumer(cluster)
+    async with _raw(cluster, cluster.h2) as (nc, errors):
         body = {"stream_name": "DSTACK", "action": "update",
                 "config": {"name": "scheduler", "filter_subject": "dstack.nothing",
                            "deliver_policy": "all", "ack_policy": "explicit"}}  # fmt: skip
@@ -157,8 +164,6 @@ async def test_a_host_key_cannot_rewrite_the_schedulers_consumer_through_the_unn
             await nc.request("$JS.API.CONSUMER.CREATE.DSTACK", json.dumps(body).encode(), 1.0)
         await asyncio.sleep(0.1)
         assert _violations(errors, '"$js.api.consumer.create.dstack"'), errors
-    finally:
-        await nc.close()
     info = await cluster.admin.js.consumer_info("DSTACK", "scheduler")
     assert info.config.filter_subjects == ["dstack.vm.*"] or info.config.filter_subject == (
         "dstack.vm.*"
@@ -173,9 +178,7 @@ async def test_a_host_key_cannot_read_another_roles_inbox(cluster: Cluster) -> N
     """The scheduler's replies come on _INBOX.<its nkey>.>; h2 may not subscribe there
     (nor to _INBOX.> as a whole), so it cannot read what the server answers the scheduler."""
     sched = cluster.ids["scheduler"]
-    errors: list[str] = []
-    nc = await _raw(cluster, cluster.h2, errors)
-    try:
+    async with _raw(cluster, cluster.h2) as (nc, errors):
         got: list[bytes] = []
 
         async def cb(msg: Msg) -> None:
@@ -191,16 +194,12 @@ async def test_a_host_key_cannot_read_another_roles_inbox(cluster: Cluster) -> N
         await asyncio.sleep(0.3)
         assert got == []
         assert _violations(errors, f'subscription to "_inbox.{sched.nkey.lower()}.>"'), errors
-    finally:
-        await nc.close()
 
 
 async def test_the_auditor_reads_but_cannot_create_or_delete_a_durable_consumer(
     cluster: Cluster,
 ) -> None:
-    async with await cluster.connect(cluster.ids["scheduler"]) as sched:
-        sub = await sched.durable("scheduler", ["dstack.vm.*"])
-        await sub.unsubscribe()
+    await _scheduler_consumer(cluster)
     auditor = cluster.ids["auditor"]
     async with await cluster.connect(auditor) as store:  # reading and following work
         assert [r.seq async for r in store.read()]
@@ -215,16 +214,12 @@ async def test_the_auditor_reads_but_cannot_create_or_delete_a_durable_consumer(
         await follower.aclose()
         with pytest.raises(Exception):  # noqa: B017 - a timeout or the server's refusal
             await store.durable("auditor", ["dstack.>"])
-    errors: list[str] = []
-    nc = await _raw(cluster, auditor, errors)
-    try:
+    async with _raw(cluster, auditor) as (nc, errors):
         js = nc.jetstream(timeout=1.0)
         with pytest.raises(nats.errors.TimeoutError):
             await js.delete_consumer("DSTACK", "scheduler")
         await asyncio.sleep(0.1)
         assert _violations(errors, "$js.api.consumer.delete.dstack.scheduler"), errors
-    finally:
-        await nc.close()
     assert (await cluster.admin.js.consumer_info("DSTACK", "scheduler")).name == "scheduler"
 
 

@@ -25,7 +25,7 @@ from pydstack.actors._placement_view import PlacementView
 from pydstack.actors.dashboard import LiveState
 from pydstack.actors.gateway.view import ClusterView
 from pydstack.actors.kms.service import _load_state
-from pydstack.actors.trust import Judge, ensure_keyring
+from pydstack.actors.trust import Judge
 from pydstack.actors.vmm._view import LogView
 from pydstack.adapters.nats import (
     EventStore,
@@ -60,15 +60,14 @@ from pydstack.core.events import (
     seal,
 )
 from pydstack.core.events import subject as subject_of
-from pydstack.core.policy import HOST_BOUND, KEYRING_SUBJECT, Allowed, Gate, Refused
+from pydstack.core.policy import KEYRING_SUBJECT, Allowed, Gate, Refused
+from tests.adversarial.writers import forge, keyed_store, wanted
 from tests.policy.given import (
     ADMIN,
     GATEWAY,
-    HOSTS_OF,
     KMS,
     OPERATOR,
     RES,
-    ROLE_OF,
     SCHEDULER,
     STRANGER,
     TENANT_A,
@@ -80,10 +79,7 @@ from tests.policy.given import (
 from tests.vmm.conftest import VmmHost, compose, events_of, wait_until
 
 ANCHOR = ADMIN.public_key
-WANTED: list[tuple[bytes, str, str, tuple[str, ...]]] = [
-    (s.public_key, s.actor, ROLE_OF[s], HOSTS_OF.get(s, ()) if ROLE_OF[s] in HOST_BOUND else ())
-    for s in (ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY)
-]
+WANTED = wanted(ADMIN, OPERATOR, SCHEDULER, VMM1, VMM2, KMS, GATEWAY)
 
 
 # -- the host: h1's VMM signs as VMM1; the keyring binds every role; no scheduler runs ----------
@@ -96,34 +92,13 @@ def signer() -> Signer:
 
 @pytest.fixture
 async def store(nats_server: NatsServer, signer: Signer) -> AsyncIterator[EventStore]:
-    settings = StreamSettings(deny_delete=False)
-    async with await EventStore.connect(
-        nats_server.url, signer, settings=settings, anchor=ANCHOR
-    ) as s:
-        await s.ensure_stream()
-        async with await EventStore.connect(nats_server.url, ADMIN, anchor=ANCHOR) as admin:
-            assert len(await ensure_keyring(admin, WANTED)) == len(WANTED)
+    async with keyed_store(nats_server.url, signer, WANTED) as s:
         yield s
 
 
 @pytest.fixture
 async def scheduled() -> AsyncIterator[None]:
     yield  # no scheduler: the only placements are the ones a test appends
-
-
-async def forge(
-    url: str, by: Signer, subject: str, event: Event, *, zero_signature: bool = False
-) -> int:
-    """Publish ``event`` signed by ``by`` as a raw client would (no API, no role check),
-    linked to the subject's last message; returns its stream sequence."""
-    async with await EventStore.connect(url, by) as s:
-        last = await s.last_by_subject(subject)
-        prev = message_hash(last.data) if last else b""
-        data = seal(by, event, subject=subject, event_id=new_event_id(), time_ns=time.time_ns(),
-                    correlation="attack", prev=prev)  # fmt: skip
-        if zero_signature:
-            data = data[:-64] + bytes(64)
-        return int((await s.js.publish(subject, data)).seq)
 
 
 def requested(vm_id: str) -> VmRequested:

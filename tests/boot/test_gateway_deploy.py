@@ -27,7 +27,7 @@ import pytest
 from pydstack.adapters.sandbox import _netns
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import VmRequested, VmResources
-from tests.cli.harness import Up, cli, free_host_port, wait_for
+from tests.cli.harness import Result, Up, cli, free_host_port, wait_for
 from tests.deploy.support import append_as
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello" / "docker-compose.yaml"
@@ -93,31 +93,60 @@ def _cleanup(root: Path, sandboxes: dict[str, dict[str, str]]) -> None:
     _netns.unmount_under(root)
 
 
+def _up_with_gateway(root: Path) -> tuple[Path, Up]:
+    """`up` with the sandbox VMM and a gateway, its data dir under `root` (skips the test
+    without root, dockerd and wireguard-go)."""
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
+        pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
+    home = root / "home"
+    # The gateway runs in the host's namespace here: its nftables guard stays out of the
+    # machine's ruleset (tests/adversarial/test_gateway_forwarding.py tests it in namespaces).
+    plane = Up(home, extra=("--vmm", "sandbox", "--gateway", "--no-gateway-forward-guard",
+                            "--dashboard-port", "-1")).start()  # fmt: skip
+    return home, plane
+
+
+def _deploy_example(
+    home: Path, root: Path, vm_id: str, greeting: str, sandboxes: dict[str, dict[str, str]]
+) -> Result:
+    """`deploy` the example as `vm_id` with GREETING sealed in its env (the file under `root`);
+    its sandbox goes into `sandboxes` (for the cleanup) before the deploy's success is asserted."""
+    (root / "hello.env").write_text(f"GREETING={greeting}\n")
+    r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(root / "hello.env"),
+            "--port", f"{free_host_port()}:8080", "--vm-id", vm_id,
+            "--timeout", "150", timeout=200)  # fmt: skip
+    sandboxes[vm_id] = _sandbox(home, vm_id)
+    assert r.code == 0, r.out + r.err
+    return r
+
+
+def _remove_vms(home: Path, vms: list[str]) -> None:
+    """`vm rm` each of `vms`, then wait for their VmRemoved (a timeout is not a failure: the
+    cleanup after it kills what is left). CVMs outlive the VMM by design: this runs while the
+    VMM does."""
+    for vm in vms:
+        cli(home, "vm", "rm", vm)
+    with contextlib.suppress(AssertionError):
+        for vm in vms:
+            wait_for(lambda v=vm: any(e["type"] == "VmRemoved"  # type: ignore[misc]
+                                      for e in _events(home, f"dstack.vm.{v}")),
+                     timeout=40, what=f"{vm} removed")  # fmt: skip
+
+
 @pytest.mark.timeout(400)
 def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Path) -> None:
     """deploy prints the app URL and says reachable; the page carries the app id the guest
     measured and the env var deploy sealed; its quote endpoint gives a verifiable quote over
     the client's report_data; a second instance whose sealed env holds a name outside
     allowed_envs boots with that name dropped."""
-    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
-        pytest.skip("sandbox CVMs behind a gateway need root, dockerd and wireguard-go")
-    home = short_tmp / "home"
-    # The gateway runs in the host's namespace here: its nftables guard stays out of the
-    # machine's ruleset (tests/adversarial/test_gateway_forwarding.py tests it in namespaces).
-    plane = Up(home, extra=("--vmm", "sandbox", "--gateway", "--no-gateway-forward-guard",
-                            "--dashboard-port", "-1")).start()  # fmt: skip
+    home, plane = _up_with_gateway(short_tmp)
     sandboxes: dict[str, dict[str, str]] = {}
     vms = ["hello1", "hello2"]
     try:
         state = msgspec.json.decode((home / "state.json").read_bytes())
         proxy, ca, domain = state["gateway_proxy"], state["gateway_ca"], state["gateway_domain"]
         greeting = f"hi-{random.randrange(10**9)}"
-        (short_tmp / "hello.env").write_text(f"GREETING={greeting}\n")
-        r = cli(home, "deploy", str(EXAMPLE), "--env-file", str(short_tmp / "hello.env"),
-                "--port", f"{free_host_port()}:8080", "--vm-id", "hello1",
-                "--timeout", "150", timeout=200)  # fmt: skip
-        sandboxes["hello1"] = _sandbox(home, "hello1")
-        assert r.code == 0, r.out + r.err
+        r = _deploy_example(home, short_tmp, "hello1", greeting, sandboxes)
         app_id, compose_hash = _line(r.out, "app id"), _line(r.out, "compose hash")
         url = _line(r.out, "url")
         assert re.fullmatch(rf"https://{app_id}-8080\.{re.escape(domain)}(:\d+)?", url), url
@@ -176,14 +205,7 @@ def test_deployed_example_is_served_over_https_through_the_gateway(short_tmp: Pa
         assert stages.index("keys") < stages.index("env") < stages.index("gateway")
         assert stages.index("gateway") < stages.index("docker") < stages.index("app")
     finally:
-        # CVMs outlive the VMM by design: remove them while the VMM runs.
-        for vm in vms:
-            cli(home, "vm", "rm", vm)
-        with contextlib.suppress(AssertionError):
-            for vm in vms:
-                wait_for(lambda v=vm: any(e["type"] == "VmRemoved"  # type: ignore[misc]
-                                          for e in _events(home, f"dstack.vm.{v}")),
-                         timeout=40, what=f"{vm} removed")  # fmt: skip
+        _remove_vms(home, vms)
         stopped = plane.stop()
         left = [p for sb in sandboxes.values() if sb["netns"] for p in _netns.pids(sb["netns"])]
         _cleanup(short_tmp, sandboxes)
@@ -268,11 +290,7 @@ def test_host_port_to_the_agent_port_is_a_boot_error(short_tmp: Path) -> None:
         assert [e["type"] for e in seen] == ["VmStarted", "VmBootError"], seen
         assert want in seen[1]["body"]["error"]
     finally:
-        cli(home, "vm", "rm", "agentport")
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: any(e["type"] == "VmRemoved"
-                                 for e in _events(home, "dstack.vm.agentport")),
-                     timeout=40, what="agentport removed")  # fmt: skip
+        _remove_vms(home, ["agentport"])
         stopped = plane.stop()
         _cleanup(short_tmp, sandboxes)
         assert stopped == 0, plane.text()
@@ -314,12 +332,7 @@ async def test_deployed_example_is_served_with_a_certificate_from_pebble(short_t
             with pytest.raises(ssl.SSLCertVerificationError):  # not the dev CA's certificate
                 await asyncio.to_thread(_get, state["gateway_proxy"], url, state["gateway_ca"])
         finally:
-            await asyncio.to_thread(cli, home, "vm", "rm", "acme1")
-            with contextlib.suppress(AssertionError):
-                await asyncio.to_thread(
-                    wait_for, lambda: any(e["type"] == "VmRemoved"
-                                          for e in _events(home, "dstack.vm.acme1")),
-                    timeout=40, what="acme1 removed")  # fmt: skip
+            await asyncio.to_thread(_remove_vms, home, ["acme1"])
             stopped = await asyncio.to_thread(plane.stop)
             await asyncio.to_thread(_cleanup, short_tmp, sandboxes)
             assert stopped == 0, plane.text()
