@@ -197,6 +197,7 @@ def recheck_kms(
     """Re-verify one KMS aggregate's decisions against their recorded evidence and policy,
     and (with `images`, the admitted image events) their image checks."""
     from pydstack.actors.kms import make_recheck
+    from pydstack.actors.kms.certgrants import boot_time_of
     from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json
     from pydstack.core.events import CodecError, KeyIssued, decode_body, open_envelope
     from pydstack.core.kms import audit_kms_log
@@ -244,7 +245,7 @@ def recheck_kms(
         return inner(raw, vm_config, policy, now)
 
     out = recheck_images(subj, sequenced, images, dev_pki is not None) if images is not None else []
-    for p in audit_kms_log(events, recheck):
+    for p in audit_kms_log(events, recheck, boot_time_of):
         seq = seq_of.get(p.split(":", 1)[0], first)
         out.append(Finding(seq=seq, code="kms_decision", reason=f"seq {seq}: {subj}: {p}",
                            subject=subj))  # fmt: skip

@@ -48,6 +48,7 @@ async def _audit(
     import time
 
     from pydstack.actors.kms import make_recheck
+    from pydstack.actors.kms.certgrants import boot_time_of
     from pydstack.adapters.nats import EventStore
     from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json
     from pydstack.adapters.tdx.pki import DevPki
@@ -67,4 +68,4 @@ async def _audit(
     async with await EventStore.connect(nats_url, signer) as store:
         records, _ = await store.read_aggregate(f"dstack.kms.{cluster}")
     events = [decode_body(open_envelope(r.data)) for r in records]
-    return audit_kms_log(events, make_recheck(lambda _q: coll, root_der))
+    return audit_kms_log(events, make_recheck(lambda _q: coll, root_der), boot_time_of)

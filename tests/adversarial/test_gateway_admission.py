@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -45,6 +46,7 @@ from pydstack.actors.gateway.registration import (
     serve_registration,
 )
 from pydstack.actors.kms import KmsCallError, make_recheck
+from pydstack.actors.kms.certgrants import boot_time_of
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.attestation import decode_attestation, encode_attestation
 from pydstack.adapters.tdx.identity import decode_app_info, measurements_of
@@ -405,4 +407,10 @@ async def test_a_signcert_flood_by_one_instance_adds_one_decision_per_usage(
     now_view = decode_app_info(td, att.runtime_events)
     assert decided.boot_info.mr_aggregated == at_boot.mr_aggregated.hex()
     assert at_boot.mr_aggregated != now_view.mr_aggregated
-    assert audit_kms_log(await kms.events(), make_recheck(kms.collateral.get, pki.root_der)) == []
+    recheck = make_recheck(kms.collateral.get, pki.root_der)
+    assert audit_kms_log(await kms.events(), recheck, boot_time_of) == []
+    # A SignCert decision recorded with the current view instead fails the audit.
+    current = msgspec.structs.replace(decided.boot_info, mr_aggregated=now_view.mr_aggregated.hex())
+    forged = msgspec.structs.replace(decided, boot_info=current)
+    problems = audit_kms_log([requested, forged], recheck, boot_time_of)
+    assert any("BootInfo differs" in p for p in problems), problems

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import msgspec
 
+from pydstack.adapters.tdx.attestation import AttestationDecodeError, decode_attestation
 from pydstack.adapters.tdx.errors import TdxError
 from pydstack.adapters.tdx.eventlog import EventLogError, RuntimeEvent
 from pydstack.adapters.tdx.identity import decode_app_info, measurements_of
@@ -86,6 +87,15 @@ def at_boot(boot: BootInfo, quote: bytes, runtime_events: Sequence[RuntimeEvent]
     return msgspec.structs.replace(
         boot, mr_aggregated=info.mr_aggregated.hex(), mr_system=info.mr_system.hex()
     )
+
+
+def boot_time_of(attestation: bytes, boot: BootInfo) -> BootInfo:
+    """The auditor's `core.kms.audit.BootTime`: `at_boot` of a recorded attestation."""
+    try:
+        att = decode_attestation(attestation)
+    except AttestationDecodeError:
+        return boot  # the re-check reports the attestation itself
+    return at_boot(boot, att.quote, att.runtime_events)
 
 
 def usage_of(server_auth: bool, client_auth: bool) -> str:

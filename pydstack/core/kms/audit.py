@@ -29,6 +29,9 @@ from pydstack.core.events.kms import (
 
 # (attestation, vm_config, policy JSON, verified_at) -> (reasons, BootInfo or None, quote hash)
 Recheck = Callable[[bytes, str, str, int], tuple[list[str], BootInfo | None, str]]
+# (attestation, re-derived BootInfo) -> that BootInfo with dstack's boot-time measurements,
+# what SignCert decides on (actors/kms/certgrants.boot_time_of)
+BootTime = Callable[[bytes, BootInfo], BootInfo]
 
 
 class KmsState(msgspec.Struct, frozen=True):
@@ -97,8 +100,12 @@ def undecided(
     return list(pending.values())
 
 
-def audit_key_issued(requested: KeyRequested, issued: KeyIssued, recheck: Recheck) -> list[str]:
-    """Re-verify one KeyIssued against its recorded evidence; [] when it holds."""
+def audit_key_issued(
+    requested: KeyRequested, issued: KeyIssued, recheck: Recheck, boot_time: BootTime | None = None
+) -> list[str]:
+    """Re-verify one KeyIssued against its recorded evidence; [] when it holds. `boot_time`:
+    how a SignCert decision's boot-time measurements are re-derived (None: taken as
+    recorded, every other field re-checked)."""
     rid = issued.request_id
     if requested.request_id != rid:
         return [f"{rid}: KeyIssued paired with KeyRequested {requested.request_id}"]
@@ -115,12 +122,14 @@ def audit_key_issued(requested: KeyRequested, issued: KeyIssued, recheck: Rechec
     problems += [f"{rid}: re-verification refuses: {reason}" for reason in reasons]
     if boot is not None and requested.method == "SignCert":
         # SignCert decides on dstack's boot-time view (RTMR3 up to boot-mr-done, no key
-        # provider: actors/kms/certgrants.at_boot); the re-check derives the current one, so
-        # those two fields are taken as recorded and everything else must match.
-        recorded = issued.boot_info
-        boot = msgspec.structs.replace(
-            boot, mr_aggregated=recorded.mr_aggregated, mr_system=recorded.mr_system
-        )
+        # provider); the re-check derives the current one.
+        if boot_time is not None:
+            boot = boot_time(requested.attestation, boot)
+        else:
+            recorded = issued.boot_info
+            boot = msgspec.structs.replace(
+                boot, mr_aggregated=recorded.mr_aggregated, mr_system=recorded.mr_system
+            )
     if boot != issued.boot_info:
         problems.append(f"{rid}: re-derived BootInfo differs from the recorded one")
     if not issued.backend:
@@ -128,8 +137,11 @@ def audit_key_issued(requested: KeyRequested, issued: KeyIssued, recheck: Rechec
     return problems
 
 
-def audit_kms_log(events: Iterable[object], recheck: Recheck) -> list[str]:
-    """Audit a KMS aggregate: pairing, duplicates, and a re-check of every KeyIssued."""
+def audit_kms_log(
+    events: Iterable[object], recheck: Recheck, boot_time: BootTime | None = None
+) -> list[str]:
+    """Audit a KMS aggregate: pairing, duplicates, and a re-check of every KeyIssued
+    (`boot_time`: as in `audit_key_issued`)."""
     problems: list[str] = []
     requests: dict[str, KeyRequested] = {}
     state = KmsState()
@@ -142,7 +154,7 @@ def audit_kms_log(events: Iterable[object], recheck: Recheck) -> list[str]:
             if req is None:
                 problems.append(f"{ev.request_id}: decision without a KeyRequested before it")
             elif isinstance(ev, KeyIssued):
-                problems += audit_key_issued(req, ev, recheck)
+                problems += audit_key_issued(req, ev, recheck, boot_time)
     problems += [f"{rid}: appears twice" for rid in state.duplicates]
     problems += [
         f"{rid}: requested but not decided (in flight, or its KMS died and has not restarted)"
