@@ -5,6 +5,10 @@
         --state-dir /var/lib/pydstack/gw1 --cert-chain wild.pem --cert-key wild.key \\
         --registration-port 8011 --tls-chain node.pem --tls-key node.key --client-ca kms-ca.pem
 
+The RegisterCvm endpoint admits a CVM only with its KMS ``SignCert`` chain under
+``--client-ca`` (the KMS root CA; KMS temp CAs are never trusted); ``--log-auth`` also admits
+only compose hashes the app's events on the log name, ``--auth-webhook URL`` asks a webhook.
+
 ``--netns NAME`` runs the whole node inside that network namespace (its WireGuard device, the
 proxy, the RegisterCvm and admin endpoints, and its NATS connection, so NATS must be reachable
 from there). Prints one line ``GATEWAY_READY {json}`` on stdout once it serves.
@@ -101,6 +105,16 @@ def _read(path: str | None) -> str | None:
     help="the KMS root CA (GetMeta ca_cert): CVMs register with their KMS SignCert chain under "
     "it; KMS temp CAs are never trusted",
 )  # fmt: skip
+@click.option(
+    "--log-auth/--no-log-auth", default=False, show_default=True,
+    help="admit only a compose hash the app's own events on the log name (the KMS's log backend)",
+)  # fmt: skip
+@click.option(
+    "--auth-webhook",
+    default="",
+    metavar="URL",
+    help="ask this URL about each app (POST AppInfo JSON; 2xx allows, as dstack)",
+)
 @click.option("--dev-pki", type=click.Path(file_okay=False), help="trust simulated quotes (dev)")
 @click.option("--pccs-url", default="", help="collateral from this PCCS [default: Intel's PCS]")
 @click.option(
@@ -162,7 +176,8 @@ async def run(**o: Any) -> None:
         chain, key, ca = o["tls"]
         registration = RegistrationLaunch(
             chain, key, ca, host=o["registration_host"], port=o["registration_port"],
-            dev_pki=o["dev_pki"], pccs_url=o["pccs_url"] or None,
+            dev_pki=o["dev_pki"], pccs_url=o["pccs_url"] or None, log_auth=o["log_auth"],
+            auth_webhook=o["auth_webhook"] or None,
         )  # fmt: skip
     config = NodeConfig(
         node_id=o["node_id"], base_domain=o["base_domain"], endpoint=o["endpoint"],
