@@ -63,6 +63,7 @@ from pydstack.core.vmm import (
     Start,
     Stop,
     VmRecord,
+    check_disk,
     check_image_name,
     check_ports,
     check_resources,
@@ -362,6 +363,7 @@ class Vmm:
         try:
             if req.disk_gb and req.disk_gb < rec.resources.disk_gb:
                 raise Refused("disk_size", "the disk can only grow")
+            check_disk(req.disk_gb)
             if req.image:  # the log may carry any name: refused here, not at the next start
                 check_image_name(req.image)
             check_resources(host, res.vcpu, res.memory_mb, vm_id)

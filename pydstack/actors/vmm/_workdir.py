@@ -58,8 +58,11 @@ def build_spec(
 ) -> CvmSpec:
     vm, res = rec.vm, rec.resources
     compose = compose_of(rec, composes, app_compose)
+    # As dstack: the VM's own URLs (CreateVm / UpdateVm kms_urls, gateway_urls) replace the
+    # host's; either way the CVM checks whom it reaches (KMS RA-TLS, gateway CA).
     sys_config = {
-        "kms_urls": list(kms_urls), "gateway_urls": list(gateway_urls), "pccs_url": "",
+        "kms_urls": list(rec.kms_urls or kms_urls),
+        "gateway_urls": list(rec.gateway_urls or gateway_urls), "pccs_url": "",
         "docker_registry": "", "host_api_url": "",
         "vm_config": json.dumps({"cpu_count": res.vcpu, "memory_size": res.memory_mb << 20,
                                  "image": rec.image}),

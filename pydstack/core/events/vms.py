@@ -37,6 +37,10 @@ class VmRequested(Event, tag="VmRequested", frozen=True):
     host: str = ""  # pin to a host when set
     compose: bytes = b""  # raw app-compose.json; empty: the app's compose with compose_hash
     user_config: str = ""  # dstack's user_config, handed to the guest as is
+    # dstack's per-VM sys-config override (empty: the host's); where the CVM looks for its
+    # KMS / gateway, never whom it trusts (it checks the KMS's RA-TLS evidence itself)
+    kms_urls: tuple[str, ...] = ()
+    gateway_urls: tuple[str, ...] = ()
 
 
 class VmScheduled(Event, tag="VmScheduled", frozen=True):
@@ -132,6 +136,8 @@ class VmUpdateRequested(Event, tag="VmUpdateRequested", frozen=True):
     memory_mb: int = 0
     disk_gb: int = 0
     image: str = ""
+    kms_urls: tuple[str, ...] | None = None  # dstack's update_kms_urls; () = the host's
+    gateway_urls: tuple[str, ...] | None = None
 
 
 class VmUpdated(Event, tag="VmUpdated", frozen=True):

@@ -2,6 +2,7 @@
 
 from . import record
 from .image_name import IMAGE_NAME, image_name_error
+from .options import check_gpus, check_host_options, check_networking, check_service_urls
 from .plan import (
     Action,
     Adopt,
@@ -19,8 +20,10 @@ from .plan import (
 )
 from .record import VmRecord
 from .requests import (
+    MAX_DISK_GB,
     NAME,
     Refused,
+    check_disk,
     check_image,
     check_image_name,
     check_ports,
@@ -32,9 +35,10 @@ from .requests import (
 from .restart import RestartDecision, RestartNow, RestartPolicy, RestartTrack, decide_restart
 
 __all__ = [
-    "IMAGE_NAME", "NAME", "Action", "Adopt", "Append", "Discard", "Observed", "RecordExited",
-    "RecordStopped", "Refused", "Release", "Remove", "RestartDecision", "RestartNow",
-    "RestartPolicy", "RestartTrack", "Start", "Stop", "VmRecord", "check_image",
-    "check_image_name", "check_ports", "check_resources", "decide_command", "decide_create",
+    "IMAGE_NAME", "MAX_DISK_GB", "NAME", "Action", "Adopt", "Append", "Discard", "Observed",
+    "RecordExited", "RecordStopped", "Refused", "Release", "Remove", "RestartDecision",
+    "RestartNow", "RestartPolicy", "RestartTrack", "Start", "Stop", "VmRecord", "check_disk",
+    "check_gpus", "check_host_options", "check_image", "check_image_name", "check_networking",
+    "check_ports", "check_resources", "check_service_urls", "decide_command", "decide_create",
     "decide_restart", "decide_update", "image_name_error", "plan", "plan_vm", "record",
 ]  # fmt: skip

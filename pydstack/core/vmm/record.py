@@ -45,6 +45,8 @@ class VmRecord(Struct, frozen=True, kw_only=True):
     compose_hash: str = ""
     encrypted_env: bytes = b""
     user_config: str = ""
+    kms_urls: tuple[str, ...] = ()  # the VM's own sys-config override (empty: the host's)
+    gateway_urls: tuple[str, ...] = ()
     resources: VmResources
     image: str = ""
     ports: tuple[PortMap, ...] = ()  # granted by placement, then by updates
@@ -70,7 +72,8 @@ def apply(rec: VmRecord | None, a: Applied) -> VmRecord | None:
         return VmRecord(
             vm=vm, compose=e.compose, user_config=e.user_config, encrypted_env=e.encrypted_env,
             compose_hash=hashlib.sha256(e.compose).hexdigest() if e.compose else e.compose_hash,
-            resources=e.resources, image=e.image, ports=e.ports,
+            resources=e.resources, image=e.image, ports=e.ports, kms_urls=e.kms_urls,
+            gateway_urls=e.gateway_urls,
         )  # fmt: skip
     rec = replace(rec, vm=vm)
     t, tr = a.time_ns, rec.restart
@@ -112,6 +115,8 @@ def apply(rec: VmRecord | None, a: Applied) -> VmRecord | None:
                 resources=e.resources or rec.resources,
                 ports=rec.ports if e.ports is None else e.ports,
                 image=e.image or rec.image,
+                kms_urls=rec.kms_urls if req.kms_urls is None else req.kms_urls,
+                gateway_urls=rec.gateway_urls if req.gateway_urls is None else req.gateway_urls,
             )
         case VmUpdateRejected() as e:
             return replace(rec, updates={k: v for k, v in rec.updates.items() if k != e.request})

@@ -30,6 +30,8 @@ from .image_name import image_name_error
 
 NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ANY: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
+# A disk is a sparse file the guest can fill: a size past this is a typo, not a plan.
+MAX_DISK_GB: Final = 16384
 
 
 class Refused(ValueError):
@@ -81,6 +83,15 @@ def check_resources(host: Host, vcpu: int, memory_mb: int, vm_id: str = "") -> N
         )
 
 
+def check_disk(disk_gb: int) -> None:
+    """0 (the image's default) up to ``MAX_DISK_GB``."""
+    if disk_gb < 0:
+        raise Refused("disk_size", "disk size must be >= 0")
+    if disk_gb > MAX_DISK_GB:
+        raise Refused("disk_size", f"disk size {disk_gb} GB is over this VMM's limit of "
+                      f"{MAX_DISK_GB} GB")  # fmt: skip
+
+
 def check_image_name(image: str, field: str = "image") -> None:
     """The name is one safe path component (``image_name_error``), else ``Refused``."""
     if (reason := image_name_error(image, field)) is not None:
@@ -117,8 +128,7 @@ def decide_create(
                       "punctuation)")  # fmt: skip
     if existing and vm_id in existing:
         raise Refused("id", f"vm {vm_id} exists already", 409)
-    if disk_gb < 0:
-        raise Refused("disk_size", "disk size must be >= 0")
+    check_disk(disk_gb)
     check_image(images, image)
     check_resources(host, vcpu, memory_mb)
     check_ports(host, ports)
@@ -168,6 +178,7 @@ def decide_update(
     if r.disk_gb and r.disk_gb < current_disk_gb:
         raise Refused("disk_size", f"disk can only grow ({current_disk_gb} GB now, "
                       f"{r.disk_gb} GB asked)")  # fmt: skip
+    check_disk(r.disk_gb)
     if r.image:
         check_image_name(r.image)
         if images is not None:
