@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import ssl
 import tempfile
 from collections.abc import AsyncIterator
@@ -78,7 +79,9 @@ async def test_create_vm_takes_every_field_of_vmm_cli_deploy(
     """dstack's VmConfiguration as vmm-cli deploy fills it: accepted, the VM stays stopped,
     its own KMS / gateway URLs are on the log and in GetInfo's configuration."""
     _, url = api
-    vm_id = await created_stopped(url, "full", gpus={"attach_mode": "listed", "gpus": []})
+    none = {"attach_mode": "listed", "gpus": []}
+    env = "0xab" + "cd" * 40
+    vm_id = await created_stopped(url, "full", gpus=none, user_config='{"u": 1}', encrypted_env=env)
     events = await events_of(store, vm_id)
     req = next(e for e in events if isinstance(e, VmRequested))
     assert (req.kms_urls, req.gateway_urls) == ((KMS_A,), (GW_A,))
@@ -87,6 +90,8 @@ async def test_create_vm_takes_every_field_of_vmm_cli_deploy(
     assert cfg["kms_urls"] == [KMS_A] and cfg["gateway_urls"] == [GW_A]
     assert cfg["stopped"] is True and cfg["disk_size"] == 1 and cfg["ports"][0]["host_port"]
     assert (cfg["hugepages"], cfg["pin_numa"], cfg["no_tee"]) == (False, False, False)
+    assert cfg["user_config"] == '{"u": 1}' and cfg["encrypted_env"] == "ab" + "cd" * 40
+    assert req.app_id == cfg["app_id"] == hashlib.sha256(compose("full").encode()).hexdigest()[:40]
     listed = (await call(url, "Status", {}))["vms"]
     assert [v["id"] for v in listed] == [vm_id] and listed[0]["uptime"] == ""
 
@@ -136,17 +141,39 @@ async def test_resize_vm_changes_vcpu_memory_and_disk_as_vmm_cli_resize_sends(
     assert [(e.vcpu, e.memory_mb, e.disk_gb) for e in req] == [(2, 512, 3)]
 
 
-async def test_list_gpus_reload_vms_and_meta_answer_in_dstacks_shape(
-    api: tuple[Vmm, str],
-) -> None:
+async def test_read_rpcs_answer_in_dstacks_shape(api: tuple[Vmm, str]) -> None:
+    """ListGpus, ReloadVms, GetMeta, Status paging, ListImages, Version, GetComposeHash: the
+    keys vmm-cli reads (lsgpu, lsvm, lsimage)."""
     _, url = api
     assert await call(url, "ListGpus") == {"gpus": [], "allow_attach_all": False}
     await created_stopped(url, "rld")
     assert await call(url, "ReloadVms") == {"loaded": 1, "updated": 0, "removed": 0}
     meta = await call(url, "GetMeta")
     assert set(meta) >= {"kms", "gateway", "resources"}
+    assert set(meta["resources"]) == {"max_cvm_number", "max_allocable_vcpu",
+                                      "max_allocable_memory_in_mb"}  # fmt: skip
     paged = await call(url, "Status", {"page": 2, "page_size": 1, "brief": True})
     assert paged["total"] == 1 and paged["vms"] == []
+    first = await call(url, "Status", {"page": 1, "page_size": 1, "keyword": "rld"})
+    assert [v["name"] for v in first["vms"]] == ["rld"] and "configuration" in first["vms"][0]
+    images = (await call(url, "ListImages"))["images"]
+    assert {"name", "description", "version", "is_dev"} <= set(images[0])
+    assert set(await call(url, "Version")) == {"version", "rev"}
+    body = compose("h")
+    got = await call(url, "GetComposeHash", {"name": "h", "image": "", "compose_file": body})
+    assert got == {"hash": hashlib.sha256(body.encode()).hexdigest()}
+
+
+async def test_stop_vm_kills_and_shutdown_vm_asks_as_dstacks(
+    api: tuple[Vmm, str], store: EventStore
+) -> None:
+    """vmm-cli stop -f sends StopVm (a kill), stop sends ShutdownVm (graceful)."""
+    _, url = api
+    vm_id = await created_stopped(url, "stp")
+    await call(url, "StopVm", {"id": vm_id})
+    await call(url, "ShutdownVm", {"id": vm_id})
+    stops = [e.force for e in await events_of(store, vm_id) if isinstance(e, VmStopRequested)]
+    assert stops == [False, True, False]  # CreateVm's `stopped`, then the two calls
 
 
 async def test_logs_query_tails_follows_and_strips_ansi_as_vmm_cli_logs(
