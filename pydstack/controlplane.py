@@ -11,7 +11,7 @@ Everything lives in the data dir (``$PYDSTACK_HOME`` or ``./.pydstack``)::
     config.json        port, host, stream, optional nats_url — reused by the next `up`
     identities/        <name>.nk seeds (0600) and keyring.json (public)
     nats/              nats-server.conf, nats-server.log, jetstream/
-    state.json         while running: pid, NATS URL, metrics URL (read by the CLI)
+    state.json         while running: pid, NATS URL and nats_pid, metrics URL (read by the CLI)
     up.lock            held while an `up` runs on this data dir
 """
 
@@ -48,6 +48,7 @@ from pydstack.adapters.nats.identity import ROLES, Identity, IdentityStore, nats
 from pydstack.adapters.nats.server import port_in_use
 from pydstack.core.events import HostJoined, subject
 from pydstack.core.policy import TENANT, Keyring
+from pydstack.upkeep import Crashing, RestartBudget, Restarted, keep_nats_server
 
 if TYPE_CHECKING:
     from pydstack.actors.gateway.up_launch import UpGateway
@@ -227,6 +228,9 @@ class ControlPlane:
         self.vmm_url = ""  # unix:<socket> (dstack's vmm-cli --url form)
         self.vmm_api: dict[str, Any] = {}  # vmm_* entries of state.json, when a VMM runs
         self.gateway: dict[str, Any] = {}  # gateway_* entries of state.json, when one runs
+        self.nats_budget = RestartBudget()  # crashes of the embedded server `up` rides out
+        self.restarts: dict[str, int] = {}  # component -> restarts so far (state.json)
+        self._state: dict[str, Any] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -321,7 +325,18 @@ class ControlPlane:
             if server.reload(nats_users(ring, ids.values(), cfg.stream, self._host())):
                 _log.info("nats users reloaded from the keyring", users=len(server.config.users))
 
-        task = asyncio.create_task(follow_nats_users(admin, on_change), name="nats-users")
+        async def follow() -> None:
+            while True:  # a read failing (nats-server restarting) is retried, from the start
+                try:
+                    await follow_nats_users(admin, on_change)
+                except (StoreError, nats.errors.Error, TimeoutError) as exc:
+                    if admin.nc.is_closed:  # `up` is stopping
+                        return
+                    _log.warning("following the keyring: read failed; retrying",
+                                 error=str(exc) or type(exc).__name__)  # fmt: skip
+                    await asyncio.sleep(1.0)
+
+        task = asyncio.create_task(follow(), name="nats-users")
         task.add_done_callback(_report_follower)
         stack.callback(task.cancel)
 
@@ -475,7 +490,10 @@ class ControlPlane:
                               *(name for name, on in running.items() if on)])  # fmt: skip
             watcher = None
             if self.server is not None:
-                watcher = asyncio.create_task(self._watch_server(), name="nats-server")
+                watcher = asyncio.create_task(
+                    keep_nats_server(self.server, self.nats_budget, self._restarted),
+                    name="nats-server",
+                )
                 waits.add(watcher)
             done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if watcher in pending and not any(t.get_name() == "stop" for t in done):
@@ -494,6 +512,8 @@ class ControlPlane:
             if "nats-server" in failures:  # the cause; actor failures would be its symptoms
                 failures = {"nats-server": failures["nats-server"]}
             for name, exc in failures.items():
+                if isinstance(exc, Crashing):  # names the component, its log and the stop
+                    raise exc
                 what = f"{name} ended" + (f": {exc}" if exc else "")
                 raise StoreError(f"{what}; stopping the control plane")
             _log.info("stopping", reason="signal")
@@ -705,17 +725,22 @@ class ControlPlane:
             dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
         )
 
-    async def _watch_server(self) -> None:
-        assert self.server is not None and self.server.proc is not None
-        code = await asyncio.to_thread(
-            self.server.proc.wait
-        )  # returns once we stop it, at the latest
-        raise StoreError(f"exited with code {code} (see {self.server.log_path})")
+    def _restarted(self, event: Restarted) -> None:
+        """After the embedded server came back: state.json names its new pid."""
+        self.restarts[event.component] = self.restarts.get(event.component, 0) + 1
+        self._write_state()
 
     async def _stop_server(self) -> None:
         if self.server is not None:
             await self.server.stop()
             _log.info("nats-server stopped")
+
+    def _write_state(self) -> None:
+        proc = self.server.proc if self.server is not None else None
+        state = {**self._state, "nats_pid": proc.pid if proc else None, "restarts": self.restarts}
+        tmp = self.data.state_path.with_suffix(".tmp")  # readers never see half a file
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.data.state_path)
 
     def _ready(self, cfg: PlaneConfig, actors: list[str]) -> None:
         state = {
@@ -726,7 +751,8 @@ class ControlPlane:
             "dashboard_login_token_file": self.dashboard_token_file or None,
             "vmm_url": self.vmm_url or None, **self.vmm_api, **self.gateway,
         }  # fmt: skip
-        self.data.state_path.write_text(json.dumps(state, indent=2) + "\n")
+        self._state = state
+        self._write_state()
         where: dict[str, Any] = {
             "nats_url": self.url, "data_dir": str(self.data.path), "stream": cfg.stream,
             "actors": actors, "metrics": self.metrics_url or None,

@@ -290,15 +290,6 @@ def test_up_joins_an_existing_server_with_nats_url(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
-def test_losing_nats_server_stops_up_with_one_line(tmp_path: Path) -> None:
-    plane = Up(tmp_path / "home").start()
-    os.kill(plane.nats_pid(), signal.SIGKILL)
-    assert plane.proc is not None and plane.proc.wait(timeout=30) == 1
-    last = plane.text().strip().splitlines()[-1]
-    assert last.startswith("Error: nats-server ended: exited with code -9")
-    assert "Traceback" not in plane.text()
-
-
 def _up_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> UpOptions:
     """The UpOptions `pydstack up ARGS` runs its control plane with (nothing started)."""
     got: list[UpOptions] = []

@@ -153,9 +153,16 @@ class EventStore:
         # Not drain(): every append is awaited until acked, so there is nothing to drain, and
         # drain() waits up to 30 s for messages buffered in a follower nobody reads any more
         # (Ctrl-C on `events --follow` hung on it).
-        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-            await self.nc.flush(timeout=1)
-        await self.nc.close()
+        if self.nc.is_connected:
+            with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                await self.nc.flush(timeout=1)
+        try:
+            await self.nc.close()
+        except (RuntimeError, OSError):
+            # nats-py writes what it buffered to the old transport even when the server died
+            # under it (uvloop: RuntimeError "the handler is closed"); the client is CLOSED by
+            # then and nothing buffered can reach a dead server anyway.
+            pass
 
     async def __aenter__(self) -> Self:
         return self

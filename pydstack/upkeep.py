@@ -1,0 +1,111 @@
+"""What `pydstack up` does when a child it started dies: restart it with backoff, give up
+only on repeated crashes within a window.
+
+Usage::
+
+    budget = RestartBudget()                      # 4 crashes within 60 s: give up
+    await keep_nats_server(server, budget, on_restart=note)   # returns never; raises
+                                                              # Crashing when out of budget
+
+The embedded nats-server restarts on the same config, store dir and port, so JetStream
+recovers the stream and every durable consumer from its files, and every client (nats-py
+reconnects by itself) resumes where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import structlog
+
+from pydstack.adapters.nats import NatsServer, StoreError
+
+_log = structlog.get_logger("pydstack.up")
+
+
+class Crashing(StoreError):
+    """A component crashed too often within the window: `up` stops (one line, no traceback)."""
+
+
+@dataclass
+class RestartBudget:
+    """How often a component may crash before `up` gives up, and how long to wait before
+    each restart (doubling per recent crash, capped)."""
+
+    limit: int = 4  # this many crashes within window_s: stop
+    window_s: float = 60.0
+    first_delay_s: float = 0.25
+    max_delay_s: float = 5.0
+    _crashes: deque[float] = field(default_factory=deque, init=False, repr=False)
+
+    def crashed(self, now: float) -> float | None:
+        """Note a crash at `now` (monotonic seconds); the delay before the restart, or None
+        when this crash exhausts the budget."""
+        self._crashes.append(now)
+        while self._crashes and self._crashes[0] <= now - self.window_s:
+            self._crashes.popleft()
+        recent = len(self._crashes)
+        if recent >= self.limit:
+            return None
+        return min(self.first_delay_s * 2.0 ** (recent - 1), self.max_delay_s)
+
+    @property
+    def recent(self) -> int:
+        return len(self._crashes)
+
+
+@dataclass(frozen=True, slots=True)
+class Restarted:
+    """One restart of a component, as `on_restart` sees it."""
+
+    component: str
+    reason: str  # e.g. "exited with code -9"
+    down_s: float  # from noticing the crash to the component serving again
+    recent: int  # crashes within the budget's window, this one included
+
+
+async def _exit_code(server: NatsServer) -> int | None:
+    proc = server.proc
+    assert proc is not None
+    return await asyncio.to_thread(proc.wait)
+
+
+async def keep_nats_server(
+    server: NatsServer,
+    budget: RestartBudget,
+    on_restart: Callable[[Restarted], None] | None = None,
+) -> NoReturn:
+    """Wait for the server to die and start it again on the same config, until the budget
+    runs out (then raise `Crashing`, naming its log). `on_restart` is called after each
+    restart (schedule slow work from it). Cancel this to stop watching: stopping the server
+    is its owner's job."""
+    loop = asyncio.get_running_loop()
+    while True:
+        code = await _exit_code(server)
+        reason = f"exited with code {code}"
+        noticed = loop.time()
+        while True:
+            delay = budget.crashed(loop.time())
+            if delay is None:
+                raise Crashing(
+                    f"nats-server crashed {budget.recent} times within {budget.window_s:.0f}s "
+                    f"(last: {reason}); see {server.log_path}; stopping the control plane"
+                )
+            _log.warning("nats-server crashed; restarting it", reason=reason, retry_in_s=delay,
+                         crashes=budget.recent, log=str(server.log_path))  # fmt: skip
+            await asyncio.sleep(delay)
+            try:
+                await server.start()
+            except StoreError as exc:  # e.g. the port taken meanwhile: counts as a crash
+                reason = f"restart failed: {exc}"
+                continue
+            break
+        event = Restarted("nats-server", reason, loop.time() - noticed, budget.recent)
+        _log.info("nats-server restarted", reason=reason, down_s=round(event.down_s, 2),
+                  pid=server.proc.pid if server.proc else None)  # fmt: skip
+        if on_restart is not None:
+            on_restart(event)  # not awaited: watching goes on at once
