@@ -25,6 +25,7 @@ MAX_LINES: Final = 1_000_000
 CHUNK: Final = 64 * 1024
 POLL_S: Final = 0.3
 HEARTBEAT_S: Final = 60.0
+LOG_CHECK_S: Final = 1.0  # how often a follower checks on the log that the VM still exists
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"", "0", "false", "no", "off"})
 # CSI (colours, cursor), OSC (titles, links) and the two-byte escapes; what strip-ansi-escapes
@@ -78,6 +79,19 @@ def tail_offset(path: Path, lines: int | None) -> int:
         return 0
 
 
+def _read(path: Path, offset: int) -> tuple[bytes, int]:
+    """Up to a chunk from ``offset`` (from 0 again when the file shrank: replaced)."""
+    try:
+        with path.open("rb") as f:
+            if f.seek(0, 2) < offset:
+                offset = 0
+            f.seek(offset)
+            data = f.read(CHUNK)
+    except FileNotFoundError:
+        return b"", offset
+    return data, offset + len(data)
+
+
 class _Cleaner:
     """Strips ANSI escapes from whole lines (a sequence cut by a chunk boundary waits)."""
 
@@ -107,30 +121,25 @@ async def serve_logs(
     await resp.prepare(request)
     clean = None if ansi else _Cleaner()
     offset = await asyncio.to_thread(tail_offset, path, lines) if path and path.exists() else 0
-    quiet_since = time.monotonic()
+    quiet_since = last_read = time.monotonic()
     while True:
-        data = b""
-        if path is not None and path.exists():
-            if path.stat().st_size < offset:  # truncated or replaced: start over
-                offset = 0
-            with path.open("rb") as f:
-                f.seek(offset)
-                data = f.read(CHUNK)
-            offset += len(data)
+        data, offset = await asyncio.to_thread(_read, path, offset) if path else (b"", 0)
         if data:
             quiet_since = time.monotonic()
             await resp.write(clean.feed(data) if clean else data)
             continue  # more may be waiting
-        if not follow:
-            break
-        gone = vmm.view.vms.get(vm_id)
-        if gone is None or gone.vm.state == "removed":
-            break
+        if not follow or request.transport is None or request.transport.is_closing():
+            break  # done, or the client went away
+        if time.monotonic() - last_read >= LOG_CHECK_S:  # is the VM still there?
+            last_read = time.monotonic()
+            await vmm.view.catch_up(vmm.store)
+            gone = vmm.view.vms.get(vm_id)
+            if gone is None or gone.vm.state == "removed":
+                break
         if time.monotonic() - quiet_since >= HEARTBEAT_S:
             quiet_since = time.monotonic()
             await resp.write(b"[vmm heartbeat]\n")
         await asyncio.sleep(POLL_S)
-        await vmm.view.catch_up(vmm.store)
     if clean and clean.rest:
         await resp.write(clean.feed(b"", final=True))
     await resp.write_eof()
