@@ -43,7 +43,14 @@ import nats.errors
 
 from bench._common import emit, median, parse_quick
 from bench.deploy import PYDSTACK, _cli, _deploy, _kill_under, _wait_ready
-from pydstack.adapters.nats import NEW, ConflictError, EventStore, StoreError, StreamSettings
+from pydstack.adapters.nats import (
+    NEW,
+    ConflictError,
+    EventStore,
+    StoreError,
+    StreamSettings,
+    free_port,
+)
 from pydstack.adapters.nats.identity import IdentityStore
 from pydstack.core.events import AppRegistered, subject
 
@@ -161,8 +168,6 @@ def main(quick: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix="pdr-", dir="/tmp"))  # short: UAPI socket paths
     home, log = root / "home", root / "up.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
-    from pydstack.adapters.nats import free_port
-
     with log.open("wb") as f:
         up = subprocess.Popen(
             [PYDSTACK, "up", "--data-dir", str(home), "--vmm", "sandbox", "--gateway",

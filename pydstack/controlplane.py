@@ -231,6 +231,7 @@ class ControlPlane:
         self.nats_budget = RestartBudget()  # crashes of the embedded server `up` rides out
         self.restarts: dict[str, int] = {}  # component -> restarts so far (state.json)
         self._state: dict[str, Any] = {}
+        self._recording: set[asyncio.Task[None]] = set()  # restarts being appended
 
     def stop(self) -> None:
         self._stop.set()
@@ -502,7 +503,7 @@ class ControlPlane:
                 done2, _ = await asyncio.wait({watcher}, timeout=2.0)
                 done |= done2
                 pending -= done2
-            for task in pending:
+            for task in pending | self._recording:
                 task.cancel()
             failures = {
                 t.get_name(): t.exception()
@@ -726,9 +727,49 @@ class ControlPlane:
         )
 
     def _restarted(self, event: Restarted) -> None:
-        """After the embedded server came back: state.json names its new pid."""
+        """After the embedded server came back: state.json names its new pid, and the restart
+        goes on the log (in the background: appends work again once clients reconnected)."""
         self.restarts[event.component] = self.restarts.get(event.component, 0) + 1
         self._write_state()
+        task = asyncio.create_task(self._record(event), name=f"record-{event.component}")
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _record(self, event: Restarted) -> None:
+        """Append ComponentRestarted under the admin key (the write policy lets only admin
+        write on dstack.actor.*); retried until the log takes it, once (its event id)."""
+        from pydstack.adapters.nats import ConflictError, new_event_id
+        from pydstack.core.events import CodecError, ComponentRestarted, open_envelope
+
+        def landed(data: bytes) -> bool:
+            try:
+                return open_envelope(data).id == eid
+            except CodecError:
+                return False
+
+        store = self.admin_store
+        if store is None:  # a joined host runs no embedded server; nothing to record
+            return
+        subj = subject("actor", event.component)
+        body = ComponentRestarted(
+            component=event.component, host=self._host(), reason=event.reason,
+            down_ms=round(event.down_s * 1000), crashes=event.recent,
+        )  # fmt: skip
+        eid = new_event_id()
+        while True:
+            try:
+                history, version = await store.read_aggregate(subj)
+                if any(landed(rec.data) for rec in history):
+                    return  # an earlier try landed after all
+                await store.append(subj, [body], version, event_ids=[eid])
+            except ConflictError:
+                continue
+            except (StoreError, nats.errors.Error, TimeoutError) as exc:
+                _log.debug("restart not recorded yet", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            _log.info("restart recorded", subject=subj, reason=event.reason)
+            return
 
     async def _stop_server(self) -> None:
         if self.server is not None:

@@ -50,6 +50,15 @@ def test_killed_nats_server_is_restarted_and_the_plane_keeps_serving(tmp_path: P
         assert up.proc is not None and up.proc.poll() is None
         restarted = [e for e in up.events() if e.get("event") == "nats-server restarted"]
         assert len(restarted) == 1 and restarted[0]["reason"] == "exited with code -9"
+        # the restart is on the log, under up's admin key, once appends work again
+        recorded = wait_for(
+            lambda: cli(up.data_dir, "events", "--json", "--subject",
+                        "dstack.actor.nats-server").lines(),
+            HEAL_BOUND_S, "the restart on the log",
+        )  # fmt: skip
+        [(kind, actor, body)] = [(e["type"], e["actor"], e["body"]) for e in recorded]
+        assert (kind, actor) == ("ComponentRestarted", "admin")
+        assert body["reason"] == "exited with code -9" and body["crashes"] == 1
         audit = cli(up.data_dir, "audit")
         assert audit.code == 0 and "0 errors" in audit.out, audit.out + audit.err
     finally:

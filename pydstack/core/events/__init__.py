@@ -1,9 +1,11 @@
 """Typed events, their signed and hash-chained envelope, and aggregate subjects."""
 
 from ._base import Event, tag_of
+from .actors import ComponentRestarted
 from .apps import AppComposeRevoked, AppRegistered, AppRemoved, AppUpgraded
 from .catalogue import (
     EVENT_TYPES,
+    ActorEvent,
     AnyEvent,
     AppEvent,
     CertEvent,
@@ -79,6 +81,7 @@ __all__ = [
     "ALL_SUBJECTS",
     "EVENT_TYPES",
     "AcmeAccountCreated",
+    "ActorEvent",
     "AnyEvent",
     "AppComposeRevoked",
     "AppEvent",
@@ -91,6 +94,7 @@ __all__ = [
     "CertificateRenewalFailed",
     "CertificateRenewalStarted",
     "CodecError",
+    "ComponentRestarted",
     "CvmEvent",
     "CvmLiveness",
     "CvmRecycled",

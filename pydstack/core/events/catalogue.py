@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from .actors import ComponentRestarted
 from .apps import AppComposeRevoked, AppRegistered, AppRemoved, AppUpgraded
 from .gateways import (
     AcmeAccountCreated,
@@ -87,6 +88,7 @@ CertEvent = (
 CvmEvent = CvmRegistered | CvmLiveness | CvmRecycled | CvmRemoved | CvmRegistrationRefused
 KeyringEvent = KeyringEntryAdded | KeyRevoked
 ImageEvent = ImageRegistered | ImageRevoked
+ActorEvent = ComponentRestarted
 
 AnyEvent = (
     AppEvent
@@ -98,6 +100,7 @@ AnyEvent = (
     | CertEvent
     | KeyringEvent
     | ImageEvent
+    | ActorEvent
 )
 
 EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
@@ -114,4 +117,5 @@ EVENT_TYPES: Final[tuple[type[AnyEvent], ...]] = (
     CertificateIssued, CertificateRenewalFailed,
     KeyringEntryAdded, KeyRevoked,
     ImageRegistered, ImageRevoked,
+    ComponentRestarted,
 )  # fmt: skip

@@ -26,6 +26,7 @@ from pydstack.core.events import (
     CertificateIssued,
     CertificateRenewalFailed,
     CertificateRenewalStarted,
+    ComponentRestarted,
     CvmLiveness,
     CvmRecycled,
     CvmRegistered,
@@ -118,6 +119,7 @@ HOST_FIELDS: Final = ("host", "host_id")
 # Body field that must equal the aggregate id of the subject it is stored on, per kind.
 AGGREGATE_FIELDS: Final[Mapping[str, str]] = {
     "vm": "vm_id", "host": "host_id", "app": "app_id", "image": "os_image_hash",
+    "actor": "component",
 }  # fmt: skip
 
 NAME: Final = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -160,6 +162,8 @@ WRITERS: Final[Mapping[tuple[str, str], frozenset[str]]] = {
     **_rows("keyring", frozenset({ADMIN}), KeyringEntryAdded, KeyRevoked),
     # what the KMS measures requests against: an admin decision, never a host's
     **_rows("image", frozenset({ADMIN}), ImageRegistered, ImageRevoked),
+    # `up` about its own components (a restarted nats-server): under its admin key
+    **_rows("actor", frozenset({ADMIN}), ComponentRestarted),
 }  # fmt: skip
 
 
