@@ -45,15 +45,17 @@ import aiohttp
 import dcap_qvl
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench._common import parse_quick, percentile, temp_server
+from bench._common import bench_signer, parse_quick, percentile, temp_server
 from pydstack.actors.kms import KmsClient
 from pydstack.actors.kms.client import client_context
 from pydstack.actors.kms.http import rpc_ssl_context
 from pydstack.actors.kms.service import key_pem, pem
+from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.collateral import collateral_from_json
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.ratls import build_ratls_cert
 from pydstack_guest import create_dev_app_keys
+from tests.images import register_test_image
 from tests.kms.conftest import VM_CONFIG, bound_identity, make_cvm
 
 
@@ -159,6 +161,9 @@ async def main(quick: bool) -> None:
             assert proc.stdout is not None
             url = proc.stdout.readline().decode().strip().split("=", 1)[1]
             try:
+                # the KMS serves only TDs measured as an image on its log (make_cvm's)
+                async with await EventStore.connect(nats.url, bench_signer("admin")) as store:
+                    await register_test_image(store)
                 async with KmsClient(url, dev_pki=pki) as c:
                     temp = await c.call("GetTempCaCert")
                 ca = temp["ca_cert"]

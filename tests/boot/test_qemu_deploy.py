@@ -140,13 +140,16 @@ def test_example_deployed_on_qemu_is_served_over_https_through_the_gateway(
         keys = next(p["detail"] for p in progress if p["stage"] == "keys")
         assert keys.startswith("kms ") and state["kms_url"] in keys, keys
         # Up's KMS verified the guest's quote and event log: this app, and the os-image-hash
-        # the guest measured is the digest of the image QEMU booted.
+        # the guest measured is the digest of the image QEMU booted, whose registered
+        # measurements for the VM's shape the quote showed (GetAppKey, then SignCert for the
+        # gateway client certificate).
         issued = [
-            e["body"]["boot_info"]
+            e["body"]
             for e in _events(home, "dstack.*.*")
             if e["type"] == "KeyIssued" and e["body"]["boot_info"]["app_id"] == app_id
         ]
-        assert [b["os_image_hash"] for b in issued] == [image.digest], issued
+        assert issued and {b["boot_info"]["os_image_hash"] for b in issued} == {image.digest}
+        assert all("MRTD, RTMR0-2 match" in b["image_check"] for b in issued), issued
         assert _qemu_pids(home), "no QEMU process for the deployed VM"
         _check_guest_egress_rules(state)
         _check_data_disk_and_restart(home, wd, greeting, storage, proxy, url, ca)

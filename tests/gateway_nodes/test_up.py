@@ -20,7 +20,7 @@ import pytest
 
 from pydstack.actors.gateway.up_launch import _leaf, dev_ca
 from tests.acme.pebble import missing_binaries, running_pebble
-from tests.cli.harness import PYDSTACK, Up, cli, wait_for
+from tests.cli.harness import PYDSTACK, Up, cli, register_busybox_image, wait_for
 
 from .cvms import _serve, fetch
 from .lan import namespace_lan
@@ -79,6 +79,8 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path, acme: bool
             await lan.add("cvm1")
             server = await _serve(cvm_ns, 80, "cvm1", None)
             app_id = "ab" * 20
+            # the KMS serves only TDs measured as an image on its log
+            image = await asyncio.to_thread(register_busybox_image, home)
             sim_log = tmp_path / "sim.log"
             env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
             with sim_log.open("wb") as f:
@@ -87,7 +89,8 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path, acme: bool
                      "--socket", str(tmp_path / "d.sock"), "--app-id", app_id,
                      "--kms", state["kms_url"], "--dev-pki", str(home / "dev-pki"),
                      "--gateway", state["gateway_registration_url"],
-                     "--gateway-ca", state["gateway_ca"], "--gateway-netns", cvm_ns],
+                     "--gateway-ca", state["gateway_ca"], "--gateway-netns", cvm_ns,
+                     "--image", str(image)],
                     stdout=f, stderr=subprocess.STDOUT, env=env,
                 )  # fmt: skip
             await asyncio.to_thread(
