@@ -92,6 +92,8 @@ async def test_create_vm_takes_every_field_of_vmm_cli_deploy(
     assert (cfg["hugepages"], cfg["pin_numa"], cfg["no_tee"]) == (False, False, False)
     assert cfg["user_config"] == '{"u": 1}' and cfg["encrypted_env"] == "ab" + "cd" * 40
     assert req.app_id == cfg["app_id"] == hashlib.sha256(compose("full").encode()).hexdigest()[:40]
+    info = (await call(url, "GetInfo", {"id": vm_id}))["info"]
+    assert info["exited_at"].endswith("s") and info["events"] == []
     listed = (await call(url, "Status", {}))["vms"]
     assert [v["id"] for v in listed] == [vm_id] and listed[0]["uptime"] == ""
 

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from pydstack.actors.vmm import vm_info
 from pydstack.actors.vmm._logs import _Cleaner, tail_offset
 from pydstack.actors.vmm._workdir import build_spec
-from pydstack.core.events import VmRequested, VmResources, VmUpdated, VmUpdateRequested
+from pydstack.core.events import (
+    VmBootError,
+    VmBootProgress,
+    VmRequested,
+    VmResources,
+    VmUpdated,
+    VmUpdateRequested,
+)
 from pydstack.core.projections import Applied
 from pydstack.core.vmm import (
     Refused,
@@ -142,3 +150,13 @@ def test_ansi_escapes_are_stripped_even_when_a_chunk_cuts_one() -> None:
     out = c.feed(b"\x1b[31mred\x1b[0m \x1b]0;title\x07ok\n\x1b[3") + c.feed(b"2mgreen\n")
     assert out == b"red ok\ngreen\n"
     assert c.feed(b"tail \x1b[1mbold", final=True) == b"tail bold"
+
+
+def test_guest_reports_are_getinfos_events_the_last_twenty_as_dstack_keeps() -> None:
+    """dstack's GuestEvent list: ``boot.progress`` / ``boot.error``, body, milliseconds."""
+    reports = [VmBootProgress(vm_id="v1", stage=f"s{i}") for i in range(25)]
+    rec = _fold(_requested(), *reports, VmBootError(vm_id="v1", stage="keys", error="denied"))
+    events = vm_info(rec)["events"]
+    assert len(events) == 20 and events[0] == {"event": "boot.progress", "body": "s6",
+                                               "timestamp": 0}  # fmt: skip
+    assert events[-1] == {"event": "boot.error", "body": "keys: denied", "timestamp": 0}

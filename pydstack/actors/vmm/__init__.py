@@ -11,8 +11,9 @@ or as a process: ``python -m pydstack.actors.vmm --host-id h1 --state-dir D --ba
 
 from ._access import ApiEndpoints, ApiSetupError, serve_api
 from ._actor import Vmm, VmmConfig
-from ._api import make_api, vm_info
+from ._api import make_api
 from ._images import ImageEntry, list_backend_images
+from ._info import vm_info
 from ._main import VmmLaunch, build_backend, ensure_supervisor, running_vmm
 
 __all__ = [

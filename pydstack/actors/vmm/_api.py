@@ -14,7 +14,6 @@ import hashlib
 import json
 import re
 import ssl
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import version as pkg_version
@@ -29,7 +28,6 @@ from pydstack.adapters.nats import ConflictError
 from pydstack.core.events import Event, PortMap, VmStopRequested, VmUpdateRequested, subject
 from pydstack.core.vmm import (
     Refused,
-    VmRecord,
     check_gpus,
     check_host_options,
     check_networking,
@@ -41,6 +39,7 @@ from pydstack.core.vmm import (
 
 from ._actor import Vmm
 from ._images import list_backend_images
+from ._info import vm_info
 from ._logs import logs_path, logs_query
 from ._rpc_types import (
     AppIdIn,
@@ -76,40 +75,6 @@ def _hex(value: str, field: str) -> bytes:
 def _gpus(gpus: GpuConfigIn | None) -> None:
     if gpus is not None:
         check_gpus(gpus.attach_mode, [g.slot for g in gpus.gpus], available=HOST_GPUS)
-
-
-def _uptime(rec: VmRecord) -> str:
-    if rec.vm.state not in ("starting", "running") or not rec.restart.started_ns:
-        return ""
-    s = max(0, (time.time_ns() - rec.restart.started_ns) // 1_000_000_000)
-    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
-    return " ".join(f"{v}{u}" for v, u in ((d, "d"), (h, "h"), (m, "m")) if v) + f" {s % 60}s"
-
-
-def vm_info(rec: VmRecord, *, brief: bool = False) -> dict[str, Any]:
-    vm = rec.vm
-    info: dict[str, Any] = {
-        "id": vm.vm_id, "name": vm.name, "status": vm.state, "desired": vm.desired,
-        "uptime": _uptime(rec).strip(),
-        "app_id": vm.app_id, "host": vm.host, "cid": vm.cid, "boot_progress": vm.boot_stage,
-        "boot_error": vm.last_error, "exit_reason": vm.reason, "exit_code": vm.exit_code,
-        "starts": vm.starts, "restarts": vm.restarts, "restart_attempts": rec.restart.attempts,
-        "restart_exhausted": rec.restart.exhausted, "image_version": rec.image,
-        "compose_hash": rec.compose_hash, "uptime_since_ns": rec.restart.started_ns,
-    }  # fmt: skip
-    if not brief:
-        info["configuration"] = {
-            "name": vm.name, "image": rec.image, "vcpu": rec.resources.vcpu,
-            "memory": rec.resources.memory_mb, "disk_size": rec.resources.disk_gb,
-            "ports": [msgspec.to_builtins(p) for p in rec.ports],
-            "compose_file": rec.compose.decode(errors="replace"),
-            "encrypted_env": rec.encrypted_env.hex(), "app_id": vm.app_id,
-            "user_config": rec.user_config, "hugepages": False, "pin_numa": False,
-            "gpus": {"attach_mode": "listed", "gpus": []},
-            "kms_urls": list(rec.kms_urls), "gateway_urls": list(rec.gateway_urls),
-            "stopped": vm.desired == "stopped", "no_tee": False,
-        }  # fmt: skip
-    return info
 
 
 async def _append(vmm: Vmm, vm_id: str, event: Event) -> None:

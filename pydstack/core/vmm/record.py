@@ -12,6 +12,7 @@ whether an operator start came after the last exit, and the restart track::
 from __future__ import annotations
 
 import hashlib
+from typing import Final
 
 from msgspec import Struct
 from msgspec.structs import replace
@@ -20,6 +21,8 @@ from pydstack.core.events import (
     AppRegistered,
     AppUpgraded,
     PortMap,
+    VmBootError,
+    VmBootProgress,
     VmExited,
     VmRequested,
     VmResources,
@@ -38,6 +41,16 @@ from pydstack.core.projections import Applied, Vm, vms
 
 from .restart import RestartTrack
 
+EVENT_BUFFER: Final = 20  # guest events GetInfo shows (dstack's event_buffer_size)
+
+
+class GuestEvent(Struct, frozen=True):
+    """dstack's ``GuestEvent``: ``boot.progress`` / ``boot.error``, its body, ms since epoch."""
+
+    event: str
+    body: str
+    timestamp: int
+
 
 class VmRecord(Struct, frozen=True, kw_only=True):
     vm: Vm
@@ -55,6 +68,7 @@ class VmRecord(Struct, frozen=True, kw_only=True):
     exited_seq: int = 0
     restart: RestartTrack = RestartTrack()
     updates: dict[str, VmUpdateRequested] = {}  # undecided update requests by event id
+    events: tuple[GuestEvent, ...] = ()  # the last EVENT_BUFFER guest reports
 
 
 def _reset(t: RestartTrack) -> RestartTrack:
@@ -78,6 +92,11 @@ def apply(rec: VmRecord | None, a: Applied) -> VmRecord | None:
     rec = replace(rec, vm=vm)
     t, tr = a.time_ns, rec.restart
     match a.event:
+        case VmBootProgress(stage=stage, detail=detail) | VmBootError(stage=stage, error=detail):
+            kind = "boot.error" if isinstance(a.event, VmBootError) else "boot.progress"
+            body = f"{stage}: {detail}" if detail else stage
+            seen = (*rec.events, GuestEvent(kind, body, t // 1_000_000))[-EVENT_BUFFER:]
+            return replace(rec, events=seen)
         case VmStarted() as e:
             tr = replace(tr, started_ns=t, due_ns=0)
             if e.attempt == 0 and not e.adopted:
