@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -51,6 +52,7 @@ from pydstack.actors.kms.client import client_context
 from pydstack.actors.kms.http import rpc_ssl_context
 from pydstack.actors.kms.service import key_pem, pem
 from pydstack.adapters.nats import EventStore
+from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.collateral import collateral_from_json
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.ratls import build_ratls_cert
@@ -152,10 +154,13 @@ async def main(quick: bool) -> None:
             tmp = Path(d)
             pki.save(tmp / "pki")
             (tmp / "appkeys.json").write_text(create_dev_app_keys(b"\x01" * 20, now=0)[1])
+            seed = tmp / "kms-identity.seed"  # the KMS signs with an identity's seed
+            write_secret(seed, os.urandom(32).hex())
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats.url, "--port", "0",
                  "--key-file", str(tmp / "root"), "--seal-appkeys", str(tmp / "appkeys.json"),
-                 "--auth", "dev", "--allow-dev-auth", "--dev-pki", str(tmp / "pki")],
+                 "--auth", "dev", "--allow-dev-auth", "--dev-pki", str(tmp / "pki"),
+                 "--signer-seed-file", str(seed)],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             assert proc.stdout is not None
