@@ -195,6 +195,8 @@ async def test_logs_query_tails_follows_and_strips_ansi_as_vmm_cli_logs(
         vmmapi.request, url, "GET", f"/logs?id={vm_id}&ansi=true&lines=2"
     )
     assert text == "\x1b[32mtwo\x1b[0m\nthree\n"
+    status, text = await asyncio.to_thread(vmmapi.request, url, "GET", f"/logs/{vm_id}")
+    assert (status, text) == (200, "one\n\x1b[32mtwo\x1b[0m\nthree\n")  # pydstack's own path
     conn = aiohttp.UnixConnector(path=url.removeprefix("unix:"))
     async with (
         aiohttp.ClientSession(connector=conn) as s,

@@ -1,10 +1,11 @@
 """A CVM's console over the VMM API, as dstack's ``GET /logs?id=&follow=&ansi=&lines=&ch=``.
 
-The last ``lines`` lines (dstack's default 10000; ``/logs/<id>``, pydstack's older path, sends
-the whole log), then with ``follow`` what is appended, with ``[vmm heartbeat]`` after a minute
-of silence as dstack; ANSI escapes are removed unless ``ansi`` is true. Reading never loads
-more than one chunk: the tail is found by scanning back for newlines. A bad parameter is 400
-naming it, an unknown VM 404. Reading a log changes nothing, so nothing is appended.
+The last ``lines`` lines (dstack's default 10000), then with ``follow`` what is appended, with
+``[vmm heartbeat]`` after a minute of silence as dstack; ANSI escapes are removed unless
+``ansi`` is true. ``/logs/<id>``, pydstack's older path, sends the whole log with its colours
+unless asked otherwise. Reading never loads more than one chunk: the tail is found by scanning
+back for newlines. A bad parameter is 400 naming it, an unknown VM 404. Reading a log changes
+nothing, so nothing is appended.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ class BadQuery(ValueError):
         self.field, self.status = field, status
 
 
-def _flag(request: web.Request, name: str) -> bool:
+def _flag(request: web.Request, name: str, default: bool = False) -> bool:
     value = request.query.get(name, "").lower()
+    if not value:
+        return default
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -106,9 +109,9 @@ class _Cleaner:
 
 
 async def serve_logs(
-    request: web.Request, vmm: Vmm, vm_id: str, lines: int | None
+    request: web.Request, vmm: Vmm, vm_id: str, lines: int | None, *, ansi_default: bool = False
 ) -> web.StreamResponse:
-    follow, ansi = _flag(request, "follow"), _flag(request, "ansi")
+    follow, ansi = _flag(request, "follow"), _flag(request, "ansi", ansi_default)
     if request.query.get("ch", "serial") != "serial":
         raise BadQuery("ch", "ch: only 'serial' (the CVM's console) is kept here")
     await vmm.view.catch_up(vmm.store)
@@ -158,9 +161,10 @@ async def logs_query(request: web.Request, vmm: Vmm) -> web.StreamResponse:
 
 
 async def logs_path(request: web.Request, vmm: Vmm) -> web.StreamResponse:
-    """pydstack's ``/logs/<id>``: the whole log unless ``lines`` says otherwise."""
+    """pydstack's ``/logs/<id>``: the whole log, as written (colours kept), unless ``lines``
+    / ``ansi`` say otherwise."""
     try:
         vm_id = request.match_info["vm_id"]
-        return await serve_logs(request, vmm, vm_id, _lines(request, None))
+        return await serve_logs(request, vmm, vm_id, _lines(request, None), ansi_default=True)
     except BadQuery as exc:
         return web.json_response({"error": str(exc), "field": exc.field}, status=exc.status)
