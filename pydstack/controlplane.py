@@ -791,6 +791,7 @@ class ControlPlane:
             "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
             "dashboard_login_token_file": self.dashboard_token_file or None,
             "vmm_url": self.vmm_url or None, **self.vmm_api, **self.gateway,
+            "tee": "simulated" if _no_tdx() else "tdx",
         }  # fmt: skip
         self._state = state
         self._write_state()
@@ -807,9 +808,12 @@ class ControlPlane:
                if self.kms.get("kms_auth") == "dev" else {}),
             "gateway": self.gateway.get("gateway_proxy"),
             "identities": str(self.data.identities.dir),
+            **({"attestation": SIMULATED_TDX} if _no_tdx() else {}),
         }  # fmt: skip
         if self.server is not None:
             where["nats_log"] = str(self.server.log_path)
+        if _no_tdx():
+            _log.warning(SIMULATED_TDX)
         gc.freeze()  # start-up objects (modules, keys, folded state) leave the cyclic GC, so
         # its gen-2 passes stay cheap per request (they cost the KMS ~2 ms per GetAppKey)
         _log.info(
@@ -830,6 +834,13 @@ def _report_follower(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         _log.error("following the keyring for NATS users failed; `up` must be restarted to "
                    "apply later keyring changes", error=str(task.exception()))  # fmt: skip
+
+
+# Simulation is never silent: the ready banner, `status` and `deploy` say this.
+SIMULATED_TDX = (
+    "SIMULATED TDX: no TDX on this host, quotes are signed by the dev PKI in DATA/dev-pki; "
+    "attestation proves nothing, nothing is confidential (development and tests only)"
+)
 
 
 def _no_tdx() -> bool:

@@ -289,7 +289,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                        "name": server.get("server_name", "")},
             "local": {"data_dir": str(conn.data.path), "up_running": running,
                       "pid": local.get("pid") if running else None,
-                      "metrics_url": local.get("metrics_url") if running else None},
+                      "metrics_url": local.get("metrics_url") if running else None,
+                      "tee": local.get("tee") if running else None},
             "stream": {"name": conn.stream, "messages": st.messages, "bytes": st.bytes,
                        "first_seq": st.first_seq, "last_seq": st.last_seq,
                        "deleted": st.num_deleted or 0, "replicas": si.config.num_replicas,
@@ -313,6 +314,9 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     up = f"`up` pid {loc['pid']}, metrics {loc['metrics_url'] or 'off'}" if loc["up_running"] \
         else "no local `up` running"  # fmt: skip
     click.echo(f"server     {srv['url']}  nats-server {srv['version']}  ({up}; {loc['data_dir']})")
+    if loc["tee"] == "simulated":  # simulation is never silent
+        click.echo("tee        SIMULATED TDX (dev PKI): attestation proves nothing, nothing is "
+                   "confidential")  # fmt: skip
     click.echo(f"stream     {s['name']}  {s['messages']} messages  {s['bytes']} bytes  "
                f"seq {s['first_seq']}-{s['last_seq']}  deleted {s['deleted']}  replicas "
                f"{s['replicas']}  deny_delete {'yes' if s['deny_delete'] else 'NO'}")  # fmt: skip

@@ -182,6 +182,9 @@ def deploy_cmd(
     out.info(f"app id       {app_id}\ncompose hash {compose_hash}", app_id=app_id,
              compose_hash=compose_hash, app_compose=text)  # fmt: skip
     conn = resolve(ctx)
+    if conn.data.state().get("tee") == "simulated":  # simulation is never silent
+        out.info("simulated TDX: no confidentiality (quotes signed by this host's dev PKI)",
+                 tee="simulated")  # fmt: skip
 
     async def go() -> int:
         nonlocal plan

@@ -95,6 +95,21 @@ def test_up_serves_the_dashboard_and_signs_commands_as_operator(tmp_path: Path) 
                 async with s.post(url + "api/deploy", json=body) as r:
                     return r.status, await r.json(), preview["env_key"]
 
+        async def page() -> tuple[str, dict[str, str]]:
+            async with aiohttp.ClientSession(headers=bearer) as s:
+                async with s.get(url) as r:
+                    html = await r.text()
+                async with s.get(url + "api/status") as r:
+                    return html, await r.json()
+
+        # simulation is never silent: no TDX here, every page and the status say so
+        html, st = asyncio.run(page())
+        assert (
+            '<div id="tee-banner" role="alert">SIMULATED TDX' in html and st["tee"] == "simulated"
+        )
+        assert state["tee"] == "simulated" and "SIMULATED TDX" in ready["attestation"]
+        assert "SIMULATED TDX" in cli(tmp_path / "data", "status").out
+
         status, got, key = asyncio.run(deploy())
         assert status == 201, got
         assert key["source"] == "dev" and (tmp_path / "data" / "dashboard" / "dev-env.key").exists()

@@ -72,6 +72,9 @@ def test_no_wait_appends_app_and_vm_in_one_commit(plane: Up, tmp_path: Path) -> 
     out = merged(lines)
     assert out["compose_hash"] == hashlib.sha256(f.read_bytes()).hexdigest()
     assert out["app"] == "registered" and out["urls"] == []  # no gateway node on the log
+    assert out["tee"] == "simulated"  # no TDX here: deploy says so, never silent
+    human = cli(plane.data_dir, "deploy", str(f), "--no-wait")
+    assert "simulated TDX: no confidentiality" in human.out + human.err
     r = cli(plane.data_dir, "events", "--json", "--subject", "dstack.*.*")
     mine = [e for e in r.lines() if e["subject"] in (f"dstack.app.{out['app_id']}",
                                                       f"dstack.vm.{out['vm_id']}")]  # fmt: skip

@@ -109,6 +109,7 @@ async def status(request: web.Request) -> web.Response:
         "seq": s.state.seq, "oldest_event": s.state.oldest_seq, "malformed": s.state.malformed,
         "ready": s.ready is None or s.ready.is_set(), "nats_url": s.store.url,
         "identity": s.store.signer.actor, "subscribers": len(s.hub),
+        "tee": "simulated" if s.simulated else "tdx",
     })  # fmt: skip
 
 
@@ -220,6 +221,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+# Simulation is never silent: every page of a dashboard whose attestation is simulated.
+SIMULATED_BANNER = (
+    '<div id="tee-banner" role="alert">SIMULATED TDX: quotes are signed by a dev PKI on this '
+    "host, so attestation proves nothing and nothing here is confidential. For development and "
+    "tests only.</div>"
+)
+
+
 def create_app(services: Services, guard: Guard) -> web.Application:
     """The dashboard application over ``services``, open only as ``guard`` allows (nothing
     connects or starts here)."""
@@ -227,7 +236,9 @@ def create_app(services: Services, guard: Guard) -> web.Application:
                           client_max_size=4 * 1024 * 1024)  # fmt: skip
     app[SERVICES] = services
     app[GUARD] = guard
-    app[_PAGE] = (STATIC / "index.html").read_text().replace("{{csrf_token}}", guard.csrf_token)
+    banner = SIMULATED_BANNER if services.simulated else ""
+    app[_PAGE] = (STATIC / "index.html").read_text().replace(
+        "{{csrf_token}}", guard.csrf_token).replace("{{tee_banner}}", banner)  # fmt: skip
     r = app.router
     r.add_get("/", page)
     for name in PAGES:

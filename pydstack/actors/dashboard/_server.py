@@ -140,7 +140,8 @@ class Dashboard:
         await self.follower.__aenter__()
         try:
             services = Services(self.state, self.hub, self.store, self.env_key,
-                                self.follower.ready, c.identities_dir)  # fmt: skip
+                                self.follower.ready, c.identities_dir,
+                                simulated=c.kms_dev_pki is not None)  # fmt: skip
             sock = _bind(c.host, c.port)
             port = sock.getsockname()[1]
             try:

@@ -26,6 +26,7 @@ class Services:
     env_key: EnvKeySource
     ready: asyncio.Event | None = None  # set once the follower has caught up
     identities: Path | None = None  # the data dir's identities: a tenant's seed signs its writes
+    simulated: bool = False  # attestation is simulated (no TDX): every page says so
 
     def writer(self, tenant: str) -> EventStore:
         """The store whose signer writes for ``tenant`` ("": the dashboard's own identity):
