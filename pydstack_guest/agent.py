@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -39,10 +40,12 @@ from pydstack.core.kms import CertConfig
 
 from . import keys as k
 from .cert_client import request_certificate
-from .provider import AppKeys, KeyProvider
+from .provider import AppKeys, KeyProvider, KeyProviderError
 
 AGENT_VERSION = "0.5.7"  # the dstack guest API level served (SDKs gate features on it)
 AGENT_REV = "pydstack-guest"
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -97,6 +100,8 @@ class GuestAgent:
         self.config = config
         self.clock = clock
         self.sys_config = config.sys_config or json.dumps({"vm_config": config.vm_config})
+        self._app_cert = ""
+        self._app_cert_lock = asyncio.Lock()
 
     @classmethod
     async def create(
@@ -170,7 +175,7 @@ class GuestAgent:
         return {
             "app_id": info.app_id.hex(),
             "instance_id": info.instance_id.hex(),
-            "app_cert": "",
+            "app_cert": await self.app_cert(),
             "tcb_info": tcb_info,
             "app_name": self.config.app_name,
             "device_id": info.device_id.hex(),
@@ -182,6 +187,25 @@ class GuestAgent:
             "cloud_vendor": "",
             "cloud_product": "",
         }
+
+    async def app_cert(self) -> str:
+        """Info's ``app_cert``: dstack's "demo cert", a client certificate (CN ``demo-cert``,
+        RA-TLS evidence) for a fresh key, issued as GetTlsKey's are, chain PEMs joined by a
+        newline. Issued once, at the first Info (dstack: when its agent starts); a failed
+        issuance answers "" and is tried again at the next Info, as dstack's does."""
+        async with self._app_cert_lock:
+            if not self._app_cert:
+                try:
+                    out = await self.tls_key(
+                        self.fresh_tls_key(), subject="demo-cert", alt_names=(),
+                        usage_ra_tls=True, usage_server_auth=False, usage_client_auth=True,
+                        timeout=10.0,
+                    )  # fmt: skip
+                except KeyProviderError as e:
+                    log.warning("Info app_cert: no demo certificate: %s", e)
+                    return ""
+                self._app_cert = "\n".join(out["certificate_chain"])
+            return self._app_cert
 
     def version(self) -> dict[str, Any]:
         return {"version": AGENT_VERSION, "rev": AGENT_REV}
@@ -230,6 +254,7 @@ class GuestAgent:
         with_app_info: bool = False,
         not_before: int | None = None,
         not_after: int | None = None,
+        timeout: float = 30.0,
     ) -> dict[str, Any]:
         """A certificate for `key` from the app CA; RA-TLS evidence when `usage_ra_tls`.
 
@@ -237,6 +262,11 @@ class GuestAgent:
         `CertRequestClient::Kms`); local dev keys: their own CA signs it."""
         if not_before is not None and not_after is not None and not_before >= not_after:
             raise RequestError("not_before", "not_before must be earlier than not_after")
+        bad = [n for n in alt_names if not n.isascii()]
+        if bad:
+            # A DNS SAN is an IA5String (ASCII): dstack's rcgen refuses these too.
+            raise RequestError("alt_names", f"alt_names must be ASCII names or IP addresses, "
+                               f"got {bad[0]!r}")  # fmt: skip
         pem = serialization.Encoding.PEM
         key_pem = key.private_bytes(
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -247,7 +277,7 @@ class GuestAgent:
                 usage_server_auth=usage_server_auth, usage_client_auth=usage_client_auth,
                 ext_quote=usage_ra_tls, ext_app_info=with_app_info, not_before=not_before,
                 not_after=not_after,
-            ))  # fmt: skip
+            ), timeout)  # fmt: skip
             return {"key": key_pem, "certificate_chain": chain}
         now = int(self.clock())
         att = None
@@ -275,7 +305,7 @@ class GuestAgent:
         }
 
     async def _kms_certificate(
-        self, key: ec.EllipticCurvePrivateKey, config: CertConfig
+        self, key: ec.EllipticCurvePrivateKey, config: CertConfig, timeout: float
     ) -> list[str]:
         """SignCert: the CSR's attestation binds `key`; the KMS decides on it (and embeds it
         or its AppInfo when `config` asks)."""
@@ -283,7 +313,7 @@ class GuestAgent:
         app_id = self.app_info(att).app_id
         return await request_certificate(
             self.keys, key, config, encode_attestation(att),
-            vm_config=self.config.vm_config, app_id=app_id,
+            vm_config=self.config.vm_config, app_id=app_id, timeout=timeout,
         )  # fmt: skip
 
     def fresh_tls_key(self) -> ec.EllipticCurvePrivateKey:

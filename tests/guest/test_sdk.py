@@ -23,6 +23,7 @@ from pydstack.adapters.tdx.verify import Policy, verify_quote
 from pydstack_guest.keys import key_public, verify_key_chain
 
 from .conftest import APP_ID, INSTANCE_ID, OS_IMAGE_HASH, Guest
+from .tlscheck import TlsOptions, check_tls_key, option_matrix
 
 
 def _verify(g: Guest, quote: bytes, event_log: str) -> list[str]:
@@ -232,3 +233,47 @@ async def test_version_and_sync_client(guest: Guest) -> None:
     assert await asyncio.to_thread(c.is_reachable)
     q = await asyncio.to_thread(c.get_quote, b"sync")
     assert _verify(guest, q.decode_quote(), q.event_log) == []
+
+
+async def test_get_tls_key_defaults_and_every_option_combination(guest: Guest) -> None:
+    """GetTlsKey answers a valid key and chain for the SDK's default arguments (an empty
+    subject: once an HTTP 500) and for every combination of its options; IP alt_names are
+    IP SANs."""
+    async with AsyncDstackClient(guest.dstack_sock) as c:
+        r = await c.get_tls_key()
+        check_tls_key(r.key, r.certificate_chain, TlsOptions(), chain_len=2)
+        for o in option_matrix(guest.now):
+            r = await c.get_tls_key(
+                subject=o.subject, alt_names=list(o.alt_names), usage_ra_tls=o.usage_ra_tls,
+                usage_server_auth=o.usage_server_auth, usage_client_auth=o.usage_client_auth,
+                with_app_info=o.with_app_info, not_before=o.not_before, not_after=o.not_after,
+            )  # fmt: skip
+            check_tls_key(r.key, r.certificate_chain, o, chain_len=2)
+
+
+async def test_info_app_cert_is_an_ratls_client_cert_of_the_app(guest: Guest) -> None:
+    """Info's app_cert is dstack's demo certificate: CN demo-cert, client auth, RA-TLS
+    evidence of this app, issued by the app CA; the same one on every call."""
+    async with AsyncDstackClient(guest.dstack_sock) as c:
+        first = (await c.info()).app_cert
+        again = (await c.info()).app_cert
+    assert first and first == again
+    pems = [p + "-----END CERTIFICATE-----\n" for p in first.split("-----END CERTIFICATE-----")]
+    certs = [x509.load_pem_x509_certificate(p.encode()) for p in pems[:-1]]
+    assert len(certs) == 2
+    leaf = certs[0]
+    leaf.verify_directly_issued_by(certs[1])
+    assert leaf.subject.rfc4514_string() == "CN=demo-cert"
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    result = check_ratls_cert(der, guest.collateral, now=guest.now, root_ca_der=guest.pki.root_der)
+    assert result.ok and result.app_info is not None and result.app_info.app_id == APP_ID
+
+
+async def test_get_tls_key_refuses_non_ascii_alt_names_naming_the_field(guest: Guest) -> None:
+    """A DNS SAN is ASCII: a non-ASCII alt name is a 400 naming alt_names, not a 500."""
+    conn = aiohttp.UnixConnector(path=guest.dstack_sock)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async with s.post("http://localhost/GetTlsKey", json={"alt_names": ["é.example"]}) as r:
+            assert r.status == 400 and (await r.json())["field"] == "alt_names"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from pydstack_guest import GuestAgent, GuestConfig, serve_agent
 from pydstack_guest.keys import key_public, verify_key_chain
 from pydstack_guest.kms_provider import KmsKeyProvider, decrypt_env
 from pydstack_guest.kms_trust import KmsCheckFailed, KmsTrust
+from tests.guest.tlscheck import TlsOptions, check_tls_key, option_matrix
 
 from .conftest import APP_ID, CLUSTER, VM_CONFIG, Cvm, Kms, make_cvm
 
@@ -124,3 +126,34 @@ async def test_env_encrypt_trusts_the_kms_roots_on_the_log_without_a_pinned_root
     assert no_log.exit_code == 0, no_log.output
     assert "no KMS root on a reachable log; trusting the root the KMS reports" in no_log.output
     assert "SIMULATED TDX" in no_log.output
+
+
+async def test_get_tls_key_through_kms_signcert_defaults_and_options(kms: Kms, pki: DevPki) -> None:
+    """On KMS keys GetTlsKey goes through SignCert: the SDK's default arguments (empty subject)
+    and every option combination answer a chain leaf, app CA, KMS root; Info's app_cert is
+    such a chain for dstack's demo certificate."""
+    cvm = make_cvm(pki)
+    agent = await GuestAgent.create(
+        cvm.backend, provider(kms, pki, cvm), GuestConfig(vm_config=VM_CONFIG)
+    )
+    d = Path(tempfile.mkdtemp(prefix="pyds-", dir="/tmp"))
+    try:
+        async with (
+            serve_agent(agent, dstack_sock=str(d / "d.sock")),
+            AsyncDstackClient(str(d / "d.sock"), timeout=30) as c,
+        ):
+            r = await c.get_tls_key()
+            check_tls_key(r.key, r.certificate_chain, TlsOptions(), chain_len=3)
+            for o in option_matrix(int(time.time())):
+                r = await c.get_tls_key(
+                    subject=o.subject, alt_names=list(o.alt_names), usage_ra_tls=o.usage_ra_tls,
+                    usage_server_auth=o.usage_server_auth,
+                    usage_client_auth=o.usage_client_auth, with_app_info=o.with_app_info,
+                    not_before=o.not_before, not_after=o.not_after,
+                )  # fmt: skip
+                check_tls_key(r.key, r.certificate_chain, o, chain_len=3)
+                assert r.certificate_chain[2] == kms.svc.created.ca_cert_pem
+            app_cert = (await c.info()).app_cert
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert app_cert.count("BEGIN CERTIFICATE") == 3 and kms.svc.created.ca_cert_pem in app_cert

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import secrets
+import warnings
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -132,6 +134,18 @@ def _app_info_msgpack(info: AppInfo) -> bytes:
     )
 
 
+def san_names(alt_names: Sequence[str]) -> list[x509.GeneralName]:
+    """dstack (rcgen `CertificateParams::new`): a name that parses as an IP address is an IP
+    SAN, any other a DNS name."""
+    out: list[x509.GeneralName] = []
+    for n in alt_names:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            out.append(x509.DNSName(n))
+    return out
+
+
 def build_ratls_cert(
     key: ec.EllipticCurvePrivateKey,
     attestation: Attestation | None,
@@ -155,7 +169,11 @@ def build_ratls_cert(
     `attestation` must already be bound to `key` (see `ratls_report_data`); it goes under
     OID 1.8, plus 1.1/1.2 when `legacy_extensions` is set for pre-1.8 dstack verifiers.
     """
-    names = [x509.NameAttribute(NameOID.COMMON_NAME, subject)]
+    # dstack (rcgen) takes any subject, the empty one of the SDKs' defaults included, as the
+    # CN; cryptography's 1..64-character check for CN would turn those into an HTTP 500.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # what _validate=False says instead
+        names = [x509.NameAttribute(NameOID.COMMON_NAME, subject, _validate=False)]
     if org_name:
         names.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, org_name))
     name = x509.Name(names)
@@ -191,9 +209,7 @@ def build_ratls_cert(
     if ekus:
         b = b.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
     if alt_names:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in alt_names]), critical=False
-        )
+        b = b.add_extension(x509.SubjectAlternativeName(san_names(alt_names)), critical=False)
     if app_id is not None:
         b = b.add_extension(_ext(OID_APP_ID, app_id), critical=False)
     if app_info is not None:
