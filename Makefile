@@ -10,6 +10,12 @@ STAMP := $(VENV)/.installed
 # solc for contracts/: npm's solc package (solcjs, WebAssembly) compiles offline once installed.
 SOLC_VERSION := 0.8.28
 SOLCJS := $(VENV)/solcjs/.installed-$(SOLC_VERSION)
+# anvil (Foundry's local Ethereum node, from npm) runs the eth backend's tests and dev chains;
+# OpenZeppelin at the version dstack v0.5.11 pins compiles dstack's own contracts in tests/eth.
+ANVIL_VERSION := 1.7.1
+ANVIL := $(VENV)/anvil/.installed-$(ANVIL_VERSION)
+OZ_VERSION := 5.4.0
+OPENZEPPELIN := $(VENV)/openzeppelin/.installed-$(OZ_VERSION)
 # Debian packages the project needs; installed only when missing. nftables + acl: the QEMU
 # backend runs QEMU as its own user (pydstack-qemu, made by the VMM) behind nft rules.
 DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2 qemu-system-x86 qemu-utils mmdebstrap linux-image-amd64 busybox-static e2fsprogs cpio pebble chromium chromium-driver haproxy nginx libnginx-mod-stream wrk docker.io nftables acl ovmf osslsigncode
@@ -36,7 +42,7 @@ typecheck: deps
 unit: deps
 	$(BIN)/pytest -q -rfEs --tb=short -p no:cacheprovider
 
-deps: sysdeps $(STAMP) $(SOLCJS)
+deps: sysdeps $(STAMP) $(SOLCJS) $(ANVIL) $(OPENZEPPELIN)
 
 sysdeps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -54,6 +60,16 @@ $(STAMP): pyproject.toml
 $(SOLCJS): | $(STAMP)
 	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
 	npm install --silent --prefix $(VENV)/solcjs --no-save --no-package-lock --no-audit --no-fund solc@$(SOLC_VERSION)
+	touch $@
+
+$(ANVIL): | $(STAMP)
+	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	npm install --silent --prefix $(VENV)/anvil --no-save --no-package-lock --no-audit --no-fund @foundry-rs/anvil-linux-amd64@$(ANVIL_VERSION)
+	touch $@
+
+$(OPENZEPPELIN): | $(STAMP)
+	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	npm install --silent --prefix $(VENV)/openzeppelin --no-save --no-package-lock --no-audit --no-fund @openzeppelin/contracts@$(OZ_VERSION) @openzeppelin/contracts-upgradeable@$(OZ_VERSION)
 	touch $@
 
 bench: deps

@@ -1,17 +1,30 @@
-"""authorize_app against KmsAuth + AppAuth on py-evm: allow-lists, reasons, policy changes."""
+"""authorize_app against DstackKms + DstackApp on anvil (ours and dstack's): allow-lists, reasons,
+policy changes."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import msgspec
 import pytest
 from web3 import Web3
 from web3.logs import DISCARD
 
-from pydstack.adapters.eth import AppAdmin, Artifact, EthAuthBackend, TransactionReverted
+from pydstack.adapters.eth import Artifact, EthAuthBackend, TransactionReverted, compile_contracts
 
-from .conftest import COMPOSE, DEVICE, GATEWAY_APP_ID, OS_IMAGE, Deployment
+from .conftest import COMPOSE, DEVICE, GATEWAY_APP_ID, HERE, OS_IMAGE, Deployment, deploy_raw
 
 replace = msgspec.structs.replace
+
+
+@pytest.fixture(scope="module")
+def _reverting_artifact(solc_cache: Path) -> Artifact:
+    return compile_contracts(HERE / "contracts_test", cache_dir=solc_cache)["RevertingApp"]
+
+
+@pytest.fixture
+def reverting_app(w3: Web3, _reverting_artifact: Artifact, owner: str) -> str:
+    return deploy_raw(w3, _reverting_artifact, owner)
 
 
 async def test_allowed_boot_is_allowed_with_gateway_app_id(deployed: Deployment) -> None:
@@ -85,12 +98,6 @@ async def test_removed_os_image_and_device_take_effect(deployed: Deployment) -> 
     assert (await deployed.backend.authorize_app(deployed.boot)).reason.startswith("os image ")
 
 
-async def test_deregistered_app_is_refused(deployed: Deployment) -> None:
-    deployed.kms.deregister_app(deployed.app.address)
-    verdict = await deployed.backend.authorize_app(deployed.boot)
-    assert verdict.reason == f"app {deployed.app.address.lower()} not registered"
-
-
 async def test_require_tcb_up_to_date_refuses_an_out_of_date_tcb(deployed: Deployment) -> None:
     boot = replace(deployed.boot, tcb_status="OutOfDate")
     assert (await deployed.backend.authorize_app(boot)).is_allowed
@@ -101,13 +108,15 @@ async def test_require_tcb_up_to_date_refuses_an_out_of_date_tcb(deployed: Deplo
 
 def test_stranger_cannot_change_the_app_allow_lists(deployed: Deployment, stranger: str) -> None:
     as_stranger = deployed.app.as_sender(stranger)
-    with pytest.raises(TransactionReverted, match=rf"addComposeHash .* NotOwner\({stranger}\)"):
+    with pytest.raises(
+        TransactionReverted, match=rf"addComposeHash .* OwnableUnauthorizedAccount\({stranger}\)"
+    ):
         as_stranger.add_compose_hash("ab" * 32)
-    with pytest.raises(TransactionReverted, match="NotOwner"):
+    with pytest.raises(TransactionReverted, match="OwnableUnauthorizedAccount"):
         as_stranger.remove_compose_hash(COMPOSE)
-    with pytest.raises(TransactionReverted, match="NotOwner"):
+    with pytest.raises(TransactionReverted, match="OwnableUnauthorizedAccount"):
         as_stranger.add_device("ee" * 32)
-    with pytest.raises(TransactionReverted, match="NotOwner"):
+    with pytest.raises(TransactionReverted, match="OwnableUnauthorizedAccount"):
         as_stranger.set_allow_any_device(True)
     assert not deployed.app.is_compose_hash_allowed("ab" * 32)
     assert deployed.app.is_compose_hash_allowed(COMPOSE)
@@ -115,11 +124,9 @@ def test_stranger_cannot_change_the_app_allow_lists(deployed: Deployment, strang
 
 async def test_stranger_cannot_change_the_kms_policy(deployed: Deployment, stranger: str) -> None:
     as_stranger = deployed.kms.as_sender(stranger)
-    with pytest.raises(TransactionReverted, match="NotOwner"):
+    with pytest.raises(TransactionReverted, match="OwnableUnauthorizedAccount"):
         as_stranger.remove_os_image(OS_IMAGE)
-    with pytest.raises(TransactionReverted, match="NotOwner"):
-        as_stranger.deregister_app(deployed.app.address)
-    with pytest.raises(TransactionReverted, match="NotOwner"):
+    with pytest.raises(TransactionReverted, match="OwnableUnauthorizedAccount"):
         as_stranger.set_gateway_app_id("evil")
     assert (await deployed.backend.authorize_app(deployed.boot)).is_allowed
 
@@ -127,47 +134,47 @@ async def test_stranger_cannot_change_the_kms_policy(deployed: Deployment, stran
 async def test_transferred_ownership_moves_control(deployed: Deployment, stranger: str) -> None:
     deployed.app.transfer_ownership(stranger)
     assert deployed.app.owner() == stranger
-    with pytest.raises(TransactionReverted, match="NotOwner"):
+    with pytest.raises(TransactionReverted, match="OwnableUnauthorizedAccount"):
         deployed.app.remove_compose_hash(COMPOSE)
     deployed.app.as_sender(stranger).remove_compose_hash(COMPOSE)
     assert not (await deployed.backend.authorize_app(deployed.boot)).is_allowed
 
 
-def test_every_policy_change_emits_an_event(deployed: Deployment) -> None:
+def test_every_policy_change_emits_an_event(
+    deployed: Deployment, artifacts: dict[str, Artifact]
+) -> None:
+    app_events = deployed.app.web3.eth.contract(abi=artifacts["DstackApp"].abi).events
     receipt = deployed.app.transact("removeComposeHash", bytes.fromhex(COMPOSE[2:]))
-    (event,) = deployed.app.contract.events.ComposeHashRemoved().process_receipt(
-        receipt, errors=DISCARD
-    )
+    (event,) = app_events.ComposeHashRemoved().process_receipt(receipt, errors=DISCARD)
     assert event["args"]["composeHash"].hex() == COMPOSE[2:]
+    kms_events = deployed.kms.web3.eth.contract(abi=artifacts["DstackKms"].abi).events
     receipt = deployed.kms.transact("addOsImageHash", b"\x0b" * 32)
-    (event,) = deployed.kms.contract.events.OsImageHashAdded().process_receipt(
-        receipt, errors=DISCARD
-    )
+    (event,) = kms_events.OsImageHashAdded().process_receipt(receipt, errors=DISCARD)
     assert event["args"]["osImageHash"] == b"\x0b" * 32
 
 
-async def test_app_registered_under_its_own_id_uses_a_standalone_contract(
-    w3: Web3, artifacts: dict[str, Artifact], deployed: Deployment, owner: str
-) -> None:
-    standalone = AppAdmin.deploy(
-        w3, artifacts, sender=owner, compose_hash="cd" * 32, allow_any_device=True
-    )
-    app_id = "77" * 20
-    deployed.kms.register_app(app_id, standalone.address)
-    assert deployed.kms.app(app_id).address == standalone.address
-    boot = replace(deployed.boot, app_id=app_id, compose_hash="cd" * 32, device_id="")
-    assert (await deployed.backend.authorize_app(boot)).is_allowed
-    with pytest.raises(TransactionReverted, match="AlreadyRegistered"):
-        deployed.kms.register_app(app_id, standalone.address)
-
-
-async def test_app_whose_contract_has_no_code_is_refused(
+async def test_registered_account_without_code_is_refused(
     deployed: Deployment, stranger: str
 ) -> None:
-    app_id = "55" * 20
-    deployed.kms.register_app(app_id, stranger)  # an account, not a contract
-    verdict = await deployed.backend.authorize_app(replace(deployed.boot, app_id=app_id))
-    assert verdict.reason == f"app 0x{app_id} has no contract deployed"
+    deployed.kms.register_app(stranger)  # open, as dstack's: an account, not a contract
+    verdict = await deployed.backend.authorize_app(replace(deployed.boot, app_id=stranger))
+    assert verdict.reason == f"app {stranger.lower()} has no contract deployed"
+
+
+async def test_reverting_app_contract_is_a_refusal_naming_it(
+    deployed: Deployment, reverting_app: str
+) -> None:
+    """Ours catches the app's revert; dstack's view lets it through: both refuse, named."""
+    deployed.kms.register_app(reverting_app)
+    verdict = await deployed.backend.authorize_app(replace(deployed.boot, app_id=reverting_app))
+    assert not verdict.is_allowed
+    if deployed.flavour == "ours":
+        assert verdict.reason == f"app {reverting_app.lower()}'s contract reverted"
+    else:
+        assert verdict.reason == (
+            f"KMS contract {deployed.kms.address} reverted: "
+            "execution reverted: app policy is broken"
+        )
 
 
 async def test_malformed_boot_info_is_refused_without_asking(deployed: Deployment) -> None:

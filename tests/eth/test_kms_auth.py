@@ -17,7 +17,7 @@ def replica(deployed: Deployment) -> Deployment:
     deployed.kms.add_kms_mr(KMS_MR)
     deployed.kms.add_kms_device(KMS_DEVICE)
     boot = replace(deployed.boot, device_id=KMS_DEVICE[2:], compose_hash="", app_id="")
-    return Deployment(deployed.kms, deployed.app, deployed.backend, boot)
+    return Deployment(deployed.flavour, deployed.kms, deployed.app, deployed.backend, boot)
 
 
 async def test_listed_kms_is_allowed(replica: Deployment) -> None:

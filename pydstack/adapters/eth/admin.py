@@ -1,10 +1,13 @@
-"""Deploy and administer KmsAuth and AppAuth: used by the tests and the CLI.
+"""Deploy and administer DstackKms and DstackApp contracts: used by the tests and the CLI.
 
     artifacts = compile_contracts()
     kms = KmsAdmin.deploy(w3, artifacts, sender=owner)
     kms.add_os_image(os_image_hash)
     app = kms.deploy_app(app_owner, compose_hash=compose_hash, allow_any_device=True)
     app.remove_compose_hash(compose_hash)
+
+The calls are dstack v0.5.11's ABI, so ``KmsAdmin(w3, address, sender)`` also administers a
+DstackKms that dstack's own scripts deployed (behind its proxy), and ``AppAdmin`` its apps.
 
 ``sender`` is either an address the node signs for (a dev chain's unlocked account) or an
 ``eth_account`` ``LocalAccount``, whose key signs here and never leaves the process.
@@ -14,7 +17,6 @@ naming the contract's error (``NotOwner(0x…)``).
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Mapping
 from typing import Any, Final, cast
 
@@ -29,6 +31,7 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError, Web3Exception
 from web3.logs import DISCARD
 
+from .abi import APP_ABI, KMS_ABI
 from .bootinfo import hex_field
 from .compile import Artifact
 from .errors import ChainError, TransactionReverted
@@ -60,21 +63,6 @@ def _custom_error(abi: list[dict[str, Any]], data: str | bytes) -> str:
     return "0x" + raw.hex()
 
 
-def _eth_tester_revert(exc: Exception) -> bytes | None:
-    """The revert data in eth-tester's ``TransactionFailed``, which web3's in-process provider
-    raises as is (a real node's error becomes ``ContractCustomError``)."""
-    if type(exc).__name__ != "TransactionFailed" or not exc.args:
-        return None
-    text = str(exc.args[0]).removeprefix("execution reverted: ")
-    if not text.startswith(("b'", 'b"')):
-        return None
-    try:
-        data = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return None
-    return data if isinstance(data, bytes) else None
-
-
 class _Admin:
     """Sends one contract function as a transaction from ``sender`` and waits for it."""
 
@@ -90,16 +78,22 @@ class _Admin:
         s = self.sender
         return to_checksum_address(s if isinstance(s, str) else s.address)
 
+    def _function(self, function: str, *args: Any) -> Any:
+        """``name`` or, for an overloaded function, its full signature ``name(types)``."""
+        if "(" in function:
+            return self.contract.get_function_by_signature(function)(*args)
+        return getattr(self.contract.functions, function)(*args)
+
     def call(self, function: str, *args: Any) -> Any:
         """A view, at the latest block."""
         try:
-            return getattr(self.contract.functions, function)(*args).call()
+            return self._function(function, *args).call()
         except (Web3Exception, OSError) as exc:
             raise ChainError(f"eth: {function} on {self.address} failed: {exc}") from exc
 
     def transact(self, function: str, *args: Any) -> Mapping[str, Any]:
         """Send ``function(*args)``; the receipt once mined."""
-        fn = getattr(self.contract.functions, function)(*args)
+        fn = self._function(function, *args)
         try:
             # Simulate first: a refusal then costs no gas, and every node (and eth-tester)
             # reports it as a decodable revert instead of a failed gas estimate.
@@ -123,12 +117,6 @@ class _Admin:
             raise TransactionReverted(f"eth: {function} on {self.address} reverted: {exc}") from exc
         except (Web3Exception, OSError) as exc:
             raise ChainError(f"eth: {function} on {self.address} failed: {exc}") from exc
-        except Exception as exc:
-            data = _eth_tester_revert(exc)
-            if data is None:
-                raise
-            why = _custom_error(self._abi, data)
-            raise TransactionReverted(f"eth: {function} on {self.address} reverted: {why}") from exc
         if receipt["status"] != 1:
             raise TransactionReverted(f"eth: {function} on {self.address} reverted (status 0)")
         return cast(Mapping[str, Any], receipt)
@@ -157,36 +145,13 @@ def _deploy(web3: Web3, artifact: Artifact, sender: Sender, *args: Any) -> Check
 
 
 class AppAdmin(_Admin):
-    """One app's AppAuth: compose hashes and devices allowed to boot it."""
+    """One app's DstackApp (its address is the app id): compose hashes and devices."""
 
-    @classmethod
-    def deploy(
-        cls,
-        web3: Web3,
-        artifacts: Mapping[str, Artifact],
-        *,
-        sender: Sender,
-        owner: str | None = None,
-        compose_hash: str | bytes = _ZERO32,
-        device_id: str | bytes = _ZERO32,
-        allow_any_device: bool = False,
-    ) -> AppAdmin:
-        """A standalone AppAuth (register it with ``KmsAdmin.register_app``)."""
-        artifact = artifacts["AppAuth"]
-        who = owner or (sender if isinstance(sender, str) else sender.address)
-        address = _deploy(
-            web3,
-            artifact,
-            sender,
-            to_checksum_address(who),
-            allow_any_device,
-            _b32(compose_hash, "compose_hash"),
-            _b32(device_id, "device_id"),
-        )
-        return cls(web3, artifact.abi, address, sender)
+    def __init__(self, web3: Web3, address: str, sender: Sender) -> None:
+        super().__init__(web3, APP_ABI, address, sender)
 
     def as_sender(self, sender: Sender) -> AppAdmin:
-        return AppAdmin(self.web3, self._abi, self.address, sender)
+        return AppAdmin(self.web3, self.address, sender)
 
     def owner(self) -> ChecksumAddress:
         return to_checksum_address(self.call("owner"))
@@ -206,6 +171,9 @@ class AppAdmin(_Admin):
     def remove_device(self, device_id: str | bytes) -> None:
         self.transact("removeDevice", _b32(device_id, "device_id"))
 
+    def is_device_allowed(self, device_id: str | bytes) -> bool:
+        return bool(self.call("allowedDeviceIds", _b32(device_id, "device_id")))
+
     def set_allow_any_device(self, allow: bool) -> None:
         self.transact("setAllowAnyDevice", allow)
 
@@ -217,17 +185,10 @@ class AppAdmin(_Admin):
 
 
 class KmsAdmin(_Admin):
-    """The KMS cluster's KmsAuth: apps, OS images, KMS measurements and devices."""
+    """The KMS cluster's DstackKms: apps, OS images, KMS measurements and devices."""
 
-    def __init__(
-        self,
-        web3: Web3,
-        artifacts: Mapping[str, Artifact],
-        address: str,
-        sender: Sender,
-    ) -> None:
-        super().__init__(web3, artifacts["KmsAuth"].abi, address, sender)
-        self._artifacts = artifacts
+    def __init__(self, web3: Web3, address: str, sender: Sender) -> None:
+        super().__init__(web3, KMS_ABI, address, sender)
 
     @classmethod
     def deploy(
@@ -238,19 +199,28 @@ class KmsAdmin(_Admin):
         sender: Sender,
         owner: str | None = None,
     ) -> KmsAdmin:
+        """Deploy a DstackApp implementation (the apps' clone template) and a DstackKms."""
         who = owner or (sender if isinstance(sender, str) else sender.address)
-        address = _deploy(web3, artifacts["KmsAuth"], sender, to_checksum_address(who))
-        return cls(web3, artifacts, address, sender)
+        implementation = _deploy(web3, artifacts["DstackApp"], sender)
+        address = _deploy(
+            web3, artifacts["DstackKms"], sender, to_checksum_address(who), implementation
+        )
+        return cls(web3, address, sender)
 
     def as_sender(self, sender: Sender) -> KmsAdmin:
-        return KmsAdmin(self.web3, self._artifacts, self.address, sender)
+        return KmsAdmin(self.web3, self.address, sender)
 
     def app(self, app_id: str, sender: Sender | None = None) -> AppAdmin:
-        """The AppAuth registered for ``app_id``, administered as ``sender`` (default: ours)."""
-        address = self.call("appContracts", to_checksum_address(hex_field(app_id, 20, "app_id")))
-        if int(address, 16) == 0:
-            raise ChainError(f"eth: app {app_id} is not registered with KmsAuth {self.address}")
-        return AppAdmin(self.web3, self._artifacts["AppAuth"].abi, address, sender or self.sender)
+        """The app contract ``app_id`` (registered here), administered as ``sender``."""
+        address = to_checksum_address(hex_field(app_id, 20, "app_id"))
+        if not self.call("registeredApps", address):
+            raise ChainError(f"eth: app {address} is not registered with DstackKms {self.address}")
+        return AppAdmin(self.web3, address, sender or self.sender)
+
+    def is_app_registered(self, app_id: str) -> bool:
+        return bool(
+            self.call("registeredApps", to_checksum_address(hex_field(app_id, 20, "app_id")))
+        )
 
     def deploy_app(
         self,
@@ -259,33 +229,33 @@ class KmsAdmin(_Admin):
         compose_hash: str | bytes = _ZERO32,
         device_id: str | bytes = _ZERO32,
         allow_any_device: bool = False,
+        require_tcb_up_to_date: bool = False,
+        disable_upgrades: bool = False,
     ) -> AppAdmin:
-        """Create an app through the factory; its app id is its AppAuth's address.
+        """Create and register an app through the factory (dstack's ``deployAndRegisterApp``);
+        its app id is its contract's address.
 
         The returned admin sends as our sender: use ``as_sender`` to act as ``app_owner``.
         """
         receipt = self.transact(
-            "deployApp",
+            "deployAndRegisterApp(address,bool,bool,bool,bytes32,bytes32)",
             to_checksum_address(app_owner),
+            disable_upgrades,
+            require_tcb_up_to_date,
             allow_any_device,
-            _b32(compose_hash, "compose_hash"),
             _b32(device_id, "device_id"),
+            _b32(compose_hash, "compose_hash"),
         )
-        (event,) = self.contract.events.AppDeployed().process_receipt(
+        events = self.contract.events.AppDeployedViaFactory().process_receipt(
             cast(Any, receipt), errors=DISCARD
         )
-        app_id = to_checksum_address(event["args"]["appId"])
-        return AppAdmin(self.web3, self._artifacts["AppAuth"].abi, app_id, self.sender)
+        if len(events) != 1:
+            raise ChainError(f"eth: deployAndRegisterApp on {self.address} logged no app")
+        app_id = to_checksum_address(events[0]["args"]["arg0"])
+        return AppAdmin(self.web3, app_id, self.sender)
 
-    def register_app(self, app_id: str, app_contract: str) -> None:
-        self.transact(
-            "registerApp",
-            to_checksum_address(hex_field(app_id, 20, "app_id")),
-            to_checksum_address(app_contract),
-        )
-
-    def deregister_app(self, app_id: str) -> None:
-        self.transact("deregisterApp", to_checksum_address(hex_field(app_id, 20, "app_id")))
+    def register_app(self, app_id: str) -> None:
+        self.transact("registerApp", to_checksum_address(hex_field(app_id, 20, "app_id")))
 
     def add_os_image(self, os_image_hash: str | bytes) -> None:
         self.transact("addOsImageHash", _b32(os_image_hash, "os_image_hash"))
@@ -307,6 +277,12 @@ class KmsAdmin(_Admin):
 
     def set_gateway_app_id(self, gateway_app_id: str) -> None:
         self.transact("setGatewayAppId", gateway_app_id)
+
+    def gateway_app_id(self) -> str:
+        return str(self.call("gatewayAppId"))
+
+    def is_os_image_allowed(self, os_image_hash: str | bytes) -> bool:
+        return bool(self.call("allowedOsImages", _b32(os_image_hash, "os_image_hash")))
 
     def owner(self) -> ChecksumAddress:
         return to_checksum_address(self.call("owner"))

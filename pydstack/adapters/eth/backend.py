@@ -1,11 +1,13 @@
-"""The ``eth`` authorization backend: asks a KmsAuth contract (or dstack's DstackKms).
+"""The ``eth`` authorization backend: asks a DstackKms contract (dstack's, or ours).
 
     backend = EthAuthBackend.connect("http://127.0.0.1:8545", kms_address)
     verdict = await backend.authorize_app(boot)
 
 Each call reads the latest block, so an owner's policy change applies to the next request.
 The contract answers (allowed, short reason); the verdict's reason names the values involved.
-A chain that cannot be asked raises ``ChainError``: that is an outage, not a refusal.
+A chain that cannot be asked (RPC down, no contract at the address) raises ``ChainError``: an
+outage, which the KMS turns into a refusal naming it. A view that reverts (dstack's DstackKms
+lets an app contract's revert through) is a refusal naming the revert.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Final, cast
 from eth_typing import ABI
 from eth_utils.address import to_checksum_address
 from web3 import Web3
-from web3.exceptions import Web3Exception
+from web3.exceptions import ContractLogicError, Web3Exception
 
 from pydstack.core.kms.auth import AuthVerdict, BootInfo
 
@@ -51,8 +53,10 @@ def _explain(reason: str, boot: BootInfo, kms: bool) -> str:
             return f"KMS aggregated MR {_hex(boot.mr_aggregated, 32)} not allowed"
         case "KMS is not allowed to boot on this device":
             return f"KMS not allowed on device {_hex(boot.device_id, 32)}"
-        case "App contract not deployed" | "App not deployed or invalid address":
+        case "App not deployed or invalid address":
             return f"app {app} has no contract deployed"
+        case "App contract call failed":
+            return f"app {app}'s contract reverted"
         case "":
             return "refused without a reason"
         case _:
@@ -60,7 +64,7 @@ def _explain(reason: str, boot: BootInfo, kms: bool) -> str:
 
 
 class EthAuthBackend:
-    """``AuthBackend`` over a KmsAuth contract, through a synchronous web3 in a worker thread.
+    """``AuthBackend`` over a DstackKms contract, through a synchronous web3 in a worker thread.
 
     The provider must tolerate calls from several threads (HTTPProvider does).
     """
@@ -100,10 +104,16 @@ class EthAuthBackend:
         try:
             allowed, reason = getattr(functions, function)(info).call()
             gateway_app_id = functions.gatewayAppId().call()
+        except ContractLogicError as exc:
+            why = exc.message or str(exc)
+            return AuthVerdict(
+                is_allowed=False, reason=f"KMS contract {self._address} reverted: {why}"
+            )
         except (Web3Exception, OSError, ValueError) as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
             raise ChainError(
-                f"eth: {function} on KMS contract {self._address} failed: {exc}; "
-                "check the RPC endpoint and the contract address"
+                f"eth: {function} on KMS contract {self._address} failed: "
+                f"{type(exc).__name__}: {first}; check the RPC endpoint and the contract address"
             ) from exc
         if allowed:
             return AuthVerdict(is_allowed=True, gateway_app_id=str(gateway_app_id))

@@ -50,8 +50,7 @@ def _verdict_view(name: str) -> dict[str, Any]:
 
 
 # The three views the KMS calls. Kept by hand so the KMS needs no compiler at run time; a test
-# checks each entry against solc's ABI of contracts/KmsAuth.sol. dstack's DstackKms has the
-# same three, so the backend also works against dstack's contracts.
+# checks each entry against solc's ABI of contracts/DstackKms.sol and of dstack's own DstackKms.
 KMS_AUTH_VIEW_ABI: Final[list[dict[str, Any]]] = [
     _verdict_view("isAppAllowed"),
     _verdict_view("isKmsAllowed"),

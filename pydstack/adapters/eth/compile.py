@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 import shutil
 import subprocess
 import sys
@@ -101,23 +103,50 @@ def find_solc() -> SolcCommand:
     )
 
 
+_IMPORT: Final = re.compile(r'^\s*import\s+(?:[^"\';]*?\sfrom\s+)?["\']([^"\']+)["\']', re.M)
+
+
+def _with_imports(sources: dict[str, str], import_roots: tuple[Path, ...]) -> dict[str, str]:
+    """``sources`` plus every file they import, found under ``import_roots`` (solcjs has no
+    file access: standard JSON must carry every unit)."""
+    todo = list(sources)
+    while todo:
+        unit = todo.pop()
+        for target in _IMPORT.findall(sources[unit]):
+            name = target
+            if target.startswith(("./", "../")):
+                name = posixpath.normpath(posixpath.join(posixpath.dirname(unit), target))
+            if name in sources:
+                continue
+            found = next((r / name for r in import_roots if (r / name).is_file()), None)
+            if found is None:
+                raise CompileError(f"{unit} imports {target}: not found under {import_roots}")
+            sources[name] = found.read_text()
+            todo.append(name)
+    return sources
+
+
 def compile_contracts(
     source_dir: Path | None = None,
     *,
     solc: SolcCommand | None = None,
     cache_dir: Path | None = None,
     timeout: float = 120.0,
+    import_roots: tuple[Path, ...] = (),
 ) -> dict[str, Artifact]:
     """Compile every ``*.sol`` in ``source_dir`` (default: the repo's ``contracts/``).
 
     Returns the deployable contracts by name; interfaces (no bytecode) are left out. With
     ``cache_dir``, solc's output is kept there under the hash of the sources, settings and
-    compiler, so an unchanged tree is compiled once (solcjs takes seconds).
+    compiler, so an unchanged tree is compiled once (solcjs takes seconds). Imports that are
+    not in ``source_dir`` (``@openzeppelin/...``) are read from ``import_roots``
+    (``node_modules`` folders).
     """
     source_dir = source_dir or contracts_dir()
-    sources = {p.name: {"content": p.read_text()} for p in sorted(source_dir.glob("*.sol"))}
-    if not sources:
+    texts = {p.name: p.read_text() for p in sorted(source_dir.glob("*.sol"))}
+    if not texts:
         raise CompileError(f"no .sol files in {source_dir}")
+    sources = {name: {"content": text} for name, text in _with_imports(texts, import_roots).items()}
     command = solc or find_solc()
     request = {
         "language": "Solidity",
