@@ -16,7 +16,9 @@ answers the same 403 with the decision's request id. Another BootInfo of that ve
 (a TCB status that changed with the collateral, another claimed image) gets its own
 decision, at most `PER_WINDOW` per key in a window; beyond, 429 `rate_limited`, nothing
 appended, until the oldest leaves its window. Concurrent requests for one key wait for the
-one decision in flight.
+one decision in flight. A re-used issue is checked again against what the KMS reads from the
+log itself (the image, the log backend's composes: `KmsService.decide_csr`): once revoked,
+it is dropped and the request decided anew (refused, and recorded).
 
 Bound: per key and window at most `PER_WINDOW` `KeyRequested` + decision pairs per KMS
 replica (replicas share grants through the log only when they load it, at their first
@@ -158,6 +160,15 @@ class CertGrants:
         self._grants.move_to_end(key)
         while len(self._grants) > self.capacity:
             self._grants.popitem(last=False)
+
+    def drop(self, key: GrantKey, grant: Grant) -> None:
+        """Forget `grant` (what it decided no longer holds: its image or compose was
+        revoked since); the next request of its BootInfo gets a new decision."""
+        kept = [g for g in self._grants.get(key, []) if g is not grant]
+        if kept:
+            self._grants[key] = kept
+        else:
+            self._grants.pop(key, None)
 
     def current(self, key: GrantKey, now: int) -> list[Grant]:
         """The key's decisions still inside their window, oldest first."""

@@ -90,6 +90,7 @@ from .evidence import (
 )
 from .images import check_request_image
 from .keystore import RootKeyFile
+from .log_backend import LogBackend
 from .refusal import COLLATERAL_UNAVAILABLE, RATE_LIMITED, refuse
 from .writer import DecisionLog
 
@@ -418,7 +419,14 @@ class KmsService:
         key = grant_key(boot, usage) if boot is not None else (
             p.claimed("app-id"), p.claimed("instance-id"), "", usage)  # fmt: skip
 
+        fresh: list[Grant] = []  # the decision this request made, if any
+
         async def decision() -> Grant:
+            grant = await decided()
+            fresh.append(grant)
+            return grant
+
+        async def decided() -> Grant:
             try:
                 rid, outcome, _ = await self._shielded(
                     self._decide("SignCert", p, ev, vm_config, now, kms=False, usage=usage)
@@ -430,12 +438,35 @@ class KmsService:
 
         try:
             grant = await self.cert_grants.decide(key, boot, now, decision)
+            if grant not in fresh and isinstance(grant.outcome, KeyIssued) and boot is not None:
+                # a re-used issue: revoked since (image, log backend's compose)? decide anew
+                if await self._revoked_since(boot, vm_config, p.quote):
+                    self.cert_grants.drop(key, grant)
+                    grant = await self.cert_grants.decide(key, boot, now, decision)
         except RateLimited as r:
             raise refuse("SignCert", RATE_LIMITED, r.reason, app_id=key[0],
                          instance_id=key[1]) from None  # fmt: skip
         if isinstance(grant.outcome, KeyDenied):
             raise Denied(grant.outcome.reason, grant.request_id)
         return grant.request_id, grant.outcome, ev
+
+    async def _revoked_since(self, boot: BootInfo, vm_config: str, quote: bytes) -> str:
+        """Why a re-used SignCert issue for `boot` no longer holds, from what this KMS reads
+        on the log itself: its image was revoked (or fails the check for this request), or
+        the log backend no longer allows its compose. '' while it holds. A webhook's or a
+        contract's change is seen at the next decision (the grant's window)."""
+        if self.settings.check_images:
+            checked = await check_request_image(
+                self.store, boot.os_image_hash, vm_config, quote,
+                simulated=self.settings.root_ca_der is not None,
+            )  # fmt: skip
+            if not checked.ok:
+                return "; ".join(checked.reasons)
+        if isinstance(self.backend, LogBackend):
+            verdict = await self.backend.authorize_app(boot)
+            if not verdict.is_allowed:
+                return verdict.reason
+        return ""
 
     async def _load_grants(self) -> None:
         """The SignCert grants already on the log, once, before this instance's first."""
