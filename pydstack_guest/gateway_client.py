@@ -117,19 +117,36 @@ async def bring_up_tunnel(
         await device.configure(DeviceConfig(private_key=key))
         net = ipaddress.IPv4Interface(f"{reg.client_ip}/{prefix}")
         await device.set_address(str(net))
-        await device.sync_peers(
-            PeerConfig(
-                public_key=s.public_key,
-                allowed_ips=(f"{s.tunnel_ip}/32",),
-                endpoint=s.endpoint,
-                persistent_keepalive=keepalive,
-            )
-            for s in reg.servers
-        )
+        await device.sync_peers(_peers(reg, keepalive))
     except BaseException:
         await device.close()
         raise
     return device
+
+
+def _peers(reg: Registration, keepalive: int) -> list[PeerConfig]:
+    return [
+        PeerConfig(
+            public_key=s.public_key,
+            allowed_ips=(f"{s.tunnel_ip}/32",),
+            endpoint=s.endpoint,
+            persistent_keepalive=keepalive,
+        )
+        for s in reg.servers
+    ]
+
+
+async def refresh_tunnel(
+    device: WireGuardDevice, reg: Registration, old_ip: str, *, prefix: int = 24,
+    keepalive: int = 25,
+) -> None:  # fmt: skip
+    """After registering again: the nodes of ``reg`` become the peers, each added afresh
+    (a dead session is dropped, and the keepalive of a new peer starts a handshake at once);
+    the address changes only if the gateway gave another one."""
+    if reg.client_ip != old_ip:
+        await device.set_address(str(ipaddress.IPv4Interface(f"{reg.client_ip}/{prefix}")))
+    await device.sync_peers([])
+    await device.sync_peers(_peers(reg, keepalive))
 
 
 async def await_handshake(

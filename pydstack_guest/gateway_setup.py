@@ -13,13 +13,24 @@ loops (dstack #334)::
 
 Where the host networking differs (the sandbox: a namespace with only a loopback), ``reach``
 turns a gateway's WireGuard endpoint into one usable from inside (a UDP relay's address).
+
+While it runs, the tunnel watches itself, as dstack's guest does (``wg-checker.sh`` calling
+``dstack-util gateway-refresh --force``): no handshake with any gateway node within
+``stale_s`` means the gateway forgot this CVM (a new key, port or data dir; a gateway that
+only restarted handshakes by itself, ``pydstack.actors.gateway.endpoints``), so the CVM
+registers again with the same WireGuard key (same tunnel address) and re-applies the nodes
+it gets as its peers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import logging
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pydstack.adapters.wireguard import (
     PrivateKey,
@@ -35,11 +46,18 @@ from .gateway_client import (
     Registration,
     await_handshake,
     bring_up_tunnel,
+    refresh_tunnel,
     register_cvm,
 )
 
 Reach = Callable[[str], Awaitable[str]]  # a gateway's "host:port" -> the endpoint to dial
+Reregister = Callable[[], Awaitable[tuple[str, Registration]]]  # -> (url, registration)
 IFNAME = "wg0"  # dstack's is dstack-wg0; wg0 fits every namespace (each has its own)
+# A live tunnel handshakes at least every ~205 s: the CVM's keepalive (25 s) re-initiates
+# once its session expires (180 s), whichever side initiated it. dstack's checker: 180 s.
+STALE_S = 240.0
+CHECK_S = 10.0  # dstack's checker looks every 10 s
+_log = logging.getLogger("pydstack_guest.gateway")
 
 
 def gateway_enabled(compose: AppCompose) -> bool:
@@ -57,14 +75,72 @@ def gateway_urls(plan: BootPlan) -> tuple[str, ...]:
     return tuple(plan.sys_config.gateway_urls)
 
 
-@dataclass(frozen=True)
+@dataclass
 class GatewayTunnel:
     registration: Registration
-    url: str  # the gateway that accepted the registration
+    url: str  # the gateway that accepted the registration (the latest one)
     device: WireGuardDevice
+    reregistrations: int = 0
+    _watch: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def watch(self, reregister: Reregister, reach: Reach | None = None, *,
+              stale_s: float = STALE_S, check_s: float = CHECK_S) -> None:  # fmt: skip
+        """Start the stale-tunnel check (``close`` stops it). It logs, and reports no boot
+        stage: the boot is over, and a stage after ``ready`` would read as booting again."""
+        self._watch = asyncio.create_task(
+            self._watching(reregister, reach, stale_s, check_s), name="gateway-watch"
+        )
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         await self.device.close()
+
+    async def _latest_handshake(self) -> float:
+        status = await self.device.status()
+        return max((p.last_handshake or 0.0 for p in status.peers), default=0.0)
+
+    async def _watching(self, reregister: Reregister, reach: Reach | None, stale_s: float,
+                        check_s: float) -> None:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        fresh_at = loop.time()  # the last time a recent handshake was seen (or the start)
+        reached: dict[str, str] = {}  # relayed endpoints are kept: one relay per endpoint
+        while True:
+            await asyncio.sleep(check_s)
+            try:
+                latest = await self._latest_handshake()
+                if latest and time.time() - latest < stale_s:
+                    fresh_at = loop.time()
+                    continue
+                if loop.time() - fresh_at < stale_s:
+                    continue
+                await self._reregister(reregister, reach, reached)
+                _log.warning("gateway: no handshake within %.0f s; registered again with %s, "
+                             "tunnel ip %s", stale_s, self.url,
+                             self.registration.client_ip)  # fmt: skip
+                fresh_at = loop.time()  # the new registration gets the whole bound
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # gateway or KMS away: tried again at the next check
+                _log.warning("gateway re-registration failed; retrying: %s: %s",
+                             type(e).__name__, e)  # fmt: skip
+
+    async def _reregister(self, reregister: Reregister, reach: Reach | None,
+                          reached: dict[str, str]) -> None:  # fmt: skip
+        url, reg = await reregister()
+        if reach is not None:
+            servers = []
+            for s in reg.servers:
+                if s.endpoint not in reached:
+                    reached[s.endpoint] = await reach(s.endpoint)
+                servers.append(replace(s, endpoint=reached[s.endpoint]))
+            reg = replace(reg, servers=tuple(servers))
+        await refresh_tunnel(self.device, reg, self.registration.client_ip)
+        self.registration, self.url = reg, url
+        self.reregistrations += 1
+        await await_handshake(self.device, reg, timeout_s=5.0)
 
 
 async def _identity(agent: GuestAgent) -> tuple[str, str]:
@@ -144,4 +220,6 @@ async def _setup(
     handshake = "handshake done" if peer else "no handshake yet (the gateway may be down)"
     report("gateway", f"registered with {url}: tunnel ip {reg.client_ip}, "
            f"{len(reg.servers)} gateway node(s), domain {reg.domain}; {handshake}")  # fmt: skip
-    return GatewayTunnel(reg, url, device)
+    tunnel = GatewayTunnel(reg, url, device)
+    tunnel.watch(lambda: _register(urls, agent, ca_pem, key), reach)
+    return tunnel

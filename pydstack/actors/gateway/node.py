@@ -51,6 +51,7 @@ from pydstack.core.gateway.table import ClusterTable
 
 from . import node_metrics as m
 from .cert_provider import LogCertProvider
+from .endpoints import EndpointBook, restore_ops, seen_endpoints
 from .recycler import RecycleConfig, Recycler
 from .registrar import Registrar, RegistrarConfig
 from .view import ClusterView
@@ -117,6 +118,7 @@ class NodeConfig:
     liveness_interval_s: float = 60.0
     liveness_min_s: int = 300  # report a handshake only when it advanced this much
     recycle: RecycleConfig | None = field(default_factory=RecycleConfig)  # None: never recycle
+    warmup_s: float = 10.0  # after a restart: handshakes read back fast for this long
 
 
 class GatewayNode:
@@ -132,6 +134,7 @@ class GatewayNode:
         *,
         registrar: Registrar | None = None,
         certs: LogCertProvider | None = None,
+        endpoints: EndpointBook | None = None,
     ) -> None:
         self.store = store
         self.device = device
@@ -144,6 +147,8 @@ class GatewayNode:
         )
         self.recycler = Recycler(self.view, config.recycle) if config.recycle else None
         self.certs = certs  # fed the certificates folded from the log, if given
+        self.endpoints = endpoints  # peers' endpoints kept across restarts, if given
+        self.restored: frozenset[str] = frozenset()  # peers given a saved endpoint at start
         self._certs_state = self.view.certs
         self.table = ClusterTable(cluster=config.cluster)
         self.applied_digest = ""  # digest of the table the device and proxy hold
@@ -313,6 +318,8 @@ class GatewayNode:
         self.table_peer_digest = peer_set_digest(desired)
         self.applied_digest, self.applied_seq = digest, seq
         self.applied_keys = frozenset(p.public_key for p in desired)
+        if self.endpoints is not None and removals:
+            self.endpoints.forget(self.applied_keys)
         self.reconciles += 1
         self._publish_metrics()
         self.changed.set()
@@ -366,9 +373,41 @@ class GatewayNode:
             }
         )
 
-    async def refresh_handshakes(self) -> None:
-        """Read handshakes back; a change re-swaps the proxy table (app routing freshness)."""
+    async def restore_endpoints(self) -> int:
+        """Give the peers just re-applied from the log the endpoints this node saw before it
+        restarted, with a keepalive, so wireguard-go handshakes with them now (see
+        ``endpoints.py``); returns how many peers it initiates to."""
+        if self.endpoints is None:
+            return 0
         status = await self.device.status()
+        ops = restore_ops(self.endpoints.load(), status.peers)
+        if ops:
+            await self.device.apply(ops)
+            self.restored = frozenset(op.public_key for op in ops)
+            _log.info("handshaking with saved peer endpoints", node=self.config.node_id,
+                      peers=len(ops))  # fmt: skip
+        return len(ops)
+
+    async def _warm_up(self) -> None:
+        """Read handshakes back every 50 ms until every restored peer handshook (or
+        ``warmup_s``): the proxy routes to an app only once its handshake is seen."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.warmup_s
+        while self.restored - self.handshakes.keys() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(WireGuardError):
+                await self.refresh_handshakes()
+        if self.restored:
+            done = len(self.restored & self.handshakes.keys())
+            _log.info("restored peers handshook", node=self.config.node_id, done=done,
+                      of=len(self.restored))  # fmt: skip
+
+    async def refresh_handshakes(self) -> None:
+        """Read handshakes back; a change re-swaps the proxy table (app routing freshness).
+        The endpoints seen are saved (for a restart)."""
+        status = await self.device.status()
+        if self.endpoints is not None:
+            self.endpoints.save(seen_endpoints(status.peers))
         seen = {p.public_key: p.last_handshake for p in status.peers if p.last_handshake}
         if seen != self.handshakes:
             self.handshakes = seen
@@ -427,8 +466,10 @@ class GatewayNode:
         await self.setup_device()
         await self.catch_up()
         await self.reconcile()
+        await self.restore_endpoints()
         cfg = self.config
         tasks = [
+            asyncio.create_task(self._warm_up(), name=f"gw-{cfg.node_id}-warm-up"),
             asyncio.create_task(self._follow(), name=f"gw-{cfg.node_id}-follow"),
             asyncio.create_task(
                 self._every(cfg.device_interval_s, "handshake refresh", self.refresh_handshakes)

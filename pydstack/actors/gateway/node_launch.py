@@ -8,8 +8,9 @@ It owns what it creates, in this order and undone in reverse: the forwarding gua
 interface (nftables, in its namespace: nothing is forwarded into or out of the tunnel, so a
 CVM reaches no other CVM through it; ``forward_guard=False`` leaves it out), the WireGuard
 device (a stale interface left by a killed node is removed first; the key lives in
-``state_dir/wg.key`` so a restarted node keeps its identity), the proxy, the node's loops,
-the RegisterCvm endpoint (mutual RA-TLS) and the admin endpoint.
+``state_dir/wg.key`` so a restarted node keeps its identity, the peers' endpoints in
+``state_dir/endpoints.json`` so it handshakes with them at once: ``endpoints.py``), the
+proxy, the node's loops, the RegisterCvm endpoint (mutual RA-TLS) and the admin endpoint.
 
 Certificates come from ``certs`` (a static provider) or, with ``acme``, from the log: the
 node serves what is recorded for its cluster's domains (keys unsealed with the cluster key),
@@ -46,6 +47,7 @@ from pydstack.core.gateway.sealing import ClusterKey
 from .cert_provider import LogCertProvider
 from .certs import CertKeeper, CertKeeperConfig, ensure_domain
 from .client_chain import AppChainCheck, kms_cas
+from .endpoints import EndpointBook
 from .node import GatewayNode, NodeConfig
 from .node_admin import admin_app
 from .registrar import Registrar, RegistrarConfig
@@ -248,7 +250,9 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
                 cluster=cfg.cluster, node_id=cfg.node_id, plan=AddressPlan(launch.address_plan)
             ),
         )
-        node = GatewayNode(store, device, proxy, cfg, key, registrar=registrar, certs=log_certs)
+        endpoints = EndpointBook(launch.state_dir / "endpoints.json")
+        node = GatewayNode(store, device, proxy, cfg, key, registrar=registrar, certs=log_certs,
+                           endpoints=endpoints)  # fmt: skip
         await stack.enter_async_context(node.running())
         reg_url = ""
         if launch.registration is not None:

@@ -1,7 +1,8 @@
 """The gateway node ``pydstack up`` runs: options from the data dir, dev or ACME certificates.
 
 One node, in the host namespace (wireguard-go works there), listening on ``listen`` (the
-address CVMs reach: NATS's listen address unless given). By default (offline) it serves a
+address CVMs reach: NATS's listen address unless given), on the same ports after a restart
+when they are free (``DATA/gateway/ports.json``). By default (offline) it serves a
 dev wildcard certificate for its base domain from a dev CA kept in ``DATA/gateway/``
 (``ca.pem`` is what clients and simulated CVMs trust). With ``acme_directory`` it serves the
 certificates on the log instead: it adds its base domain with that ACME directory, orders and
@@ -21,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -65,6 +67,47 @@ _SERVER, _CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_A
 def _free(host: str, want: int, kind: int = socket.SOCK_STREAM) -> int:
     """`want` when it is free, else a free port the node can still bind later (not ephemeral)."""
     return want if bindable(host, want, kind) else free_port(host, kind)
+
+
+def _rebindable(host: str, port: int, kind: int) -> bool:
+    """Whether our servers can bind `port` again: they set SO_REUSEADDR, so the connections
+    of the last run still in TIME_WAIT do not count (a listener does)."""
+    if kind != socket.SOCK_STREAM:
+        return bindable(host, port, kind)
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class _Ports:
+    """The ports up's node picked, kept in ``DATA/gateway/ports.json``: a restarted ``up``
+    takes the same ones when they are free. CVMs hold them (the registration URL in their
+    sys-config, the WireGuard endpoint as their peer's), and so do users' URLs (the proxy)."""
+
+    def __init__(self, gdir: Path) -> None:
+        self.path = gdir / "ports.json"
+        try:
+            raw = json.loads(self.path.read_text())
+            self.saved = {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        except (OSError, ValueError, TypeError):
+            self.saved = {}
+
+    def pick(self, name: str, host: str, asked: int, default: int,
+             kind: int = socket.SOCK_STREAM) -> int:  # fmt: skip
+        if asked:
+            port = _free(host, asked, kind)
+        else:
+            last = self.saved.get(name, 0)
+            port = last if last and _rebindable(host, last, kind) else _free(host, default, kind)
+        self.saved[name] = port
+        return port
+
+    def save(self) -> None:
+        _write(self.path, json.dumps(self.saved, sort_keys=True).encode())
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -159,8 +202,11 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
     ca = dev_ca(gdir)
     wild_chain, wild_key = _leaf(ca, [f"*.{gw.domain}", gw.domain], [])
     reg_chain, reg_key = _leaf(ca, ["localhost"], sorted({gw.listen, "127.0.0.1"}))
-    reg_port = _free(gw.listen, gw.registration_port or 8011)
-    wg_port = _free(gw.listen, gw.wg_port or 51820, socket.SOCK_DGRAM)
+    ports = _Ports(gdir)
+    reg_port = ports.pick("registration", gw.listen, gw.registration_port, 8011)
+    wg_port = ports.pick("wireguard", gw.listen, gw.wg_port, 51820, socket.SOCK_DGRAM)
+    proxy_port = ports.pick("proxy", gw.listen, gw.proxy_port, 8443)
+    ports.save()
     pin = read_pin(data_path)  # up's KMS cluster, once its KMS served (else every cluster's)
     client_cas = await kms_client_cas(store, pin.cluster if pin is not None else "")
     registration = None
@@ -180,7 +226,7 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
         state_dir=gdir / gw.node_id,
         ifname=f"dgw{tag}",
         proxy_host=gw.listen,
-        proxy_port=_free(gw.listen, gw.proxy_port or 8443),
+        proxy_port=proxy_port,
         certs=None if acme else StaticCertProvider({gw.domain: (wild_chain, wild_key)}),
         acme=acme,
         admin_host="127.0.0.1",
