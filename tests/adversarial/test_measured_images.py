@@ -17,7 +17,10 @@ import pytest
 
 from pydstack.actors.image_registry import register_image, revoke_image
 from pydstack.actors.kms.client import KmsCallError
-from pydstack.core.events import ImageRegistered, KeyDenied, KeyIssued, KeyRequested
+from pydstack.adapters.tdx.attestation import encode_attestation
+from pydstack.adapters.tdx.pki import DevPki
+from pydstack.cli.audit import recheck_images
+from pydstack.core.events import BootInfo, ImageRegistered, KeyDenied, KeyIssued, KeyRequested
 from pydstack.core.measure import VmShape
 from pydstack.core.policy import Gate, Refused
 from tests import images
@@ -109,3 +112,29 @@ def test_only_an_admin_registers_or_revokes_an_image() -> None:
     assert isinstance(verdicts[by_host], Refused) and verdicts[by_host].reason == "not-allowed"
     assert not isinstance(verdicts[by_admin], Refused)
     assert isinstance(verdicts[misfiled], Refused)
+
+
+async def test_audit_fails_a_key_issued_without_an_image_check(pki: DevPki) -> None:
+    """A KMS (its own key signs) skips the image check and records none: it issues keys to a
+    TD booted from another kernel that names the registered image. The audit re-ran only the
+    image checks a KeyIssued recorded, so this one passed; now a GetAppKey/SignCert issue
+    without a recorded check, on a log that held images when it was decided, is re-checked
+    too and fails. An issue of a log that held no image then (before measured images) and a
+    replica's GetKmsKey stay as they are."""
+    attacker = rig.make_cvm(pki, parts=EVIL)
+    att = await attacker.attest(b"\x00" * 64)
+    req = KeyRequested(
+        request_id="r1", app_id="ab" * 20, method="GetAppKey",
+        attestation=encode_attestation(att), vm_config=images.TEST_VM_CONFIG,
+    )  # fmt: skip
+    boot = BootInfo(tcb_status="UpToDate", os_image_hash=images.TEST_IMAGE.os_image_hash)
+    issued = KeyIssued(request_id="r1", boot_info=boot, quote_hash="", backend="dev")
+    subj = f"dstack.image.{images.TEST_IMAGE.os_image_hash}"
+    held: list[tuple[int, str, object]] = [(1, subj, images.TEST_IMAGE)]
+    events: list[tuple[int, object]] = [(5, req), (6, issued)]
+    [finding] = recheck_images("dstack.kms.main", events, held, simulated=True)
+    assert finding.seq == 6 and "RTMR1 is" in finding.reason, finding
+    # before any image was on the log, and for a replica's root keys: not re-checked
+    assert recheck_images("dstack.kms.main", events, [(7, subj, images.TEST_IMAGE)], True) == []
+    replica = msgspec.structs.replace(req, method="GetKmsKey")
+    assert recheck_images("dstack.kms.main", [(5, replica), (6, issued)], held, True) == []
