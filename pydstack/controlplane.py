@@ -175,9 +175,12 @@ class UpOptions:
     kms: bool | None = None  # None: run one with the embedded server, not when joining
     kms_port: int = 0  # 0: 9100 when free, else any free port
     # "": "log" (an app gets keys only for a compose its own events on the log name), on
-    # every host; "webhook" (kms_auth_url), or "dev" (allow-all, loudly) when asked.
+    # every host; "webhook" (kms_auth_url), "eth" (a DstackKms contract: kms_eth_rpc_url,
+    # kms_contract), or "dev" (allow-all, loudly) when asked.
     kms_auth: str = ""
     kms_auth_url: str = ""
+    kms_eth_rpc_url: str = ""
+    kms_contract: str = ""
     kms_onboard: str = ""  # a running KMS to get the cluster's root keys from (a new replica)
     kms_onboard_token_file: str = ""  # that KMS's onboarding token (its backend: dev)
     kms_allow_mrs: tuple[str, ...] = ()  # dev backend: KMS measurements allowed the root keys
@@ -722,6 +725,8 @@ class ControlPlane:
             guest_agent=None if dev else "/var/run/dstack.sock",
             auth=auth,
             auth_url=self.opts.kms_auth_url,
+            eth_rpc_url=self.opts.kms_eth_rpc_url,
+            kms_contract=self.opts.kms_contract,
             allow_dev_auth=auth == "dev",
             dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
         )

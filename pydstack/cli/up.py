@@ -129,12 +129,22 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--kms-port", type=click.IntRange(0, 65535), default=0, help="[default: 9100]")
 @click.option(
     "--kms-auth",
-    type=click.Choice(["log", "webhook", "dev"]),
+    type=click.Choice(["log", "webhook", "eth", "dev"]),
     default=None,
     help="authorization backend [default: log: an app gets keys only for a compose its own "
-    "AppRegistered/AppUpgraded events name; dev (every attested app) only when asked]",
+    "AppRegistered/AppUpgraded events name; eth: a DstackKms contract (dstack's ABI); dev "
+    "(every attested app) only when asked]",
 )
 @click.option("--kms-auth-url", default="", help="auth-simple webhook for --kms-auth webhook")
+@click.option(
+    "--eth-rpc-url", default="", metavar="URL", help="--kms-auth eth: the chain's JSON-RPC endpoint"
+)
+@click.option(
+    "--kms-contract",
+    default="",
+    metavar="ADDR",
+    help="--kms-auth eth: the DstackKms contract (`pydstack kms contract deploy`, or dstack's)",
+)
 @click.option(
     "--vmm",
     "vmm_backend",
@@ -253,6 +263,8 @@ def up_cmd(
     kms_port: int,
     kms_auth: str | None,
     kms_auth_url: str,
+    eth_rpc_url: str,
+    kms_contract: str,
     vmm_backend: str,
     vmm_api_port: int,
     allow_public_ports: bool,
@@ -301,6 +313,7 @@ def up_cmd(
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
         kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
+        kms_eth_rpc_url=eth_rpc_url, kms_contract=kms_contract,
         kms_onboard=kms_onboard, kms_onboard_token_file=kms_onboard_token_file or "",
         kms_allow_mrs=kms_allow_mrs, kms_urls=kms_urls,
         kms_instance=host_id if no_host and (named or bundle) else "",

@@ -7,6 +7,7 @@ same behaviour against dstack's contracts (behind their ERC1967 proxy) and ours.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,10 @@ OPENZEPPELIN = Path(__file__).parents[2] / ".venv" / "openzeppelin" / "node_modu
 
 
 @pytest.fixture(scope="session")
-def solc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("solc-cache")
+def solc_cache() -> Path:
+    """Kept across runs (solcjs takes seconds a compile); keyed by sources and compiler."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pydstack" / "solc"
 
 
 @pytest.fixture(scope="session")

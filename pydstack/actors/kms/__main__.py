@@ -42,11 +42,16 @@ from pydstack.loop import run as run_loop
 )
 @click.option(
     "--auth",
-    type=click.Choice(["webhook", "log", "dev"]),
+    type=click.Choice(["webhook", "log", "eth", "dev"]),
     default="webhook",
-    help="log: an app's own AppRegistered/AppUpgraded events name its allowed composes",
+    help="log: an app's own AppRegistered/AppUpgraded events name its allowed composes; "
+    "eth: a DstackKms contract (--eth-rpc-url, --kms-contract)",
 )
 @click.option("--auth-url", default="")
+@click.option("--eth-rpc-url", default="", help="--auth eth: the chain's JSON-RPC endpoint")
+@click.option(
+    "--kms-contract", default="", metavar="ADDR", help="--auth eth: the DstackKms contract"
+)
 @click.option("--allow-dev-auth", is_flag=True, envvar="PYDSTACK_KMS_ALLOW_DEV")
 @click.option(
     "--dev-pki",
@@ -119,7 +124,7 @@ async def run(
     dev_pki: str | None, pccs_url: str, instance_id: str, signer_seed_file: str | None,
     onboard_from: str = "", metrics_port: int = 0, onboard_token_file: str | None = None,
     replica_token_file: str | None = None, allow_mrs: tuple[str, ...] = (),
-    keyring: str | None = None,
+    keyring: str | None = None, eth_rpc_url: str = "", kms_contract: str = "",
 ) -> None:  # fmt: skip
     from pydstack.adapters.nats import EventStore, StoreError
     from pydstack.adapters.nats.identity import standalone_identity
@@ -140,7 +145,7 @@ async def run(
         guest_agent=guest_agent, auth=auth, auth_url=auth_url, allow_dev_auth=allow_dev_auth,
         dev_pki=dev_pki, pccs_url=pccs_url, instance_id=instance_id, onboard_from=onboard_from,
         onboard_token_file=onboard_token_file or "", replica_token_file=replica_token_file or "",
-        allow_mrs=allow_mrs,
+        allow_mrs=allow_mrs, eth_rpc_url=eth_rpc_url, kms_contract=kms_contract,
     )  # fmt: skip
     store = await EventStore.connect(nats_url, signer, nkey_seed=nkey, anchor=anchor)
     await store.ensure_stream()

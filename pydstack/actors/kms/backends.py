@@ -9,9 +9,12 @@
   in every verdict, so a dev decision is recognisable on the log.
 - `LogBackend` (`log_backend.py`, the default of `up`): an app's own `AppRegistered` /
   `AppUpgraded` events on the log name the compose hashes it may run; no KMS.
-- `eth`: on-chain allow-lists, in `pydstack.adapters.eth` (built separately).
+- `eth` (`pydstack.adapters.eth.EthAuthBackend`): a DstackKms contract on a chain (dstack's own
+  deployments or ours, same ABI): `isAppAllowed(AppBootInfo)` for apps, `isKmsAllowed` for
+  replicas; an outage (RPC down, no contract) refuses with a one-line reason.
 
     backend = make_backend("webhook", url="http://127.0.0.1:8000")
+    backend = make_backend("eth", eth_rpc_url="http://127.0.0.1:8545", kms_contract="0x…")
 """
 
 from __future__ import annotations
@@ -110,11 +113,35 @@ class DevBackend:
         return AuthVerdict(False, DEV_NOT_FOR_KMS)
 
 
+def eth_backend(rpc_url: str, kms_contract: str) -> AuthBackend:
+    """The `eth` backend on `rpc_url`, asking the DstackKms at `kms_contract`."""
+    if not rpc_url.startswith(("http://", "https://")):
+        raise BackendConfigError(
+            f"--eth-rpc-url {rpc_url!r} must be an http:// or https:// JSON-RPC endpoint"
+        )
+    text = kms_contract.removeprefix("0x").removeprefix("0X")
+    if len(text) != 40 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise BackendConfigError(
+            f"--kms-contract {kms_contract!r} is not a contract address (0x + 40 hex digits)"
+        )
+    from pydstack.adapters.eth import EthAuthBackend
+
+    return EthAuthBackend.connect(rpc_url, "0x" + text)
+
+
 def make_backend(
-    kind: str, *, url: str = "", allow_dev: bool = False, store: EventStore | None = None
+    kind: str,
+    *,
+    url: str = "",
+    allow_dev: bool = False,
+    store: EventStore | None = None,
+    eth_rpc_url: str = "",
+    kms_contract: str = "",
 ) -> AuthBackend:
     if kind == "webhook":
         return WebhookBackend(url)
+    if kind == "eth":
+        return eth_backend(eth_rpc_url, kms_contract)
     if kind == "dev":
         return DevBackend(enabled=allow_dev)
     if kind == "log":
@@ -123,6 +150,4 @@ def make_backend(
         from .log_backend import LogBackend
 
         return LogBackend(store)
-    raise BackendConfigError(
-        f"unknown auth backend {kind!r}: use log, webhook or dev (eth: see docs)"
-    )
+    raise BackendConfigError(f"unknown auth backend {kind!r}: use log, webhook, eth or dev")

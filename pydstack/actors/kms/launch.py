@@ -32,7 +32,7 @@ from pydstack.core.kms import AuthBackend
 from pydstack_guest import LocalKeyProvider
 
 from .authority import APPS_ONLY, KmsAuthority, SelfRefused, authorize_self, read_token
-from .backends import WebhookBackend, make_backend
+from .backends import BackendConfigError, WebhookBackend, make_backend
 from .http import serve_kms
 from .keystore import GuestAgentSealKey, KeyProviderSealKey, RootKeyFile, SealKeySource
 from .service import KmsService, KmsSettings
@@ -56,6 +56,8 @@ class KmsLaunch:
     guest_agent: str | None = None  # dstack guest agent socket (seal key + attestation)
     auth: str = "webhook"
     auth_url: str = ""
+    eth_rpc_url: str = ""  # auth "eth": the chain's JSON-RPC endpoint
+    kms_contract: str = ""  # auth "eth": the DstackKms contract's address
     allow_dev_auth: bool = False
     dev_pki: str | None = None
     pccs_url: str = INTEL_PCCS
@@ -79,7 +81,13 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
     else:
         raise LaunchError("give a guest agent socket or an appkeys.json (the seal key source)")
     root_der, attester, collateral = await _trust(opts)
-    backend = make_backend(opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth, store=store)
+    try:
+        backend = make_backend(
+            opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth, store=store,
+            eth_rpc_url=opts.eth_rpc_url, kms_contract=opts.kms_contract,
+        )  # fmt: skip
+    except BackendConfigError as exc:
+        raise LaunchError(str(exc)) from None
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(backend, WebhookBackend):
             stack.push_async_callback(backend.close)
