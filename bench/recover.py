@@ -1,4 +1,5 @@
-"""Recovery: seconds from `kill -9` of up's embedded nats-server until the plane works again.
+"""Recovery: seconds from `kill -9` of up's embedded nats-server until the plane works again,
+and from a restart of `up` until its apps answer through the gateway again.
 
     python -m bench.recover [--quick]     # needs root, dockerd and wireguard-go
 
@@ -17,9 +18,22 @@ after the plane has healed from the last, and measures from the kill:
 The baseline is nats-server itself: ``server_start_s``, from the kill until the restarted
 server accepts connections (what `up` cannot do faster than its backoff + the server's start;
 the kills fall within one 60 s window, so the backoff doubles: 0.25, 0.5, 1 s).
+(b) Then `up` is stopped (SIGINT; the CVMs run on under their supervisor) and started again on
+the same data dir, 3 times (1), and measured from the start:
+
+- ``restart_reachable_s``: until every app answers HTTPS 200 through the gateway: each
+  instance's URL (``<instance_id>-8080.<domain>``, the tunnel to that CVM) and the app's
+  (``<app_id>-8080.<domain>``, routed only to instances with a fresh handshake), GET through
+  up's proxy with the dev CA, tried every 50 ms. Goal (issue 17): <= 5 s.
+- ``restart_ready_s`` (the baseline): until up says "control plane ready" (what it takes
+  before it can serve anything).
+- ``reregistrations``: CvmRegistered events written during the restarts (0: the restarted
+  gateway handshook with the CVMs itself; they did not need to register again).
+
 Afterwards `pydstack audit` must pass, up must still run, and its output hold no traceback;
 otherwise the bench exits non-zero. Last line: JSON ``{"nats_heal_s", "actors_heal_s",
-"server_start_s", "kills", "apps"}`` (medians; ``*_max`` the worst kill).
+"server_start_s", "restart_reachable_s", "restart_ready_s", "reregistrations", "kills",
+"restarts", "apps"}`` (medians; ``*_max`` the worst kill or restart).
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -55,6 +70,7 @@ from pydstack.adapters.nats.identity import IdentityStore
 from pydstack.core.events import AppRegistered, subject
 
 HEAL_LIMIT_S = 60.0  # a kill not healed by then fails the bench
+REACH_LIMIT_S = 120.0  # a restart whose apps do not answer by then fails the bench
 
 
 def _state(home: Path) -> dict[str, Any]:
@@ -161,24 +177,90 @@ async def _kill_and_heal(home: Path, probe: Probe, consumers: list[str]) -> dict
     raise SystemExit(f"not healed within {HEAL_LIMIT_S:.0f} s of the kill: reached {got}")
 
 
+def _start_up(home: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
+    with log.open("ab") as f:
+        return subprocess.Popen(
+            [PYDSTACK, "up", "--data-dir", str(home), "--vmm", "sandbox", "--gateway",
+             "--port", str(port), "--dashboard-port", "-1",
+             "--metrics-port", "-1", "--log-json"],
+            stdout=f, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+
+
+def _registrations(home: Path) -> list[dict[str, Any]]:
+    r = _cli(home, "events", "--subject", "dstack.cvm.*", "--json")
+    return [b for x in r.stdout.splitlines() if (b := json.loads(x))["type"] == "CvmRegistered"]
+
+
+def _app_hosts(home: Path) -> list[str]:
+    """The names to reach: every registered instance's and every app's, on port 8080."""
+    domain = _state(home)["gateway_domain"]
+    regs = [e["body"] for e in _registrations(home)]
+    ids = sorted({r["instance_id"] for r in regs}) + sorted({r["app_id"] for r in regs})
+    return [f"{i}-8080.{domain}" for i in ids]
+
+
+def _https_status(proxy: str, host: str, ctx: ssl.SSLContext) -> int:
+    """GET / of `host` at up's proxy address (SNI = host); the status, 0 on any failure."""
+    addr, _, port = proxy.rpartition(":")
+    try:
+        with socket.create_connection((addr, int(port)), timeout=2) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                head = s.recv(64).split()
+    except OSError:
+        return 0
+    return int(head[1]) if len(head) > 1 and head[1].isdigit() else 0
+
+
+def _restart_and_reach(
+    home: Path, log: Path, ups: list[subprocess.Popen[bytes]], port: int, hosts: list[str]
+) -> dict[str, float]:
+    """Stop up (``ups[-1]``), start it again (appended to ``ups``: the caller stops the last
+    one whatever happens); seconds until it is ready and until every host answers 200."""
+    ups[-1].send_signal(signal.SIGINT)
+    if ups[-1].wait(timeout=60) != 0:
+        raise SystemExit(f"pydstack up exited with {ups[-1].returncode} when stopped")
+    mark = len(log.read_text(errors="replace"))
+    t0 = time.monotonic()
+    ups.append(up := _start_up(home, log, port))
+    got: dict[str, float] = {}
+    ctx: ssl.SSLContext | None = None
+    waiting = list(hosts)
+    while time.monotonic() - t0 < REACH_LIMIT_S:
+        if up.poll() is not None:
+            raise SystemExit(f"pydstack up exited after the restart:\n{log.read_text()[-2000:]}")
+        if "restart_ready_s" not in got and "control plane ready" in log.read_text()[mark:]:
+            got["restart_ready_s"] = time.monotonic() - t0
+            state = _state(home)
+            ctx = ssl.create_default_context(cafile=state["gateway_ca"])
+        if ctx is not None:
+            proxy = str(_state(home)["gateway_proxy"])
+            waiting = [h for h in waiting if _https_status(proxy, h, ctx) != 200]
+            if not waiting:
+                got["restart_reachable_s"] = time.monotonic() - t0
+                return got
+        time.sleep(0.05)
+    raise SystemExit(f"not every app answered within {REACH_LIMIT_S:.0f} s of the restart: "
+                     f"{waiting} still did not ({got})")  # fmt: skip
+
+
 def main(quick: bool) -> None:
     if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
         raise SystemExit("bench.recover needs root, dockerd (docker.io) and wireguard-go")
     apps, kills = (1, 1) if quick else (3, 3)  # up gives up at the 4th crash within 60 s
+    restarts = kills
     root = Path(tempfile.mkdtemp(prefix="pdr-", dir="/tmp"))  # short: UAPI socket paths
     home, log = root / "home", root / "up.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
-    with log.open("wb") as f:
-        up = subprocess.Popen(
-            [PYDSTACK, "up", "--data-dir", str(home), "--vmm", "sandbox", "--gateway",
-             "--port", str(free_port()), "--dashboard-port", "-1",
-             "--metrics-port", "-1", "--log-json"],
-            stdout=f, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    port = free_port()
+    ups = [_start_up(home, log, port)]
     vms: list[str] = []
     runs: list[dict[str, float]] = []
+    reruns: list[dict[str, float]] = []
+    reregistrations = 0
     try:
-        _wait_ready(home, up, log)
+        _wait_ready(home, ups[0], log)
         for i in range(apps):
             vms.append(f"rec{i}")
             print(f"rec{i}: deployed in {_deploy(home, vms[-1]):.1f} s", flush=True)
@@ -190,11 +272,20 @@ def main(quick: bool) -> None:
             print(f"kill {k + 1}: server accepting {run['server_start_s']:.2f} s, appends "
                   f"{run['nats_heal_s']:.2f} s, every actor ({', '.join(consumers)}, gateway) "
                   f"{run['actors_heal_s']:.2f} s", flush=True)  # fmt: skip
-        if up.poll() is not None:
-            raise SystemExit(f"pydstack up exited ({up.returncode}):\n{log.read_text()[-2000:]}")
+        if (code := ups[-1].poll()) is not None:
+            raise SystemExit(f"pydstack up exited ({code}):\n{log.read_text()[-2000:]}")
+        hosts = _app_hosts(home)
+        registered = len(_registrations(home))
+        for k in range(restarts):
+            rerun = _restart_and_reach(home, log, ups, port, hosts)
+            reruns.append(rerun)
+            print(f"restart {k + 1}: up ready {rerun['restart_ready_s']:.2f} s, every app "
+                  f"({len(hosts)} names) answering through the gateway "
+                  f"{rerun['restart_reachable_s']:.2f} s", flush=True)  # fmt: skip
+        reregistrations = len(_registrations(home)) - registered
         audit = _cli(home, "audit")
         if audit.returncode != 0:
-            raise SystemExit(f"audit failed after the kills:\n{audit.stdout[-2000:]}")
+            raise SystemExit(f"audit failed after the kills and restarts:\n{audit.stdout[-2000:]}")
         print(audit.stdout.strip().splitlines()[-1], flush=True)
     finally:
         for vm in vms:
@@ -205,9 +296,9 @@ def main(quick: bool) -> None:
             if sum('"VmRemoved"' in x for x in r.stdout.splitlines()) >= len(vms):
                 break
             time.sleep(0.5)
-        up.send_signal(signal.SIGINT)
+        ups[-1].send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            up.wait(timeout=60)
+            ups[-1].wait(timeout=60)
         text = log.read_text(errors="replace")
         _kill_under(root)  # the CVMs' supervisor outlives up by design
         shutil.rmtree(root, ignore_errors=True)
@@ -221,9 +312,18 @@ def main(quick: bool) -> None:
     print(f"kill -9 nats-server: appends again after median {median(heal):.2f} s (worst "
           f"{max(heal):.2f}; goal <= 5), every actor after {median(actors):.2f} s; the "
           f"restarted server accepted after {median(start):.2f} s", flush=True)  # fmt: skip
+    reach = [r["restart_reachable_s"] for r in reruns]
+    ready = [r["restart_ready_s"] for r in reruns]
+    print(f"stop and start up: every app answers through the gateway after median "
+          f"{median(reach):.2f} s (worst {max(reach):.2f}; goal <= 5), up ready after "
+          f"{median(ready):.2f} s; CVMs that registered again: {reregistrations}",
+          flush=True)  # fmt: skip
     emit({"nats_heal_s": median(heal), "nats_heal_s_max": max(heal),
           "actors_heal_s": median(actors), "actors_heal_s_max": max(actors),
-          "server_start_s": median(start), "kills": kills, "apps": apps})  # fmt: skip
+          "server_start_s": median(start), "restart_reachable_s": median(reach),
+          "restart_reachable_s_max": max(reach), "restart_ready_s": median(ready),
+          "reregistrations": reregistrations, "kills": kills, "restarts": restarts,
+          "apps": apps})  # fmt: skip
 
 
 if __name__ == "__main__":
