@@ -3,6 +3,7 @@
     pydstack kms serve --nats URL --key-file root.sealed --seal-appkeys appkeys.json \
         --auth webhook --auth-url http://127.0.0.1:8000
     pydstack kms audit --nats URL --cluster main --collateral coll.json [--dev-pki DIR]
+    pydstack kms contract deploy | add-os-image | add-kms-measurement   (the eth backend's)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import click
 
 from pydstack.actors.kms.__main__ import main as serve_main
 
+from .contract import kms_contract
+
 
 @click.group("kms")
 def kms() -> None:
@@ -22,6 +25,7 @@ def kms() -> None:
 
 
 kms.add_command(serve_main, "serve")
+kms.add_command(kms_contract, "contract")  # deploy | add-os-image | add-kms-measurement
 
 
 @kms.command("audit")

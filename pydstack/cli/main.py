@@ -15,6 +15,7 @@ from ._common import Settings, connection_options
 from .app import app_group  # also adds ls/info/upgrade/rm to `app`
 from .audit import audit_cmd, status_cmd
 from .commands import init_cmd, vm_group
+from .contract import app_contract
 from .events import events_cmd, replay_cmd
 from .image_log import image_group  # image register | registered | revoke
 from .up import up_cmd
@@ -86,3 +87,4 @@ for command in (
     image_group,
 ):
     main.add_command(command)
+app_group.add_command(app_contract, "contract")  # deploy | add-compose-hash | add-device
