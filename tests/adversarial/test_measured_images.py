@@ -109,7 +109,8 @@ def test_only_an_admin_registers_or_revokes_an_image() -> None:
     misfiled = log.add(ADMIN, f"dstack.image.{h}", other)
     gate = Gate.pinned(ADMIN.public_key)
     verdicts = {seq: gate.judge(seq, s, d) for seq, s, d in log.records}
-    assert isinstance(verdicts[by_host], Refused) and verdicts[by_host].reason == "not-allowed"
+    refused = verdicts[by_host]
+    assert isinstance(refused, Refused) and refused.reason == "not-allowed"
     assert not isinstance(verdicts[by_admin], Refused)
     assert isinstance(verdicts[misfiled], Refused)
 

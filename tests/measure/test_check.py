@@ -110,6 +110,11 @@ def test_a_registration_must_prove_its_hash_and_digests() -> None:
     assert "sha256 of the sha256sum" in (registration_problem(forged, HASH) or "")
     short = msgspec.structs.replace(IMAGE, firmware="00")
     assert "firmware digest" in (registration_problem(short, HASH) or "")
+    bad_tdx = ShapeMeasurements(cpu_count=2, memory_size=1 << 30, mr_td="zz" * 48,
+                                rtmr0="02" * 48, rtmr1="03" * 48, rtmr2="04" * 48)  # fmt: skip
+    broken = msgspec.structs.replace(IMAGE, tdx=(bad_tdx,))
+    assert "MRTD for 2 vCPU" in (registration_problem(broken, HASH) or "")
+    assert latest_image([broken], HASH) is None  # never compared, never crashes a reader
 
 
 def test_the_latest_sound_registration_counts_and_a_revocation_ends_it() -> None:

@@ -43,6 +43,11 @@ def registration_problem(e: ImageRegistered, aggregate_id: str) -> str | None:
         return f"os_image_hash {e.os_image_hash[:16]} is not its subject's {aggregate_id[:16]}"
     if e.sha256sum and hashlib.sha256(e.sha256sum.encode()).hexdigest() != e.os_image_hash:
         return "os_image_hash is not sha256 of the sha256sum it carries"
+    for m in e.tdx:  # malformed values would raise where the KMS or an auditor compares
+        for f in _FIELDS:
+            value = getattr(m, f)
+            if len(value) != 96 or any(c not in "0123456789abcdef" for c in value):
+                return f"tdx {_LABEL[f]} for {m.cpu_count} vCPU is not 48 bytes of lowercase hex"
     return ImageParts(firmware=e.firmware, kernel=e.kernel, initrd=e.initrd,
                       cmdline=e.cmdline).problem()  # fmt: skip
 
