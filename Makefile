@@ -16,6 +16,10 @@ ANVIL_VERSION := 1.7.1
 ANVIL := $(VENV)/anvil/.installed-$(ANVIL_VERSION)
 OZ_VERSION := 5.4.0
 OPENZEPPELIN := $(VENV)/openzeppelin/.installed-$(OZ_VERSION)
+# dstack's JavaScript SDK for the guest-agent tests (run with node): the 0.5 line with its
+# peers at major 1 (version 2 of @noble/* breaks its imports). Pinned; tests/guest/jssdk.py.
+DSTACK_SDK_JS := @phala/dstack-sdk@0.5.8 @noble/hashes@1.8.0 @noble/curves@1.9.7
+DSTACK_SDK_JS_STAMP := $(VENV)/dstack-sdk-js/.installed-0.5.8
 # Debian packages the project needs; installed only when missing. nftables + acl: the QEMU
 # backend runs QEMU as its own user (pydstack-qemu, made by the VMM) behind nft rules.
 DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2 qemu-system-x86 qemu-utils mmdebstrap linux-image-amd64 busybox-static e2fsprogs cpio pebble chromium chromium-driver haproxy nginx libnginx-mod-stream wrk docker.io nftables acl ovmf osslsigncode
@@ -42,7 +46,7 @@ typecheck: deps
 unit: deps
 	$(BIN)/pytest -q -rfEs --tb=short -p no:cacheprovider
 
-deps: sysdeps $(STAMP) $(SOLCJS) $(ANVIL) $(OPENZEPPELIN)
+deps: sysdeps $(STAMP) $(SOLCJS) $(ANVIL) $(OPENZEPPELIN) $(DSTACK_SDK_JS_STAMP)
 
 sysdeps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -70,6 +74,11 @@ $(ANVIL): | $(STAMP)
 $(OPENZEPPELIN): | $(STAMP)
 	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
 	npm install --silent --prefix $(VENV)/openzeppelin --no-save --no-package-lock --no-audit --no-fund @openzeppelin/contracts@$(OZ_VERSION) @openzeppelin/contracts-upgradeable@$(OZ_VERSION)
+	touch $@
+
+$(DSTACK_SDK_JS_STAMP): | $(STAMP)
+	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	npm install --silent --prefix $(VENV)/dstack-sdk-js --no-save --no-package-lock --no-audit --no-fund $(DSTACK_SDK_JS)
 	touch $@
 
 bench: deps

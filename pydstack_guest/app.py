@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,10 @@ from .agent import GuestAgent, RequestError
 AGENT_KEY: web.AppKey[GuestAgent] = web.AppKey("agent", GuestAgent)
 DEFAULT_DSTACK_SOCK = "/var/run/dstack.sock"
 DEFAULT_TAPPD_SOCK = "/var/run/tappd.sock"
+# dstack serves dstack.sock at /run/dstack.sock (= /var/run/dstack.sock, systemd socket
+# activation) and its agent's own config names /var/run/dstack/dstack.sock; the SDKs try
+# both (and /run/... for each). A CVM serves the same API at every one of them.
+DSTACK_SOCK_ALIASES = ("/var/run/dstack/dstack.sock",)
 
 
 class _Args(msgspec.Struct, frozen=True):
@@ -278,12 +282,17 @@ def make_app(agent: GuestAgent, *, tcp: bool = False) -> web.Application:
 
 
 def make_tappd_app(agent: GuestAgent) -> web.Application:
-    """The legacy tappd API (`/prpc/Tappd.TdxQuote`, ...)."""
+    """The legacy tappd API (`/prpc/Tappd.TdxQuote`, ...), plus the public `/Info` and
+    `/Version` at the root: the JavaScript SDK's TappdClient inherits `info()` from
+    DstackClient and asks `/Info` (dstack's tappd.sock answers that with a 404)."""
     app = web.Application()
     app[AGENT_KEY] = agent
     handle = _dispatch(TAPPD_METHODS, "Tappd.")
     app.router.add_route("POST", "/prpc/{method}", handle)
     app.router.add_route("GET", "/prpc/{method}", handle)
+    public = _dispatch({k: v for k, v in TAPPD_METHODS.items() if k in PUBLIC_METHODS}, "")
+    app.router.add_route("POST", "/{method}", public)
+    app.router.add_route("GET", "/{method}", public)
     return app
 
 
@@ -330,19 +339,25 @@ async def serve_agent(
     dstack_sock: str = DEFAULT_DSTACK_SOCK,
     tappd_sock: str | None = None,
     tcp: str | None = None,
+    dstack_aliases: Sequence[str] = (),
 ) -> AsyncIterator[str | None]:
-    """Serve the agent on unix sockets, and the dstack API also on `tcp` (a loopback
-    `host:port`, port 0 picks one) until the block exits (sockets are removed then).
+    """Serve the agent on unix sockets (the dstack API at `dstack_sock` and every path of
+    `dstack_aliases`), and the dstack API also on `tcp` (a loopback `host:port`, port 0 picks
+    one) until the block exits (sockets are removed then).
     Yields the TCP address bound, as `host:port`, or None."""
     bind = loopback_address(tcp) if tcp is not None else None
     runners = [web.AppRunner(make_app(agent))]
-    paths = [dstack_sock]
+    sites: list[tuple[web.AppRunner, str]] = [
+        (runners[0], p) for p in (dstack_sock, *dstack_aliases)
+    ]
     if tappd_sock is not None:
         runners.append(web.AppRunner(make_tappd_app(agent)))
-        paths.append(tappd_sock)
+        sites.append((runners[1], tappd_sock))
+    paths = [p for _, p in sites]
     try:
-        for runner, path in zip(runners, paths, strict=True):
+        for runner in runners:
             await runner.setup()
+        for runner, path in sites:
             await _unix_site(runner, path)
         bound = None
         if bind is not None:

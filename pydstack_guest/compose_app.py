@@ -2,8 +2,10 @@
 
 No registry here: the docker images an app may use come as sandbox images (a rootfs tarball
 and the names it is imported under, ``pydstack.adapters.sandbox.images``), imported when the
-engine lacks them. Each service runs with host networking and the guest agent's socket
-mounted at ``/var/run/dstack.sock``; its output is appended to `console`::
+engine lacks them. Each service runs with host networking and the guest agent's sockets
+mounted where dstack's CVMs have them and the SDKs look (``/var/run/dstack.sock``,
+``/var/run/dstack/dstack.sock``, the legacy ``/var/run/tappd.sock``); its output is appended
+to `console`::
 
     tasks = await start_compose_app(docker, app_compose, env, images=[(root, "sandbox-busybox")],
                                     dstack_sock=sock, console=log, report=emit)
@@ -34,13 +36,17 @@ async def import_images(docker: Docker, images: Iterable[tuple[Path, str]]) -> N
 async def start_compose_app(
     docker: Docker, app_compose: bytes, env: Mapping[str, str], *,
     images: Iterable[tuple[Path, str]], dstack_sock: Path, console: Path, report: Report,
+    tappd_sock: Path | None = None,
 ) -> list[asyncio.Task[None]]:  # fmt: skip
     """Run every service (stage ``app`` each); the returned tasks follow their logs."""
     await import_images(docker, images)
+    mounts = [f"{dstack_sock}:/var/run/dstack.sock", f"{dstack_sock}:/var/run/dstack/dstack.sock"]
+    if tappd_sock is not None:
+        mounts.append(f"{tappd_sock}:/var/run/tappd.sock")
     logs = []
     for svc in services(app_compose, env):
         await docker.run(svc.name, svc.image, svc.command, svc.entrypoint, svc.environment,
-                         [f"{dstack_sock}:/var/run/dstack.sock"])  # fmt: skip
+                         mounts)  # fmt: skip
         logs.append(asyncio.create_task(docker.follow_logs(svc.name, console)))
         report("app", svc.name)
     return logs

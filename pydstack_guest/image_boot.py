@@ -46,6 +46,9 @@ SHARE = Path("/dstack/.host-shared")
 HOST_ALIAS = "10.0.2.2"  # slirp: the host's loopback as the guest sees it
 STATE = Path("/run/pydstack")
 DSTACK_SOCK = Path("/var/run/dstack.sock")
+DSTACK_SOCK_ALIASES = (Path("/var/run/dstack/dstack.sock"),)  # dstack's agent config names it
+TAPPD_SOCK = Path("/var/run/tappd.sock")
+RUNTIME_LOG = Path("/run/log/dstack/runtime_events.log")
 DOCKER_SOCK = Path("/var/run/docker.sock")
 AGENT_TCP = "127.0.0.1:8090"  # as in the sandbox: the agent's API on the guest's loopback
 CONSOLE = Path("/dev/ttyS0")  # the apps' output joins the serial console (serial.log)
@@ -141,7 +144,8 @@ async def run(stop: asyncio.Event) -> None:
         booted = await boot_simulated(
             shared, td, sock=DSTACK_SOCK, report=report, wg=UserspaceBackend(STATE / "wg"),
             reach=reach, agent_tcp=AGENT_TCP, dm_crypt=await load_dm_crypt(),
-            data_disk=data_disk,
+            data_disk=data_disk, tappd_sock=TAPPD_SOCK, dstack_aliases=DSTACK_SOCK_ALIASES,
+            runtime_log=RUNTIME_LOG,
         )  # fmt: skip
         stack.push_async_callback(booted.agent.aclose)
         report("agent", str(DSTACK_SOCK))
@@ -156,6 +160,7 @@ async def run(stop: asyncio.Event) -> None:
         try:
             logs = await start_compose_app(docker, shared.app_compose, booted.env,
                                            images=images, dstack_sock=DSTACK_SOCK,
+                                           tappd_sock=TAPPD_SOCK,
                                            console=CONSOLE, report=report)  # fmt: skip
         except Exception as e:
             raise BootFailed("app", f"{type(e).__name__}: {e}") from None

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +56,20 @@ async def boot_simulated(
     shared: HostShared, td: SimulatedTd, *, sock: Path, report: Report,
     wg: WireGuardBackend | None = None, reach: Reach | None = None,
     agent_tcp: str | None = None, dm_crypt: bool | None = None,
-    data_disk: DataDisk | None = None,
+    data_disk: DataDisk | None = None, tappd_sock: Path | None = None,
+    dstack_aliases: Sequence[Path] = (), runtime_log: Path | None = None,
 ) -> Booted:  # fmt: skip
     """Raises `pydstack_guest.boot.BootFailed` when a step fails. Without `wg` the gateway
     step is skipped (the CVM has no way to run WireGuard). With `agent_tcp` (a loopback
     ``host:port``) the agent also serves its socket API there, offered to the compose file as
     ``DSTACK_AGENT_URL`` (for apps with no Unix-socket client, e.g. busybox wget). `dm_crypt`
     and `data_disk` as in `run_boot`: the QEMU image passes both (a LUKS2 data disk), the
-    sandbox neither (no device-mapper in the host kernel: measured ``plain``)."""
+    sandbox neither (no device-mapper in the host kernel: measured ``plain``). The agent
+    serves dstack's API at `sock` and each of `dstack_aliases`, the legacy tappd API at
+    `tappd_sock`; with `runtime_log` each runtime event (boot and EmitEvent) is appended
+    there as dstack's ``/run/log/dstack/runtime_events.log`` has it."""
     from pydstack.adapters.secretfile import write_secret
-    from pydstack.adapters.tdx.backend import measured_simulator
+    from pydstack.adapters.tdx.backend import TdxBackend, measured_simulator
     from pydstack.adapters.tdx.identity import mr_config_id_v1
     from pydstack.adapters.tdx.pki import DevPki
     from pydstack.adapters.tdx.simulator import QuoteSimulator
@@ -75,6 +80,7 @@ async def boot_simulated(
     from .gateway_setup import setup_gateway
     from .kms_trust import KmsTrust
     from .provider import create_dev_app_keys
+    from .runtime_log import RuntimeEventFile
 
     compose = shared.app_compose
     if (td.pki_dir / "root.der").exists():
@@ -85,12 +91,14 @@ async def boot_simulated(
     # Measured as a TD of this image and shape would be: the KMS recomputes the same values
     # from the image registered on the log and the shape in vm_config.
     shape = VmShape(cpu_count=td.vcpu, memory_size=td.memory_mb << 20)
-    backend = measured_simulator(
+    backend: TdxBackend = measured_simulator(
         QuoteSimulator(pki),
         td.image,
         shape,
         mr_config_id=mr_config_id_v1(hashlib.sha256(compose).digest()),
     )
+    if runtime_log is not None:
+        backend = RuntimeEventFile(backend, runtime_log)
     keys_path = td.state_dir / "appkeys.json"  # local dev keys, used only without a KMS
     if not keys_path.exists():
         info = json.loads(shared.instance_info or b"{}")
@@ -117,7 +125,9 @@ async def boot_simulated(
                 stack.push_async_callback(tunnel.close)
                 env["DSTACK_GATEWAY_DOMAIN"] = tunnel.registration.domain
         bound = await stack.enter_async_context(
-            serve_agent(agent, dstack_sock=str(sock), tcp=agent_tcp))  # fmt: skip
+            serve_agent(agent, dstack_sock=str(sock), tcp=agent_tcp,
+                        tappd_sock=str(tappd_sock) if tappd_sock is not None else None,
+                        dstack_aliases=[str(p) for p in dstack_aliases]))  # fmt: skip
         if bound is not None:
             env["DSTACK_AGENT_URL"] = f"http://{bound}"
     except BaseException:

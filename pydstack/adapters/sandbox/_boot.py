@@ -60,8 +60,13 @@ async def boot(
                          cmdline=reg.cmdline),
         name=spec.name, vcpu=spec.vcpu, memory_mb=spec.memory_mb,
     )  # fmt: skip
+    # dstack's other socket paths and its runtime event log, under the CVM's own dirs (the
+    # sandbox shares the host's filesystem); containers get the sockets at dstack's paths.
     return await boot_simulated(
         shared, td, sock=sock, report=report,
         wg=UserspaceBackend(net.run_dir / "wg") if net is not None else None,
         reach=net.udp if net is not None else None, agent_tcp=AGENT_TCP,
+        tappd_sock=sock.parent / "tappd.sock",
+        dstack_aliases=[sock.parent / "dstack" / "dstack.sock"],
+        runtime_log=wd / "run" / "log" / "dstack" / "runtime_events.log",
     )  # fmt: skip

@@ -159,7 +159,8 @@ async def main(wd: Path) -> int:
         emit(wd, "docker")
         logs = await start_compose_app(
             docker, spec.app_compose, booted.env, images=[(Path(run.images), spec.image)],
-            dstack_sock=rd / "dstack.sock", console=wd / "console.log",
+            dstack_sock=rd / "dstack.sock", tappd_sock=rd / "tappd.sock",
+            console=wd / "console.log",
             report=lambda stage, detail: emit(wd, stage, detail),
         )  # fmt: skip
         for s, vm_port in LISTENERS:
