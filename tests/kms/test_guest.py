@@ -14,7 +14,9 @@ from dstack_sdk import AsyncDstackClient
 from dstack_sdk.encrypt_env_vars import EnvVar, encrypt_env_vars
 
 from pydstack.adapters.tdx.collateral import Collateral
+from pydstack.adapters.tdx.eventlog import parse_json_event_log
 from pydstack.adapters.tdx.pki import DevPki
+from pydstack.adapters.tdx.verify import Policy, verify_quote
 from pydstack.cli.env import env as env_cli
 from pydstack.core.events import KeyIssued
 from pydstack.core.kms import app_key_material
@@ -22,6 +24,8 @@ from pydstack_guest import GuestAgent, GuestConfig, serve_agent
 from pydstack_guest.keys import key_public, verify_key_chain
 from pydstack_guest.kms_provider import KmsKeyProvider, decrypt_env
 from pydstack_guest.kms_trust import KmsCheckFailed, KmsTrust
+from tests.guest.jssdk import check_js_results, run_js_sdk
+from tests.guest.pysdk import run_py_sdk
 from tests.guest.tlscheck import TlsOptions, check_tls_key, option_matrix
 
 from .conftest import APP_ID, CLUSTER, VM_CONFIG, Cvm, Kms, make_cvm
@@ -154,6 +158,21 @@ async def test_get_tls_key_through_kms_signcert_defaults_and_options(kms: Kms, p
                 check_tls_key(r.key, r.certificate_chain, o, chain_len=3)
                 assert r.certificate_chain[2] == kms.svc.created.ca_cert_pem
             app_cert = (await c.info()).app_cert
+            # Both SDKs' whole sweep on the KMS path too (the JavaScript one under node).
+            now = int(time.time())
+            options = option_matrix(now)
+            for run in (run_py_sdk, run_js_sdk):
+                out = await run(str(d / "d.sock"), None, options)
+                check_js_results(out, options, verify=lambda q, log: verify(kms, pki, q, log),
+                                 app_id=APP_ID, kms_root=kms.svc.root.k256_public(), chain_len=3,
+                                 tappd=False)  # fmt: skip
     finally:
         shutil.rmtree(d, ignore_errors=True)
     assert app_cert.count("BEGIN CERTIFICATE") == 3 and kms.svc.created.ca_cert_pem in app_cert
+
+
+def verify(kms: Kms, pki: DevPki, quote: bytes, log: str) -> list[str]:
+    """Why a CVM's quote and its JSON event log fail under the dev PKI ([] when they pass)."""
+    v = verify_quote(quote, kms.collateral.get(quote), Policy(), int(time.time()), pki.root_der,
+                     event_log=parse_json_event_log(log))  # fmt: skip
+    return list(v.reasons)
