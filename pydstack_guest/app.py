@@ -308,10 +308,10 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-async def _unix_site(runner: web.AppRunner, path: str) -> None:
+async def _unix_site(runner: web.AppRunner, path: str, mode: int) -> None:
     _prepare_socket_path(path)
     await web.UnixSite(runner, path).start()
-    os.chmod(path, 0o660)  # apps reach it through the socket's group, as with dstack
+    os.chmod(path, mode)
 
 
 def loopback_address(address: str) -> tuple[str, int]:
@@ -340,10 +340,13 @@ async def serve_agent(
     tappd_sock: str | None = None,
     tcp: str | None = None,
     dstack_aliases: Sequence[str] = (),
+    socket_mode: int = 0o660,
 ) -> AsyncIterator[str | None]:
     """Serve the agent on unix sockets (the dstack API at `dstack_sock` and every path of
     `dstack_aliases`), and the dstack API also on `tcp` (a loopback `host:port`, port 0 picks
-    one) until the block exits (sockets are removed then).
+    one) until the block exits (sockets are removed then). `socket_mode`: 0660 (root and the
+    socket's group) unless the caller knows better: dstack's CVMs make them 0777, so that an
+    app's non-root user can connect (the QEMU guest image does the same).
     Yields the TCP address bound, as `host:port`, or None."""
     bind = loopback_address(tcp) if tcp is not None else None
     runners = [web.AppRunner(make_app(agent))]
@@ -358,7 +361,7 @@ async def serve_agent(
         for runner in runners:
             await runner.setup()
         for runner, path in sites:
-            await _unix_site(runner, path)
+            await _unix_site(runner, path, socket_mode)
         bound = None
         if bind is not None:
             tcp_runner = web.AppRunner(make_app(agent, tcp=True))

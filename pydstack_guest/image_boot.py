@@ -145,7 +145,7 @@ async def run(stop: asyncio.Event) -> None:
             shared, td, sock=DSTACK_SOCK, report=report, wg=UserspaceBackend(STATE / "wg"),
             reach=reach, agent_tcp=AGENT_TCP, dm_crypt=await load_dm_crypt(),
             data_disk=data_disk, tappd_sock=TAPPD_SOCK, dstack_aliases=DSTACK_SOCK_ALIASES,
-            runtime_log=RUNTIME_LOG,
+            runtime_log=RUNTIME_LOG, socket_mode=0o777,  # dstack's socket units: SocketMode=0777
         )  # fmt: skip
         stack.push_async_callback(booted.agent.aclose)
         report("agent", str(DSTACK_SOCK))

@@ -58,6 +58,7 @@ async def boot_simulated(
     agent_tcp: str | None = None, dm_crypt: bool | None = None,
     data_disk: DataDisk | None = None, tappd_sock: Path | None = None,
     dstack_aliases: Sequence[Path] = (), runtime_log: Path | None = None,
+    socket_mode: int = 0o660,
 ) -> Booted:  # fmt: skip
     """Raises `pydstack_guest.boot.BootFailed` when a step fails. Without `wg` the gateway
     step is skipped (the CVM has no way to run WireGuard). With `agent_tcp` (a loopback
@@ -67,7 +68,8 @@ async def boot_simulated(
     sandbox neither (no device-mapper in the host kernel: measured ``plain``). The agent
     serves dstack's API at `sock` and each of `dstack_aliases`, the legacy tappd API at
     `tappd_sock`; with `runtime_log` each runtime event (boot and EmitEvent) is appended
-    there as dstack's ``/run/log/dstack/runtime_events.log`` has it."""
+    there as dstack's ``/run/log/dstack/runtime_events.log`` has it. `socket_mode` as in
+    `serve_agent` (the sandbox keeps 0660: its sockets are on the host's filesystem)."""
     from pydstack.adapters.secretfile import write_secret
     from pydstack.adapters.tdx.backend import TdxBackend, measured_simulator
     from pydstack.adapters.tdx.identity import mr_config_id_v1
@@ -127,7 +129,8 @@ async def boot_simulated(
         bound = await stack.enter_async_context(
             serve_agent(agent, dstack_sock=str(sock), tcp=agent_tcp,
                         tappd_sock=str(tappd_sock) if tappd_sock is not None else None,
-                        dstack_aliases=[str(p) for p in dstack_aliases]))  # fmt: skip
+                        dstack_aliases=[str(p) for p in dstack_aliases],
+                        socket_mode=socket_mode))  # fmt: skip
         if bound is not None:
             env["DSTACK_AGENT_URL"] = f"http://{bound}"
     except BaseException:

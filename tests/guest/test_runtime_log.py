@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -55,10 +56,15 @@ async def test_runtime_events_log_has_every_rtmr3_event_as_dstack_writes_it(
 
 async def test_the_api_is_served_at_every_dstack_socket_path(sock_dir: Path, guest: Guest) -> None:
     """dstack_aliases serve the same API (dstack's /var/run/dstack/dstack.sock), and the
-    tappd socket also answers the SDKs' /Info."""
+    tappd socket also answers the SDKs' /Info; every socket has the mode asked (dstack's
+    CVMs: 0777), 0660 by default."""
+    assert stat.S_IMODE(os.stat(guest.dstack_sock).st_mode) == 0o660
     alias, tappd = sock_dir / "dstack" / "dstack.sock", sock_dir / "t2.sock"
     async with serve_agent(guest.agent, dstack_sock=str(sock_dir / "m.sock"),
-                           dstack_aliases=[str(alias)], tappd_sock=str(tappd)):  # fmt: skip
+                           dstack_aliases=[str(alias)], tappd_sock=str(tappd),
+                           socket_mode=0o777):  # fmt: skip
+        for path in (sock_dir / "m.sock", alias, tappd):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o777
         for path in (sock_dir / "m.sock", alias):
             async with AsyncDstackClient(str(path)) as c:
                 assert (await c.info()).app_id == APP_ID.hex()
