@@ -95,7 +95,7 @@ class _Admin:
         """Send ``function(*args)``; the receipt once mined."""
         fn = self._function(function, *args)
         try:
-            # Simulate first: a refusal then costs no gas, and every node (and eth-tester)
+            # Simulate first: a refusal then costs no gas, and every node
             # reports it as a decodable revert instead of a failed gas estimate.
             fn.call({"from": self.sender_address})
             if isinstance(self.sender, str):
