@@ -58,8 +58,15 @@ async def test_operator_flow_from_deploy_to_a_refused_compose(
                     os_image_hash=OS_IMAGE, device_id="01" * 32)  # fmt: skip
     verdict = await backend.authorize_app(boot)
     assert verdict.is_allowed and verdict.gateway_app_id == "gw"
+    shown = ok("app", "contract", "show", "--eth-rpc-url", anvil.url, app_id, "--compose",
+               str(compose), "--device-id", "01" * 32)  # fmt: skip
+    assert shown["compose_hash"] == {compose_hash: True} and shown["allow_any_device"] is True
+    assert shown["device_id"] == {"0x" + "01" * 32: False} and shown["owner"] == owner
     ok("app", "contract", "remove-compose-hash", *chain, app_id, "--compose", str(compose))
     assert not (await backend.authorize_app(boot)).is_allowed
+    shown = ok("app", "contract", "show", "--eth-rpc-url", anvil.url, app_id, "--compose-hash",
+               compose_hash)  # fmt: skip
+    assert shown["compose_hash"] == {compose_hash: False}
     ok("app", "contract", "add-compose-hash", *chain, app_id, compose_hash)
     assert (await backend.authorize_app(boot)).is_allowed
     out = ok("app", "contract", "add-device", *chain, app_id, "0x" + "01" * 32)
@@ -70,6 +77,15 @@ async def test_operator_flow_from_deploy_to_a_refused_compose(
     kms_boot = BootInfo(tcb_status="UpToDate", os_image_hash=OS_IMAGE, mr_aggregated="33" * 32,
                         device_id="44" * 32)  # fmt: skip
     assert (await backend.authorize_kms(kms_boot)).is_allowed
+    shown = ok("kms", "contract", "show", "--eth-rpc-url", anvil.url, "--kms-contract", kms,
+               "--os-image", OS_IMAGE, "--mr-aggregated", "34" * 32, "--app", app_id)  # fmt: skip
+    assert shown["owner"] == owner and shown["gateway_app_id"] == "gw"
+    assert shown["os_image"] == {"0x" + OS_IMAGE: True}
+    assert shown["mr_aggregated"] == {"0x" + "34" * 32: False}
+    assert shown["app"] == {Web3.to_checksum_address(app_id): True}
+    text = cli("kms", "contract", "show", "--eth-rpc-url", anvil.url, "--kms-contract", kms,
+               "--os-image", OS_IMAGE).output  # fmt: skip
+    assert f"os_image           0x{OS_IMAGE} allowed" in text
 
 
 @pytest.mark.parametrize("deployed", ["dstack"], indirect=True)
@@ -129,6 +145,10 @@ def test_bad_input_is_one_line(anvil: Anvil, owner: str, stranger: str) -> None:
     )
     assert line.startswith("Error: eth: deployAndRegisterApp(address,bool,bool,bool,bytes32,"
                            f"bytes32) on {stranger} failed: Could not transact")  # fmt: skip
+    line = one_line_error(
+        cli("kms", "contract", "show", "--eth-rpc-url", anvil.url, "--kms-contract", stranger)
+    )
+    assert line.startswith(f"Error: eth: owner on {stranger} failed: "), line
     down = ("--eth-rpc-url", "http://127.0.0.1:9", "--from", owner)
     line = one_line_error(cli("app", "contract", "add-device", *down, stranger, "01" * 32))
     assert line.startswith(f"Error: eth: addDevice on {stranger} failed: ")
