@@ -16,6 +16,7 @@ from .app import app_group  # also adds ls/info/upgrade/rm to `app`
 from .audit import audit_cmd, status_cmd
 from .commands import init_cmd, vm_group
 from .contract import app_contract
+from .contract_show import app_show as _app_show  # noqa: F401 - adds `show` to both groups
 from .events import events_cmd, replay_cmd
 from .image_log import image_group  # image register | registered | revoke
 from .up import up_cmd
