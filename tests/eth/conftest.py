@@ -8,6 +8,7 @@ same behaviour against dstack's contracts (behind their ERC1967 proxy) and ours.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ KMS_MR = "0x" + "33" * 32
 GATEWAY_APP_ID = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
 HERE = Path(__file__).parent
 DSTACK_SOURCES = HERE / "dstack_v0_5_11"
-OPENZEPPELIN = Path(__file__).parents[2] / ".venv" / "openzeppelin" / "node_modules"
+OPENZEPPELIN = Path(sys.prefix) / "openzeppelin" / "node_modules"  # make deps installs it
 
 
 @pytest.fixture(scope="session")
