@@ -551,6 +551,8 @@ class ControlPlane:
         self.kms = {
             "kms_cluster": pin.cluster, "kms_root": pin.k256_root, "kms_auth": launch.auth,
             "kms_onboard_token_file": launch.replica_token_file or None,
+            # eth: the DstackKms it asks (not the RPC URL: a provider's URL may hold an API key)
+            **({"kms_contract": launch.kms_contract} if launch.auth == "eth" else {}),
         }  # fmt: skip
 
     async def _start_vmm(

@@ -100,7 +100,9 @@ def test_a_compose_hash_removed_on_chain_is_denied_at_the_next_boot(
         app = ok("app", "contract", "deploy", *chain, "--kms-contract", kms, "--compose",
                  str(compose_file), "--allow-any-device")  # fmt: skip
         app_id = str(app["app_id"])
-        vmm = json.loads((home / "state.json").read_text())["vmm_url"]
+        state = json.loads((home / "state.json").read_text())
+        assert (state["kms_auth"], state["kms_contract"]) == ("eth", kms)
+        vmm = state["vmm_url"]
         vmmapi.call(vmm, "CreateVm", {
             "id": vm_id, "name": vm_id, "image": str(image["name"]), "vcpu": 1, "memory": 256,
             "app_id": app_id, "compose_file": COMPOSE.decode(),
