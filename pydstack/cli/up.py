@@ -137,7 +137,12 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option("--kms-auth-url", default="", help="auth-simple webhook for --kms-auth webhook")
 @click.option(
-    "--eth-rpc-url", default="", metavar="URL", help="--kms-auth eth: the chain's JSON-RPC endpoint"
+    "--eth-rpc-url",
+    default="",
+    metavar="URL",
+    envvar="PYDSTACK_ETH_RPC_URL",
+    help="--kms-auth eth: the chain's JSON-RPC endpoint [env PYDSTACK_ETH_RPC_URL: keeps a "
+    "provider's API key off the command line]",
 )
 @click.option(
     "--kms-contract",

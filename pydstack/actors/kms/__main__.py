@@ -48,7 +48,12 @@ from pydstack.loop import run as run_loop
     "eth: a DstackKms contract (--eth-rpc-url, --kms-contract)",
 )
 @click.option("--auth-url", default="")
-@click.option("--eth-rpc-url", default="", help="--auth eth: the chain's JSON-RPC endpoint")
+@click.option(
+    "--eth-rpc-url",
+    default="",
+    envvar="PYDSTACK_ETH_RPC_URL",
+    help="--auth eth: the chain's JSON-RPC endpoint [env PYDSTACK_ETH_RPC_URL]",
+)
 @click.option(
     "--kms-contract", default="", metavar="ADDR", help="--auth eth: the DstackKms contract"
 )
