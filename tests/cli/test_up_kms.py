@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -10,10 +11,32 @@ from pathlib import Path
 from tests.cli.harness import PYDSTACK, Up, cli, register_busybox_image, wait_for
 
 
+def guest_gets_keys(home: Path, tmp_path: Path, image: Path, *extra: str) -> str:
+    """`attest simulate` (a simulated CVM measured as `image`) against the KMS of the `up` in
+    `home`, until it has its keys; stopped after. Its log's text; fails if it ended."""
+    kms_url = json.loads((home / "state.json").read_text())["kms_url"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
+    log = tmp_path / "sim.log"
+    with log.open("wb") as f:
+        sim = subprocess.Popen(
+            [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"), "--socket",
+             str(tmp_path / "d.sock"), "--kms", kms_url, "--dev-pki", str(home / "dev-pki"),
+             "--image", str(image), *extra],
+            stdout=f, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "app keys from" in log.read_text() or sim.poll() is not None,
+                 timeout=30, what="the simulated guest to get its keys")  # fmt: skip
+        assert sim.poll() is None, log.read_text()
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)
+    return log.read_text()
+
+
 def test_simulated_guest_gets_keys_from_the_kms_of_up(tmp_path: Path) -> None:
     home = tmp_path / "home"
     plane = Up(home, extra=("--no-gateway",)).start()  # about the KMS; long tmp paths
-    sim_log = tmp_path / "sim.log"
     try:
         kms_url = plane.ready()["kms"]  # type: ignore[index]
         assert kms_url.startswith("https://127.0.0.1:")
@@ -21,22 +44,7 @@ def test_simulated_guest_gets_keys_from_the_kms_of_up(tmp_path: Path) -> None:
         compose.write_text('{"manifest_version":2,"name":"demo","runner":"docker-compose"}')
         # the KMS's default (log) backend: keys only for a compose the app's events name
         assert cli(home, "app", "register", str(compose)).code == 0
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
-        with sim_log.open("wb") as f:
-            sim = subprocess.Popen(
-                [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"),
-                 "--socket", str(tmp_path / "d.sock"), "--compose", str(compose),
-                 "--kms", kms_url, "--dev-pki", str(home / "dev-pki"),
-                 "--image", str(register_busybox_image(home))],
-                stdout=f, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-        try:
-            wait_for(lambda: "app keys from" in sim_log.read_text() or sim.poll() is not None,
-                     timeout=30, what="the simulated guest to get its keys")  # fmt: skip
-            assert sim.poll() is None, sim_log.read_text()
-        finally:
-            sim.terminate()
-            sim.wait(timeout=10)
+        guest_gets_keys(home, tmp_path, register_busybox_image(home), "--compose", str(compose))
         r = cli(home, "events", "--subject", "dstack.kms.*", "--json")
         assert r.code == 0, r.err
         types = [e["type"] for e in r.lines()]
@@ -66,22 +74,7 @@ def test_audit_catches_a_signed_but_lying_kms_decision(tmp_path: Path) -> None:
     plane = Up(home, extra=("--no-gateway", "--kms-auth", "dev")).start()
     try:
         url = plane.ready()["nats_url"]  # type: ignore[index]
-        kms_url = plane.ready()["kms"]  # type: ignore[index]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
-        log = tmp_path / "sim.log"
-        with log.open("wb") as f:
-            sim = subprocess.Popen(
-                [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"), "--socket",
-                 str(tmp_path / "d.sock"), "--kms", kms_url, "--dev-pki", str(home / "dev-pki"),
-                 "--image", str(register_busybox_image(home))],
-                stdout=f, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-        try:
-            wait_for(lambda: "app keys from" in log.read_text() or sim.poll() is not None,
-                     timeout=30, what="keys")  # fmt: skip
-        finally:
-            sim.terminate()
-            sim.wait(timeout=10)
+        guest_gets_keys(home, tmp_path, register_busybox_image(home))
         assert cli(home, "audit").code == 0
 
         async def forge() -> int:
@@ -126,7 +119,7 @@ def test_audit_re_runs_the_image_check_of_every_key_issued(tmp_path: Path) -> No
     home = tmp_path / "home"
     plane = Up(home, extra=("--no-gateway", "--kms-auth", "dev")).start()
     try:
-        url, kms_url = plane.ready()["nats_url"], plane.ready()["kms"]  # type: ignore[index]
+        url = plane.ready()["nats_url"]  # type: ignore[index]
         image = register_busybox_image(home)
         other = tmp_path / "other-image"  # a second registered image: other content, other hash
         other.mkdir()
@@ -136,21 +129,7 @@ def test_audit_re_runs_the_image_check_of_every_key_issued(tmp_path: Path) -> No
         r = cli(home, "image", "register", str(other), "--json")
         assert r.code == 0, r.err
         other_hash = r.lines()[0]["os_image_hash"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYDSTACK_")}
-        log = tmp_path / "sim.log"
-        with log.open("wb") as f:
-            sim = subprocess.Popen(
-                [PYDSTACK, "attest", "simulate", "--state", str(tmp_path / "sim"), "--socket",
-                 str(tmp_path / "d.sock"), "--kms", kms_url, "--dev-pki", str(home / "dev-pki"),
-                 "--image", str(image)],
-                stdout=f, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-        try:
-            wait_for(lambda: "app keys from" in log.read_text() or sim.poll() is not None,
-                     timeout=30, what="keys")  # fmt: skip
-        finally:
-            sim.terminate()
-            sim.wait(timeout=10)
+        guest_gets_keys(home, tmp_path, image)
         assert cli(home, "audit").code == 0  # the genuine decision re-checks, image included
 
         async def forge() -> int:

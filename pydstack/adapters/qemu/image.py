@@ -49,20 +49,10 @@ def images_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "pydstack" / "images"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def file_hex(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file, read in chunks (images are hundreds of MB)."""
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha384_file(path: Path) -> str:
-    h = hashlib.sha384()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 NO_BIOS = hashlib.sha384(b"pydstack: QEMU's default firmware").hexdigest()
@@ -77,8 +67,8 @@ def image_registration(image: Image) -> ImageRegistered:
     return ImageRegistered(
         os_image_hash=image.digest or os_image_hash(sums.encode()), name=image.name,
         version=image.info.version, sha256sum=sums,
-        firmware=sha384_file(image.bios) if image.bios else NO_BIOS,
-        kernel=sha384_file(image.kernel), initrd=sha384_file(image.initrd),
+        firmware=file_hex(image.bios, "sha384") if image.bios else NO_BIOS,
+        kernel=file_hex(image.kernel, "sha384"), initrd=file_hex(image.initrd, "sha384"),
         cmdline=image.info.cmdline or "",
     )  # fmt: skip
 
@@ -152,7 +142,7 @@ class Image(msgspec.Struct, frozen=True, kw_only=True):
         for line in sums.decode().splitlines():
             want, _, name = line.partition("  ")
             listed.add(name)
-            got = sha256_file(self.dir / name) if (self.dir / name).is_file() else "missing"
+            got = file_hex(self.dir / name) if (self.dir / name).is_file() else "missing"
             if got != want:
                 raise ImageError(f"{self.dir}: {name} has sha256 {got}, sha256sum.txt says {want}")
         needed = {p.name for p in (self.kernel, self.initrd, self.hda, self.rootfs) if p}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 
+from pydstack.adapters.qemu.image import file_hex
 from pydstack.core.events import ImageRegistered
 from pydstack.core.vmm.image_name import image_name_error
 
@@ -85,14 +86,6 @@ def build_busybox_image(root: Path, name: str = "sandbox-busybox") -> SandboxIma
     return msgspec.structs.replace(meta, name=name)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def image_registration(root: Path, name: str) -> ImageRegistered:
     """What ``pydstack image register`` puts on the log for a sandbox image.
 
@@ -104,7 +97,7 @@ def image_registration(root: Path, name: str) -> ImageRegistered:
     if img.rootfs in ("", ".", "..") or "/" in img.rootfs:
         raise ImageNameError(f"image {name}: rootfs {img.rootfs!r} is not a file name")
     d = root / name
-    sums = "".join(f"{_sha256_file(d / f)}  {f}\n" for f in sorted({"metadata.json", img.rootfs}))
+    sums = "".join(f"{file_hex(d / f)}  {f}\n" for f in sorted({"metadata.json", img.rootfs}))
     return ImageRegistered(
         os_image_hash=hashlib.sha256(sums.encode()).hexdigest(), name=name,
         version=img.version, sha256sum=sums,
