@@ -290,14 +290,7 @@ def app_add_compose_hash(
     as_json: bool, compose_hash: str | None, compose: Path | None, **o: Any
 ) -> None:
     """Allow COMPOSE_HASH (or --compose FILE's) for APP_ID (its contract address)."""
-    value = _compose_hash(compose, compose_hash, "COMPOSE_HASH")
-    if value is None:
-        raise click.UsageError("give COMPOSE_HASH or --compose FILE")
-    app = _app(o)
-    with _errors():
-        app.add_compose_hash(value)
-    _out(as_json, {"app_contract": app.address, "compose_hash": value, "allowed": True},
-         f"compose hash {value} allowed for app {app.address}")  # fmt: skip
+    _set_compose_hash(as_json, compose_hash, compose, o, allowed=True)
 
 
 @app_contract.command("remove-compose-hash")
@@ -310,14 +303,22 @@ def app_remove_compose_hash(
     as_json: bool, compose_hash: str | None, compose: Path | None, **o: Any
 ) -> None:
     """Stop allowing COMPOSE_HASH for APP_ID: its next boot gets a KeyDenied."""
+    _set_compose_hash(as_json, compose_hash, compose, o, allowed=False)
+
+
+def _set_compose_hash(
+    as_json: bool, compose_hash: str | None, compose: Path | None, o: dict[str, Any], *,
+    allowed: bool,
+) -> None:  # fmt: skip
     value = _compose_hash(compose, compose_hash, "COMPOSE_HASH")
     if value is None:
         raise click.UsageError("give COMPOSE_HASH or --compose FILE")
     app = _app(o)
     with _errors():
-        app.remove_compose_hash(value)
-    _out(as_json, {"app_contract": app.address, "compose_hash": value, "allowed": False},
-         f"compose hash {value} no longer allowed for app {app.address}")  # fmt: skip
+        (app.add_compose_hash if allowed else app.remove_compose_hash)(value)
+    what = "allowed" if allowed else "no longer allowed"
+    _out(as_json, {"app_contract": app.address, "compose_hash": value, "allowed": allowed},
+         f"compose hash {value} {what} for app {app.address}")  # fmt: skip
 
 
 @app_contract.command("add-device")
