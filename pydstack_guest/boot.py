@@ -93,7 +93,8 @@ class AppCompose(msgspec.Struct, frozen=True, kw_only=True):
     docker_compose_file: str = ""
     allowed_envs: list[str] = []
     kms_enabled: bool | None = None  # None: use a KMS when sys-config names one
-    key_provider: str = ""  # "kms" / "local" / "" (dstack >= 0.5.1)
+    local_key_provider_enabled: bool = False
+    key_provider: str = ""  # "kms" / "local" / "none" / "" (dstack >= 0.5.1); wins over the flags
     key_provider_id: str = ""  # hex: the KMS root CA's SPKI DER (dstack); measured, trusted
     gateway_enabled: bool = False
     tproxy_enabled: bool = False  # dstack's older name of gateway_enabled
@@ -159,6 +160,18 @@ def _hex(step: str, field: str, value: str) -> bytes:
         raise BootFailed(step, f"{field} is not hex: {value[:40]!r}") from None
 
 
+def key_provider_kind(compose: AppCompose) -> str:
+    """dstack's ``AppCompose::key_provider()``: ``key_provider`` when set, else ``kms`` if
+    kms_enabled, else ``local`` if local_key_provider_enabled, else ``none``; "" (pydstack)
+    when kms_enabled is absent: a KMS if sys-config names one."""
+    if compose.key_provider:
+        return compose.key_provider
+    if compose.kms_enabled is None and not compose.local_key_provider_enabled:
+        return ""
+    return "kms" if compose.kms_enabled else ("local" if compose.local_key_provider_enabled
+                                              else "none")  # fmt: skip
+
+
 def plan_boot(shared: HostShared) -> BootPlan:
     """Parse and check the host-shared files against what this platform runs."""
     try:
@@ -179,8 +192,11 @@ def plan_boot(shared: HostShared) -> BootPlan:
     bad = [n for n in compose.allowed_envs if not _ENV_NAME.match(n)]
     if bad:
         raise BootFailed("compose", f"allowed_envs has invalid names {bad}")
-    wants_kms = compose.kms_enabled is True or compose.key_provider == "kms"
-    local = compose.kms_enabled is False or compose.key_provider in ("local", "none")
+    kind = key_provider_kind(compose)
+    if kind not in ("kms", "local", "none", ""):
+        raise BootFailed("compose", f"key_provider {kind!r} is not supported here "
+                         "(want kms, local or none)")  # fmt: skip
+    wants_kms, local = kind == "kms", kind in ("local", "none")
     if wants_kms and not sysc.kms_urls:
         raise BootFailed("compose", "the app wants a KMS (kms_enabled) but sys-config "
                          "names none (kms_urls is empty)")  # fmt: skip

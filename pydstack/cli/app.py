@@ -44,6 +44,7 @@ from ._common import (
     resolve,
     run,
 )
+from .app_compose import app_compose_cmd as app_compose_cmd  # registers `app compose`
 from .commands import app_group as app_group  # re-exported: main registers it from here
 from .env import cluster_trust
 
@@ -200,7 +201,7 @@ async def _commit_with_vms(
 
 def _upgrade_text(path: Path, app: App, env_names: tuple[str, ...]) -> str:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")  # exactly: no newline translation
     except (OSError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="COMPOSE") from None
     if as_app_compose(text) is not None:

@@ -13,6 +13,7 @@ import click
 
 from pydstack.adapters.nats import NEW, ConflictError
 from pydstack.controlplane import DataDir
+from pydstack.core.apps import BadInput, refuse_unhonoured
 from pydstack.core.events import (
     AppRegistered,
     AppUpgraded,
@@ -157,6 +158,10 @@ def compose_identity(raw: bytes, source: str) -> tuple[str, str, dict[str, Any]]
         raise click.BadParameter(f"{source} is not JSON: {exc}", param_hint="COMPOSE") from None
     if not isinstance(compose, dict):
         raise click.BadParameter(f"{source}: expected a JSON object", param_hint="COMPOSE")
+    try:
+        refuse_unhonoured(compose)
+    except BadInput as exc:
+        raise click.BadParameter(str(exc), param_hint="COMPOSE") from None
     compose_hash = hashlib.sha256(raw).hexdigest()
     named = compose.get("app_id")
     app_id = str(named).removeprefix("0x") if named else compose_hash[:40]

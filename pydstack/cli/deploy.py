@@ -3,11 +3,13 @@
     pydstack deploy docker-compose.yaml --env-file .env --port 8080:80
     pydstack deploy app-compose.json --no-wait --json
 
-Builds dstack's app-compose (``allowed_envs`` from the env file's names), shows its compose
-hash and app id, seals the env to the app's KMS key (checked against the KMS root on the
-log), appends AppRegistered + VmRequested in one atomic commit, then follows the log until
-the app is ready (or fails, naming the stage) and prints its URL; it says "reachable" only
-after an HTTPS GET through the gateway answered (``_reach``).
+Builds dstack's app-compose (``allowed_envs`` from the env file's names): the bytes dstack's
+``vmm-cli.py compose --kms --gateway --public-logs --public-sysinfo [--env-file]`` writes (other
+options: ``pydstack app compose``, then deploy its output), refuses by name a field the guest
+cannot honour, shows its compose hash and app id, seals the env to the app's KMS key (checked
+against the KMS root on the log), appends AppRegistered + VmRequested in one atomic commit,
+then follows the log until the app is ready (or fails, naming the stage) and prints its URL;
+it says "reachable" only after an HTTPS GET through the gateway answered (``_reach``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ RETRIES = 3
 
 def _compose_text(path: Path, name: str | None, env_names: tuple[str, ...]) -> str:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")  # exactly, as vmm-cli: CRLF stays CRLF
     except (OSError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="COMPOSE") from None
     if as_app_compose(text) is not None:

@@ -61,15 +61,17 @@ def rec(seq: int, subj: str, event: Event) -> Rec:
 
 
 def test_app_compose_has_dstack_vmm_cli_layout() -> None:
-    """Fields and order of dstack's `vmm-cli.py compose`, json.dumps(indent=4), allowed_envs
-    from the env names (deduplicated, in order)."""
+    """Fields and order of dstack's `vmm-cli.py compose --kms --gateway --public-logs
+    --public-sysinfo`, json.dumps(indent=4, ensure_ascii=False), allowed_envs from the env names
+    (deduplicated, in order); byte-exact vectors: tests/deploy/test_dstack_compose.py."""
     text = build_app_compose(ComposeRequest(name=" web ", compose="services: {}\n",
                                             env_names=("B", "A", "B")))  # fmt: skip
     assert text == json.dumps({
         "manifest_version": 2, "name": "web", "runner": "docker-compose",
         "docker_compose_file": "services: {}\n", "kms_enabled": True, "gateway_enabled": True,
-        "local_key_provider_enabled": False, "public_logs": True, "public_sysinfo": True,
-        "allowed_envs": ["B", "A"], "no_instance_id": False, "secure_time": True,
+        "local_key_provider_enabled": False, "key_provider_id": "", "public_logs": True,
+        "public_sysinfo": True, "allowed_envs": ["B", "A"], "no_instance_id": False,
+        "secure_time": False,
     }, indent=4)  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from pydstack.adapters.nats import ConflictError
+from pydstack.core.apps import unhonoured
 from pydstack.core.events import Event, PortMap, VmStopRequested, VmUpdateRequested, subject
 from pydstack.core.vmm import (
     Refused,
@@ -94,6 +95,8 @@ def _compose_doc(compose: bytes) -> dict[str, Any]:
         raise Refused("compose_file", "compose_file is not JSON (app-compose.json)") from None
     if not isinstance(doc, dict):
         raise Refused("compose_file", "compose_file is not a JSON object (app-compose.json)")
+    if (found := unhonoured(doc)) is not None:  # refused by name, never silently ignored
+        raise Refused("compose_file", f"compose_file.{found[0]}: {found[1]}")
     return doc
 
 

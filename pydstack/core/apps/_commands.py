@@ -1,9 +1,11 @@
 """Operator input about apps: request bodies, the app-compose, and command decisions. Pure.
 
 Bodies are msgspec Structs that reject unknown fields, so a typo is a 400 naming the field.
-``build_app_compose`` writes dstack's app-compose.json (the fields and layout of dstack's
-``vmm-cli.py compose``: ``json.dumps(indent=4)``, ``allowed_envs`` from the env names), whose
-sha256 is the compose hash and whose first 20 bytes are the app id. Usage::
+``build_app_compose`` writes the bytes dstack v0.5.11's ``vmm-cli.py compose`` writes for the
+same options (its fields in its order, ``json.dumps(indent=4, ensure_ascii=False)``, UTF-8,
+``allowed_envs`` from the env names; golden vectors in tests/vectors/dstack/app-compose), whose
+sha256 is the compose hash and whose first 20 bytes are the app id. ``compose_ids`` refuses, by
+name, a field the guest cannot honour (``_fields.unhonoured``). Usage::
 
     text = build_app_compose(ComposeRequest(name="web", compose=yaml, env_names=["TOKEN"]))
     plan = plan_deploy(DeployRequest(app_compose=text, encrypted_env=hex_blob, ports=["8080:80"]),
@@ -34,6 +36,8 @@ from pydstack.core.portmap import PortMapError, parse_port_map
 from pydstack.core.projections import Vm
 from pydstack.core.vmm.image_name import image_name_error
 
+from ._fields import unhonoured
+
 ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_SEALED_ENV: Final = 32 + 12 + 16  # ephemeral public key, IV, GCM tag
 Action = Literal["start", "stop", "remove"]
@@ -58,17 +62,24 @@ class CommandRefused(ValueError):
 
 
 class ComposeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """vmm-cli ``compose``'s options; the defaults are its ``--kms --gateway --public-logs
+    --public-sysinfo`` (vmm-cli's own defaults are all off)."""
+
     name: str
     compose: str  # docker-compose.yaml text, or a whole app-compose.json (used byte for byte)
     env_names: tuple[str, ...] = ()
     kms_enabled: bool = True
     gateway_enabled: bool = True
     local_key_provider_enabled: bool = False
+    key_provider: str = ""  # "" (from the flags above), "none", "kms" or "local"
+    key_provider_id: str = ""  # hex: the KMS root CA's SPKI DER the app pins
     public_logs: bool = True
     public_sysinfo: bool = True
     no_instance_id: bool = False
-    secure_time: bool = True
-    pre_launch_script: str = ""
+    secure_time: bool = False
+    pre_launch_script: str | None = None  # None: no field ("" is written, as vmm-cli does)
+    swap_size: int = 0  # bytes; 0: no field
+    storage_fs: str = ""  # pydstack's option (vmm-cli has none): written last when given
 
 
 class DeployRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -127,6 +138,8 @@ def build_app_compose(req: ComposeRequest) -> str:
     already is an app-compose)."""
     if as_app_compose(req.compose) is not None:
         return req.compose
+    if req.swap_size < 0:
+        raise BadInput("swap_size", f"{req.swap_size} is negative")
     if not req.name.strip():
         raise BadInput("name", "empty; name the app")
     if not req.compose.strip():
@@ -139,24 +152,40 @@ def build_app_compose(req: ComposeRequest) -> str:
         "kms_enabled": req.kms_enabled,
         "gateway_enabled": req.gateway_enabled,
         "local_key_provider_enabled": req.local_key_provider_enabled,
+        "key_provider_id": req.key_provider_id,
         "public_logs": req.public_logs,
         "public_sysinfo": req.public_sysinfo,
         "allowed_envs": _env_names(req.env_names, "env_names"),
         "no_instance_id": req.no_instance_id,
         "secure_time": req.secure_time,
     }
-    if req.pre_launch_script:
+    if req.key_provider:
+        doc["key_provider"] = req.key_provider
+    if req.pre_launch_script is not None:
         doc["pre_launch_script"] = req.pre_launch_script
-    return json.dumps(doc, indent=4)
+    if req.swap_size:
+        doc["swap_size"] = req.swap_size
+    if req.storage_fs:
+        doc["storage_fs"] = req.storage_fs
+    return json.dumps(doc, indent=4, ensure_ascii=False)
+
+
+def refuse_unhonoured(doc: dict[str, Any], field: str = "app_compose") -> None:
+    """BadInput naming the first app-compose field the guest cannot honour (``_fields``)."""
+    found = unhonoured(doc)
+    if found is not None:
+        raise BadInput(f"{field}.{found[0]}", found[1])
 
 
 def compose_ids(text: str) -> tuple[str, str, dict[str, Any]]:
-    """``(app_id, compose_hash, compose)`` as dstack derives them from the exact bytes."""
+    """``(app_id, compose_hash, compose)`` as dstack derives them from the exact (UTF-8)
+    bytes; BadInput naming a field the guest cannot honour."""
     doc = as_app_compose(text)
     if doc is None:
         raise BadInput(
             "app_compose", "not an app-compose.json (a JSON object with manifest_version)"
         )
+    refuse_unhonoured(doc)
     compose_hash = hashlib.sha256(text.encode()).hexdigest()
     named = doc.get("app_id")
     app_id = str(named).lower().removeprefix("0x") if named else compose_hash[:40]

@@ -25,6 +25,7 @@ from pydstack.core.events import (
 from pydstack.core.projections import App, Vm
 
 from ._commands import CommandRefused, DeployPlan, as_app_compose
+from ._fields import unhonoured
 
 Outcome = Literal["registered", "unchanged", "upgraded"]
 
@@ -75,6 +76,8 @@ def decide_upgrade(
     doc = as_app_compose(compose_text)
     if doc is None:
         raise CommandRefused("not an app-compose.json (a JSON object with manifest_version)")
+    if (found := unhonoured(doc)) is not None:
+        raise CommandRefused(f"app_compose.{found[0]}: {found[1]}", 400)
     named = str(doc.get("app_id") or "").lower().removeprefix("0x")
     if named and named != app_id:
         raise CommandRefused(f"the compose names app id {named}, not {app_id}; an upgrade keeps "

@@ -1,0 +1,65 @@
+"""dstack v0.5.11's app-compose fields: which ones this platform honours, and a refusal, naming
+the field, for each one it cannot. Pure.
+
+dstack's ``AppCompose`` (dstack-types) and the guest's use of each field decide the list; a
+field that would be silently ignored is refused before anything is appended, so an app never
+runs believing it got something (swap, a pre-launch script, a waited-for clock) it did not::
+
+    unhonoured({"manifest_version": 2, "runner": "bash"})  # ("runner", "'bash' is not run ...")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+KEY_PROVIDERS: Final = ("none", "kms", "local")  # dstack's KeyProviderKind minus tpm
+STORAGE_FS: Final = ("ext4",)  # the QEMU guest's data disk (the sandbox measures "plain")
+
+
+def _truthy(value: Any) -> bool:
+    return value not in (None, False, 0, "", "0", [], {})
+
+
+def unhonoured(doc: dict[str, Any]) -> tuple[str, str] | None:  # a case per field
+    """(field, why) for the first field the guest cannot honour, else None."""
+    if doc.get("manifest_version", 2) not in (1, 2):
+        return "manifest_version", f"{doc.get('manifest_version')!r} is not 1 or 2"
+    if doc.get("runner", "docker-compose") != "docker-compose":
+        return "runner", (f"{doc.get('runner')!r} is not run here: the guest runs "
+                          "docker-compose apps only (no bash runner)")  # fmt: skip
+    kind = doc.get("key_provider")
+    if kind == "tpm":
+        return "key_provider", "'tpm' needs a vTPM key provider, which this platform has not"
+    if kind is not None and kind not in KEY_PROVIDERS:
+        return "key_provider", f"{kind!r} is not one of {', '.join(KEY_PROVIDERS)}"
+    pin = doc.get("key_provider_id", "")
+    try:
+        bytes.fromhex(str(pin).removeprefix("0x"))
+    except ValueError:
+        return "key_provider_id", f"{str(pin)[:40]!r} is not hex"
+    if doc.get("no_instance_id") is True:
+        return "no_instance_id", ("the log, the KMS and the gateway key a CVM by its instance "
+                                  "id (dstack's gateway refuses an empty one too)")  # fmt: skip
+    if doc.get("secure_time") is True:
+        return "secure_time", ("the guest has no time source to wait for (dstack runs `chronyc "
+                               "waitsync`); set it false")  # fmt: skip
+    fs = doc.get("storage_fs")
+    if fs not in (None, "") and fs not in STORAGE_FS:
+        return "storage_fs", (f"{fs!r} is not built here: the guest's data disk is "
+                              f"{' or '.join(STORAGE_FS)} (LUKS2)")  # fmt: skip
+    if _truthy(doc.get("swap_size")):
+        return "swap_size", "the guest sets up no swap; leave it out or 0"
+    if _truthy(doc.get("pre_launch_script")):
+        return "pre_launch_script", ("the guest starts the compose services through the "
+                                     "Docker API and runs no shell script before them")  # fmt: skip
+    if _truthy(doc.get("init_script")):
+        return "init_script", "not run here (a dstack main-branch field)"
+    policy = doc.get("port_policy")
+    if isinstance(policy, dict) and (policy.get("ports") or policy.get("restrict_mode")):
+        return "port_policy", ("the guest does not send it to the gateway yet, so the gateway "
+                               "would forward every port")  # fmt: skip
+    if "tproxy-net" in (doc.get("features") or ()) and not (
+        doc.get("gateway_enabled") or doc.get("tproxy_enabled")
+    ):
+        return "features", "the deprecated 'tproxy-net' is not read here; set gateway_enabled"
+    return None

@@ -1,0 +1,3 @@
+#!/bin/bash
+echo "pre-launch: ünï"
+docker login -u x -p "$TOKEN" registry.example
