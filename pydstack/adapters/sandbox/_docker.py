@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,12 +74,26 @@ class Docker:
         status, body = await self._req("GET", "/containers/json")
         if status != 200:
             return
-        import json
-
         ids = [c["Id"] for c in json.loads(body)]
         await asyncio.gather(
             *(self._req("POST", f"/containers/{i}/stop", params={"t": str(timeout_s)}) for i in ids)
         )
+
+    async def containers(self) -> list[str]:
+        """The names of the engine's containers, running or not."""
+        status, body = await self._req("GET", "/containers/json", params={"all": "1"})
+        if status != 200:
+            raise DockerError(f"list containers: {status} {body[-200:]!r}")
+        return [c["Names"][0].lstrip("/") for c in json.loads(body)]
+
+    async def wait(self, name: str) -> tuple[int, bool]:
+        """Wait until the container ends: (exit code, whether the OOM killer ended it)."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        status, body = await self._req("POST", f"/containers/{name}/wait", timeout=timeout)
+        code = int(json.loads(body).get("StatusCode", -1)) if status == 200 else -1
+        status, body = await self._req("GET", f"/containers/{name}/json")
+        oom = status == 200 and bool(json.loads(body).get("State", {}).get("OOMKilled"))
+        return code, oom
 
     async def follow_logs(self, name: str, out: Path) -> None:
         """Append the container's stdout/stderr to ``out`` until it ends (demultiplexed)."""

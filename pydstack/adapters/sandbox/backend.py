@@ -33,7 +33,7 @@ from pydstack.adapters.cvm_supervised import SupervisedCvms, process_note
 from pydstack.adapters.supervisor import NotFound, ProcessConfig, SupervisorClient
 from pydstack.adapters.supervisor import SupervisorError as _SvError
 
-from . import _netns
+from . import _cgroup, _netns
 from .guest import SandboxRun
 from .images import ImageNameError, SandboxImage, list_images, load_image
 
@@ -95,6 +95,10 @@ class SandboxBackend(SupervisedCvms):
         if await self._running(vm_id):
             return await self.status(vm_id)
         await asyncio.to_thread(_netns.ensure, self.netns(vm_id))
+        try:  # the VM's vCPUs and RAM (`_cgroup`), set before anything of it runs
+            _cgroup.ensure(self.netns(vm_id), vcpu=spec.vcpu, memory_mb=spec.memory_mb)
+        except OSError as e:
+            raise CvmError(f"{vm_id}: {e}") from None
         self._begin_run(wd)
         proc = ProcessConfig(
             id=vm_id, name=spec.name or vm_id, command=sys.executable,
@@ -109,8 +113,11 @@ class SandboxBackend(SupervisedCvms):
         return await self.status(vm_id)
 
     async def _finish(self, vm_id: str) -> None:
-        """Whatever the guest left in its namespace (a killed guest leaves its engine)."""
-        await asyncio.to_thread(_netns.kill_all, self.netns(vm_id))
+        """Whatever the guest left in its namespace (a killed guest leaves its engine), then its
+        cgroups (`start` sets them again)."""
+        ns = self.netns(vm_id)
+        await asyncio.to_thread(_netns.kill_all, ns)
+        await asyncio.to_thread(_cgroup.remove, ns)
 
     async def stop(self, vm_id: str, timeout_s: float = 30.0) -> CvmStatus:
         wd = self.workdir(vm_id)
@@ -148,6 +155,7 @@ class SandboxBackend(SupervisedCvms):
 
         def clean() -> None:
             _netns.kill_all(ns)
+            _cgroup.remove(ns)
             _netns.unmount_under(wd / "docker", rd)
             _netns.delete(ns)
             shutil.rmtree(wd, ignore_errors=True)

@@ -8,8 +8,10 @@ every app container gets at /var/run/dstack.sock, and the same API on the CVM's 
 ``--network host``. Connections to a host port are forwarded to the service's port inside
 (never to the agent's). Progress goes to ``events.log`` as the QEMU guest reports it
 (``booted`` → the boot's steps (``keys``, ``env``, ``gateway``, …) → ``agent`` → ``docker`` →
-``app`` → ``ready``, or ``error`` and a halt); SIGTERM is a graceful power-off. The KMS and
-gateway it calls on the host are relayed into the namespace (``_outbound``).
+``app`` → ``ready``, or ``error`` and a halt; ``app-exited`` when a service's container ends,
+saying if the CVM's memory limit OOM-killed it); SIGTERM is a graceful power-off. The KMS and
+gateway it calls on the host are relayed into the namespace (``_outbound``). It joins the CVM's
+cpu cgroup first, so it, its dockerd and the containers share the CVM's vCPUs (``_cgroup``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pydstack.adapters.streams import pipe
 from pydstack.core.portmap import port_map_error
 from pydstack_guest.compose_app import start_compose_app
 
-from . import _netns
+from . import _cgroup, _netns
 from ._boot import AGENT_TCP, Network, boot
 from ._docker import Docker
 from ._outbound import HostRelay
@@ -109,11 +111,10 @@ def _dockerd(run: SandboxRun, wd: Path, rd: Path) -> subprocess.Popen[bytes]:
     # Runtime state of an engine that was killed (its namespace was emptied before we came).
     shutil.rmtree(rd, ignore_errors=True)
     rd.mkdir(parents=True, exist_ok=True)
-    short = rd.name
     argv = [run.dockerd, "--data-root", str(wd / "docker"), "--exec-root", str(rd / "x"),
             "--pidfile", str(rd / "dockerd.pid"), "--host", f"unix://{rd / 'docker.sock'}",
             "--bridge", "none", "--iptables=false", "--ip-masq=false",
-            "--cgroup-parent", f"/pds-{short}"]  # fmt: skip
+            "--cgroup-parent", f"/{run.netns}"]  # the CVM's memory limit (`_cgroup`)  # fmt: skip
     log = (wd / "dockerd.log").open("ab")
     return subprocess.Popen(argv, stdout=log, stderr=log, preexec_fn=_pdeathsig)
 
@@ -163,6 +164,8 @@ async def main(wd: Path) -> int:
             console=wd / "console.log",
             report=lambda stage, detail: emit(wd, stage, detail),
         )  # fmt: skip
+        watch = [asyncio.create_task(_watch_exit(wd, docker, name, spec.memory_mb))
+                 for name in await docker.containers()]  # fmt: skip
         for s, vm_port in LISTENERS:
             server = await asyncio.start_server(_forwarder(vm_port), sock=s)
             stack.push_async_callback(server.wait_closed)
@@ -177,6 +180,8 @@ async def main(wd: Path) -> int:
                 emit(wd, "error", f"dockerd exited with {dockerd.returncode}")
                 return 1
         emit(wd, "shutdown")
+        for t in watch:  # containers stopped by the power-off are no news
+            t.cancel()
         await docker.stop_all(timeout_s=2)
         for t in logs:
             t.cancel()
@@ -186,6 +191,23 @@ async def main(wd: Path) -> int:
     except subprocess.TimeoutExpired:
         dockerd.kill()
     return 0
+
+
+async def _watch_exit(wd: Path, docker: Docker, name: str, memory_mb: int) -> None:
+    """Stage ``app-exited`` when a service's container ends by itself (the VMM records it as
+    boot progress), saying so when the CVM's memory limit killed it."""
+    code, oom = await docker.wait(name)
+    detail = f"{name}: exit {code}"
+    if oom:
+        detail += f", OOM-killed (the CVM has {memory_mb} MB of memory)"
+    emit(wd, "app-exited", detail)
+
+
+def _halt() -> None:
+    """Wait for the power-off, as a failed boot does (dstack #334: no restart loop)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    sys.exit(0)
 
 
 LISTENERS: list[tuple[socket.socket, int]] = []
@@ -214,10 +236,13 @@ if __name__ == "__main__":
         # The forwarder connects to the CVM's loopback, where the agent hands out app keys.
         emit(workdir, "error", f"port {agent_port} is the guest agent's (loopback only): "
                                "it cannot be forwarded to a host port")  # fmt: skip
-        # Halt until powered off, as a failed boot does (dstack #334: no restart loop).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
-        sys.exit(0)
+        _halt()
+    try:  # the VM's vCPUs: this process, its dockerd and all their children (`_cgroup`)
+        _cgroup.ensure(cfg.netns, vcpu=manifest.vcpu, memory_mb=manifest.memory_mb)
+        _cgroup.enter(cfg.netns)
+    except OSError as exc:
+        emit(workdir, "error", f"resource limits: {exc}")
+        _halt()
     try:
         LISTENERS.extend(_bind(manifest))
     except OSError as exc:  # a host port taken by something outside pydstack
