@@ -130,3 +130,23 @@ def test_the_sdks_helper_hashes_a_reserialization_not_the_file() -> None:
     compact = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert get_compose_hash(doc) == hashlib.sha256(compact.encode()).hexdigest()
     assert get_compose_hash(doc) != SUMS["minimal.json"]
+
+
+@pytest.mark.parametrize(
+    ("case", "refused"),
+    [("env-file", False), ("key-provider-local-over-kms", True), ("key-provider-none", True),
+     ("key-provider-kms", False), ("local-key-provider", True)],
+)  # fmt: skip
+def test_a_sealed_env_needs_the_kms_as_dstacks_key_provider_precedence_picks_it(
+    case: str, refused: bool
+) -> None:
+    """The env is sealed to a KMS key: a compose whose key provider (key_provider first, then
+    kms_enabled, then local_key_provider_enabled) is not the KMS cannot use it."""
+    doc = {**json.loads(expected(case)), "allowed_envs": ["GREETING"]}
+    req = DeployRequest(app_compose=json.dumps(doc), encrypted_env="ab" * 70,
+                        env_names=("GREETING",))  # fmt: skip
+    if refused:
+        with pytest.raises(BadInput, match=r"^encrypted_env: the app-compose's key provider"):
+            plan_deploy(req, vm_id="v1")
+    else:
+        assert plan_deploy(req, vm_id="v1").request.encrypted_env == bytes.fromhex("ab" * 70)

@@ -37,7 +37,7 @@ from ._decide import (
     decide_upgrade,
     live_vms,
 )
-from ._fields import unhonoured
+from ._fields import key_provider_kind, unhonoured
 from ._story import AppStory, StoryLine, boot_info_text
 from ._watch import Step, Watch, step, waiting_for
 
@@ -47,7 +47,8 @@ __all__ = [
     "Outcome", "Step", "StoryLine", "VmCommand", "Watch", "as_app_compose", "boot_info_text",
     "build_app_compose", "compose_ids", "decide_deploy_app", "decide_remove",
     "decide_revoke_compose", "decide_upgrade",
-    "decide_vm_command", "decode_body", "live_vms", "parse_port", "plan_deploy",
+    "decide_vm_command", "decode_body", "key_provider_kind", "live_vms", "parse_port",
+    "plan_deploy",
     "refuse_unhonoured", "step", "unhonoured",
     "waiting_for",
 ]  # fmt: skip

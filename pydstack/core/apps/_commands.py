@@ -36,7 +36,7 @@ from pydstack.core.portmap import PortMapError, parse_port_map
 from pydstack.core.projections import Vm
 from pydstack.core.vmm.image_name import image_name_error
 
-from ._fields import unhonoured
+from ._fields import key_provider_kind, unhonoured
 
 ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_SEALED_ENV: Final = 32 + 12 + 16  # ephemeral public key, IV, GCM tag
@@ -244,6 +244,9 @@ def plan_deploy(req: DeployRequest, *, vm_id: str) -> DeployPlan:
     if sealed and not allowed:
         raise BadInput("encrypted_env", "the app-compose allows no env vars (allowed_envs is "
                                         "empty): the guest would drop them all")  # fmt: skip
+    if sealed and (kind := key_provider_kind(doc)) in ("local", "none"):
+        raise BadInput("encrypted_env", f"the app-compose's key provider is {kind}: the guest "
+                                        "would not have the KMS key sealing it")  # fmt: skip
     missing = [n for n in names if n not in allowed]
     if missing:
         raise BadInput("env_names", f"{', '.join(missing)} not in the app-compose's "

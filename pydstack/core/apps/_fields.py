@@ -16,6 +16,19 @@ KEY_PROVIDERS: Final = ("none", "kms", "local")  # dstack's KeyProviderKind minu
 STORAGE_FS: Final = ("ext4",)  # the QEMU guest's data disk (the sandbox measures "plain")
 
 
+def key_provider_kind(doc: dict[str, Any]) -> str:
+    """dstack's ``AppCompose::key_provider()``: ``key_provider`` when set, else ``kms`` if
+    kms_enabled, else ``local`` if local_key_provider_enabled, else ``none``; "" when
+    kms_enabled is absent (pydstack's guest then uses a KMS if sys-config names one)."""
+    if doc.get("key_provider"):
+        return str(doc["key_provider"])
+    if "kms_enabled" not in doc and not doc.get("local_key_provider_enabled"):
+        return ""
+    if doc.get("kms_enabled"):
+        return "kms"
+    return "local" if doc.get("local_key_provider_enabled") else "none"
+
+
 def _truthy(value: Any) -> bool:
     return value not in (None, False, 0, "", "0", [], {})
 
