@@ -71,7 +71,9 @@ async def test_vcpu_and_memory_are_enforced_and_leave_with_the_cvm(
     stat = (cgroup.ROOT / "cpu" / name / "cpu.stat").read_text()
     throttled = int(stat.split("nr_throttled ")[1].split()[0])
     assert cores < 1.3, f"{cores:.2f} cores"
-    assert throttled > 0, stat  # the loops wanted more than the quota, and were held to it
+    # The loops wanted more than the quota and were held to it, unless a busy host gave them
+    # less than the quota anyway (measured with 4 host loops competing: 0.48 cores).
+    assert throttled > 0 or cores < 0.9, (cores, stat)
 
     deadline = time.monotonic() + 30
     while True:
