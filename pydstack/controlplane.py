@@ -205,6 +205,7 @@ class UpOptions:
     gateway_forward_guard: bool = True
     vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
     vmm_api_port: int = -1  # the VMM API on TCP too (with its token): -1 no, 0 any free port
+    vmm_platform: str = "auto"  # qemu: auto / tdx / kvm / tcg (actors.vmm.resolve_platform)
     allow_public_ports: bool = False  # CVM ports on non-loopback host addresses
     # A join bundle (`pydstack host add`): this host's own keys and the cluster's public data;
     # the data dir then holds no admin key and this up needs no stream-admin rights
@@ -391,12 +392,15 @@ class ControlPlane:
                 history, version = await store.read_aggregate(subj)
                 if history:
                     return
+                platform, reason = await self._platform()
                 joined = HostJoined(
                     host_id=host_id,
                     vcpu=self.opts.host_vcpu,
                     memory_mb=self.opts.host_memory_mb,
                     address=socket.gethostname(),
                     public_ports=self.opts.allow_public_ports,
+                    platform=platform,
+                    platform_reason=reason,
                 )
                 store.timeout = 2.0
                 try:
@@ -412,6 +416,17 @@ class ControlPlane:
                     continue
             _log.info("host joined", host_id=host_id, vcpu=joined.vcpu, memory_mb=joined.memory_mb)
             return
+
+    async def _platform(self) -> tuple[str, str]:
+        """HostJoined's platform fields when this up runs the host's VMM (the same answer
+        its VMM gets: the probe runs once per process), so the VMM need not join again."""
+        if not self.opts.vmm_backend:
+            return "", ""
+        from pydstack.actors.vmm import resolve_platform
+
+        return await asyncio.to_thread(
+            resolve_platform, self.opts.vmm_backend, self.opts.vmm_platform
+        )
 
     def _serve_metrics(self) -> None:
         if self.opts.metrics_port < 0:
@@ -578,6 +593,7 @@ class ControlPlane:
         launch = VmmLaunch(config=config, backend=self.opts.vmm_backend,
                            api_host=self.opts.host or "127.0.0.1", api_port=self.opts.vmm_api_port,
                            runtime=runtime, guest_services=self._guest_services(),
+                           platform=self.opts.vmm_platform,
                            dev_pki=await asyncio.to_thread(self._cvm_dev_pki))  # fmt: skip
         _, api = await stack.enter_async_context(_bounded(running_vmm(store, launch), "vmm"))
         await self._register_host_images()

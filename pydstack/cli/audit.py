@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from pydstack.adapters.nats import StreamMissing
+from pydstack.adapters.nats import EventStore, StreamMissing
 from pydstack.adapters.nats.identity import load_anchor, load_keyring
 from pydstack.core.audit import Auditor, Finding, Keyring, Summary
 
@@ -281,6 +281,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             except nats.js.errors.NotFoundError:
                 raise StreamMissing(conn.stream) from None
             consumers = await store.js.consumers_info(conn.stream)
+            host_rows = await _hosts(store)
         st = si.state
         server: dict[str, Any] = dict(nc._server_info or {})  # nats-py has no public accessor
         kinds: Counter[str] = Counter()
@@ -304,6 +305,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                        "deny_delete": bool(si.config.deny_delete),
                        "leader": si.cluster.leader if si.cluster else None},
             "aggregates": {k: {"aggregates": kinds[k], "events": events[k]} for k in sorted(kinds)},
+            "hosts": host_rows,
             "consumers": [
                 {"name": c.name, "lag": c.num_pending or 0, "ack_pending": c.num_ack_pending or 0,
                  "redelivered": c.num_redelivered or 0,
@@ -330,6 +332,10 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     aggs = "  ".join(f"{k} {v['aggregates']} ({v['events']} events)"
                      for k, v in info["aggregates"].items()) or "none"  # fmt: skip
     click.echo(f"aggregates {aggs}")
+    for h in info["hosts"]:
+        gone = "  (left)" if h["left"] else ""
+        why = f" ({h['platform_reason']})" if h["platform_reason"] else ""
+        click.echo(f"host       {h['host_id']}  platform {h['platform']}{why}{gone}")
     if not info["consumers"]:
         click.echo("consumers  none (no actor has connected yet)")
     for c in info["consumers"]:
@@ -338,6 +344,26 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                 f"consumer   {c['name']:<12} lag {c['lag']}  ack pending {c['ack_pending']}"
                 f"  redelivered {c['redelivered']}  at seq {c['last_delivered']}"
             )
+
+
+async def _hosts(store: EventStore) -> list[dict[str, Any]]:
+    """Each host's platform as its own VMM announced it (HostJoined), through the write policy."""
+    from pydstack.actors.trust import Judge
+    from pydstack.core.events import kind_filter
+    from pydstack.core.projections import Applied, hosts
+
+    records, _ = await store.read_aggregate(kind_filter("host"))
+    folded: dict[str, Any] = {}
+    for ok in await Judge("status").admitted(store, records):
+        if ok.event is None:  # a type unknown to this version
+            continue
+        agg = ok.envelope.subject.split(".", 2)[2]
+        h = hosts.apply(folded.get(agg), Applied(0, ok.envelope.time_ns, ok.event, ok.envelope.id))
+        if h is not None:
+            folded[agg] = h
+    return [{"host_id": h.host_id, "platform": h.platform or "unknown",
+             "platform_reason": h.platform_reason, "left": h.left}
+            for h in sorted(folded.values(), key=lambda h: h.host_id)]  # fmt: skip
 
 
 def _alive(pid: int) -> bool:

@@ -160,6 +160,16 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
     "vmm_url)",
 )
 @click.option(
+    "--platform",
+    "vmm_platform",
+    type=click.Choice(["auto", "tdx", "kvm", "tcg"]),
+    default="auto",
+    show_default=True,
+    help="--vmm qemu: where CVMs run: tdx (KVM reports TDX and QEMU has tdx-guest), kvm (a "
+    "probe guest boots under KVM), tcg (software, no TEE); auto: the first of these the host "
+    "has; one that it lacks is refused, naming what is missing",
+)
+@click.option(
     "--vmm-api-port",
     type=click.IntRange(-1, 65535),
     default=-1,
@@ -271,6 +281,7 @@ def up_cmd(
     eth_rpc_url: str,
     kms_contract: str,
     vmm_backend: str,
+    vmm_platform: str,
     vmm_api_port: int,
     allow_public_ports: bool,
     gateway: bool | None,
@@ -301,6 +312,13 @@ def up_cmd(
     """
     s = ctx.ensure_object(Settings)
     configure(level=log_level, json=log_json)
+    if vmm_platform != "auto":  # refused before anything starts (one line: what is missing)
+        from pydstack.actors.vmm import resolve_platform
+
+        try:
+            resolve_platform("" if vmm_backend == "none" else vmm_backend, vmm_platform)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
     # --host-id also names the KMS instance; with --no-host only when given (a replica alone)
     named = ctx.get_parameter_source("host_id") not in (None, ParameterSource.DEFAULT)
     bundle = ""
@@ -326,6 +344,7 @@ def up_cmd(
         dashboard_port=dashboard_port, dashboard_kms=dashboard_kms,
         dashboard_listen=dashboard_listen, dashboard_hosts=dashboard_hosts,
         vmm_backend="" if vmm_backend == "none" else vmm_backend, vmm_api_port=vmm_api_port,
+        vmm_platform=vmm_platform,
         allow_public_ports=allow_public_ports, gateway=gateway, gateway_domain=gateway_domain,
         gateway_port=gateway_port,
         gateway_listen=gateway_listen, gateway_acme_directory=gateway_acme_directory,

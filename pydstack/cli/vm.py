@@ -50,7 +50,10 @@ async def _view(store: EventStore) -> LogView:
 def _row(view: LogView, vm_id: str) -> dict[str, Any]:
     from pydstack.actors.vmm import vm_info
 
-    return vm_info(view.vms[vm_id])
+    info = vm_info(view.vms[vm_id])
+    host = view.hosts.get(info["host"])  # where it runs: its host's platform (HostJoined)
+    info["platform"] = (host.platform if host else "") or "unknown"
+    return info
 
 
 @vm_group.command("ls")

@@ -24,6 +24,7 @@ from pydstack.adapters.qemu import (
     build_argv,
     mrconfigid_for_compose,
 )
+from pydstack.adapters.qemu.argv import accel_args
 from pydstack.adapters.tdx.identity import mr_config_id_v1
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -90,8 +91,8 @@ def _after(argv: list[str], flag: str) -> list[str]:
 
 def test_mrconfigid_is_dstack_v1_of_the_compose_hash() -> None:
     """mrconfigid = base64(0x01 || sha256(app-compose.json) || 15 zero bytes), as dstack's VMM."""
-    (obj,) = [o for o in _after(build_argv(_base()), "-object") if o.startswith("tdx-guest")]
-    value = base64.b64decode(obj.split("mrconfigid=")[1])
+    (obj,) = [o for o in _after(build_argv(_base()), "-object") if "tdx-guest" in o]
+    value = base64.b64decode(json.loads(obj)["mrconfigid"])
     compose_hash = hashlib.sha256(COMPOSE).digest()
     assert value == b"\x01" + compose_hash + b"\x00" * 15
     assert value == mr_config_id_v1(compose_hash)  # the verifier's side computes the same
@@ -160,3 +161,34 @@ def test_the_data_disk_is_a_third_virtio_disk_the_guest_finds_by_serial() -> Non
 def test_invalid_specs_are_refused_naming_the_field(change: dict[str, object], field: str) -> None:
     with pytest.raises(ArgvError, match=f"^{field}"):
         build_argv(_base(**change))
+
+
+def test_tdx_machine_and_object_are_dstack_vmm_v0_5_11s() -> None:
+    """dstack v0.5.11 (vmm/src/app/qemu.rs): -accel kvm -cpu host, the TDX machine, and the
+    tdx-guest object serialized by serde in field order, with its default QGS port 4050."""
+    argv = build_argv(_base(qgs_port=4050))
+    assert _after(argv, "-accel") == ["kvm"] and _after(argv, "-cpu") == ["host"]
+    assert _after(argv, "-machine") == [
+        "q35,kernel-irqchip=split,confidential-guest-support=tdx,hpet=off"
+    ]
+    mr = base64.b64encode(mrconfigid_for_compose(COMPOSE)).decode()
+    assert _after(argv, "-object") == [
+        '{"qom-type":"tdx-guest","id":"tdx","mrconfigid":"' + mr + '",'
+        '"quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}'
+    ]
+    # without mrconfigid (image < 0.5.2) nor QGS, still JSON: serde skips the None fields
+    bare = build_argv(_base(mrconfigid=None))
+    assert _after(bare, "-object") == ['{"qom-type":"tdx-guest","id":"tdx"}']
+
+
+@pytest.mark.parametrize("platform", ["tdx", "kvm", "tcg"])
+def test_each_platform_gets_its_accelerator_cpu_and_machine(platform: str) -> None:
+    """The golden cases cover each platform; accel_args (the KVM probe's) is what they use."""
+    case = {"tdx": "tdx_user", "kvm": "kvm_virtiofs_noports", "tcg": "tcg_user"}[platform]
+    golden = (GOLDEN / f"{case}.argv").read_text().splitlines()
+    accel = accel_args(platform)  # type: ignore[arg-type]  # one of the three
+    at = golden.index("-accel")
+    assert golden[at : at + 5] == accel[:5]  # -accel X -cpu Y -machine
+    assert golden[at + 5].startswith(accel[5])  # (+ memory-backend=mem0 with virtiofs)
+    if platform == "tdx":
+        assert accel[-2] == "-object" and json.loads(accel[-1])["qom-type"] == "tdx-guest"

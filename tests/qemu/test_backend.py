@@ -89,7 +89,7 @@ async def test_command_line_for_tcg_and_tdx_hosts(host: Host, images: Path) -> N
     tdx = build_argv(QemuBackend(tdx_cfg, host.client).qemu_spec(spec()))
     assert "vhost-vsock-pci,guest-cid=2001" in tdx
     obj = tdx[tdx.index("-object") + 1]
-    mrconfigid = base64.b64decode(obj.split("mrconfigid=")[1])
+    mrconfigid = base64.b64decode(json.loads(obj)["mrconfigid"])
     assert mrconfigid[1:33] == hashlib.sha256(COMPOSE).digest()
 
 

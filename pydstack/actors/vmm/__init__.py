@@ -14,10 +14,10 @@ from ._actor import Vmm, VmmConfig
 from ._api import make_api
 from ._images import ImageEntry, list_backend_images
 from ._info import vm_info
-from ._main import VmmLaunch, build_backend, ensure_supervisor, running_vmm
+from ._main import VmmLaunch, build_backend, ensure_supervisor, resolve_platform, running_vmm
 
 __all__ = [
     "ApiEndpoints", "ApiSetupError", "ImageEntry", "Vmm", "VmmConfig", "VmmLaunch",
-    "build_backend", "ensure_supervisor", "list_backend_images", "make_api", "running_vmm",
-    "serve_api", "vm_info",
+    "build_backend", "ensure_supervisor", "list_backend_images", "make_api", "resolve_platform",
+    "running_vmm", "serve_api", "vm_info",
 ]  # fmt: skip

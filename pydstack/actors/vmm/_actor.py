@@ -92,6 +92,10 @@ class VmmConfig:
     # The operator's word, never a requester's: CVM ports may be forwarded from non-loopback
     # addresses (announced in HostJoined, and checked again here before anything starts).
     allow_public_ports: bool = False
+    # Where this host's CVMs run and why (HostJoined.platform): set by `running_vmm` from the
+    # backend ("sandbox") or the QEMU platform probe (adapters.qemu.probe); "" unknown.
+    platform: str = ""
+    platform_reason: str = ""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     poll_interval_s: float = 0.5
     heartbeat_interval_s: float = 30.0
@@ -141,19 +145,21 @@ class Vmm:
     # -- host -----------------------------------------------------------------------------------
 
     async def join(self) -> None:
-        """Append HostJoined when the host is new or its capacity changed."""
+        """Append HostJoined when the host is new or its capacity or platform changed."""
         c = self.config
         async with self.lock:
             await self.view.catch_up(self.store)
             h = self.view.hosts.get(c.host_id)
             same = h is not None and not h.left and (h.vcpu, h.memory_mb, h.cid_start,
-                   h.cid_count, h.port_range, h.public_ports) == (c.vcpu, c.memory_mb,
-                   c.cid_start, c.cid_count, c.port_range, c.allow_public_ports)  # fmt: skip
+                   h.cid_count, h.port_range, h.public_ports, h.platform, h.platform_reason
+                   ) == (c.vcpu, c.memory_mb, c.cid_start, c.cid_count, c.port_range,
+                   c.allow_public_ports, c.platform, c.platform_reason)  # fmt: skip
             if not same:
                 joined = HostJoined(
                     host_id=c.host_id, vcpu=c.vcpu, memory_mb=c.memory_mb, address=c.address,
                     cid_start=c.cid_start, cid_count=c.cid_count, port_range=c.port_range,
-                    public_ports=c.allow_public_ports,
+                    public_ports=c.allow_public_ports, platform=c.platform,
+                    platform_reason=c.platform_reason,
                 )  # fmt: skip
                 await self._append(self.host_subject, [joined])
 

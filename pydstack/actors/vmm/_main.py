@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -28,6 +28,9 @@ from ._actor import Vmm, VmmConfig
 from ._egress import guarded_guests
 
 _log = structlog.get_logger("pydstack.vmm")
+# dstack's vmm.toml default: QEMU passes the guest's configfs-tsm quote requests to the host's
+# QGS on this vsock port (tdx-guest quote-generation-socket)
+DSTACK_QGS_PORT = 4050
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,31 @@ class VmmLaunch:
     dev_pki: Path | None = None  # no TDX: the simulator PKI the KMS trusts (`up`'s dev-pki)
     # qemu: what guests may reach on this host (the rest of it is closed to them)
     guest_services: HostServices = field(default_factory=HostServices)
+    # qemu: auto | tdx | kvm | tcg (`up --platform`), resolved by adapters.qemu.probe
+    platform: str = "auto"
+
+
+SANDBOX_PLATFORM = ("sandbox", "simulated: a network namespace with its own dockerd, no VM")
+
+
+def resolve_platform(backend: str, wanted: str) -> tuple[str, str]:
+    """``(platform, reason)`` of this host's CVMs; refused (StoreError, one line) when the
+    platform asked for is missing here. Probes once per process (``adapters.qemu.probe``)."""
+    if backend != "qemu":
+        if wanted not in ("auto", "sandbox"):
+            raise StoreError(f"--platform {wanted}: only with the qemu backend "
+                             f"(this host's VMM backend is {backend or 'none'})")  # fmt: skip
+        return SANDBOX_PLATFORM
+    from pydstack.adapters.qemu.platform import WANTED, PlatformRefused
+    from pydstack.adapters.qemu.probe import resolve_platform as probe
+
+    if wanted not in WANTED:
+        raise StoreError(f"--platform {wanted}: one of {', '.join(WANTED)}")
+    try:
+        choice = probe(wanted)  # narrowed to Wanted by the check above
+    except PlatformRefused as exc:
+        raise StoreError(str(exc)) from None
+    return choice.platform, choice.reason
 
 
 async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
@@ -66,7 +94,7 @@ async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
             sv,
         )
     if launch.backend == "qemu":
-        from pydstack.adapters.qemu import QemuBackend, QemuBackendConfig
+        from pydstack.adapters.qemu import Platform, QemuBackend, QemuBackendConfig
 
         vsock = await asyncio.to_thread(os.path.exists, "/dev/vhost-vsock")
         app_images = None
@@ -76,8 +104,15 @@ async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
             app_images = sd / "app-images"
             if not (app_images / "sandbox-busybox" / "metadata.json").exists():
                 await asyncio.to_thread(build_busybox_image, app_images)
-        cfg = QemuBackendConfig(vms_dir=sd / "vms", images=launch.images, vsock=vsock,
-                                dev_pki=launch.dev_pki, app_images=app_images)  # fmt: skip
+        chosen = launch.config.platform or "tcg"  # "": built without running_vmm
+        platforms: dict[str, Platform] = {"tdx": "tdx", "kvm": "kvm", "tcg": "tcg"}
+        if (platform := platforms.get(chosen)) is None:
+            raise StoreError(f"qemu backend: platform {chosen!r} is not tdx, kvm or tcg")
+        cfg = QemuBackendConfig(
+            vms_dir=sd / "vms", images=launch.images, vsock=vsock, dev_pki=launch.dev_pki,
+            app_images=app_images, platform=platform,
+            qgs_port=DSTACK_QGS_PORT if platform == "tdx" else None,
+        )  # fmt: skip
         return QemuBackend(cfg, sv)
     raise StoreError(f"unknown backend {launch.backend!r}: sandbox or qemu")
 
@@ -145,6 +180,10 @@ async def running_vmm(
         stack.push_async_callback(_cancel, watchdog)
         if launch.backend == "qemu":  # before any QEMU starts: its user and its firewall
             await stack.enter_async_context(guarded_guests(launch.guest_services))
+        wanted = launch.platform
+        platform, reason = await asyncio.to_thread(resolve_platform, launch.backend, wanted)
+        launch = replace(launch, config=replace(launch.config, platform=platform,
+                                                platform_reason=reason))  # fmt: skip
         backend = await build_backend(launch, sv)
         vmm = Vmm(store, backend, launch.config)
         await stack.enter_async_context(vmm)
@@ -163,7 +202,8 @@ async def running_vmm(
             for runner in runners:
                 stack.push_async_callback(runner.cleanup)
         _log.info("vmm ready", host_id=launch.config.host_id, backend=backend.kind,
-                  api=ends.url, api_tcp=ends.tcp_url)  # fmt: skip
+                  platform=platform, platform_reason=reason, api=ends.url,
+                  api_tcp=ends.tcp_url)  # fmt: skip
         yield vmm, ends
 
 
@@ -175,6 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--supervisor-socket", type=Path)
     p.add_argument("--images", type=Path)
+    p.add_argument(
+        "--platform",
+        choices=("auto", "tdx", "kvm", "tcg"),
+        default="auto",
+        help="qemu backend: TDX when the host has it, KVM when a probe guest boots, else TCG",
+    )
     p.add_argument(
         "--nkey-seed-file",
         help="NATS nkey seed (SU…) of this host's vmm identity "
@@ -242,7 +288,8 @@ async def _run(a: argparse.Namespace) -> int:
     )  # fmt: skip
     runtime = RuntimeConfig(reconcile_interval_s=a.reconcile_interval)
     launch = VmmLaunch(config=config, backend=a.backend, supervisor_socket=a.supervisor_socket,
-                       images=a.images, api_port=a.api_port, runtime=runtime)  # fmt: skip
+                       images=a.images, api_port=a.api_port, runtime=runtime,
+                       platform=a.platform)  # fmt: skip
     store = await EventStore.connect(a.nats, signer, nkey_seed=seed, name=name, anchor=anchor,
                                      settings=StreamSettings(name=a.stream))  # fmt: skip
     stop = asyncio.Event()

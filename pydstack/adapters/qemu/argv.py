@@ -4,7 +4,9 @@ Three platforms:
 
 - ``tdx``: KVM with a ``tdx-guest`` object and ``confidential-guest-support=tdx``; the app's
   identity goes into ``mrconfigid`` (dstack's MrConfig: ``0x01 || sha256(app-compose.json)``
-  zero-padded to 48 bytes, base64), TDVF firmware from the image.
+  zero-padded to 48 bytes, base64), TDVF firmware from the image; the object is JSON, as
+  dstack's VMM (v0.5.11) writes it, with the quote-generation socket (host vsock, QGS port)
+  when one is set.
 - ``kvm``: the same machine without a TEE (dstack's ``no_tee``).
 - ``tcg``: software emulation for hosts without KVM (these CI machines): no TEE, no vsock
   device unless a CID is given (vhost-vsock needs the host's ``/dev/vhost-vsock``).
@@ -182,15 +184,21 @@ def _machine(s: QemuSpec) -> list[str]:
     return args
 
 
+def accel_args(platform: Platform) -> list[str]:
+    """``-accel``, ``-cpu``, ``-machine`` (and the TDX object) as a CVM of ``platform`` gets them
+    (the KVM probe guest of ``adapters.qemu.probe`` boots with exactly these)."""
+    return _machine(QemuSpec(vm_id="probe", platform=platform, vcpu=1, memory_mb=64,
+                             kernel="", initrd=""))  # fmt: skip
+
+
 def _tdx_object(s: QemuSpec) -> str:
-    mrconfigid = base64.b64encode(s.mrconfigid).decode() if s.mrconfigid is not None else None
-    if s.qgs_port is None:
-        return "tdx-guest,id=tdx" + (f",mrconfigid={mrconfigid}" if mrconfigid else "")
-    # A nested socket address only fits QEMU's JSON syntax for -object.
+    # JSON always, as dstack's VMM (v0.5.11 qemu.rs serializes its TdxGuestObject with serde
+    # whether or not a QGS port is set); the nested socket address needs it anyway.
     obj: dict[str, object] = {"qom-type": "tdx-guest", "id": "tdx"}
-    if mrconfigid:
-        obj["mrconfigid"] = mrconfigid
-    obj["quote-generation-socket"] = {"type": "vsock", "cid": "2", "port": str(s.qgs_port)}
+    if s.mrconfigid is not None:
+        obj["mrconfigid"] = base64.b64encode(s.mrconfigid).decode()
+    if s.qgs_port is not None:
+        obj["quote-generation-socket"] = {"type": "vsock", "cid": "2", "port": str(s.qgs_port)}
     return json.dumps(obj, separators=(",", ":"))
 
 

@@ -22,6 +22,10 @@ class HostJoined(Event, tag="HostJoined", frozen=True):
     # The host's operator lets CVM ports be forwarded from non-loopback addresses
     # (`up --allow-public-ports`); without it a request for one is refused.
     public_ports: bool = False
+    # Where this host's CVMs run (`up --platform`): "tdx", "kvm", "tcg" (QEMU) or "sandbox"
+    # (simulated, no VM); "" unknown (joined without a VMM, or before this field existed).
+    platform: str = ""
+    platform_reason: str = ""  # one line: why (e.g. "auto: no TDX (...); no KVM (...)")
 
 
 class HostHeartbeat(Event, tag="HostHeartbeat", frozen=True):

@@ -65,6 +65,8 @@ class Host(Struct, frozen=True, kw_only=True):
     cid_count: int
     port_range: tuple[int, int]
     public_ports: bool = False  # HostJoined.public_ports: non-loopback port maps allowed
+    platform: str = ""  # HostJoined.platform: tdx / kvm / tcg / sandbox; "" unknown
+    platform_reason: str = ""
     vcpu_used: int = 0
     memory_used_mb: int = 0
     # vm_id -> reservation. Never mutated: every change builds a new dict.
@@ -115,6 +117,8 @@ def _joined(state: Host | None, e: HostJoined, a: Applied) -> Host:
         cid_count=e.cid_count,
         port_range=e.port_range,
         public_ports=e.public_ports,
+        platform=e.platform,
+        platform_reason=e.platform_reason,
         left=False,
         left_reason="",
         joined_ns=a.time_ns,
