@@ -58,6 +58,8 @@ def _need(hierarchy: str) -> Path:
 def ensure(name: str, *, vcpu: int, memory_mb: int) -> None:
     """Create the CVM's cgroup in each hierarchy it is limited in and set its limits
     (idempotent; a changed spec changes them)."""
+    if vcpu < 1 or memory_mb < 1:
+        raise CgroupError(f"a CVM needs at least 1 vCPU and 1 MB (asked {vcpu}, {memory_mb} MB)")
     for h in ("cpu", "cpuacct", "memory"):
         _need(h)
         _dir(h, name).mkdir(exist_ok=True)
