@@ -99,3 +99,15 @@ def test_left_host_keeps_its_reservations_and_rejoining_updates_capacity() -> No
 
 def test_events_of_a_host_that_never_joined_are_ignored() -> None:
     assert run(placed("v1", 1000), HostHeartbeat(host_id="h1")) is None
+
+
+def test_the_platform_is_the_last_join_s_and_unknown_before_the_field_existed() -> None:
+    """HostJoined.platform (`up --platform`): "" on a join that predates it; a re-join with
+    another platform (a new probe, another --platform) replaces it, placements kept."""
+    assert run(JOIN).platform == ""  # type: ignore[union-attr]
+    tcg = HostJoined(host_id="h1", platform="tcg", platform_reason="auto: no TDX (x); no KVM (y)")
+    h = run(JOIN, placed("vm1", 1000), tcg)
+    assert h is not None and (h.platform, h.platform_reason) == ("tcg", tcg.platform_reason)
+    h = run(JOIN, placed("vm1", 1000), tcg, HostJoined(host_id="h1", platform="kvm"))
+    assert h is not None and (h.platform, h.platform_reason) == ("kvm", "")
+    assert list(h.placements) == ["vm1"]
