@@ -2,9 +2,9 @@
 HostJoined (here: `up --vmm qemu` on a machine without TDX or working KVM: tcg, and why).
 
 Cost: one `pydstack up` (embedded nats-server, scheduler, the qemu VMM; no KMS, gateway or
-dashboard) and a handful of CLI processes: ~6 s. `up --vmm qemu` puts its guest egress table in
-the host's ruleset while it runs (as tests/boot/test_qemu_deploy.py does); no QEMU is started,
-so it removes the table when it stops.
+dashboard) and a handful of CLI processes: ~6 s. The whole test runs in a network namespace of
+its own (as tests/boot/test_qemu_deploy.py does), so `up --vmm qemu`'s guest egress table
+never touches the machine's ruleset; no QEMU is started, so it removes the table when it stops.
 """
 
 from __future__ import annotations
@@ -16,18 +16,21 @@ from pathlib import Path
 import pytest
 
 from tests.cli.harness import Up, cli, kill_processes_under, wait_for
+from tests.netns import Netns, entered
 
 
 @pytest.fixture
 def plane(tmp_path: Path) -> Iterator[Up]:
     up = Up(tmp_path / "data", extra=("--vmm", "qemu", "--no-kms", "--dashboard-port", "-1",
                                       "--host-id", "h1"))  # fmt: skip
-    try:
-        yield up.start()
-    finally:
-        if up.proc is not None:
-            up.stop()
-        kill_processes_under(tmp_path)
+    # up, its nft table and every CLI call of the test live in this namespace
+    with Netns.create("platform") as ns, entered(ns):
+        try:
+            yield up.start()
+        finally:
+            if up.proc is not None:
+                up.stop()
+            kill_processes_under(tmp_path)
 
 
 def test_status_and_vm_info_show_the_hosts_platform(plane: Up) -> None:
