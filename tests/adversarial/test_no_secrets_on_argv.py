@@ -25,7 +25,9 @@ from pydstack_guest import create_dev_app_keys
 
 SECRETISH = re.compile(r"seed|secret|token|passw|private|mnemonic|creds|key", re.IGNORECASE)
 FILE_NAME = re.compile(r"[-_](file|dir|path|socket)$")
-PUBLIC = re.compile(r"public", re.IGNORECASE)  # e.g. --public-nkey U...: public by name
+# public by name: --public-nkey U...; --key-provider (kms|local|none) and --key-provider-id (the
+# KMS root's public key) are vmm-cli compose's option names and name no secret
+PUBLIC = re.compile(r"public|^--key-provider(-id)?$", re.IGNORECASE)
 
 
 def _click_commands(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
