@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -112,6 +113,38 @@ class Acks:
 def expire(fut: asyncio.Future[int]) -> None:
     if not fut.done():
         fut.set_exception(nats.errors.TimeoutError())
+
+
+async def request(
+    nc: Client, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None
+) -> Msg:
+    """Publish with a reply inbox and return the reply, like ``nc.request``, but never losing
+    a cancel: nats-py awaits the reply with ``asyncio.wait_for``, which on Python 3.11 returns
+    the reply when it and a cancel arrive in the same loop iteration. A loop cancelled there
+    runs on (a gateway's CertKeeper did, after ``running()`` exited, and its owner's
+    ``await task`` never returned). Raises like ``nc.request``: ``nats.errors.TimeoutError``,
+    ``NoRespondersError``."""
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[Msg] = loop.create_future()
+
+    async def collect(msg: Msg) -> None:
+        if not reply.done():
+            reply.set_result(msg)
+
+    sub = await nc.subscribe(nc.new_inbox(), cb=collect)
+    try:
+        await nc.publish(subject, payload, reply=sub.subject, headers=headers)
+        try:
+            async with asyncio.timeout(timeout):
+                msg = await reply
+        except TimeoutError:
+            raise nats.errors.TimeoutError from None
+    finally:
+        with contextlib.suppress(nats.errors.ConnectionClosedError):
+            await sub.unsubscribe()
+    if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+        raise nats.errors.NoRespondersError
+    return msg
 
 
 def versions_after(

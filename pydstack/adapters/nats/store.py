@@ -35,7 +35,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
 
 from ._types import DEFAULT_STREAM, NEW, Change, Recorded, StreamSettings, Version, new_event_id
-from ._wire import Acks, any_reachable, stamp, versions_after
+from ._wire import Acks, any_reachable, request, stamp, versions_after
 from .errors import (
     ConflictError,
     PermissionDenied,
@@ -236,11 +236,15 @@ class EventStore:
             raise _ClusterForming("JetStream not answering") from exc
 
     async def last_seq(self) -> int:
-        try:
-            info = await self.js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            raise StreamMissing(self.stream) from None
-        return int(info.state.last_seq)
+        # Our request, not js.stream_info: nats-py's loses a cancel on Python 3.11 (`request`).
+        msg = await request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}", b"", self.timeout)
+        info = json.loads(msg.data)
+        err = info.get("error")
+        if err is not None:
+            if err.get("err_code") == _STREAM_NOT_FOUND or err.get("code") == 404:
+                raise StreamMissing(self.stream)
+            nats.js.errors.APIError.from_error(err)  # raises the typed error
+        return int(info["state"]["last_seq"])
 
     # -- append -------------------------------------------------------------------------------
 
@@ -367,7 +371,7 @@ class EventStore:
                         await self.nc.publish(subj, data, headers=h)
                     else:
                         h["Nats-Batch-Commit"] = "1"
-                        reply = await self.nc.request(subj, data, headers=h, timeout=self.timeout)
+                        reply = await request(self.nc, subj, data, self.timeout, h)
                 resp = json.loads(reply.data)
             except nats.errors.NoRespondersError:
                 raise StreamMissing(self.stream) from None
@@ -423,24 +427,35 @@ class EventStore:
 
     # -- read ---------------------------------------------------------------------------------
 
-    async def last_by_subject(self, subject: str) -> Recorded | None:
-        try:
-            msg = await self.js.get_msg(self.stream, subject=subject, direct=True)
-        except nats.js.errors.NotFoundError:
+    async def _direct_get(self, ask: dict[str, Any], what: str) -> Recorded | None:
+        """One message by a direct get (None: no such message). Our request, not
+        js.get_msg: nats-py's loses a cancel on Python 3.11 (see `request`)."""
+        subj = f"$JS.API.DIRECT.GET.{self.stream}"
+        msg = await request(self.nc, subj, json.dumps(ask).encode(), self.timeout)
+        hdrs = msg.headers or {}
+        status = hdrs.get("Status", "")
+        if status == "404":
             return None
-        return Recorded(seq=int(msg.seq or 0), subject=msg.subject or subject, data=msg.data or b"")
+        if status:
+            raise StoreError(f"read {what} failed: {hdrs.get('Description', status)}")
+        return Recorded(int(hdrs["Nats-Sequence"]), hdrs.get("Nats-Subject", ""), msg.data)
+
+    async def last_by_subject(self, subject: str) -> Recorded | None:
+        got = await self._direct_get({"last_by_subj": subject}, subject)
+        if got is None:
+            return None
+        return Recorded(seq=got.seq, subject=got.subject or subject, data=got.data)
 
     async def version_at(self, subject: str, seq: int) -> Version:
         """The version of `subject` if its last event is at `seq` (hash looked up on the server)."""
         if seq == 0:
             return NEW
-        try:
-            msg = await self.js.get_msg(self.stream, seq=seq, direct=True)
-        except nats.js.errors.NotFoundError:
-            raise ConflictError(subject, seq, f"no message at sequence {seq}") from None
-        if msg.subject != subject:
-            raise ConflictError(subject, seq, f"sequence {seq} belongs to {msg.subject}")
-        return Version(seq, message_hash(msg.data or b""))
+        got = await self._direct_get({"seq": seq}, subject)
+        if got is None:
+            raise ConflictError(subject, seq, f"no message at sequence {seq}")
+        if got.subject != subject:
+            raise ConflictError(subject, seq, f"sequence {seq} belongs to {got.subject}")
+        return Version(seq, message_hash(got.data))
 
     async def read_aggregate(self, subject: str, after: int = 0) -> tuple[list[Recorded], Version]:
         """Every event of one aggregate (after stream seq `after`), and its current version.
