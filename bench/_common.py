@@ -7,8 +7,10 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,18 @@ def emit(result: dict[str, Any]) -> None:
     """Print the machine-readable result as the last line of output."""
     clean = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
     print(json.dumps(clean), flush=True)
+
+
+def remove_vms(
+    cli: Callable[..., subprocess.CompletedProcess[str]], home: Path, vms: Sequence[str]
+) -> None:
+    """Ask `up` in `home` to remove `vms` and wait (60 s at most) until the log says they are:
+    CVMs outlive the VMM, so a bench that stops `up` first would leave them running."""
+    for vm in vms:
+        cli(home, "vm", "rm", vm, timeout=60)
+    deadline = time.monotonic() + 60
+    while vms and time.monotonic() < deadline:
+        r = cli(home, "events", "--subject", "dstack.vm.*", "--json")
+        if sum('"VmRemoved"' in x for x in r.stdout.splitlines()) >= len(vms):
+            return
+        time.sleep(0.5)

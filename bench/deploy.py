@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench._common import emit, median, parse_quick
+from bench._common import emit, median, parse_quick, remove_vms
 from pydstack.adapters.nats import free_port
 
 PYDSTACK = str(Path(sys.executable).parent / "pydstack")
@@ -134,14 +134,7 @@ def main(quick: bool) -> None:
             else:
                 first = took
     finally:
-        for vm in vms:
-            _cli(home, "vm", "rm", vm, timeout=60)
-        deadline = time.monotonic() + 60
-        while vms and time.monotonic() < deadline:  # CVMs outlive the VMM: wait for removal
-            r = _cli(home, "events", "--subject", "dstack.vm.*", "--json")
-            if sum('"VmRemoved"' in x for x in r.stdout.splitlines()) >= len(vms):
-                break
-            time.sleep(0.5)
+        remove_vms(_cli, home, vms)
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
         _kill_under(root)  # the CVMs' supervisor outlives up by design

@@ -56,7 +56,7 @@ from typing import Any
 
 import nats.errors
 
-from bench._common import emit, median, parse_quick
+from bench._common import emit, median, parse_quick, remove_vms
 from bench.deploy import PYDSTACK, _cli, _deploy, _kill_under, _wait_ready
 from pydstack.adapters.nats import (
     NEW,
@@ -288,14 +288,7 @@ def main(quick: bool) -> None:
             raise SystemExit(f"audit failed after the kills and restarts:\n{audit.stdout[-2000:]}")
         print(audit.stdout.strip().splitlines()[-1], flush=True)
     finally:
-        for vm in vms:
-            _cli(home, "vm", "rm", vm, timeout=60)
-        deadline = time.monotonic() + 60
-        while vms and time.monotonic() < deadline:  # CVMs outlive the VMM: wait for removal
-            r = _cli(home, "events", "--subject", "dstack.vm.*", "--json")
-            if sum('"VmRemoved"' in x for x in r.stdout.splitlines()) >= len(vms):
-                break
-            time.sleep(0.5)
+        remove_vms(_cli, home, vms)
         ups[-1].send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             ups[-1].wait(timeout=60)

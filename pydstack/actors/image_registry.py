@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydstack.actors.trust import Judge
-from pydstack.adapters.nats import EventStore
+from pydstack.adapters.nats import EventStore, Version
 from pydstack.core.events import ImageRegistered, ImageRevoked, kind_filter, subject
 from pydstack.core.measure.check import latest_image, registration_problem
 
@@ -21,22 +21,28 @@ class ImageRegistryError(ValueError):
     """An image that cannot be registered (its files or its digests are wrong)."""
 
 
-async def current_image(store: EventStore, os_image_hash: str) -> ImageRegistered | None:
-    records, _ = await store.read_aggregate(subject("image", os_image_hash))
+async def image_and_version(
+    store: EventStore, os_image_hash: str
+) -> tuple[ImageRegistered | None, Version]:
+    """The image as the log's admitted events leave it (None: unknown, revoked or malformed)
+    and its aggregate's version, for an append that must not race another writer."""
+    records, version = await store.read_aggregate(subject("image", os_image_hash))
     admitted = await Judge("image-registry", store.anchor).admitted(store, records)
-    return latest_image((ok.event for ok in admitted), os_image_hash)
+    return latest_image((ok.event for ok in admitted), os_image_hash), version
+
+
+async def current_image(store: EventStore, os_image_hash: str) -> ImageRegistered | None:
+    return (await image_and_version(store, os_image_hash))[0]
 
 
 async def register_image(store: EventStore, reg: ImageRegistered) -> bool:
     """Append `reg` unless the log already holds it as is; True when appended."""
     if (why := registration_problem(reg, reg.os_image_hash)) is not None:
         raise ImageRegistryError(f"image {reg.name}: {why}")
-    subj = subject("image", reg.os_image_hash)
-    records, version = await store.read_aggregate(subj)
-    admitted = await Judge("image-registry", store.anchor).admitted(store, records)
-    if latest_image((ok.event for ok in admitted), reg.os_image_hash) == reg:
+    current, version = await image_and_version(store, reg.os_image_hash)
+    if current == reg:
         return False
-    await store.append(subj, [reg], version)
+    await store.append(subject("image", reg.os_image_hash), [reg], version)
     return True
 
 

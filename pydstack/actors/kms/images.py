@@ -11,24 +11,22 @@ write policy admits count (an admin's), so no host or tenant can register an ima
 
 from __future__ import annotations
 
-from pydstack.actors.trust import Judge
+from pydstack.actors.image_registry import current_image
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.quote import parse_quote
-from pydstack.core.events import ImageRegistered, subject
+from pydstack.core.events import ImageRegistered
 from pydstack.core.measure import ImageCheck, Measured, check_image
-from pydstack.core.measure.check import latest_image
 
 _HEX = frozenset("0123456789abcdef")
 
 
 async def registered_image(store: EventStore, os_image_hash: str) -> ImageRegistered | None:
-    """The image as the log's admitted events leave it; None: unknown, revoked or malformed."""
+    """The image as the log's admitted events leave it; None: unknown, revoked or malformed
+    (a hash that is no 64 hex digits names no subject: nothing is read)."""
     h = os_image_hash.lower()
     if len(h) != 64 or not set(h) <= _HEX:
         return None
-    records, _ = await store.read_aggregate(subject("image", h))
-    admitted = await Judge("kms-images", store.anchor).admitted(store, records)
-    return latest_image((ok.event for ok in admitted), h)
+    return await current_image(store, h)
 
 
 def quote_measurements(quote: bytes) -> Measured:
