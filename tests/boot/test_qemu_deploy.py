@@ -19,10 +19,8 @@ import contextlib
 import hashlib
 import json
 import mmap
-import os
 import random
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from pydstack.adapters.qemu import Image
 from pydstack_guest.data_disk import validate_luks2_header
 from tests.cli.harness import Up, cli, free_host_port, wait_for
 from tests.netns import Netns, entered
+from tests.qemu.guest_image import IMAGE, built_image
 
 from .test_gateway_deploy import (
     EXAMPLE,
@@ -47,32 +46,13 @@ from .test_gateway_deploy import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGE = "pydstack-dev"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # two TCG boots on a busy machine
 
 
-def _image() -> Image:
-    """The guest image of `make image`, built when missing or stale; a skip says why not."""
-    if os.geteuid() != 0:
-        pytest.skip("building the guest image (mmdebstrap, mkfs.ext4 -d) needs root")
-    for tool in ("qemu-system-x86_64", "mmdebstrap", "wireguard-go", "busybox"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} not found: the QEMU flow needs it (make sysdeps)")
-    # The harness starts `up` without PYDSTACK_* variables: build where that `up` looks.
-    env = {k: v for k, v in os.environ.items() if k != "PYDSTACK_IMAGE_CACHE"}
-    r = subprocess.run(["bash", str(REPO / "image" / "build.sh")], capture_output=True,
-                       text=True, env=env)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"the guest image cannot be built: {r.stderr.strip()[-300:]}")
-    img = Image.load(Path.home() / ".cache" / "pydstack" / "images" / IMAGE)
-    img.verify()
-    return img
-
-
 @pytest.fixture
 def image() -> Image:
-    return _image()
+    return built_image()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -40,10 +39,9 @@ from pydstack.core.events import (
 
 from ..cvm.contract import free_port
 from ..netns import Netns, entered
+from ..qemu.guest_image import IMAGE, built_image
 from .conftest import FAST, Api, VmmHost, events_of, supervisor_pids, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGE = "pydstack-dev"
 READY_TIMEOUT_S = 240.0  # TCG on a busy 2-vCPU machine; 40-80 s is usual
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -51,15 +49,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="session")
 def guest_image() -> Image:
-    """The guest image, built by ``image/build.sh`` (cached outside the repo) if needed."""
-    if os.geteuid() != 0:
-        pytest.skip("building the guest image (mmdebstrap, mkfs.ext4 -d) needs root")
-    t0 = time.monotonic()
-    subprocess.run(["bash", str(REPO / "image" / "build.sh")], check=True)
-    print(f"image ready in {time.monotonic() - t0:.0f} s")
-    img = Image.load(images_dir() / IMAGE)
-    img.verify()
-    return img
+    return built_image()
 
 
 @pytest.fixture
