@@ -27,10 +27,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pydstack.adapters.tdx.attestation import decode_attestation
+from pydstack.adapters.tdx.attestation import Attestation, decode_attestation, encode_attestation
+from pydstack.adapters.tdx.errors import TdxError
+from pydstack.adapters.tdx.eventlog import EventLogError, parse_json_event_log, runtime_events_of
+from pydstack.adapters.tdx.quote import parse_quote
 from pydstack.adapters.tdx.ratls import build_ratls_cert
 from pydstack.adapters.tdx.ratls_tls import peer_cert_der, server_ssl_context
 from pydstack.core.kms import CsrError, decode_csr
+from pydstack.core.kms.csr import Csr
+from pydstack.core.kms.csr_v1 import decode_csr_v1, encode_csr_v1
 from pydstack.core.kms.onboarding import MAX_TOKEN
 
 from .certgrants import usage_of
@@ -39,6 +44,7 @@ from .refusal import NO_CERTIFICATE, Refused, refuse
 from .service import Denied, KmsService, pem
 
 SERVICE: web.AppKey[KmsService] = web.AppKey("kms", KmsService)
+SIGN_CERT_VERSIONS = (1, 2)  # dstack v0.5.11 `sign_cert`: V1 (pre-0.5 guests), V2
 Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 
 
@@ -132,16 +138,39 @@ async def get_temp_ca(request: web.Request, body: dict[str, Any]) -> web.StreamR
     return web.json_response(request.app[SERVICE].temp_ca())
 
 
+def _legacy_attestation(quote: bytes, event_log: bytes) -> bytes:
+    """dstack `Attestation::from_tdx_quote`: a V1 CSR's quote and JSON event log as the SCALE
+    V0 attestation a V2 request carries (report_data: the quote's own)."""
+    try:
+        events = parse_json_event_log(event_log)
+        report_data = parse_quote(quote).report.report_data
+        att = Attestation(quote, tuple(events), tuple(runtime_events_of(events)), report_data)
+        return encode_attestation(att)
+    except (TdxError, EventLogError, ValueError) as e:
+        raise BadRequest("csr", f"csr quote or event_log: {e}") from None
+
+
+def _csr_of(version: int, raw: bytes) -> tuple[Csr, bytes, bytes]:
+    """(the CSR as V2, its SCALE V0 attestation, the bytes its signature covers)."""
+    if version == 2:
+        csr, att_raw = decode_csr(raw)
+        return csr, att_raw, raw
+    csr, quote, event_log = decode_csr_v1(raw)
+    return csr, _legacy_attestation(quote, event_log), encode_csr_v1(csr, quote, event_log)
+
+
 async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     svc = request.app[SERVICE]
-    if _int(body, "api_version") != 2:
-        raise BadRequest("api_version", "SignCert supports api_version 2 (CertSigningRequestV2)")
+    version = _int(body, "api_version")
+    if version not in SIGN_CERT_VERSIONS:  # as dstack: 1 upgraded to 2, nothing else
+        raise BadRequest("api_version", f"unsupported api_version {version}: SignCert takes "
+                         "1 (CertSigningRequestV1) or 2 (CertSigningRequestV2)")  # fmt: skip
     raw, sig, vm_config = _bytes(body, "csr"), _bytes(body, "signature"), _str(body, "vm_config")
     if len(raw) > MAX_CERTIFICATE:
         raise refuse("SignCert", OVERSIZE, f"csr is {len(raw)} bytes, over {MAX_CERTIFICATE}",
                      field="csr")  # fmt: skip
     try:
-        csr, att_raw = decode_csr(raw)
+        csr, att_raw, signed = _csr_of(version, raw)
         pub = serialization.load_der_public_key(csr.pubkey)
     except (CsrError, ValueError) as e:
         raise BadRequest("csr", f"csr: {e}") from None
@@ -150,7 +179,7 @@ async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamRes
     if not isinstance(pub, ec.EllipticCurvePublicKey):
         raise BadRequest("csr", "csr public key must be ECDSA P-256")
     try:
-        pub.verify(sig, raw, ec.ECDSA(hashes.SHA256()))
+        pub.verify(sig, signed, ec.ECDSA(hashes.SHA256()))
     except Exception:
         raise BadRequest("signature", "csr signature does not verify") from None
     c = csr.config
