@@ -122,13 +122,15 @@ async def _wait_port(
 
 @contextlib.asynccontextmanager
 async def running_pebble(
-    tmp: Path, *, validity_s: int = 0, host: str = "127.0.0.1"
+    tmp: Path, *, validity_s: int = 0, host: str = "127.0.0.1", dns_server: str = ""
 ) -> AsyncIterator[Pebble]:
     """pebble + pebble-challtestsrv, stopped (SIGTERM, then awaited) when the block exits.
 
     ``validity_s`` sets ``certificateValidityPeriod`` (0 = pebble's default); ``host`` is
     where the ACME and management APIs listen (a test LAN's host address for nodes in
-    namespaces; the DNS server pebble validates against stays on loopback)."""
+    namespaces; the DNS server pebble validates against stays on loopback). ``dns_server``
+    (``IP:PORT``): pebble validates DNS-01 against that real server instead, and no
+    challtestsrv runs (``challtestsrv_url`` is "")."""
     ca, cert, key = _listener_pki(tmp, host)
     acme_port, mgmt_port, dns_port, cts_port = (free_port() for _ in range(4))
     conf: dict[str, object] = {
@@ -148,21 +150,23 @@ async def running_pebble(
     env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
     procs: list[asyncio.subprocess.Process] = []
     try:
-        cts_log = tmp / "challtestsrv.log"
-        with cts_log.open("wb") as out:
-            cts = await asyncio.create_subprocess_exec(
-                "pebble-challtestsrv",
-                "-dns01", f"127.0.0.1:{dns_port}",
-                "-http01", "", "-https01", "", "-tlsalpn01", "",
-                "-management", f"{host}:{cts_port}",
-                stdout=out, stderr=out, env=env,
-            )  # fmt: skip
-        procs.append(cts)
-        await _wait_port(cts_port, cts, cts_log, host)
+        if not dns_server:
+            cts_log = tmp / "challtestsrv.log"
+            with cts_log.open("wb") as out:
+                cts = await asyncio.create_subprocess_exec(
+                    "pebble-challtestsrv",
+                    "-dns01", f"127.0.0.1:{dns_port}",
+                    "-http01", "", "-https01", "", "-tlsalpn01", "",
+                    "-management", f"{host}:{cts_port}",
+                    stdout=out, stderr=out, env=env,
+                )  # fmt: skip
+            procs.append(cts)
+            await _wait_port(cts_port, cts, cts_log, host)
         pebble_log = tmp / "pebble.log"
         with pebble_log.open("wb") as out:
             peb = await asyncio.create_subprocess_exec(
-                "pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns_port}",
+                "pebble", "-config", str(config),
+                "-dnsserver", dns_server or f"127.0.0.1:{dns_port}",
                 stdout=out, stderr=out, env=env,
             )  # fmt: skip
         procs.append(peb)
@@ -171,7 +175,7 @@ async def running_pebble(
         yield Pebble(
             directory_url=f"https://{host}:{acme_port}/dir",
             management_url=f"https://{host}:{mgmt_port}",
-            challtestsrv_url=f"http://{host}:{cts_port}",
+            challtestsrv_url="" if dns_server else f"http://{host}:{cts_port}",
             ca_bundle=str(ca),
             logs=tmp,
         )

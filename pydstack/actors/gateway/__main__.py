@@ -16,13 +16,17 @@ Certificates for the base domain: ``--cert-chain/--cert-key`` (a static wildcard
 ``--cluster-secret FILE`` to serve what the cluster's ACME keepers put on the log (every
 domain of the cluster, renewals swapped in as they land). With it, ``--acme-directory URL``
 adds the node's base domain with that ACME directory (if not there yet), and a DNS-01
-provider (``--challtestsrv URL``: pebble-challtestsrv, under the provider names ``""`` and
-``challtestsrv``) makes the node order and renew certificates too (``--acme-ca-bundle``: the
-ACME server's HTTPS CA)::
+provider makes the node order and renew certificates too (``--acme-ca-bundle``: the ACME
+server's HTTPS CA): ``--rfc2136-server HOST[:PORT]`` with ``--rfc2136-zone``,
+``--rfc2136-tsig-name``, ``--rfc2136-tsig-algorithm`` and ``--rfc2136-tsig-secret-file FILE``
+(TSIG-signed dynamic updates to the zone's primary, provider name ``rfc2136``), or
+``--challtestsrv URL`` (pebble-challtestsrv, ``challtestsrv``); the default provider ``""``
+is RFC 2136 when given (``dns_providers``)::
 
     python -m pydstack.actors.gateway ... --cluster-secret secret.hex \
-        --acme-directory https://127.0.0.1:14000/dir --acme-ca-bundle pebble-ca.pem \
-        --challtestsrv http://127.0.0.1:8055
+        --acme-directory https://acme-v02.api.letsencrypt.org/directory \
+        --rfc2136-server 192.0.2.53 --rfc2136-zone example.com \
+        --rfc2136-tsig-name acme-key --rfc2136-tsig-secret-file /etc/pydstack/tsig.secret
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import click
 
 from pydstack.logs import configure
 from pydstack.loop import run as run_loop
+
+from .dns_providers import rfc2136_config, rfc2136_options
 
 _CLONE_NEWNET = 0x40000000
 
@@ -95,6 +101,7 @@ def _read(path: str | None) -> str | None:
 @click.option("--acme-ca-bundle", type=click.Path(exists=True, dir_okay=False))
 @click.option("--acme-contact", multiple=True, help="mailto: URI for the ACME account")
 @click.option("--challtestsrv", default="", metavar="URL", help="DNS-01 via pebble-challtestsrv")
+@rfc2136_options("")
 @click.option("--registration-host", default="0.0.0.0", show_default=True)
 @click.option("--registration-port", type=int, default=0, help="0: no RegisterCvm endpoint")
 @click.option("--url", default="", help="RegisterCvm URL advertised to CVMs")
@@ -121,6 +128,11 @@ def _read(path: str | None) -> str | None:
     "--forward-guard/--no-forward-guard", default=True, show_default=True,
     help="nftables: forward nothing into or out of the WireGuard interface (CVM to CVM)",
 )  # fmt: skip
+@click.option(
+    "--wg-backend", type=click.Choice(["auto", "kernel", "userspace"]), default="auto",
+    show_default=True, help="WireGuard: auto: the kernel's where a wireguard link can be made, "
+    "else wireguard-go (status shows which, and why)",
+)  # fmt: skip
 @click.option("--recycle-interval", type=float, default=300.0, show_default=True)
 @click.option("--recycle-timeout", type=int, default=36_000, show_default=True)
 @click.option("--poll-interval", type=float, default=0.05, show_default=True)
@@ -136,9 +148,11 @@ def main(**o: Any) -> None:
         raise click.ClickException(
             "--cluster-secret and --cert-chain/--cert-key exclude each other"
         )
-    acme_opts = (o["acme_directory"], o["acme_ca_bundle"], o["acme_contact"], o["challtestsrv"])
+    o["rfc2136"] = rfc2136_config(click.get_current_context(), "")
+    acme_opts = (o["acme_directory"], o["acme_ca_bundle"], o["acme_contact"], o["challtestsrv"],
+                 o["rfc2136"])  # fmt: skip
     if any(acme_opts) and not o["cluster_secret"]:
-        raise click.ClickException("--acme-* and --challtestsrv need --cluster-secret")
+        raise click.ClickException("--acme-*, --challtestsrv and --rfc2136-* need --cluster-secret")
     if o["netns"]:
         # The whole process moves, so every device and socket below uses "this namespace"
         # (netns=None): pyroute2 switching namespaces per call would not bring this thread
@@ -190,7 +204,7 @@ async def run(**o: Any) -> None:
         proxy_host=o["proxy_host"], proxy_port=o["proxy_port"], certs=certs,
         acme=_acme(o), admin_host=o["admin_host"], admin_port=o["admin_port"],
         registration=registration, address_plan=o["address_plan"],
-        forward_guard=o["forward_guard"],
+        forward_guard=o["forward_guard"], wg_backend=o["wg_backend"],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -221,14 +235,12 @@ def _acme(o: dict[str, Any]) -> Any:
     """The node's AcmeLaunch, or None without ``--cluster-secret``."""
     if not o["cluster_secret"]:
         return None
-    from pydstack.adapters.acme import ChallTestSrvDns, load_cluster_key
+    from pydstack.adapters.acme import load_cluster_key
 
+    from .dns_providers import dns_providers
     from .node_launch import AcmeLaunch
 
-    dns = {}
-    if o["challtestsrv"]:
-        cts = ChallTestSrvDns(o["challtestsrv"])
-        dns = {"": cts, "challtestsrv": cts}
+    dns = dns_providers(o["challtestsrv"], o["rfc2136"])
     return AcmeLaunch(
         cluster_key=load_cluster_key(Path(o["cluster_secret"]), o["cluster"]),
         directory=o["acme_directory"], dns=dns, ca_bundle=o["acme_ca_bundle"],

@@ -6,11 +6,11 @@ when they are free (``DATA/gateway/ports.json``). By default (offline) it serves
 dev wildcard certificate for its base domain from a dev CA kept in ``DATA/gateway/``
 (``ca.pem`` is what clients and simulated CVMs trust). With ``acme_directory`` it serves the
 certificates on the log instead: it adds its base domain with that ACME directory, orders and
-renews through DNS-01 when it has a DNS provider (``challtestsrv``), and opens the keys with
-the cluster key from ``DATA/gateway/cluster.secret`` (made once; copy it to the other nodes
-of the cluster, ``--cluster-secret``). The RegisterCvm endpoint keeps its dev CA identity.
-CVM client certificates must be KMS ``SignCert`` certificates of their app, chaining to the
-KMS root CA of up's cluster on the log (``KmsRootCreated``; never its temp CA), quotes to the
+renews through DNS-01 when it has a DNS provider (``rfc2136`` or ``challtestsrv``), and opens
+the keys with the cluster key from ``DATA/gateway/cluster.secret`` (made once; copy it to the
+other nodes of the cluster, ``--cluster-secret``). The RegisterCvm endpoint keeps its dev CA
+identity. CVM client certificates must be KMS ``SignCert`` certificates of their app, chaining
+to the KMS root CA of up's cluster on the log (``KmsRootCreated``; never its temp CA), quotes to the
 dev PKI where the host has no TDX::
 
     launch = await up_launch(store, data_path, UpGateway(domain="gw.localhost", listen=...))
@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pydstack.actors.kms.pin import read_pin
-from pydstack.adapters.acme import DnsProvider
+from pydstack.adapters.acme import Rfc2136Config
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.ports import bindable, free_port
 from pydstack.adapters.proxy import StaticCertProvider
@@ -57,6 +57,7 @@ class UpGateway:
     acme_directory: str = ""  # "": the dev CA's wildcard; else certificates from this ACME CA
     acme_ca_bundle: str | None = None  # the ACME server's HTTPS CA (None: the system's roots)
     challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL ("": none)
+    rfc2136: Rfc2136Config | None = None  # DNS-01 by TSIG-signed updates (dns_providers)
     forward_guard: bool = True  # NodeLaunch.forward_guard
     log_auth: bool = False  # admit only composes the app's events on the log name (KMS: log)
 
@@ -181,18 +182,16 @@ async def kms_client_cas(store: EventStore, cluster: str = "") -> str:
 
 
 def _acme(gdir: Path, gw: UpGateway, cluster: str) -> AcmeLaunch:
-    from pydstack.adapters.acme import ChallTestSrvDns, create_cluster_secret, load_cluster_key
+    from pydstack.adapters.acme import create_cluster_secret, load_cluster_key
+
+    from .dns_providers import dns_providers
 
     secret = gdir / "cluster.secret"
     if not secret.exists():
         create_cluster_secret(secret)
-    dns: dict[str, DnsProvider] = {}
-    if gw.challtestsrv:
-        cts = ChallTestSrvDns(gw.challtestsrv)
-        dns = {"": cts, "challtestsrv": cts}
     return AcmeLaunch(
-        cluster_key=load_cluster_key(secret, cluster), directory=gw.acme_directory, dns=dns,
-        ca_bundle=gw.acme_ca_bundle,
+        cluster_key=load_cluster_key(secret, cluster), directory=gw.acme_directory,
+        dns=dns_providers(gw.challtestsrv, gw.rfc2136), ca_bundle=gw.acme_ca_bundle,
     )  # fmt: skip
 
 

@@ -9,9 +9,10 @@ from .client import AcmeClient, AcmeConfig, Issued, certificate_times, thumbprin
 from .dns import ChallTestSrvDns, DnsProvider
 from .errors import AcmeError, DnsError
 from .keys import create_cluster_secret, load_cluster_key, new_private_key_pem, seal_secret
+from .rfc2136 import Rfc2136Config, Rfc2136Dns
 
 __all__ = [
     "AcmeClient", "AcmeConfig", "AcmeError", "ChallTestSrvDns", "DnsError", "DnsProvider",
-    "Issued", "certificate_times", "create_cluster_secret", "load_cluster_key",
-    "new_private_key_pem", "seal_secret", "thumbprint",
+    "Issued", "Rfc2136Config", "Rfc2136Dns", "certificate_times", "create_cluster_secret",
+    "load_cluster_key", "new_private_key_pem", "seal_secret", "thumbprint",
 ]  # fmt: skip
