@@ -6,9 +6,9 @@ event log (403 for anything without valid evidence; such junk is not written to 
 the chain must be the KMS's ``SignCert`` chain for the attested app (leaf, that app's CA,
 root: `client_chain.py`; else 403 ``not_app_certificate``, nothing appended), and the app
 id, instance id and compose hash come from the attested event log, never from the request.
-Then the optional authorization webhook (POST of the AppInfo JSON; any 2xx allows, like
-dstack), then the cluster decision and its atomic commit (``Registrar``). Refusals of an
-attested caller are answered with a 4xx JSON ``{"error", "code"}`` and recorded as
+Then the optional authorization webhook (POST of dstack's AppInfo JSON, `webhook_body`; any
+2xx allows, like dstack), then the cluster decision and its atomic commit (``Registrar``).
+Refusals of an attested caller are answered with a 4xx JSON ``{"error", "code"}`` and recorded as
 ``CvmRegistrationRefused``, except claims on someone else's ids (``UNRECORDED``: 403,
 nothing appended)::
 
@@ -36,6 +36,7 @@ from aiohttp import web
 from pydstack.actors.kms.log_backend import allowed_on_log
 from pydstack.adapters.nats import StoreError
 from pydstack.adapters.tdx.attestation import encode_attestation
+from pydstack.adapters.tdx.identity import AppInfo
 from pydstack.adapters.tdx.ratls_tls import (
     RATLS_PEER,
     RaTlsVerifier,
@@ -142,8 +143,24 @@ def response_body(state: ClusterState, admission: Admission, cfg: RegistrationCo
     }
 
 
+def webhook_body(info: AppInfo) -> dict[str, str]:
+    """The auth webhook's body as dstack v0.5.11's gateway posts it: serde of its `AppInfo`
+    (`dstack-attest`: these fields in this order, snake_case, every one lower-case hex without
+    0x, `key_provider_info` included)."""
+    return {
+        "app_id": info.app_id.hex(),
+        "compose_hash": info.compose_hash.hex(),
+        "instance_id": info.instance_id.hex(),
+        "device_id": info.device_id.hex(),
+        "mr_system": info.mr_system.hex(),
+        "mr_aggregated": info.mr_aggregated.hex(),
+        "os_image_hash": info.os_image_hash.hex(),
+        "key_provider_info": info.key_provider_info.hex(),
+    }
+
+
 async def _authorized(
-    session: aiohttp.ClientSession, cfg: RegistrationConfig, app_info: dict[str, object]
+    session: aiohttp.ClientSession, cfg: RegistrationConfig, app_info: dict[str, str]
 ) -> str | None:
     """None when the webhook allows the app, else why not (fail closed on any error)."""
     assert cfg.auth_webhook is not None
@@ -250,7 +267,7 @@ def registration_app(
             why = f"compose hash {req.compose_hash} is not named by app {req.app_id}'s events"
             return await refuse(req, "unauthorized", why)
         if cfg.auth_webhook is not None:
-            denied = await _authorized(request.app[session_key], cfg, info.to_json_obj())
+            denied = await _authorized(request.app[session_key], cfg, webhook_body(info))
             if denied is not None:
                 return await refuse(req, "unauthorized", denied)
         try:
