@@ -17,7 +17,8 @@ SubjectPublicKeyInfo of the KMS root CA, as dstack's), never sys-config's ``kms_
    handed over by the host share, reported as *simulated*) and binds its key;
    (1-5 run after the handshake, before a request byte is sent)
 6. ``root-attestation``: the k256 root comes from GetMeta's ``bootstrap_info``: a quote made
-   when the root was created, binding ``ca_pubkey || k256_pubkey``, by a TD of the same KMS app
+   when the root was created, binding ``ca_pubkey`` and ``k256_pubkey`` as dstack's KMS does
+   (`kms_bootstrap_report_data`), by a TD of the same KMS app
    (app id and compose hash) as the server of step 5, for the CA of step 1;
 7. ``k256-signature``: GetAppKey's ``k256_signature`` over this app's key recovers that root.
 
@@ -39,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from pydstack.adapters.tdx.attestation import AttestationDecodeError, decode_attestation
 from pydstack.adapters.tdx.collateral import INTEL_PCS, CollateralCache
 from pydstack.adapters.tdx.errors import TdxError
-from pydstack.adapters.tdx.identity import keccak256
+from pydstack.adapters.tdx.identity import keccak256, kms_bootstrap_report_data
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.ratls import (
     CollateralSource,
@@ -55,7 +56,8 @@ from .keys import KMS_ISSUED_PREFIX, KeyError_, k256_public, recover_k256
 from .provider import KeyProviderError
 
 KMS_RPC_USAGE = "kms:rpc"
-# The report_data tag of the KMS's bootstrap quote (pydstack.actors.kms.service.ROOT_TAG).
+# The report_data tag pydstack's KMS bound its bootstrap quote with before it bound it as
+# dstack does (`kms_bootstrap_report_data`): still accepted, for roots created then.
 KMS_ROOT_TAG = b"pydstack-kms-root"
 CHECKS = ("root-pin", "tls-chain", KMS_RPC_USAGE, "issuer", "ra-tls", "root-attestation",
           "k256-signature")  # fmt: skip
@@ -177,9 +179,8 @@ async def check_k256_root(
     reasons, _status, quote, info = check_attestation(
         att, coll, now=now, policy=trust.policy, root_ca_der=trust.root_ca_der
     )
-    if quote is not None and quote.report.report_data != report_data_for(
-        KMS_ROOT_TAG, ca_pub + k256
-    ):
+    bound = (kms_bootstrap_report_data(ca_pub, k256), report_data_for(KMS_ROOT_TAG, ca_pub + k256))
+    if quote is not None and quote.report.report_data not in bound:
         reasons.append("its report_data does not bind ca_pubkey || k256_pubkey")
     mine, theirs = info, server.app_info
     if mine is None or theirs is None or (mine.app_id, mine.compose_hash) != (

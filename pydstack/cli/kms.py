@@ -1,7 +1,8 @@
 """`pydstack kms …`: run a KMS instance and audit its decisions.
 
-    pydstack kms serve --nats URL --key-file root.sealed --seal-appkeys appkeys.json \
-        --auth webhook --auth-url http://127.0.0.1:8000
+    pydstack kms serve --nats URL --key-file root.sealed --guest-agent /var/run/dstack.sock \
+        --auth webhook --auth-url http://127.0.0.1:8000        # inside a CVM
+    pydstack kms serve ... --dev-pki DIR --seal-appkeys appkeys.json   # simulated platform
     pydstack kms audit --nats URL --cluster main --collateral coll.json [--dev-pki DIR]
     pydstack kms contract deploy | add-os-image | add-kms-measurement   (the eth backend's)
 """

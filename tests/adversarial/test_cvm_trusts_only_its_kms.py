@@ -23,17 +23,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pydstack.actors.kms import KmsClient, KmsService, KmsSettings, WebhookBackend, serve_kms
-from pydstack.actors.kms.service import ROOT_TAG
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.attestation import encode_attestation
 from pydstack.adapters.tdx.collateral import Collateral
+from pydstack.adapters.tdx.identity import kms_bootstrap_report_data
 from pydstack.adapters.tdx.pki import DevPki
-from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data, report_data_for
+from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data
 from pydstack.core.kms import CertConfig, Csr, encode_csr
 from pydstack_guest import LocalKeyProvider
 from pydstack_guest.boot import BootFailed, BootResult, HostShared, plan_boot, run_boot
 from pydstack_guest.keys import k256_public, kms_issue_app_key
-from pydstack_guest.kms_trust import KMS_ROOT_TAG, KmsTrust, spki_of
+from pydstack_guest.kms_trust import KmsTrust, spki_of
 from tests import images
 from tests.gateway import simcvm
 from tests.kms.conftest import (
@@ -261,7 +261,7 @@ async def test_real_kms_certificate_but_another_claimed_root(
     other_root = os.urandom(32)
     other_pub = k256_public(other_root)
     ca_spki = spki_of(kms.svc.ca_cert)
-    bound = report_data_for(KMS_ROOT_TAG, ca_spki + other_pub)
+    bound = kms_bootstrap_report_data(ca_spki, other_pub)  # as the real KMS binds its root
     att = encode_attestation(await make_cvm(pki, compose="attacker").attest(bound))
     meta = {
         **kms.svc.meta(),
@@ -275,7 +275,6 @@ async def test_real_kms_certificate_but_another_claimed_root(
     fake = await served(FakeKms(kms.temp, meta, lambda: forged_keys(other_root)), chain, key_pem)
     boot = await boot_victim(fake.url, pki, trust_of(kms, pki), webhook, tmp_path)
     assert "another app than the KMS" in refused(boot, "root-attestation")
-    assert KMS_ROOT_TAG == ROOT_TAG  # the guest checks the tag the KMS attests its root with
 
 
 async def test_another_complete_kms_is_refused_when_the_compose_pins_this_one(

@@ -1,8 +1,11 @@
 """Run one KMS instance: `python -m pydstack.actors.kms --nats URL --cluster NAME ...`.
 
-Dev/simulator options (`--dev-pki DIR`) make it trust a simulator PKI and attest itself on a
-simulated TD; on a TDX host pass `--guest-agent /var/run/dstack.sock` instead (seal key and
-attestation then come from the dstack guest agent). Before serving it asks its own backend
+The KMS attests itself, as dstack's does: inside a CVM pass `--guest-agent /var/run/dstack.sock`
+(its quotes and seal key come from the dstack guest agent's `Attest` / `GetKey`); on a
+simulated platform `--dev-pki DIR --seal-appkeys FILE` attest it on a simulated TD. With
+neither it exits with one line: a KMS that cannot attest does not serve. `--dev-pki` also
+makes it trust that simulator's quotes (with `--guest-agent`: a simulated CVM's agent, e.g.
+`pydstack attest simulate --dev-pki DIR`). Before serving it asks its own backend
 about itself (bootAuth/kms; refused: one line and exit 1; `--auth dev` allows itself, loudly).
 Prints `KMS_URL=<url>` once serving. With `--auth dev` no replica gets the root keys without
 this KMS's onboarding token (`--replica-token-file`) or an allow-listed measurement
@@ -32,13 +35,14 @@ from pydstack.loop import run as run_loop
     "--seal-appkeys",
     type=click.Path(dir_okay=False),
     default=None,
-    help="appkeys.json of this instance's key provider (seal key source)",
+    help="without --guest-agent: appkeys.json of the simulated KMS TD's key provider (its "
+    "seal key)",
 )
 @click.option(
     "--guest-agent",
     type=click.Path(),
     default=None,
-    help="dstack guest agent socket (seal key + attestation)",
+    help="the dstack guest agent of the CVM this KMS runs in (its attestation and seal key)",
 )
 @click.option(
     "--auth",
@@ -62,7 +66,8 @@ from pydstack.loop import run as run_loop
     "--dev-pki",
     type=click.Path(file_okay=False),
     default=None,
-    help="trust this simulator PKI (dev only) and attest on a simulated TD",
+    help="trust this simulator PKI (dev only); without --guest-agent also attest on a "
+    "simulated TD of it",
 )
 @click.option("--pccs-url", default="https://api.trustedservices.intel.com/tdx/certification/v4")
 @click.option("--instance-id", default="")

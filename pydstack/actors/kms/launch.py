@@ -4,9 +4,10 @@
     async with running_kms(store, KmsLaunch(cluster="main", key_file=..., ...)) as url:
         ...
 
-On a TDX host the seal key and attestation come from the dstack guest agent (`guest_agent`);
-on a dev machine a simulator PKI (`dev_pki`) attests the KMS on a simulated TD and is the only
-root its verifier trusts.
+The KMS attests itself (`selfevidence`): inside a CVM through its dstack guest agent
+(`guest_agent`, which also gives the seal key), on a simulated platform on a simulated TD of
+the dev PKI (`dev_pki` + `seal_appkeys`); with neither it does not start. `dev_pki` also makes
+it trust that simulator's root (else Intel's, with the PCCS's collateral).
 
 Before anything else the KMS asks its own backend about itself (`authority.authorize_self`:
 refused, it does not start). With the dev backend a replica gets the root keys only with this
@@ -17,7 +18,6 @@ measurement (`allow_mrs`); a replica presents the source's token from `onboard_t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,12 +29,12 @@ from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.collateral import CollateralCache
 from pydstack.adapters.tdx.ratls import Attester
 from pydstack.core.kms import AuthBackend
-from pydstack_guest import LocalKeyProvider
 
 from .authority import APPS_ONLY, KmsAuthority, SelfRefused, authorize_self, read_token
 from .backends import BackendConfigError, WebhookBackend, make_backend
 from .http import serve_kms
-from .keystore import GuestAgentSealKey, KeyProviderSealKey, RootKeyFile, SealKeySource
+from .keystore import RootKeyFile
+from .selfevidence import SelfEvidenceError, self_evidence
 from .service import KmsService, KmsSettings
 
 log = structlog.get_logger("pydstack.kms")
@@ -52,14 +52,14 @@ class KmsLaunch:
     cluster: str = "main"
     host: str = "127.0.0.1"
     port: int = 0
-    seal_appkeys: str | None = None  # appkeys.json of this instance's key provider
-    guest_agent: str | None = None  # dstack guest agent socket (seal key + attestation)
+    seal_appkeys: str | None = None  # appkeys.json of the simulated TD's key provider
+    guest_agent: str | None = None  # dstack guest agent socket (attestation + seal key)
     auth: str = "webhook"
     auth_url: str = ""
     eth_rpc_url: str = ""  # auth "eth": the chain's JSON-RPC endpoint
     kms_contract: str = ""  # auth "eth": the DstackKms contract's address
     allow_dev_auth: bool = False
-    dev_pki: str | None = None
+    dev_pki: str | None = None  # simulator PKI: trusted, and the simulated TD's (no agent)
     pccs_url: str = INTEL_PCCS
     instance_id: str = ""
     onboard_from: str = ""  # a running replica's URL: get the cluster's root keys from it first
@@ -73,14 +73,15 @@ class KmsLaunch:
 @asynccontextmanager
 async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
     """Open (or create, once per cluster) the KMS and serve its RPC; yields its base URL."""
-    seal: SealKeySource
-    if opts.guest_agent:
-        seal = GuestAgentSealKey(opts.guest_agent)
-    elif opts.seal_appkeys:
-        seal = KeyProviderSealKey(LocalKeyProvider(opts.seal_appkeys))
-    else:
-        raise LaunchError("give a guest agent socket or an appkeys.json (the seal key source)")
-    root_der, attester, collateral = await _trust(opts)
+    policy = KmsSettings(cluster=opts.cluster).policy
+    try:
+        ev = await self_evidence(
+            guest_agent=opts.guest_agent, dev_pki=opts.dev_pki, seal_appkeys=opts.seal_appkeys,
+            cluster=opts.cluster, key_file=opts.key_file, pccs_url=opts.pccs_url, policy=policy,
+        )  # fmt: skip
+    except SelfEvidenceError as exc:
+        raise LaunchError(str(exc)) from None
+    root_der, attester, collateral = ev.root_ca_der, ev.attester, ev.collateral
     try:
         backend = make_backend(
             opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth, store=store,
@@ -100,7 +101,7 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
                                  root_ca_der=root_der, now=int(time.time()))  # fmt: skip
         except SelfRefused as exc:
             raise LaunchError(str(exc)) from None
-        keyfile = RootKeyFile(opts.key_file, opts.cluster, seal)
+        keyfile = RootKeyFile(opts.key_file, opts.cluster, ev.seal)
         if opts.onboard_from and not keyfile.exists():
             await _onboard(store, opts, attester, backend, collateral, keyfile, root_der, authority)
         svc = await KmsService.open(
@@ -108,7 +109,7 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
             attester=attester, authority=authority,
         )  # fmt: skip
         async with svc, serve_kms(svc, opts.host, opts.port) as url:
-            _ready(url, backend.name, authority)
+            _ready(url, backend.name, authority, ev.source)
             yield url
 
 
@@ -127,12 +128,10 @@ def _authority(opts: KmsLaunch, backend: str) -> KmsAuthority:
 
 
 async def _onboard(
-    store: EventStore, opts: KmsLaunch, attester: Attester | None, backend: AuthBackend,
+    store: EventStore, opts: KmsLaunch, attester: Attester, backend: AuthBackend,
     collateral: CollateralCache, keyfile: RootKeyFile, root_der: bytes | None,
     authority: KmsAuthority,
 ) -> None:  # fmt: skip
-    if attester is None:
-        raise LaunchError("onboarding needs an attestation source (--guest-agent or --dev-pki)")
     from .onboard import onboard_replica
 
     try:
@@ -146,41 +145,14 @@ async def _onboard(
     )  # fmt: skip
 
 
-def _ready(url: str, backend: str, authority: KmsAuthority) -> None:
+def _ready(url: str, backend: str, authority: KmsAuthority, evidence: str) -> None:
     if backend == "dev":
         log.warning(
             "kms ready: DEV AUTHORIZATION (every attested app gets its keys; this KMS "
             "authorized itself unchecked; a replica needs the onboarding token or an "
             "allow-listed measurement)",
             url=url, auth="dev", onboard_token_file=str(authority.token_file or "") or None,
+            evidence=evidence,
         )  # fmt: skip
     else:
-        log.info("kms ready", url=url, auth=backend)
-
-
-async def _trust(opts: KmsLaunch) -> tuple[bytes | None, Attester | None, CollateralCache]:
-    if not opts.dev_pki:
-        return None, None, CollateralCache.pccs(opts.pccs_url)
-    from pydstack.adapters.tdx.backend import SimulatorBackend
-    from pydstack.adapters.tdx.devpccs import dev_collateral
-    from pydstack.adapters.tdx.pki import DevPki
-    from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
-    from pydstack_guest import GuestAgent, GuestConfig
-    from pydstack_guest.agent import measure_identity
-
-    pki = DevPki.load(opts.dev_pki)
-    backend = SimulatorBackend(
-        QuoteSimulator(pki), TdMeasurements(mr_td=hashlib.sha384(b"kms image").digest())
-    )
-    attester = None
-    if opts.seal_appkeys:
-        keys = await LocalKeyProvider(opts.seal_appkeys).app_keys()
-        # The simulated KMS TD measures an identity as a dstack KMS CVM's boot does, so a peer
-        # KMS (replica onboarding) sees an app id and instance id in its quote's event log.
-        name = f"pydstack-kms:{opts.cluster}"
-        await measure_identity(
-            backend, app_id=hashlib.sha256(name.encode()).digest()[:20], app_compose=name,
-            instance_id=hashlib.sha256(f"{name}:{opts.key_file}".encode()).digest()[:20],
-        )  # fmt: skip
-        attester = GuestAgent(backend, keys, GuestConfig())
-    return pki.root_der, attester, dev_collateral(pki)
+        log.info("kms ready", url=url, auth=backend, evidence=evidence)

@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.nats.errors import ConflictError
 from pydstack.adapters.nats.store import new_event_id
-from pydstack.adapters.tdx.ratls import Attester, build_ratls_cert, report_data_for
+from pydstack.adapters.tdx.identity import kms_bootstrap_report_data
+from pydstack.adapters.tdx.ratls import Attester, build_ratls_cert
 from pydstack.adapters.tdx.verify import Policy
 from pydstack.core.events import (
     Event,
@@ -97,7 +98,6 @@ from .writer import DecisionLog
 log = structlog.get_logger("pydstack.kms")
 PER_APP_CACHE = 4096  # apps whose per-app derivations a KMS keeps
 _T = TypeVar("_T")
-ROOT_TAG = b"pydstack-kms-root"
 YEAR = 365 * 86400
 
 
@@ -259,7 +259,8 @@ class KmsService:
         if attester is not None:
             from pydstack.adapters.tdx.attestation import encode_attestation
 
-            rd = report_data_for(ROOT_TAG, ca_spki + root.k256_public())
+            # dstack's binding (`attest_keys`), so dstack's tooling verifies our root too
+            rd = kms_bootstrap_report_data(ca_spki, root.k256_public())
             raw_att = encode_attestation(await attester.attest(rd))
         created = KmsRootCreated(
             cluster=settings.cluster,

@@ -79,6 +79,19 @@ def keccak256(data: bytes) -> bytes:
     return keccak.new(digest_bits=256, data=data).digest()
 
 
+# dstack's KMS bootstrap quote (kms/src/onboard_service.rs `attest_keys`; the spelling is
+# dstack's): its report_data is keccak256 of this prefix, the two public keys in hex and
+# ";" after each, zero-padded to 64 bytes.
+KMS_BOOTSTRAP_PREFIX = b"dstack-kms-genereted-keys-v1:"
+
+
+def kms_bootstrap_report_data(ca_pubkey: bytes, k256_pubkey: bytes) -> bytes:
+    """report_data binding a KMS root: `ca_pubkey` the CA's DER SubjectPublicKeyInfo (rcgen
+    `public_key_der`), `k256_pubkey` the compressed SEC1 k256 key (k256 `to_sec1_bytes`)."""
+    content = KMS_BOOTSTRAP_PREFIX + ca_pubkey.hex().encode() + b";" + k256_pubkey.hex().encode()
+    return keccak256(content + b";").ljust(64, b"\0")
+
+
 def find_event_payload(events: Sequence[RuntimeEvent], name: str) -> bytes | None:
     """Payload of the first `name` event before `system-ready`, else None."""
     for ev in events:

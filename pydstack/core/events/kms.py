@@ -33,7 +33,9 @@ class KmsRootCreated(Event, tag="KmsRootCreated", frozen=True):
     ca_cert_pem: str = ""
     temp_ca_cert_pem: str = ""
     instance_id: str = ""
-    attestation: bytes = b""  # SCALE V0, report_data binds sha512(tag:ca_spki||k256_pub)
+    # SCALE V0; report_data binds ca_spki and k256_pub as dstack does (kms_bootstrap_report_data;
+    # roots created before that: sha512(b"pydstack-kms-root:" || ca_spki || k256_pub))
+    attestation: bytes = b""
 
 
 class KeyRequested(Event, tag="KeyRequested", frozen=True):
