@@ -1,6 +1,6 @@
 """``pydstack gateway``: the cluster as the log says, and as each node serves it.
 
-    pydstack gateway status [--json]                 # nodes, digests; live node status too
+    pydstack gateway status [--json]                 # nodes (WireGuard backend), digests; live
     pydstack gateway routes --json                   # the table folded from the log
     pydstack gateway routes --json --node-url URL    # the table that node serves right now
     pydstack gateway peers [--node-url URL]          # desired peers, or a device's peers
@@ -14,13 +14,16 @@ same table print the same bytes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import click
 import msgspec
 
 from pydstack.core.gateway.table import ClusterTable
+
+if TYPE_CHECKING:
+    from pydstack.actors.gateway.view import ClusterView
 
 from ._common import Settings, connect, connection_options, echo_json, resolve, run
 
@@ -36,12 +39,27 @@ async def _get(url: str) -> Any:
 
 
 async def _folded(ctx: click.Context, cluster: str) -> ClusterTable:
+    return (await _view(ctx, cluster)).table()
+
+
+async def _view(ctx: click.Context, cluster: str) -> ClusterView:
     from pydstack.actors.gateway.view import ClusterView
 
     async with await connect(resolve(ctx)) as store:
         view = ClusterView(store, cluster)
         await view.catch_up()
-        return view.table()
+        return view
+
+
+def _nodes_doc(view: ClusterView) -> list[dict[str, Any]]:
+    """The table's nodes, each with the WireGuard backend it joined with (the log's
+    GatewayNodeJoined; "" for nodes that joined before it was recorded)."""
+    joined = view.state.nodes
+    return [
+        {**msgspec.to_builtins(g), "wg_backend": joined[g.node_id].wg_backend,
+         "wg_backend_reason": joined[g.node_id].wg_backend_reason}
+        for g in view.table().gateways
+    ]  # fmt: skip
 
 
 async def _table(ctx: click.Context, cluster: str, node_url: str | None) -> ClusterTable:
@@ -83,7 +101,8 @@ def status(ctx: click.Context, cluster: str, node_url: str | None, as_json: bool
     """Nodes on the log, the table digest, and live status of the nodes we can reach."""
 
     async def go() -> dict[str, Any]:
-        t = await _folded(ctx, cluster)
+        view = await _view(ctx, cluster)
+        t = view.table()
         urls = [node_url] if node_url else []
         own = resolve(ctx).data.state().get("gateway_admin_url")
         if not urls and own:
@@ -92,7 +111,7 @@ def status(ctx: click.Context, cluster: str, node_url: str | None, as_json: bool
         return {
             "cluster": t.cluster, "seq": t.seq, "table_digest": t.digest(),
             "peers": len(t.peers), "routes": len(t.routes), "base_domains": list(t.base_domains),
-            "nodes": msgspec.to_builtins(t.gateways), "live": live,
+            "nodes": _nodes_doc(view), "live": live,
         }  # fmt: skip
 
     doc = run(go())
@@ -103,12 +122,15 @@ def status(ctx: click.Context, cluster: str, node_url: str | None, as_json: bool
                f"table {doc['table_digest'][:16]} at seq {doc['seq']}")  # fmt: skip
     for n in doc["nodes"]:
         click.echo(f"  node {n['node_id']:<12} {'up' if n['up'] else 'DOWN':<5} "
-                   f"{n['tunnel_ip']:<15} {n['endpoint']:<22} {n['base_domain']}")  # fmt: skip
+                   f"{n['tunnel_ip']:<15} {n['endpoint']:<22} {n['base_domain']}  "
+                   f"wireguard {n['wg_backend'] or '?'}")  # fmt: skip
     for s in doc["live"]:
         same = "same table" if s["table_digest"] == doc["table_digest"] else "DIFFERENT table"
         click.echo(f"  live {s['node_id']}: {same}, lag {s['lag']}, "
                    f"{'connected' if s['connected'] else 'CUT OFF'}, "
                    f"device {'in sync' if s['in_sync'] else 'NOT in sync'}")  # fmt: skip
+        if s.get("wg_backend"):  # a node older than the field does not say
+            click.echo(f"    wireguard {s['wg_backend']}: {s['wg_backend_reason']}")
 
 
 @gateway.command()

@@ -128,6 +128,11 @@ def _read(path: str | None) -> str | None:
     "--forward-guard/--no-forward-guard", default=True, show_default=True,
     help="nftables: forward nothing into or out of the WireGuard interface (CVM to CVM)",
 )  # fmt: skip
+@click.option(
+    "--wg-backend", type=click.Choice(["auto", "kernel", "userspace"]), default="auto",
+    show_default=True, help="WireGuard: auto: the kernel's where a wireguard link can be made, "
+    "else wireguard-go (status shows which, and why)",
+)  # fmt: skip
 @click.option("--recycle-interval", type=float, default=300.0, show_default=True)
 @click.option("--recycle-timeout", type=int, default=36_000, show_default=True)
 @click.option("--poll-interval", type=float, default=0.05, show_default=True)
@@ -199,7 +204,7 @@ async def run(**o: Any) -> None:
         proxy_host=o["proxy_host"], proxy_port=o["proxy_port"], certs=certs,
         acme=_acme(o), admin_host=o["admin_host"], admin_port=o["admin_port"],
         registration=registration, address_plan=o["address_plan"],
-        forward_guard=o["forward_guard"],
+        forward_guard=o["forward_guard"], wg_backend=o["wg_backend"],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -119,6 +119,8 @@ class NodeConfig:
     liveness_min_s: int = 300  # report a handshake only when it advanced this much
     recycle: RecycleConfig | None = field(default_factory=RecycleConfig)  # None: never recycle
     warmup_s: float = 10.0  # after a restart: handshakes read back fast for this long
+    wg_backend: str = ""  # "kernel" / "userspace" (node_launch's choice); "": not said
+    wg_backend_reason: str = ""  # one line: why that backend
 
 
 class GatewayNode:
@@ -190,6 +192,8 @@ class GatewayNode:
             "wg_public_key": self.key.public_key().b64,
             "tunnel_ip": self.tunnel_ip,
             "endpoint": self.config.endpoint,
+            "wg_backend": self.config.wg_backend,
+            "wg_backend_reason": self.config.wg_backend_reason,
             "proxy_port": self.proxy.port if self.proxy else None,
             "reconciles": self.reconciles,
             "certificates": {d: self.certs.serving(d) for d in self.view.domains()}
@@ -226,6 +230,8 @@ class GatewayNode:
                 base_domain=cfg.base_domain,
                 url=cfg.url,
                 cluster="" if cfg.cluster == "default" else cfg.cluster,
+                wg_backend=cfg.wg_backend,
+                wg_backend_reason=cfg.wg_backend_reason,
             )
             have = state.nodes.get(cfg.node_id)
             same = have is not None and (
@@ -234,7 +240,10 @@ class GatewayNode:
                 have.endpoint,
                 have.base_domain,
                 have.url,
-            ) == (want.wg_public_key, want.tunnel_ip, want.endpoint, want.base_domain, want.url)
+                have.wg_backend,
+                have.wg_backend_reason,
+            ) == (want.wg_public_key, want.tunnel_ip, want.endpoint, want.base_domain, want.url,
+                  want.wg_backend, want.wg_backend_reason)  # fmt: skip
             if same and have is not None:
                 if not have.up:
                     await self.registrar.set_node_up(cfg.node_id, True)

@@ -7,10 +7,11 @@
 It owns what it creates, in this order and undone in reverse: the forwarding guard of its
 interface (nftables, in its namespace: nothing is forwarded into or out of the tunnel, so a
 CVM reaches no other CVM through it; ``forward_guard=False`` leaves it out), the WireGuard
-device (a stale interface left by a killed node is removed first; the key lives in
-``state_dir/wg.key`` so a restarted node keeps its identity, the peers' endpoints in
-``state_dir/endpoints.json`` so it handshakes with them at once: ``endpoints.py``), the
-proxy, the node's loops, the RegisterCvm endpoint (mutual RA-TLS) and the admin endpoint.
+device (``wg_backend``: the kernel's where it works, else wireguard-go; a stale interface
+left by a killed node is removed first; the key lives in ``state_dir/wg.key`` so a restarted
+node keeps its identity, the peers' endpoints in ``state_dir/endpoints.json`` so it
+handshakes with them at once: ``endpoints.py``), the proxy, the node's loops, the
+RegisterCvm endpoint (mutual RA-TLS) and the admin endpoint.
 
 Certificates come from ``certs`` (a static provider) or, with ``acme``, from the log: the
 node serves what is recorded for its cluster's domains (keys unsealed with the cluster key),
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -39,8 +41,9 @@ from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.collateral import CollateralCache
 from pydstack.adapters.tdx.devpccs import dev_collateral
 from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
-from pydstack.adapters.wireguard import DeviceError, PrivateKey, UserspaceBackend
+from pydstack.adapters.wireguard import BackendUnavailable, DeviceError, PrivateKey, pick_backend
 from pydstack.adapters.wireguard import netns as ns
+from pydstack.adapters.wireguard.choice import Wanted as WgWanted
 from pydstack.core.gateway.certs import AddDomain, CertStore
 from pydstack.core.gateway.sealing import ClusterKey
 
@@ -103,6 +106,8 @@ class NodeLaunch:
     registration: RegistrationLaunch | None = None
     address_plan: str = "10.0.0.0/25"  # where CVM addresses come from
     forward_guard: bool = True  # nftables: drop forwarding into/out of the interface
+    # auto: the kernel's WireGuard where a wireguard link can be made, else wireguard-go
+    wg_backend: WgWanted = "auto"
 
 
 @dataclass
@@ -219,12 +224,17 @@ async def _start_acme(
 
 @contextlib.asynccontextmanager
 async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[RunningNode]:
-    cfg = launch.node
     key = load_or_create_key(launch.state_dir / "wg.key")
-    backend = UserspaceBackend(launch.state_dir / "wg")
-    reason = await backend.unavailable_reason()
-    if reason is not None:
-        raise DeviceError(f"gateway node {cfg.node_id}: {reason}")
+    try:
+        backend, choice = await pick_backend(launch.wg_backend, run_dir=launch.state_dir / "wg")
+    except BackendUnavailable as exc:
+        raise DeviceError(f"gateway node {launch.node.node_id}: {exc}") from None
+    _log.info("wireguard backend", node=launch.node.node_id, backend=choice.backend,
+              reason=choice.reason)  # fmt: skip
+    # the node reports it (status, GatewayNodeJoined): operators see which one carries CVMs
+    cfg = dataclasses.replace(
+        launch.node, wg_backend=choice.backend, wg_backend_reason=choice.reason
+    )
     await _remove_stale_link(launch.netns, launch.ifname)
     log_certs = LogCertProvider(CertStore(launch.acme.cluster_key)) if launch.acme else None
     async with contextlib.AsyncExitStack() as stack:

@@ -6,11 +6,14 @@ Usage::
         DeviceConfig, PeerConfig, PrivateKey, UserspaceBackend, KernelBackend,
     )
     backend = UserspaceBackend(run_dir=Path("/run/pydstack/wg"))
+    # or the host's choice: the kernel's WireGuard where it works, else wireguard-go
+    backend, choice = await pick_backend("auto", run_dir=Path("/run/pydstack/wg"))
     async with await backend.create("wg0", netns="gw1") as dev:
         await dev.configure(DeviceConfig(private_key=PrivateKey.generate(), listen_port=51820))
         await dev.sync_peers([PeerConfig(public_key=pk, allowed_ips=("10.4.0.2/32",))])
 """
 
+from .choice import WANTED, BackendChoice, choose_backend, pick_backend
 from .device import WireGuardBackend, WireGuardDevice
 from .diff import apply_ops, diff_device, diff_peers
 from .errors import (
@@ -29,6 +32,8 @@ from .uapi import check_set_response, parse_get, render_set
 from .userspace import UserspaceBackend, UserspaceDevice, uapi_request
 
 __all__ = [
+    "WANTED",
+    "BackendChoice",
     "BackendUnavailable",
     "DeviceConfig",
     "DeviceError",
@@ -52,10 +57,12 @@ __all__ = [
     "apply_ops",
     "b64_to_hex",
     "check_set_response",
+    "choose_backend",
     "diff_device",
     "diff_peers",
     "hex_to_b64",
     "parse_get",
+    "pick_backend",
     "render_set",
     "uapi_request",
 ]

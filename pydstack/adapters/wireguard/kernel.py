@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,7 +142,8 @@ class KernelBackend(WireGuardBackend):
     async def unavailable_reason(self) -> str | None:
         if os.geteuid() != 0:
             return "the kernel backend needs root (CAP_NET_ADMIN)"
-        scratch = f"pdwgprobe{os.getpid()}"
+        # unique: two nodes of one process may probe at once
+        scratch = f"pdwgprobe{os.getpid()}-{secrets.token_hex(3)}"
         try:
             async with _ns.temporary_netns(scratch):
                 async with AsyncIPRoute(netns=scratch) as ipr:

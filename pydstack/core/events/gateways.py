@@ -31,6 +31,10 @@ class GatewayNodeJoined(Event, tag="GatewayNodeJoined", frozen=True):
     base_domain: str
     cluster: str = ""  # added: the cluster aggregate it joined ("" = default)
     url: str = ""  # added: the node's RPC URL (dstack's GatewayNodeInfo.url)
+    # added (issue 15.7): what carries its tunnels, "kernel" or "userspace" (wireguard-go),
+    # and one line why ("" on joins before the fields)
+    wg_backend: str = ""
+    wg_backend_reason: str = ""
 
 
 class GatewayNodeDown(Event, tag="GatewayNodeDown", frozen=True):

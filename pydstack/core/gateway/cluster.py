@@ -68,6 +68,8 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     base_domain: str
     url: str = ""
     up: bool = True
+    wg_backend: str = ""  # GatewayNodeJoined's ("" before the field)
+    wg_backend_reason: str = ""
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,6 +206,8 @@ def _apply(s: ClusterState, a: Applied) -> None:
                 endpoint=e.endpoint,
                 base_domain=e.base_domain,
                 url=e.url,
+                wg_backend=e.wg_backend,
+                wg_backend_reason=e.wg_backend_reason,
             )
         case GatewayNodeDown() if _ours(s, e.cluster) and e.node_id in s.nodes:
             s.nodes[e.node_id] = replace(s.nodes[e.node_id], up=False)
