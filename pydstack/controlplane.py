@@ -53,6 +53,7 @@ from pydstack.upkeep import Crashing, RestartBudget, Restarted, keep_nats_server
 if TYPE_CHECKING:
     from pydstack.actors.gateway.up_launch import UpGateway
     from pydstack.actors.kms.launch import KmsLaunch
+    from pydstack.adapters.acme import Rfc2136Config
     from pydstack.adapters.firewall import HostServices
 
 DEFAULT_PORT: Final = 4222
@@ -201,6 +202,7 @@ class UpOptions:
     gateway_acme_directory: str = ""  # "": dev CA certificates; else ACME (up_launch.UpGateway)
     gateway_acme_ca_bundle: str = ""  # the ACME server's HTTPS CA ("": the system's roots)
     gateway_challtestsrv: str = ""  # DNS-01 through pebble-challtestsrv at this URL
+    gateway_rfc2136: Rfc2136Config | None = None  # DNS-01 by TSIG-signed RFC 2136 updates
     # nftables in the gateway's namespace (here: the host's): no forwarding between CVMs
     gateway_forward_guard: bool = True
     vmm_backend: str = ""  # "sandbox" / "qemu": run this host's VMM (needs host_id); "": none
@@ -710,6 +712,7 @@ class ControlPlane:
             dev_pki=str(_dev_pki(self.data.path / "dev-pki")) if dev else None,
             acme_directory=o.gateway_acme_directory,
             acme_ca_bundle=o.gateway_acme_ca_bundle or None, challtestsrv=o.gateway_challtestsrv,
+            rfc2136=o.gateway_rfc2136,
             forward_guard=o.gateway_forward_guard, log_auth=(o.kms_auth or "log") == "log",
         )  # fmt: skip
 

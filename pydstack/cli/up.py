@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import click
 from click.core import ParameterSource
 
+from pydstack.actors.gateway.dns_providers import rfc2136_config, rfc2136_options
 from pydstack.adapters.nats import StoreError
 from pydstack.adapters.nats.bundle import is_bundle, read_bundle
 from pydstack.controlplane import ControlPlane, DataDir, UpOptions, default_host_id
@@ -203,6 +204,7 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
     help="CA of the ACME server's HTTPS",
 )
 @click.option("--gateway-challtestsrv", default="", metavar="URL", help="DNS-01 provider")
+@rfc2136_options("gateway-")
 @click.option(
     "--gateway-forward-guard/--no-gateway-forward-guard",
     default=True,
@@ -330,6 +332,9 @@ def up_cmd(
         bundle, join = join, ",".join(b.nats_urls)
         host_id = host_id if named else b.host
         kms_urls = kms_urls or b.kms_urls
+    gateway_rfc2136 = rfc2136_config(ctx, "gateway-")  # the TSIG secret file read and checked
+    if gateway_rfc2136 is not None and not gateway_acme_directory:
+        raise click.UsageError("--gateway-rfc2136-* needs --gateway-acme-directory")
     opts = UpOptions(
         join_bundle=bundle,
         port=port, host=host, nats_url=join or s.nats, stream=s.stream, allow_delete=allow_delete,
@@ -349,6 +354,7 @@ def up_cmd(
         gateway_port=gateway_port,
         gateway_listen=gateway_listen, gateway_acme_directory=gateway_acme_directory,
         gateway_acme_ca_bundle=gateway_acme_ca_bundle, gateway_challtestsrv=gateway_challtestsrv,
+        gateway_rfc2136=gateway_rfc2136,
         gateway_forward_guard=gateway_forward_guard,
     )  # fmt: skip
     plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
