@@ -96,3 +96,19 @@ async def test_a_simulated_agent_is_refused_by_a_kms_that_trusts_intel_only(
     assert "give --dev-pki DIR" in str(info.value) and "\n" not in str(info.value)
     assert await nothing_on_the_log(store)
     assert not (tmp_path / "root.sealed").exists()
+
+
+async def test_a_guest_agent_kms_takes_no_second_seal_key_source(
+    store: EventStore, tmp_path: Path
+) -> None:
+    """--guest-agent with --seal-appkeys (a host-written appkeys.json) is refused by name,
+    not silently resolved one way or the other."""
+    write_secret(tmp_path / "appkeys.json", create_dev_app_keys(b"\x42" * 20, now=0)[1])
+    launch = KmsLaunch(
+        key_file=str(tmp_path / "root.sealed"), guest_agent=str(tmp_path / "agent.sock"),
+        seal_appkeys=str(tmp_path / "appkeys.json"), auth="dev", allow_dev_auth=True,
+    )  # fmt: skip
+    with pytest.raises(LaunchError, match=r"--seal-appkeys .* give one of them"):
+        async with running_kms(store, launch):
+            pass
+    assert await nothing_on_the_log(store)

@@ -97,6 +97,11 @@ async def self_evidence(
     root_der, collateral = _trust(dev_pki, pccs_url)
     attester: Attester
     seal: SealKeySource
+    if guest_agent and seal_appkeys:
+        raise SelfEvidenceError(
+            "--seal-appkeys is the simulated TD's key provider; with --guest-agent the seal key "
+            "comes from the agent: give one of them"
+        )
     if guest_agent:
         attester, seal = GuestAgentAttester(guest_agent), GuestAgentSealKey(guest_agent)
         source = GUEST_AGENT
