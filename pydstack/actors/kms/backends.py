@@ -30,6 +30,7 @@ from pydstack.adapters.nats import EventStore
 from pydstack.core.kms import DEV_NOT_FOR_KMS, AuthBackend, AuthVerdict, BootInfo, webhook_body
 
 log = structlog.get_logger("pydstack.kms")
+MAX_INFO = 64 * 1024  # bytes of a webhook's info answer (dstack's auth APIs send ~300)
 
 
 class BackendConfigError(ValueError):
@@ -80,11 +81,65 @@ class WebhookBackend:
             body["isAllowed"], str(body.get("reason", "")), str(body.get("gatewayAppId", ""))
         )
 
+    async def meta(self) -> dict[str, object]:
+        """GetMeta's chain fields from the webhook's `GET <url>` (dstack's `get_info`:
+        kmsContractAddr, chainId, gatewayAppId, appImplementation); ValueError naming what
+        is wrong when it cannot be read. The answer is read at most `MAX_INFO` bytes far."""
+        try:
+            async with self._http().get(self.url) as resp:
+                raw = await resp.content.read(MAX_INFO + 1)
+                if resp.status != 200:
+                    raise ValueError(f"webhook {self.url} answered {resp.status}")
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ValueError(f"webhook {self.url} failed: {type(e).__name__}: {e}") from None
+        if len(raw) > MAX_INFO:
+            raise ValueError(f"webhook {self.url} info is over {MAX_INFO} bytes")
+        body: Any = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError(f"webhook {self.url} info is not a JSON object")
+        chain_id = body.get("chainId")
+        fields = [body.get(k) for k in ("gatewayAppId", "kmsContractAddr", "appImplementation")]
+        if not all(isinstance(f, str) for f in fields) or type(chain_id) is not int:
+            raise ValueError(f"webhook {self.url} info lacks gatewayAppId, kmsContractAddr, "
+                             "appImplementation (strings) or chainId (an integer)")  # fmt: skip
+        gateway, contract, implementation = fields
+        return {
+            "gateway_app_id": gateway,
+            "kms_contract_address": contract,
+            "chain_id": chain_id,
+            "app_auth_implementation": implementation,
+        }
+
     async def authorize_app(self, boot: BootInfo) -> AuthVerdict:
         return await self._ask("bootAuth/app", boot)
 
     async def authorize_kms(self, boot: BootInfo) -> AuthVerdict:
         return await self._ask("bootAuth/kms", boot)
+
+
+NO_CHAIN: dict[str, object] = {
+    "gateway_app_id": None,
+    "kms_contract_address": None,
+    "chain_id": None,
+    "app_auth_implementation": None,
+}
+
+
+async def chain_meta(backend: AuthBackend) -> dict[str, object]:
+    """GetMeta's optional chain fields as dstack v0.5.11 fills them from its auth API: the
+    contract's (eth: read from the chain; webhook: its `GET /`), the dev backend's gateway
+    app id, null otherwise. A backend that cannot be read leaves them null (logged): GetMeta
+    also serves the KMS root a guest checks, which must not depend on the chain."""
+    if isinstance(backend, DevBackend):
+        return NO_CHAIN | {"gateway_app_id": backend.gateway_app_id}
+    read = getattr(backend, "meta", None)
+    if read is None:
+        return dict(NO_CHAIN)
+    try:
+        return NO_CHAIN | dict(await read())
+    except Exception as e:  # an outage must not take GetMeta down
+        log.warning("GetMeta without chain fields", backend=backend.name, error=str(e))
+        return dict(NO_CHAIN)
 
 
 class DevBackend:

@@ -38,6 +38,7 @@ from pydstack.core.kms.csr import Csr
 from pydstack.core.kms.csr_v1 import decode_csr_v1, encode_csr_v1
 from pydstack.core.kms.onboarding import MAX_TOKEN
 
+from .backends import chain_meta
 from .certgrants import usage_of
 from .evidence import MALFORMED, MAX_CERTIFICATE, OVERSIZE
 from .refusal import NO_CERTIFICATE, Refused, refuse
@@ -131,7 +132,8 @@ async def env_pubkey(request: web.Request, body: dict[str, Any]) -> web.StreamRe
 
 
 async def get_meta(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    return web.json_response(request.app[SERVICE].meta())
+    svc = request.app[SERVICE]
+    return web.json_response(svc.meta() | await chain_meta(svc.backend))
 
 
 async def get_temp_ca(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:

@@ -27,6 +27,15 @@ from .errors import BootInfoError, ChainError
 
 __all__ = ["EthAuthBackend"]
 
+# DstackKms.appImplementation(): GetMeta's app_auth_implementation (both contracts have it)
+_APP_IMPLEMENTATION: Final[dict[str, Any]] = {
+    "type": "function",
+    "name": "appImplementation",
+    "stateMutability": "view",
+    "inputs": [],
+    "outputs": [{"name": "", "type": "address", "internalType": "address"}],
+}
+
 
 def _hex(value: str, size: int) -> str:
     try:
@@ -75,7 +84,8 @@ class EthAuthBackend:
         self.name = name
         self._web3 = web3
         self._address: Final = to_checksum_address(kms_contract_address)
-        self._contract = web3.eth.contract(address=self._address, abi=cast(ABI, KMS_AUTH_VIEW_ABI))
+        abi = cast(ABI, [*KMS_AUTH_VIEW_ABI, _APP_IMPLEMENTATION])
+        self._contract = web3.eth.contract(address=self._address, abi=abi)
 
     @classmethod
     def connect(
@@ -94,6 +104,31 @@ class EthAuthBackend:
 
     async def authorize_kms(self, boot: BootInfo) -> AuthVerdict:
         return await asyncio.to_thread(self._ask, "isKmsAllowed", boot)
+
+    async def meta(self) -> dict[str, object]:
+        """GetMeta's chain fields as dstack's auth-eth `GET /` feeds them to its KMS (the
+        contract's gatewayAppId and appImplementation, the chain id); ChainError if the chain
+        cannot be asked."""
+        return await asyncio.to_thread(self._meta)
+
+    def _meta(self) -> dict[str, object]:
+        functions: Any = self._contract.functions
+        try:
+            gateway_app_id = functions.gatewayAppId().call()
+            implementation = functions.appImplementation().call()
+            chain_id = self._web3.eth.chain_id
+        except (Web3Exception, OSError, ValueError) as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise ChainError(
+                f"eth: reading KMS contract {self._address} failed: {type(exc).__name__}: "
+                f"{first}; check the RPC endpoint and the contract address"
+            ) from exc
+        return {
+            "gateway_app_id": str(gateway_app_id),
+            "kms_contract_address": self._address,
+            "chain_id": int(chain_id),
+            "app_auth_implementation": str(implementation),
+        }
 
     def _ask(self, function: str, boot: BootInfo) -> AuthVerdict:
         try:
