@@ -1,4 +1,5 @@
-"""Real pebble + pebble-challtestsrv per test, and gateway nodes that keep certificates."""
+"""Real pebble + pebble-challtestsrv per test, and gateway nodes that keep certificates;
+or pebble validating against a real Knot DNS server (``knot``, ``knot_pebble``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pydstack.core.events import Signer
 from pydstack.core.gateway.certs import RenewalPolicy
 from pydstack.core.gateway.sealing import ClusterKey
 
+from .knot import Knot, missing_knot, running_knot
 from .pebble import Pebble, missing_binaries, running_pebble
 
 CLUSTER = "c1"
@@ -30,6 +32,25 @@ async def pebble(tmp_path: Path) -> AsyncIterator[Pebble]:
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (Debian package pebble; make sysdeps)")
     async with running_pebble(tmp_path / "pebble", validity_s=VALIDITY_S) as p:
+        yield p
+
+
+@pytest.fixture
+async def knot(tmp_path: Path) -> AsyncIterator[Knot]:
+    if missing_knot():  # a dependency of the project (Makefile DEB_PACKAGES): fail, never skip
+        pytest.fail("knotd not installed: run `make sysdeps` (Debian package knot)")
+    async with running_knot(tmp_path / "knot") as k:
+        yield k
+
+
+@pytest.fixture
+async def knot_pebble(tmp_path: Path, knot: Knot) -> AsyncIterator[Pebble]:
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian package pebble; make sysdeps)")
+    async with running_pebble(
+        tmp_path / "pebble", validity_s=VALIDITY_S, dns_server=knot.address
+    ) as p:
         yield p
 
 

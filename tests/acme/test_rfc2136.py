@@ -25,32 +25,13 @@ from pydstack.core.events import CertificateIssued, CertificateRenewalFailed
 from pydstack.core.gateway.certs import domain_subject
 from pydstack.core.gateway.sealing import ClusterKey
 
-from .conftest import CLUSTER, FRESH, VALIDITY_S, Nodes
-from .knot import Knot, missing_knot, running_knot
-from .pebble import Pebble, missing_binaries, running_pebble
+from .conftest import CLUSTER, FRESH, Nodes
+from .knot import Knot
+from .pebble import Pebble
 from .test_issue import add, count, events_on
 
 DOMAIN = "apps.example.com"
 CHALLENGE = f"_acme-challenge.{DOMAIN}."
-
-
-@pytest.fixture
-async def knot(tmp_path: Path) -> AsyncIterator[Knot]:
-    if missing_knot():  # a dependency of the project (Makefile DEB_PACKAGES): fail, never skip
-        pytest.fail("knotd not installed: run `make sysdeps` (Debian package knot)")
-    async with running_knot(tmp_path / "knot") as k:
-        yield k
-
-
-@pytest.fixture
-async def knot_pebble(tmp_path: Path, knot: Knot) -> AsyncIterator[Pebble]:
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (Debian package pebble; make sysdeps)")
-    async with running_pebble(
-        tmp_path / "pebble", validity_s=VALIDITY_S, dns_server=knot.address
-    ) as p:
-        yield p
 
 
 @pytest.fixture
