@@ -7,8 +7,9 @@ async with svc, serve_kms(svc, "127.0.0.1", 9100) as url:
 """
 
 from .backends import BackendConfigError, DevBackend, WebhookBackend, make_backend
+from .bootview import make_recheck
 from .client import KmsCallError, KmsClient, ratls_identity
-from .evidence import Evidence, check_attestation, make_recheck, policy_json
+from .evidence import Evidence, check_attestation, policy_json
 from .http import make_app, serve_kms
 from .keystore import GuestAgentSealKey, KeyProviderSealKey, KeystoreError, RootKeyFile
 from .onboard import onboard_replica

@@ -42,6 +42,7 @@ from pydstack.core.kms import (
 )
 from pydstack.core.kms.onboarding import allowed_measurement
 
+from .bootview import with_key_provider
 from .evidence import CollateralSource, check_attestation
 
 log = structlog.get_logger("pydstack.kms")
@@ -149,7 +150,10 @@ async def authorize_self(
         coll = await collateral(att.quote)
     except Exception as e:
         raise SelfRefused(f"KMS self-authorization: cannot attest this KMS: {e}") from None
-    ev = check_attestation(att, coll, policy=policy, now=now, root_ca_der=root_ca_der)
+    # dstack's `local_kms_boot_info`: the whole view, its key provider included
+    ev = with_key_provider(
+        check_attestation(att, coll, policy=policy, now=now, root_ca_der=root_ca_der)
+    )
     if ev.unverified or ev.boot is None:
         why = "; ".join(ev.unverified or ev.reasons)
         raise SelfRefused(f"KMS self-authorization: this KMS's own evidence does not verify: {why}")

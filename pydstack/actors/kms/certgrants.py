@@ -79,7 +79,9 @@ class RateLimited(Exception):
 def at_boot(boot: BootInfo, quote: bytes, runtime_events: Sequence[RuntimeEvent]) -> BootInfo:
     """`boot` with dstack's boot-time measurements, what SignCert decides on (dstack
     ``decode_app_info(boottime_mr=true)``): RTMR3 replayed up to ``boot-mr-done`` and no key
-    provider, so the events an app emits after boot change neither decision nor grant."""
+    provider (dstack's boot-time BootInfo has an empty ``key_provider_info``), so the events an
+    app emits after boot change neither decision nor grant."""
+    boot = msgspec.structs.replace(boot, key_provider_info="")
     try:
         info = decode_app_info(
             measurements_of(parse_quote(quote).report), runtime_events, boottime_mr=True

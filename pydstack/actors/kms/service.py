@@ -75,6 +75,7 @@ from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
 from ..trust import Judge
 from .authority import KmsAuthority
+from .bootview import with_key_provider
 from .certgrants import CertGrants, Grant, RateLimited, at_boot, grant_key, grants_on_log
 from .evidence import (
     MALFORMED,
@@ -386,7 +387,7 @@ class KmsService:
         if not ev.verified:
             raise refuse(method, ev.kind, "attestation refused: " + "; ".join(ev.reasons),
                          quote_hash=quote_hash(p.quote))  # fmt: skip
-        return ev
+        return with_key_provider(ev)  # dstack's BootInfo names the key provider
 
     async def _decision(
         self, method: str, p: Presented, vm_config: str, now: int, *, kms: bool = False,

@@ -10,8 +10,9 @@ import msgspec
 from ._base import Event
 
 
-class BootInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What the KMS learned from a verified quote + event log (dstack's BootInfo)."""
+class BootInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the KMS learned from a verified quote + event log (dstack's BootInfo). Defaults
+    are omitted as in events, so a field added later leaves older encodings' values alone."""
 
     tcb_status: str
     advisory_ids: tuple[str, ...] = ()
@@ -22,6 +23,10 @@ class BootInfo(msgspec.Struct, frozen=True, kw_only=True):
     compose_hash: str = ""
     instance_id: str = ""
     device_id: str = ""
+    # Added: the `key-provider` runtime event's payload (dstack's BootInfo.key_provider_info),
+    # "" when the attestation has none (a first boot asks for keys before emitting it) and for
+    # SignCert, which decides on the boot-time view as dstack does.
+    key_provider_info: str = ""
 
 
 class KmsRootCreated(Event, tag="KmsRootCreated", frozen=True):

@@ -81,11 +81,10 @@ def boot_info(
 
 
 def webhook_body(boot: BootInfo) -> dict[str, object]:
-    """The auth-simple `/bootAuth/*` request body (camelCase, hex without 0x)."""
+    """The `/bootAuth/*` request body as dstack v0.5.11's KMS posts it (serde of its
+    `BootInfo`: camelCase, these fields in this order, bytes as lower-case hex without 0x)."""
     return {
-        "teeVariant": "dstack-tdx",
-        "tcbStatus": boot.tcb_status,
-        "advisoryIds": list(boot.advisory_ids),
+        "attestationMode": "dstack-tdx",
         "mrAggregated": boot.mr_aggregated,
         "osImageHash": boot.os_image_hash,
         "mrSystem": boot.mr_system,
@@ -93,6 +92,9 @@ def webhook_body(boot: BootInfo) -> dict[str, object]:
         "composeHash": boot.compose_hash,
         "instanceId": boot.instance_id,
         "deviceId": boot.device_id,
+        "keyProviderInfo": boot.key_provider_info,
+        "tcbStatus": boot.tcb_status,
+        "advisoryIds": list(boot.advisory_ids),
     }
 
 
@@ -114,6 +116,7 @@ def boot_info_from_webhook(body: dict[str, object]) -> BootInfo:
         compose_hash=s("composeHash"),
         instance_id=s("instanceId"),
         device_id=s("deviceId"),
+        key_provider_info=s("keyProviderInfo"),
     )
 
 
