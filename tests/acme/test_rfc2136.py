@@ -211,3 +211,32 @@ def test_port_is_free_for_udp_and_tcp() -> None:
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", port))
+
+
+async def test_an_unsigned_noerror_answer_is_not_taken_for_success(tmp_path: Path) -> None:
+    """Whoever answers in the server's place (on-path, or a spoofed address) without the key
+    cannot make the node believe a record was published: the answer must carry its TSIG."""
+    import struct
+
+    import dns.flags
+    import dns.message
+    import dns.update
+
+    async def forger(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        (n,) = struct.unpack("!H", await r.readexactly(2))
+        request = dns.message.from_wire(await r.readexactly(n), keyring=False)  # has no key
+        assert isinstance(request, dns.update.UpdateMessage)
+        answer = dns.update.UpdateMessage(request.zone[0].name, id=request.id)
+        answer.flags |= dns.flags.QR  # NOERROR, the same zone, no TSIG
+        wire = answer.to_wire()
+        w.write(struct.pack("!H", len(wire)) + wire)
+        await w.drain()
+        w.close()
+
+    secret = write_secret(tmp_path / "s", "c2VjcmV0LW9mLWFub3RoZXIta2V5LTMyLWJ5dGVz\n")
+    server = await asyncio.start_server(forger, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = Rfc2136Config(f"127.0.0.1:{port}", "example.com", "k.", "hmac-sha256", str(secret))
+    async with server:
+        with pytest.raises(DnsError, match=r"unusable answer: .*requires a TSIG"):
+            await config.open().add_txt(CHALLENGE, "v")

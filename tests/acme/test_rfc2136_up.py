@@ -109,3 +109,35 @@ def test_up_refuses_unusable_rfc2136_options_before_starting(
     assert result.exit_code == 2, result.output
     assert error in result.output
     assert not (home / "nats").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--rfc2136-server", "127.0.0.1", "--cluster-secret", "GOOD"],
+         "needs --rfc2136-zone"),
+        (["--rfc2136-tsig-name", "k", "--cluster-secret", "GOOD"], "need --rfc2136-server"),
+        (["--rfc2136-server", "127.0.0.1", "--rfc2136-zone", "example.com",
+          "--rfc2136-tsig-name", "k", "--rfc2136-tsig-secret-file", "GOOD"],
+         "need --cluster-secret"),
+        (["--rfc2136-server", "127.0.0.1:0", "--rfc2136-zone", "example.com",
+          "--rfc2136-tsig-name", "k", "--rfc2136-tsig-secret-file", "GOOD",
+          "--cluster-secret", "GOOD"], "expected HOST, HOST:PORT"),
+    ],
+)  # fmt: skip
+def test_a_gateway_node_refuses_unusable_rfc2136_options(
+    tmp_path: Path, args: list[str], error: str
+) -> None:
+    from pydstack.actors.gateway.__main__ import main as gateway_main
+
+    good = tmp_path / "good.secret"
+    good.write_text("c2VjcmV0LW9mLWFub3RoZXIta2V5LTMyLWJ5dGVz\n")
+    good.chmod(0o600)
+    args = [str(good) if a == "GOOD" else a for a in args]
+    base = ["--nats", "nats://127.0.0.1:1", "--node-id", "gw1", "--base-domain", BASE,
+            "--endpoint", "127.0.0.1:51820", "--state-dir", str(tmp_path / "gw")]  # fmt: skip
+    result = CliRunner().invoke(gateway_main, [*base, *args])
+    assert result.exit_code in (1, 2), result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert error in line  # one line: what is wrong
+    assert not (tmp_path / "gw").exists()  # nothing started
