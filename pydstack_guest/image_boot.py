@@ -3,16 +3,17 @@
 Started by the image's ``guest-boot.py`` once the host share is mounted and eth0 has an
 address, when the app-compose has a compose file; each stage goes to stdout as a JSON line
 ``{"stage", "detail"}`` that guest-boot.py reports to the host (virtio-serial events port and
-serial console). The flow is the sandbox's (`pydstack_guest.simulated.boot_simulated`, then
+serial console). The flow is the sandbox's (`pydstack_guest.td_boot.boot_td`, then
 `pydstack_guest.compose_app`) on the system's docker engine, plus the LUKS2 data disk
 (`pydstack_guest.data_disk`: formatted with the app's disk key on first boot, opened after,
 mounted at /dstack/persistent with docker's state on it; ``storage-fs`` = ``ext4``). The
 engine starts once the "storage" stage is reported (guest-boot.py holds its READY until then).
 
-The TD is simulated (no TDX under TCG): the host share carries the dev PKI the KMS trusts
-(``dev-pki/``), ``dev-td.json`` (the image's ``os_image_hash``, the sandbox images to import)
-and those images (``images/<name>/``), all written by the QEMU backend when it is given a dev
-PKI. Without ``dev-td.json`` the boot stops with an error: this image has no TDX backend yet.
+The TD is the guest kernel's when it has configfs-tsm (real TDX quotes), else simulated only
+on a VM whose platform has no TEE (``tcg``, ``kvm``), with the dev PKI the KMS trusts
+(``dev-pki/``), ``dev-td.json`` (the image's measured parts, the sandbox images to import)
+and those images (``images/<name>/``) that the QEMU backend writes only for such VMs; a TDX VM
+without configfs-tsm stops at ``tee`` (`pydstack_guest.tee`). The ``tee`` stage says which.
 
 Networking is QEMU user mode (slirp), where the host's loopback is 10.0.2.2. The KMS and
 gateway URLs of sys-config that name the host's loopback (``https://127.0.0.1:9100``) stay as
@@ -33,14 +34,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import msgspec
-
 from pydstack.adapters.sandbox._docker import Docker
 from pydstack.adapters.sandbox._outbound import LOOPBACK, relay_targets, split_endpoint
 from pydstack.adapters.streams import pipe
-from pydstack.core.measure import ImageParts
 
 from .boot import BootFailed, HostShared, read_host_shared
+from .tee import DEV_TD_FILE, TeePaths, open_td
 
 SHARE = Path("/dstack/.host-shared")
 HOST_ALIAS = "10.0.2.2"  # slirp: the host's loopback as the guest sees it
@@ -97,6 +96,15 @@ def _vm_size(shared: HostShared) -> tuple[int, int]:
     return int(doc.get("cpu_count") or os.cpu_count() or 1), mem
 
 
+def sandbox_images(share: Path) -> list[tuple[Path, str]]:
+    """The sandbox images (busybox...) a simulated TD's docker imports: dev-td.json's list."""
+    try:
+        names = json.loads((share / DEV_TD_FILE).read_text()).get("images", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [(share / "images", str(n)) for n in names]
+
+
 async def _wait_docker(docker: Docker, timeout_s: float = 300.0) -> None:
     for _ in range(int(timeout_s * 2)):  # nothing to wait on but the socket itself
         if await docker.ping():
@@ -105,35 +113,26 @@ async def _wait_docker(docker: Docker, timeout_s: float = 300.0) -> None:
     raise TimeoutError
 
 
-async def run(stop: asyncio.Event) -> None:
+async def run(stop: asyncio.Event, *, share: Path = SHARE, tee: TeePaths | None = None) -> None:
     from pydstack.adapters.wireguard import UserspaceBackend
 
     from .compose_app import start_compose_app
     from .data_disk import load_dm_crypt, setup_data_disk
-    from .simulated import SimulatedTd, boot_simulated
+    from .td_boot import boot_td
 
-    shared = read_host_shared(SHARE)
-    try:
-        dev = json.loads((SHARE / "dev-td.json").read_text())
-    except (OSError, ValueError) as e:
-        why = "this image has no TDX backend yet, the host must pass a dev PKI"
-        raise BootFailed("host-shared", f"no simulated TD description ({e}): {why}") from None
+    shared = read_host_shared(share)
     sysc = json.loads(shared.sys_config)
+    vcpu, mem = _vm_size(shared)
+    name = json.loads(shared.app_compose).get("name") or "app"
+    # First: nothing reaches the KMS, the gateway or docker before the TEE is settled.
+    td = await asyncio.to_thread(open_td, share, shared, state_dir=STATE, name=name, vcpu=vcpu,
+                                 memory_mb=mem, paths=tee)  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
         for server in await relay_host_services(
             [*sysc.get("kms_urls", []), *sysc.get("gateway_urls", [])]
         ):
             stack.callback(server.close)
         await asyncio.to_thread(subprocess.run, ["modprobe", "tun"], capture_output=True)
-        vcpu, mem = _vm_size(shared)
-        name = json.loads(shared.app_compose).get("name") or "app"
-        try:
-            parts = msgspec.convert(dev.get("image"), ImageParts)
-        except msgspec.ValidationError as e:
-            raise BootFailed("host-shared", f"dev-td.json image parts: {e}") from None
-        td = SimulatedTd(pki_dir=SHARE / "dev-pki", state_dir=STATE,
-                         os_image_hash=bytes.fromhex(dev["os_image_hash"]), image=parts,
-                         name=name, vcpu=vcpu, memory_mb=mem)  # fmt: skip
         app_id = str(json.loads(shared.instance_info or b"{}").get("app_id") or "")
 
         async def data_disk(key: bytes) -> str:
@@ -141,7 +140,7 @@ async def run(stop: asyncio.Event) -> None:
 
         # The LUKS2 data disk, where the kernel has dm-crypt (its modules are in the image);
         # docker.service waits for the "storage" stage (guest-boot.py): its state is on it.
-        booted = await boot_simulated(
+        booted = await boot_td(
             shared, td, sock=DSTACK_SOCK, report=report, wg=UserspaceBackend(STATE / "wg"),
             reach=reach, agent_tcp=AGENT_TCP, dm_crypt=await load_dm_crypt(),
             data_disk=data_disk, tappd_sock=TAPPD_SOCK, dstack_aliases=DSTACK_SOCK_ALIASES,
@@ -156,7 +155,7 @@ async def run(stop: asyncio.Event) -> None:
         except TimeoutError:
             raise BootFailed("docker", f"{DOCKER_SOCK} did not answer in 300 s") from None
         report("docker")
-        images = [(SHARE / "images", n) for n in dev.get("images", [])]
+        images = sandbox_images(share) if td.kind == "simulated" else []
         try:
             logs = await start_compose_app(docker, shared.app_compose, booted.env,
                                            images=images, dstack_sock=DSTACK_SOCK,

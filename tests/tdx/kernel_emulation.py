@@ -4,18 +4,39 @@ A thread plays the TDX guest driver: it fills a new report entry (provider, gene
 inblob, outblob) after mkdir, turns a 48-byte write to `rtmrN:sha384` into an extend, and
 answers each inblob write with a simulator quote over its current RTMRs, then bumps
 `generation`. Unlike the real driver it is asynchronous, so tests call `settle()` before
-reading back. `mode` injects the races the backend must detect.
+reading back. `mode` injects the races the backend must detect. With `td` the TD is measured
+as given (MRTD, MRCONFIGID... and RTMR0-2 as its firmware left them), and `encode_ccel` lays
+out the boot log that firmware would leave in the CCEL table, so a guest booting on this
+kernel reads the same files a TDX guest does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+
+from pydstack.adapters.tdx.eventlog import TdxEvent
 from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
+
+_SHA384 = 0x000C
+
+
+def encode_ccel(events: Sequence[TdxEvent]) -> bytes:
+    """A CCEL (TCG2 crypto-agile log, SHA-384 only) holding `events` (RTMR n = CCEL MR n+1)."""
+    spec = (b"Spec ID Event03\x00" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 1)
+            + struct.pack("<HH", _SHA384, 48) + b"\x00")  # fmt: skip
+    out = struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", len(spec)) + spec
+    for e in events:
+        out += struct.pack("<IIIH", e.imr + 1, e.event_type, 1, _SHA384) + e.digest
+        out += struct.pack("<I", len(e.event_payload)) + e.event_payload
+    return out + b"\xff" * 16  # the table's unused tail
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -33,6 +54,8 @@ class EmulatedTdxKernel:
         provider: str = "tdx_guest\n",
         mode: str = "normal",  # "normal" | "double_bump" | "bump_during_read" | "silent"
         outblob: bytes | None = None,
+        td: TdMeasurements | None = None,
+        rtmr_sysfs: bool = True,  # False: a kernel before 6.16, no measurements files
     ) -> None:
         self.report_root = root / "tsm" / "report"
         self.measurements = root / "measurements"
@@ -42,9 +65,12 @@ class EmulatedTdxKernel:
         self.provider = provider
         self.mode = mode
         self.fixed_outblob = outblob
-        self.rtmrs = [bytes(48)] * 4
-        self.mr_td = hashlib.sha384(b"emulated TD").digest()
-        for i in range(4):
+        self.td = td or TdMeasurements(mr_td=hashlib.sha384(b"emulated TD").digest())
+        self.rtmrs = list(self.td.rtmrs)
+        self.mr_td = self.td.mr_td
+        self.served: list[bytes] = []  # every outblob it produced, in order
+        self.rtmr_sysfs = rtmr_sysfs
+        for i in range(4 if rtmr_sysfs else 0):
             (self.measurements / f"rtmr{i}:sha384").write_bytes(self.rtmrs[i])
         self.generations: dict[Path, int] = {}
         self.quotes_served = 0
@@ -77,7 +103,7 @@ class EmulatedTdxKernel:
             time.sleep(0.0005)
 
     def _scan_rtmrs(self) -> None:
-        for i in range(4):
+        for i in range(4 if self.rtmr_sysfs else 0):
             path = self.measurements / f"rtmr{i}:sha384"
             data = path.read_bytes()
             if data != self.rtmrs[i] and len(data) == 48:  # a write: extend by it
@@ -100,8 +126,9 @@ class EmulatedTdxKernel:
         self._scan_rtmrs()  # an extend written before this inblob must be in the quote
         r = self.rtmrs
         quote = self.fixed_outblob or self.sim.quote(
-            data[:64], TdMeasurements(mr_td=self.mr_td, rtmrs=(r[0], r[1], r[2], r[3]))
+            data[:64], msgspec.structs.replace(self.td, rtmrs=(r[0], r[1], r[2], r[3]))
         )
+        self.served.append(quote)
         gen = self.generations[entry] + 1
         if self.mode == "bump_during_read":
             # outblob becomes a FIFO: the reader blocks until we bump generation again and

@@ -5,7 +5,9 @@ Work dir ``<vms_dir>/<vm_id>/``::
     manifest.json   the CvmSpec            disk.qcow2   the VM's disk (on the image's hda)
     data.qcow2      the data disk (``disk_gb``, else DATA_DISK_GB): the guest keeps it LUKS2
                     with the app's disk key (pydstack_guest.data_disk), so only ciphertext here
-    shared/         9p host share (app-compose.json, sys-config, encrypted env...)
+    shared/         9p host share (app-compose.json, sys-config, encrypted env...) and
+                    platform.json; on a platform with no TEE the simulated TD (dev-pki/,
+                    dev-td.json, images/), never on TDX: `write_tee_share`
     run/qmp.sock    QMP                     serial.log   console (rotated by the supervisor)
     events.log      guest events (virtio-serial org.pydstack.events), JSON lines
     boot.offset     size of events.log when the current run started
@@ -44,7 +46,7 @@ from .argv import (
     build_argv,
     mrconfigid_for_compose,
 )
-from .image import Image, ImageError, image_registration, images_dir
+from .image import Image, ImageError, image_registration, images_dir, os_image_hash
 from .qmp import Qmp, QmpError
 from .user import QEMU_USER, AccessError, ensure_user, grant_reach, prepare_workdir
 
@@ -62,9 +64,10 @@ class QemuBackendConfig(msgspec.Struct, frozen=True, kw_only=True):
     qgs_port: int | None = None
     vsock: bool = True  # False where /dev/vhost-vsock is missing: the CID is still reserved
     kill_grace_s: float = 5.0  # SIGTERM grace when QMP is unusable
-    # No TDX (TCG): the guest simulates its TD and signs quotes with this dev PKI (`up`'s
-    # DATA/dev-pki, which its KMS trusts), passed through the host share with the sandbox
-    # images (busybox...) its docker engine imports: see `write_simulated_td`.
+    # No TEE (platform tcg or kvm): the guest simulates its TD and signs quotes with this dev
+    # PKI (`up`'s DATA/dev-pki, which its KMS trusts), passed through the host share with the
+    # sandbox images (busybox...) its docker engine imports: see `write_tee_share`. Never
+    # copied for a TDX platform.
     dev_pki: Path | None = None
     app_images: Path | None = None
     user: str = QEMU_USER  # QEMU runs as this system user (made on first start when missing)
@@ -100,9 +103,7 @@ class QemuBackend(SupervisedCvms):
         wd = self.workdir(spec.vm_id)
         image = self._image(spec.image)
         shared = self._write_shared(spec)
-        if self.config.dev_pki is not None:
-            await asyncio.to_thread(write_simulated_td, shared, image, self.config.dev_pki,
-                                    self.config.app_images)  # fmt: skip
+        await asyncio.to_thread(self._write_tee_share, shared, image)
         disk_path = wd / "disk.qcow2"
         try:
             if not disk_path.exists():
@@ -169,6 +170,9 @@ class QemuBackend(SupervisedCvms):
         if await self._running(vm_id):
             return await self.status(vm_id)
         argv = build_argv(self.qemu_spec(spec))
+        # Again at each start: the host's platform may have changed since the VM was created,
+        # and a TDX start must not find a dev PKI a TCG run left in the share.
+        await asyncio.to_thread(self._write_tee_share, wd / "shared", self._image(spec.image))
         try:
             await self._data_disk(spec)  # a VM created before data disks existed
         except qdisk.DiskError as e:
@@ -189,6 +193,10 @@ class QemuBackend(SupervisedCvms):
         except _SvError as e:
             raise CvmError(f"{vm_id}: {e}") from None
         return await self.status(vm_id)
+
+    def _write_tee_share(self, shared: Path, image: Image) -> None:
+        cfg = self.config
+        write_tee_share(shared, cfg.platform, image, cfg.dev_pki, cfg.app_images)
 
     def _give_qemu_its_files(self, spec: CvmSpec) -> RunAs:
         """QEMU's user (made when missing), owning or reading this CVM's files (``.user``)."""
@@ -238,6 +246,35 @@ class QemuBackend(SupervisedCvms):
         except NotFound:
             pass
         await asyncio.to_thread(shutil.rmtree, wd, ignore_errors=True)
+
+
+SIMULATED_PLATFORMS: frozenset[Platform] = frozenset({"tcg", "kvm"})  # no TEE: the TD is simulated
+PLATFORM_FILE = "platform.json"  # read by pydstack_guest.tee
+SIMULATED_TD_FILES = ("dev-pki", "images", "dev-td.json")  # what write_simulated_td writes
+
+
+def write_tee_share(
+    shared: Path, platform: Platform, image: Image, dev_pki: Path | None, app_images: Path | None
+) -> None:
+    """The share's part about the TEE: ``platform.json`` (the VM's platform and the image's
+    os_image_hash, which the guest sends the KMS) always, and the simulated TD's files
+    (`write_simulated_td`) only on a platform with no TEE and with a dev PKI; otherwise they
+    are removed, so the dev PKI's private keys never enter a TDX guest's share."""
+    digest = image.digest or os_image_hash(
+        (image.dir / "sha256sum.txt").read_bytes() if (image.dir / "sha256sum.txt").exists()
+        else b""
+    )  # fmt: skip
+    doc = {"platform": platform, "os_image_hash": digest}
+    (shared / PLATFORM_FILE).write_bytes(msgspec.json.encode(doc))
+    if platform in SIMULATED_PLATFORMS and dev_pki is not None:
+        write_simulated_td(shared, image, dev_pki, app_images)
+        return
+    for name in SIMULATED_TD_FILES:
+        path = shared / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def write_simulated_td(shared: Path, image: Image, dev_pki: Path, app_images: Path | None) -> None:

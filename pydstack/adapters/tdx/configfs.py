@@ -56,6 +56,20 @@ class ConfigfsBackend(RecordingBackend):
         self.timeout = timeout
         self.poll_interval = poll_interval
 
+    def probe(self) -> str:
+        """Check this guest can quote and extend before the boot relies on it: the report
+        entry exists (created) with a ``tdx_guest`` provider, and the four RTMR files are
+        there. Returns what was found, one line; raises `BackendError` naming what is not."""
+        entry = self._entry()
+        provider = self._read_text(entry / "provider").strip()
+        missing = [i for i in range(4) if not self._rtmr_path(i).exists()]
+        if missing:
+            raise BackendError(
+                f"no RTMR{missing[0]} at {self._rtmr_path(missing[0])}: RTMR extend through "
+                "the TSM measurements sysfs needs Linux >= 6.16"
+            )
+        return f"configfs-tsm {entry} (provider {provider}), RTMRs at {self.measurements_dir}"
+
     # --- quotes -------------------------------------------------------------------------
 
     def _entry(self) -> Path:
