@@ -48,7 +48,14 @@ from pydstack.adapters.nats.identity import ROLES, Identity, IdentityStore, nats
 from pydstack.adapters.nats.server import port_in_use
 from pydstack.core.events import HostJoined, subject
 from pydstack.core.policy import TENANT, Keyring
-from pydstack.upkeep import Crashing, RestartBudget, Restarted, keep_nats_server
+from pydstack.upkeep import (
+    Crashing,
+    RestartBudget,
+    Restarted,
+    keep_nats_server,
+    orphaned_nats_server,
+    stop_orphan,
+)
 
 if TYPE_CHECKING:
     from pydstack.actors.gateway.up_launch import UpGateway
@@ -283,6 +290,9 @@ class ControlPlane:
                         data_dir=self.data.nats_dir, host=cfg.host, port=cfg.port,
                         users=nats_users(Keyring(), ids.values(), cfg.stream, self._host()),
                     ))  # fmt: skip
+                    orphan = orphaned_nats_server(self.data.nats_dir, self.server.conf_path)
+                    if orphan is not None:  # the lock is ours: its `up` is gone
+                        await stop_orphan(orphan, "nats-server")
                     await self.server.start()
                     stack.push_async_callback(self._stop_server)
                     self.url = self.server.url

@@ -10,14 +10,22 @@ Usage::
 The embedded nats-server restarts on the same config, store dir and port, so JetStream
 recovers the stream and every durable consumer from its files, and every client (nats-py
 reconnects by itself) resumes where it was.
+
+An `up` killed without its cleanup (kill -9, then a restart by systemd) finds the nats-server
+it left still serving the data dir: `orphaned_nats_server` names it and `stop_orphan` stops
+it, so the new `up` starts its own on the same store instead of failing on a taken port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NoReturn
 
 import structlog
@@ -109,3 +117,59 @@ async def keep_nats_server(
                   pid=server.proc.pid if server.proc else None)  # fmt: skip
         if on_restart is not None:
             on_restart(event)  # not awaited: watching goes on at once
+
+
+ORPHAN_STOP_S = 10.0  # as NatsServer.stop: JetStream flushes its store on SIGTERM
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for whoever inherited it to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def orphaned_nats_server(nats_dir: Path, conf_path: Path) -> int | None:
+    """The pid of a nats-server that an `up` killed without its cleanup (kill -9, OOM) left
+    serving this data dir, found by the ports file it writes (``ports/nats-server_<pid>.ports``;
+    state.json may be gone, a later failed `up` removes it). Only a live nats-server started
+    on this data dir's config counts: a pid the kernel reused for anything else is never
+    touched."""
+    try:
+        names = [p.name for p in (nats_dir / "ports").iterdir()]
+    except OSError:
+        return None
+    for name in names:
+        stem = name.removeprefix("nats-server_").removesuffix(".ports")
+        if not stem.isdigit() or int(stem) <= 1 or not _alive(int(stem)):
+            continue
+        argv = _cmdline(int(stem))
+        if argv and Path(argv[0]).name == "nats-server" and str(conf_path) in argv:
+            return int(stem)
+    return None
+
+
+async def stop_orphan(pid: int, what: str) -> None:
+    """SIGTERM, then SIGKILL after ORPHAN_STOP_S; returns once it is gone (not our child:
+    polled, not waited for)."""
+    _log.warning("stopping what a killed `up` left running", component=what, pid=pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ORPHAN_STOP_S
+    while _alive(pid):
+        if loop.time() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = loop.time() + ORPHAN_STOP_S
+        await asyncio.sleep(0.05)

@@ -34,6 +34,7 @@ class _LazyGroup(click.Group):
         "gateway": "pydstack.cli.gateway:gateway",  # gateway: status, routes, peers, add-domain
         "host": "pydstack.cli.host:host",  # admin: per-host keys and join bundles
         "tenant": "pydstack.cli.tenant:tenant",  # admin: tenant add (app owners' identities)
+        "service": "pydstack.cli.service:service",  # systemd unit for `up`
     }
 
     def invoke(self, ctx: click.Context) -> object:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-from pydstack.upkeep import RestartBudget
+from pydstack.upkeep import RestartBudget, orphaned_nats_server
 
 from .harness import Up, cli, wait_for
 from .test_up import request_vm, scheduled
@@ -99,3 +100,61 @@ def test_restart_delays_double_and_only_crashes_within_the_window_count() -> Non
     assert [budget.crashed(0), budget.crashed(1)] == [0.25, 0.5]
     assert budget.crashed(20) == 0.25  # the earlier two left the window
     assert budget.crashed(21) == 0.5 and budget.crashed(22) is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_up_killed_9_starts_again_on_its_data_dir(tmp_path: Path) -> None:
+    """What systemd's Restart=on-failure does after `up` is killed without its cleanup: the
+    nats-server it left serving the data dir is stopped, a new one starts on the same store,
+    and nothing on the log is lost."""
+    first = Up(tmp_path / "home").start()
+    assert first.proc is not None
+    try:
+        assert _register(first, tmp_path, "before")
+        orphan = _nats_pid(first)
+        assert orphan is not None
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        assert _alive(orphan)  # in a session of its own: `up`'s death leaves it serving
+        (first.data_dir / "state.json").unlink()  # as a failed start in between leaves it
+        again = Up(first.data_dir, port=first.port).start()
+    finally:
+        with_orphan = _nats_pid(first)
+    try:
+        assert not _alive(orphan)
+        assert with_orphan not in (None, orphan)
+        assert any(e.get("event") == "stopping what a killed `up` left running"
+                   and e.get("pid") == orphan for e in again.events())  # fmt: skip
+        assert _register(again, tmp_path, "after")
+        apps = {a["name"] for a in cli(again.data_dir, "app", "ls", "--json").lines()}
+        assert {"before", "after"} <= apps
+        audit = cli(again.data_dir, "audit")
+        assert audit.code == 0 and "0 errors" in audit.out, audit.out + audit.err
+    finally:
+        assert again.stop() == 0, again.text()
+    assert "Traceback" not in again.text()
+
+
+def test_only_a_nats_server_on_this_data_dir_counts_as_an_orphan(tmp_path: Path) -> None:
+    """A ports file naming a pid the kernel gave to something else (here `sleep`) or a
+    nats-server of another data dir: neither is touched."""
+    nats_dir = tmp_path / "nats"
+    (nats_dir / "ports").mkdir(parents=True)
+    conf = nats_dir / "nats-server.conf"
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (nats_dir / "ports" / f"nats-server_{other.pid}.ports").write_text("{}")
+        (nats_dir / "ports" / "nats-server_1.ports").write_text("{}")  # init, never
+        (nats_dir / "ports" / "garbage.ports").write_text("{}")
+        assert orphaned_nats_server(nats_dir, conf) is None
+        assert orphaned_nats_server(tmp_path / "absent", conf) is None
+    finally:
+        other.kill()
+        other.wait()
