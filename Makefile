@@ -22,7 +22,7 @@ DSTACK_SDK_JS := @phala/dstack-sdk@0.5.8 @noble/hashes@1.8.0 @noble/curves@1.9.7
 DSTACK_SDK_JS_STAMP := $(VENV)/dstack-sdk-js/.installed-0.5.8
 # Debian packages the project needs; installed only when missing. nftables + acl: the QEMU
 # backend runs QEMU as its own user (pydstack-qemu, made by the VMM) behind nft rules.
-DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2 qemu-system-x86 qemu-utils mmdebstrap linux-image-amd64 busybox-static e2fsprogs cpio pebble knot chromium chromium-driver haproxy nginx libnginx-mod-stream wrk docker.io nftables acl ovmf osslsigncode
+DEB_PACKAGES := python3-venv ca-certificates wireguard-go wireguard-tools iproute2 qemu-system-x86 qemu-utils mmdebstrap linux-image-amd64 busybox-static e2fsprogs cpio pebble knot chromium chromium-driver haproxy nginx libnginx-mod-stream wrk docker.io docker-compose docker-registry nftables acl ovmf osslsigncode
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: up test lint typecheck unit deps sysdeps bench clean

@@ -36,7 +36,10 @@ from pydstack.core.events import (
 )
 from pydstack.core.projections import applied
 
-SERVICES = "services:\n  web:\n    image: busybox:latest\n    command: httpd -f -p 8080 -h /www\n"
+SERVICES = (
+    "services:\n  web:\n    image: busybox:latest\n    command: httpd -f -p 8080 -h /www\n"
+    "    ports: ['8080:8080']\n"
+)
 COMPOSE = json.dumps({"name": "bench", "docker_compose_file": SERVICES})
 
 

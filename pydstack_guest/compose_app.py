@@ -1,19 +1,28 @@
 """Start a CVM's compose app on its docker engine: the sandbox guest and the QEMU guest image.
 
-No registry here: the docker images an app may use come as sandbox images (a rootfs tarball
-and the names it is imported under, ``pydstack.adapters.sandbox.images``), imported when the
-engine lacks them. Each service runs with host networking and the guest agent's sockets
-mounted where dstack's CVMs have them and the SDKs look (``/var/run/dstack.sock``,
-``/var/run/dstack/dstack.sock``, the legacy ``/var/run/tappd.sock``); its output is appended
-to `console`::
+With a `ComposeProject` (``pydstack_guest.compose_cli``) the real ``docker-compose`` runs the
+app's ``docker_compose_file`` as written: ports, volumes, networks, depends_on, healthcheck,
+restart, on the app's own bridge network, images pulled from registries (or the engine's
+registry mirrors). Without one (a guest image built before docker-compose was in it) the
+services run through a subset of compose (image, command, entrypoint, environment; host
+networking) and the ``app`` stage says so: never silently.
+
+The docker images of sandbox images (a rootfs tarball and the names it is imported under,
+``pydstack.adapters.sandbox.images``) are imported first when the engine lacks them, so a
+compose file naming ``busybox:latest`` runs offline. The guest agent's sockets are mounted
+where dstack's CVMs have them and the SDKs look (``/var/run/dstack.sock``,
+``/var/run/dstack/dstack.sock``, the legacy ``/var/run/tappd.sock``); each container's output
+is appended to `console`::
 
     tasks = await start_compose_app(docker, app_compose, env, images=[(root, "sandbox-busybox")],
-                                    dstack_sock=sock, console=log, report=emit)
+                                    dstack_sock=sock, console=log, report=emit,
+                                    compose=ComposeProject(workdir=d, docker_host=url))
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -22,6 +31,10 @@ from pydstack.adapters.sandbox._docker import Docker
 from pydstack.adapters.sandbox.images import load_image
 
 from .boot import Report
+from .compose_cli import ComposeProject
+
+SUBSET = ("compose subset, no docker-compose in this image: only image, command, entrypoint "
+          "and environment; ports, volumes, networks, depends_on, healthcheck ignored")  # fmt: skip
 
 
 async def import_images(docker: Docker, images: Iterable[tuple[Path, str]]) -> None:
@@ -33,20 +46,36 @@ async def import_images(docker: Docker, images: Iterable[tuple[Path, str]]) -> N
                 await docker.import_image(root / name / image.rootfs, tag)
 
 
+def _sockets(dstack_sock: Path, tappd_sock: Path | None) -> dict[str, str]:
+    out = {"/var/run/dstack.sock": str(dstack_sock),
+           "/var/run/dstack/dstack.sock": str(dstack_sock)}  # fmt: skip
+    if tappd_sock is not None:
+        out["/var/run/tappd.sock"] = str(tappd_sock)
+    return out
+
+
 async def start_compose_app(
     docker: Docker, app_compose: bytes, env: Mapping[str, str], *,
     images: Iterable[tuple[Path, str]], dstack_sock: Path, console: Path, report: Report,
-    tappd_sock: Path | None = None,
+    tappd_sock: Path | None = None, compose: ComposeProject | None = None,
 ) -> list[asyncio.Task[None]]:  # fmt: skip
-    """Run every service (stage ``app`` each); the returned tasks follow their logs."""
+    """Run every service (stage ``app`` each); the returned tasks follow their logs.
+    Raises `compose_cli.ComposeFailed` when docker-compose refuses or fails."""
     await import_images(docker, images)
-    mounts = [f"{dstack_sock}:/var/run/dstack.sock", f"{dstack_sock}:/var/run/dstack/dstack.sock"]
-    if tappd_sock is not None:
-        mounts.append(f"{tappd_sock}:/var/run/tappd.sock")
+    sockets = _sockets(dstack_sock, tappd_sock)
+    if compose is not None:
+        text = json.loads(app_compose or b"{}").get("docker_compose_file") or ""
+        names = await compose.up(text, env, sockets=sockets)
+        logs = [asyncio.create_task(docker.follow_logs(c, console, label=svc))
+                for c, svc in (await docker.services()).items()]  # fmt: skip
+        for name in names:
+            report("app", name)
+        return logs
+    mounts = [f"{host}:{inside}" for inside, host in sockets.items()]
     logs = []
     for svc in services(app_compose, env):
         await docker.run(svc.name, svc.image, svc.command, svc.entrypoint, svc.environment,
                          mounts)  # fmt: skip
         logs.append(asyncio.create_task(docker.follow_logs(svc.name, console)))
-        report("app", svc.name)
+        report("app", f"{svc.name} ({SUBSET})")
     return logs

@@ -36,6 +36,8 @@ COMPOSE_FILE = """services:
       - sh
       - -c
       - 'echo "$$SECRET|$$OTHER|${SECRET}" > /tmp/index.html; exec httpd -f -p 8080 -h /tmp'
+    ports:
+      - "8080:8080"
 """
 
 

@@ -25,6 +25,8 @@ COMPOSE = """services:
   web:
     image: busybox:latest
     command: httpd -f -p 8080 -h /www
+    ports:
+      - "8080:8080"
 """
 
 

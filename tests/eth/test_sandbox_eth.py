@@ -36,7 +36,8 @@ FIXES = {
 COMPOSE = json.dumps({
     "manifest_version": 2, "name": "chain-app", "runner": "docker-compose", "kms_enabled": True,
     "docker_compose_file": "services:\n  web:\n    image: busybox:latest\n    command: [sh, -c,"
-    " 'echo on-chain > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']\n",
+    " 'echo on-chain > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']\n"
+    "    ports: ['8080:8080']\n",
 }).encode()  # fmt: skip
 
 

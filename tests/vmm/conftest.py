@@ -33,6 +33,8 @@ COMPOSE = """services:
   web:
     image: busybox:latest
     command: httpd -f -p 8080 -h /www
+    ports:
+      - "8080:8080"
 """
 
 

@@ -15,10 +15,13 @@ container: one cgroup ``/pds-<id>`` (the name of the CVM's network namespace) pe
 - ``cpuacct``: the CVM's CPU time (`usage_ns`), as a VMM reads a VM's.
 
 `remove` takes the cgroup away in every hierarchy, with what dockerd left below it (a killed
-engine leaves its containers' cgroups)::
+engine leaves its containers' cgroups). `kill_all` ends every process below it: containers
+on a bridge network live in network namespaces of their own, which the CVM's namespace does
+not contain, so the cgroup is what finds them::
 
     ensure("pds-0123456789", vcpu=1, memory_mb=256)   # the VMM, before the CVM starts
     enter("pds-0123456789")                           # the CVM's first process, before children
+    kill_all("pds-0123456789")                        # whatever the CVM left running
     remove("pds-0123456789")                          # once nothing runs in it
 """
 
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
@@ -130,3 +135,26 @@ def remove(name: str) -> list[str]:
             except OSError:
                 left.append(d)
     return left
+
+
+def pids(name: str) -> set[int]:
+    """Every process in the CVM's cgroups (below ``/<name>`` in any hierarchy)."""
+    out: set[int] = set()
+    for h in _hierarchies():
+        for d, _, files in os.walk(h / name):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError, ValueError):
+                    out |= {int(x) for x in Path(d, "cgroup.procs").read_text().split()}
+    return out
+
+
+def kill_all(name: str, *, exclude: int = 0, timeout_s: float = 5.0) -> int:
+    """SIGKILL every process in the CVM's cgroups (but ``exclude``) until none is left."""
+    deadline, killed = time.monotonic() + timeout_s, 0
+    while (left := pids(name) - {exclude}) and time.monotonic() < deadline:
+        for p in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.02)
+    return killed

@@ -81,10 +81,18 @@ class Docker:
 
     async def containers(self) -> list[str]:
         """The names of the engine's containers, running or not."""
+        return list(await self.services())
+
+    async def services(self) -> dict[str, str]:
+        """Each container's name -> its compose service (its name when compose made none)."""
         status, body = await self._req("GET", "/containers/json", params={"all": "1"})
         if status != 200:
             raise DockerError(f"list containers: {status} {body[-200:]!r}")
-        return [c["Names"][0].lstrip("/") for c in json.loads(body)]
+        out = {}
+        for c in json.loads(body):
+            name = c["Names"][0].lstrip("/")
+            out[name] = (c.get("Labels") or {}).get("com.docker.compose.service") or name
+        return out
 
     async def wait(self, name: str) -> tuple[int, bool]:
         """Wait until the container ends: (exit code, whether the OOM killer ended it)."""
@@ -95,8 +103,9 @@ class Docker:
         oom = status == 200 and bool(json.loads(body).get("State", {}).get("OOMKilled"))
         return code, oom
 
-    async def follow_logs(self, name: str, out: Path) -> None:
-        """Append the container's stdout/stderr to ``out`` until it ends (demultiplexed)."""
+    async def follow_logs(self, name: str, out: Path, label: str = "") -> None:
+        """Append the container's stdout/stderr to ``out`` until it ends (demultiplexed),
+        each chunk after ``[label]`` (default: the container's name)."""
         params = {"follow": "1", "stdout": "1", "stderr": "1"}
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
         async with self.session.get(f"{API}/containers/{name}/logs", params=params,
@@ -109,5 +118,5 @@ class Docker:
                         return
                     (size,) = struct.unpack(">I", head[4:])
                     data = await r.content.readexactly(size)
-                    f.write(b"[" + name.encode() + b"] " + data)
+                    f.write(b"[" + (label or name).encode() + b"] " + data)
                     f.flush()

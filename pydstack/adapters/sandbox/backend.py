@@ -117,6 +117,7 @@ class SandboxBackend(SupervisedCvms):
         cgroups (`start` sets them again)."""
         ns = self.netns(vm_id)
         await asyncio.to_thread(_netns.kill_all, ns)
+        await asyncio.to_thread(_cgroup.kill_all, ns)  # containers in netns of their own
         await asyncio.to_thread(_cgroup.remove, ns)
 
     async def stop(self, vm_id: str, timeout_s: float = 30.0) -> CvmStatus:
@@ -155,6 +156,7 @@ class SandboxBackend(SupervisedCvms):
 
         def clean() -> None:
             _netns.kill_all(ns)
+            _cgroup.kill_all(ns)
             _cgroup.remove(ns)
             _netns.unmount_under(wd / "docker", rd)
             _netns.delete(ns)

@@ -4,14 +4,16 @@ Run by the supervisor in the host's network namespace, it binds the host side of
 maps, then moves into the CVM's namespace for good and there starts a docker engine of its own,
 the guest agent (pydstack_guest on the simulated TDX backend, serving the dstack socket that
 every app container gets at /var/run/dstack.sock, and the same API on the CVM's loopback,
-``DSTACK_AGENT_URL``), imports the image's rootfs and runs the compose services with
-``--network host``. Connections to a host port are forwarded to the service's port inside
-(never to the agent's). Progress goes to ``events.log`` as the QEMU guest reports it
-(``booted`` → the boot's steps (``keys``, ``env``, ``gateway``, …) → ``agent`` → ``docker`` →
-``app`` → ``ready``, or ``error`` and a halt; ``app-exited`` when a service's container ends,
-saying if the CVM's memory limit OOM-killed it); SIGTERM is a graceful power-off. The KMS and
-gateway it calls on the host are relayed into the namespace (``_outbound``). It joins the CVM's
-cpu cgroup first, so it, its dockerd and the containers share the CVM's vCPUs (``_cgroup``).
+``DSTACK_AGENT_URL``), imports the image's rootfs and runs the app with the real
+docker-compose (`pydstack_guest.compose_cli`: the app's bridge network, its published ports
+in this namespace, images pulled through the registry mirrors). Connections to a host port
+are forwarded to that port inside (never to the agent's). Progress goes to ``events.log``
+as the QEMU guest reports it (``booted`` → the boot's steps (``keys``, ``env``,
+``gateway``, …) → ``agent`` → ``docker`` → ``app`` → ``ready``, or ``error`` and a halt;
+``app-exited`` when a service's container ends, saying if the CVM's memory limit OOM-killed
+it); SIGTERM is a graceful power-off. The KMS, gateway and registry mirrors it calls on the
+host are relayed into the namespace (``_outbound``). It joins the CVM's cpu cgroup first, so
+it, its dockerd and the containers share the CVM's vCPUs (``_cgroup``).
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ from pathlib import Path
 
 import msgspec
 
-from pydstack.adapters.cvm import CvmSpec
+from pydstack.adapters.cvm import SYS_CONFIG, CvmSpec
 from pydstack.adapters.streams import pipe
 from pydstack.core.portmap import port_map_error
 from pydstack_guest.compose_app import start_compose_app
+from pydstack_guest.compose_cli import ComposeFailed, ComposeProject
 
 from . import _cgroup, _netns
 from ._boot import AGENT_TCP, Network, boot
-from ._docker import Docker
+from ._docker import Docker, DockerError
 from ._outbound import HostRelay
 
 T0 = time.monotonic()
@@ -53,6 +56,9 @@ class SandboxRun(msgspec.Struct, frozen=True, kw_only=True):
     images: str
     dev_pki: str = ""  # simulator PKI to sign quotes with (a KMS must trust it)
     dockerd: str = "dockerd"
+    # The engine's registry mirrors (`up --registry`, `--registry-mirror`); relayed into the
+    # namespace like the KMS. An image pinned by digest is checked against it whoever serves.
+    registry_mirrors: tuple[str, ...] = ()
 
 
 def emit(wd: Path, stage: str, detail: str = "") -> None:
@@ -111,16 +117,20 @@ def _dockerd(run: SandboxRun, wd: Path, rd: Path) -> subprocess.Popen[bytes]:
     # Runtime state of an engine that was killed (its namespace was emptied before we came).
     shutil.rmtree(rd, ignore_errors=True)
     rd.mkdir(parents=True, exist_ok=True)
+    # Docker's default bridge and iptables: its NAT and port rules live in the CVM's own
+    # namespace, so compose networks and published ports work there and nowhere else.
     argv = [run.dockerd, "--data-root", str(wd / "docker"), "--exec-root", str(rd / "x"),
             "--pidfile", str(rd / "dockerd.pid"), "--host", f"unix://{rd / 'docker.sock'}",
-            "--bridge", "none", "--iptables=false", "--ip-masq=false",
             "--cgroup-parent", f"/{run.netns}"]  # the CVM's memory limit (`_cgroup`)  # fmt: skip
+    for mirror in run.registry_mirrors:
+        argv += ["--registry-mirror", mirror]
     log = (wd / "dockerd.log").open("ab")
     return subprocess.Popen(argv, stdout=log, stderr=log, preexec_fn=_pdeathsig)
 
 
 async def main(wd: Path) -> int:
     run = msgspec.json.decode((wd / "sandbox.json").read_bytes(), type=SandboxRun)
+    run = msgspec.structs.replace(run, registry_mirrors=_mirror_urls(run, wd))
     spec = msgspec.json.decode((wd / "manifest.json").read_bytes(), type=CvmSpec)
     emit(wd, "booted", f"sandbox {run.netns}")
     rd = Path(run.run_dir)
@@ -158,14 +168,23 @@ async def main(wd: Path) -> int:
                 return 1
             await asyncio.sleep(0.03)
         emit(wd, "docker")
-        logs = await start_compose_app(
-            docker, spec.app_compose, booted.env, images=[(Path(run.images), spec.image)],
-            dstack_sock=rd / "dstack.sock", tappd_sock=rd / "tappd.sock",
-            console=wd / "console.log",
-            report=lambda stage, detail: emit(wd, stage, detail),
-        )  # fmt: skip
-        watch = [asyncio.create_task(_watch_exit(wd, docker, name, spec.memory_mb))
-                 for name in await docker.containers()]  # fmt: skip
+        project = ComposeProject(workdir=wd / "compose", host_paths=False,
+                                 docker_host=f"unix://{rd / 'docker.sock'}")  # fmt: skip
+        try:
+            logs = await start_compose_app(
+                docker, spec.app_compose, booted.env, images=[(Path(run.images), spec.image)],
+                dstack_sock=rd / "dstack.sock", tappd_sock=rd / "tappd.sock",
+                console=wd / "console.log", compose=project,
+                report=lambda stage, detail: emit(wd, stage, detail),
+            )  # fmt: skip
+        except (ComposeFailed, DockerError) as exc:  # halts as a failed boot does
+            emit(wd, "error", f"boot error at app: {exc}")
+            await stop.wait()
+            await docker.stop_all(timeout_s=2)
+            dockerd.terminate()
+            return 0
+        watch = [asyncio.create_task(_watch_exit(wd, docker, name, svc, spec.memory_mb))
+                 for name, svc in (await docker.services()).items()]  # fmt: skip
         for s, vm_port in LISTENERS:
             server = await asyncio.start_server(_forwarder(vm_port), sock=s)
             stack.push_async_callback(server.wait_closed)
@@ -193,11 +212,11 @@ async def main(wd: Path) -> int:
     return 0
 
 
-async def _watch_exit(wd: Path, docker: Docker, name: str, memory_mb: int) -> None:
+async def _watch_exit(wd: Path, docker: Docker, name: str, service: str, memory_mb: int) -> None:
     """Stage ``app-exited`` when a service's container ends by itself (the VMM records it as
     boot progress), saying so when the CVM's memory limit killed it."""
     code, oom = await docker.wait(name)
-    detail = f"{name}: exit {code}"
+    detail = f"{service}: exit {code}"
     if oom:
         detail += f", OOM-killed (the CVM has {memory_mb} MB of memory)"
     emit(wd, "app-exited", detail)
@@ -217,7 +236,7 @@ RELAY: list[HostRelay] = []  # the host services (KMS, gateway) relayed into the
 def _host_urls(wd: Path) -> list[str]:
     """The KMS and gateway URLs of sys-config (the services the boot calls on the host)."""
     try:
-        doc = json.loads((wd / "shared" / "sys-config.json").read_text())
+        doc = json.loads((wd / "shared" / SYS_CONFIG).read_text())
     except (OSError, ValueError):
         return []
     out: list[str] = []
@@ -225,6 +244,17 @@ def _host_urls(wd: Path) -> list[str]:
         urls = doc.get(key) if isinstance(doc, dict) else None
         out += [str(u) for u in urls] if isinstance(urls, list) else []
     return out
+
+
+def _mirror_urls(run: SandboxRun, wd: Path) -> tuple[str, ...]:
+    """The engine's registry mirrors: the backend's, then sys-config's ``docker_registry``
+    (dstack's one mirror, written by the host)."""
+    try:
+        doc = json.loads((wd / "shared" / SYS_CONFIG).read_text())
+    except (OSError, ValueError):
+        doc = {}
+    extra = doc.get("docker_registry") if isinstance(doc, dict) else ""
+    return tuple(dict.fromkeys([*run.registry_mirrors, *([str(extra)] if extra else [])]))
 
 
 if __name__ == "__main__":
@@ -248,8 +278,10 @@ if __name__ == "__main__":
     except OSError as exc:  # a host port taken by something outside pydstack
         emit(workdir, "error", f"cannot bind a host port: {exc}")
         sys.exit(1)
-    RELAY.append(HostRelay.start(_host_urls(workdir), cfg.run_dir))  # threads stay outside
+    mirrors = list(_mirror_urls(cfg, workdir))  # served inside as the KMS is
+    RELAY.append(HostRelay.start([*_host_urls(workdir), *mirrors], cfg.run_dir))  # outside
     _netns.enter(cfg.netns)  # from here on, every new socket and child is inside the CVM
     _netns.kill_all(cfg.netns, exclude=os.getpid())  # leftovers of a run that was killed
+    _cgroup.kill_all(cfg.netns, exclude=os.getpid())  # its containers (netns of their own)
     _netns.unmount_under(workdir / "docker", Path(cfg.run_dir))
     sys.exit(asyncio.run(main(workdir)))
