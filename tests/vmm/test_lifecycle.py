@@ -73,6 +73,8 @@ async def test_create_boot_stop_start_update_remove(vmm_host: VmmHost, store: Ev
         assert info["configuration"]["vcpu"] == 2
         starts = [e for e in await events_of(store, "web1") if isinstance(e, VmStarted)]
         assert len(starts) == 2 and all(s.attempt == 0 for s in starts)
+        # the sandbox simulates its TD (dev PKI quotes): VmStarted says so (issue 15.8)
+        assert [s.tee for s in starts] == ["simulated", "simulated"]
 
         await api.ok("RemoveVm", {"id": "web1"})
 

@@ -69,6 +69,7 @@ from pydstack.core.vmm import (
     check_resources,
     plan,
 )
+from pydstack.core.vmm.tee import tee_of_platform
 
 from ..runtime import Delivery
 from ._images import list_backend_images
@@ -126,6 +127,11 @@ class Vmm:
     @property
     def name(self) -> str:
         return self.config.name or f"vmm-{self.config.host_id}"
+
+    @property
+    def _tee(self) -> str:
+        """VmStarted.tee: what this host's CVMs quote with (from its platform)."""
+        return tee_of_platform(self.config.platform)
 
     @property
     def subjects(self) -> Sequence[str]:
@@ -272,9 +278,9 @@ class Vmm:
             case Start(vm_id=vm_id, attempt=attempt):
                 await self._start(self.view.vms[vm_id], attempt)
             case Adopt(vm_id=vm_id, pid=pid):
-                host = self.config.host_id
-                await self._append(vm_subject, [VmStarted(vm_id=vm_id, host=host, pid=pid,
-                                                          adopted=True)])  # fmt: skip
+                adopted = VmStarted(vm_id=vm_id, host=self.config.host_id, pid=pid,
+                                    adopted=True, tee=self._tee)  # fmt: skip
+                await self._append(vm_subject, [adopted])
             case Stop(vm_id=vm_id, force=force):
                 if force:
                     await self.backend.kill(vm_id)
@@ -347,7 +353,7 @@ class Vmm:
             await self._append(subj, [failed, VmExited(vm_id=vm_id, reason=f"start failed: {exc}")])
             return
         started = VmStarted(vm_id=vm_id, host=self.config.host_id, pid=st.pid or 0,
-                            attempt=attempt)  # fmt: skip
+                            attempt=attempt, tee=self._tee)  # fmt: skip
         await self._append(subj, [started])
         _log.info("vm started", vm_id=vm_id, pid=st.pid, cid=st.cid, attempt=attempt)
 

@@ -77,6 +77,9 @@ class VmStarted(Event, tag="VmStarted", frozen=True):
     pid: int = 0
     attempt: int = 0  # the automatic restart attempt that started it (0: not a restart)
     adopted: bool = False  # found already running (the VMM restarted), not started again
+    # added (issue 15.8): where its quotes come from, "tdx" or "simulated" (tcg, kvm, sandbox:
+    # the dev PKI signs them, attestation proves nothing); "" before the field
+    tee: str = ""
 
 
 class VmBootProgress(Event, tag="VmBootProgress", frozen=True):
