@@ -9,8 +9,9 @@ untrusted, so the guest's own kernel decides wherever it can (`choose_tee`, pure
   the CCEL table, a KMS checked against Intel's root (collateral from sys-config's PCCS). A
   dev PKI in the share is never read: a host that slipped one in could otherwise attest a KMS
   of its own to this CVM and hand it keys it knows.
-- no configfs-tsm on a VM whose platform is ``tdx``: the boot fails at ``tee`` in one line,
-  never falls back to the simulator (a TDX VM is never silently unprotected).
+- no configfs-tsm on a VM whose platform is ``tdx``, or whose CPU says it is a TD (the
+  ``tdx_guest`` flag in /proc/cpuinfo: the host cannot talk a TD into simulating): the boot
+  fails at ``tee`` in one line, never falls back to the simulator.
 - no configfs-tsm on a simulated platform (``tcg``, ``kvm``: no TEE): the simulator, with the
   share's dev PKI (``pydstack_guest.simulated``), said in the ``tee`` stage.
 - no platform named, or one we do not know: fails at ``tee``.
@@ -47,6 +48,7 @@ class TeePaths:
     report_root: Path = Path(TSM_REPORT_ROOT)
     measurements: Path = Path(TSM_MEASUREMENTS)
     ccel: Path = Path(CCEL)
+    cpuinfo: Path = Path("/proc/cpuinfo")
 
 
 class PlatformDoc(msgspec.Struct, frozen=True):
@@ -57,6 +59,7 @@ class PlatformDoc(msgspec.Struct, frozen=True):
 class TeeFacts(msgspec.Struct, frozen=True, kw_only=True):
     platform: str  # the host's claim ("" when it names none)
     configfs_tsm: bool  # the guest kernel has configfs-tsm's report directory
+    tdx_cpu: bool = False  # the kernel found itself in a TD (cpuinfo flag tdx_guest)
     dev_td: bool  # the share describes a simulated TD (dev-td.json)
 
 
@@ -70,8 +73,9 @@ def choose_tee(facts: TeeFacts) -> tuple[TeeKind, str]:
             why += "; the dev PKI the host share offers is ignored"
         return "tdx", why
     where = f"no configfs-tsm at {TSM_REPORT_ROOT}"
-    if facts.platform == "tdx":
-        raise BootFailed("tee", f"platform tdx but {where} (the guest kernel needs TDX and "
+    if facts.platform == "tdx" or facts.tdx_cpu:
+        what = "platform tdx" if facts.platform == "tdx" else "the CPU is a TD (tdx_guest)"
+        raise BootFailed("tee", f"{what} but {where} (the guest kernel needs TDX and "
                          "CONFIG_TSM_REPORTS, Linux >= 6.7): refusing to simulate a TDX "
                          "VM")  # fmt: skip
     if facts.platform in SIMULATED_PLATFORMS:
@@ -93,6 +97,16 @@ def read_platform(share: Path) -> PlatformDoc:
         raise BootFailed("tee", f"{PLATFORM_FILE} in the host share: {e}") from None
 
 
+def tdx_cpu(cpuinfo: Path) -> bool:
+    """Whether the kernel runs in a TD: x86's ``tdx_guest`` CPU flag (set from CPUID 0x21)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any("tdx_guest" in line.split() for line in text.splitlines()
+               if line.startswith("flags"))  # fmt: skip
+
+
 def _hash(value: str, where: str) -> bytes:
     try:
         h = bytes.fromhex(value)
@@ -111,6 +125,7 @@ def open_td(
     paths = paths or TeePaths()
     doc = read_platform(share)
     facts = TeeFacts(platform=doc.platform, configfs_tsm=paths.report_root.is_dir(),
+                     tdx_cpu=tdx_cpu(paths.cpuinfo),
                      dev_td=(share / DEV_TD_FILE).exists())  # fmt: skip
     kind, why = choose_tee(facts)
     if kind == "tdx":

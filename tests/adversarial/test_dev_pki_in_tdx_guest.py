@@ -9,7 +9,8 @@ points at a PCCS serving the dev PKI's collateral, and the KMS it names is a rea
 attested by that PKI. The guest's kernel has configfs-tsm (emulated, `tests.boot.tdx_guest`):
 it boots on configfs-tsm with Intel's root, refuses the KMS at the ``ra-tls`` check before a
 request is sent, and the KMS issues nothing. A TDX VM whose kernel lacks configfs-tsm is not
-simulated either: the boot stops at ``tee``. (`tests/boot/test_configfs_boot.py` shows the
+simulated either, nor one whose CPU says it is a TD while the host claims ``tcg``: the
+boot stops at ``tee``. (`tests/boot/test_configfs_boot.py` shows the
 same KMS accepted by a guest that does trust the dev root: the refusal here is the root.)"""
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ async def test_a_tdx_guest_ignores_the_dev_pki_and_refuses_the_hosts_kms(
     assert not [x for x in await kms.events() if isinstance(x, KeyIssued)]
 
 
-def test_a_tdx_vm_without_configfs_tsm_refuses_the_offered_simulator(tmp_path: Path) -> None:
-    """platform tdx, no configfs-tsm in the guest kernel, a simulated TD on offer: no
-    simulation, one line at ``tee``."""
+@pytest.mark.parametrize(("claimed", "tdx_cpu"), [("tdx", False), ("tdx", True), ("tcg", True)])
+def test_a_tdx_vm_without_configfs_tsm_refuses_the_offered_simulator(
+    tmp_path: Path, claimed: str, tdx_cpu: bool
+) -> None:
+    """No configfs-tsm in the guest kernel, a simulated TD on offer, and the VM's platform
+    tdx or its CPU a TD (the host claiming tcg): no simulation, one line at ``tee``."""
     host_pki = DevPki.generate()
-    with tdx_guest(tmp_path, host_pki, platform="tdx", configfs=False,
+    with tdx_guest(tmp_path, host_pki, platform=claimed, configfs=False, tdx_cpu=tdx_cpu,
                    offer_dev_pki=host_pki) as g:  # fmt: skip
         with pytest.raises(BootFailed) as e:
             open_td(g.share, HostShared(app_compose=APP), state_dir=g.state, name="v", vcpu=1,

@@ -64,28 +64,31 @@ def write_share(share: Path, *, platform: str | None, offer_dev_pki: DevPki | No
 def tdx_guest(
     root: Path, pki: DevPki, *, platform: str | None = "tdx",
     offer_dev_pki: DevPki | None = None, mode: str = "normal", configfs: bool = True,
-    rtmr_sysfs: bool = True,
+    rtmr_sysfs: bool = True, tdx_cpu: bool = True,
 ) -> Iterator[Guest]:  # fmt: skip
     """A guest whose kernel has configfs-tsm (`configfs`), its quotes signed by `pki`, in a
-    race `mode` of the emulated kernel; its host share as `write_share` makes it."""
+    race `mode` of the emulated kernel, its CPU flagged ``tdx_guest`` (`tdx_cpu`); its host
+    share as `write_share` makes it."""
     share, state, kroot = root / "share", root / "state", root / "kernel"
     state.mkdir(parents=True)
     write_share(share, platform=platform, offer_dev_pki=offer_dev_pki)
     events = boot_events()
     r = replay_rtmrs(events)
     td = TdMeasurements(mr_td=simulated_mr_td(images.TEST_PARTS), rtmrs=(r[0], r[1], r[2], r[3]))
-    ccel = root / "CCEL"
+    ccel, cpuinfo = root / "CCEL", root / "cpuinfo"
     ccel.write_bytes(encode_ccel(events))
+    flags = "fpu sse2 hypervisor" + (" tdx_guest" if tdx_cpu else "")
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     if not configfs:
         paths = TeePaths(report_root=kroot / "tsm" / "report", measurements=kroot / "measurements",
-                         ccel=ccel)  # fmt: skip
+                         ccel=ccel, cpuinfo=cpuinfo)  # fmt: skip
         yield Guest(None, paths, share, state)
         return
     with EmulatedTdxKernel(
         kroot, QuoteSimulator(pki), td=td, mode=mode, rtmr_sysfs=rtmr_sysfs
     ) as kernel:
         paths = TeePaths(report_root=kernel.report_root, measurements=kernel.measurements,
-                         ccel=ccel)  # fmt: skip
+                         ccel=ccel, cpuinfo=cpuinfo)  # fmt: skip
         yield Guest(kernel, paths, share, state)
 
 

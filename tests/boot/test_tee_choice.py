@@ -17,8 +17,8 @@ from .tdx_guest import tdx_guest
 SHARED = HostShared(app_compose=b'{"manifest_version":2,"name":"t"}')
 
 
-def facts(platform: str, configfs: bool, dev_td: bool = False) -> TeeFacts:
-    return TeeFacts(platform=platform, configfs_tsm=configfs, dev_td=dev_td)
+def facts(platform: str, configfs: bool, dev_td: bool = False, cpu: bool = False) -> TeeFacts:
+    return TeeFacts(platform=platform, configfs_tsm=configfs, dev_td=dev_td, tdx_cpu=cpu)
 
 
 def refused(f: TeeFacts) -> str:
@@ -43,6 +43,13 @@ def test_tdx_platform_without_configfs_tsm_is_never_simulated() -> None:
     assert why.startswith("platform tdx but no configfs-tsm") and "refusing to simulate" in why
 
 
+@pytest.mark.parametrize("platform", ["tcg", "kvm", ""])
+def test_a_td_cpu_without_configfs_tsm_is_never_simulated(platform: str) -> None:
+    """The kernel's tdx_guest CPU flag outweighs a host that calls the VM tcg/kvm (or nothing)."""
+    why = refused(facts(platform, configfs=False, dev_td=True, cpu=True))
+    assert why.startswith("the CPU is a TD (tdx_guest) but no configfs-tsm")
+
+
 @pytest.mark.parametrize("platform", ["tcg", "kvm"])
 def test_a_platform_with_no_tee_is_simulated_and_says_so(platform: str) -> None:
     kind, why = choose_tee(facts(platform, configfs=False, dev_td=True))
@@ -64,7 +71,7 @@ def test_open_td_on_tcg_simulates_with_the_share_dev_pki(tmp_path: Path) -> None
     """tcg, no configfs-tsm: the simulator with the share's dev PKI, trusting only it; the
     ``tee`` line says simulated and that there is no confidentiality."""
     host_pki = DevPki.generate()
-    with tdx_guest(tmp_path, host_pki, platform="tcg", configfs=False,
+    with tdx_guest(tmp_path, host_pki, platform="tcg", configfs=False, tdx_cpu=False,
                    offer_dev_pki=host_pki) as g:  # fmt: skip
         td = open_td(g.share, SHARED, state_dir=g.state, name="t", vcpu=1, memory_mb=1024,
                      paths=g.paths)  # fmt: skip
@@ -76,7 +83,7 @@ def test_open_td_on_tcg_simulates_with_the_share_dev_pki(tmp_path: Path) -> None
 def test_open_td_on_tcg_without_the_dev_pki_fails(tmp_path: Path) -> None:
     """dev-td.json without dev-pki/: no PKI is made up in the guest (its quotes would be
     trusted by nobody, and the boot would fail later and less clearly)."""
-    with tdx_guest(tmp_path, DevPki.generate(), platform="tcg", configfs=False,
+    with tdx_guest(tmp_path, DevPki.generate(), platform="tcg", configfs=False, tdx_cpu=False,
                    offer_dev_pki=DevPki.generate()) as g:  # fmt: skip
         for f in (g.share / "dev-pki").iterdir():
             f.unlink()
