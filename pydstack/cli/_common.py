@@ -28,10 +28,17 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from pydstack.adapters.nats import EventStore, StoreError, StreamSettings, Unreachable
+from pydstack.adapters.nats import (
+    EventStore,
+    StoreError,
+    StreamSettings,
+    Unreachable,
+    riding_out,
+)
 from pydstack.adapters.nats.identity import Identity, load_keyring, read_seed_file
 from pydstack.controlplane import DEFAULT_PORT, DataDir
 from pydstack.core.events import Event, Signer
+from pydstack.core.retry import Backoff
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -161,7 +168,9 @@ async def connect(conn: Conn, *, replicas: int = 1) -> EventStore:
             nkey_seed=conn.seed,
             settings=StreamSettings(name=conn.stream, replicas=replicas),
             name=f"pydstack-cli-{conn.signer.actor}",
-            reconnect=False,
+            # A node dying under the command (the stream leader, say) fails over to another
+            # of the URLs; `leader_wait` bounds how long a call waits for that.
+            reconnect=True,
             anchor=conn.anchor,
         )
     except Unreachable as exc:
@@ -219,10 +228,41 @@ async def _interruptible(coro: Coroutine[Any, Any, T]) -> T:
         loop.remove_signal_handler(signal.SIGINT)
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; every expected failure becomes one line and exit code 1."""
+LEADER_WAIT_S: Final = 30.0
+# JetStream forgets message ids after the stream's duplicate window (120 s); a retry inside it
+# is deduplicated even without the expected-sequence check that also guards it.
+_LEADER_WAIT_MAX_S: Final = 100.0
+
+
+def leader_wait() -> Backoff:
+    """How long a command waits out a stream without a leader (an election after a NATS node
+    died): ``PYDSTACK_LEADER_WAIT_S`` seconds, default 30, at most 100."""
+    raw = os.environ.get("PYDSTACK_LEADER_WAIT_S", "").strip()
     try:
-        return asyncio.run(_interruptible(coro))
+        seconds = float(raw) if raw else LEADER_WAIT_S
+    except ValueError:
+        raise click.ClickException(
+            f"PYDSTACK_LEADER_WAIT_S={raw!r}: expected a number of seconds"
+        ) from None
+    if not 0 <= seconds <= _LEADER_WAIT_MAX_S:
+        raise click.ClickException(
+            f"PYDSTACK_LEADER_WAIT_S={raw}: expected 0 to {_LEADER_WAIT_MAX_S:g} seconds"
+        )
+    return Backoff(deadline_s=seconds)
+
+
+def _progress_line(text: str) -> None:
+    click.echo(text, err=True)  # stderr: --json output on stdout stays one object per line
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; every expected failure becomes one line and exit code 1.
+
+    Store calls wait out a leader election (`leader_wait`), saying so on stderr; each write is
+    retried with the same bytes and message ids, so it lands once (docs/architecture.md)."""
+    try:
+        with riding_out(leader_wait(), notify=_progress_line):
+            return asyncio.run(_interruptible(coro))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except StoreError as exc:
@@ -231,8 +271,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(f"not found on the server: {exc.description or exc}") from None
     except (nats.errors.TimeoutError, TimeoutError):
         raise click.ClickException(
-            "the NATS server did not answer in time: retry in a few seconds if a cluster node "
-            "just went down (leader election), else check this identity may do that"
+            "the NATS server did not answer in time: check this identity may do that, and "
+            "that a majority of the NATS servers are up"
         ) from None
     except nats.errors.Error as exc:
         raise click.ClickException(f"NATS error: {exc}") from None

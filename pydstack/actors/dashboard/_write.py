@@ -5,24 +5,28 @@ aggregate's version (compare-and-set), retried when another writer got there fir
 the store's identity (``operator``), or the logged-in tenant's (``_services.writer``). Bad
 input raises ``BadInput`` (400, naming the field); a write the policy would refuse (another
 owner's app: ``operator`` owns only the apps it registered) is 403 with one line, nothing
-appended.
+appended. A write that meets a leader election waits it out for up to `LEADER_WAIT_S`
+(the same bytes and message ids each try: it lands once), then answers 503.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Final
 
+import structlog
 from aiohttp import web
 
 from pydstack.actors.trust import would_refuse
-from pydstack.adapters.nats import NEW, Change, ConflictError, Recorded
+from pydstack.adapters.nats import NEW, Change, ConflictError, Recorded, riding_out
 from pydstack.core.events import AppRegistered, AppUpgraded, SubjectError, subject
 from pydstack.core.policy import Refused
 from pydstack.core.projections import App, Applied, Vm, applied
 from pydstack.core.projections import apps as apps_fold
 from pydstack.core.projections import vms as vms_fold
+from pydstack.core.retry import Backoff
 
 from ._commands import (
     BadInput,
@@ -39,6 +43,25 @@ from ._envkey import EnvKeyError
 from ._services import error_response, json_response, services, writer
 
 RETRIES: Final = 3
+LEADER_WAIT_S: Final = 20.0  # under a browser's patience; the CLI waits 30 s
+_log = structlog.get_logger("pydstack.dashboard")
+
+
+def _rides_out(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler's store calls wait out a stream without a leader (this request only: the
+    actors sharing the connection keep failing fast)."""
+
+    async def wrapped(request: web.Request) -> web.Response:
+        with riding_out(Backoff(LEADER_WAIT_S), notify=lambda line: _log.warning(line)):
+            return await handler(request)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
 _HEX40: Final = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -97,6 +120,7 @@ def _applied(history: list[Recorded]) -> list[Applied]:
     return out
 
 
+@_rides_out
 async def deploy(request: web.Request) -> web.Response:
     """AppRegistered (unless already registered; AppUpgraded for a new compose of a named app
     id) and VmRequested, in one atomic commit."""
@@ -152,6 +176,7 @@ def _refused(refused: Refused) -> web.Response:
                                f"{refused.detail}; nothing appended")  # fmt: skip
 
 
+@_rides_out
 async def vm_command(request: web.Request) -> web.Response:
     """POST /api/vms/{vm_id}/{start|stop|remove}: append the command event as the operator."""
     store = writer(request)

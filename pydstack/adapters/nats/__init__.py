@@ -1,9 +1,11 @@
 """The NATS JetStream event store."""
 
 from ..ports import free_port
+from ._rideout import riding_out
 from .cluster import NatsCluster, read_node
 from .errors import (
     ConflictError,
+    NoLeader,
     PermissionDenied,
     StoreClosed,
     StoreError,
@@ -32,6 +34,7 @@ __all__ = [
     "NatsServer",
     "NatsServerConfig",
     "NatsUser",
+    "NoLeader",
     "PermissionDenied",
     "Recorded",
     "StoreClosed",
@@ -44,4 +47,5 @@ __all__ = [
     "nats_server_binary",
     "new_event_id",
     "read_node",
+    "riding_out",
 ]  # fmt: skip

@@ -55,3 +55,15 @@ class StoreClosed(StoreError):
             f"{action} failed: the connection to NATS at {url} is closed; "
             "the process is shutting down, or reconnect with a new store"
         )
+
+
+class NoLeader(StoreError):
+    """The stream stayed without a leader (or unanswering) for the whole ride-out deadline."""
+
+    def __init__(self, action: str, waited_s: float, detail: str) -> None:
+        super().__init__(
+            f"{action}: the stream still has no leader after {waited_s:g} s ({detail}); check "
+            "that a majority of the NATS servers are up, then run the command again"
+        )
+        self.action = action
+        self.waited_s = waited_s

@@ -34,6 +34,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
 
+from ._rideout import Leaderless, retrying
 from ._types import DEFAULT_STREAM, NEW, Change, Recorded, StreamSettings, Version, new_event_id
 from ._wire import Acks, any_reachable, request, stamp, versions_after
 from .errors import (
@@ -236,15 +237,36 @@ class EventStore:
             raise _ClusterForming("JetStream not answering") from exc
 
     async def last_seq(self) -> int:
+        return await retrying("read the stream's last sequence", self._last_seq_once)
+
+    async def _last_seq_once(self) -> int:
         # Our request, not js.stream_info: nats-py's loses a cancel on Python 3.11 (`request`).
-        msg = await request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}", b"", self.timeout)
+        subject = f"$JS.API.STREAM.INFO.{self.stream}"
+        try:
+            msg = await request(self.nc, subject, b"", self.timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            # No meta leader (an election) looks exactly like this; outside a ride-out scope
+            # the caller gets nats-py's error as before.
+            raise Leaderless(type(exc).__name__, exc) from None
         info = json.loads(msg.data)
         err = info.get("error")
         if err is not None:
             if err.get("err_code") == _STREAM_NOT_FOUND or err.get("code") == 404:
                 raise StreamMissing(self.stream)
+            if err.get("code") == 503:
+                raise Leaderless(str(err.get("description", "")), StoreError(str(err)))
             nats.js.errors.APIError.from_error(err)  # raises the typed error
         return int(info["state"]["last_seq"])
+
+    async def _stream_missing(self) -> bool:
+        """True only when the server says the stream does not exist (not: no answer)."""
+        subject = f"$JS.API.STREAM.INFO.{self.stream}"
+        try:
+            msg = await request(self.nc, subject, b"", min(self.timeout, 2.0))
+            err = json.loads(msg.data).get("error") or {}
+        except (nats.errors.Error, ValueError):
+            return False
+        return bool(err.get("err_code") == _STREAM_NOT_FOUND)
 
     # -- append -------------------------------------------------------------------------------
 
@@ -334,36 +356,53 @@ class EventStore:
     async def _publish_one(
         self, subject: str, data: bytes, headers: dict[str, str], exp: int
     ) -> int:
-        for attempt in range(self.retries + 1):
+        # Every try sends the same bytes and Nats-Msg-Id: a try that was stored but whose ack
+        # got lost comes back as a duplicate (its first sequence) or, since nats-server checks
+        # the expected sequence before Msg-Id dedupe, as a wrong-sequence error that
+        # `_landed_after` recognises as our own append.
+        async def once() -> int:
             try:
                 return await self._send(subject, data, headers)
             except nats.js.errors.APIError as exc:
                 if exc.err_code == _WRONG_LAST_SEQ:
-                    # nats-server checks the expected sequence BEFORE Msg-Id dedupe, so a retry
-                    # of an append that did land comes back as a conflict: recognise our own.
-                    landed = await self.last_by_subject(subject)
-                    if landed is not None and landed.data == data:
-                        return landed.seq
+                    landed = await self._landed_after(subject, exp, data, exc.description or "")
+                    if landed is not None:
+                        return landed
+                if exc.code == 503:
+                    raise Leaderless(str(exc.description), StoreError(str(exc))) from None
                 raise self._api_error(
                     exc.err_code or 0, exc.description or "", subject, exp
                 ) from None
             except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as exc:
                 if subject.lower() in self.denials:
                     raise PermissionDenied(subject) from None
-                # Same Nats-Msg-Id on retry: if the first try was stored, the server answers
-                # with that sequence (duplicate) instead of storing it twice.
-                if attempt == self.retries:
-                    raise StoreError(
-                        f"append to {subject} got no answer: {type(exc).__name__}"
-                    ) from None
-                await asyncio.sleep(0.1 * (attempt + 1))
-        raise AssertionError("unreachable")
+                why = f"append to {subject} got no answer: {type(exc).__name__}"
+                raise Leaderless(type(exc).__name__, StoreError(why)) from None
+
+        return await retrying(f"append to {subject}", once, quick_tries=self.retries)
+
+    async def _landed_after(self, subject: str, exp: int, data: bytes, desc: str) -> int | None:
+        """The sequence of `data` if it is the first message of `subject` after `exp`: an
+        earlier try of this very append landed (same bytes: same event id, signature, time).
+        None: another writer took that place (a real conflict). Raises `Leaderless` when the
+        replica answering has nothing after `exp` yet: it lags the leader that refused us."""
+        after, _ = await self._direct_batch(subject, exp + 1, 1)
+        if not after:
+            raise Leaderless(
+                f"{subject} moved past {exp} on the leader but not yet on this replica",
+                ConflictError(subject, exp, desc),
+            )
+        return after[0].seq if after[0].data == data else None
 
     async def _publish_batch(
         self, msgs: list[tuple[str, bytes, dict[str, str]]], changes: Sequence[Change]
     ) -> int:
-        batch_id = new_event_id()
-        for attempt in range(self.retries + 1):
+        tries = 0
+
+        async def once() -> int:
+            nonlocal tries
+            tries += 1
+            batch_id = new_event_id()  # a fresh batch per try; the msg ids still dedupe
             try:
                 for i, (subj, data, headers) in enumerate(msgs, 1):
                     h = dict(headers, **{"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)})
@@ -374,30 +413,47 @@ class EventStore:
                         reply = await request(self.nc, subj, data, self.timeout, h)
                 resp = json.loads(reply.data)
             except nats.errors.NoRespondersError:
-                raise StreamMissing(self.stream) from None
+                raise Leaderless(
+                    "no responders", StreamMissing(self.stream), maybe_missing=True
+                ) from None
             except nats.errors.TimeoutError:
                 denied = next((m[0] for m in msgs if m[0].lower() in self.denials), None)
                 if denied is not None:
                     raise PermissionDenied(denied) from None
-                if attempt == self.retries:
-                    raise StoreError("atomic append got no answer; check the NATS server") from None
-                batch_id = new_event_id()  # a fresh batch; the msg ids still dedupe
-                await asyncio.sleep(0.1 * (attempt + 1))
-                continue
+                raise Leaderless(
+                    "no answer", StoreError("atomic append got no answer; check the NATS server")
+                ) from None
             err = resp.get("error")
             if err is None:
                 return int(resp["seq"])
             code, desc = int(err.get("err_code", 0)), str(err.get("description", ""))
-            if code == _BATCH_DUP_ID and attempt > 0:
+            if code == _BATCH_DUP_ID and tries > 1:
                 return await self._already_committed(msgs, changes)
             subject = next((c.subject for c in changes if c.events), "?")
             if code == _WRONG_LAST_SEQ:
+                # An earlier try may have landed (atomic: all of it); its first message then
+                # sits right after the first change's expected sequence.
+                first = next(c for c in changes if c.events)
+                after, _ = await self._direct_batch(first.subject, first.expected.seq + 1, 1)
+                if after and after[0].data == msgs[0][1]:
+                    return after[0].seq + len(msgs) - 1
                 # The server does not say which subject moved; find it, for a precise error.
-                subject = await self._moved_subject(changes) or subject
+                moved = await self._moved_subject(changes)
+                if moved is None:  # this replica lags the leader that refused us: look again
+                    raise Leaderless(
+                        "a replica lags the leader",
+                        ConflictError(first.subject, first.expected.seq, desc),
+                    )
+                subject = moved
                 exp = next(c.expected.seq for c in changes if c.subject == subject)
                 raise ConflictError(subject, exp, desc)
+            if int(err.get("code", 0)) == 503:
+                raise Leaderless(desc, StoreError(f"atomic append refused: {desc}"))
             raise self._api_error(code, desc, subject, 0)
-        raise AssertionError("unreachable")
+
+        return await retrying(
+            "atomic append", once, quick_tries=self.retries, stream_missing=self._stream_missing
+        )
 
     async def _already_committed(
         self, msgs: list[tuple[str, bytes, dict[str, str]]], changes: Sequence[Change]
@@ -430,14 +486,30 @@ class EventStore:
     async def _direct_get(self, ask: dict[str, Any], what: str) -> Recorded | None:
         """One message by a direct get (None: no such message). Our request, not
         js.get_msg: nats-py's loses a cancel on Python 3.11 (see `request`)."""
+        return await retrying(
+            f"read {what}",
+            lambda: self._direct_get_once(ask, what),
+            stream_missing=self._stream_missing,
+        )
+
+    async def _direct_get_once(self, ask: dict[str, Any], what: str) -> Recorded | None:
         subj = f"$JS.API.DIRECT.GET.{self.stream}"
-        msg = await request(self.nc, subj, json.dumps(ask).encode(), self.timeout)
+        try:
+            msg = await request(self.nc, subj, json.dumps(ask).encode(), self.timeout)
+        except nats.errors.NoRespondersError as exc:
+            # Replicas stop serving direct gets while their stream has no leader.
+            raise Leaderless("no responders", exc, maybe_missing=True) from None
+        except nats.errors.TimeoutError as exc:
+            raise Leaderless("no answer", exc) from None
         hdrs = msg.headers or {}
         status = hdrs.get("Status", "")
         if status == "404":
             return None
         if status:
-            raise StoreError(f"read {what} failed: {hdrs.get('Description', status)}")
+            failed = StoreError(f"read {what} failed: {hdrs.get('Description', status)}")
+            if status == "408" or status.startswith("5"):
+                raise Leaderless(f"status {status}", failed, maybe_missing=status == "503")
+            raise failed
         return Recorded(int(hdrs["Nats-Sequence"]), hdrs.get("Nats-Subject", ""), msg.data)
 
     async def last_by_subject(self, subject: str) -> Recorded | None:
@@ -480,6 +552,15 @@ class EventStore:
     async def _direct_batch(
         self, subject: str, start: int, n: int, *, start_time: float | None = None
     ) -> tuple[list[Recorded], int]:
+        return await retrying(
+            f"read {subject}",
+            lambda: self._direct_batch_once(subject, start, n, start_time=start_time),
+            stream_missing=self._stream_missing,
+        )
+
+    async def _direct_batch_once(
+        self, subject: str, start: int, n: int, *, start_time: float | None = None
+    ) -> tuple[list[Recorded], int]:
         inbox = self.nc.new_inbox()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -505,10 +586,12 @@ class EventStore:
                 status = hdrs.get("Status", "")
                 if status == "404":
                     return out, 0
-                if status == "503":
-                    raise StreamMissing(self.stream)
+                if status == "503":  # no stream, or (replicas stop serving) no leader
+                    raise Leaderless("no responders", StreamMissing(self.stream),
+                                     maybe_missing=True)  # fmt: skip
                 if status == "408" or status.startswith("5"):
-                    raise StoreError(f"read {subject} failed: {hdrs.get('Description', status)}")
+                    failed = StoreError(f"read {subject} failed: {hdrs.get('Description', status)}")
+                    raise Leaderless(f"status {status}", failed)
                 if status == "204":  # end of batch
                     return out, pending
                 if status:
@@ -523,9 +606,12 @@ class EventStore:
                     )
                 )
         except nats.errors.NoRespondersError:
-            raise StreamMissing(self.stream) from None
+            raise Leaderless(
+                "no responders", StreamMissing(self.stream), maybe_missing=True
+            ) from None
         except TimeoutError:
-            raise StoreError(f"read {subject}: no answer from the server") from None
+            failed = StoreError(f"read {subject}: no answer from the server")
+            raise Leaderless("no answer", failed) from None
         finally:
             await sub.unsubscribe()
 
