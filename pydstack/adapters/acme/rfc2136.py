@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 
-import dns.asyncquery
 import dns.exception
+import dns.message
 import dns.name
 import dns.rcode
 import dns.rdataclass
@@ -138,27 +139,55 @@ class Rfc2136Dns:
 
     async def _send(self, update: dns.update.UpdateMessage, what: str) -> None:
         update.use_tsig(self._key)
+        request = update.to_wire()  # also sets update.mac, which the answer's signature covers
         where = f"RFC 2136 {what} on {self.server}"
         try:
             async with asyncio.timeout(self.timeout_s):
-                address = await _address(self.host, self.port)
-                answer = await dns.asyncquery.tcp(
-                    update, address, timeout=self.timeout_s, port=self.port
-                )
-        except (TimeoutError, dns.exception.Timeout):
+                wire = await _exchange(self.host, self.port, request)
+        except TimeoutError:
             raise DnsError(f"{where}: no answer within {self.timeout_s:g} s") from None
-        except dns.tsig.PeerError as exc:
-            raise DnsError(f"{where}: NOTAUTH ({_tsig_why(exc, self._key)})") from None
+        except asyncio.IncompleteReadError:
+            raise DnsError(f"{where}: the server closed the connection without an answer") from None
         except socket.gaierror as exc:
             raise DnsError(f"{where}: cannot resolve {self.host}: {exc.strerror}") from None
         except OSError as exc:  # refused, unreachable
             reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's is verbose
             raise DnsError(f"{where}: {reason}") from None
-        except dns.exception.DNSException as exc:  # unsigned or forged answer, bad wire data
-            raise DnsError(f"{where}: unusable answer: {exc}") from None
+        try:
+            answer = dns.message.from_wire(wire, keyring=update.keyring, request_mac=update.mac)
+        except dns.exception.DNSException as exc:  # unsigned, badly signed, or not DNS at all
+            raise DnsError(f"{where}: {_unverified(wire, exc, self._key)}") from None
+        if not update.is_response(answer):
+            raise DnsError(f"{where}: the answer is not to this update")
         rcode = answer.rcode()
         if rcode != dns.rcode.NOERROR:
             raise DnsError(f"{where}: the server answered {dns.rcode.to_text(rcode)}")
+
+
+async def _exchange(host: str, port: int, request: bytes) -> bytes:
+    """One DNS message over TCP (RFC 1035 4.2.2: each prefixed by its 2-byte length)."""
+    reader, writer = await asyncio.open_connection(await _address(host, port), port)
+    try:
+        writer.write(len(request).to_bytes(2, "big") + request)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        return await reader.readexactly(size)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def _unverified(wire: bytes, exc: dns.exception.DNSException, key: dns.tsig.Key) -> str:
+    """Why an answer that did not verify was refused, with the rcode it claims (read without
+    its signature: only ever shown in an error, never taken as success)."""
+    try:
+        claimed = dns.rcode.to_text(dns.message.from_wire(wire, keyring=False).rcode())
+    except dns.exception.DNSException:
+        return f"an answer that is not DNS ({exc})"
+    if isinstance(exc, dns.tsig.PeerError):
+        return f"{claimed} ({_tsig_why(exc, key)})"
+    return f"the server answered {claimed} without a valid TSIG signature ({exc})"
 
 
 def _txt(value: str) -> TXT:
