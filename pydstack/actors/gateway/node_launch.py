@@ -36,7 +36,8 @@ from aiohttp import web
 from pydstack.adapters.acme import DnsProvider
 from pydstack.adapters.firewall import FirewallError, ForwardGuard, RulesError
 from pydstack.adapters.nats import EventStore
-from pydstack.adapters.proxy import CertProvider, ProxyConfig, ProxyServer
+from pydstack.adapters.proxy import AppAddressResolver, CertProvider, ProxyConfig, ProxyServer
+from pydstack.adapters.proxy.app_address import PREFIX, AppAddressError, DnsAppAddress
 from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.collateral import CollateralCache
 from pydstack.adapters.tdx.devpccs import dev_collateral
@@ -108,6 +109,11 @@ class NodeLaunch:
     forward_guard: bool = True  # nftables: drop forwarding into/out of the interface
     # auto: the kernel's WireGuard where a wireguard link can be made, else wireguard-go
     wg_backend: WgWanted = "auto"
+    # custom domains' app addresses from DNS TXT, as dstack's `app_address_ns_prefix` and
+    # `app_address_ns_compat` (also the legacy `_tapp-address`); False: custom domains refused
+    app_address_dns: bool = True
+    app_address_ns_prefix: str = PREFIX
+    app_address_ns_compat: bool = True
 
 
 @dataclass
@@ -222,6 +228,17 @@ async def _start_acme(
         await stack.enter_async_context(keeper.running())
 
 
+def _app_address(launch: NodeLaunch) -> AppAddressResolver | None:
+    if not launch.app_address_dns:
+        return None
+    try:
+        return DnsAppAddress(prefix=launch.app_address_ns_prefix,
+                             compat=launch.app_address_ns_compat)  # fmt: skip
+    except AppAddressError as exc:
+        _log.warning("custom domains refused: no DNS resolver", error=str(exc))
+        return None
+
+
 @contextlib.asynccontextmanager
 async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[RunningNode]:
     key = load_or_create_key(launch.state_dir / "wg.key")
@@ -250,6 +267,7 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
         proxy = await ProxyServer.create(
             ProxyConfig(host=launch.proxy_host, port=launch.proxy_port),
             log_certs or launch.certs or _NoCerts(),
+            resolve_app_address=_app_address(launch),
         )
         await stack.enter_async_context(proxy)
         from pydstack.core.gateway.cluster import AddressPlan
