@@ -6,6 +6,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+import structlog
 from click.core import ParameterSource
 
 from pydstack.actors.gateway.dns_providers import rfc2136_config, rfc2136_options
@@ -16,6 +17,8 @@ from pydstack.logs import configure
 from pydstack.loop import run as run_loop
 
 from ._common import Settings, connection_options
+
+_log = structlog.get_logger("pydstack.up")
 
 
 def _kms_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
@@ -35,6 +38,35 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
         except GuardError as exc:
             raise click.BadParameter(str(exc), param_hint="--dashboard-host") from None
     return names
+
+
+def _loopback_unless_allowed(data: DataDir, opts: UpOptions, allow: bool) -> None:
+    """Simulated attestation serves loopback clients only (``up_listeners``): refused before
+    anything starts or is appended, unless ``--allow-simulated``; then said loudly."""
+    from .up_listeners import is_loopback, refusal, simulated_reason, tsm_report_present
+    from .up_listeners import up_listeners as listeners
+
+    reason = simulated_reason(tsm_report=tsm_report_present(), vmm_backend=opts.vmm_backend,
+                              vmm_platform=opts.vmm_platform)  # fmt: skip
+    if not reason:
+        return
+    try:
+        cfg = data.load_config()  # the listen address a former `up --listen` left there
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    embedded = not (opts.nats_url or cfg.nats_url)
+    exposed = [x for x in listeners(opts, nats_host=opts.host or cfg.host, embedded=embedded)
+               if not is_loopback(x.address)]  # fmt: skip
+    if not exposed:
+        return
+    if not allow:
+        raise click.ClickException(refusal(exposed, reason))
+    _log.warning(
+        "--allow-simulated: SIMULATED ATTESTATION SERVED BEYOND LOOPBACK; clients on other "
+        "machines get no confidentiality and attestation proves nothing to them",
+        simulated=reason,
+        listeners=[f"{x.serves} on {x.address or '0.0.0.0'} ({x.option})" for x in exposed],
+    )
 
 
 @click.command("up")
@@ -184,6 +216,13 @@ def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
     "[default: loopback only]",
 )
 @click.option(
+    "--allow-simulated",
+    is_flag=True,
+    help="let a host with simulated attestation (no TDX) listen on non-loopback addresses "
+    "(--listen, --gateway-listen, --dashboard-listen, --allow-public-ports); without it they "
+    "are refused, so no fleet serves simulated TDX by accident [development only]",
+)
+@click.option(
     "--gateway/--no-gateway",
     default=None,
     help="run a gateway node [default: with the KMS, where wireguard-go can run]",
@@ -286,6 +325,7 @@ def up_cmd(
     vmm_platform: str,
     vmm_api_port: int,
     allow_public_ports: bool,
+    allow_simulated: bool,
     gateway: bool | None,
     gateway_domain: str,
     gateway_port: int,
@@ -357,7 +397,9 @@ def up_cmd(
         gateway_rfc2136=gateway_rfc2136,
         gateway_forward_guard=gateway_forward_guard,
     )  # fmt: skip
-    plane = ControlPlane(DataDir.resolve(s.data_dir), opts)
+    data = DataDir.resolve(s.data_dir)
+    _loopback_unless_allowed(data, opts, allow_simulated)
+    plane = ControlPlane(data, opts)
     try:
         code = run_loop(plane.run())  # uvloop when installed: the gateway node's proxy
     except (StoreError, ValueError) as exc:  # ValueError: bad KMS launch options

@@ -41,7 +41,9 @@ async def test_up_cvm_reachable_through_two_gateways(short_tmp: Path, acme: bool
         # up's node runs in the host's namespace: its nftables guard stays out of the
         # machine's ruleset (the guard: tests/adversarial/test_gateway_forwarding.py).
         # `attest simulate` boots an app registered nowhere: the dev backend, not the log's
-        extra: tuple[str, ...] = ("--listen", lan.host_ip, "--dashboard-port", "-1",
+        # a LAN address on a host without TDX: simulated attestation beyond loopback
+        extra: tuple[str, ...] = ("--listen", lan.host_ip, "--allow-simulated",
+                                  "--dashboard-port", "-1",
                                   "--gateway-domain", BASE, "--kms-auth", "dev",
                                   "--no-gateway-forward-guard")  # fmt: skip
         if acme:
