@@ -321,9 +321,10 @@ async def _scenario(
     ip_a, ip_k, ip_b = await lan.add("ha"), await lan.add("hk"), await lan.add("hb")
     await lan.add("client")
     sandbox = ["--vmm", "sandbox", "--gateway", "--gateway-domain", DOMAIN]
+    # every host listens on its LAN address without TDX: simulated beyond loopback, allowed
     host_a = HostUp("ha", lan.ns("ha"), home_a, [
         "--join", nats, "--listen", ip_a, "--host-id", "ha", "--gateway-node-id", "gwa",
-        "--kms", *sandbox])  # fmt: skip
+        "--kms", "--allow-simulated", *sandbox])  # fmt: skip
     hosts.append(host_a)
     state_a = await asyncio.to_thread(host_a.wait_ready)
     # Further machines get keys of their own from A's admin (`host add`: a join bundle with
@@ -345,7 +346,7 @@ async def _scenario(
     token_k = await asyncio.to_thread(copy_token, state_a["kms_onboard_token_file"], home_k)
     kms_k = HostUp("hk", lan.ns("hk"), home_k, [
         "--join", str(bundles["hk"]), "--listen", ip_k, "--no-host", "--no-gateway",
-        "--kms", "--kms-onboard", state_a["kms_url"],
+        "--allow-simulated", "--kms", "--kms-onboard", state_a["kms_url"],
         "--kms-onboard-token-file", token_k])  # fmt: skip
     hosts.append(kms_k)
     state_k = await asyncio.to_thread(kms_k.wait_ready)
@@ -355,7 +356,7 @@ async def _scenario(
     host_b = HostUp("hb", lan.ns("hb"), home_b, [
         "--join", str(bundles["hb"]), "--listen", ip_b, "--gateway-node-id", "gwb",
         "--no-kms", "--kms-url", state_k["kms_url"], "--kms-url", state_a["kms_url"],
-        *sandbox])  # fmt: skip
+        "--allow-simulated", *sandbox])  # fmt: skip
     hosts.append(host_b)
     state_b = await asyncio.to_thread(host_b.wait_ready)
     for home, keys in ((home_k, {"vmm-hk", "kms-hk"}), (home_b, {"vmm-hb", "gateway-hb"})):
