@@ -684,12 +684,16 @@ class ControlPlane:
         """One gateway node in the host namespace (pydstack.actors.gateway.up_launch)."""
         from pydstack.actors.gateway.node_launch import running_node
         from pydstack.actors.gateway.up_launch import up_launch
-        from pydstack.adapters.wireguard import UserspaceBackend, WireGuardError
+        from pydstack.adapters.wireguard import BackendUnavailable, WireGuardError, pick_backend
 
         o = self.opts
         if o.gateway is False or (o.gateway is None and not self.kms_url):
             return
-        reason = await UserspaceBackend(self.data.path).unavailable_reason()
+        reason = None
+        try:  # the kernel's WireGuard or wireguard-go (the node picks again and reports it)
+            await pick_backend("auto", run_dir=self.data.path)
+        except BackendUnavailable as exc:
+            reason = str(exc)
         if reason is not None:
             if o.gateway:
                 raise StoreError(f"gateway: {reason}; or start without it (--no-gateway)")
