@@ -137,6 +137,8 @@ async def test_a_name_outside_the_zone_is_refused_before_anything_is_sent(knot: 
     dns = knot.config().open()
     with pytest.raises(DnsError, match=r"_acme-challenge.example.org. is not in .* example.com."):
         await dns.add_txt("_acme-challenge.example.org.", "v")
+    with pytest.raises(DnsError, match="is not a DNS name"):  # a label over 63 octets
+        await dns.add_txt(f"_acme-challenge.{'a' * 64}.example.com.", "v")
 
 
 async def test_a_server_that_does_not_answer_times_out_in_bounded_time(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Any authoritative server that takes signed updates works (Knot, BIND, PowerDNS, 
 tests run it against a real ``knotd``. Each verb is one UPDATE message over TCP to the
 primary: ``add_txt`` adds the one TXT value, ``remove_txt`` deletes exactly that value (the
 two challenges of a wildcard order share a name). The server's answer must be NOERROR and
-carry a valid TSIG signature of the same key, so an off-path spoofer cannot fake success.
+carry a valid TSIG signature of the same key: whoever answers in the server's place cannot
+fake success.
 The secret is read from a 0600 file (never argv, never the log)::
 
     config = Rfc2136Config("127.0.0.1:53", "example.com", "acme-key", "hmac-sha256",
@@ -120,7 +121,10 @@ class Rfc2136Dns:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def _owner(self, name: str) -> dns.name.Name:
-        owner = dns.name.from_text(name)
+        try:
+            owner = dns.name.from_text(name)
+        except dns.exception.DNSException as exc:
+            raise DnsError(f"RFC 2136: {name!r} is not a DNS name: {exc}") from None
         if not owner.is_subdomain(self.zone):
             raise DnsError(f"{owner} is not in the RFC 2136 zone {self.zone}")
         return owner
