@@ -5,6 +5,8 @@ whoever reads them next), route its server name, pick backends from the current 
 table, then either relay the TLS bytes untouched (``s``) or terminate TLS with the base
 domain's certificate (``g``: ALPN h2) and relay plaintext. Backends are dialled
 concurrently and the first to connect wins. Anything wrong closes that one connection.
+dstack's reserved ids ``health`` and ``gateway`` are answered by the proxy itself
+(``reserved.py``).
 
 Two caps keep one client from exhausting the host's file descriptors (each relayed
 connection holds two): ``max_connections_per_app`` (refused once routed, ``app_limit``) and
@@ -54,6 +56,8 @@ from pydstack.core.gateway import (
 
 from .certs import CertProvider
 from .relay import Half, Link
+from .reserved import PORT as RESERVED_PORT
+from .reserved import RESERVED, serve_reserved
 
 log = structlog.get_logger("pydstack.proxy")
 
@@ -320,6 +324,9 @@ class ProxyServer:
         if hello.server_name is None:
             raise Refused("no_sni", "ClientHello without server_name")
         route = await self._route(hello.server_name)
+        if route.id in RESERVED and route.mode is not Mode.PASSTHROUGH and route.base_domain:
+            await self._serve_reserved(sock, route)  # dstack's `health` / `gateway`
+            return
         picked = pick_backends(
             route, self.table, time.time(), top_n=cfg.top_n, handshake_stale=cfg.handshake_stale
         )
@@ -341,6 +348,18 @@ class ProxyServer:
             self.stats.active_by_app[app] -= 1
             if not self.stats.active_by_app[app]:
                 del self.stats.active_by_app[app]
+
+    async def _serve_reserved(self, sock: socket.socket, route: Route) -> None:
+        if route.port != RESERVED_PORT:
+            raise Refused("bad_route", f"{route.id} is answered on port {RESERVED_PORT} only")
+        ctx = self.certs.server_context(route.base_domain, h2=route.mode is Mode.H2)
+        if ctx is None:
+            raise Refused("no_certificate", route.base_domain)
+        self.stats.routed["reserved"] += 1
+        try:
+            await serve_reserved(self._loop, sock, route.id, ctx, self.config.handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            raise Refused("tls_handshake_failed", repr(exc)) from exc
 
     async def _relay(
         self, sock: socket.socket, route: Route, picked: Selection, ctx: ssl.SSLContext | None
