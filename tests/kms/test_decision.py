@@ -33,6 +33,11 @@ def test_allowed_evidence_and_verdict_issue_with_the_verified_boot_info() -> Non
     assert isinstance(out, KeyIssued)
     assert out.boot_info == BOOT and out.gateway_app_id == "gw"
     assert out.verdict == "allowed: ok" and out.quote_hash == quote_hash(b"quote")
+    assert out.tee == ""  # not said by the caller
+    sim = decide(
+        REQ, reasons=[], boot=BOOT, verdict=AuthVerdict(True), backend="b", tee="simulated"
+    )
+    assert isinstance(sim, KeyIssued) and sim.tee == "simulated"
 
 
 def test_evidence_reasons_deny_even_when_a_verdict_says_allowed() -> None:

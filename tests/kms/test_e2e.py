@@ -62,6 +62,7 @@ async def test_attested_app_gets_keys_and_the_log_shows_the_decision(kms: Kms, p
     assert req.request_id == issued.request_id and req.method == "GetAppKey"
     assert issued.boot_info.app_id == APP_ID.hex()
     assert issued.boot_info.tcb_status == "UpToDate" and issued.backend == "webhook"
+    assert issued.tee == "simulated"  # a dev PKI quote: the decision says so (issue 15.8)
 
 
 async def test_same_request_twice_gives_same_keys_and_two_decisions(kms: Kms, pki: DevPki) -> None:

@@ -74,6 +74,9 @@ class KeyIssued(Event, tag="KeyIssued", frozen=True):
     gateway_app_id: str = ""  # added: the backend's answer, returned with the keys
     # added: the image check the KMS made before asking the backend (core.measure.check)
     image_check: str = ""
+    # added (issue 15.8): the TEE the quote came from: "tdx" (Intel's root) or "simulated"
+    # (the dev PKI's: attestation proved nothing); "" before the field
+    tee: str = ""
 
 
 class KeyDenied(Event, tag="KeyDenied", frozen=True):

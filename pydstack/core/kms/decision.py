@@ -164,10 +164,12 @@ def decide(
     boot: BootInfo | None,
     verdict: AuthVerdict | None,
     backend: str,
+    tee: str = "",
 ) -> KeyIssued | KeyDenied:
     """The decision closing `req` (its second event). `reasons` are the policy's refusal
     reasons for its verified evidence (debug, TCB status, advisories, measurements); `verdict`
-    is None when the backend was not asked (evidence already refused)."""
+    is None when the backend was not asked (evidence already refused); `tee`: "tdx" or
+    "simulated", the root the quote verified under (recorded in KeyIssued)."""
     qh = quote_hash(req.quote)
     refused = precheck(boot, reasons)
     if refused:
@@ -189,6 +191,7 @@ def decide(
         backend=backend,
         verdict="allowed" + (f": {verdict.reason}" if verdict.reason else ""),
         gateway_app_id=verdict.gateway_app_id,
+        tee=tee,
     )
 
 
