@@ -112,3 +112,13 @@ async def test_sign_cert_refuses_unknown_versions_by_name(
     assert info.value.status == 400
     assert f"unsupported api_version {version}" in info.value.error
     assert "\n" not in info.value.error and len(await kms.events()) == before
+
+
+async def test_get_app_key_takes_api_version_1_at_most(kms: Kms, pki: DevPki) -> None:
+    """dstack's `get_app_key`: `api_version > 1` is refused (here a 400 naming it), unlogged."""
+    before = len(await kms.events())
+    async with kms.client() as c:
+        with pytest.raises(KmsCallError) as info:
+            await c.call("GetAppKey", {"api_version": 2, "vm_config": VM_CONFIG})
+    assert info.value.status == 400 and "unsupported api_version 2" in info.value.error
+    assert len(await kms.events()) == before
