@@ -3,6 +3,7 @@
 - `WebhookBackend`: dstack's auth-simple protocol: POST `<url>/bootAuth/app` or
   `<url>/bootAuth/kms` with the BootInfo (camelCase, hex) -> `{isAllowed, reason,
   gatewayAppId}`. Any transport or format error refuses (fail closed) with the error as reason.
+  Its `GET <url>` (dstack's auth API info) fills GetMeta's chain fields (`chain_meta`).
 - `DevBackend`: allows every attested app, and no KMS: the cluster's root keys (`GetKmsKey`)
   never follow from it (a replica needs an explicit onboarding authorization, see
   `authority.py`). Refused unless explicitly enabled; warns loudly on start and names itself
@@ -11,7 +12,8 @@
   `AppUpgraded` events on the log name the compose hashes it may run; no KMS.
 - `eth` (`pydstack.adapters.eth.EthAuthBackend`): a DstackKms contract on a chain (dstack's own
   deployments or ours, same ABI): `isAppAllowed(AppBootInfo)` for apps, `isKmsAllowed` for
-  replicas; an outage (RPC down, no contract) refuses with a one-line reason.
+  replicas; an outage (RPC down, no contract) refuses with a one-line reason. GetMeta's chain
+  fields are the contract's and the node's chain id.
 
     backend = make_backend("webhook", url="http://127.0.0.1:8000")
     backend = make_backend("eth", eth_rpc_url="http://127.0.0.1:8545", kms_contract="0x…")
