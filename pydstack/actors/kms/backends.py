@@ -140,7 +140,7 @@ async def chain_meta(backend: AuthBackend) -> dict[str, object]:
     try:
         return NO_CHAIN | dict(await read())
     except Exception as e:  # an outage must not take GetMeta down
-        log.warning("GetMeta without chain fields", backend=backend.name, error=str(e))
+        log.info("GetMeta without chain fields", backend=backend.name, error=str(e))
         return dict(NO_CHAIN)
 
 
