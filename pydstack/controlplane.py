@@ -50,6 +50,9 @@ from pydstack.core.events import HostJoined, subject
 from pydstack.core.policy import TENANT, Keyring
 from pydstack.upkeep import (
     Crashing,
+    Failed,
+    KeptComponent,
+    Opener,
     RestartBudget,
     Restarted,
     keep_nats_server,
@@ -159,10 +162,6 @@ async def _close(store: EventStore) -> None:
         await store.nc.close()
 
 
-async def _shielded(aw: Coroutine[Any, Any, None]) -> None:
-    await asyncio.shield(aw)
-
-
 def default_host_id() -> str:
     name = re.sub(r"[^A-Za-z0-9_\-]", "-", socket.gethostname())[:64].strip("-")
     return name or "local"
@@ -245,6 +244,7 @@ class ControlPlane:
         self.restarts: dict[str, int] = {}  # component -> restarts so far (state.json)
         self._state: dict[str, Any] = {}
         self._recording: set[asyncio.Task[None]] = set()  # restarts being appended
+        self._kept: list[KeptComponent] = []  # components restarted in place (upkeep)
 
     def stop(self) -> None:
         self._stop.set()
@@ -500,12 +500,20 @@ class ControlPlane:
         async with contextlib.AsyncExitStack() as stack:
             waits: set[asyncio.Task[Any]] = {asyncio.create_task(self._stop.wait(), name="stop")}
             if "scheduler" in ids:  # a host joined with a bundle runs none (it has no key)
-                store = await self._connect(ids["scheduler"], settings)
-                stack.push_async_callback(_close, store)
-                scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
-                runner = await stack.enter_async_context(ActorRunner(store, scheduler, runtime))
-                # shield: cancelling this waiter must not cancel the runner, which stops below
-                waits.add(asyncio.create_task(_shielded(runner.wait()), name="actor-scheduler"))
+
+                async def open_scheduler(inner: contextlib.AsyncExitStack) -> Failed:
+                    store = await self._connect(ids["scheduler"], settings)
+                    inner.push_async_callback(_close, store)
+                    scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
+                    runner = await inner.enter_async_context(ActorRunner(store, scheduler, runtime))
+
+                    async def failed() -> str:
+                        await runner.wait()  # raises its failure
+                        return "the actor stopped by itself"
+
+                    return failed
+
+                await self._keep(stack, "scheduler", open_scheduler)
             if self.opts.kms or (self.opts.kms is None and self.server is not None):
                 await self._start_kms(stack, _needs(ids, "kms", "--no-kms"), settings)
             if "gateway" in ids or self.opts.gateway:
@@ -519,6 +527,7 @@ class ControlPlane:
                        "dashboard": self.dashboard_url}  # fmt: skip
             self._ready(cfg, [*(["scheduler"] if "scheduler" in ids else []),
                               *(name for name, on in running.items() if on)])  # fmt: skip
+            waits |= {kept.watching() for kept in self._kept}  # failures restart them now
             watcher = None
             if self.server is not None:
                 watcher = asyncio.create_task(
@@ -549,6 +558,14 @@ class ControlPlane:
                 raise StoreError(f"{what}; stopping the control plane")
             _log.info("stopping", reason="signal")
         # Leaving the stack stops the runner (in-flight event finished) and closes its store.
+
+    async def _keep(self, stack: contextlib.AsyncExitStack, name: str, open: Opener) -> None:
+        """Start a component `up` rebuilds in place when it fails (upkeep.KeptComponent);
+        closed with `stack`. Its watch starts once `up` is ready."""
+        kept = KeptComponent(name, open, RestartBudget(), self._restarted)
+        await kept.start()
+        stack.push_async_callback(kept.aclose)
+        self._kept.append(kept)
 
     async def _start_kms(
         self, stack: contextlib.AsyncExitStack, ident: Identity, settings: StreamSettings
@@ -682,7 +699,7 @@ class ControlPlane:
         cfg: PlaneConfig,
     ) -> None:
         """One gateway node in the host namespace (pydstack.actors.gateway.up_launch)."""
-        from pydstack.actors.gateway.node_launch import running_node
+        from pydstack.actors.gateway.node_launch import RunningNode, running_node
         from pydstack.actors.gateway.up_launch import up_launch
         from pydstack.adapters.wireguard import BackendUnavailable, WireGuardError, pick_backend
 
@@ -700,20 +717,28 @@ class ControlPlane:
             _log.warning("no gateway node", reason=reason)
             return
         gw = self._gateway_options(cfg)
-        store = await self._connect(ident, settings)
-        stack.push_async_callback(_close, store)
-        try:
-            rn = await stack.enter_async_context(
-                _bounded(running_node(store, await up_launch(store, self.data.path, gw)), "gateway")
-            )
-        except (WireGuardError, OSError) as exc:
-            raise StoreError(f"gateway: {exc}; or start without it (--no-gateway)") from None
-        self.gateway = {
-            "gateway_admin_url": rn.admin_url, "gateway_registration_url": rn.registration_url,
-            "gateway_proxy": f"{gw.listen}:{rn.proxy_port}", "gateway_domain": gw.domain,
-            "gateway_ca": str(self.data.path / "gateway" / "ca.pem"),
-            "gateway_wireguard_port": rn.node.config.listen_port,
-        }  # fmt: skip
+
+        async def open_node(inner: contextlib.AsyncExitStack) -> Failed:
+            store = await self._connect(ident, settings)
+            inner.push_async_callback(_close, store)
+            try:
+                launch = await up_launch(store, self.data.path, gw)
+                rn: RunningNode = await inner.enter_async_context(
+                    _bounded(running_node(store, launch), "gateway")
+                )
+            except (WireGuardError, OSError) as exc:
+                raise StoreError(f"gateway: {exc}; or start without it (--no-gateway)") from None
+            # the same ports every time (DATA/gateway/ports.json) but the admin API's
+            self.gateway = {
+                "gateway_admin_url": rn.admin_url, "gateway_registration_url": rn.registration_url,
+                "gateway_proxy": f"{gw.listen}:{rn.proxy_port}", "gateway_domain": gw.domain,
+                "gateway_ca": str(self.data.path / "gateway" / "ca.pem"),
+                "gateway_wireguard_port": rn.node.config.listen_port,
+            }  # fmt: skip
+            self._state.update(self.gateway)
+            return rn.node.failed
+
+        await self._keep(stack, "gateway", open_node)
 
     def _gateway_options(self, cfg: PlaneConfig) -> UpGateway:
         from pydstack.actors.gateway.up_launch import UpGateway

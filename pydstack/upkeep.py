@@ -23,7 +23,7 @@ import contextlib
 import os
 import signal
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -173,3 +173,102 @@ async def stop_orphan(pid: int, what: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             deadline = loop.time() + ORPHAN_STOP_S
         await asyncio.sleep(0.05)
+
+
+Failed = Callable[[], Awaitable[str]]  # returns (or raises) when the component stopped working
+Opener = Callable[[contextlib.AsyncExitStack], Awaitable[Failed]]
+
+
+class KeptComponent:
+    """One component inside `up` (an actor, the gateway node) rebuilt in place when it fails,
+    with backoff, while the others go on; only repeated failures within the budget's window
+    stop `up` (`Crashing`, naming it).
+
+    ``open`` enters everything the component needs into the stack it is given (its own NATS
+    connection included, so a restart shares no state with the failed instance) and returns
+    what to await for its failure. The first start is the caller's (its errors stop `up` as
+    any start-up error does); ``watch`` then runs for as long as `up` does."""
+
+    def __init__(
+        self,
+        name: str,
+        open: Opener,
+        budget: RestartBudget,
+        on_restart: Callable[[Restarted], None] | None = None,
+        stop_grace_s: float = 15.0,
+    ) -> None:
+        self.name = name
+        self._open = open
+        self.budget = budget
+        self._on_restart = on_restart
+        self._grace = stop_grace_s
+        self._stack = contextlib.AsyncExitStack()
+        self._failed: Failed | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            self._failed = await self._open(self._stack)
+        except BaseException:
+            await self._close_stack()
+            raise
+
+    def watching(self) -> asyncio.Task[None]:
+        self._watch = asyncio.create_task(self._watch_forever(), name=self.name)
+        return self._watch
+
+    async def _reason(self) -> str:
+        assert self._failed is not None
+        try:
+            return await self._failed()
+        except Exception as exc:  # the component's own failure: its text is the reason
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    async def _watch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            reason = await self._reason()
+            noticed = loop.time()
+            await self._close_stack()
+            while True:
+                delay = self.budget.crashed(loop.time())
+                if delay is None:
+                    raise Crashing(
+                        f"{self.name} failed {self.budget.recent} times within "
+                        f"{self.budget.window_s:.0f}s (last: {reason}); see up's log; "
+                        "stopping the control plane"
+                    )
+                _log.warning(f"{self.name} failed; restarting it", reason=reason,
+                             retry_in_s=delay, crashes=self.budget.recent)  # fmt: skip
+                await asyncio.sleep(delay)
+                try:
+                    self._failed = await self._open(self._stack)
+                except Exception as exc:  # e.g. NATS still down: counts as another failure
+                    reason = f"restart failed: {exc}"
+                    await self._close_stack()
+                    continue
+                break
+            event = Restarted(self.name, reason, loop.time() - noticed, self.budget.recent)
+            _log.info(f"{self.name} restarted", reason=reason, down_s=round(event.down_s, 2))
+            if self._on_restart is not None:
+                self._on_restart(event)
+
+    async def _close_stack(self) -> None:
+        """Close what the current instance holds, bounded; its own errors (a failed instance
+        often fails again while closing) are logged, never raised."""
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        try:
+            async with asyncio.timeout(self._grace):
+                await stack.aclose()
+        except TimeoutError:
+            _log.error("component did not stop in time; abandoned", component=self.name)
+        except Exception as exc:
+            _log.info("component closed with an error", component=self.name, error=str(exc))
+
+    async def aclose(self) -> None:
+        """At `up`'s stop: no more restarts, then close the instance running now."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch
+        await self._close_stack()

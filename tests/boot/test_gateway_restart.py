@@ -6,7 +6,11 @@ gateway within seconds, without the CVM registering again."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -75,3 +79,62 @@ def test_a_restarted_up_serves_the_running_app_through_the_gateway_within_second
         assert stopped == 0, plane.text()
         assert "Traceback" not in text, text[text.find("Traceback") :][:2000]
         assert left == [], f"processes left in the CVMs' namespaces: {left}"
+
+
+def _wireguard_go(home: Path) -> list[int]:
+    tag = hashlib.sha256(str(home).encode()).hexdigest()[:8]  # up_launch's interface name
+    out = subprocess.run(["pgrep", "-f", f"wireguard-go -f dgw{tag}$"], capture_output=True,
+                         text=True).stdout  # fmt: skip
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.timeout(300)
+def test_a_crashed_gateway_node_is_rebuilt_inside_up_and_the_app_answers_again(
+    short_tmp: Path,
+) -> None:
+    """kill -9 of the gateway's wireguard-go (its tunnel process): `up` notices, rebuilds the
+    node in place (new wireguard-go, peers from the log, saved endpoints) while the other
+    actors go on, records ComponentRestarted on dstack.actor.gateway, and the app answers
+    HTTPS 200 through the same proxy port again within the bound."""
+    home, plane = _up_with_gateway(short_tmp)
+    sandboxes: dict[str, dict[str, str]] = {}
+    try:
+        state = msgspec.json.decode((home / "state.json").read_bytes())
+        proxy, ca = state["gateway_proxy"], state["gateway_ca"]
+        url = _line(_deploy_example(home, short_tmp, "hello1", "hi", sandboxes).out, "url")
+        assert _get(proxy, url, ca)[0] == 200
+        saved = home / "gateway" / "gw1" / "endpoints.json"
+        wait_for(lambda: saved.exists() and json.loads(saved.read_text()), timeout=10,
+                 what="the gateway to save the CVM's endpoint")  # fmt: skip
+        [carrier] = _wireguard_go(home)
+        os.kill(carrier, signal.SIGKILL)
+        t0 = time.monotonic()
+
+        def answers() -> bool:
+            new = _wireguard_go(home)
+            with contextlib.suppress(OSError):
+                return bool(new) and new != [carrier] and _get(proxy, url, ca)[0] == 200
+            return False
+
+        wait_for(answers, timeout=BOUND_S, what=f"{url} to answer after the gateway crash")
+        print(f"reachable {time.monotonic() - t0:.2f} s after the crash")
+        assert plane.proc is not None and plane.proc.poll() is None
+        recorded = wait_for(
+            lambda: [e for e in _events(home, "dstack.actor.gateway")
+                     if e["type"] == "ComponentRestarted"],
+            timeout=10, what="the restart on the log",
+        )  # fmt: skip
+        [body] = [e["body"] for e in recorded]
+        assert body["component"] == "gateway" and body["crashes"] == 1
+        assert body["reason"].startswith("wireguard-go for dgw") and "-9" in body["reason"]
+        regs = [e for e in _events(home, "dstack.cvm.*") if e["type"] == "CvmRegistered"]
+        assert len(regs) == 1, regs  # rebuilt from the log: the CVM did not register again
+        audit = cli(home, "audit")
+        assert audit.code == 0, audit.out + audit.err
+    finally:
+        _remove_vms(home, ["hello1"])
+        stopped = plane.stop()
+        text = plane.text()
+        _cleanup(short_tmp, sandboxes)
+        assert stopped == 0, text
+        assert "Traceback" not in text, text[text.find("Traceback") :][:2000]

@@ -158,6 +158,7 @@ class GatewayNode:
         self.table_peer_digest = table_peer_digest(self.table)
         self.device_peer_digest = self.table_peer_digest
         self.handshakes: dict[str, float] = {}
+        self._lifelines: list[asyncio.Task[None]] = []  # set by running()
         self.connected = False
         self.lag = -1
         self.joined: GatewayNodeJoined | None = None
@@ -468,6 +469,22 @@ class GatewayNode:
         if self.connected:
             await self.report_liveness()
 
+    async def failed(self) -> str:
+        """Return (why) when the running node stopped working by itself: its WireGuard
+        carrier died (wireguard-go killed) or one of its loops ended. `up` then rebuilds it
+        (pydstack.upkeep.keep_component); the log and the saved endpoints restore it."""
+        carrier = asyncio.create_task(self.device.carrier_lost(), name="gw-carrier")
+        try:
+            done, _ = await asyncio.wait({carrier, *self._lifelines},
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            carrier.cancel()
+        if carrier in done:
+            return carrier.result()
+        task = done.pop()
+        exc = None if task.cancelled() else task.exception()
+        return f"{task.get_name()} ended" + (f": {exc}" if exc else "")
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[GatewayNode]:
         """Join, set the device up, reconcile the current log, then keep following."""
@@ -489,6 +506,7 @@ class GatewayNode:
             tasks.append(
                 asyncio.create_task(self._every(cfg.recycle.interval_s, "recycle", self._recycle))
             )
+        self._lifelines = tasks[1:]  # loops that end only by failing (the warm-up just ends)
         try:
             yield self
         finally:

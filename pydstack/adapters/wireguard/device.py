@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -51,6 +52,12 @@ class WireGuardDevice(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Remove the interface (and stop whatever process carries it)."""
+
+    async def carrier_lost(self) -> str:
+        """Return (why) when whatever carries the interface died by itself: a supervising
+        owner then rebuilds the device. The kernel's interface has no process: never."""
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
 
     async def __aenter__(self) -> Self:
         return self

@@ -97,6 +97,10 @@ class UserspaceDevice(WireGuardDevice):
         request = render_set(ops, private_key=private_key, listen_port=listen_port, fwmark=fwmark)
         check_set_response(await uapi_request(self.socket_path, request))
 
+    async def carrier_lost(self) -> str:
+        code = await self._proc.wait()
+        return f"wireguard-go for {self.ifname} exited with code {code}"
+
     async def close(self) -> None:
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
