@@ -4,13 +4,14 @@ On a host without TDX every quote is signed by the dev PKI, so attestation prove
 such a control plane must not serve other machines by accident (a "fleet" of them serving real
 users). ``up`` therefore refuses, before it starts or appends anything, to bind any listener to
 a non-loopback address while attestation is simulated, unless the operator passes
-``--allow-simulated``. Pure: the caller passes the options, the data dir's remembered listen
-address and whether attestation is simulated::
+``--allow-simulated``. Pure (but ``tsm_report_present``): the caller passes the options, the
+data dir's remembered listen address and the probe's answer::
 
+    why = simulated_reason(tsm_report=tsm_report_present(), vmm_backend="", vmm_platform="auto")
     exposed = [x for x in up_listeners(opts, nats_host="10.0.0.5", embedded=True)
                if not is_loopback(x.address)]
-    if exposed and simulated:
-        raise click.ClickException(refusal(exposed, simulated))
+    if why and exposed:
+        raise click.ClickException(refusal(exposed, why))
 
 ``up_listeners`` mirrors where ``controlplane.ControlPlane`` binds each service (the test
 ``tests/cli/test_allow_simulated.py`` compares it with the sockets a real ``up`` opens). The
