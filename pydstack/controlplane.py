@@ -215,6 +215,10 @@ class UpOptions:
     vmm_api_port: int = -1  # the VMM API on TCP too (with its token): -1 no, 0 any free port
     vmm_platform: str = "auto"  # qemu: auto / tdx / kvm / tcg (actors.vmm.resolve_platform)
     allow_public_ports: bool = False  # CVM ports on non-loopback host addresses
+    # CVMs' registry mirrors (sandbox engines; guests may reach them): `up --registry`'s own
+    # local registry (registry_url, for `image push`) first, then --registry-mirror ones
+    registry_url: str = ""
+    registry_mirrors: tuple[str, ...] = ()
     # A join bundle (`pydstack host add`): this host's own keys and the cluster's public data;
     # the data dir then holds no admin key and this up needs no stream-admin rights
     join_bundle: str = ""
@@ -623,6 +627,7 @@ class ControlPlane:
                            api_host=self.opts.host or "127.0.0.1", api_port=self.opts.vmm_api_port,
                            runtime=runtime, guest_services=self._guest_services(),
                            platform=self.opts.vmm_platform,
+                           registry_mirrors=self.opts.registry_mirrors,
                            dev_pki=await asyncio.to_thread(self._cvm_dev_pki))  # fmt: skip
         _, api = await stack.enter_async_context(_bounded(running_vmm(store, launch), "vmm"))
         await self._register_host_images()
@@ -681,6 +686,7 @@ class ControlPlane:
                 kms=url_ports(self.cvm_kms_urls()),
                 gateway_registration=url_ports([registration]) if registration else (),
                 wireguard=(gw["gateway_wireguard_port"],) if "gateway_wireguard_port" in gw else (),
+                registry=url_ports(self.opts.registry_mirrors),
                 dns=resolver_ports(resolv),
             )
         except RulesError as exc:
@@ -856,6 +862,8 @@ class ControlPlane:
             "embedded": self.server is not None, "dashboard_url": self.dashboard_url,
             "dashboard_login_token_file": self.dashboard_token_file or None,
             "vmm_url": self.vmm_url or None, **self.vmm_api, **self.gateway,
+            "registry_url": self.opts.registry_url or None,
+            "registry_mirrors": list(self.opts.registry_mirrors) or None,
             "tee": "simulated" if _no_tdx() else "tdx",
         }  # fmt: skip
         self._state = state

@@ -14,6 +14,7 @@ import msgspec
 
 from pydstack.core.events import ShapeMeasurements
 
+from . import image_push  # noqa: F401 - adds `image push` to the group
 from ._common import (
     Conn,
     Settings,

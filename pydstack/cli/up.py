@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -12,6 +13,7 @@ from click.core import ParameterSource
 from pydstack.actors.gateway.dns_providers import rfc2136_config, rfc2136_options
 from pydstack.adapters.nats import StoreError
 from pydstack.adapters.nats.bundle import is_bundle, read_bundle
+from pydstack.adapters.registry import LocalRegistry, RegistryError
 from pydstack.controlplane import ControlPlane, DataDir, UpOptions, default_host_id
 from pydstack.logs import configure
 from pydstack.loop import run as run_loop
@@ -27,6 +29,24 @@ def _kms_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
         if parts.scheme != "https" or not parts.hostname:
             raise click.BadParameter(f"{url!r} is not an https:// URL", param_hint="--kms-url")
     return urls
+
+
+def _mirror_urls(urls: tuple[str, ...]) -> tuple[str, ...]:
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            raise click.BadParameter(f"{url!r} is not http(s)://HOST[:PORT]",
+                                     param_hint="--registry-mirror")  # fmt: skip
+    return urls
+
+
+async def _with_registry(data: DataDir, opts: UpOptions, port: int) -> int:
+    """The control plane with `up --registry`'s local registry in front of its mirrors."""
+    async with LocalRegistry.start(data.path / "registry", port) as reg:
+        _log.info("local registry", url=reg.url, storage=str(reg.storage))
+        mirrors = (reg.url, *opts.registry_mirrors)
+        plane = ControlPlane(data, replace(opts, registry_url=reg.url, registry_mirrors=mirrors))
+        return await plane.run()
 
 
 def _dashboard_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -297,6 +317,29 @@ def _loopback_unless_allowed(data: DataDir, opts: UpOptions, allow: bool) -> Non
     help="a further KMS replica this host's CVMs may ask, after up's own KMS (repeatable, "
     "in order)",
 )
+@click.option(
+    "--registry",
+    "local_registry",
+    is_flag=True,
+    help="run a local image registry (Debian's docker-registry, DATA_DIR/registry, on "
+    "loopback): every CVM's engine uses it as its registry mirror and guests may reach it; "
+    "fill it with `pydstack image push` (images pinned by digest are checked whoever serves)",
+)
+@click.option(
+    "--registry-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="--registry's port [default: any free port; state.json: registry_url]",
+)
+@click.option(
+    "--registry-mirror",
+    "registry_mirrors",
+    multiple=True,
+    metavar="URL",
+    callback=lambda _c, _p, urls: _mirror_urls(urls),
+    help="a further registry mirror of this host's CVM engines, after --registry's "
+    "(http(s)://HOST:PORT; repeatable)",
+)
 @click.pass_context
 def up_cmd(
     ctx: click.Context,
@@ -340,6 +383,9 @@ def up_cmd(
     kms_onboard_token_file: str | None,
     kms_allow_mrs: tuple[str, ...],
     kms_urls: tuple[str, ...],
+    local_registry: bool,
+    registry_port: int,
+    registry_mirrors: tuple[str, ...],
 ) -> None:
     """Start the control plane: nats-server + JetStream, the stream, the actors.
 
@@ -395,14 +441,14 @@ def up_cmd(
         gateway_listen=gateway_listen, gateway_acme_directory=gateway_acme_directory,
         gateway_acme_ca_bundle=gateway_acme_ca_bundle, gateway_challtestsrv=gateway_challtestsrv,
         gateway_rfc2136=gateway_rfc2136,
-        gateway_forward_guard=gateway_forward_guard,
+        gateway_forward_guard=gateway_forward_guard, registry_mirrors=registry_mirrors,
     )  # fmt: skip
     data = DataDir.resolve(s.data_dir)
     _loopback_unless_allowed(data, opts, allow_simulated)
-    plane = ControlPlane(data, opts)
-    try:
-        code = run_loop(plane.run())  # uvloop when installed: the gateway node's proxy
-    except (StoreError, ValueError) as exc:  # ValueError: bad KMS launch options
+    try:  # uvloop when installed: the gateway node's proxy
+        code = run_loop(_with_registry(data, opts, registry_port) if local_registry else
+                        ControlPlane(data, opts).run())  # fmt: skip
+    except (StoreError, ValueError, RegistryError) as exc:  # ValueError: bad KMS options
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         raise SystemExit(130) from None

@@ -50,6 +50,8 @@ class VmmLaunch:
     guest_services: HostServices = field(default_factory=HostServices)
     # qemu: auto | tdx | kvm | tcg (`up --platform`), resolved by adapters.qemu.probe
     platform: str = "auto"
+    # sandbox: the registry mirrors of every CVM's docker engine (`up --registry`)
+    registry_mirrors: tuple[str, ...] = ()
 
 
 SANDBOX_PLATFORM = ("sandbox", "simulated: a network namespace with its own dockerd, no VM")
@@ -89,7 +91,11 @@ async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
         run_root = Path("/run/pydstack-sandbox") / digest
         return SandboxBackend(
             SandboxConfig(
-                vms_dir=sd / "vms", images=images, run_root=run_root, dev_pki=launch.dev_pki
+                vms_dir=sd / "vms",
+                images=images,
+                run_root=run_root,
+                dev_pki=launch.dev_pki,
+                registry_mirrors=launch.registry_mirrors,
             ),
             sv,
         )

@@ -45,6 +45,9 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True):
     dev_pki: Path | None = None  # a shared simulator PKI (e.g. `up`'s DATA/dev-pki)
     stop_grace_s: float = 10.0
     dockerd: str = "dockerd"
+    # Registry mirrors of every CVM's engine (`up --registry`, `--registry-mirror`), each
+    # relayed into the CVM's namespace; digest-pinned images are checked whoever serves them.
+    registry_mirrors: tuple[str, ...] = ()
 
 
 class SandboxBackend(SupervisedCvms):
@@ -84,6 +87,7 @@ class SandboxBackend(SupervisedCvms):
             run_dir=str(self.config.run_root / self._short(spec.vm_id)),
             images=str(self.config.images.absolute()),
             dev_pki=str(self.config.dev_pki or ""), dockerd=self.config.dockerd,
+            registry_mirrors=self.config.registry_mirrors,
         )  # fmt: skip
         (wd / "sandbox.json").write_bytes(msgspec.json.encode(run))
         self._write_manifest(spec)
