@@ -27,9 +27,10 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: up test lint typecheck unit deps sysdeps bench clean
 
-# `make up` runs a whole plane, sandbox CVMs included, so `pydstack deploy` works at once;
+# `make up` runs a whole plane, sandbox CVMs included (and a local image registry they pull
+# through: `pydstack image push`), so `pydstack deploy` works at once;
 # ARGS come last and win (e.g. ARGS="--vmm qemu" after `make image`, or "--vmm none").
-UP_ARGS ?= --vmm sandbox
+UP_ARGS ?= --vmm sandbox --registry
 
 up: deps
 	$(BIN)/pydstack up $(UP_ARGS) $(ARGS)
