@@ -3,8 +3,9 @@
 With a `ComposeProject` (``pydstack_guest.compose_cli``) the real ``docker-compose`` runs the
 app's ``docker_compose_file`` as written: ports, volumes, networks, depends_on, healthcheck,
 restart, on the app's own bridge network, images pulled from registries (or the engine's
-registry mirrors). Without one (a guest image built before docker-compose was in it) the
-services run through a subset of compose (image, command, entrypoint, environment; host
+registry mirrors). Without one, a guest image that has ``docker-compose`` uses it (project
+dir `GUEST_PROJECT`, host paths allowed: the VM's own); one built without it runs the
+services through a subset of compose (image, command, entrypoint, environment; host
 networking) and the ``app`` stage says so: never silently.
 
 The docker images of sandbox images (a rootfs tarball and the names it is imported under,
@@ -31,7 +32,9 @@ from pydstack.adapters.sandbox._docker import Docker
 from pydstack.adapters.sandbox.images import load_image
 
 from .boot import Report
-from .compose_cli import ComposeProject
+from .compose_cli import ComposeProject, available
+
+GUEST_PROJECT = Path("/run/pydstack/compose")  # the QEMU guest's (volumes live in docker's root)
 
 SUBSET = ("compose subset, no docker-compose in this image: only image, command, entrypoint "
           "and environment; ports, volumes, networks, depends_on, healthcheck ignored")  # fmt: skip
@@ -63,6 +66,8 @@ async def start_compose_app(
     Raises `compose_cli.ComposeFailed` when docker-compose refuses or fails."""
     await import_images(docker, images)
     sockets = _sockets(dstack_sock, tappd_sock)
+    if compose is None and available():  # a guest image with docker-compose in it
+        compose = ComposeProject(workdir=GUEST_PROJECT, docker_host=f"unix://{docker.sock}")
     if compose is not None:
         text = json.loads(app_compose or b"{}").get("docker_compose_file") or ""
         names = await compose.up(text, env, sockets=sockets)

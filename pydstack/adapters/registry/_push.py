@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG = "application/vnd.docker.container.image.v1+json"
 LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+# distribution's reference grammar: path components and tags
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
 
 
 class PushError(RuntimeError):
@@ -68,7 +74,7 @@ def repository(name: str) -> tuple[str, str]:
     elif len(parts) == 1:
         parts = ["library", parts[0]]  # a Docker Hub official image, as mirrors are asked
     repo = "/".join(parts)
-    if not repo or not tag or any(c.isupper() or c.isspace() for c in repo):
+    if not all(_COMPONENT.fullmatch(c) for c in parts) or not _TAG.fullmatch(tag):
         raise PushError(f"{name!r} is not an image name (lowercase name[:tag])")
     return repo, tag
 

@@ -20,6 +20,7 @@ class DockerError(RuntimeError):
 
 class Docker:
     def __init__(self, sock: Path) -> None:
+        self.sock = sock
         self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock)))
 
     async def close(self) -> None:
