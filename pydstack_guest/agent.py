@@ -39,6 +39,7 @@ from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data
 from pydstack.core.kms import CertConfig
 
 from . import keys as k
+from . import rtmr3
 from .cert_client import request_certificate
 from .provider import AppKeys, KeyProvider, KeyProviderError
 
@@ -365,10 +366,10 @@ async def measure_identity(
 async def measure_after_keys(
     backend: TdxBackend, keys: AppKeys, *, os_image_hash: bytes
 ) -> list[TdxEvent]:
-    """The rest of dstack's boot events, once the key provider is known."""
-    steps = [
-        ("os-image-hash", os_image_hash),
-        ("key-provider", keys.key_provider_info()),
-        ("system-ready", b""),
-    ]
+    """The rest of dstack's boot events, once the key provider is known (`pydstack_guest.
+    rtmr3`: os-image-hash with a KMS only, key-provider under dstack's name); no storage-fs,
+    as there is no data disk here."""
+    kind = keys.provider_name if keys.provider_name in rtmr3.KINDS else "local"
+    steps = [*rtmr3.key_events(kind, keys.provider_id, os_image_hash=os_image_hash),
+             rtmr3.SYSTEM_READY]  # fmt: skip
     return [await asyncio.to_thread(backend.emit_event, n, p) for n, p in steps]

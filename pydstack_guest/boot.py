@@ -14,8 +14,10 @@ Keys come from a KMS only once it passed `pydstack_guest.kms_trust`'s checks aga
 root app-compose pins (``key_provider_id``), never sys-config's; a KMS that fails one is a
 ``keys`` boot error naming the check.
 
-RTMR3 gets dstack's order: system-preparing, app-id, compose-hash, instance-id, boot-mr-done
-(before keys, so the KMS sees them), then os-image-hash, key-provider, storage-fs, system-ready.
+RTMR3 gets dstack v0.5.11's events, order and payloads (`pydstack_guest.rtmr3`):
+system-preparing, app-id, compose-hash, instance-id, boot-mr-done (before keys, so the KMS
+sees them), then with a KMS mr-kms and os-image-hash, then key-provider, storage-fs,
+system-ready. The host-shared files are dstack's (`pydstack_guest.host_shared`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import json
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 import msgspec
 
@@ -34,11 +35,15 @@ from pydstack.adapters.tdx.backend import TdxBackend
 from pydstack.adapters.tdx.identity import mr_config_id_v1, mr_config_id_v2
 from pydstack.adapters.tdx.quote import parse_quote
 
-from .agent import measure_identity
+from . import rtmr3
 from .data_disk import DataDiskError, device_mapper_present
+from .host_shared import BootFailed, HostShared, read_host_shared
 from .kms_provider import KmsKeyProvider, decrypt_env
 from .kms_trust import KmsTrust
 from .provider import AppKeys, KeyProvider, KeyProviderError
+
+__all__ = ["BootFailed", "BootPlan", "BootResult", "HostShared", "SysConfig", "plan_boot",
+           "read_host_shared", "run_boot"]  # fmt: skip
 
 Report = Callable[[str, str], None]
 # Sets up the data disk with the disk key (`pydstack_guest.data_disk.setup_data_disk`), returns
@@ -49,22 +54,14 @@ MANIFEST_VERSIONS = (1, 2)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-class BootFailed(Exception):
-    """A boot step failed; `step` names it and the message says what is wrong."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        super().__init__(f"boot error at {step}: {reason}")
-        self.step, self.reason = step, reason
-
-
 class SysConfig(msgspec.Struct, frozen=True, kw_only=True):
     """dstack's ``.sys-config.json`` (host-written), plus two optional pydstack pins."""
 
     kms_urls: list[str] = []
     gateway_urls: list[str] = []
-    pccs_url: str = ""
-    docker_registry: str = ""
-    host_api_url: str = ""
+    pccs_url: str | None = None  # dstack's Option<String>: null when unset
+    docker_registry: str | None = None
+    host_api_url: str | None = None
     vm_config: str = "{}"
     kms_ca: str = ""  # read, never trusted: the KMS root is app-compose's key_provider_id
     gateway_ca: str = ""  # PEM the gateways' registration certificates chain to
@@ -98,16 +95,8 @@ class AppCompose(msgspec.Struct, frozen=True, kw_only=True):
     key_provider_id: str = ""  # hex: the KMS root CA's SPKI DER (dstack); measured, trusted
     gateway_enabled: bool = False
     tproxy_enabled: bool = False  # dstack's older name of gateway_enabled
-
-
-class HostShared(msgspec.Struct, frozen=True, kw_only=True):
-    """The raw host-shared files (plain names; see pydstack/actors/vmm/_workdir.py)."""
-
-    app_compose: bytes
-    sys_config: bytes = b"{}"
-    instance_info: bytes = b"{}"
-    encrypted_env: bytes = b""
-    user_config: str = ""
+    no_instance_id: bool = False  # dstack: the instance-id event is measured empty
+    storage_fs: str | None = None  # dstack: "zfs" / "ext4" (case-insensitive); here ext4 only
 
 
 class BootPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,8 +104,9 @@ class BootPlan(msgspec.Struct, frozen=True, kw_only=True):
     sys_config: SysConfig
     compose_hash: bytes
     app_id: bytes
-    instance_id: bytes
+    instance_id: bytes  # b"" with no_instance_id, as dstack measures it
     kms_urls: tuple[str, ...]  # empty: local keys
+    key_provider: str = "local"  # what the boot uses and measures: kms, local or none
     pinned_provider_id: bytes  # app-compose's key_provider_id (b"": no pin)
 
 
@@ -133,24 +123,6 @@ class BootResult(msgspec.Struct, frozen=True, kw_only=True):
     dropped_envs: tuple[str, ...]
     storage: StoragePlan
     vm_config: str
-
-
-def read_host_shared(shared: Path, app_compose: bytes | None = None) -> HostShared:
-    """The host-shared files of a work dir; `app_compose` overrides ``app-compose.json``."""
-
-    def get(name: str) -> bytes | None:
-        p = shared / name
-        return p.read_bytes() if p.exists() else None
-
-    compose = app_compose if app_compose is not None else get("app-compose.json")
-    if not compose:
-        raise BootFailed("host-shared", f"no app-compose.json in {shared}")
-    return HostShared(
-        app_compose=compose, sys_config=get("sys-config.json") or b"{}",
-        instance_info=get("instance-info.json") or b"{}",
-        encrypted_env=get("encrypted-env") or b"",
-        user_config=(get("user-config") or b"").decode(errors="replace"),
-    )  # fmt: skip
 
 
 def _hex(step: str, field: str, value: str) -> bytes:
@@ -200,12 +172,22 @@ def plan_boot(shared: HostShared) -> BootPlan:
     if wants_kms and not sysc.kms_urls:
         raise BootFailed("compose", "the app wants a KMS (kms_enabled) but sys-config "
                          "names none (kms_urls is empty)")  # fmt: skip
+    if compose.no_instance_id and (compose.gateway_enabled or compose.tproxy_enabled):
+        raise BootFailed("compose", "no_instance_id with gateway_enabled: the gateway needs "
+                         "an instance id to route to (dstack's refuses an empty one)")  # fmt: skip
+    if (compose.storage_fs or "ext4").lower() != "ext4":
+        raise BootFailed("compose", f"storage_fs {compose.storage_fs!r} is not supported here "
+                         "(want ext4)")  # fmt: skip
+    uses = "kms" if sysc.kms_urls and not local else (kind if local else "local")
     compose_hash = hashlib.sha256(shared.app_compose).digest()
-    app_id = _hex("host-shared", "instance-info app_id", info.app_id) or compose_hash[:20]
-    if len(app_id) != 20:
+    info_app_id = _hex("host-shared", "instance-info app_id", info.app_id) or compose_hash[:20]
+    if len(info_app_id) != 20:
         raise BootFailed("host-shared", "app_id must be 20 bytes")
+    # dstack measures the host-named app id only for a KMS app (the KMS authorizes it);
+    # without one the app id is the compose hash's first 20 bytes.
+    app_id = info_app_id if uses == "kms" else compose_hash[:20]
     seed = _hex("host-shared", "instance-info instance_id_seed", info.instance_id_seed)
-    if not seed or compose.key_provider == "none":
+    if not seed or uses == "none":
         seed = os.urandom(20)  # dstack: a fresh instance when no seed or no reusable disk
     # Only the measured app-compose pins: sys-config is the host's, and a host that could
     # pin its own KMS root would hand the CVM keys it knows.
@@ -216,8 +198,9 @@ def plan_boot(shared: HostShared) -> BootPlan:
                          "(only app-compose's key_provider_id is trusted)")  # fmt: skip
     return BootPlan(
         compose=compose, sys_config=sysc, compose_hash=compose_hash, app_id=app_id,
-        instance_id=instance_id_of(seed, app_id),
+        instance_id=b"" if compose.no_instance_id else instance_id_of(seed, info_app_id),
         kms_urls=() if local else tuple(sysc.kms_urls), pinned_provider_id=pinned,
+        key_provider=uses,
     )  # fmt: skip
 
 
@@ -231,8 +214,8 @@ def check_mr_config_id(mr_config_id: bytes, plan: BootPlan, keys: AppKeys) -> st
                              f"0x01||compose_hash {plan.compose_hash.hex()}")  # fmt: skip
         return "v1 = compose hash"
     if mr_config_id[0] == 2:
-        kind = keys.provider_name if keys.provider_name in ("kms", "local") else "none"
-        want = mr_config_id_v2(plan.compose_hash, plan.app_id, kind, keys.provider_id)
+        kind, ident = provider_of(plan, keys)
+        want = mr_config_id_v2(plan.compose_hash, plan.app_id, kind, ident)
         if mr_config_id != want:
             raise BootFailed("mrconfigid", "MRCONFIGID v2 does not match the compose hash, "
                              f"app id and key provider {kind}")  # fmt: skip
@@ -240,9 +223,16 @@ def check_mr_config_id(mr_config_id: bytes, plan: BootPlan, keys: AppKeys) -> st
     raise BootFailed("mrconfigid", f"MRCONFIGID version {mr_config_id[0]} is unknown")
 
 
+def provider_of(plan: BootPlan, keys: AppKeys) -> tuple[str, bytes]:
+    """(kind, id) of dstack's ``KeyProvider``: a ``none`` provider has no id (dstack's
+    temporary keys), the others the id their keys name."""
+    return plan.key_provider, b"" if plan.key_provider == "none" else keys.provider_id
+
+
 def check_key_provider(plan: BootPlan, keys: AppKeys) -> None:
-    if plan.pinned_provider_id and keys.provider_id != plan.pinned_provider_id:
-        raise BootFailed("keys", f"key provider id {keys.provider_id.hex()[:32]}… is not the "
+    _, ident = provider_of(plan, keys)
+    if plan.pinned_provider_id and ident != plan.pinned_provider_id:
+        raise BootFailed("keys", f"key provider id {ident.hex()[:32]}… is not the "
                          f"pinned {plan.pinned_provider_id.hex()[:32]}…")  # fmt: skip
 
 
@@ -292,24 +282,34 @@ async def _emit(backend: TdxBackend, name: str, payload: bytes) -> None:
     await asyncio.to_thread(backend.emit_event, name, payload)
 
 
+class KeysFrom(msgspec.Struct, frozen=True, kw_only=True):
+    keys: AppKeys
+    source: str  # what the boot log says of them
+    mr_kms: bytes | None = None  # the KMS's mr_aggregated (None: local keys, or no attestation)
+    os_image_hash: bytes = b""  # as the KMS answered it (b"": local keys, or it named none)
+
+
 async def _keys(
     plan: BootPlan, backend: TdxBackend, local: KeyProvider, vm_config: str,
     trust: KmsTrust | None,
-) -> tuple[AppKeys, str]:  # fmt: skip
-    """(keys, what the boot log says of their source). A KMS's keys count only once it passed
-    every check of `kms_trust`; one that fails is skipped, naming the check, and the next
-    KMS URL is tried (as dstack tries each); none left is a boot error at ``keys``."""
+) -> KeysFrom:  # fmt: skip
+    """A KMS's keys count only once it passed every check of `kms_trust`; one that fails is
+    skipped, naming the check, and the next KMS URL is tried (as dstack tries each); none
+    left is a boot error at ``keys``."""
     if not plan.kms_urls:
-        return await local.app_keys(), "local dev keys"
-    trust = trust or KmsTrust.intel(plan.sys_config.pccs_url)
+        return KeysFrom(keys=await local.app_keys(), source="local dev keys")
+    trust = trust or KmsTrust.intel(plan.sys_config.pccs_url or "")
     errors = []
     for url in plan.kms_urls:
         kms = KmsKeyProvider(url, backend, trust=trust, app_id=plan.app_id, vm_config=vm_config,
                              root_pin=plan.pinned_provider_id)  # fmt: skip
         try:
-            return await kms.app_keys(), f"{url}: {kms.verified}"
+            keys = await kms.app_keys()
         except KeyProviderError as e:
             errors.append(f"KMS {url}: {e}")
+            continue
+        return KeysFrom(keys=keys, source=f"{url}: {kms.verified}", mr_kms=kms.mr_kms,
+                        os_image_hash=kms.os_image_hash)  # fmt: skip
     raise BootFailed("keys", "no key from an unverified KMS is used: " + "; ".join(errors))
 
 
@@ -359,23 +359,30 @@ async def _steps(
     done("compose", f"{plan.compose.name or '-'} runner={plan.compose.runner} "
          f"hash={plan.compose_hash.hex()[:16]}", "identity")  # fmt: skip
     vm_config = _vm_config(plan.sys_config, os_image_hash)
-    await measure_identity(backend, app_id=plan.app_id, instance_id=plan.instance_id,
-                           app_compose=shared.app_compose.decode())  # fmt: skip
-    done("identity", f"app {plan.app_id.hex()} instance {plan.instance_id.hex()}", "keys")
+    for name, payload in rtmr3.identity_events(app_id=plan.app_id, compose_hash=plan.compose_hash,
+                                               instance_id=plan.instance_id):  # fmt: skip
+        await _emit(backend, name, payload)
+    done("identity", f"app {plan.app_id.hex()} instance {plan.instance_id.hex() or '(none)'}",
+         "keys")  # fmt: skip
     try:
-        keys, source = await _keys(plan, backend, local, vm_config, kms_trust)
+        got = await _keys(plan, backend, local, vm_config, kms_trust)
     except KeyProviderError as e:
         raise BootFailed("keys", str(e)) from None
+    keys = got.keys
     check_key_provider(plan, keys)
-    done("keys", f"{keys.provider_name} {source}", "mrconfigid")
+    done("keys", f"{plan.key_provider} {got.source}", "mrconfigid")
     quote, _ = await asyncio.to_thread(backend.attest, bytes(64))
     mr = check_mr_config_id(parse_quote(quote).report.mr_config_id, plan, keys)
     done("mrconfigid", mr, "storage")
-    await _emit(backend, "os-image-hash", os_image_hash)
-    await _emit(backend, "key-provider", keys.key_provider_info())
+    # dstack measures the image hash the KMS answered (it checked it); ours when it named none
+    kind, ident = provider_of(plan, keys)
+    for name, payload in rtmr3.key_events(
+        kind, ident, mr_kms=got.mr_kms, os_image_hash=got.os_image_hash or os_image_hash
+    ):
+        await _emit(backend, name, payload)
     has_dm = dm_crypt_available() if dm_crypt is None else dm_crypt
     storage = plan_storage(dm_crypt=has_dm, data_disk=data_disk is not None)
-    await _emit(backend, "storage-fs", storage.fs.encode())  # before the disk, as dstack
+    await _emit(backend, *rtmr3.storage_event(storage.fs))  # before the disk, as dstack
     if storage.encrypted and data_disk is not None:
         if not keys.disk_crypt_key:
             raise BootFailed("storage", f"the {keys.provider_name} keys have no disk key")
@@ -397,6 +404,6 @@ async def _steps(
         env, dropped = select_env(pairs, plan.compose.allowed_envs)
         done("env", f"exported {sorted(env)}; not in allowed_envs, dropped {list(dropped)}",
              "system-ready")  # fmt: skip
-    await _emit(backend, "system-ready", b"")
+    await _emit(backend, *rtmr3.SYSTEM_READY)
     return BootResult(plan=plan, keys=keys, env=env, dropped_envs=dropped, storage=storage,
                       vm_config=vm_config)  # fmt: skip

@@ -114,6 +114,11 @@ class KmsKeyProvider:
         self.trust, self.app_id, self.root_pin = trust, app_id, root_pin
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.verified = ""  # what the checks established, once `fetch` succeeded
+        # For RTMR3 (dstack's mr-kms and os-image-hash), once `fetch` succeeded: the verified
+        # server's mr_aggregated (None: its certificate carried no attestation) and the image
+        # hash the KMS answered (b"": it named none).
+        self.mr_kms: bytes | None = None
+        self.os_image_hash = b""
         self._keys: AppKeys | None = None
 
     async def _call(
@@ -193,6 +198,11 @@ class KmsKeyProvider:
             raise KeyProviderError(f"KMS {self.url} GetAppKey answer is malformed: {e}") from None
         check_k256_signature(k256_key, k256_sig, self.app_id, k256_root)
         self.verified = self._summary(server, ca_spki)
+        self.mr_kms = server.app_info.mr_aggregated if server.app_info else None
+        try:
+            self.os_image_hash = bytes.fromhex(str(keys.get("os_image_hash") or ""))
+        except ValueError:
+            raise KeyProviderError(f"KMS {self.url} GetAppKey os_image_hash is not hex") from None
         return app_keys
 
     def _summary(self, server: RaTlsResult, ca_spki: bytes) -> str:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from pydstack.adapters.tdx.ratls import build_ratls_cert
 
+from . import rtmr3
 from .keys import k256_public, kms_issue_app_key
 
 
@@ -60,10 +61,10 @@ class AppKeys(msgspec.Struct, frozen=True):
         return cert, key
 
     def key_provider_info(self) -> bytes:
-        """The `key-provider` runtime event payload dstack measures: `{"name":..,"id":..}`."""
-        return json.dumps(
-            {"name": self.provider_name, "id": self.provider_id.hex()}, separators=(",", ":")
-        ).encode()
+        """The `key-provider` runtime event payload dstack measures for these keys:
+        `{"name":..,"id":..}`, a local provider's name being dstack's ``local-sgx``."""
+        kind = self.provider_name if self.provider_name in rtmr3.KINDS else "local"
+        return rtmr3.key_provider_info(kind, self.provider_id)
 
 
 class KeyProvider(Protocol):

@@ -20,6 +20,16 @@ from pydstack.core.events import PortMap
 
 CvmState = Literal["created", "running", "stopped", "exited", "error"]
 
+# dstack-types ``shared_filenames`` (v0.5.11): the host-shared files by the names a dstack
+# guest reads, beside app-compose.json; pydstack's earlier names, which the guest still reads.
+APP_COMPOSE = "app-compose.json"
+SYS_CONFIG = ".sys-config.json"
+INSTANCE_INFO = ".instance_info"
+ENCRYPTED_ENV = ".encrypted-env"
+USER_CONFIG = ".user-config"
+SHARED_NAMES = (APP_COMPOSE, SYS_CONFIG, INSTANCE_INFO, ENCRYPTED_ENV, USER_CONFIG)
+LEGACY_SHARED_NAMES = ("sys-config.json", "instance-info.json", "encrypted-env", "user-config")
+
 
 class CvmError(Exception):
     """A CVM operation failed or was refused; one line, what is wrong and what to do."""
@@ -43,7 +53,7 @@ class CvmSpec(msgspec.Struct, frozen=True, kw_only=True):
     cid: int | None = None  # vsock CID granted by placement
     ports: tuple[PortMap, ...] = ()
     app_compose: bytes = b""  # raw app-compose.json; sha256 = compose hash (TDX mrconfigid)
-    shared_files: dict[str, bytes] = {}  # more files for the guest's host share (flat names)
+    shared_files: dict[str, bytes] = {}  # more files for the guest's host share (SHARED_NAMES)
 
 
 class CvmStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -5,7 +5,7 @@ this base knows the work dir and observes the CVM from it and from the superviso
 backends report states, reasons and guest events the same way::
 
     <vms_dir>/<vm_id>/manifest.json   the CvmSpec
-                      shared/         host-shared files (app-compose.json, sys-config...)
+                      shared/         host-shared files (app-compose.json, .sys-config.json...)
                       events.log      guest events, JSON lines (``GuestEvent``)
                       boot.offset     size of events.log when the current run started
                       stop-requested  present while a stop/kill asked for is in effect
@@ -24,9 +24,19 @@ import msgspec
 
 from pydstack.adapters.supervisor import NotFound, ProcessInfo, SupervisorClient, Unreachable
 
-from .cvm import CvmError, CvmNotFound, CvmSpec, CvmStatus, GuestEvent
+from .cvm import (
+    APP_COMPOSE,
+    LEGACY_SHARED_NAMES,
+    SHARED_NAMES,
+    CvmError,
+    CvmNotFound,
+    CvmSpec,
+    CvmStatus,
+    GuestEvent,
+)
 
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_SHARED_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # dstack's are dotted: .sys-config.json
 
 
 def process_note(backend: str) -> str:
@@ -57,15 +67,21 @@ class SupervisedCvms:
             raise CvmNotFound(vm_id) from None
 
     def _write_shared(self, spec: CvmSpec) -> Path:
-        """The host-shared files of ``spec`` into ``<wd>/shared``; returns that dir."""
+        """The host-shared files of ``spec`` into ``<wd>/shared`` (dstack's names); one of
+        those names the spec no longer has is removed, so an update that drops the encrypted
+        env or user config leaves none behind. Returns that dir."""
         shared = self.workdir(spec.vm_id) / "shared"
         shared.mkdir(parents=True, exist_ok=True)
         files = dict(spec.shared_files)
         if spec.app_compose:
-            files["app-compose.json"] = spec.app_compose
-        for name, data in files.items():
-            if "/" in name or name.startswith("."):
+            files[APP_COMPOSE] = spec.app_compose
+        for name in files:
+            if not _SHARED_NAME.match(name) or name in (".", ".."):
                 raise CvmError(f"shared_files: {name!r} must be a plain file name")
+        for name in (*SHARED_NAMES, *LEGACY_SHARED_NAMES):
+            if name not in files:
+                (shared / name).unlink(missing_ok=True)
+        for name, data in files.items():
             (shared / name).write_bytes(data)
         return shared
 

@@ -67,7 +67,7 @@ async def test_info_reports_identity_and_tcb(guest: Guest) -> None:
     assert info.app_id == APP_ID.hex()
     assert info.instance_id == INSTANCE_ID.hex()
     assert info.os_image_hash == OS_IMAGE_HASH.hex()
-    assert json.loads(info.key_provider_info)["name"] == "local"
+    assert json.loads(info.key_provider_info)["name"] == "local-sgx"  # dstack v0.5.11's name
     tcb = info.tcb_info
     report = parse_quote(q.decode_quote()).report
     assert tcb.mrtd == report.mr_td.hex()

@@ -390,7 +390,7 @@ async def _scenario(
         vm = _vm_ids(home)[0]
         sysc = json.loads(
             await asyncio.to_thread(
-                (home / "vmm" / "vms" / vm / "shared" / "sys-config.json").read_text
+                (home / "vmm" / "vms" / vm / "shared" / ".sys-config.json").read_text
             )
         )
         assert sysc["kms_urls"] == urls, (vm, sysc)

@@ -39,7 +39,7 @@ async def test_create_vm_refuses_unhonoured_compose_fields_by_name(
     url: str, store: EventStore
 ) -> None:
     cases = {"secure-time": "secure_time", "prelaunch": "pre_launch_script",
-             "swap-4g": "swap_size", "no-instance-id": "no_instance_id"}  # fmt: skip
+             "swap-4g": "swap_size", "everything": "no_instance_id"}  # fmt: skip
     for case, field in cases.items():
         status, answer = await _post(url, "CreateVm", _create(f"r-{case}", case))
         assert status == 400 and answer["field"] == "compose_file", answer

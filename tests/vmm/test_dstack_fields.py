@@ -46,7 +46,7 @@ def _requested(**kw: object) -> VmRequested:
 
 def _sys_config(rec: VmRecord, **host: tuple[str, ...]) -> dict[str, object]:
     spec = build_spec(rec, {}, **host)  # type: ignore[arg-type]
-    doc: dict[str, object] = json.loads(spec.shared_files["sys-config.json"])
+    doc: dict[str, object] = json.loads(spec.shared_files[".sys-config.json"])
     return doc
 
 

@@ -50,9 +50,11 @@ def unhonoured(doc: dict[str, Any]) -> tuple[str, str] | None:  # a case per fie
         bytes.fromhex(str(pin).removeprefix("0x"))
     except ValueError:
         return "key_provider_id", f"{str(pin)[:40]!r} is not hex"
-    if doc.get("no_instance_id") is True:
-        return "no_instance_id", ("the log, the KMS and the gateway key a CVM by its instance "
-                                  "id (dstack's gateway refuses an empty one too)")  # fmt: skip
+    gateway = doc.get("gateway_enabled") is True or doc.get("tproxy_enabled") is True
+    if doc.get("no_instance_id") is True and gateway:
+        return "no_instance_id", ("with gateway_enabled: the gateway keys a CVM's route and "
+                                  "WireGuard peer by its instance id (dstack's gateway refuses "
+                                  "an empty one too); turn one of them off")  # fmt: skip
     if doc.get("secure_time") is True:
         return "secure_time", ("the guest has no time source to wait for (dstack runs `chronyc "
                                "waitsync`); set it false")  # fmt: skip
