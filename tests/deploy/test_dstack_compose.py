@@ -108,6 +108,7 @@ def test_honoured_optional_fields_pass() -> None:
            "port_policy": {"ports": [], "restrict_mode": False}, "public_tcbinfo": False,
            "docker_config": {}, "features": []}  # fmt: skip
     compose_ids(json.dumps(doc, indent=4))
+    compose_ids(json.dumps({**doc, "storage_fs": "EXT4"}))  # dstack's FsType parse ignores case
 
 
 @pytest.mark.parametrize("command", [["app", "register"], ["deploy", "--no-wait"]])

@@ -59,7 +59,7 @@ def unhonoured(doc: dict[str, Any]) -> tuple[str, str] | None:  # a case per fie
         return "secure_time", ("the guest has no time source to wait for (dstack runs `chronyc "
                                "waitsync`); set it false")  # fmt: skip
     fs = doc.get("storage_fs")
-    if fs not in (None, "") and fs not in STORAGE_FS:
+    if fs not in (None, "") and str(fs).lower() not in STORAGE_FS:  # dstack: case-insensitive
         return "storage_fs", (f"{fs!r} is not built here: the guest's data disk is "
                               f"{' or '.join(STORAGE_FS)} (LUKS2)")  # fmt: skip
     if _truthy(doc.get("swap_size")):
