@@ -4,9 +4,11 @@ verified KMS's ``mr_aggregated`` and ``os-image-hash`` the one the KMS checked a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import ssl
 from pathlib import Path
 
 from dstack_sdk.dstack_client import GetQuoteResponse
@@ -16,13 +18,25 @@ from pydstack.adapters.tdx.quote import parse_quote
 from pydstack.core.kms import app_key_material
 from pydstack_guest import LocalKeyProvider
 from pydstack_guest.boot import HostShared, run_boot
-from pydstack_guest.kms_trust import spki_of
+from pydstack_guest.kms_trust import check_server, spki_of
 from tests import images
 from tests.adversarial.test_cvm_trusts_only_its_kms import trust_of
 from tests.boot.test_rtmr3_dstack import BY_ID, log_json
 from tests.kms.conftest import OS_IMAGE, VM_CONFIG, Kms, Webhook, kms, pki, webhook
 
 __all__ = ["kms", "pki", "webhook"]  # the KMS suite's fixtures
+
+
+async def _server_cert(url: str) -> bytes:
+    """The DER certificate the KMS at `url` presents."""
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    _, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    return bytes(der)
 
 
 async def test_a_kms_boot_measures_mr_kms_and_the_kms_os_image_hash(
@@ -43,7 +57,8 @@ async def test_a_kms_boot_measures_mr_kms_and_the_kms_os_image_hash(
     log = [log_json(e) for e in backend.event_log() if e.imr == 3]
     assert [e["event"] for e in log] == [e["event"] for e in BY_ID["kms-ext4"]["event_log"]]
     payload = {e["event"]: bytes.fromhex(e["event_payload"]) for e in log}
-    assert len(payload["mr-kms"]) == 32 and payload["mr-kms"] != bytes(32)
+    server = await check_server(await _server_cert(kms.url), kms.svc.ca_cert, trust_of(kms, pki))
+    assert server.app_info is not None and payload["mr-kms"] == server.app_info.mr_aggregated
     assert payload["os-image-hash"] == OS_IMAGE
     assert json.loads(payload["key-provider"]) == {
         "name": "kms",
