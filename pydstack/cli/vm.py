@@ -40,6 +40,8 @@ from ._common import (
 )
 from .commands import _Port, _Size, vm_group
 
+RETRIES = 3  # decide-and-append rounds lost to other writers before giving up
+
 
 async def _view(store: EventStore) -> LogView:
     view = LogView()
@@ -113,17 +115,22 @@ def vm_info_cmd(ctx: click.Context, vm_id: str, as_json: bool) -> None:
 def _command(ctx: click.Context, vm_id: str, action: str, force: bool = False) -> None:
     async def go() -> int:
         async with await connect(resolve(ctx)) as store:
-            view = await _view(store)
-            rec = view.vms.get(vm_id)
-            try:
-                event = decide_command(rec.vm if rec else None, vm_id, action, force=force)
-                subj = subject("vm", vm_id)
-                await refuse_if_refused(store, [(subj, event)])
-                return (await store.append(subj, [event], view.version(subj))).seq
-            except Refused as exc:
-                raise click.ClickException(str(exc)) from None
-            except ConflictError:
-                raise click.ClickException(f"vm {vm_id} changed meanwhile; retry") from None
+            for attempt in range(RETRIES):
+                view = await _view(store)
+                rec = view.vms.get(vm_id)
+                try:
+                    event = decide_command(rec.vm if rec else None, vm_id, action, force=force)
+                    subj = subject("vm", vm_id)
+                    await refuse_if_refused(store, [(subj, event)])
+                    return (await store.append(subj, [event], view.version(subj))).seq
+                except Refused as exc:
+                    raise click.ClickException(str(exc)) from None
+                except ConflictError:
+                    # Another writer, or (just after a leader election) a replica that had not
+                    # caught up when we read: read again and decide again.
+                    if attempt == RETRIES - 1:
+                        raise click.ClickException(f"vm {vm_id} changed meanwhile; retry") from None
+            raise AssertionError("unreachable")
 
     seq = run(go())
     click.echo(f"{action} requested for vm {vm_id} (seq {seq})")
@@ -186,18 +193,23 @@ def vm_update(
 
     async def go() -> int:
         async with await connect(resolve(ctx)) as store:
-            view = await _view(store)
-            rec = view.vms.get(vm_id)
-            try:
-                host = view.hosts.get(rec.vm.host) if rec else None
-                disk_now = rec.resources.disk_gb if rec else 0
-                decide_update(rec.vm if rec else None, host, None, request,
-                              current_disk_gb=disk_now)  # fmt: skip
-                subj = subject("vm", vm_id)
-                await refuse_if_refused(store, [(subj, request)])
-                return (await store.append(subj, [request], view.version(subj))).seq
-            except Refused as exc:
-                raise click.ClickException(str(exc)) from None
+            for attempt in range(RETRIES):
+                view = await _view(store)
+                rec = view.vms.get(vm_id)
+                try:
+                    host = view.hosts.get(rec.vm.host) if rec else None
+                    disk_now = rec.resources.disk_gb if rec else 0
+                    decide_update(rec.vm if rec else None, host, None, request,
+                                  current_disk_gb=disk_now)  # fmt: skip
+                    subj = subject("vm", vm_id)
+                    await refuse_if_refused(store, [(subj, request)])
+                    return (await store.append(subj, [request], view.version(subj))).seq
+                except Refused as exc:
+                    raise click.ClickException(str(exc)) from None
+                except ConflictError:  # as in _command: read again and decide again
+                    if attempt == RETRIES - 1:
+                        raise
+            raise AssertionError("unreachable")
 
     seq = run(go())
     what = f" (compose {hashlib.sha256(compose).hexdigest()[:16]}…)" if compose else ""
