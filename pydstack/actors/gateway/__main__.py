@@ -133,6 +133,14 @@ def _read(path: str | None) -> str | None:
     show_default=True, help="WireGuard: auto: the kernel's where a wireguard link can be made, "
     "else wireguard-go (status shows which, and why)",
 )  # fmt: skip
+@click.option(
+    "--app-address-ns-prefix", default="_dstack-app-address", show_default=True,
+    help="custom domains: the DNS TXT record naming <app_id>:<port> (dstack's)",
+)  # fmt: skip
+@click.option(
+    "--app-address-ns-compat/--no-app-address-ns-compat", default=True, show_default=True,
+    help="also look up dstack's legacy _tapp-address TXT record",
+)  # fmt: skip
 @click.option("--recycle-interval", type=float, default=300.0, show_default=True)
 @click.option("--recycle-timeout", type=int, default=36_000, show_default=True)
 @click.option("--poll-interval", type=float, default=0.05, show_default=True)
@@ -205,6 +213,8 @@ async def run(**o: Any) -> None:
         acme=_acme(o), admin_host=o["admin_host"], admin_port=o["admin_port"],
         registration=registration, address_plan=o["address_plan"],
         forward_guard=o["forward_guard"], wg_backend=o["wg_backend"],
+        app_address_ns_prefix=o["app_address_ns_prefix"],
+        app_address_ns_compat=o["app_address_ns_compat"],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -292,7 +292,10 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
                 registrar,
                 _verifier(reg),
                 RegistrationConfig(
-                    node_id=cfg.node_id, auth_webhook=reg.auth_webhook, log_auth=reg.log_auth
+                    node_id=cfg.node_id,
+                    auth_webhook=reg.auth_webhook,
+                    log_auth=reg.log_auth,
+                    app_address_ns_prefix=launch.app_address_ns_prefix,
                 ),
                 peer_applied=node.wait_peer_applied,
                 client_chain=chain_check,
