@@ -32,6 +32,7 @@ from pydstack.adapters.nats import (
     NatsServerConfig,
     NoLeader,
     StreamSettings,
+    Version,
     _wire,
     riding_out,
 )
@@ -177,6 +178,19 @@ async def test_atomic_batch_whose_ack_was_lost_lands_once(
     assert await _ids_on(store, a) == ["ea"] and await _ids_on(store, b) == ["eb"]
     assert (out[a].seq, out[b].seq) == (1, 2)
     assert await store.last_seq() == 2
+
+
+async def test_an_expected_sequence_past_the_subject_is_a_conflict_at_once(
+    store: EventStore,
+) -> None:
+    """Nothing after our expected sequence because the subject never got there (not a replica
+    lagging the leader): a conflict at once, not a wait for a leader."""
+    await store.append("dstack.vm.v", [_event("a")], NEW)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with riding_out(Backoff(deadline_s=10)), pytest.raises(ConflictError):
+        await store.append("dstack.vm.v", [_event("b")], Version(99, b"h"))
+    assert loop.time() - t0 < 1
 
 
 async def test_no_leader_until_the_deadline_is_one_line(store: EventStore) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ _STREAM_NOT_FOUND: Final = 10059
 _NO_SUITABLE_PEERS: Final = 10005  # a meta leader that does not know enough peers yet
 _H_EXPECT: Final = "Nats-Expected-Last-Subject-Sequence"
 _H_MSGID: Final = "Nats-Msg-Id"
+_LEADER_LAST: Final = re.compile(r"wrong last sequence: (\d+)")
 
 
 _READ_BATCH: Final = 512  # messages per direct get of read()
@@ -384,10 +386,14 @@ class EventStore:
     async def _landed_after(self, subject: str, exp: int, data: bytes, desc: str) -> int | None:
         """The sequence of `data` if it is the first message of `subject` after `exp`: an
         earlier try of this very append landed (same bytes: same event id, signature, time).
-        None: another writer took that place (a real conflict). Raises `Leaderless` when the
-        replica answering has nothing after `exp` yet: it lags the leader that refused us."""
+        None: another writer took that place, or `exp` is past the subject's last message (a
+        real conflict). Raises `Leaderless` when the replica answering has nothing after `exp`
+        yet though the leader that refused us has: the replica lags."""
         after, _ = await self._direct_batch(subject, exp + 1, 1)
         if not after:
+            on_leader = _LEADER_LAST.search(desc)  # "wrong last sequence: 81"
+            if on_leader is None or int(on_leader.group(1)) <= exp:
+                return None
             raise Leaderless(
                 f"{subject} moved past {exp} on the leader but not yet on this replica",
                 ConflictError(subject, exp, desc),
