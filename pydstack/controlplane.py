@@ -629,14 +629,22 @@ class ControlPlane:
                            platform=self.opts.vmm_platform,
                            registry_mirrors=self.opts.registry_mirrors,
                            dev_pki=await asyncio.to_thread(self._cvm_dev_pki))  # fmt: skip
-        _, api = await stack.enter_async_context(_bounded(running_vmm(store, launch), "vmm"))
+
+        async def open_vmm(inner: contextlib.AsyncExitStack) -> Failed:
+            store = await self._connect(ident, settings)
+            inner.push_async_callback(_close, store)
+            vmm, api = await inner.enter_async_context(_bounded(running_vmm(store, launch), "vmm"))
+            self.vmm_url = api.url  # the same socket and port every time
+            self.vmm_api = {
+                "vmm_socket": str(api.socket) if api.socket else None,
+                "vmm_tcp_url": api.tcp_url or None,
+                "vmm_token_file": str(api.token_file) if api.token_file else None,
+            }
+            failed: Failed = vmm.failed
+            return failed
+
+        await self._keep(stack, "vmm", open_vmm)
         await self._register_host_images()
-        self.vmm_url = api.url
-        self.vmm_api = {
-            "vmm_socket": str(api.socket) if api.socket else None,
-            "vmm_tcp_url": api.tcp_url or None,
-            "vmm_token_file": str(api.token_file) if api.token_file else None,
-        }
 
     async def _register_host_images(self) -> None:
         """Put this host's images on the log (as admin), so the KMS can measure its CVMs

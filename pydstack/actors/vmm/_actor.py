@@ -116,6 +116,7 @@ class Vmm:
         self.store, self.backend, self.config = store, backend, config
         self.view = LogView()
         self.lock = asyncio.Lock()
+        self.lifelines: tuple[asyncio.Task[None], ...] = ()  # see failed()
         self.host_subject = subject("host", config.host_id)
         self._task: asyncio.Task[None] | None = None
         self._recovering = True
@@ -141,6 +142,18 @@ class Vmm:
         await self.join()
         self._task = asyncio.create_task(self._poll(), name=f"{self.name}-poll")
         return self
+
+    async def failed(self) -> str:
+        """Return (why) when this VMM stopped working by itself: its poll loop, or one of the
+        `lifelines` its launcher runs beside it (running_vmm: the runner consuming the log,
+        the supervisor watchdog), ended. `up` then rebuilds it (upkeep.KeptComponent); the
+        CVMs run on under the supervisor and the new VMM adopts them."""
+        assert self._task is not None, "not entered"
+        done, _ = await asyncio.wait({self._task, *self.lifelines},
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        task = done.pop()
+        exc = None if task.cancelled() else task.exception()
+        return f"{task.get_name()} ended" + (f": {exc}" if exc else "")
 
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:

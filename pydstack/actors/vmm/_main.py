@@ -193,7 +193,10 @@ async def running_vmm(
         backend = await build_backend(launch, sv)
         vmm = Vmm(store, backend, launch.config)
         await stack.enter_async_context(vmm)
-        await stack.enter_async_context(ActorRunner(store, vmm, launch.runtime))
+        actor = await stack.enter_async_context(ActorRunner(store, vmm, launch.runtime))
+        consuming = asyncio.create_task(actor.wait(), name=f"actor-{vmm.name}")
+        stack.push_async_callback(_cancel, consuming)
+        vmm.lifelines = (consuming, watchdog)  # what vmm.failed() watches besides its poll
         ends = ApiEndpoints()
         if launch.api_socket or launch.api_port >= 0:
             api = sd / "api"
