@@ -11,12 +11,15 @@ import os
 import ssl
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from dstack_sdk.dstack_client import GetQuoteResponse
 
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.quote import parse_quote
 from pydstack.core.kms import app_key_material
 from pydstack_guest import LocalKeyProvider
+from pydstack_guest.agent import GuestAgent, GuestConfig
 from pydstack_guest.boot import HostShared, run_boot
 from pydstack_guest.kms_trust import check_server, spki_of
 from tests import images
@@ -74,7 +77,8 @@ async def test_a_no_instance_id_app_gets_its_keys_with_an_empty_instance_id(
     kms: Kms, pki: DevPki, webhook: Webhook, tmp_path: Path
 ) -> None:
     """dstack's no_instance_id: instance-id measured empty; the KMS derives the app's keys with
-    an empty instance id (one disk key for every instance of the app, as dstack's)."""
+    an empty instance id (one disk key for every instance of the app, as dstack's) and signs
+    its certificates."""
     compose = json.dumps({"manifest_version": 2, "name": "noid", "runner": "docker-compose",
                           "kms_enabled": True, "no_instance_id": True}).encode()  # fmt: skip
     compose_hash = hashlib.sha256(compose).digest()
@@ -90,3 +94,12 @@ async def test_a_no_instance_id_app_gets_its_keys_with_an_empty_instance_id(
     assert [bytes(e.event_payload) for e in log] == [b""]
     want = app_key_material(kms.svc.root, compose_hash[:20], b"")
     assert result.keys.disk_crypt_key == want.disk_crypt_key
+    # GetTlsKey after boot: the KMS's SignCert issues the app's certificate all the same.
+    agent = GuestAgent(backend, result.keys, GuestConfig(vm_config=result.vm_config))
+    key = ec.generate_private_key(ec.SECP256R1())
+    out = await agent.tls_key(key, subject="noid", alt_names=[], usage_ra_tls=False,
+                              usage_server_auth=True, usage_client_auth=False)  # fmt: skip
+    leaf = x509.load_pem_x509_certificate(out["certificate_chain"][0].encode())
+    assert leaf.public_key() == key.public_key()
+    root = x509.load_pem_x509_certificate(out["certificate_chain"][-1].encode())
+    assert root == kms.svc.ca_cert  # the chain ends at the KMS root: SignCert issued it
