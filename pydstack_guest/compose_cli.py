@@ -181,12 +181,6 @@ class ComposeProject:
         )
         return names
 
-    async def down(self, env: Mapping[str, str]) -> None:
-        """Stop the app's containers (``stop``, as dstack's ExecStop); volumes stay."""
-        environ = {"PATH": PATH, "HOME": str(self.workdir), "DOCKER_HOST": self.docker_host}
-        environ.update({k: v for k, v in env.items() if not tool_variable(k)})
-        await self._run(self._argv("stop", "-t", "2"), environ, what="docker-compose stop")
-
 
 def available(binary: str = COMPOSE) -> bool:
     return shutil.which(binary) is not None or os.access(binary, os.X_OK)

@@ -114,9 +114,8 @@ def _pdeathsig() -> None:
 
 
 def _dockerd(run: SandboxRun, wd: Path, rd: Path) -> subprocess.Popen[bytes]:
-    # Runtime state of an engine that was killed (its namespace was emptied before we came).
-    shutil.rmtree(rd, ignore_errors=True)
-    rd.mkdir(parents=True, exist_ok=True)
+    """The CVM's engine, started once the boot has its keys (as dstack's docker.service
+    follows dstack-prepare): containers it restarts by their policy never run before."""
     # Docker's default bridge and iptables: its NAT and port rules live in the CVM's own
     # namespace, so compose networks and published ports work there and nowhere else.
     argv = [run.dockerd, "--data-root", str(wd / "docker"), "--exec-root", str(rd / "x"),
@@ -139,7 +138,6 @@ async def main(wd: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    dockerd = _dockerd(run, wd, rd)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(docker.close)
         from pydstack_guest.boot import BootFailed
@@ -157,10 +155,10 @@ async def main(wd: Path) -> int:
             # A failed boot halts (dstack #334): the VMM records VmBootError, no restart loop.
             emit(wd, "error", str(exc))
             await stop.wait()
-            dockerd.terminate()
             return 0
         stack.push_async_callback(booted.agent.aclose)
         emit(wd, "agent", str(rd / "dstack.sock"))
+        dockerd = _dockerd(run, wd, rd)
         while not await docker.ping():
             if dockerd.poll() is not None:
                 tail = (wd / "dockerd.log").read_text(errors="replace").strip().splitlines()[-1:]
@@ -284,4 +282,7 @@ if __name__ == "__main__":
     _netns.kill_all(cfg.netns, exclude=os.getpid())  # leftovers of a run that was killed
     _cgroup.kill_all(cfg.netns, exclude=os.getpid())  # its containers (netns of their own)
     _netns.unmount_under(workdir / "docker", Path(cfg.run_dir))
+    # Runtime state of an engine that was killed (its namespace was emptied above).
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     sys.exit(asyncio.run(main(workdir)))
