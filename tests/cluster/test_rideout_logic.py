@@ -31,6 +31,7 @@ from pydstack.adapters.nats import (
     NatsServer,
     NatsServerConfig,
     NoLeader,
+    StreamMissing,
     StreamSettings,
     Version,
     _wire,
@@ -203,6 +204,37 @@ async def test_no_leader_until_the_deadline_is_one_line(store: EventStore) -> No
     assert 0.5 <= loop.time() - t0 < 3
     assert "still has no leader after 0.5 s" in str(e.value) and "\n" not in str(e.value)
     assert await store.last_seq() == 0
+
+
+async def test_a_missing_stream_is_said_at_once_not_waited_for(
+    nats_server: NatsServer, signer: Signer
+) -> None:
+    """No responders because the stream does not exist (not an election): `StreamMissing`
+    within a second for a read, an append and an atomic append, even inside `riding_out`."""
+    async with await EventStore.connect(nats_server.url, signer) as s:
+        loop = asyncio.get_running_loop()
+        with riding_out(Backoff(deadline_s=10)):
+            for call in (
+                lambda: s.read_aggregate("dstack.vm.v"),
+                lambda: s.append("dstack.vm.v", [_event("a")], NEW),
+                lambda: s.commit([Change("dstack.vm.a", [_event("a")], NEW),
+                                  Change("dstack.vm.b", [_event("b")], NEW)]),
+            ):  # fmt: skip
+                t0 = loop.time()
+                with pytest.raises(StreamMissing):
+                    await call()
+                assert loop.time() - t0 < 1
+
+
+async def test_no_server_at_all_is_named_when_the_wait_runs_out(
+    nats_server: NatsServer, store: EventStore
+) -> None:
+    """The only server gone: the one-line error says no server answers, not just "no leader"."""
+    await nats_server.stop()
+    store.timeout = 0.5  # each try's wait for an answer
+    with riding_out(Backoff(deadline_s=0.5)), pytest.raises(NoLeader) as e:
+        await store.append("dstack.vm.v", [_event("a")], NEW)
+    assert f"no NATS server of {store.url} answers" in str(e.value)
 
 
 # -- any schedule of faults: exactly once, or a real conflict ----------------------------------

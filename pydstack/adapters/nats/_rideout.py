@@ -66,7 +66,7 @@ async def retrying(
     once: Callable[[], Awaitable[T]],
     *,
     quick_tries: int = 0,
-    stream_missing: Callable[[], Awaitable[bool]] | None = None,
+    stream_missing: Callable[[], Awaitable[Exception | None]] | None = None,
 ) -> T:
     """Run `once` until it does not raise `Leaderless`: inside `riding_out` until its deadline
     (then `NoLeader`); outside, `quick_tries` more times 0.1 s apart (then the fallback)."""
@@ -88,8 +88,10 @@ async def retrying(
                     raise exc.fallback from None
                 await asyncio.sleep(0.1 * attempt)
                 continue
-            if exc.maybe_missing and stream_missing is not None and await stream_missing():
-                raise exc.fallback from None
+            if exc.maybe_missing and stream_missing is not None:
+                missing = await stream_missing()  # the stream does not exist: no use waiting
+                if missing is not None:
+                    raise missing from None
             delay = scope.backoff.delay(attempt, loop.time() - start)
             if delay is None:
                 raise NoLeader(what, scope.backoff.deadline_s, exc.detail) from None

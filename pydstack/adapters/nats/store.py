@@ -19,10 +19,10 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import nats
 import nats.errors
@@ -40,6 +40,7 @@ from ._types import DEFAULT_STREAM, NEW, Change, Recorded, StreamSettings, Versi
 from ._wire import Acks, any_reachable, request, stamp, versions_after
 from .errors import (
     ConflictError,
+    NoLeader,
     PermissionDenied,
     StoreClosed,
     StoreError,
@@ -60,6 +61,8 @@ _H_EXPECT: Final = "Nats-Expected-Last-Subject-Sequence"
 _H_MSGID: Final = "Nats-Msg-Id"
 _LEADER_LAST: Final = re.compile(r"wrong last sequence: (\d+)")
 
+
+T = TypeVar("T")
 
 _READ_BATCH: Final = 512  # messages per direct get of read()
 _FOLLOW_POLL_S: Final = 0.5  # a follower looks again at least this often
@@ -239,7 +242,7 @@ class EventStore:
             raise _ClusterForming("JetStream not answering") from exc
 
     async def last_seq(self) -> int:
-        return await retrying("read the stream's last sequence", self._last_seq_once)
+        return await self._riding("read the stream's last sequence", self._last_seq_once)
 
     async def _last_seq_once(self) -> int:
         # Our request, not js.stream_info: nats-py's loses a cancel on Python 3.11 (`request`).
@@ -260,15 +263,30 @@ class EventStore:
             nats.js.errors.APIError.from_error(err)  # raises the typed error
         return int(info["state"]["last_seq"])
 
-    async def _stream_missing(self) -> bool:
-        """True only when the server says the stream does not exist (not: no answer)."""
+    async def _riding(
+        self, what: str, once: Callable[[], Awaitable[T]], *, quick_tries: int = 0
+    ) -> T:
+        """`retrying` for this store: a wait that ran out while no server was reachable at
+        all says so, rather than blaming the election."""
+        try:
+            return await retrying(
+                what, once, quick_tries=quick_tries, stream_missing=self._stream_missing
+            )
+        except NoLeader as exc:
+            if self.nc.is_connected:
+                raise
+            raise NoLeader(what, exc.waited_s, f"no NATS server of {self.url} answers") from None
+
+    async def _stream_missing(self) -> StreamMissing | None:
+        """`StreamMissing` only when the server says the stream does not exist (not: no
+        answer, which an election looks like too)."""
         subject = f"$JS.API.STREAM.INFO.{self.stream}"
         try:
             msg = await request(self.nc, subject, b"", min(self.timeout, 2.0))
             err = json.loads(msg.data).get("error") or {}
         except (nats.errors.Error, ValueError):
-            return False
-        return bool(err.get("err_code") == _STREAM_NOT_FOUND)
+            return None
+        return StreamMissing(self.stream) if err.get("err_code") == _STREAM_NOT_FOUND else None
 
     # -- append -------------------------------------------------------------------------------
 
@@ -379,9 +397,12 @@ class EventStore:
                 if subject.lower() in self.denials:
                     raise PermissionDenied(subject) from None
                 why = f"append to {subject} got no answer: {type(exc).__name__}"
-                raise Leaderless(type(exc).__name__, StoreError(why)) from None
+                no_stream = isinstance(exc, nats.js.errors.NoStreamResponseError)
+                raise Leaderless(
+                    type(exc).__name__, StoreError(why), maybe_missing=no_stream
+                ) from None
 
-        return await retrying(f"append to {subject}", once, quick_tries=self.retries)
+        return await self._riding(f"append to {subject}", once, quick_tries=self.retries)
 
     async def _landed_after(self, subject: str, exp: int, data: bytes, desc: str) -> int | None:
         """The sequence of `data` if it is the first message of `subject` after `exp`: an
@@ -457,9 +478,7 @@ class EventStore:
                 raise Leaderless(desc, StoreError(f"atomic append refused: {desc}"))
             raise self._api_error(code, desc, subject, 0)
 
-        return await retrying(
-            "atomic append", once, quick_tries=self.retries, stream_missing=self._stream_missing
-        )
+        return await self._riding("atomic append", once, quick_tries=self.retries)
 
     async def _already_committed(
         self, msgs: list[tuple[str, bytes, dict[str, str]]], changes: Sequence[Change]
@@ -492,10 +511,9 @@ class EventStore:
     async def _direct_get(self, ask: dict[str, Any], what: str) -> Recorded | None:
         """One message by a direct get (None: no such message). Our request, not
         js.get_msg: nats-py's loses a cancel on Python 3.11 (see `request`)."""
-        return await retrying(
+        return await self._riding(
             f"read {what}",
             lambda: self._direct_get_once(ask, what),
-            stream_missing=self._stream_missing,
         )
 
     async def _direct_get_once(self, ask: dict[str, Any], what: str) -> Recorded | None:
@@ -558,10 +576,9 @@ class EventStore:
     async def _direct_batch(
         self, subject: str, start: int, n: int, *, start_time: float | None = None
     ) -> tuple[list[Recorded], int]:
-        return await retrying(
+        return await self._riding(
             f"read {subject}",
             lambda: self._direct_batch_once(subject, start, n, start_time=start_time),
-            stream_missing=self._stream_missing,
         )
 
     async def _direct_batch_once(
