@@ -6,7 +6,8 @@ The simulated TD's quotes are signed with the dev PKI the KMS of ``pydstack up``
 image. The gateway step registers over the relayed URL and runs wireguard-go inside the CVM's
 namespace (its UAPI socket under the short run dir), each gateway's WireGuard endpoint relayed
 over UDP. The agent also serves its socket API on ``AGENT_TCP``, the loopback of the CVM's own
-namespace, where the containers run with host networking: no wider than the socket.
+namespace, reachable by `network_mode: host` services only (a bridge network has its own
+loopback): no wider than the socket.
 
 No encrypted data disk: the sandbox runs on the host's kernel, which has no device-mapper
 (dm-crypt), so the boot measures ``storage-fs`` = ``plain`` and its ``storage`` stage says the

@@ -1,4 +1,6 @@
-"""The compose app of an app-compose.json, reduced to what the sandbox runs.
+"""The compose app of an app-compose.json, reduced to image, command, entrypoint and
+environment: the runner of guest images without ``docker-compose`` (`pydstack_guest.compose_app`
+says so at the ``app`` stage); sandbox CVMs run the real compose (`pydstack_guest.compose_cli`).
 
 dstack's ``docker_compose_file`` is YAML; without a YAML library this reads JSON or the
 block-style subset compose files use (nested mappings, ``- item`` lists, plain or quoted
