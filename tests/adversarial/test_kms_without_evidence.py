@@ -112,3 +112,22 @@ async def test_a_guest_agent_kms_takes_no_second_seal_key_source(
         async with running_kms(store, launch):
             pass
     assert await nothing_on_the_log(store)
+
+
+async def test_the_service_itself_refuses_to_create_an_unattested_root(
+    store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    """Below every launcher: KmsService.open with no attester on a cluster without a root
+    raises, naming the cluster, before a key file or an event exists (a future entry point
+    that forgets the evidence source cannot publish a root nobody can check)."""
+    from pydstack.actors.kms.backends import DevBackend
+    from pydstack.actors.kms.service import KmsError, KmsService, KmsSettings
+
+    _, keyfile = rig.kms_guest(pki, tmp_path, "kms-x")
+    with pytest.raises(KmsError, match=r"cluster 'main' .* cannot attest itself"):
+        await KmsService.open(
+            store, KmsSettings(cluster="main", root_ca_der=pki.root_der, instance_id="kms-x"),
+            backend=DevBackend(enabled=True), collateral=rig.CollateralBox(pki), keyfile=keyfile,
+        )  # fmt: skip
+    assert await nothing_on_the_log(store)
+    assert not keyfile.path.exists()

@@ -256,13 +256,16 @@ class KmsService:
         root = RootKeys(ca_scalar=ca_key.private_numbers().private_value, k256=_k256_secret())
         temp_key = ec.derive_private_key(temp_ca_scalar(root), ec.SECP256R1())
         ca_spki = root.ca_public_der()
-        raw_att = b""
-        if attester is not None:
-            from pydstack.adapters.tdx.attestation import encode_attestation
+        if attester is None:  # a root with no evidence: no CVM could tell it from a host's
+            raise KmsError(
+                f"cluster {settings.cluster!r} has no root keys yet and this KMS cannot attest "
+                "itself (no guest agent, no simulator): refusing to create an unattested root"
+            )
+        from pydstack.adapters.tdx.attestation import encode_attestation
 
-            # dstack's binding (`attest_keys`), so dstack's tooling verifies our root too
-            rd = kms_bootstrap_report_data(ca_spki, root.k256_public())
-            raw_att = encode_attestation(await attester.attest(rd))
+        # dstack's binding (`attest_keys`), so dstack's tooling verifies our root too
+        rd = kms_bootstrap_report_data(ca_spki, root.k256_public())
+        raw_att = encode_attestation(await attester.attest(rd))
         created = KmsRootCreated(
             cluster=settings.cluster,
             ca_public_key=ca_spki,
