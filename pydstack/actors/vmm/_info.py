@@ -40,6 +40,8 @@ def vm_info(rec: VmRecord, *, brief: bool = False) -> dict[str, Any]:
         "starts": vm.starts, "restarts": vm.restarts, "restart_attempts": rec.restart.attempts,
         "restart_exhausted": rec.restart.exhausted, "image_version": rec.image,
         "compose_hash": rec.compose_hash, "uptime_since_ns": rec.restart.started_ns,
+        # where its quotes came from at its last start (simulated: attestation proves nothing)
+        "tee": rec.tee or "unknown",
     }  # fmt: skip
     if vm.state in ("exited", "stopped"):  # dstack: how long ago the process ended
         info["exited_at"] = _since(rec.restart.exited_ns if vm.state == "exited" else vm.updated_ns)

@@ -69,6 +69,7 @@ class VmRecord(Struct, frozen=True, kw_only=True):
     restart: RestartTrack = RestartTrack()
     updates: dict[str, VmUpdateRequested] = {}  # undecided update requests by event id
     events: tuple[GuestEvent, ...] = ()  # the last EVENT_BUFFER guest reports
+    tee: str = ""  # VmStarted.tee of its last start: "tdx", "simulated", "" (older logs)
 
 
 def _reset(t: RestartTrack) -> RestartTrack:
@@ -101,7 +102,7 @@ def apply(rec: VmRecord | None, a: Applied) -> VmRecord | None:
             tr = replace(tr, started_ns=t, due_ns=0)
             if e.attempt == 0 and not e.adopted:
                 tr = _reset(tr)
-            return replace(rec, restart=tr)
+            return replace(rec, restart=tr, tee=e.tee or rec.tee)
         case VmExited():
             run = t - tr.started_ns if tr.started_ns else 0
             return replace(rec, exited_seq=a.seq, restart=replace(tr, exited_ns=t, last_run_ns=run))
