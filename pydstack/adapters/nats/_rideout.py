@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from pydstack.core.retry import Backoff
 
@@ -49,6 +49,18 @@ class RideOut:
 
 _SCOPE: ContextVar[RideOut | None] = ContextVar("pydstack_ride_out", default=None)
 _INSIDE: ContextVar[bool] = ContextVar("pydstack_ride_out_inside", default=False)
+_DEADLINE: ContextVar[float | None] = ContextVar("pydstack_ride_out_deadline", default=None)
+MIN_TRY_S: Final = 1.0  # the last try still gets this long for its answer
+
+
+def try_timeout(default: float) -> float:
+    """How long one try may wait for its answer: `default`, but inside a ride-out no longer
+    than the deadline leaves (at least `MIN_TRY_S`), so "up to N s" holds to about a second."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return default
+    left = deadline - asyncio.get_running_loop().time()
+    return max(MIN_TRY_S, min(default, left)) if default > MIN_TRY_S else default
 
 
 @contextmanager
@@ -79,6 +91,7 @@ async def retrying(
     told = False
     while True:
         token = _INSIDE.set(True)
+        limit = _DEADLINE.set(start + scope.backoff.deadline_s if scope else None)
         try:
             result = await once()
         except Leaderless as exc:
@@ -104,6 +117,7 @@ async def retrying(
             await asyncio.sleep(delay)
             continue
         finally:
+            _DEADLINE.reset(limit)
             _INSIDE.reset(token)
         if told and scope is not None and scope.notify is not None:
             scope.notify(f"{what}: the stream has a leader again after {loop.time() - start:.1f} s")

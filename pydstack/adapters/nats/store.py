@@ -35,7 +35,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from pydstack.core.events import ALL_SUBJECTS, Event, Signer, message_hash, seal
 
-from ._rideout import Leaderless, retrying
+from ._rideout import Leaderless, retrying, try_timeout
 from ._types import DEFAULT_STREAM, NEW, Change, Recorded, StreamSettings, Version, new_event_id
 from ._wire import Acks, any_reachable, request, stamp, versions_after
 from .errors import (
@@ -248,7 +248,7 @@ class EventStore:
         # Our request, not js.stream_info: nats-py's loses a cancel on Python 3.11 (`request`).
         subject = f"$JS.API.STREAM.INFO.{self.stream}"
         try:
-            msg = await request(self.nc, subject, b"", self.timeout)
+            msg = await request(self.nc, subject, b"", try_timeout(self.timeout))
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             # No meta leader (an election) looks exactly like this; outside a ride-out scope
             # the caller gets nats-py's error as before.
@@ -371,7 +371,7 @@ class EventStore:
         """
         if self._acks is None:
             self._acks = Acks(self.nc)
-        return await self._acks.publish(subject, data, headers, self.timeout)
+        return await self._acks.publish(subject, data, headers, try_timeout(self.timeout))
 
     async def _publish_one(
         self, subject: str, data: bytes, headers: dict[str, str], exp: int
@@ -437,7 +437,7 @@ class EventStore:
                         await self.nc.publish(subj, data, headers=h)
                     else:
                         h["Nats-Batch-Commit"] = "1"
-                        reply = await request(self.nc, subj, data, self.timeout, h)
+                        reply = await request(self.nc, subj, data, try_timeout(self.timeout), h)
                 resp = json.loads(reply.data)
             except nats.errors.NoRespondersError:
                 raise Leaderless(
@@ -519,7 +519,7 @@ class EventStore:
     async def _direct_get_once(self, ask: dict[str, Any], what: str) -> Recorded | None:
         subj = f"$JS.API.DIRECT.GET.{self.stream}"
         try:
-            msg = await request(self.nc, subj, json.dumps(ask).encode(), self.timeout)
+            msg = await request(self.nc, subj, json.dumps(ask).encode(), try_timeout(self.timeout))
         except nats.errors.NoRespondersError as exc:
             # Replicas stop serving direct gets while their stream has no leader.
             raise Leaderless("no responders", exc, maybe_missing=True) from None
@@ -603,7 +603,7 @@ class EventStore:
             out: list[Recorded] = []
             pending = 0
             while True:
-                async with asyncio.timeout(self.timeout):  # see read(): never loses a cancel
+                async with asyncio.timeout(try_timeout(self.timeout)):  # read(): keeps a cancel
                     msg = await queue.get()
                 hdrs = msg.headers or {}
                 status = hdrs.get("Status", "")
