@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from pydstack.adapters.tdx.ratls_tls import RaTlsConnector, RaTlsVerifier, client_ssl_context
 from pydstack.adapters.wireguard import (
@@ -34,7 +35,11 @@ from pydstack.adapters.wireguard import (
     WireGuardDevice,
 )
 
-PATH = "/prpc/Gateway.RegisterCvm"
+# dstack v0.5.11's path (its prpc client names no service) and JSON mode: without `?json` (or
+# a JSON content type) dstack's gateway reads the body as protobuf
+PATH = "/prpc/RegisterCvm?json"
+# a gateway answering this wants a quote in the client certificate (dstack's guest retries)
+NO_ATTESTATION = "no attestation provided"
 
 
 class GatewayRegistrationError(RuntimeError):
@@ -65,6 +70,35 @@ def parse_registration(body: dict[str, Any]) -> Registration:
     return Registration(wg["client_ip"], servers, body.get("agent", {}).get("domain", ""), body)
 
 
+class _PortAttrs(msgspec.Struct):
+    port: int
+    pp: bool = False
+
+
+class _PortPolicy(msgspec.Struct):
+    ports: list[_PortAttrs] = []
+    restrict_mode: bool = False
+
+
+class _ComposePorts(msgspec.Struct):
+    port_policy: _PortPolicy = msgspec.field(default_factory=_PortPolicy)
+
+
+def port_policy_of(app_compose: str) -> tuple[list[dict[str, Any]], bool]:
+    """(ports, restrict_mode) of an app-compose's ``port_policy`` (dstack-types: both
+    default empty / false), as ``register_cvm`` sends them; a port outside 0-65535 is an
+    error, as dstack's ``u16`` field refuses it at boot."""
+    try:
+        doc = msgspec.json.decode(app_compose, type=_ComposePorts)
+    except msgspec.DecodeError as e:
+        raise GatewayRegistrationError(f"app-compose port_policy: {e}") from None
+    bad = [p.port for p in doc.port_policy.ports if not 0 <= p.port <= 65535]
+    if bad:
+        raise GatewayRegistrationError(f"app-compose port_policy: port {bad[0]} is not a u16")
+    ports = [{"port": p.port, "pp": p.pp} for p in doc.port_policy.ports]
+    return ports, doc.port_policy.restrict_mode
+
+
 async def register_cvm(
     url: str,
     *,
@@ -75,21 +109,42 @@ async def register_cvm(
     restrict: bool = False,
     verifier: RaTlsVerifier | None = None,
     timeout_s: float = 30.0,
+    quoted_identity: tuple[str, str] | None = None,
 ) -> Registration:
     """POST RegisterCvm presenting ``identity`` (RA-TLS chain and key PEM); the gateway's
-    certificate must chain to ``ca_pem`` (and carry evidence ``verifier`` accepts, if given)."""
+    certificate must chain to ``ca_pem`` (and carry evidence ``verifier`` accepts, if given).
+
+    As dstack-util does: the port policy is always sent (``ports``: ``{"port", "pp"}``
+    dicts, ``restrict``: dstack's ``restrict_mode``), and when the gateway answers "no
+    attestation provided", the request is sent again with ``quoted_identity`` (a certificate
+    carrying the quote, for gateways that do not take the KMS's app-info certificate)."""
+    policy = {"ports": ports or [], "restrict_mode": restrict}
+    body = json.dumps({"client_public_key": wg_public_key, "port_policy": policy})
+    try:
+        return await _post(url, identity, ca_pem, body, verifier, timeout_s)
+    except GatewayRegistrationError as e:
+        if quoted_identity is None or NO_ATTESTATION not in str(e):
+            raise
+    return await _post(url, quoted_identity, ca_pem, body, verifier, timeout_s)
+
+
+async def _post(
+    url: str,
+    identity: tuple[str, str],
+    ca_pem: str,
+    body: str,
+    verifier: RaTlsVerifier | None,
+    timeout_s: float,
+) -> Registration:
     ctx: ssl.SSLContext = client_ssl_context(identity[0], identity[1], ca_pem)
     conn: aiohttp.TCPConnector = (
         RaTlsConnector(verifier, ssl=ctx) if verifier else aiohttp.TCPConnector(ssl=ctx)
     )
-    body: dict[str, Any] = {"client_public_key": wg_public_key}
-    if ports is not None or restrict:
-        body["port_policy"] = {"ports": ports or [], "restrict_mode": restrict}
     try:
         async with aiohttp.ClientSession(
             connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as s:
-            async with s.post(url.rstrip("/") + PATH, data=json.dumps(body)) as resp:
+            async with s.post(url.rstrip("/") + PATH, data=body) as resp:
                 text = await resp.text()
                 if resp.status != 200:
                     raise GatewayRegistrationError(

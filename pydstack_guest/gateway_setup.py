@@ -46,6 +46,7 @@ from .gateway_client import (
     Registration,
     await_handshake,
     bring_up_tunnel,
+    port_policy_of,
     refresh_tunnel,
     register_cvm,
 )
@@ -159,11 +160,16 @@ async def _register(
     urls: tuple[str, ...], agent: GuestAgent, ca_pem: str, key: PrivateKey
 ) -> tuple[str, Registration]:
     identity = await _identity(agent)
+    try:  # sent as dstack-util does, from the measured app-compose
+        ports, restrict = port_policy_of(agent.config.app_compose)
+    except GatewayRegistrationError as e:
+        raise BootFailed("gateway", str(e)) from None
     errors = []
     for url in urls:  # dstack tries each gateway in turn
         try:
             reg = await register_cvm(url, identity=identity, ca_pem=ca_pem,
-                                     wg_public_key=key.public_key().b64)  # fmt: skip
+                                     wg_public_key=key.public_key().b64,
+                                     ports=ports, restrict=restrict)  # fmt: skip
             return url, reg
         except GatewayRegistrationError as e:
             errors.append(str(e))

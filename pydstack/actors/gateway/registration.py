@@ -1,11 +1,17 @@
-"""``/prpc/Gateway.RegisterCvm`` (dstack's JSON shape) behind mutual RA-TLS.
+"""``RegisterCvm`` (dstack's JSON shape) behind mutual RA-TLS, at ``/prpc/RegisterCvm``
+(what v0.5.11's guest calls), ``/prpc/Tproxy.RegisterCvm`` (older guests) and
+``/prpc/Gateway.RegisterCvm``.
 
 The caller's identity is its client certificate: TLS checks the chain to the KMS root CA
-(never the KMS temp CA, whose key is public), ``ratls_middleware`` checks the quote and
-event log (403 for anything without valid evidence; such junk is not written to the log),
-the chain must be the KMS's ``SignCert`` chain for the attested app (leaf, that app's CA,
-root: `client_chain.py`; else 403 ``not_app_certificate``, nothing appended), and the app
-id, instance id and compose hash come from the attested event log, never from the request.
+(never the KMS temp CA, whose key is public). A certificate with a quote has its quote and
+event log checked now (`_admit`; 403 for anything without valid evidence; such junk is not
+written to the log); one without a quote is admitted on the AppInfo the KMS wrote into it
+at ``SignCert`` (dstack v0.5.11's guest asks ``ext_app_info`` only), or answered 403 "no
+attestation provided" (then dstack's guest retries with its quote certificate). Either way
+the chain must be the KMS's ``SignCert`` chain for that app (leaf, that app's CA, root:
+`client_chain.py`; else 403 ``not_app_certificate``, nothing appended), and the app id,
+instance id and compose hash come from the attested event log (or the KMS's statement of
+it), never from the request.
 Then the optional authorization webhook (POST of dstack's AppInfo JSON, `webhook_body`; any
 2xx allows, like dstack), then the cluster decision and its atomic commit (``Registrar``).
 Refusals of an attested caller are answered with a 4xx JSON ``{"error", "code"}`` and recorded as
@@ -32,17 +38,14 @@ import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
+from cryptography import x509
 
 from pydstack.actors.kms.log_backend import allowed_on_log
 from pydstack.adapters.nats import StoreError
 from pydstack.adapters.tdx.attestation import encode_attestation
 from pydstack.adapters.tdx.identity import AppInfo
-from pydstack.adapters.tdx.ratls_tls import (
-    RATLS_PEER,
-    RaTlsVerifier,
-    peer_chain_der,
-    ratls_middleware,
-)
+from pydstack.adapters.tdx.ratls import RaTlsError, app_info_of, has_attestation
+from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier, peer_cert_der, peer_chain_der
 from pydstack.core.events import PortAttrs
 from pydstack.core.gateway.cluster import (
     Admission,
@@ -59,6 +62,11 @@ from .registrar import Registrar
 _log = structlog.get_logger("pydstack.gateway.registration")
 
 PATH: Final = "/prpc/Gateway.RegisterCvm"
+# where dstack's guests call it: v0.5.11's prpc client names no service (`RegisterCvm`), older
+# ones the legacy `Tproxy.` service (dstack's gateway mounts prpc with `trim: "Tproxy."`)
+PATHS: Final = ("/prpc/RegisterCvm", "/prpc/Tproxy.RegisterCvm", PATH)
+# dstack v0.5.11's guest retries with its quote-carrying certificate when the error says this
+NO_ATTESTATION: Final = "no attestation provided"
 STATUS: Final[dict[str, int]] = {
     "bad_request": 400,
     "bad_key": 400,
@@ -88,6 +96,10 @@ class RegistrationConfig:
     agent_port: int = 8090  # dstack proxy.agent_port (the guest agent inside the CVM)
     external_port: int = 443
     app_address_ns_prefix: str = "_dstack-app-address"
+    # admit only quote-carrying certificates: a KMS-signed app-info certificate (the KMS
+    # checked the quote when it signed) is answered "no attestation provided", and dstack's
+    # guest retries with its quote certificate
+    require_quote: bool = False
 
 
 class _PortAttrsIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -185,6 +197,62 @@ async def _with_upgrade(registrar: Registrar, req: RegisterRequest) -> RegisterR
     return msgspec.structs.replace(req, compose_on_log=req.compose_hash in allowed)
 
 
+def _refuse(error: str, code: str, reasons: tuple[str, ...] = ()) -> web.Response:
+    body: dict[str, Any] = {"error": error, "code": code}
+    if reasons:
+        body["reasons"] = list(reasons)
+    return web.json_response(body, status=403)
+
+
+async def _admit(
+    request: web.Request,
+    verifier: RaTlsVerifier,
+    client_chain: AppChainCheck | None,
+    require_quote: bool,
+) -> tuple[AppInfo, str] | web.Response:
+    """(the caller's AppInfo, hash of what vouches for it), or the 403 refusing it; nothing
+    is appended for any of these.
+
+    A certificate with a quote: its evidence, checked now (`verifier`), names the app. One
+    without (dstack v0.5.11's guest asks SignCert for `ext_app_info` only): the AppInfo the
+    KMS wrote into it when it checked the CSR's quote, admitted only from a KMS SignCert
+    chain for that app (`client_chain`); else "no attestation provided", and dstack's guest
+    retries with its quote certificate."""
+    der = peer_cert_der(request.transport)
+    if der is None:
+        return _refuse("RA-TLS client certificate required", "no_certificate")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        quoted = has_attestation(cert)
+        stated = None if quoted else app_info_of(cert)
+    except (ValueError, RaTlsError) as e:
+        return _refuse(f"client certificate: {e}", "bad_certificate")
+    if quoted:
+        peer = await verifier.verify_der(der)
+        if not peer.ok:
+            return _refuse("RA-TLS peer refused", "bad_evidence", peer.reasons)
+        if peer.app_info is None or peer.attestation is None:
+            return _refuse("attestation carries no app info", "bad_evidence")
+        info = peer.app_info
+        att_hash = hashlib.sha256(encode_attestation(peer.attestation)).hexdigest()
+    elif stated is None or client_chain is None or require_quote:
+        why = "the client certificate carries no RA-TLS quote"
+        if stated is not None:
+            why += " (its KMS-signed app info is not admitted here)"
+        return _refuse(f"{NO_ATTESTATION}: {why}", "no_attestation",
+                       ("certificate has no RA-TLS attestation extension",))  # fmt: skip
+    else:
+        info, att_hash = stated, hashlib.sha256(der).hexdigest()
+    if client_chain is not None:
+        wrong = client_chain.reason(peer_chain_der(request.transport), info.app_id)
+        if wrong is not None:
+            _log.info("registration refused", app_id=info.app_id.hex(),
+                      instance_id=info.instance_id.hex(), code=NOT_APP_CERT,
+                      reason=wrong, recorded=False)  # fmt: skip
+            return _refuse(wrong, NOT_APP_CERT)
+    return info, att_hash
+
+
 PeerApplied = Callable[[str], Awaitable[bool]]
 
 
@@ -204,7 +272,7 @@ def registration_app(
     the attested app (`client_chain.py`; a node always sets it, tests of other rules may
     not); else 403 ``not_app_certificate``, nothing appended."""
     cfg = config or RegistrationConfig()
-    app = web.Application(middlewares=[ratls_middleware(verifier)])
+    app = web.Application()
     session_key = web.AppKey("webhook_session", aiohttp.ClientSession)
 
     async def session_ctx(app: web.Application) -> Any:
@@ -223,18 +291,10 @@ def registration_app(
         return web.json_response({"error": reason, "code": code}, status=STATUS[code])
 
     async def register_cvm(request: web.Request) -> web.Response:
-        peer = request[RATLS_PEER]
-        info = peer.app_info
-        if info is None or peer.attestation is None:
-            return web.json_response({"error": "attestation carries no app info"}, status=403)
-        if client_chain is not None:
-            why = client_chain.reason(peer_chain_der(request.transport), info.app_id)
-            if why is not None:
-                _log.info("registration refused", app_id=info.app_id.hex(),
-                          instance_id=info.instance_id.hex(), code=NOT_APP_CERT,
-                          reason=why, recorded=False)  # fmt: skip
-                return web.json_response({"error": why, "code": NOT_APP_CERT}, status=403)
-        att_hash = hashlib.sha256(encode_attestation(peer.attestation)).hexdigest()
+        admitted = await _admit(request, verifier, client_chain, cfg.require_quote)
+        if isinstance(admitted, web.Response):
+            return admitted
+        info, att_hash = admitted
         req = RegisterRequest(
             app_id=info.app_id.hex(),
             instance_id=info.instance_id.hex(),
@@ -282,7 +342,8 @@ def registration_app(
                          "handshake may be retried", instance_id=req.instance_id)  # fmt: skip
         return web.json_response(response_body(registrar.state, out, cfg))
 
-    app.router.add_post(PATH, register_cvm)
+    for path in PATHS:
+        app.router.add_post(path, register_cvm)
     return app
 
 

@@ -43,6 +43,7 @@ from .eventlog import (
 )
 from .identity import AppInfo, decode_app_info, measurements_of
 from .quote import Quote
+from .ratls_appinfo import AppInfoDecodeError, decode_app_info_ext, encode_app_info
 from .verify import Policy, verify_quote
 
 OID_TDX_QUOTE = x509.ObjectIdentifier("1.3.6.1.4.1.62397.1.1")
@@ -115,23 +116,6 @@ def _unwrap_octet_string(der: bytes, what: str) -> bytes:
 
 def _ext(oid: x509.ObjectIdentifier, content: bytes) -> x509.UnrecognizedExtension:
     return x509.UnrecognizedExtension(oid, _octet_string(content))
-
-
-def _app_info_msgpack(info: AppInfo) -> bytes:
-    # rmp_serde's default (struct as array, bytes as bin) in dstack's field order.
-    return msgspec.msgpack.encode(
-        [
-            info.app_id,
-            info.compose_hash,
-            info.instance_id,
-            info.device_id,
-            info.mr_system,
-            info.mr_aggregated,
-            info.os_image_hash,
-            info.key_provider_info,
-            list(info.init_script_hashes),
-        ]
-    )
 
 
 def san_names(alt_names: Sequence[str]) -> list[x509.GeneralName]:
@@ -213,7 +197,7 @@ def build_ratls_cert(
     if app_id is not None:
         b = b.add_extension(_ext(OID_APP_ID, app_id), critical=False)
     if app_info is not None:
-        b = b.add_extension(_ext(OID_APP_INFO, _app_info_msgpack(app_info)), critical=False)
+        b = b.add_extension(_ext(OID_APP_INFO, encode_app_info(app_info)), critical=False)
     if special_usage is not None:
         b = b.add_extension(_ext(OID_CERT_USAGE, special_usage.encode()), critical=False)
     if attestation is not None:
@@ -284,6 +268,25 @@ def app_id_of(cert: x509.Certificate) -> bytes | None:
     """The app id a certificate names (1.3.6.1.4.1.62397.1.3: an app CA, an app's SignCert
     certificate), or None when it names none."""
     return _ext_bytes(cert, OID_APP_ID)
+
+
+def app_info_of(cert: x509.Certificate) -> AppInfo | None:
+    """The AppInfo a certificate's 1.9 extension states (dstack's KMS writes it into a
+    SignCert certificate asked with `ext_app_info`), or None without one. Only the issuer
+    vouches for it: trust it from a chain to a KMS root only."""
+    raw = _ext_bytes(cert, OID_APP_INFO)
+    if raw is None:
+        return None
+    try:
+        return decode_app_info_ext(raw)
+    except AppInfoDecodeError as e:
+        raise RaTlsError(str(e)) from None
+
+
+def has_attestation(cert: x509.Certificate) -> bool:
+    """Whether the certificate carries RA-TLS evidence (1.8, or the legacy 1.1 quote)."""
+    oids = {e.oid for e in cert.extensions}
+    return OID_ATTESTATION in oids or OID_TDX_QUOTE in oids
 
 
 def extract_attestation_raw(
