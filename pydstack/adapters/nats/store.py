@@ -454,16 +454,20 @@ class EventStore:
             if err is None:
                 return int(resp["seq"])
             code, desc = int(err.get("err_code", 0)), str(err.get("description", ""))
-            if code == _BATCH_DUP_ID and tries > 1:
-                return await self._already_committed(msgs, changes)
-            subject = next((c.subject for c in changes if c.events), "?")
+            first = next(c for c in changes if c.events)
+            if code == _WRONG_LAST_SEQ or (code == _BATCH_DUP_ID and tries > 1):
+                landed = await self._already_committed(msgs, first)
+                if landed is not None:
+                    return landed
+            if code == _BATCH_DUP_ID and tries > 1:  # our ids were stored: the replica lags
+                raise Leaderless(
+                    "a replica lags the leader",
+                    ConflictError(
+                        first.subject, first.expected.seq, "batch retry saw other writes"
+                    ),
+                )
+            subject = first.subject
             if code == _WRONG_LAST_SEQ:
-                # An earlier try may have landed (atomic: all of it); its first message then
-                # sits right after the first change's expected sequence.
-                first = next(c for c in changes if c.events)
-                after, _ = await self._direct_batch(first.subject, first.expected.seq + 1, 1)
-                if after and after[0].data == msgs[0][1]:
-                    return after[0].seq + len(msgs) - 1
                 # The server does not say which subject moved; find it, for a precise error.
                 moved = await self._moved_subject(changes)
                 if moved is None:  # this replica lags the leader that refused us: look again
@@ -481,16 +485,15 @@ class EventStore:
         return await self._riding("atomic append", once, quick_tries=self.retries)
 
     async def _already_committed(
-        self, msgs: list[tuple[str, bytes, dict[str, str]]], changes: Sequence[Change]
-    ) -> int:
-        """A retried batch hit its own message ids: confirm the first try landed, return its seq."""
-        last_subject, last_data, _ = msgs[-1]
-        got = await self.last_by_subject(last_subject)
-        if got is None or got.data != last_data:
-            raise ConflictError(
-                last_subject, changes[-1].expected.seq, "batch retry saw other writes"
-            )
-        return got.seq
+        self, msgs: list[tuple[str, bytes, dict[str, str]]], first: Change
+    ) -> int | None:
+        """The last sequence of this batch if an earlier try stored it, else None. Atomic: all
+        of it was stored, its first message right after the first change's expected sequence
+        (other writers may have appended since)."""
+        after, _ = await self._direct_batch(first.subject, first.expected.seq + 1, 1)
+        if after and after[0].data == msgs[0][1]:
+            return after[0].seq + len(msgs) - 1
+        return None
 
     async def _moved_subject(self, changes: Sequence[Change]) -> str | None:
         for c in changes:
