@@ -70,7 +70,7 @@ async def start_compose_app(
         compose = ComposeProject(workdir=GUEST_PROJECT, docker_host=f"unix://{docker.sock}")
     if compose is not None:
         text = json.loads(app_compose or b"{}").get("docker_compose_file") or ""
-        names = await compose.up(text, env, sockets=sockets)
+        names = await compose.up(text, env, sockets=sockets) if text.strip() else []
         logs = [asyncio.create_task(docker.follow_logs(c, console, label=svc))
                 for c, svc in (await docker.services()).items()]  # fmt: skip
         for name in names:

@@ -162,13 +162,20 @@ class ComposeProject:
         (self.workdir / "docker-compose.yaml").write_text(compose_file)
         (self.workdir / ".env").unlink(missing_ok=True)  # only the boot's env substitutes
         environ = compose_environ(env, docker_host=self.docker_host, home=self.workdir)
+        raw = await self._json(compose_file.encode()) or {}
+        if not isinstance(raw, dict):
+            raise ComposeFailed("the compose file is not a mapping")
+        if raw and "services" not in raw:
+            raise ComposeFailed("the compose file has no services: mapping (a compose v1 "
+                                "file, which neither dstack nor pydstack runs)")  # fmt: skip
+        if not raw.get("services"):
+            # empty, or `services: {}`: nothing to start (1.29 would read the latter as a v1
+            # file whose one service is named "services")
+            return []
         config = self._argv("config", override=False)
         resolved = await self._json(await self._run(config, environ, what="docker-compose config"))
-        if not isinstance(resolved, dict) or not resolved.get("services"):
-            raise ComposeFailed("the compose file has no services")
         if not self.host_paths:
-            raw = await self._json(compose_file.encode())
-            if bad := sandbox_escapes(raw if isinstance(raw, dict) else {}, resolved, sockets):
+            if bad := sandbox_escapes(raw, resolved, sockets):
                 raise ComposeFailed("refused in the sandbox (it shares the host's kernel and "
                                     "files): " + "; ".join(bad))  # fmt: skip
         names = [str(n) for n in resolved["services"]]

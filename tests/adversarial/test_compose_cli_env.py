@@ -140,3 +140,15 @@ def test_the_agent_socket_at_its_own_path_is_allowed(tmp_path: Path) -> None:
 def test_yaml_is_read_by_composes_own_interpreter() -> None:
     interp = _interpreter(shutil.which("docker-compose") or "")
     assert "yaml" in YAML_TO_JSON and Path(interp).name.startswith("python")
+
+
+def test_a_compose_file_with_no_services_starts_nothing(tmp_path: Path) -> None:
+    p = ComposeProject(workdir=tmp_path, docker_host="unix:///nonexistent.sock",
+                       host_paths=False)  # fmt: skip
+    assert asyncio.run(p.up("services: {}\n", {}, sockets={})) == []
+
+
+def test_a_compose_v1_file_is_refused_not_dropped(tmp_path: Path) -> None:
+    p = ComposeProject(workdir=tmp_path, docker_host="unix:///nonexistent.sock")
+    with pytest.raises(ComposeFailed, match="no services: mapping"):
+        asyncio.run(p.up("web:\n  image: busybox\n", {}, sockets={}))
