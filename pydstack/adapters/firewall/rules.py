@@ -36,7 +36,7 @@ class HostServices(msgspec.Struct, frozen=True, kw_only=True):
     kms: tuple[int, ...] = ()  # key provisioning (GetAppKey over RA-TLS), every local replica
     gateway_registration: tuple[int, ...] = ()  # the gateway's RegisterCvm (TLS)
     wireguard: tuple[int, ...] = ()  # the gateway's tunnel endpoint
-    registry: tuple[int, ...] = ()  # the image registry (not wired yet)
+    registry: tuple[int, ...] = ()  # image registries / mirrors (`up --registry`)
     dns: tuple[int, ...] = ()  # a resolver on this host (slirp's 10.0.2.3 relays to it)
 
 
