@@ -96,3 +96,16 @@ def test_up_refuses_a_mirror_that_is_not_http(tmp_path: Path) -> None:
     r = cli(tmp_path / "home", "up", "--registry-mirror", "ftp://10.0.0.1/x")
     assert r.code == 2 and "is not http(s)://HOST[:PORT]" in r.err
     assert not (tmp_path / "home").exists()  # refused before anything was made
+
+
+def test_up_opens_its_registry_mirrors_to_qemu_guests(tmp_path: Path) -> None:
+    """The guests' allowed host services gain the mirrors' ports (and nothing else)."""
+    from pydstack.adapters.firewall import HostServices
+    from pydstack.controlplane import ControlPlane, DataDir, UpOptions
+
+    mirrors = ("http://127.0.0.1:5123", "https://10.1.2.3:5443")
+    plane = ControlPlane(DataDir(tmp_path), UpOptions(registry_mirrors=mirrors))
+    services = plane._guest_services()
+    assert services.registry == (5123, 5443)
+    assert ControlPlane(DataDir(tmp_path), UpOptions())._guest_services().registry == ()
+    assert isinstance(services, HostServices)
