@@ -92,8 +92,9 @@ async def boot_td(
         backend = RuntimeEventFile(backend, runtime_log)
     keys_path = td.state_dir / "appkeys.json"  # local dev keys, used only without a KMS
     if not keys_path.exists():
-        info = json.loads(shared.instance_info or b"{}")
-        app_id = bytes.fromhex(info.get("app_id", "")) or hashlib.sha256(compose).digest()[:20]
+        # for the app id measured without a KMS: the compose hash's first 20 bytes, whatever
+        # app id the host names in .instance_info (boot.plan_boot, as dstack)
+        app_id = hashlib.sha256(compose).digest()[:20]
         write_secret(keys_path, create_dev_app_keys(app_id, now=int(time.time()))[1])
     result = await run_boot(backend, shared, report=report, local=LocalKeyProvider(keys_path),
                             os_image_hash=td.os_image_hash, dm_crypt=dm_crypt,
