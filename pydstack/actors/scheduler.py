@@ -16,6 +16,11 @@ A ``VmRejected`` is written only after catching up with the whole stream. Usage:
         await runner.wait()
 
 or as a process: ``python -m pydstack.actors.scheduler --nats nats://127.0.0.1:4222``.
+
+With ``SchedulerConfig.checkpoint`` (a file path) the view is kept in SQLite: the first
+catch-up resumes from it when it is sound and still matches the log, and folds only what
+follows; otherwise it folds the whole log (``_scheduler_checkpoint`` says what is checked).
+The view is written back at most every ``checkpoint_every_s`` after a catch-up.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from pydstack.core.events import (
 )
 from pydstack.core.projections import Applied, decide_placement
 
+from . import _scheduler_checkpoint as checkpoints
 from . import metrics
 from ._placement_view import HostDefaults, PlacementView
 from .runtime import ActorRunner, Delivery, RuntimeConfig
@@ -74,6 +80,8 @@ class SchedulerConfig:
     retry_max_s: float = 0.25
     max_silence_s: float | None = None  # skip hosts without a heartbeat for this long
     check_signatures: bool = True
+    checkpoint: Path | None = None  # SQLite file of the view (None: fold the log at start)
+    checkpoint_every_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +110,13 @@ class Scheduler:
             judge=Judge(self.config.name, store.anchor),
         )
         self._lock = asyncio.Lock()
+        self.checkpoint = None
+        if self.config.checkpoint is not None:
+            self.checkpoint = checkpoints.open_checkpoint(
+                self.config.checkpoint, self.config.name, store.signer
+            )
+        self._resumed = False
+        self._saved = (0, 0.0)  # (cursor, monotonic time) of the last checkpoint written
 
     @property
     def name(self) -> str:
@@ -135,7 +150,9 @@ class Scheduler:
     # -- steps (public so tests can interleave two schedulers) --------------------------------
 
     async def catch_up(self) -> None:
-        """Fold everything stored since the cursor."""
+        """Fold everything stored since the cursor (first resuming from the checkpoint)."""
+        if not self._resumed:
+            await self._resume()
         last = await self.store.last_seq()
         if last <= self.view.cursor:
             return
@@ -144,6 +161,35 @@ class Scheduler:
         # would skip those events for good (as e05b9b4 fixed in the VMM and gateway views).
         async for rec in self.store.read(from_seq=self.view.cursor + 1, until_seq=last):
             self.view.fold((rec,))
+        await self._save_checkpoint()
+
+    async def _resume(self) -> None:
+        self._resumed = True
+        if self.checkpoint is None:
+            return
+        cfg = self.config
+        judge = Judge(cfg.name, self.store.anchor)
+        view, why = await checkpoints.resume(
+            self.store, self.checkpoint, cfg.defaults, cfg.check_signatures, judge
+        )
+        if view is None:
+            log = _log.info if why == "missing" else _log.warning
+            log("checkpoint not used; folding the whole log", reason=why)
+            return
+        _log.info("resumed from checkpoint", seq=view.cursor, hosts=len(view.hosts),
+                  pending=len(view.pending))  # fmt: skip
+        self.view = view
+        self._saved = (view.cursor, time.monotonic())
+
+    async def _save_checkpoint(self) -> None:
+        seq, at = self._saved
+        now = time.monotonic()
+        if self.checkpoint is None or self.view.cursor <= seq:
+            return
+        if now - at < self.config.checkpoint_every_s and self.view.cursor - seq < 100_000:
+            return
+        await checkpoints.save(self.checkpoint, self.view)
+        self._saved = (self.view.cursor, now)
 
     def plan(self, vm_id: str) -> Plan | None:
         """The decision for an undecided VM on the current view; None if nothing to decide."""
@@ -286,6 +332,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--default-cid-start", type=int, default=d.cid_start)
     p.add_argument("--default-cid-count", type=int, default=d.cid_count)
     p.add_argument("--reconcile-interval", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="SQLite checkpoint of the view (resume from it instead of folding the whole log)",
+    )
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--log-level", default="info")
@@ -313,7 +365,8 @@ async def _run(args: argparse.Namespace, signer: Signer, nkey: str | None) -> in
     async with store:
         if args.create_stream:
             await store.ensure_stream()
-        scheduler = Scheduler(store, SchedulerConfig(name=args.name, defaults=defaults))
+        config = SchedulerConfig(name=args.name, defaults=defaults, checkpoint=args.checkpoint)
+        scheduler = Scheduler(store, config)
         runtime = RuntimeConfig(reconcile_interval_s=args.reconcile_interval)
         try:
             async with ActorRunner(store, scheduler, runtime) as runner:
