@@ -98,6 +98,8 @@ class VmmConfig:
     platform: str = ""
     platform_reason: str = ""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    # The level-triggered net under the event-driven passes (handle), and how soon a guest's
+    # own progress (boot stages, an exit), which no event announces, is noticed.
     poll_interval_s: float = 0.5
     heartbeat_interval_s: float = 30.0
     stop_timeout_s: float = 30.0
@@ -120,6 +122,8 @@ class Vmm:
         self.host_subject = subject("host", config.host_id)
         self._task: asyncio.Task[None] | None = None
         self._recovering = True
+        # The log position every step of the last pass saw; see handle().
+        self._planned = 0
         self._last_restart_check = 0.0
         self._last_heartbeat = 0.0
         self.actions: list[Action] = []  # every action executed (for tests and `vm info`)
@@ -185,7 +189,11 @@ class Vmm:
     # -- the actor protocol ---------------------------------------------------------------------
 
     async def handle(self, delivery: Delivery) -> None:
-        if delivery.seq > self.view.cursor:
+        # Event-driven: a VmScheduled, VmStopRequested, ... is acted on as soon as the runner
+        # delivers it, not at the next poll. Compared with what the last pass planned from, not
+        # with the view's cursor: a pass's own appends fold whatever landed meanwhile (another
+        # VM's VmScheduled) after its plan was made, and those must still get a pass.
+        if delivery.seq > self._planned:
             await self.pass_once()
 
     async def reconcile(self) -> int:
@@ -205,6 +213,7 @@ class Vmm:
         """Fold, observe, plan, act; returns how many actions ran."""
         async with self.lock:
             await self.view.catch_up(self.store)
+            self._planned = self.view.cursor
             await self._updates()
             obs = {st.vm_id: st for st in await self.backend.list()}
             await self._progress(obs)
