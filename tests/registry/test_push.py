@@ -5,6 +5,7 @@ refusals in one line."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
 import urllib.request
@@ -109,3 +110,23 @@ def test_up_opens_its_registry_mirrors_to_qemu_guests(tmp_path: Path) -> None:
     assert services.registry == (5123, 5443)
     assert ControlPlane(DataDir(tmp_path), UpOptions())._guest_services().registry == ()
     assert isinstance(services, HostServices)
+
+
+def test_a_rootfs_directory_is_tarred_reproducibly(tmp_path: Path) -> None:
+    """Same tree, same bytes (so the same digest), whatever the files' times or owners."""
+    import os
+    import tarfile
+
+    from pydstack.cli.image_push import rootfs_of
+
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "app").write_text("#!/bin/sh\necho hi\n")
+    (root / "etc").mkdir()
+    (root / "etc" / "link").symlink_to("../bin/app")
+    first = rootfs_of(str(root))
+    os.utime(root / "bin" / "app", (1, 1))
+    assert rootfs_of(str(root)) == first
+    with tarfile.open(fileobj=io.BytesIO(first)) as tar:
+        assert tar.getnames() == ["bin", "etc", "bin/app", "etc/link"]
+        assert {m.mtime for m in tar.getmembers()} == {0}
