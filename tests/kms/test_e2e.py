@@ -121,14 +121,18 @@ async def test_quote_not_bound_to_the_tls_key_is_refused(kms: Kms, pki: DevPki) 
     assert "does not bind the certificate key" in err.error
 
 
-async def test_replayed_quote_is_refused_as_stale(kms: Kms, pki: DevPki) -> None:
-    """An old certificate (and its quote) presented again after the freshness window."""
+async def test_an_old_not_before_is_the_clients_own_claim_and_not_refused(
+    kms: Kms, pki: DevPki
+) -> None:
+    """The temp CA's key is public, so a client certificate's notBefore is whatever its
+    holder wrote (dstack v0.5.11's guest: 1975): the KMS does not judge it by default
+    (`KmsSettings.max_cert_age`; docs/threat-model.md, "RA-TLS freshness")."""
     cvm = make_cvm(pki)
     key = ec.generate_private_key(ec.SECP256R1())
     att = await cvm.attest(ratls_report_data(key.public_key()))
     old = client_cert(kms.temp, att, key, not_before=int(time.time()) - 2 * 3600)
-    err = await refused(kms, old)
-    assert "stale RA-TLS evidence" in err.error
+    keys = await get_app_key(kms, old)
+    assert keys["gateway_app_id"] == "gw-app"
 
 
 async def test_tampered_event_log_is_refused(kms: Kms, pki: DevPki) -> None:

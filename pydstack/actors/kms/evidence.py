@@ -4,7 +4,8 @@ Evidence is an RA-TLS client certificate (GetAppKey, GetKmsKey) or a CSR's publi
 attestation (SignCert). Checks, each with its own reason: the quote verifies under the policy
 (dcap-qvl chain, TCB status, advisories, debug), the event log replays to the quote's RTMRs,
 the runtime events replay to RTMR3, the quote's report_data binds the presented public key
-(`sha512("ratls-cert:" || SPKI)`), and the certificate is fresh (issued within `max_age`).
+(`sha512("ratls-cert:" || SPKI)`), and, only when `max_age` is given, the certificate's
+notBefore is recent (a client-chosen date: see docs/threat-model.md, "RA-TLS freshness").
 
 The reasons come in two kinds. `Evidence.unverified`: it is not authentic evidence of this
 client's current boot (undecodable or oversized, the quote's signature chain fails, it is not
@@ -19,7 +20,7 @@ bounded: an attestation over `MAX_ATTESTATION` bytes is refused undecoded), then
 
     p = present_certificate(der)
     ev = verify_presented(p, await collateral(p.quote), policy=pol, now=now, root_ca_der=dev_root,
-                          max_age=3600, vm_config=cfg)
+                          max_age=None, vm_config=cfg)
     ev.unverified, ev.kind, ev.reasons, ev.boot
 """
 
@@ -54,6 +55,7 @@ from pydstack.adapters.tdx.ratls import (
     extract_attestation_raw,
     pck_ppid,
 )
+from pydstack.adapters.tdx.ratls_log import log_for_replay, stripped_log_reasons
 from pydstack.adapters.tdx.verify import Policy, policy_reasons, verify_quote
 from pydstack.core.kms import BootInfo, boot_info, quote_hash
 
@@ -127,7 +129,9 @@ def check_attestation(
     """Verify quote + logs (+ key binding when `spki` is given) and build the BootInfo.
     `raw`: the attestation's encoding as presented (else it is encoded from `att`)."""
     raw = encode_attestation(att) if raw is None else raw
-    verdict = verify_quote(att.quote, collateral, policy, now, root_ca_der, event_log=att.event_log)
+    # dstack v0.5.11's certificates carry a stripped log (RTMR3 events only): RTMR3 alone then
+    log = log_for_replay(att.event_log)
+    verdict = verify_quote(att.quote, collateral, policy, now, root_ca_der, event_log=log)
     quote = verdict.quote
     if quote is None:
         return _unverified(verdict.reasons, raw, att.quote, MALFORMED)
@@ -138,6 +142,9 @@ def check_attestation(
     bad_log = [r for r in verdict.reasons[len(bad_sig) :] if r not in by_policy]
     bad_binding = binding_reasons(spki, att, quote) if spki is not None else []
     reasons = bad_binding + verdict.reasons
+    stripped = stripped_log_reasons(att.event_log, quote.report.rtmr3)
+    bad_log += stripped
+    reasons += stripped
     if replay_runtime_events(att.runtime_events) != quote.report.rtmr3:
         bad_log.append("runtime events do not replay to the quote's RTMR3")
         reasons.append(bad_log[-1])
@@ -237,11 +244,12 @@ def verify_presented(
     policy: Policy,
     now: int,
     root_ca_der: bytes | None,
-    max_age: int,
+    max_age: int | None,
     vm_config: str = "",
 ) -> Evidence:
-    """Check decoded evidence: quote, logs, key binding and (certificates) freshness.
-    `collateral` may be None only when nothing was decoded (`p.reasons` says why)."""
+    """Check decoded evidence: quote, logs, key binding and (certificates, with `max_age`)
+    the notBefore window. `collateral` may be None only when nothing was decoded
+    (`p.reasons` says why)."""
     if p.attestation is None or collateral is None:
         why = list(p.reasons or ("no attestation presented",))
         return _unverified(why, p.raw, b"", p.kind or MALFORMED)
@@ -255,7 +263,7 @@ def verify_presented(
         spki=p.spki,
         raw=p.raw,
     )
-    if p.issued_at is None:
+    if p.issued_at is None or max_age is None:
         return ev
     fresh: list[str] = []
     if now - p.issued_at > max_age:
@@ -280,7 +288,7 @@ async def check_certificate(
     policy: Policy,
     now: int,
     root_ca_der: bytes | None,
-    max_age: int,
+    max_age: int | None,
     vm_config: str = "",
 ) -> Evidence:
     """Decode and check an RA-TLS client certificate in one go."""

@@ -121,7 +121,12 @@ class KmsSettings(msgspec.Struct, frozen=True, kw_only=True):
     cluster: str
     policy: Policy = Policy()
     root_ca_der: bytes | None = None  # dev PKI root for simulator quotes; None = Intel
-    max_cert_age: int = 3600
+    # None (the default): a client certificate's notBefore is not checked. dstack v0.5.11's
+    # guest signs it under the temp CA, whose key GetTempCaCert gives to anyone, with rcgen's
+    # default notBefore (1975-01-01): the date is the client's own claim and bounds nothing.
+    # What makes evidence current is in docs/threat-model.md ("RA-TLS freshness"). A number:
+    # refuse certificates issued longer ago than that (only pydstack guests, which date theirs).
+    max_cert_age: int | None = None
     rpc_domain: str = "kms.pydstack.local"
     instance_id: str = ""
     # App requests must name an image registered on the log whose measurements for the

@@ -44,6 +44,7 @@ from .eventlog import (
 from .identity import AppInfo, decode_app_info, measurements_of
 from .quote import Quote
 from .ratls_appinfo import AppInfoDecodeError, decode_app_info_ext, encode_app_info
+from .ratls_log import log_for_replay, stripped_log_reasons
 from .verify import Policy, verify_quote
 
 OID_TDX_QUOTE = x509.ObjectIdentifier("1.3.6.1.4.1.62397.1.1")
@@ -404,14 +405,17 @@ def check_attestation(
     root_ca_der: bytes | None = None,
 ) -> tuple[list[str], str | None, Quote | None, AppInfo | None]:
     """Verify quote + event log of `att`: (reasons, tcb_status, quote, app_info)."""
-    # verify_quote replays the log (RTMR0-3 and the runtime digest rule) against the quote.
+    # verify_quote replays the log (RTMR0-3 and the runtime digest rule) against the quote;
+    # dstack's stripped certificate log (RTMR3 events only) is replayed to RTMR3 alone.
+    log = log_for_replay(att.event_log)
     verdict = verify_quote(
-        att.quote, collateral, policy or Policy(), now, root_ca_der, event_log=att.event_log
+        att.quote, collateral, policy or Policy(), now, root_ca_der, event_log=log
     )
     reasons = list(verdict.reasons)
     quote = verdict.quote
     if quote is None:
         return reasons, verdict.tcb_status, None, None
+    reasons += stripped_log_reasons(att.event_log, quote.report.rtmr3)
     if replay_runtime_events(att.runtime_events) != quote.report.rtmr3:
         reasons.append("runtime_events do not replay to the quote's RTMR3")
     ppid = b""
