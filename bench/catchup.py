@@ -8,19 +8,27 @@ events (``bench.replay``'s workload, signed, pipelined) while it runs, and times
 append until the actor has handled them all. Then reads the same stream with a bare nats-py
 ordered consumer that only counts. Signature verification is on. Goal (issue 18): ``ratio``
 (actor / raw) >= 0.2.
+
+Then the scheduler's start-up on that log: a fold of the whole log (``scheduler_full_s``,
+which also writes its checkpoint), and after a tail of 1,000 more events a new scheduler
+resuming from the checkpoint (``scheduler_resume_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import nats
+from nats.aio.client import Client
 
+from pydstack.actors import Scheduler, SchedulerConfig
 from pydstack.actors.runtime import ActorRunner, Delivery, RuntimeConfig
 from pydstack.adapters.nats import EventStore, StreamSettings
-from pydstack.core.events import kind_filter
+from pydstack.core.events import HostHeartbeat, kind_filter, seal
 from pydstack.loop import run as run_loop
 
 from ._common import bench_signer, emit, parse_quick, temp_server
@@ -47,7 +55,32 @@ class Counter:
         return 0
 
 
-async def run(n: int) -> tuple[float, float]:
+async def scheduler_start(nc: Client, store: EventStore, tail: int) -> tuple[float, float]:
+    """Seconds to a caught-up scheduler: folding the whole log, then resuming after ``tail``."""
+    with tempfile.TemporaryDirectory(prefix="pydstack-catchup-") as tmp:
+        cfg = SchedulerConfig(checkpoint=Path(tmp) / "scheduler.db", checkpoint_every_s=0)
+        t = time.perf_counter()
+        full = Scheduler(store, cfg)
+        await full.catch_up()
+        full_s = time.perf_counter() - t
+        js = nc.jetstream()
+        for i in range(tail):  # heartbeats of the workload's hosts
+            subj, hb = f"dstack.host.h{i % 200}", HostHeartbeat(host_id=f"h{i % 200}")
+            data = seal(store.signer, hb, subject=subj, event_id=f"tail{i}", time_ns=i,
+                        correlation="tail")  # fmt: skip
+            await js.publish_async(subj, data)
+        await js.publish_async_completed()
+        t = time.perf_counter()
+        resumed = Scheduler(store, cfg)
+        await resumed.catch_up()
+        resume_s = time.perf_counter() - t
+        await full.catch_up()
+        if resumed.view.folded != tail or resumed.view.rows() != full.view.rows():
+            raise SystemExit("the resumed scheduler's view differs from a full fold")
+        return full_s, resume_s
+
+
+async def run(n: int) -> tuple[float, float, float, float]:
     async with temp_server() as server:
         nc = await nats.connect(server.url)
         settings = StreamSettings(duplicate_window_s=10)
@@ -63,8 +96,9 @@ async def run(n: int) -> tuple[float, float]:
                 await asyncio.wait_for(actor.done.wait(), timeout=600)
                 actor_eps = n / (time.perf_counter() - t)
             raw_eps = await raw_read(nc, n)
+            full_s, resume_s = await scheduler_start(nc, store, 1_000)
         await nc.close()
-    return actor_eps, raw_eps
+    return actor_eps, raw_eps, full_s, resume_s
 
 
 def main() -> None:
@@ -73,10 +107,14 @@ def main() -> None:
     quick = parse_quick(__doc__)
     configure(level="warning")  # a debug line per event would be what is measured
     n = 20_000 if quick else 300_000
-    actor_eps, raw_eps = run_loop(run(n))
+    actor_eps, raw_eps, full_s, resume_s = run_loop(run(n))
     print(f"actor (counting) catch-up  {actor_eps:10.0f} ev/s")
     print(f"raw ordered-consumer read  {raw_eps:10.0f} ev/s   ratio {actor_eps / raw_eps:.3f}")
-    emit({"ratio": actor_eps / raw_eps, "actor_eps": actor_eps, "raw_eps": raw_eps, "events": n})
+    print(
+        f"scheduler start: whole log {full_s:.2f} s, from its checkpoint + 1,000 {resume_s:.2f} s"
+    )
+    emit({"ratio": actor_eps / raw_eps, "actor_eps": actor_eps, "raw_eps": raw_eps, "events": n,
+          "scheduler_full_s": full_s, "scheduler_resume_s": resume_s})  # fmt: skip
 
 
 if __name__ == "__main__":
