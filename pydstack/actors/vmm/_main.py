@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,6 +23,9 @@ from pydstack.adapters.firewall import HostServices
 from pydstack.adapters.nats import EventStore, StoreError
 from pydstack.adapters.supervisor import SupervisorClient, SupervisorError, launch_supervisor
 from pydstack.core.vmm import RestartPolicy
+
+if TYPE_CHECKING:
+    from pydstack.adapters.sim import SimConfig
 
 from ._access import ApiEndpoints, ApiSetupError, serve_api
 from ._actor import Vmm, VmmConfig
@@ -52,6 +56,9 @@ class VmmLaunch:
     platform: str = "auto"
     # sandbox: the registry mirrors of every CVM's docker engine (`up --registry`)
     registry_mirrors: tuple[str, ...] = ()
+    # bench.scale and tests only, never a CLI or `up` option: the "sim" load generator backend
+    # (adapters.sim) instead of ``backend``; its platform reason says it is no CVM.
+    sim: SimConfig | None = None
 
 
 SANDBOX_PLATFORM = ("sandbox", "simulated: a network namespace with its own dockerd, no VM")
@@ -79,6 +86,10 @@ def resolve_platform(backend: str, wanted: str) -> tuple[str, str]:
 
 async def build_backend(launch: VmmLaunch, sv: SupervisorClient) -> CvmBackend:
     sd = launch.config.state_dir
+    if launch.sim is not None:
+        from pydstack.adapters.sim import SimBackend
+
+        return SimBackend(launch.sim, sv)
     if launch.backend == "sandbox":
         from pydstack.adapters.sandbox import SandboxBackend, SandboxConfig, build_busybox_image
 
@@ -187,10 +198,17 @@ async def running_vmm(
         if launch.backend == "qemu":  # before any QEMU starts: its user and its firewall
             await stack.enter_async_context(guarded_guests(launch.guest_services))
         wanted = launch.platform
-        platform, reason = await asyncio.to_thread(resolve_platform, launch.backend, wanted)
+        if launch.sim is not None:
+            from pydstack.adapters.sim import PLATFORM as SIM_PLATFORM
+
+            platform, reason = SIM_PLATFORM
+        else:
+            platform, reason = await asyncio.to_thread(resolve_platform, launch.backend, wanted)
         launch = replace(launch, config=replace(launch.config, platform=platform,
                                                 platform_reason=reason))  # fmt: skip
         backend = await build_backend(launch, sv)
+        if (close_backend := getattr(backend, "aclose", None)) is not None:
+            stack.push_async_callback(close_backend)  # the sim backend's host-side boots
         vmm = Vmm(store, backend, launch.config)
         await stack.enter_async_context(vmm)
         actor = await stack.enter_async_context(ActorRunner(store, vmm, launch.runtime))

@@ -1,0 +1,354 @@
+"""Fleet simulator: N simulated hosts x M CVMs against the real scheduler, KMS and NATS.
+
+    python -m bench.scale [--quick] [--hosts N] [--cvms M]   # --quick: 5 hosts x 20 CVMs
+
+A LOAD GENERATOR, not a fleet: each host is a real VMM actor (``actors.vmm.running_vmm``, its
+own NATS connection, supervisor and durable consumer, run as a task of this process) on the
+"sim" CVM backend (``adapters.sim``): a CVM is a tiny process that boots instantly, no VM, no
+TEE; the host reports platform "sim" with a reason saying it is a load generator. What it
+appends is what a real host appends (HostJoined, heartbeats, VmStarted, boot progress). Each
+CVM's boot then asks the real KMS (a ``python -m pydstack.actors.kms`` process, dev PKI, dev
+auth) for its keys as a guest does (``pydstack_guest.KmsKeyProvider``: GetTempCaCert, then
+GetAppKey and GetMeta over mutual RA-TLS with a quote simulated by the dev PKI), at the KMS
+URL the VMM wrote into its sys-config. The scheduler is the real one (``actors.Scheduler``).
+Not yet here: gateway registration (RegisterCvm through gateway nodes needs root, network
+namespaces and wireguard-go per node; ``bench.converge`` measures the nodes' side) and the
+dashboard's first paint.
+
+Every time comes from the log (server time of each event). Reported: placed/started/ready
+per second over the storm, time to N x M ready, placement lag (requested → VmScheduled) and
+VMM lag (scheduled → VmStarted) p50/p99, KMS GetAppKey p50/p99 under the storm, double
+bookings (a VM scheduled twice, or a host over its capacity), and, as the baseline in the same
+run, the raw append rate of this NATS server (the same number of VmRequested, 32 in flight).
+Any failed request (VmRejected, a boot error, a KMS failure, a VM not ready in time) makes
+the exit status 1. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from bench._common import bench_signer, emit, percentile, temp_server
+from pydstack.actors import ActorRunner, RuntimeConfig, Scheduler, SchedulerConfig
+from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
+from pydstack.adapters.cvm import SYS_CONFIG, CvmSpec
+from pydstack.adapters.nats import NEW, EventStore
+from pydstack.adapters.secretfile import write_secret
+from pydstack.adapters.sim import BootHook, Report, SimBackend, SimConfig
+from pydstack.adapters.supervisor import SupervisorClient, launch_supervisor
+from pydstack.adapters.tdx.pki import DevPki
+from pydstack.core.events import (
+    ComponentRestarted,
+    HostHeartbeat,
+    HostJoined,
+    VmBootError,
+    VmBootProgress,
+    VmRejected,
+    VmRequested,
+    VmResources,
+    VmScheduled,
+    VmStarted,
+    subject,
+)
+from pydstack.core.projections import applied
+from pydstack.logs import configure
+from pydstack_guest import create_dev_app_keys
+from pydstack_guest.kms_provider import KmsKeyProvider
+from pydstack_guest.kms_trust import KmsTrust
+from tests.images import TEST_VM_CONFIG, register_test_image
+from tests.kms.conftest import APP_ID, make_cvm
+
+VM_MB = 256
+
+
+class Storm:
+    """What the CVMs' boots saw: GetAppKey latencies and failures, in words."""
+
+    def __init__(self) -> None:
+        self.kms_ms: list[float] = []
+        self.failures: list[str] = []
+
+
+def kms_boot(pki: DevPki, storm: Storm) -> BootHook:
+    """The host side of a sim CVM's boot: its keys from the KMS its sys-config names, asked as
+    a guest asks (a TD simulated by the dev PKI, measured as the image registered on the log)."""
+    trust = KmsTrust.dev(pki)
+
+    async def boot(spec: CvmSpec, report: Report) -> None:
+        urls = json.loads(spec.shared_files.get(SYS_CONFIG, b"{}")).get("kms_urls") or []
+        if not urls:
+            raise RuntimeError("sys-config names no KMS")
+        instance = hashlib.sha256(spec.vm_id.encode()).digest()[:20]
+        cvm = await asyncio.to_thread(make_cvm, pki, instance_id=instance)
+        provider = KmsKeyProvider(urls[0], cvm.backend, trust=trust, app_id=APP_ID,
+                                  vm_config=TEST_VM_CONFIG)  # fmt: skip
+        t = time.perf_counter()
+        try:
+            await provider.app_keys()
+        except Exception as exc:
+            storm.failures.append(f"{spec.vm_id} GetAppKey: {exc}")
+            raise
+        storm.kms_ms.append((time.perf_counter() - t) * 1000)
+        report("keys", f"from KMS {urls[0]} (simulated quote: load generator)")
+
+    return boot
+
+
+@contextlib.asynccontextmanager
+async def kms_process(tmp: Path, nats_url: str, pki: DevPki) -> AsyncIterator[str]:
+    """The real KMS (as bench.kms runs it), its URL."""
+    pki.save(tmp / "pki")
+    (tmp / "appkeys.json").write_text(create_dev_app_keys(b"\x01" * 20, now=0)[1])
+    seed = tmp / "kms-identity.seed"
+    write_secret(seed, os.urandom(32).hex())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_url, "--port", "0",
+         "--key-file", str(tmp / "root"), "--seal-appkeys", str(tmp / "appkeys.json"),
+         "--auth", "dev", "--allow-dev-auth", "--dev-pki", str(tmp / "pki"),
+         "--signer-seed-file", str(seed)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        yield line.decode().strip().split("=", 1)[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 10)
+
+
+async def raw_append_rate(store: EventStore, n: int) -> float:
+    """Baseline: events appended per second straight to NATS (no actor reads them: a restart
+    note on an actor subject, about the size of a VmRequested), 32 in flight."""
+    sem = asyncio.Semaphore(32)
+
+    async def one(i: int) -> None:
+        ev = ComponentRestarted(component=f"raw-{i}", host="bench", reason="x" * 120)
+        async with sem:
+            await store.append(subject("actor", f"raw-{i}"), [ev], NEW)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return n / (time.perf_counter() - t)
+
+
+class Watch:
+    """Follows the log: per VM the server time of each step; per host what it announced."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, dict[str, float]] = defaultdict(dict)
+        self.scheduled: Counter[str] = Counter()
+        self.host_of: dict[str, str] = {}
+        self.hosts: dict[str, HostJoined] = {}
+        self.heartbeats = 0
+        self.errors: list[str] = []
+        self.changed = asyncio.Event()
+        self.frozen = False  # the storm is over: what the teardown appends is not counted
+
+    async def follow(self, store: EventStore, from_seq: int) -> None:
+        async for rec in store.read(from_seq=from_seq, follow=True):
+            a = applied(rec.seq, rec.data, rec.time_ns)
+            if a is None or self.frozen:
+                continue
+            t, ev = a.time_ns / 1e9, a.event
+            match ev:
+                case VmRequested(vm_id=vm):
+                    self.t[vm]["requested"] = t
+                case VmScheduled(vm_id=vm, host=host):
+                    self.t[vm].setdefault("scheduled", t)
+                    self.scheduled[vm] += 1
+                    self.host_of[vm] = host
+                case VmStarted(vm_id=vm):
+                    self.t[vm].setdefault("started", t)
+                case VmBootProgress(vm_id=vm, stage="ready"):
+                    self.t[vm].setdefault("ready", t)
+                case VmBootProgress(vm_id=vm, stage="error", detail=d):
+                    self.errors.append(f"{vm} boot error: {d}")
+                case VmBootError(vm_id=vm, stage=s, error=e):
+                    self.errors.append(f"{vm} boot error at {s}: {e}")
+                case VmRejected(vm_id=vm, reason=r):
+                    self.errors.append(f"{vm} rejected: {r}")
+                case HostJoined(host_id=h):
+                    self.hosts[h] = ev
+                case HostHeartbeat():
+                    self.heartbeats += 1
+            self.changed.set()
+
+    def count(self, step: str) -> int:
+        return sum(step in v for v in self.t.values())
+
+    async def until(self, pred: Any, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not pred():
+            self.changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
+        return True
+
+
+def double_bookings(w: Watch, vms: list[str]) -> int:
+    """VMs scheduled more than once, plus VMs beyond a host's announced vCPUs or memory."""
+    over = sum(n - 1 for n in w.scheduled.values() if n > 1)
+    per_host = Counter(w.host_of[v] for v in vms if v in w.host_of)
+    for host, n in per_host.items():
+        joined = w.hosts.get(host)
+        if joined is None or n > joined.vcpu or n * VM_MB > joined.memory_mb:
+            over += n
+    return over
+
+
+def _lag(w: Watch, vms: list[str], a: str, b: str) -> list[float]:
+    return [(w.t[v][b] - w.t[v][a]) * 1000 for v in vms if a in w.t[v] and b in w.t[v]]
+
+
+async def run(n_hosts: int, m: int, timeout_s: float) -> dict[str, Any]:
+    pki, storm, w = DevPki.generate(), Storm(), Watch()
+    vms = [f"sim-{i:05d}" for i in range(n_hosts * m)]
+    async with temp_server() as nats:
+        with tempfile.TemporaryDirectory(prefix="pydstack-bench-scale-") as d:
+            tmp = Path(d)
+            admin = await EventStore.connect(nats.url, bench_signer("admin"))
+            await admin.ensure_stream()
+            await register_test_image(admin)  # the KMS serves only TDs of an image on the log
+            raw_rate = await raw_append_rate(admin, n_hosts * m)
+            follower = asyncio.create_task(w.follow(admin, await admin.last_seq() + 1))
+            supervisors = []
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    stack.push_async_callback(admin.close)
+                    kms_url = await stack.enter_async_context(kms_process(tmp, nats.url, pki))
+                    sched_store = await EventStore.connect(nats.url, bench_signer("scheduler"))
+                    stack.push_async_callback(sched_store.close)
+                    await stack.enter_async_context(
+                        ActorRunner(sched_store, Scheduler(sched_store, SchedulerConfig()),
+                                    RuntimeConfig()))  # fmt: skip
+                    for h in range(n_hosts):
+                        sd = tmp / f"host{h}"
+                        sock = sd / "supervisor.sock"
+                        supervisors.append(launch_supervisor(sock, sd / "supervisor"))
+                        store = await EventStore.connect(nats.url, bench_signer("vmm"))
+                        stack.push_async_callback(store.close)
+                        stack.push_async_callback(_remove_all, sock, sd / "vms")  # after the VMM
+                        cfg = VmmConfig(host_id=f"sim{h}", state_dir=sd, vcpu=m,
+                                        memory_mb=m * VM_MB, kms_urls=(kms_url,))  # fmt: skip
+                        launch = VmmLaunch(config=cfg, supervisor_socket=sock, api_socket=False,
+                                           sim=SimConfig(vms_dir=sd / "vms",
+                                                         boot=kms_boot(pki, storm)))  # fmt: skip
+                        await stack.enter_async_context(running_vmm(store, launch))
+                    await w.until(lambda: len(w.hosts) >= n_hosts, 30)
+                    sim_hosts = sum(j.platform == "sim" for j in w.hosts.values())
+                    t0 = time.time()
+                    await _request_all(admin, vms)
+                    done = await w.until(lambda: w.count("ready") + len(w.errors) >= len(vms),
+                                         timeout_s)  # fmt: skip
+                    w.frozen = True
+            finally:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await follower
+                for sv in supervisors:
+                    sv.terminate()
+                    await asyncio.to_thread(sv.wait, 30)
+    return _result(w, vms, storm, t0, done, raw_rate, n_hosts, m, sim_hosts)
+
+
+async def _request_all(store: EventStore, vms: list[str]) -> None:
+    sem = asyncio.Semaphore(32)
+
+    async def one(vm: str) -> None:
+        ev = VmRequested(vm_id=vm, app_id=APP_ID.hex(), name=vm, image="sim",
+                         resources=VmResources(vcpu=1, memory_mb=VM_MB))  # fmt: skip
+        async with sem:
+            await store.append(subject("vm", vm), [ev], NEW)
+
+    await asyncio.gather(*(one(vm) for vm in vms))
+
+
+async def _remove_all(sock: Path, vms_dir: Path) -> None:
+    """CVMs outlive their VMM by design, not a bench run: once the VMM stopped (so it does not
+    react to their end), each is removed through a backend of its own on the same supervisor."""
+    sv = SupervisorClient(sock)
+    try:
+        backend = SimBackend(SimConfig(vms_dir=vms_dir), sv)
+        for st in await backend.list():
+            with contextlib.suppress(Exception):
+                await backend.remove(st.vm_id)
+        await sv.shutdown_if_idle()
+    finally:
+        await sv.close()
+
+
+def _result(w: Watch, vms: list[str], storm: Storm, t0: float, done: bool, raw_rate: float,
+            n_hosts: int, m: int, sim_hosts: int) -> dict[str, Any]:  # fmt: skip
+    def last(step: str) -> float:
+        return max((w.t[v][step] for v in vms if step in w.t[v]), default=float("nan"))
+
+    ready = w.count("ready")
+    all_ready_s = last("ready") - t0 if ready == len(vms) else float("nan")
+    errors = list(w.errors) + [f for f in storm.failures if f not in w.errors]
+    if not done or ready < len(vms):
+        errors.append(f"{len(vms) - ready} of {len(vms)} CVMs not ready in time")
+    placed, started = _lag(w, vms, "requested", "scheduled"), _lag(w, vms, "scheduled", "started")
+    return {
+        "load_generator": "sim backend: no VM, no TEE (adapters.sim)",
+        "hosts": n_hosts, "cvms_per_host": m, "cvms": len(vms), "sim_hosts": sim_hosts,
+        "placed_per_s": w.count("scheduled") / (last("scheduled") - t0),
+        "started_per_s": w.count("started") / (last("started") - t0),
+        "ready_per_s": ready / (last("ready") - t0),
+        "all_ready_s": all_ready_s,
+        "placement_p50_ms": percentile(placed, 50), "placement_p99_ms": percentile(placed, 99),
+        "vmm_lag_p50_ms": percentile(started, 50), "vmm_lag_p99_ms": percentile(started, 99),
+        "kms_getappkey_p50_ms": percentile(storm.kms_ms, 50),
+        "kms_getappkey_p99_ms": percentile(storm.kms_ms, 99),
+        "kms_calls": len(storm.kms_ms),
+        "double_bookings": double_bookings(w, vms),
+        "heartbeats": w.heartbeats,
+        "raw_append_per_s": raw_rate,
+        "gateway_registrations_per_s": None,  # not yet: see the module docstring
+        "errors": len(errors), "error_examples": errors[:3],
+        "cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
+    }  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="5 hosts x 20 CVMs")
+    ap.add_argument("--hosts", type=int)
+    ap.add_argument("--cvms", type=int, help="CVMs per host")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds for all to be ready")
+    a = ap.parse_args()
+    configure(level="warning")  # the actors' per-event lines would swamp the figures
+    n_hosts = a.hosts or (5 if a.quick else 100)
+    m = a.cvms or (20 if a.quick else 100)
+    r = asyncio.run(run(n_hosts, m, a.timeout))
+    print(f"LOAD GENERATOR (sim backend, no VM): {r['cvms']} CVMs on {n_hosts} sim hosts, "
+          f"all ready in {r['all_ready_s']:.2f} s; placed {r['placed_per_s']:.0f}/s, "
+          f"started {r['started_per_s']:.0f}/s; placement p99 {r['placement_p99_ms']:.0f} ms, "
+          f"VMM lag p99 {r['vmm_lag_p99_ms']:.0f} ms; KMS GetAppKey p50 "
+          f"{r['kms_getappkey_p50_ms']:.0f} ms p99 {r['kms_getappkey_p99_ms']:.0f} ms; "
+          f"raw NATS append {r['raw_append_per_s']:.0f}/s")  # fmt: skip
+    for e in r["error_examples"]:
+        print(f"error: {e}", file=sys.stderr)
+    emit(r)
+    return 1 if r["errors"] or r["double_bookings"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
