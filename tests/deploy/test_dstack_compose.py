@@ -93,7 +93,7 @@ def test_unhonoured_fields_are_refused_by_name(case: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("runner", "bash"), ("key_provider", "tpm"), ("key_provider_id", "zz"),
-     ("storage_fs", "zfs"), ("swap_size", "4G"), ("port_policy", {"restrict_mode": True}),
+     ("storage_fs", "zfs"), ("swap_size", "4G"), ("port_policy", {"ports": [{"port": 70000}]}),
      ("features", ["tproxy-net"]), ("manifest_version", 3), ("init_script", "echo")],
 )  # fmt: skip
 def test_other_unhonoured_fields_are_refused_by_name(field: str, value: object) -> None:
@@ -103,9 +103,11 @@ def test_other_unhonoured_fields_are_refused_by_name(field: str, value: object) 
 
 
 def test_honoured_optional_fields_pass() -> None:
-    """storage_fs ext4, swap 0, empty port_policy, public_tcbinfo, docker_config: accepted."""
+    """storage_fs ext4, swap 0, a port_policy (sent at RegisterCvm, enforced by the gateway),
+    public_tcbinfo, docker_config: accepted."""
+    policy = {"ports": [{"port": 443, "pp": True}, {"port": 80}], "restrict_mode": True}
     doc = {**json.loads(expected("minimal")), "storage_fs": "ext4", "swap_size": 0,
-           "port_policy": {"ports": [], "restrict_mode": False}, "public_tcbinfo": False,
+           "port_policy": policy, "public_tcbinfo": False,
            "docker_config": {}, "features": []}  # fmt: skip
     compose_ids(json.dumps(doc, indent=4))
     compose_ids(json.dumps({**doc, "storage_fs": "EXT4"}))  # dstack's FsType parse ignores case

@@ -79,7 +79,8 @@ def proxy_table(table: ClusterTable, handshakes: Mapping[str, float]) -> Routing
                 last_handshake=handshakes.get(r.wg_public_key),
                 port_policy=PortPolicy(
                     restrict=r.port_policy.restrict,
-                    rules=tuple(PortRule(p.port, 1 if p.pp else 0) for p in r.port_policy.ports),
+                    # pp: a PROXY v2 header, as dstack's gateway sends (`create_inbound_pp_header`)
+                    rules=tuple(PortRule(p.port, 2 if p.pp else 0) for p in r.port_policy.ports),
                 ),
             )
             for r in table.routes

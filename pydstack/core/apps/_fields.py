@@ -33,6 +33,28 @@ def _truthy(value: Any) -> bool:
     return value not in (None, False, 0, "", "0", [], {})
 
 
+def _port_policy_error(policy: Any) -> str:
+    """Why dstack-types' ``PortPolicy`` would not parse ``policy`` ('' when it does): a
+    ``ports`` list of ``{"port": u16, "pp": bool}``, a bool ``restrict_mode``; the guest
+    could not boot with anything else."""
+    if policy is None:
+        return ""
+    if not isinstance(policy, dict):
+        return "is not an object with ports and restrict_mode"
+    if not isinstance(policy.get("restrict_mode", False), bool):
+        return "restrict_mode is not true or false"
+    ports = policy.get("ports", [])
+    if not isinstance(ports, list):
+        return "ports is not a list"
+    for p in ports:
+        port = p.get("port") if isinstance(p, dict) else None
+        if type(port) is not int or not 0 <= port <= 65535:
+            return f"ports holds {p!r}: each needs a port in 0-65535"
+        if not isinstance(p.get("pp", False), bool):
+            return f"ports holds {p!r}: pp is not true or false"
+    return ""
+
+
 def unhonoured(doc: dict[str, Any]) -> tuple[str, str] | None:  # a case per field
     """(field, why) for the first field the guest cannot honour, else None."""
     if doc.get("manifest_version", 2) not in (1, 2):
@@ -69,10 +91,9 @@ def unhonoured(doc: dict[str, Any]) -> tuple[str, str] | None:  # a case per fie
                                      "Docker API and runs no shell script before them")  # fmt: skip
     if _truthy(doc.get("init_script")):
         return "init_script", "not run here (a dstack main-branch field)"
-    policy = doc.get("port_policy")
-    if isinstance(policy, dict) and (policy.get("ports") or policy.get("restrict_mode")):
-        return "port_policy", ("the guest does not send it to the gateway yet, so the gateway "
-                               "would forward every port")  # fmt: skip
+    bad_policy = _port_policy_error(doc.get("port_policy"))
+    if bad_policy:  # honoured: the guest sends it at RegisterCvm, the gateway enforces it
+        return "port_policy", bad_policy
     if "tproxy-net" in (doc.get("features") or ()) and not (
         doc.get("gateway_enabled") or doc.get("tproxy_enabled")
     ):
