@@ -160,7 +160,8 @@ class Gw:
     async def post(self, path: str, identity: tuple[str, str], body: Any) -> tuple[int, Any]:
         ssl = client_ssl_context(identity[0], identity[1], self.ca.pem)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl)) as s:
-            async with s.post(self.url + path, data=json.dumps(body)) as resp:
+            data = body if isinstance(body, bytes) else json.dumps(body)
+            async with s.post(self.url + path, data=data) as resp:
                 return resp.status, await resp.json()
 
     async def registered(self) -> list[CvmRegistered]:
@@ -210,6 +211,11 @@ async def test_a_dstack_guest_registers_with_its_kms_signed_app_info_certificate
     policy = {"ports": [{"port": 443, "pp": True}], "restrict_mode": True}
     body = {"client_public_key": wg_key(1), "port_policy": policy}
     async with gateway(store, kms, pki) as gw:
+        # prpc's protobuf mode (no `?json`): RegisterCvmRequest field 1, a string; JSON only
+        key = wg_key(1).encode()
+        proto = b"\x0a" + bytes([len(key)]) + key
+        status, out = await gw.post("/prpc/RegisterCvm", app_info_cert, proto)
+        assert (status, out["code"]) == (400, "bad_request"), out
         status, out = await gw.post("/prpc/RegisterCvm?json", app_info_cert, body)
         assert status == 200, out
         assert out["wg"]["client_ip"] and out["wg"]["servers"][0]["pk"] == wg_key(500)
