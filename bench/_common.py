@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -65,8 +66,28 @@ def median(values: Sequence[float]) -> float:
 
 def emit(result: dict[str, Any]) -> None:
     """Print the machine-readable result as the last line of output."""
-    clean = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+    # NaN/inf (a percentile of nothing) are not JSON: null
+    clean = {k: (round(v, 4) if math.isfinite(v) else None) if isinstance(v, float) else v
+             for k, v in result.items()}  # fmt: skip
     print(json.dumps(clean), flush=True)
+
+
+def finish(result: dict[str, Any], *, errors: int, attempts: int, what: str) -> int:
+    """Emit ``result`` with ``errors``, ``attempts``, ``error_rate`` and ``ok``; return the exit
+    status: 1 when any attempt failed (or none was made). Latencies and ratios computed over
+    the requests that survived are not a figure: the run says so on stderr and fails.
+
+        raise SystemExit(finish(result, errors=errors, attempts=n, what="bench.kms requests"))
+    """
+    rate = errors / attempts if attempts else 1.0
+    ok = errors == 0 and attempts > 0
+    if not ok:
+        print(f"{what}: {errors} of {attempts} failed (error rate {rate:.2%}); the figures "
+              "above are over the survivors only and are not a result", file=sys.stderr,
+              flush=True)  # fmt: skip
+    emit({**result, "errors": errors, "attempts": attempts, "error_rate": rate, "ok": ok,
+          "load_1m": os.getloadavg()[0]})  # fmt: skip
+    return 0 if ok else 1
 
 
 def remove_vms(

@@ -169,9 +169,16 @@ def static_haproxy(tmp: Path, port: int, names: dict[str, str], pem: Path) -> Ch
 
 @dataclass(frozen=True)
 class WrkResult:
-    rps: float
+    rps: float  # wrk's figure: every answer, a non-2xx/3xx one too
     p99_ms: float
-    errors: int
+    errors: int  # socket errors (connect, read, write, timeout) + non-2xx/3xx answers
+    requests: int = 0  # answers wrk counted, non-2xx/3xx ones included
+    socket_errors: int = 0
+
+    @property
+    def attempts(self) -> int:
+        """Requests tried: answered, or lost to a socket error."""
+        return self.requests + self.socket_errors
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -180,12 +187,14 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 def parse_wrk(out: str) -> WrkResult:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-    if rps is None or p99 is None:
+    requests = re.search(r"^\s*(\d+) requests in ", out, re.M)
+    if rps is None or p99 is None or requests is None:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
-    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    socket = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors += int(non2xx[1]) if non2xx else 0
-    return WrkResult(float(rps[1]), float(p99[1]) * _UNITS[p99[2]], errors)
+    errors = socket + (int(non2xx[1]) if non2xx else 0)
+    return WrkResult(float(rps[1]), float(p99[1]) * _UNITS[p99[2]], errors,
+                     requests=int(requests[1]), socket_errors=socket)  # fmt: skip
 
 
 def wrk(hosts: Path, url: str, seconds: float, connections: int, *, new_conn: bool) -> WrkResult:

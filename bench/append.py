@@ -4,9 +4,12 @@
 
 Raw publishes pre-sealed bytes of the same events with no headers; ours goes through
 ``EventStore.append`` (envelope, Ed25519 signature, hash chain, Nats-Msg-Id and
-Nats-Expected-Last-Subject-Sequence). Goals: async/batched throughput >= 0.7x raw, single
-sync append p50 <= 1.3x the raw publish round trip. Runs are interleaved (raw, ours, raw, ...)
-so that load from elsewhere on the machine hits both sides alike. Both run on the control
+Nats-Expected-Last-Subject-Sequence). Goals: async throughput >= 0.7x raw for each variant
+(``concurrent``: one append per aggregate in flight; ``batched``: 16-event atomic appends),
+single sync append p50 <= 1.3x the raw publish round trip. Runs are interleaved (raw, ours,
+raw, ...) so that load from elsewhere on the machine hits both sides alike; each ratio is the
+median over rounds of the two runs back to back. Every variant is reported; the headline
+``ratio`` is the lower one (``ratio_of`` names it). Both run on the control
 plane's event loop (`pydstack.loop`: uvloop when installed).
 
 Where the time goes (cProfile, 2026-11): the run is bound by the client's CPU. Per event, raw
@@ -52,6 +55,7 @@ class Results:
     ours_sync_us: list[float] = field(default_factory=list)
     raw_eps: list[float] = field(default_factory=list)
     ours_conc_eps: list[float] = field(default_factory=list)
+    raw_batch_phase_eps: list[float] = field(default_factory=list)  # raw, paired with batches
     ours_batch_eps: list[float] = field(default_factory=list)
     raw_cpu_us: list[float] = field(default_factory=list)  # client CPU per event
     ours_cpu_us: list[float] = field(default_factory=list)
@@ -167,47 +171,65 @@ async def run(sizes: Sizes) -> Results:
                         sink.append(got)
                         cpu_sink = r.raw_cpu_us if sink is r.raw_eps else r.ours_cpu_us
                         cpu_sink.append((time.process_time() - cpu) / sizes.async_n * 1e6)
-            # Atomic batches make the server fsync per commit; run them last, apart.
-            r.ours_batch_eps.append(await b.ours_batched(sizes.async_n))
+            # Atomic batches make the server fsync per commit; run them last, apart, each round
+            # paired with a raw run of its own so the two see the same machine.
+            for _ in range(sizes.rounds):
+                r.raw_batch_phase_eps.append(await b.raw_async(sizes.async_n))
+                r.ours_batch_eps.append(await b.ours_batched(sizes.async_n))
         await raw_nc.close()
     return r
+
+
+def paired_ratio(ours: list[float], raw: list[float]) -> float:
+    """Median over rounds of ours / raw, each round's two runs back to back (same load)."""
+    return median([o / r for o, r in zip(ours, raw, strict=True)])
+
+
+def summary(r: Results) -> dict[str, float | str]:
+    """Every variant's figure and ratio. The headline ``ratio`` is the lower of the two
+    throughput variants (the goal holds for each), named by ``ratio_of``, never the better."""
+    conc_ratio = paired_ratio(r.ours_conc_eps, r.raw_eps)
+    batch_ratio = paired_ratio(r.ours_batch_eps, r.raw_batch_phase_eps)
+    ours_p50, raw_p50 = median(r.ours_sync_us), median(r.raw_sync_us)
+    worst = min((conc_ratio, "concurrent"), (batch_ratio, "batched"))
+    return {
+        "ratio": worst[0],
+        "ratio_of": worst[1],
+        "concurrent_ratio": conc_ratio,
+        "batched_ratio": batch_ratio,
+        "sync_p50_ratio": ours_p50 / raw_p50,
+        "ours_concurrent_eps": median(r.ours_conc_eps),
+        "raw_eps": median(r.raw_eps),
+        "ours_batched_eps": median(r.ours_batch_eps),
+        "raw_eps_batched_phase": median(r.raw_batch_phase_eps),
+        "ours_p50_us": ours_p50,
+        "raw_p50_us": raw_p50,
+        "raw_p99_us": percentile(r.raw_sync_us, 99),
+        "ours_p99_us": percentile(r.ours_sync_us, 99),
+        "raw_cpu_us_per_event": median(r.raw_cpu_us),
+        "ours_cpu_us_per_event": median(r.ours_cpu_us),
+    }
 
 
 def main() -> None:
     sizes = QUICK if parse_quick(__doc__) else FULL
     r = run_loop(run(sizes))  # the control plane's loop (uvloop when installed), both sides
-    raw_p50, ours_p50 = median(r.raw_sync_us), median(r.ours_sync_us)
-    raw_eps = median(r.raw_eps)
-    conc_eps, batch_eps = median(r.ours_conc_eps), median(r.ours_batch_eps)
-    ours_eps = max(conc_eps, batch_eps)
-    print(
-        f"sync round trip   raw  p50 {raw_p50:8.1f} us  p99 {percentile(r.raw_sync_us, 99):8.1f} us"
-    )
-    ours_p99 = percentile(r.ours_sync_us, 99)
-    print(f"sync append       ours p50 {ours_p50:8.1f} us  p99 {ours_p99:8.1f} us", end="")
-    print(f"   ratio {ours_p50 / raw_p50:.2f} (goal <= 1.3)")
-    print(f"raw publish_async         {raw_eps:10.0f} ev/s  runs {[round(x) for x in r.raw_eps]}")
-    print(f"ours concurrent x{sizes.concurrency:<4}     {conc_eps:10.0f} ev/s  ratio "
-          f"{conc_eps / raw_eps:.2f}")  # fmt: skip
-    print(f"ours batched {sizes.batch} ev/append {batch_eps:10.0f} ev/s  ratio "
-          f"{batch_eps / raw_eps:.2f}")  # fmt: skip
-    raw_cpu, ours_cpu = median(r.raw_cpu_us), median(r.ours_cpu_us)
-    print(f"client CPU per event: raw {raw_cpu:.1f} us, ours {ours_cpu:.1f} us")
-    print(f"best ours / raw throughput {ours_eps / raw_eps:.2f} (goal >= 0.7)")
-    emit({
-        "ratio": ours_eps / raw_eps,
-        "sync_p50_ratio": ours_p50 / raw_p50,
-        "ours_eps": ours_eps,
-        "raw_eps": raw_eps,
-        "ours_p50_us": ours_p50,
-        "raw_p50_us": raw_p50,
-        "raw_p99_us": percentile(r.raw_sync_us, 99),
-        "ours_p99_us": percentile(r.ours_sync_us, 99),
-        "ours_concurrent_eps": conc_eps,
-        "ours_batched_eps": batch_eps,
-        "raw_cpu_us_per_event": raw_cpu,
-        "ours_cpu_us_per_event": ours_cpu,
-    })  # fmt: skip
+    s = summary(r)
+    print(f"sync round trip   raw  p50 {s['raw_p50_us']:8.1f} us  p99 {s['raw_p99_us']:8.1f} us")
+    print(f"sync append       ours p50 {s['ours_p50_us']:8.1f} us  p99 {s['ours_p99_us']:8.1f} us"
+          f"   ratio {s['sync_p50_ratio']:.2f} (goal <= 1.3)")  # fmt: skip
+    print(f"raw publish_async         {s['raw_eps']:10.0f} ev/s  runs "
+          f"{[round(x) for x in r.raw_eps]}")  # fmt: skip
+    print(f"ours concurrent x{sizes.concurrency:<4}     {s['ours_concurrent_eps']:10.0f} ev/s  "
+          f"ratio {s['concurrent_ratio']:.2f} (goal >= 0.7)")  # fmt: skip
+    print(f"raw publish_async (paired) {s['raw_eps_batched_phase']:9.0f} ev/s  runs "
+          f"{[round(x) for x in r.raw_batch_phase_eps]}")  # fmt: skip
+    print(f"ours batched {sizes.batch} ev/append {s['ours_batched_eps']:10.0f} ev/s  "
+          f"ratio {s['batched_ratio']:.2f} (goal >= 0.7)")  # fmt: skip
+    print(f"client CPU per event: raw {s['raw_cpu_us_per_event']:.1f} us, "
+          f"ours {s['ours_cpu_us_per_event']:.1f} us")  # fmt: skip
+    print(f"lower of the two throughput ratios: {s['ratio']:.2f} ({s['ratio_of']})")
+    emit(s)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ rounds. Each line also gives the proxy's own CPU time per request (user + system
 processes over the run), which outside load moves much less; ``*_cpu_ratio`` compare the
 built-in's to nginx's.
 
+Every cell reports its error rate (socket errors and non-2xx/3xx answers over the requests
+tried); any failed request in any cell makes the run exit 1, since wrk's req/s count failed
+answers too. Last line: JSON with the ``*_ratio`` figures, each cell's ``_rps``, ``_p99_ms``,
+``_cpu_us``, ``_errors`` and ``_error_rate``, and ``errors``, ``attempts``, ``error_rate``,
+``ok`` over the whole run.
+
 nginx terminates with ``ssl_protocols TLSv1.2 TLSv1.3`` (its default since 1.23.4; Debian
 12's 1.22 offers TLS 1.2 only). Every other plane speaks TLS 1.3, whose resumption still
 does an X25519 exchange, while a TLS 1.2 resumption does none: with 1.2, nginx's
@@ -56,7 +62,7 @@ from pydstack.adapters.haproxy import HaproxyConfig, HaproxyPlane
 from pydstack.adapters.ports import free_port
 from pydstack.core.gateway import Instance, RoutingTable
 
-from ._common import emit
+from ._common import finish
 from ._gateway_env import (
     BASE,
     Child,
@@ -113,7 +119,8 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
 
 
-async def run(quick: bool) -> dict[str, Any]:
+async def run(quick: bool) -> tuple[dict[str, Any], list[WrkResult]]:
+    """The figures, and every measured wrk run (for the error count)."""
     seconds, rounds = (3.0, 1) if quick else (5.0, 3)
     with tempfile.TemporaryDirectory(prefix="pd-bench-gw-") as tmp_s:
         tmp = Path(tmp_s)
@@ -194,6 +201,7 @@ async def run(quick: bool) -> dict[str, Any]:
         out[f"{p}_{mode}_{conn}_rps"] = best.rps
         out[f"{p}_{mode}_{conn}_p99_ms"] = best.p99_ms
         out[f"{p}_{mode}_{conn}_errors"] = sum(r.errors for r in rs)
+        out[f"{p}_{mode}_{conn}_error_rate"] = error_rate(rs)
         out[f"{p}_{mode}_{conn}_cpu_us"] = round(sorted(cpu_us[p, mode, conn])[len(rs) // 2], 1)
 
     def median(values: list[float]) -> float:
@@ -223,7 +231,13 @@ async def run(quick: bool) -> dict[str, Any]:
         "builtin_cpu_ratio": cpu_ratio("keepalive"),
         "builtin_newconn_cpu_ratio": cpu_ratio("newconn"),
     }
-    return head | out
+    return head | out, [r for rs in results.values() for r in rs]
+
+
+def error_rate(runs: list[WrkResult]) -> float:
+    """Failed requests (socket errors, non-2xx/3xx answers) over those tried, across runs."""
+    tried = sum(r.attempts for r in runs)
+    return sum(r.errors for r in runs) / tried if tried else 1.0
 
 
 def main() -> None:
@@ -240,7 +254,7 @@ def main() -> None:
     if reason is not None:
         print(f"bench.gateway cannot run: {reason}", file=sys.stderr)
         raise SystemExit(2)
-    result = asyncio.run(run(args.quick))
+    result, runs = asyncio.run(run(args.quick))
     goals = (
         ("haproxy_ratio", 0.95),
         ("builtin_ratio", 0.8),
@@ -249,7 +263,10 @@ def main() -> None:
     for key, goal in goals:
         verdict = "met" if result[key] >= goal else "MISSED"
         print(f"{key} = {result[key]:.3f} (goal >= {goal}): {verdict}")
-    emit(result)
+    # req/s count failed answers too: with any error no figure above is a result
+    errors, attempts = sum(r.errors for r in runs), sum(r.attempts for r in runs)
+    raise SystemExit(finish(result, errors=errors, attempts=attempts,
+                            what="bench.gateway requests (all planes)"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ KeyIssued appended, derivation) is `over_floor_ratio` times dcap-qvl verify alon
 the mutual TLS 1.3 handshake alone (`handshake_alone_p50_ms`): both ends in this process over
 memory BIOs, the KMS's server TLS settings and a CVM's RA-TLS client certificate: the CPU no
 TLS stack on this OpenSSL avoids.
-Last line: {"p50_ms", "p99_ms", "ratio" (p50 / dcap-qvl verify p50), "errors",
-"floor_p50_ms", "over_floor_ratio" ((p50 - floor) / verify p50), ...}.
+Last line: {"p50_ms", "p99_ms", "ratio" (p50 / dcap-qvl verify p50), "errors", "attempts",
+"error_rate", "ok", "floor_p50_ms", "over_floor_ratio" ((p50 - floor) / verify p50), ...}.
+Any failed request (GetAppKey or the floor's) makes the run exit 1: its figures would be
+over the survivors only.
 
     python -m bench.kms [--quick]
 """
@@ -32,7 +34,6 @@ Last line: {"p50_ms", "p99_ms", "ratio" (p50 / dcap-qvl verify p50), "errors",
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import ssl
@@ -40,13 +41,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
 import dcap_qvl
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench._common import bench_signer, parse_quick, percentile, temp_server
+from bench._common import bench_signer, finish, parse_quick, percentile, temp_server
 from pydstack.actors.kms import KmsClient
 from pydstack.actors.kms.client import client_context
 from pydstack.actors.kms.http import rpc_ssl_context
@@ -97,10 +99,11 @@ def handshake_alone(identity: tuple[str, str], temp_ca_pem: str, n: int) -> list
     the client's context as KmsClient builds it with a CVM's RA-TLS certificate."""
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     now = int(time.time())
-    life = {"not_before": now - 60, "not_after": now + 3600}
-    ca = build_ratls_cert(ca_key, None, subject="bench CA", ca_path_len=0, **life)
+    nb, na = now - 60, now + 3600
+    ca = build_ratls_cert(ca_key, None, subject="bench CA", ca_path_len=0, not_before=nb,
+                          not_after=na)  # fmt: skip
     leaf = build_ratls_cert(key, None, subject="kms", alt_names=["kms"], issuer=(ca, ca_key),
-                            usage_server_auth=True, **life)  # fmt: skip
+                            usage_server_auth=True, not_before=nb, not_after=na)  # fmt: skip
     server = rpc_ssl_context(pem(leaf) + pem(ca), key_pem(key), temp_ca_pem)
     client = client_context(pem(ca), identity)
     out = []
@@ -146,7 +149,8 @@ def _connect_trace(out: list[float]) -> aiohttp.TraceConfig:
     return trace
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool) -> int:
+    """Run the bench; returns the exit status (1 when any request failed)."""
     n_seq, n_conc, conc = (60, 200, 50) if quick else (300, 1500, 50)
     pki = DevPki.generate()
     async with temp_server() as nats:
@@ -177,27 +181,27 @@ async def main(quick: bool) -> None:
                 for i in range(2 * n_seq + n_conc):
                     cvm = make_cvm(pki, instance_id=i.to_bytes(20, "big"))
                     ids.append(await bound_identity(cvm, temp))
-                errors = 0
+                failures: list[str] = []  # every failed request, in words
                 seq: list[float] = []
                 setup: list[float] = []
                 connect: list[float] = []
                 floor: list[float] = []  # same connection, no evidence, no log
-                for i, ident in enumerate(ids[:n_seq]):
-                    try:  # interleaved, so both see the same machine
-                        seq.append(await one(url, ca, ident, setup, connect))
-                        floor.append(await one(url, ca, ids[-1 - i], [], [], "GetTempCaCert"))
-                    except Exception:
-                        errors += 1
+
+                async def timed(out: list[float], request: Awaitable[float]) -> None:
+                    try:
+                        out.append(await request)
+                    except Exception as exc:  # counted: any failure fails the run
+                        failures.append(f"{type(exc).__name__}: {exc}")
+
+                for i, ident in enumerate(ids[:n_seq]):  # interleaved: both see the same machine
+                    await timed(seq, one(url, ca, ident, setup, connect))
+                    await timed(floor, one(url, ca, ids[-1 - i], [], [], "GetTempCaCert"))
                 sem = asyncio.Semaphore(conc)
                 lat: list[float] = []
 
                 async def worker(ident: tuple[str, str]) -> None:
-                    nonlocal errors
                     async with sem:
-                        try:
-                            lat.append(await one(url, ca, ident, setup, []))
-                        except Exception:
-                            errors += 1
+                        await timed(lat, one(url, ca, ident, setup, []))
 
                 t0 = time.perf_counter()
                 await asyncio.gather(*(worker(i) for i in ids[n_seq : n_seq + n_conc]))
@@ -233,16 +237,19 @@ async def main(quick: bool) -> None:
     print(f"mutual TLS handshake alone (both ends, in memory, {ssl.OPENSSL_VERSION}) "
           f"p50 {hs50:.2f} ms")  # fmt: skip
     print(f"client TLS context build (untimed) p50 {percentile(setup, 50):.2f} ms")
-    print(json.dumps({
-        "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "ratio": round(p50 / v50, 2),
-        "errors": errors, "c50_p50_ms": round(percentile(lat, 50), 3),
-        "c50_p99_ms": round(percentile(lat, 99), 3), "c50_rps": round(len(lat) / wall, 1),
-        "verify_p50_ms": round(v50, 3), "client_setup_p50_ms": round(percentile(setup, 50), 3),
-        "connect_p50_ms": round(c50, 3), "floor_p50_ms": round(f50, 3),
-        "handshake_alone_p50_ms": round(hs50, 3),
-        "over_floor_ratio": round((p50 - f50) / v50, 2),
-    }))  # fmt: skip
+    attempts = 2 * n_seq + n_conc
+    for why in sorted(set(failures))[:5]:
+        print(f"failed request: {why}", file=sys.stderr)
+    return finish({
+        "p50_ms": p50, "p99_ms": p99, "ratio": p50 / v50,
+        "c50_p50_ms": percentile(lat, 50), "c50_p99_ms": percentile(lat, 99),
+        # answered requests only; with any error the run fails (finish) instead of reporting it
+        "c50_rps": len(lat) / wall, "verify_p50_ms": v50,
+        "client_setup_p50_ms": percentile(setup, 50), "connect_p50_ms": c50,
+        "floor_p50_ms": f50, "handshake_alone_p50_ms": hs50,
+        "over_floor_ratio": (p50 - f50) / v50,
+    }, errors=len(failures), attempts=attempts, what="bench.kms requests")  # fmt: skip
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_quick(__doc__)))
+    raise SystemExit(asyncio.run(main(parse_quick(__doc__))))
