@@ -25,11 +25,13 @@ Reconcile runs at start and every ``reconcile_interval_s``; that, not redelivery
 a crash at any point safe.
 
 Consumption is batched: one pull asks for up to ``batch`` messages, which are handled one after
-the other in stream order, and the acks of the handled ones are sent together (back to back, in
-one socket write) at the end of the batch, or sooner once the oldest has waited
-``ack_every_s``. A crash before those acks leaves them unacked, so they are delivered again:
-still at least once, a few more duplicates, never a loss. On stop, what was handled is acked and
-what was not is handed back (nak'd) for another instance.
+the other in stream order, and the acks of the handled ones are sent together (back to back,
+in one socket write) at the end of the batch, or sooner once the oldest has waited
+``ack_every_s``. While a batch is handled the next one is already being pulled, so the
+server's delivery overlaps the handlers. A crash before the acks leaves them unacked, so they
+are delivered again: still at least once, a few more duplicates, never a loss. On stop, what
+was handled is acked and what was not (the rest of the batch and the batch pulled ahead) is
+handed back (nak'd) for another instance.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class ActorRunner:
         self._task: asyncio.Task[None] | None = None
         self._reconcile_now = asyncio.Event()
         self._to_ack: list[Msg] = []  # handled, ack not sent yet (see _send_acks)
+        self._unhandled: list[Msg] = []  # pulled, not handled yet (handed back on stop)
         self._oldest_unacked = 0.0
         # The consumer sees some subjects only: the judge loads the keyring (and a VM's history
         # when the owner rule needs it) before judging a delivered event.
@@ -166,26 +169,31 @@ class ActorRunner:
         self.log.info("actor started", subjects=list(self.actor.subjects))
         loop = asyncio.get_running_loop()
         next_reconcile = 0.0
-        unhandled: list[Msg] = []
+        # While a batch is handled, the next one is already being pulled (when the last pull
+        # was not empty): the server's delivery overlaps the handlers instead of adding to them.
+        ahead: asyncio.Future[list[Msg]] | None = None
         try:
             while not self._stopping.is_set():
                 if loop.time() >= next_reconcile or self._reconcile_now.is_set():
                     self._reconcile_now.clear()
                     await self._reconcile(sub)
                     next_reconcile = loop.time() + cfg.reconcile_interval_s
-                batch = await self._fetch(sub)
+                batch = await (ahead if ahead is not None else self._fetch(sub))
+                ahead = None
+                self._unhandled = batch
+                if self._stopping.is_set() or not batch:
+                    continue
                 await self._load_keyring(batch)
-                for i, msg in enumerate(batch):
-                    if self._stopping.is_set():
-                        unhandled = batch[i:]
-                        break
-                    await self._finish(msg)
-                    if self._to_ack and loop.time() - self._oldest_unacked >= cfg.ack_every_s:
-                        await self._send_acks()
+                ahead = asyncio.ensure_future(self._fetch(sub))
+                await self._finish(batch)
                 await self._send_acks()
         finally:
+            self._stopping.set()  # a pull still in flight returns now, with what it got
+            if ahead is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    self._unhandled = [*self._unhandled, *await ahead]
             await self._send_acks()
-            await self._hand_back(sub, unhandled)
+            await self._hand_back(sub, self._unhandled)
             self.log.info("actor stopped")
 
     async def _send_acks(self) -> None:
@@ -221,6 +229,8 @@ class ActorRunner:
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():  # stopping: a pull caught mid-delivery keeps what it got
+                await asyncio.wait({fetch}, timeout=0.05)
         finally:
             for t in (fetch, stop):
                 if not t.done():
@@ -252,9 +262,11 @@ class ActorRunner:
             metrics.ERRORS.labels(self.actor.name, "keyring").inc()
             self.log.warning("keyring read failed", error=str(exc) or type(exc).__name__)
 
-    async def _finish(self, msg: Msg) -> None:
-        """Process one message even if the runner is cancelled meanwhile (bounded by grace)."""
-        task = asyncio.ensure_future(self._process(msg))
+    async def _finish(self, batch: list[Msg]) -> None:
+        """Handle a batch in order until stopped; the message in flight is finished even if
+        the runner is cancelled meanwhile (bounded by grace). What is left stays in
+        ``_unhandled``."""
+        task = asyncio.ensure_future(self._process_batch(batch))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -262,6 +274,16 @@ class ActorRunner:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, self.config.shutdown_grace_s)
             raise
+
+    async def _process_batch(self, batch: list[Msg]) -> None:
+        loop = asyncio.get_running_loop()
+        for i, msg in enumerate(batch):
+            if self._stopping.is_set():
+                return
+            self._unhandled = batch[i + 1 :]
+            await self._process(msg)
+            if self._to_ack and loop.time() - self._oldest_unacked >= self.config.ack_every_s:
+                await self._send_acks()
 
     async def _process(self, msg: Msg) -> None:
         name = self.actor.name

@@ -74,3 +74,29 @@ async def test_a_crash_before_the_batch_acks_redelivers_what_was_handled(
         await wait_for(lambda: len(successor.seen) == 3, timeout=10)
     # Handled but never acked: all three come again, in order, as second deliveries.
     assert successor.seen == [(s, 2) for s in first]
+
+
+class Slow(Probe):
+    async def handle(self, d: Delivery) -> None:
+        await super().handle(d)
+        await asyncio.sleep(0.5)
+
+
+async def test_stop_hands_back_the_batch_pulled_ahead(store: EventStore) -> None:
+    for i in range(3):
+        await request(store, f"v{i}")
+    # batch=1: while the first is handled, the second is already pulled (ahead).
+    cfg = RuntimeConfig(fetch_timeout_s=0.2, reconcile_interval_s=3600, batch=1)
+    actor = Slow("ahead", store)
+    runner = ActorRunner(store, actor, cfg)
+    async with runner:
+        await wait_for(lambda: actor.seen, timeout=10)
+        await asyncio.sleep(0.1)  # the pull ahead has its message by now
+        runner.stop()
+        await asyncio.wait_for(runner.wait(), 3)
+    assert len(actor.seen) == 1
+    # Handed back, not left to ack_wait (30 s): a successor gets the other two at once.
+    successor = Probe("ahead", store)
+    async with ActorRunner(store, successor, cfg):
+        await wait_for(lambda: len(successor.seen) == 2, timeout=5)
+    assert [s for s, _ in successor.seen] == [actor.seen[0][0] + 1, actor.seen[0][0] + 2]
