@@ -1,6 +1,7 @@
-"""Fleet simulator: N simulated hosts x M CVMs against the real scheduler, KMS and NATS.
+"""Fleet simulator: N simulated hosts x M CVMs against the real scheduler, KMS, gateways, NATS.
 
-    python -m bench.scale [--quick] [--hosts N] [--cvms M]   # --quick: 5 hosts x 20 CVMs
+    python -m bench.scale [--quick] [--hosts N] [--cvms M] [--gateways K]
+    # --quick: 5 hosts x 20 CVMs; 3 gateway nodes (root, wireguard-go; --gateways 0: none)
 
 A LOAD GENERATOR, not a fleet: each host is a real VMM actor (``actors.vmm.running_vmm``, its
 own NATS connection, supervisor and durable consumer, run as a task of this process) on the
@@ -10,18 +11,23 @@ appends is what a real host appends (HostJoined, heartbeats, VmStarted, boot pro
 CVM's boot then asks the real KMS (a ``python -m pydstack.actors.kms`` process, dev PKI, dev
 auth) for its keys as a guest does (``pydstack_guest.KmsKeyProvider``: GetTempCaCert, then
 GetAppKey and GetMeta over mutual RA-TLS with a quote simulated by the dev PKI), at the KMS
-URL the VMM wrote into its sys-config. The scheduler is the real one (``actors.Scheduler``).
-Not yet here: gateway registration (RegisterCvm through gateway nodes needs root, network
-namespaces and wireguard-go per node; ``bench.converge`` measures the nodes' side) and the
-dashboard's first paint.
+URL the VMM wrote into its sys-config, then sends RegisterCvm to the gateway nodes its
+sys-config names (``bench._scale_gateways``: real node processes in namespaces). The scheduler
+is the real one, as its own process (``python -m pydstack.actors.scheduler``). Not here: the
+dashboard's first paint, per-actor RSS.
+
+Caveat: the simulated guests' own work (quotes, RA-TLS handshakes, certificates) runs in this
+process beside the VMM actors, so the VMM lag counts that CPU too (a real VMM shares nothing
+with its guests); the scheduler, KMS and nodes have processes of their own.
 
 Every time comes from the log (server time of each event). Reported: placed/started/ready
 per second over the storm, time to N x M ready, placement lag (requested → VmScheduled) and
-VMM lag (scheduled → VmStarted) p50/p99, KMS GetAppKey p50/p99 under the storm, double
-bookings (a VM scheduled twice, or a host over its capacity), and, as the baseline in the same
-run, the raw append rate of this NATS server (the same number of VmRequested, 32 in flight).
-Any failed request (VmRejected, a boot error, a KMS failure, a VM not ready in time) makes
-the exit status 1. Last line: JSON.
+VMM lag (scheduled → VmStarted) p50/p99, KMS GetAppKey p50/p99 under the storm, RegisterCvm
+per second and p50/p99, ``converge_s`` (the nodes' tables and WireGuard peers identical after
+the last registration), double bookings (a VM scheduled twice, or a host over its capacity),
+and, as the baseline in the same run, the raw append rate of this NATS server (as many events
+as CVMs, 32 in flight). Any failed request (VmRejected, a boot error, a KMS or gateway
+failure, a VM not ready in time) makes the exit status 1. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,10 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import bench_signer, emit, percentile, temp_server
-from pydstack.actors import ActorRunner, RuntimeConfig, Scheduler, SchedulerConfig
+from bench._scale_gateways import Gateways, gateway_nodes
 from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
 from pydstack.adapters.cvm import SYS_CONFIG, CvmSpec
-from pydstack.adapters.nats import NEW, EventStore
+from pydstack.adapters.nats import NEW, EventStore, NatsServer, NatsServerConfig
 from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.sim import BootHook, Report, SimBackend, SimConfig
 from pydstack.adapters.supervisor import SupervisorClient, launch_supervisor
@@ -69,6 +76,7 @@ from pydstack.logs import configure
 from pydstack_guest import create_dev_app_keys
 from pydstack_guest.kms_provider import KmsKeyProvider
 from pydstack_guest.kms_trust import KmsTrust
+from tests.gateway_nodes.lan import namespace_lan
 from tests.images import TEST_VM_CONFIG, register_test_image
 from tests.kms.conftest import APP_ID, make_cvm
 
@@ -83,9 +91,10 @@ class Storm:
         self.failures: list[str] = []
 
 
-def kms_boot(pki: DevPki, storm: Storm) -> BootHook:
+def sim_boot(pki: DevPki, storm: Storm, gws: Gateways | None) -> BootHook:
     """The host side of a sim CVM's boot: its keys from the KMS its sys-config names, asked as
-    a guest asks (a TD simulated by the dev PKI, measured as the image registered on the log)."""
+    a guest asks (a TD simulated by the dev PKI, measured as the image registered on the log),
+    then RegisterCvm with the gateways its sys-config names, each in turn (``gws``)."""
     trust = KmsTrust.dev(pki)
 
     async def boot(spec: CvmSpec, report: Report) -> None:
@@ -104,6 +113,14 @@ def kms_boot(pki: DevPki, storm: Storm) -> BootHook:
             raise
         storm.kms_ms.append((time.perf_counter() - t) * 1000)
         report("keys", f"from KMS {urls[0]} (simulated quote: load generator)")
+        gateways = json.loads(spec.shared_files[SYS_CONFIG]).get("gateway_urls") or []
+        if gws is not None and gateways:
+            try:
+                url = await gws.register(gateways, spec.vm_id, APP_ID)
+            except Exception as exc:
+                storm.failures.append(f"{spec.vm_id} RegisterCvm: {exc}")
+                raise
+            report("gateway", f"registered with {url} (simulated client certificate)")
 
     return boot
 
@@ -129,6 +146,34 @@ async def kms_process(tmp: Path, nats_url: str, pki: DevPki) -> AsyncIterator[st
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, 10)
+
+
+@contextlib.asynccontextmanager
+async def scheduler_process(tmp: Path, nats_url: str, store: EventStore) -> AsyncIterator[None]:
+    """The real scheduler as its own process (``python -m pydstack.actors.scheduler``): its
+    placement lag is not the load generator's CPU. Ready once its durable consumer exists."""
+    key = tmp / "scheduler.key"
+    write_secret(key, os.urandom(32).hex())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.actors.scheduler", "--nats", nats_url,
+         "--key-file", str(key), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=(tmp / "scheduler.log").open("ab"),
+    )  # fmt: skip
+    try:
+        js = store.nc.jetstream()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await js.consumer_info(store.settings.name, "scheduler")
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the scheduler did not start; see scheduler.log") from None
+                await asyncio.sleep(0.2)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 15)
 
 
 async def raw_append_rate(store: EventStore, n: int) -> float:
@@ -218,55 +263,81 @@ def _lag(w: Watch, vms: list[str], a: str, b: str) -> list[float]:
     return [(w.t[v][b] - w.t[v][a]) * 1000 for v in vms if a in w.t[v] and b in w.t[v]]
 
 
-async def run(n_hosts: int, m: int, timeout_s: float) -> dict[str, Any]:
+async def run(n_hosts: int, m: int, timeout_s: float, n_gw: int) -> dict[str, Any]:
     pki, storm, w = DevPki.generate(), Storm(), Watch()
     vms = [f"sim-{i:05d}" for i in range(n_hosts * m)]
-    async with temp_server() as nats:
-        with tempfile.TemporaryDirectory(prefix="pydstack-bench-scale-") as d:
-            tmp = Path(d)
+    gws: Gateways | None = None
+    converge_s = float("nan")
+    supervisors: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="pydstack-bench-scale-") as d:
+        tmp = Path(d)
+        async with contextlib.AsyncExitStack() as stack:
+            if n_gw:  # the nodes live in namespaces of a LAN: NATS listens on it
+                lan = await stack.enter_async_context(namespace_lan())
+                nats = NatsServer(NatsServerConfig(data_dir=tmp / "nats", host=lan.host_ip))
+                await nats.start()
+                stack.push_async_callback(nats.stop)
+            else:
+                nats = await stack.enter_async_context(temp_server())
             admin = await EventStore.connect(nats.url, bench_signer("admin"))
+            stack.push_async_callback(admin.close)
             await admin.ensure_stream()
             await register_test_image(admin)  # the KMS serves only TDs of an image on the log
             raw_rate = await raw_append_rate(admin, n_hosts * m)
             follower = asyncio.create_task(w.follow(admin, await admin.last_seq() + 1))
-            supervisors = []
-            try:
-                async with contextlib.AsyncExitStack() as stack:
-                    stack.push_async_callback(admin.close)
-                    kms_url = await stack.enter_async_context(kms_process(tmp, nats.url, pki))
-                    sched_store = await EventStore.connect(nats.url, bench_signer("scheduler"))
-                    stack.push_async_callback(sched_store.close)
-                    await stack.enter_async_context(
-                        ActorRunner(sched_store, Scheduler(sched_store, SchedulerConfig()),
-                                    RuntimeConfig()))  # fmt: skip
-                    for h in range(n_hosts):
-                        sd = tmp / f"host{h}"
-                        sock = sd / "supervisor.sock"
-                        supervisors.append(launch_supervisor(sock, sd / "supervisor"))
-                        store = await EventStore.connect(nats.url, bench_signer("vmm"))
-                        stack.push_async_callback(store.close)
-                        stack.push_async_callback(_remove_all, sock, sd / "vms")  # after the VMM
-                        cfg = VmmConfig(host_id=f"sim{h}", state_dir=sd, vcpu=m,
-                                        memory_mb=m * VM_MB, kms_urls=(kms_url,))  # fmt: skip
-                        launch = VmmLaunch(config=cfg, supervisor_socket=sock, api_socket=False,
-                                           sim=SimConfig(vms_dir=sd / "vms",
-                                                         boot=kms_boot(pki, storm)))  # fmt: skip
-                        await stack.enter_async_context(running_vmm(store, launch))
-                    await w.until(lambda: len(w.hosts) >= n_hosts, 30)
-                    sim_hosts = sum(j.platform == "sim" for j in w.hosts.values())
-                    t0 = time.time()
-                    await _request_all(admin, vms)
-                    done = await w.until(lambda: w.count("ready") + len(w.errors) >= len(vms),
-                                         timeout_s)  # fmt: skip
-                    w.frozen = True
-            finally:
-                follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await follower
-                for sv in supervisors:
-                    sv.terminate()
-                    await asyncio.to_thread(sv.wait, 30)
-    return _result(w, vms, storm, t0, done, raw_rate, n_hosts, m, sim_hosts)
+            stack.push_async_callback(_cancel, follower)
+            stack.callback(_stop_all, supervisors)
+            if n_gw:
+                gws = await stack.enter_async_context(
+                    gateway_nodes(lan, tmp / "gw", nats.url, pki, n_gw))  # fmt: skip
+            kms_url = await stack.enter_async_context(kms_process(tmp, nats.url, pki))
+            await stack.enter_async_context(scheduler_process(tmp, nats.url, admin))
+            for h in range(n_hosts):
+                sd = tmp / f"host{h}"
+                sock = sd / "supervisor.sock"
+                supervisors.append(launch_supervisor(sock, sd / "supervisor"))
+                store = await EventStore.connect(nats.url, bench_signer("vmm"))
+                stack.push_async_callback(store.close)
+                stack.push_async_callback(_remove_all, sock, sd / "vms")  # after the VMM
+                urls = gws.urls[h % n_gw :] + gws.urls[: h % n_gw] if gws else ()  # nearest first
+                cfg = VmmConfig(host_id=f"sim{h}", state_dir=sd, vcpu=m, memory_mb=m * VM_MB,
+                                kms_urls=(kms_url,), gateway_urls=urls)  # fmt: skip
+                launch = VmmLaunch(config=cfg, supervisor_socket=sock, api_socket=False,
+                                   sim=SimConfig(vms_dir=sd / "vms",
+                                                 boot=sim_boot(pki, storm, gws)))  # fmt: skip
+                await stack.enter_async_context(running_vmm(store, launch))
+            await w.until(lambda: len(w.hosts) >= n_hosts, 30)
+            sim_hosts = sum(j.platform == "sim" for j in w.hosts.values())
+            t0 = time.time()
+            await _request_all(admin, vms)
+            done = await w.until(lambda: w.count("ready") + len(w.errors) >= len(vms), timeout_s)
+            w.frozen = True
+            if gws is not None and gws.register_ms:
+                try:
+                    converge_s = await gws.converge_s(len(gws.register_ms))
+                except AssertionError as exc:
+                    storm.failures.append(f"gateways did not converge: {exc}"[:300])
+    r = _result(w, vms, storm, t0, done, raw_rate, n_hosts, m, sim_hosts)
+    if gws is not None:
+        g = gws.register_ms
+        r.update(gateway_nodes=n_gw, gateway_registrations=len(g),
+                 gateway_registrations_per_s=len(g) / (gws.last_at - t0) if g else 0.0,
+                 gateway_register_p50_ms=percentile(g, 50),
+                 gateway_register_p99_ms=percentile(g, 99), converge_s=converge_s)  # fmt: skip
+    return r
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+def _stop_all(supervisors: list[subprocess.Popen[bytes]]) -> None:
+    for sv in supervisors:
+        sv.terminate()
+    for sv in supervisors:
+        sv.wait(30)
 
 
 async def _request_all(store: EventStore, vms: list[str]) -> None:
@@ -321,7 +392,7 @@ def _result(w: Watch, vms: list[str], storm: Storm, t0: float, done: bool, raw_r
         "double_bookings": double_bookings(w, vms),
         "heartbeats": w.heartbeats,
         "raw_append_per_s": raw_rate,
-        "gateway_registrations_per_s": None,  # not yet: see the module docstring
+        "gateway_registrations_per_s": None,  # set by run() when gateway nodes ran
         "errors": len(errors), "error_examples": errors[:3],
         "cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
     }  # fmt: skip
@@ -332,18 +403,29 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="5 hosts x 20 CVMs")
     ap.add_argument("--hosts", type=int)
     ap.add_argument("--cvms", type=int, help="CVMs per host")
+    ap.add_argument("--gateways", type=int, default=3,
+                    help="gateway nodes (root and wireguard-go); 0: no gateway")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds for all to be ready")
     a = ap.parse_args()
     configure(level="warning")  # the actors' per-event lines would swamp the figures
     n_hosts = a.hosts or (5 if a.quick else 100)
     m = a.cvms or (20 if a.quick else 100)
-    r = asyncio.run(run(n_hosts, m, a.timeout))
+    if a.gateways and (os.geteuid() != 0 or shutil.which("wireguard-go") is None):
+        print("bench.scale: gateway nodes need root and wireguard-go; or pass --gateways 0",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    r = asyncio.run(run(n_hosts, m, a.timeout, a.gateways))
     print(f"LOAD GENERATOR (sim backend, no VM): {r['cvms']} CVMs on {n_hosts} sim hosts, "
           f"all ready in {r['all_ready_s']:.2f} s; placed {r['placed_per_s']:.0f}/s, "
           f"started {r['started_per_s']:.0f}/s; placement p99 {r['placement_p99_ms']:.0f} ms, "
           f"VMM lag p99 {r['vmm_lag_p99_ms']:.0f} ms; KMS GetAppKey p50 "
           f"{r['kms_getappkey_p50_ms']:.0f} ms p99 {r['kms_getappkey_p99_ms']:.0f} ms; "
           f"raw NATS append {r['raw_append_per_s']:.0f}/s")  # fmt: skip
+    if r.get("gateway_nodes"):
+        print(f"gateways: {r['gateway_registrations']} RegisterCvm through {r['gateway_nodes']} "
+              f"nodes, {r['gateway_registrations_per_s']:.0f}/s, p99 "
+              f"{r['gateway_register_p99_ms']:.0f} ms; tables identical {r['converge_s']:.2f} s "
+              "after the last")  # fmt: skip
     for e in r["error_examples"]:
         print(f"error: {e}", file=sys.stderr)
     emit(r)
