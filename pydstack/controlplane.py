@@ -508,7 +508,9 @@ class ControlPlane:
                 async def open_scheduler(inner: contextlib.AsyncExitStack) -> Failed:
                     store = await self._connect(ids["scheduler"], settings)
                     inner.push_async_callback(_close, store)
-                    scheduler = Scheduler(store, SchedulerConfig(name="scheduler"))
+                    checkpoint = self.data.path / "scheduler" / "checkpoint.db"  # issue 18.1
+                    sched_cfg = SchedulerConfig(name="scheduler", checkpoint=checkpoint)
+                    scheduler = Scheduler(store, sched_cfg)
                     runner = await inner.enter_async_context(ActorRunner(store, scheduler, runtime))
 
                     async def failed() -> str:
