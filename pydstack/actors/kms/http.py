@@ -261,6 +261,8 @@ async def _handle(request: web.Request, handler: Handler, method: str) -> web.St
         body = json.loads(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError) as e:
         return _bad(method, BadRequest("", f"body is not JSON: {e}"))
+    if body is None:  # dstack's prpc client sends `google.protobuf.Empty` (prost's `()`) as null
+        body = {}
     if not isinstance(body, dict):
         return _bad(method, BadRequest("", "body must be a JSON object"))
     try:
