@@ -4,6 +4,8 @@ everywhere that it is a load generator."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,10 +15,11 @@ import pytest
 
 from pydstack.actors import ActorRunner, RuntimeConfig, Scheduler, SchedulerConfig
 from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
+from pydstack.actors.vmm._main import build_backend
 from pydstack.adapters.cvm import CvmSpec
-from pydstack.adapters.nats import NEW, EventStore
+from pydstack.adapters.nats import NEW, EventStore, StoreError
 from pydstack.adapters.sim import PLATFORM, Report, SimBackend, SimConfig
-from pydstack.adapters.supervisor import launch_supervisor
+from pydstack.adapters.supervisor import SupervisorClient, launch_supervisor
 from pydstack.core.events import (
     HostJoined,
     PortMap,
@@ -30,6 +33,8 @@ from pydstack.core.events import (
 from pydstack.core.projections import applied
 
 from .contract import CvmBackendContract, Host, wait_for
+
+PYDSTACK = str(Path(sys.executable).parent / "pydstack")
 
 
 class TestSimContract(CvmBackendContract):
@@ -136,3 +141,25 @@ async def _until(store: EventStore, vm_id: str, pred: Callable[[list[Any]], bool
             return evs
         assert time.monotonic() < deadline, [type(e).__name__ for e in evs]
         await asyncio.sleep(0.1)
+
+
+def test_no_command_line_selects_it(tmp_path: Path) -> None:
+    """Neither `pydstack up --vmm sim` nor `python -m pydstack.actors.vmm --backend sim` runs
+    the load generator: both refuse the name before anything starts (VmmLaunch.sim only)."""
+    for argv in (
+        [PYDSTACK, "up", "--data-dir", str(tmp_path / "home"), "--vmm", "sim"],
+        [sys.executable, "-m", "pydstack.actors.vmm", "--host-id", "h", "--state-dir",
+         str(tmp_path / "vmm"), "--backend", "sim"],
+    ):  # fmt: skip
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        said = r.stderr.lower()  # click: "'sim' is not one of"; argparse: "invalid choice"
+        assert "'sim'" in said and ("not one of" in said or "invalid choice" in said), said
+    assert not (tmp_path / "home" / "state.json").exists()
+
+
+async def test_backend_name_alone_builds_nothing(tmp_path: Path) -> None:
+    """``VmmLaunch(backend="sim")`` without a SimConfig is an unknown backend, not the sim."""
+    cfg = VmmConfig(host_id="h", state_dir=tmp_path)
+    with pytest.raises(StoreError, match="unknown backend 'sim'"):
+        await build_backend(VmmLaunch(config=cfg, backend="sim"), SupervisorClient(tmp_path / "s"))
