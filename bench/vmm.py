@@ -114,16 +114,17 @@ async def _run(backend: str, runs: int, image: str, vcpu: int, mem: int, timeout
             cfg = VmmConfig(host_id="bench", state_dir=tmp / "vmm", vcpu=8, memory_mb=16384)
             launch = VmmLaunch(config=cfg, backend=backend, images=images,
                                supervisor_socket=tmp / "sv.sock")  # fmt: skip
-            alone_launch = replace(launch, config=replace(cfg, state_dir=tmp / "alone"))
             sched = Scheduler(store, SchedulerConfig(name="scheduler"))
             sva = SupervisorClient(tmp / "sva.sock")
             try:
-                alone = await build_backend(alone_launch, sva)
                 async with (
                     store,
                     ActorRunner(store, sched, RuntimeConfig()),
                     running_vmm(store, launch) as (vmm, _),
                 ):
+                    # the VMM's own config, platform as it resolved it (qemu: tdx, kvm or tcg)
+                    alone_cfg = replace(vmm.config, state_dir=tmp / "alone")
+                    alone = await build_backend(replace(launch, config=alone_cfg), sva)
                     try:
                         spec = None
                         for i in range(runs + 1):
