@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -126,8 +127,10 @@ def sim_boot(pki: DevPki, storm: Storm, gws: Gateways | None) -> BootHook:
 
 
 @contextlib.asynccontextmanager
-async def kms_process(tmp: Path, nats_url: str, pki: DevPki) -> AsyncIterator[str]:
-    """The real KMS (as bench.kms runs it), its URL."""
+async def kms_process(
+    tmp: Path, nats_url: str, pki: DevPki, pids: dict[str, int]
+) -> AsyncIterator[str]:
+    """The real KMS (as bench.kms runs it), its URL; its pid goes into ``pids``."""
     pki.save(tmp / "pki")
     (tmp / "appkeys.json").write_text(create_dev_app_keys(b"\x01" * 20, now=0)[1])
     seed = tmp / "kms-identity.seed"
@@ -139,6 +142,7 @@ async def kms_process(tmp: Path, nats_url: str, pki: DevPki) -> AsyncIterator[st
          "--signer-seed-file", str(seed)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    pids["kms"] = proc.pid
     try:
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)
@@ -149,7 +153,9 @@ async def kms_process(tmp: Path, nats_url: str, pki: DevPki) -> AsyncIterator[st
 
 
 @contextlib.asynccontextmanager
-async def scheduler_process(tmp: Path, nats_url: str, store: EventStore) -> AsyncIterator[None]:
+async def scheduler_process(
+    tmp: Path, nats_url: str, store: EventStore, pids: dict[str, int]
+) -> AsyncIterator[None]:
     """The real scheduler as its own process (``python -m pydstack.actors.scheduler``): its
     placement lag is not the load generator's CPU. Ready once its durable consumer exists."""
     key = tmp / "scheduler.key"
@@ -159,6 +165,7 @@ async def scheduler_process(tmp: Path, nats_url: str, store: EventStore) -> Asyn
          "--key-file", str(key), "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=(tmp / "scheduler.log").open("ab"),
     )  # fmt: skip
+    pids["scheduler"] = proc.pid
     try:
         js = store.nc.jetstream()
         deadline = time.monotonic() + 30
@@ -263,7 +270,9 @@ def _lag(w: Watch, vms: list[str], a: str, b: str) -> list[float]:
     return [(w.t[v][b] - w.t[v][a]) * 1000 for v in vms if a in w.t[v] and b in w.t[v]]
 
 
-async def run(n_hosts: int, m: int, timeout_s: float, n_gw: int) -> dict[str, Any]:
+async def run(
+    n_hosts: int, m: int, timeout_s: float, n_gw: int, guests: bool = True
+) -> dict[str, Any]:
     pki, storm, w = DevPki.generate(), Storm(), Watch()
     vms = [f"sim-{i:05d}" for i in range(n_hosts * m)]
     gws: Gateways | None = None
@@ -290,8 +299,13 @@ async def run(n_hosts: int, m: int, timeout_s: float, n_gw: int) -> dict[str, An
             if n_gw:
                 gws = await stack.enter_async_context(
                     gateway_nodes(lan, tmp / "gw", nats.url, pki, n_gw))  # fmt: skip
-            kms_url = await stack.enter_async_context(kms_process(tmp, nats.url, pki))
-            await stack.enter_async_context(scheduler_process(tmp, nats.url, admin))
+            pids = {"nats_server": nats.proc.pid if nats.proc else 0}
+            kms_url = await stack.enter_async_context(kms_process(tmp, nats.url, pki, pids))
+            await stack.enter_async_context(scheduler_process(tmp, nats.url, admin, pids))
+            for node in gws.nodes if gws else []:
+                pids[node.node_id] = node.proc.pid if node.proc else 0
+            # this process: the VMM actors and the load generator's simulated guests together
+            pids["vmm_hosts_and_load_generator"] = os.getpid()
             for h in range(n_hosts):
                 sd = tmp / f"host{h}"
                 sock = sd / "supervisor.sock"
@@ -303,8 +317,8 @@ async def run(n_hosts: int, m: int, timeout_s: float, n_gw: int) -> dict[str, An
                 cfg = VmmConfig(host_id=f"sim{h}", state_dir=sd, vcpu=m, memory_mb=m * VM_MB,
                                 kms_urls=(kms_url,), gateway_urls=urls)  # fmt: skip
                 launch = VmmLaunch(config=cfg, supervisor_socket=sock, api_socket=False,
-                                   sim=SimConfig(vms_dir=sd / "vms",
-                                                 boot=sim_boot(pki, storm, gws)))  # fmt: skip
+                                   sim=SimConfig(vms_dir=sd / "vms", boot=sim_boot(
+                                       pki, storm, gws) if guests else None))  # fmt: skip
                 await stack.enter_async_context(running_vmm(store, launch))
             await w.until(lambda: len(w.hosts) >= n_hosts, 30)
             sim_hosts = sum(j.platform == "sim" for j in w.hosts.values())
@@ -312,12 +326,14 @@ async def run(n_hosts: int, m: int, timeout_s: float, n_gw: int) -> dict[str, An
             await _request_all(admin, vms)
             done = await w.until(lambda: w.count("ready") + len(w.errors) >= len(vms), timeout_s)
             w.frozen = True
+            rss = {name: peak_rss_mb(pid) for name, pid in pids.items()}
             if gws is not None and gws.register_ms:
                 try:
                     converge_s = await gws.converge_s(len(gws.register_ms))
                 except AssertionError as exc:
                     storm.failures.append(f"gateways did not converge: {exc}"[:300])
     r = _result(w, vms, storm, t0, done, raw_rate, n_hosts, m, sim_hosts)
+    r["rss_mb"] = rss
     if gws is not None:
         g = gws.register_ms
         r.update(gateway_nodes=n_gw, gateway_registrations=len(g),
@@ -325,6 +341,17 @@ async def run(n_hosts: int, m: int, timeout_s: float, n_gw: int) -> dict[str, An
                  gateway_register_p50_ms=percentile(g, 50),
                  gateway_register_p99_ms=percentile(g, 99), converge_s=converge_s)  # fmt: skip
     return r
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """A process's peak resident set (VmHWM), MB; None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -405,16 +432,23 @@ def main() -> int:
     ap.add_argument("--cvms", type=int, help="CVMs per host")
     ap.add_argument("--gateways", type=int, default=3,
                     help="gateway nodes (root and wireguard-go); 0: no gateway")  # fmt: skip
+    ap.add_argument("--no-guest-calls", action="store_true",
+                    help="CVMs call no KMS or gateway: the VMMs' lag without the simulated "
+                    "guests' client work in their process")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds for all to be ready")
     a = ap.parse_args()
     configure(level="warning")  # the actors' per-event lines would swamp the figures
     n_hosts = a.hosts or (5 if a.quick else 100)
     m = a.cvms or (20 if a.quick else 100)
+    if a.no_guest_calls:
+        a.gateways = 0
     if a.gateways and (os.geteuid() != 0 or shutil.which("wireguard-go") is None):
         print("bench.scale: gateway nodes need root and wireguard-go; or pass --gateways 0",
               file=sys.stderr)  # fmt: skip
         return 2
-    r = asyncio.run(run(n_hosts, m, a.timeout, a.gateways))
+    r = asyncio.run(run(n_hosts, m, a.timeout, a.gateways, not a.no_guest_calls))
+    if a.no_guest_calls:
+        print("no guest calls: the CVMs asked no KMS and no gateway", flush=True)
     print(f"LOAD GENERATOR (sim backend, no VM): {r['cvms']} CVMs on {n_hosts} sim hosts, "
           f"all ready in {r['all_ready_s']:.2f} s; placed {r['placed_per_s']:.0f}/s, "
           f"started {r['started_per_s']:.0f}/s; placement p99 {r['placement_p99_ms']:.0f} ms, "
@@ -428,7 +462,7 @@ def main() -> int:
               "after the last")  # fmt: skip
     for e in r["error_examples"]:
         print(f"error: {e}", file=sys.stderr)
-    emit(r)
+    emit({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()})
     return 1 if r["errors"] or r["double_bookings"] else 0
 
 
