@@ -41,7 +41,12 @@ from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.attestation import encode_attestation
 from pydstack.adapters.tdx.identity import AppInfo
 from pydstack.adapters.tdx.pki import DevPki
-from pydstack.adapters.tdx.ratls import app_info_of, build_ratls_cert, ratls_report_data
+from pydstack.adapters.tdx.ratls import (
+    OID_APP_INFO,
+    app_info_of,
+    build_ratls_cert,
+    ratls_report_data,
+)
 from pydstack.adapters.tdx.ratls_tls import client_ssl_context, server_ssl_context
 from pydstack.core.events import (
     CvmRegistered,
@@ -208,6 +213,11 @@ async def test_a_dstack_guest_registers_with_its_kms_signed_app_info_certificate
     leaf = x509.load_pem_x509_certificate(app_info_cert[0].encode())
     stated = app_info_of(leaf)
     assert stated is not None and stated.app_id == APP_ID
+    # v0.5.11's eight-field AppInfo (a MessagePack fixarray of 8), which its gateway can read
+    ext = leaf.extensions.get_extension_for_oid(OID_APP_INFO).value
+    assert isinstance(ext, x509.UnrecognizedExtension)
+    header = 2 + (ext.value[1] & 0x7F if ext.value[1] & 0x80 else 0)  # DER OCTET STRING
+    assert ext.value[header] == 0x98
     policy = {"ports": [{"port": 443, "pp": True}], "restrict_mode": True}
     body = {"client_public_key": wg_key(1), "port_policy": policy}
     async with gateway(store, kms, pki) as gw:
