@@ -109,6 +109,13 @@ class ActorRunner:
         self._reconcile_now = asyncio.Event()
         self._to_ack: list[Msg] = []  # handled, ack not sent yet (see _send_acks)
         self._unhandled: list[Msg] = []  # pulled, not handled yet (handed back on stop)
+        # Set per handled event: looked up once (a labels() lookup per event is measurable).
+        name = actor.name
+        self._gauges = (
+            metrics.HANDLED.labels(name),
+            metrics.LAST_SEQ.labels(name),
+            metrics.LAG.labels(name),
+        )
         self._oldest_unacked = 0.0
         # The consumer sees some subjects only: the judge loads the keyring (and a VM's history
         # when the owner rule needs it) before judging a delivered event.
@@ -186,24 +193,30 @@ class ActorRunner:
                 await self._load_keyring(batch)
                 ahead = asyncio.ensure_future(self._fetch(sub))
                 await self._finish(batch)
-                await self._send_acks()
+                if not self._stopping.is_set():  # else confirmed below, before handing back
+                    await self._send_acks()
         finally:
             self._stopping.set()  # a pull still in flight returns now, with what it got
             if ahead is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     self._unhandled = [*self._unhandled, *await ahead]
-            await self._send_acks()
+            await self._send_acks(confirm=True)
             await self._hand_back(sub, self._unhandled)
             self.log.info("actor stopped")
 
-    async def _send_acks(self) -> None:
+    async def _send_acks(self, *, confirm: bool = False) -> None:
         """Ack every handled message not acked yet. Each ack is a plain publish with no reply
         awaited: sent back to back, the client writes them to the socket together, instead of
-        one write (and one wake-up of the server) per event."""
+        one write (and one wake-up of the server) per event. ``confirm`` (on stop): the last
+        one waits for the server's reply, so all are applied when the runner returns (the
+        server takes one consumer's acks in order)."""
         msgs, self._to_ack = self._to_ack, []
-        for msg in msgs:
+        for i, msg in enumerate(msgs):
             with contextlib.suppress(Exception):  # unacked: delivered again, handled again
-                await msg.ack()
+                if confirm and i == len(msgs) - 1:
+                    await msg.ack_sync(timeout=2)
+                else:
+                    await msg.ack()
 
     async def _hand_back(self, sub: Any, unhandled: list[Msg]) -> None:
         """Unsubscribe, then nak what was delivered but not handled, so another instance can
@@ -346,9 +359,10 @@ class ActorRunner:
             if not self._to_ack:
                 self._oldest_unacked = asyncio.get_running_loop().time()
             self._to_ack.append(msg)  # acked with the rest of its batch (_send_acks)
-            metrics.HANDLED.labels(name).inc()
-            metrics.LAST_SEQ.labels(name).set(seq)
-            metrics.LAG.labels(name).set(int(meta.num_pending))
+            handled, last_seq, lag = self._gauges
+            handled.inc()
+            last_seq.set(seq)
+            lag.set(int(meta.num_pending))
             self.log.debug("handled", ms=round((time.perf_counter() - started) * 1000, 2))
 
     async def _reconcile(self, sub: Any) -> None:
