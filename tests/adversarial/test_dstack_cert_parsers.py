@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -20,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pydstack.adapters.tdx.attestation import decode_attestation
 from pydstack.adapters.tdx.collateral import collateral_from_json
 from pydstack.adapters.tdx.identity import AppInfo
 from pydstack.adapters.tdx.pki import DevPki
+from pydstack.adapters.tdx.quote import parse_quote
 from pydstack.adapters.tdx.ratls import (
     OID_APP_INFO,
     RaTlsError,
@@ -38,6 +41,7 @@ from pydstack.adapters.tdx.ratls_appinfo import (
     decode_app_info_ext,
     encode_app_info,
 )
+from pydstack.adapters.tdx.ratls_log import is_stripped, log_for_replay, stripped_log_reasons
 from tests.gateway.simcvm import SimCvm
 from tests.kms.dstack_guest import RCGEN_NOT_BEFORE, stripped
 
@@ -162,3 +166,17 @@ def test_a_stripped_certificate_log_verifies_and_a_rewritten_one_does_not(pki: D
                if e.event == "instance-id" else e for e in att.runtime_events)  # fmt: skip
     ok, reasons, _ = check(msgspec.structs.replace(att, event_log=log, runtime_events=rt))
     assert not ok and any("stripped certificate log" in r for r in reasons), reasons
+
+
+def test_dstacks_own_attestation_stripped_as_ra_tls_does_replays_to_its_quotes_rtmr3() -> None:
+    """dstack's guest-agent fixture (`tests/vectors/dstack/attestation.bin`, made by dstack's
+    code), stripped by `into_stripped`'s rule: its 9 runtime events replay to the quote's
+    RTMR3; with one payload changed they do not."""
+    raw = (Path(__file__).parent.parent / "vectors" / "dstack" / "attestation.bin").read_bytes()
+    att = stripped(decode_attestation(raw))
+    rtmr3 = parse_quote(att.quote).report.rtmr3
+    assert is_stripped(att.event_log) and len(att.event_log) == 9
+    assert log_for_replay(att.event_log) is None
+    assert stripped_log_reasons(att.event_log, rtmr3) == []
+    bad = (msgspec.structs.replace(att.event_log[0], event_payload=b"x"), *att.event_log[1:])
+    assert any("RTMR3 mismatch" in r for r in stripped_log_reasons(bad, rtmr3))
