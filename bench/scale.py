@@ -271,7 +271,12 @@ def _lag(w: Watch, vms: list[str], a: str, b: str) -> list[float]:
 
 
 async def run(
-    n_hosts: int, m: int, timeout_s: float, n_gw: int, guests: bool = True
+    n_hosts: int,
+    m: int,
+    timeout_s: float,
+    n_gw: int,
+    guests: bool = True,
+    dashboard: bool = True,
 ) -> dict[str, Any]:
     pki, storm, w = DevPki.generate(), Storm(), Watch()
     vms = [f"sim-{i:05d}" for i in range(n_hosts * m)]
@@ -327,6 +332,12 @@ async def run(
             done = await w.until(lambda: w.count("ready") + len(w.errors) >= len(vms), timeout_s)
             w.frozen = True
             rss = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+            dashboard_s = float("nan")
+            if dashboard:
+                try:
+                    dashboard_s = await dashboard_first_paint(admin, vms, tmp)
+                except Exception as exc:
+                    storm.failures.append(f"dashboard: {type(exc).__name__}: {exc}"[:300])
             if gws is not None and gws.register_ms:
                 try:
                     converge_s = await gws.converge_s(len(gws.register_ms))
@@ -334,6 +345,7 @@ async def run(
                     storm.failures.append(f"gateways did not converge: {exc}"[:300])
     r = _result(w, vms, storm, t0, done, raw_rate, n_hosts, m, sim_hosts)
     r["rss_mb"] = rss
+    r["dashboard_s"] = dashboard_s
     if gws is not None:
         g = gws.register_ms
         r.update(gateway_nodes=n_gw, gateway_registrations=len(g),
@@ -341,6 +353,40 @@ async def run(
                  gateway_register_p50_ms=percentile(g, 50),
                  gateway_register_p99_ms=percentile(g, 99), converge_s=converge_s)  # fmt: skip
     return r
+
+
+async def dashboard_first_paint(store: EventStore, vms: list[str], tmp: Path) -> float:
+    """Seconds from opening the real dashboard's VMs page in headless Chromium (Debian's) to
+    its table holding every VM. The dashboard (this process, after the storm) has folded the
+    log first: what is timed is the page's load, JSON and render, not the fold."""
+    from playwright.async_api import async_playwright
+
+    from pydstack.actors.dashboard import Dashboard, DashboardConfig
+    from tests.dashboard.support import CHROMIUM, FLAGS
+
+    async with await Dashboard.create(store, DashboardConfig(port=0)) as dash:
+        deadline = time.monotonic() + 60
+        while len(dash.state.proj.vms) < len(vms):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard folded {len(dash.state.proj.vms)} VMs")
+            await asyncio.sleep(0.1)
+        async with async_playwright() as p:
+            ctx = await p.chromium.launch_persistent_context(
+                str(tmp / "chromium"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+                viewport={"width": 1400, "height": 900},
+            )  # fmt: skip
+            try:
+                page = await ctx.new_page()
+                t = time.perf_counter()
+                await page.goto(f"{dash.url}vms")
+                await page.wait_for_selector("main[data-loaded]", timeout=60_000)
+                await page.wait_for_function(
+                    f"document.querySelectorAll('tr[data-vm]').length >= {len(vms)}",
+                    timeout=60_000,
+                )
+                return time.perf_counter() - t
+            finally:
+                await ctx.close()
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -435,6 +481,11 @@ def main() -> int:
     ap.add_argument("--no-guest-calls", action="store_true",
                     help="CVMs call no KMS or gateway: the VMMs' lag without the simulated "
                     "guests' client work in their process")  # fmt: skip
+    ap.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="skip the dashboard's first paint (needs /usr/bin/chromium)",
+    )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds for all to be ready")
     a = ap.parse_args()
     configure(level="warning")  # the actors' per-event lines would swamp the figures
@@ -446,7 +497,8 @@ def main() -> int:
         print("bench.scale: gateway nodes need root and wireguard-go; or pass --gateways 0",
               file=sys.stderr)  # fmt: skip
         return 2
-    r = asyncio.run(run(n_hosts, m, a.timeout, a.gateways, not a.no_guest_calls))
+    r = asyncio.run(run(n_hosts, m, a.timeout, a.gateways, not a.no_guest_calls,
+                        not a.no_dashboard))  # fmt: skip
     if a.no_guest_calls:
         print("no guest calls: the CVMs asked no KMS and no gateway", flush=True)
     print(f"LOAD GENERATOR (sim backend, no VM): {r['cvms']} CVMs on {n_hosts} sim hosts, "
@@ -454,7 +506,8 @@ def main() -> int:
           f"started {r['started_per_s']:.0f}/s; placement p99 {r['placement_p99_ms']:.0f} ms, "
           f"VMM lag p99 {r['vmm_lag_p99_ms']:.0f} ms; KMS GetAppKey p50 "
           f"{r['kms_getappkey_p50_ms']:.0f} ms p99 {r['kms_getappkey_p99_ms']:.0f} ms; "
-          f"raw NATS append {r['raw_append_per_s']:.0f}/s")  # fmt: skip
+          f"raw NATS append {r['raw_append_per_s']:.0f}/s; dashboard first paint "
+          f"{r['dashboard_s']:.2f} s")  # fmt: skip
     if r.get("gateway_nodes"):
         print(f"gateways: {r['gateway_registrations']} RegisterCvm through {r['gateway_nodes']} "
               f"nodes, {r['gateway_registrations_per_s']:.0f}/s, p99 "
