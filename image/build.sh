@@ -36,6 +36,8 @@ FORCE=${1:-}
 # + e2fsprogs: the LUKS2 data disk (pydstack_guest.data_disk).
 PACKAGES=systemd-sysv,udev,dbus,kmod,iproute2,python3,docker.io,ca-certificates,procps,wireguard-go,wireguard-tools
 PACKAGES+=,cryptsetup-bin,dmsetup,e2fsprogs
+# docker-compose (1.29, Debian's): runs the app's compose file as written (pydstack_guest.compose_cli)
+PACKAGES+=,docker-compose
 ROOT_SIZE=4G
 CMDLINE="console=ttyS0 root=/dev/vda rw apparmor=0 net.ifnames=0 loglevel=4 cryptomgr.notests"
 CMDLINE+=" random.trust_cpu=on systemd.show_status=auto"
