@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from typing import Any
 
 from bench._common import bench_signer, emit, percentile, temp_server
 from bench._scale_gateways import Gateways, gateway_nodes
+from bench._scale_guests import GuestFarm
 from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
 from pydstack.adapters.cvm import SYS_CONFIG, CvmSpec
 from pydstack.adapters.nats import NEW, EventStore, NatsServer, NatsServerConfig
@@ -75,11 +75,10 @@ from pydstack.core.events import (
 from pydstack.core.projections import applied
 from pydstack.logs import configure
 from pydstack_guest import create_dev_app_keys
-from pydstack_guest.kms_provider import KmsKeyProvider
-from pydstack_guest.kms_trust import KmsTrust
+from tests.gateway.simcvm import DevCa
 from tests.gateway_nodes.lan import namespace_lan
-from tests.images import TEST_VM_CONFIG, register_test_image
-from tests.kms.conftest import APP_ID, make_cvm
+from tests.images import register_test_image
+from tests.kms.conftest import APP_ID
 
 VM_MB = 256
 
@@ -92,36 +91,32 @@ class Storm:
         self.failures: list[str] = []
 
 
-def sim_boot(pki: DevPki, storm: Storm, gws: Gateways | None) -> BootHook:
-    """The host side of a sim CVM's boot: its keys from the KMS its sys-config names, asked as
-    a guest asks (a TD simulated by the dev PKI, measured as the image registered on the log),
-    then RegisterCvm with the gateways its sys-config names, each in turn (``gws``)."""
-    trust = KmsTrust.dev(pki)
+def sim_boot(farm: GuestFarm, storm: Storm, gws: Gateways | None) -> BootHook:
+    """The host side of a sim CVM's boot, done by the simulated guests' process (``farm``):
+    its keys from the KMS its sys-config names, then RegisterCvm with the gateways it names,
+    each in turn. Their answers become the CVM's boot stages."""
 
     async def boot(spec: CvmSpec, report: Report) -> None:
-        urls = json.loads(spec.shared_files.get(SYS_CONFIG, b"{}")).get("kms_urls") or []
+        sys_config = json.loads(spec.shared_files.get(SYS_CONFIG, b"{}"))
+        urls = sys_config.get("kms_urls") or []
         if not urls:
             raise RuntimeError("sys-config names no KMS")
-        instance = hashlib.sha256(spec.vm_id.encode()).digest()[:20]
-        cvm = await asyncio.to_thread(make_cvm, pki, instance_id=instance)
-        provider = KmsKeyProvider(urls[0], cvm.backend, trust=trust, app_id=APP_ID,
-                                  vm_config=TEST_VM_CONFIG)  # fmt: skip
-        t = time.perf_counter()
-        try:
-            await provider.app_keys()
-        except Exception as exc:
-            storm.failures.append(f"{spec.vm_id} GetAppKey: {exc}")
-            raise
-        storm.kms_ms.append((time.perf_counter() - t) * 1000)
-        report("keys", f"from KMS {urls[0]} (simulated quote: load generator)")
-        gateways = json.loads(spec.shared_files[SYS_CONFIG]).get("gateway_urls") or []
-        if gws is not None and gateways:
-            try:
-                url = await gws.register(gateways, spec.vm_id, APP_ID)
-            except Exception as exc:
-                storm.failures.append(f"{spec.vm_id} RegisterCvm: {exc}")
-                raise
-            report("gateway", f"registered with {url} (simulated client certificate)")
+        gateways = (sys_config.get("gateway_urls") or []) if gws is not None else []
+        answers = await farm.boot(spec.vm_id, urls[0], gateways)
+        while True:
+            msg = await answers.get()
+            if "error" in msg:
+                storm.failures.append(f"{spec.vm_id}: {msg['error']}")
+                raise RuntimeError(msg["error"])
+            if msg["stage"] == "keys":
+                storm.kms_ms.append(msg["ms"])
+                report("keys", f"from KMS {urls[0]} (simulated quote: load generator)")
+            elif msg["stage"] == "gateway" and gws is not None:
+                gws.register_ms.append(msg["ms"])
+                gws.last_at = max(gws.last_at, msg["at"])
+                report("gateway", f"registered with {msg['url']} (simulated client certificate)")
+            elif msg["stage"] == "done":
+                return
 
     return boot
 
@@ -306,11 +301,14 @@ async def run(
                     gateway_nodes(lan, tmp / "gw", nats.url, pki, n_gw))  # fmt: skip
             pids = {"nats_server": nats.proc.pid if nats.proc else 0}
             kms_url = await stack.enter_async_context(kms_process(tmp, nats.url, pki, pids))
+            farm = await GuestFarm.start(pki, gws.ca if gws else DevCa.create(), tmp)
+            stack.push_async_callback(farm.aclose)
+            pids["simulated_guests"] = farm.proc.pid
             await stack.enter_async_context(scheduler_process(tmp, nats.url, admin, pids))
             for node in gws.nodes if gws else []:
                 pids[node.node_id] = node.proc.pid if node.proc else 0
-            # this process: the VMM actors and the load generator's simulated guests together
-            pids["vmm_hosts_and_load_generator"] = os.getpid()
+            # this process: the VMM actors, the log watcher, later the dashboard
+            pids["vmm_hosts_and_bench"] = os.getpid()
             for h in range(n_hosts):
                 sd = tmp / f"host{h}"
                 sock = sd / "supervisor.sock"
@@ -323,7 +321,7 @@ async def run(
                                 kms_urls=(kms_url,), gateway_urls=urls)  # fmt: skip
                 launch = VmmLaunch(config=cfg, supervisor_socket=sock, api_socket=False,
                                    sim=SimConfig(vms_dir=sd / "vms", boot=sim_boot(
-                                       pki, storm, gws) if guests else None))  # fmt: skip
+                                       farm, storm, gws) if guests else None))  # fmt: skip
                 await stack.enter_async_context(running_vmm(store, launch))
             await w.until(lambda: len(w.hosts) >= n_hosts, 30)
             sim_hosts = sum(j.platform == "sim" for j in w.hosts.values())
