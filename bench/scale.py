@@ -12,21 +12,24 @@ CVM's boot then asks the real KMS (a ``python -m pydstack.actors.kms`` process, 
 auth) for its keys as a guest does (``pydstack_guest.KmsKeyProvider``: GetTempCaCert, then
 GetAppKey and GetMeta over mutual RA-TLS with a quote simulated by the dev PKI), at the KMS
 URL the VMM wrote into its sys-config, then sends RegisterCvm to the gateway nodes its
-sys-config names (``bench._scale_gateways``: real node processes in namespaces). The scheduler
-is the real one, as its own process (``python -m pydstack.actors.scheduler``). Not here: the
-dashboard's first paint, per-actor RSS.
+sys-config names (``bench._scale_gateways``: real node processes in namespaces). These
+simulated guests' calls run in a process of their own (``bench._scale_guests``), never in
+the VMMs'. The scheduler is the real one, as its own process (``python -m
+pydstack.actors.scheduler``); after the storm the real dashboard's VMs page is timed in
+headless Chromium (``dashboard_s``), and each process's peak RSS is read (``rss_mb``).
 
-Caveat: the simulated guests' own work (quotes, RA-TLS handshakes, certificates) runs in this
-process beside the VMM actors, so the VMM lag counts that CPU too (a real VMM shares nothing
-with its guests); the scheduler, KMS and nodes have processes of their own.
+GetAppKey and RegisterCvm latencies are as the simulated guests see them: with every CVM
+booting at once, they include the wait for the guests' own process (one event loop doing
+every guest's quotes and TLS), not only the KMS's and the nodes' time.
 
-Every time comes from the log (server time of each event). Reported: placed/started/ready
-per second over the storm, time to N x M ready, placement lag (requested → VmScheduled) and
-VMM lag (scheduled → VmStarted) p50/p99, KMS GetAppKey p50/p99 under the storm, RegisterCvm
-per second and p50/p99, ``converge_s`` (the nodes' tables and WireGuard peers identical after
-the last registration), double bookings (a VM scheduled twice, or a host over its capacity),
-and, as the baseline in the same run, the raw append rate of this NATS server (as many events
-as CVMs, 32 in flight). Any failed request (VmRejected, a boot error, a KMS or gateway
+Placement, start and ready times come from the log (server time of each event). Reported:
+placed/started/ready per second over the storm, time to N x M ready, placement lag
+(requested → VmScheduled) and VMM lag (scheduled → VmStarted) p50/p99, KMS GetAppKey
+p50/p99 under the storm, RegisterCvm per second and p50/p99, ``converge_s`` (the nodes'
+tables and WireGuard peers identical after the last registration), double bookings (a VM
+scheduled twice, or a host over its capacity), and, as the baseline in the same run, the
+raw append rate of this NATS server (as many events as CVMs, 32 in flight).
+Any failed request (VmRejected, a boot error, a KMS or gateway
 failure, a VM not ready in time) makes the exit status 1. Last line: JSON.
 """
 
@@ -44,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ from typing import Any
 from bench._common import bench_signer, emit, percentile, temp_server
 from bench._scale_gateways import Gateways, gateway_nodes
 from bench._scale_guests import GuestFarm
+from bench._scale_log import VM_MB, Watch, double_bookings, lag
 from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
 from pydstack.adapters.cvm import SYS_CONFIG, CvmSpec
 from pydstack.adapters.nats import NEW, EventStore, NatsServer, NatsServerConfig
@@ -61,26 +64,16 @@ from pydstack.adapters.supervisor import SupervisorClient, launch_supervisor
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import (
     ComponentRestarted,
-    HostHeartbeat,
-    HostJoined,
-    VmBootError,
-    VmBootProgress,
-    VmRejected,
     VmRequested,
     VmResources,
-    VmScheduled,
-    VmStarted,
     subject,
 )
-from pydstack.core.projections import applied
 from pydstack.logs import configure
 from pydstack_guest import create_dev_app_keys
 from tests.gateway.simcvm import DevCa
 from tests.gateway_nodes.lan import namespace_lan
 from tests.images import register_test_image
 from tests.kms.conftest import APP_ID
-
-VM_MB = 256
 
 
 class Storm:
@@ -191,78 +184,6 @@ async def raw_append_rate(store: EventStore, n: int) -> float:
     t = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
     return n / (time.perf_counter() - t)
-
-
-class Watch:
-    """Follows the log: per VM the server time of each step; per host what it announced."""
-
-    def __init__(self) -> None:
-        self.t: dict[str, dict[str, float]] = defaultdict(dict)
-        self.scheduled: Counter[str] = Counter()
-        self.host_of: dict[str, str] = {}
-        self.hosts: dict[str, HostJoined] = {}
-        self.heartbeats = 0
-        self.errors: list[str] = []
-        self.changed = asyncio.Event()
-        self.frozen = False  # the storm is over: what the teardown appends is not counted
-
-    async def follow(self, store: EventStore, from_seq: int) -> None:
-        async for rec in store.read(from_seq=from_seq, follow=True):
-            a = applied(rec.seq, rec.data, rec.time_ns)
-            if a is None or self.frozen:
-                continue
-            t, ev = a.time_ns / 1e9, a.event
-            match ev:
-                case VmRequested(vm_id=vm):
-                    self.t[vm]["requested"] = t
-                case VmScheduled(vm_id=vm, host=host):
-                    self.t[vm].setdefault("scheduled", t)
-                    self.scheduled[vm] += 1
-                    self.host_of[vm] = host
-                case VmStarted(vm_id=vm):
-                    self.t[vm].setdefault("started", t)
-                case VmBootProgress(vm_id=vm, stage="ready"):
-                    self.t[vm].setdefault("ready", t)
-                case VmBootProgress(vm_id=vm, stage="error", detail=d):
-                    self.errors.append(f"{vm} boot error: {d}")
-                case VmBootError(vm_id=vm, stage=s, error=e):
-                    self.errors.append(f"{vm} boot error at {s}: {e}")
-                case VmRejected(vm_id=vm, reason=r):
-                    self.errors.append(f"{vm} rejected: {r}")
-                case HostJoined(host_id=h):
-                    self.hosts[h] = ev
-                case HostHeartbeat():
-                    self.heartbeats += 1
-            self.changed.set()
-
-    def count(self, step: str) -> int:
-        return sum(step in v for v in self.t.values())
-
-    async def until(self, pred: Any, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while not pred():
-            self.changed.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
-        return True
-
-
-def double_bookings(w: Watch, vms: list[str]) -> int:
-    """VMs scheduled more than once, plus VMs beyond a host's announced vCPUs or memory."""
-    over = sum(n - 1 for n in w.scheduled.values() if n > 1)
-    per_host = Counter(w.host_of[v] for v in vms if v in w.host_of)
-    for host, n in per_host.items():
-        joined = w.hosts.get(host)
-        if joined is None or n > joined.vcpu or n * VM_MB > joined.memory_mb:
-            over += n
-    return over
-
-
-def _lag(w: Watch, vms: list[str], a: str, b: str) -> list[float]:
-    return [(w.t[v][b] - w.t[v][a]) * 1000 for v in vms if a in w.t[v] and b in w.t[v]]
 
 
 async def run(
@@ -447,7 +368,7 @@ def _result(w: Watch, vms: list[str], storm: Storm, t0: float, done: bool, raw_r
     errors = list(w.errors) + [f for f in storm.failures if f not in w.errors]
     if not done or ready < len(vms):
         errors.append(f"{len(vms) - ready} of {len(vms)} CVMs not ready in time")
-    placed, started = _lag(w, vms, "requested", "scheduled"), _lag(w, vms, "scheduled", "started")
+    placed, started = lag(w, vms, "requested", "scheduled"), lag(w, vms, "scheduled", "started")
     return {
         "load_generator": "sim backend: no VM, no TEE (adapters.sim)",
         "hosts": n_hosts, "cvms_per_host": m, "cvms": len(vms), "sim_hosts": sim_hosts,
