@@ -92,7 +92,9 @@ async def test_a_spoiled_checkpoint_never_changes_a_decision(
     first.checkpoint.close()
     key = checkpoint_key(store.signer)
     snap, _ = CheckpointFile.open(path, actor="scheduler", schema=SCHEMA, key=key).load()
-    assert snap is not None and HOST in snap.rows["host"]
+    assert snap is not None
+    held = msgspec.msgpack.decode(snap.rows["host"][HOST], type=Host)
+    assert list(held.placements) == ["v1"]  # the checkpoint knows the host is full
     # Were the forged rows believed, the next 2-vCPU VM would be placed on the full host.
     forged = PlacementView.restored(snap.seq, _forged(snap).rows, first.config.defaults, True,
                                     Judge("probe"), store.anchor)  # fmt: skip
