@@ -35,7 +35,12 @@ from pydstack.adapters.tdx.eventlog import (
 )
 from pydstack.adapters.tdx.identity import AppInfo, decode_app_info, measurements_of
 from pydstack.adapters.tdx.quote import parse_quote
-from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data
+from pydstack.adapters.tdx.ratls import (
+    RCGEN_NOT_AFTER,
+    RCGEN_NOT_BEFORE,
+    build_ratls_cert,
+    ratls_report_data,
+)
 from pydstack.core.kms import CertConfig
 
 from . import keys as k
@@ -280,7 +285,6 @@ class GuestAgent:
                 not_after=not_after,
             ), timeout)  # fmt: skip
             return {"key": key_pem, "certificate_chain": chain}
-        now = int(self.clock())
         att = None
         info = None
         if usage_ra_tls or with_app_info:
@@ -297,8 +301,8 @@ class GuestAgent:
             usage_client_auth=usage_client_auth,
             special_usage="app:custom",
             app_info=info,
-            not_before=now - 3600 if not_before is None else not_before,
-            not_after=now + 10 * 365 * 86400 if not_after is None else not_after,
+            not_before=RCGEN_NOT_BEFORE if not_before is None else not_before,  # as dstack
+            not_after=RCGEN_NOT_AFTER if not_after is None else not_after,
         )
         return {
             "key": key_pem,

@@ -13,7 +13,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pydstack.adapters.tdx.ratls import OID_APP_INFO, OID_ATTESTATION, special_usage
+from pydstack.adapters.tdx.ratls import (
+    OID_APP_INFO,
+    OID_ATTESTATION,
+    RCGEN_NOT_AFTER,
+    RCGEN_NOT_BEFORE,
+    special_usage,
+)
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,11 @@ def check_tls_key(key_pem: str, chain: list[str], o: TlsOptions, *, chain_len: i
     oids = {e.oid for e in leaf.extensions}
     assert (OID_ATTESTATION in oids) == o.usage_ra_tls
     assert (OID_APP_INFO in oids) == o.with_app_info
-    if o.not_before is not None:
-        assert leaf.not_valid_before_utc == dt.datetime.fromtimestamp(o.not_before, dt.UTC)
-    if o.not_after is not None:
-        assert leaf.not_valid_after_utc == dt.datetime.fromtimestamp(o.not_after, dt.UTC)
-    assert leaf.not_valid_before_utc < dt.datetime.now(dt.UTC) or o.not_before is not None
+    # as asked, else rcgen's defaults as dstack's certificates carry (1975-01-01..4096-01-01)
+    before = RCGEN_NOT_BEFORE if o.not_before is None else o.not_before
+    after = RCGEN_NOT_AFTER if o.not_after is None else o.not_after
+    assert leaf.not_valid_before_utc == dt.datetime.fromtimestamp(before, dt.UTC)
+    assert leaf.not_valid_after_utc == dt.datetime.fromtimestamp(after, dt.UTC)
 
 
 def _is_ip(name: str) -> bool:

@@ -31,7 +31,7 @@ from pydstack.adapters.tdx.attestation import Attestation, decode_attestation, e
 from pydstack.adapters.tdx.errors import TdxError
 from pydstack.adapters.tdx.eventlog import EventLogError, parse_json_event_log, runtime_events_of
 from pydstack.adapters.tdx.quote import parse_quote
-from pydstack.adapters.tdx.ratls import build_ratls_cert
+from pydstack.adapters.tdx.ratls import RCGEN_NOT_AFTER, RCGEN_NOT_BEFORE, build_ratls_cert
 from pydstack.adapters.tdx.ratls_tls import peer_cert_der, server_ssl_context
 from pydstack.core.kms import CsrError, decode_csr
 from pydstack.core.kms.csr import Csr
@@ -209,8 +209,9 @@ async def sign_cert(request: web.Request, body: dict[str, Any]) -> web.StreamRes
         app_id=app_id,
         app_info=ev.app_info if c.ext_app_info else None,
         special_usage="app:custom",
-        not_before=c.not_before or now - 3600,
-        not_after=c.not_after or now + 365 * 86400,
+        # what the request names, else rcgen's defaults as dstack's `sign_csr` (1975..4096)
+        not_before=RCGEN_NOT_BEFORE if c.not_before is None else c.not_before,
+        not_after=RCGEN_NOT_AFTER if c.not_after is None else c.not_after,
     )
     chain = [pem(cert), pem(ca_cert), svc.created.ca_cert_pem]
     return web.json_response({"certificate_chain": chain})

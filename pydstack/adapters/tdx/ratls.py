@@ -131,6 +131,12 @@ def san_names(alt_names: Sequence[str]) -> list[x509.GeneralName]:
     return out
 
 
+# rcgen's default validity (`CertificateParams::default()`), what dstack's certificates carry
+# when the request names none (GetTlsKey's and SignCert's not_before / not_after unset)
+RCGEN_NOT_BEFORE = 157766400  # 1975-01-01T00:00:00Z
+RCGEN_NOT_AFTER = 67090118400  # 4096-01-01T00:00:00Z
+
+
 def build_ratls_cert(
     key: ec.EllipticCurvePrivateKey,
     attestation: Attestation | None,
