@@ -42,7 +42,7 @@ from pydstack.adapters.secretfile import write_secret
 
 from .client_chain import kms_cas
 from .node import NodeConfig
-from .node_launch import AcmeLaunch, NodeLaunch, RegistrationLaunch
+from .node_launch import AcmeLaunch, NodeLaunch, RegistrationLaunch, _remove_stale_link
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +201,10 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
     ca = dev_ca(gdir)
     wild_chain, wild_key = _leaf(ca, [f"*.{gw.domain}", gw.domain], [])
     reg_chain, reg_key = _leaf(ca, ["localhost"], sorted({gw.listen, "127.0.0.1"}))
+    tag = hashlib.sha256(str(data_path).encode()).hexdigest()[:8]
+    # An up killed with -9 left its wireguard-go holding the WireGuard port: stop it before
+    # picking, or the port its CVMs know is taken and the node comes back on another one.
+    await _remove_stale_link(None, f"dgw{tag}")
     ports = _Ports(gdir)
     reg_port = ports.pick("registration", gw.listen, gw.registration_port, 8011)
     wg_port = ports.pick("wireguard", gw.listen, gw.wg_port, 51820, socket.SOCK_DGRAM)
@@ -215,7 +219,6 @@ async def up_launch(store: EventStore, data_path: Path, gw: UpGateway) -> NodeLa
             dev_pki=gw.dev_pki, log_auth=gw.log_auth,
         )  # fmt: skip
     acme = _acme(gdir, gw, "default") if gw.acme_directory else None
-    tag = hashlib.sha256(str(data_path).encode()).hexdigest()[:8]
     node = NodeConfig(
         node_id=gw.node_id, base_domain=gw.domain, endpoint=f"{gw.listen}:{wg_port}",
         url=f"https://{gw.listen}:{reg_port}" if registration else "", listen_port=wg_port,
