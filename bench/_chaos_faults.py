@@ -114,8 +114,14 @@ class Faults:
             raise RuntimeError("no CVM runs")
         h, vm, pid = self.rng.choice(running)
         kill9(pid)
-        back = await _until(lambda: self.hosts[h].cvms().get(vm) not in (None, pid), 60)
-        return {"target": f"CVM {vm} on {h} (pid {pid})", "cvm_back_s": back}
+        work = self.hosts[h].home / "vmm" / "vms" / vm
+        back = await _until(
+            lambda: self.hosts[h].cvms().get(vm) not in (None, pid) or not work.exists(), 60
+        )
+        rec: dict[str, Any] = {"target": f"CVM {vm} on {h} (pid {pid})", "cvm_back_s": back}
+        if not work.exists():  # the workload removed it meanwhile: nothing to come back
+            rec.update(cvm_back_s=None, note="removed by the workload meanwhile")
+        return rec
 
 
 async def _until(check: Any, timeout: float) -> float | None:

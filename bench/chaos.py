@@ -72,6 +72,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--minutes", type=float, help="minutes of faults [30; --quick: 10]")
     ap.add_argument("--seed", type=int, help="random seed (the faults' order and targets)")
     ap.add_argument("--logs", type=Path, help="copy every up's output and the log here")
+    ap.add_argument("--faults", default=",".join(KINDS),
+                    help=f"the kinds to inject, comma-separated [{','.join(KINDS)}]")  # fmt: skip
     return ap.parse_args()
 
 
@@ -140,7 +142,9 @@ async def _prober(soak: Soak, hosts: dict[str, HostProc], names: list[str]) -> N
         await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - t)))
 
 
-async def _chaos(soak: Soak, faults: Faults, interval: tuple[float, float], end: float) -> None:
+async def _chaos(
+    soak: Soak, faults: Faults, kinds: list[str], interval: tuple[float, float], end: float
+) -> None:
     order: list[str] = []
     while True:
         wait = faults.rng.uniform(*interval)
@@ -148,7 +152,7 @@ async def _chaos(soak: Soak, faults: Faults, interval: tuple[float, float], end:
             return
         await asyncio.sleep(wait)
         if not order:
-            order = list(KINDS)
+            order = list(kinds)
             faults.rng.shuffle(order)
         kind = order.pop()
         soak.injecting_since = start = time.monotonic()
@@ -207,7 +211,7 @@ def _keep_logs(logs: Path, hosts: dict[str, HostProc]) -> None:
 
 
 async def run(
-    minutes: float, quick: bool, seed: int, root: Path, logs: Path | None
+    minutes: float, quick: bool, seed: int, root: Path, logs: Path | None, kinds: list[str]
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     hosts: dict[str, HostProc] = {}
@@ -231,7 +235,7 @@ async def run(
             tasks = [asyncio.create_task(c) for c in (
                 _prober(soak, hosts, names), workload(soak, end), writer(soak, end))]  # fmt: skip
             try:
-                await _chaos(soak, faults, interval, end)
+                await _chaos(soak, faults, kinds, interval, end)
                 await asyncio.sleep(max(0.0, end - time.monotonic()))
             finally:
                 soak.stopping = True
@@ -266,6 +270,7 @@ async def _check(soak: Soak, cluster: NatsCluster, keep: Path | None) -> dict[st
     n = len(soak.probes)
     ok_any = sum(a or b for _, a, b in soak.probes)
     ready = soak.booted(events)
+    _blame(soak)
     for line in lost[:10] + dups[:10]:
         print(line, flush=True)
     return {
@@ -285,6 +290,18 @@ async def _check(soak: Soak, cluster: NatsCluster, keep: Path | None) -> dict[st
         "nodes_agree": not nodes_agree(logs), "audit": audit.code == 0,
         "audit_tail": (audit.out + audit.err).strip().splitlines()[-1:],
     }  # fmt: skip
+
+
+def _blame(soak: Soak) -> None:
+    """Each fault's record gets the probe rounds that failed from it until the next fault,
+    through each gateway and through both."""
+    starts = [f["t_s"] for f in soak.faults] + [float("inf")]
+    for f, until in zip(soak.faults, starts[1:], strict=False):
+        rounds = [(a, b) for t, a, b in soak.probes if f["t_s"] <= t - soak.t0 < until]
+        f["failed_rounds"] = {"gwa": sum(not a for a, _ in rounds),
+                              "gwb": sum(not b for _, b in rounds),
+                              "both": sum(not (a or b) for a, b in rounds),
+                              "of": len(rounds)}  # fmt: skip
 
 
 async def _teardown(hosts: dict[str, HostProc], nats: str) -> None:
@@ -330,6 +347,9 @@ def main() -> None:
     if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("wireguard-go"):
         raise SystemExit("bench.chaos needs root, dockerd (docker.io) and wireguard-go")
     minutes = args.minutes if args.minutes is not None else (10.0 if args.quick else 30.0)
+    kinds = [k for k in args.faults.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        raise SystemExit(f"--faults: unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleaned up like Ctrl-C
     root = Path(tempfile.mkdtemp(prefix="pdc-", dir="/tmp"))  # short: UAPI socket paths
@@ -337,7 +357,10 @@ def main() -> None:
     try:
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
-        result = asyncio.run(run(minutes, args.quick, seed, root, args.logs))
+        result = asyncio.run(run(minutes, args.quick, seed, root, args.logs, kinds))
+    except KeyboardInterrupt:
+        print("interrupted: every process, namespace and file of the run is cleaned up")
+        raise SystemExit(130) from None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     missed = _goals(result)
