@@ -1,11 +1,13 @@
 """bench.scale's simulated guests, in a process of their own (LOAD GENERATOR, no CVM).
 
-    python -m bench._scale_guests PKI_DIR CA_DIR    # JSON lines in on stdin, out on stdout
+    python -m bench._scale_guests PKI_DIR CA_DIR N   # JSON lines in on stdin, out on stdout
 
-Each request line ``{"vm", "kms", "gateways"}`` is one sim CVM's boot, run concurrently with
-the others: its keys from the KMS as a guest asks (``KmsKeyProvider``, a quote simulated by
-the dev PKI in PKI_DIR, measured as the registered test image), then RegisterCvm with each
-gateway in turn (``Gateways.register``: a client certificate under the dev CA in CA_DIR).
+Each request line ``{"vm", "kms", "gateways"}`` is one sim CVM's boot, at most N at once (one
+process cannot be every CVM's vCPUs: timed from when its boot begins, a guest's latency would
+otherwise hold the other guests' crypto): its keys from the KMS as a guest asks
+(``KmsKeyProvider``, a quote simulated by the dev PKI in PKI_DIR, measured as the registered
+test image), then RegisterCvm with each gateway in turn (``Gateways.register``: a client
+certificate under the dev CA in CA_DIR).
 Answers, one line each: ``{"vm", "stage": "keys", "ms"}``, ``{"vm", "stage": "gateway",
 "ms", "url", "at"}``, then ``{"vm", "stage": "done"}`` or ``{"vm", "error"}``. Kept apart
 from the VMM actors so that their lag is not this crypto's CPU (a real VMM shares nothing
@@ -45,12 +47,12 @@ class GuestFarm:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, pki: DevPki, ca: DevCa, tmp: Path) -> GuestFarm:
+    async def start(cls, pki: DevPki, ca: DevCa, tmp: Path, concurrency: int) -> GuestFarm:
         pki.save(tmp / "guest-pki")
         save_ca(ca, tmp / "guest-ca")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench._scale_guests", str(tmp / "guest-pki"),
-            str(tmp / "guest-ca"), stdin=asyncio.subprocess.PIPE,
+            str(tmp / "guest-ca"), str(concurrency), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, limit=1 << 20,
         )  # fmt: skip
         assert proc.stdout is not None
@@ -98,8 +100,16 @@ def load_ca(d: Path) -> DevCa:
     return DevCa(cert, key)
 
 
-async def boot(pki: DevPki, trust: KmsTrust, gws: Gateways, req: dict[str, Any]) -> None:
+async def boot(
+    pki: DevPki, trust: KmsTrust, gws: Gateways, req: dict[str, Any], room: asyncio.Semaphore
+) -> None:
     vm = req["vm"]
+    async with room:  # timed from here: a guest's time, not its wait for this process's CPU
+        await _boot(pki, trust, gws, req, vm)
+
+
+async def _boot(pki: DevPki, trust: KmsTrust, gws: Gateways, req: dict[str, Any],
+                vm: str) -> None:  # fmt: skip
     try:
         instance = hashlib.sha256(vm.encode()).digest()[:20]
         cvm = await asyncio.to_thread(make_cvm, pki, instance_id=instance)
@@ -123,7 +133,7 @@ def _say(msg: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def main(pki_dir: Path, ca_dir: Path) -> None:
+async def main(pki_dir: Path, ca_dir: Path, concurrency: int) -> None:
     pki = DevPki.load(pki_dir)
     trust = KmsTrust.dev(pki)
     gws = Gateways([], load_ca(ca_dir), pki)
@@ -131,13 +141,14 @@ async def main(pki_dir: Path, ca_dir: Path) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     tasks: set[asyncio.Task[None]] = set()
+    room = asyncio.Semaphore(concurrency)
     _say({"ready": True})
     while line := await reader.readline():
-        task = asyncio.create_task(boot(pki, trust, gws, json.loads(line)))
+        task = asyncio.create_task(boot(pki, trust, gws, json.loads(line), room))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])))

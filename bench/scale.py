@@ -51,7 +51,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from bench._common import bench_signer, emit, percentile, temp_server
+from bench._common import bench_signer, finish, percentile, temp_server
 from bench._scale_gateways import Gateways, gateway_nodes
 from bench._scale_guests import GuestFarm
 from bench._scale_log import VM_MB, Watch, double_bookings, lag
@@ -193,6 +193,7 @@ async def run(
     n_gw: int,
     guests: bool = True,
     dashboard: bool = True,
+    guest_concurrency: int = 16,
 ) -> dict[str, Any]:
     pki, storm, w = DevPki.generate(), Storm(), Watch()
     vms = [f"sim-{i:05d}" for i in range(n_hosts * m)]
@@ -222,7 +223,8 @@ async def run(
                     gateway_nodes(lan, tmp / "gw", nats.url, pki, n_gw))  # fmt: skip
             pids = {"nats_server": nats.proc.pid if nats.proc else 0}
             kms_url = await stack.enter_async_context(kms_process(tmp, nats.url, pki, pids))
-            farm = await GuestFarm.start(pki, gws.ca if gws else DevCa.create(), tmp)
+            farm = await GuestFarm.start(pki, gws.ca if gws else DevCa.create(), tmp,
+                                         guest_concurrency)  # fmt: skip
             stack.push_async_callback(farm.aclose)
             pids["simulated_guests"] = farm.proc.pid
             await stack.enter_async_context(scheduler_process(tmp, nats.url, admin, pids))
@@ -265,6 +267,7 @@ async def run(
     r = _result(w, vms, storm, t0, done, raw_rate, n_hosts, m, sim_hosts)
     r["rss_mb"] = rss
     r["dashboard_s"] = dashboard_s
+    r["guest_concurrency"] = guest_concurrency
     if gws is not None:
         g = gws.register_ms
         r.update(gateway_nodes=n_gw, gateway_registrations=len(g),
@@ -386,7 +389,7 @@ def _result(w: Watch, vms: list[str], storm: Storm, t0: float, done: bool, raw_r
         "raw_append_per_s": raw_rate,
         "gateway_registrations_per_s": None,  # set by run() when gateway nodes ran
         "errors": len(errors), "error_examples": errors[:3],
-        "cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
     }  # fmt: skip
 
 
@@ -405,6 +408,12 @@ def main() -> int:
         action="store_true",
         help="skip the dashboard's first paint (needs /usr/bin/chromium)",
     )
+    ap.add_argument(
+        "--guest-concurrency",
+        type=int,
+        default=16,
+        help="simulated guests booting at once (KMS and gateway calls in flight)",
+    )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds for all to be ready")
     a = ap.parse_args()
     configure(level="warning")  # the actors' per-event lines would swamp the figures
@@ -417,7 +426,7 @@ def main() -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     r = asyncio.run(run(n_hosts, m, a.timeout, a.gateways, not a.no_guest_calls,
-                        not a.no_dashboard))  # fmt: skip
+                        not a.no_dashboard, a.guest_concurrency))  # fmt: skip
     if a.no_guest_calls:
         print("no guest calls: the CVMs asked no KMS and no gateway", flush=True)
     print(f"LOAD GENERATOR (sim backend, no VM): {r['cvms']} CVMs on {n_hosts} sim hosts, "
@@ -434,8 +443,10 @@ def main() -> int:
               "after the last")  # fmt: skip
     for e in r["error_examples"]:
         print(f"error: {e}", file=sys.stderr)
-    emit({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()})
-    return 1 if r["errors"] or r["double_bookings"] else 0
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+    # a double booking is a failed placement: it fails the run as a failed request does
+    return finish(clean, errors=r["errors"] + r["double_bookings"], attempts=r["cvms"],
+                  what="bench.scale CVMs")  # fmt: skip
 
 
 if __name__ == "__main__":
