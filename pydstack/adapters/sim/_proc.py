@@ -20,8 +20,9 @@ import time
 T0 = time.monotonic()
 
 
-def emit(wd: str, stage: str, detail: str = "") -> None:
-    line = {"stage": stage, "detail": detail, "uptime_s": round(time.monotonic() - T0, 3)}
+def emit(wd: str, stage: str, detail: str = "", since: float = T0) -> None:
+    """One ``GuestEvent`` line; ``uptime_s`` counts from ``since`` (monotonic)."""
+    line = {"stage": stage, "detail": detail, "uptime_s": round(time.monotonic() - since, 3)}
     with open(os.path.join(wd, "events.log"), "ab") as f:
         f.write(json.dumps(line).encode() + b"\n")
 

@@ -22,6 +22,7 @@ import contextlib
 import json
 import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +96,16 @@ class SimBackend(SupervisedCvms):
 
     async def _boot(self, spec: CvmSpec, wd: Path) -> None:
         assert self.config.boot is not None
+        t0 = time.monotonic()  # the host-written stages' uptime counts from the start
         try:
             await self._guest_booted(wd)  # the host-side stages follow the guest's, as on a VM
-            await self.config.boot(spec, lambda stage, detail: emit(str(wd), stage, detail))
+            await self.config.boot(spec, lambda stage, detail: emit(str(wd), stage, detail, t0))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the boot's failure is the CVM's: stage "error", as a guest's
-            emit(str(wd), "error", f"{type(exc).__name__}: {exc}")
+            emit(str(wd), "error", f"{type(exc).__name__}: {exc}", t0)
         else:
-            emit(str(wd), "ready", "sim")
+            emit(str(wd), "ready", "sim", t0)
         finally:
             self._boots.pop(spec.vm_id, None)
 
