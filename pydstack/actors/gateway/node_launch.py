@@ -41,6 +41,7 @@ from pydstack.adapters.proxy.app_address import PREFIX, AppAddressError, DnsAppA
 from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.collateral import CollateralCache
 from pydstack.adapters.tdx.devpccs import dev_collateral
+from pydstack.adapters.tdx.ratls import Attester
 from pydstack.adapters.tdx.ratls_tls import RaTlsVerifier
 from pydstack.adapters.wireguard import BackendUnavailable, DeviceError, PrivateKey, pick_backend
 from pydstack.adapters.wireguard import netns as ns
@@ -48,6 +49,7 @@ from pydstack.adapters.wireguard.choice import Wanted as WgWanted
 from pydstack.core.gateway.certs import AddDomain, CertStore
 from pydstack.core.gateway.sealing import ClusterKey
 
+from .app_cert import AppCertError, KmsAppCert, kms_app_cert
 from .cert_provider import LogCertProvider
 from .certs import CertKeeper, CertKeeperConfig, ensure_domain
 from .client_chain import AppChainCheck, kms_cas
@@ -77,6 +79,11 @@ class RegistrationLaunch:
     pccs_url: str | None = None
     auth_webhook: str | None = None
     log_auth: bool = False  # RegistrationConfig.log_auth (up with the KMS's log backend)
+    # The served certificate from the KMS as the gateway app (`app_cert.py`; then chain_pem
+    # and key_pem are unused): what a dstack guest checks. Its evidence: `kms_cert.guest_agent`
+    # or `attester` (a simulated TD: dev only, announced).
+    kms_cert: KmsAppCert | None = None
+    attester: Attester | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +209,34 @@ async def _client_chain(store: EventStore, node_id: str, reg: RegistrationLaunch
     return check
 
 
+async def registration_identity(node_id: str, reg: RegistrationLaunch) -> tuple[str, str]:
+    """(chain PEM, key PEM) RegisterCvm serves: the KMS's certificate for the gateway app when
+    `reg.kms_cert` is set, else the static one given."""
+    spec = reg.kms_cert
+    if spec is None:
+        return reg.chain_pem, reg.key_pem
+    if spec.guest_agent and reg.attester is not None:
+        raise DeviceError(f"gateway node {node_id}: the certificate's evidence comes from the "
+                          "guest agent or a given attester, not both")  # fmt: skip
+    attester = reg.attester
+    if spec.guest_agent:
+        from pydstack.actors.kms.selfevidence import GuestAgentAttester
+
+        attester = GuestAgentAttester(spec.guest_agent)
+    elif attester is None:
+        raise DeviceError(
+            f"gateway node {node_id}: a KMS certificate for the gateway app needs evidence: "
+            "give the guest agent socket of the CVM the node runs in"
+        )
+    else:
+        _log.warning("registration certificate: evidence from a SIMULATED TD (dev only, no "
+                     "confidentiality)", node=node_id, app_id=spec.app_id.hex())  # fmt: skip
+    try:
+        return await kms_app_cert(spec, attester)
+    except AppCertError as e:
+        raise DeviceError(f"gateway node {node_id}: {e}") from None
+
+
 async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -300,7 +335,8 @@ async def running_node(store: EventStore, launch: NodeLaunch) -> AsyncIterator[R
                 peer_applied=node.wait_peer_applied,
                 client_chain=chain_check,
             )
-            ssl_ctx = server_ssl_context(reg.chain_pem, reg.key_pem, chain_check.roots_pem)
+            chain_pem, key_pem = await registration_identity(cfg.node_id, reg)
+            ssl_ctx = server_ssl_context(chain_pem, key_pem, chain_check.roots_pem)
             runner = await serve_registration(app, reg.host, reg.port, ssl_ctx)
             stack.push_async_callback(runner.cleanup)
             reg_url = cfg.url or f"https://{reg.host}:{reg.port}"
