@@ -20,12 +20,14 @@ from pydstack.actors import Scheduler, SchedulerConfig
 from pydstack.actors._placement_view import SCHEMA, PlacementView
 from pydstack.actors._scheduler_checkpoint import checkpoint_key
 from pydstack.actors.trust import Judge
-from pydstack.adapters.nats import EventStore
+from pydstack.adapters.nats import EventStore, NatsServer
 from pydstack.adapters.sqlite import CheckpointFile, Snapshot
-from pydstack.core.events import HostVmPlaced, VmRejected, VmRequested, VmResources
+from pydstack.core.events import HostJoined, HostVmPlaced, VmRejected, VmRequested, VmResources
 from pydstack.core.projections import Host, decide_placement
 
 from ..actors.helpers import join, read_log, request
+from ..policy.given import ADMIN, OPERATOR, SCHEDULER, STRANGER, VMM1
+from .writers import forge, keyed_store, wanted
 
 HOST = "h1"
 CAPACITY = {"vcpu": 2, "memory_mb": 4096, "cid_count": 3}
@@ -135,3 +137,35 @@ async def test_an_intact_checkpoint_is_resumed_and_decides_the_same(
     log = await read_log(store)
     assert [type(d) for d in log.decisions["v2"]] == [VmRejected]
     assert [p.vm_id for p in log.placed[HOST]] == ["v1"]
+
+
+async def test_a_resumed_scheduler_judges_the_tail_with_the_keyring_it_checkpointed(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # After the resume, a stranger (in no keyring) announces a roomy host: folded as a
+    # pre-keyring event by a view that lost its keyring, it would take the next VM.
+    url, path = nats_server.url, tmp_path / "scheduler.db"
+    entries = wanted(OPERATOR, SCHEDULER, VMM1)
+    async with keyed_store(url, SCHEDULER, entries) as store:
+        async with await EventStore.connect(url, VMM1, anchor=ADMIN.public_key) as vmm:
+            await join(vmm, HOST, **CAPACITY)
+        async with await EventStore.connect(url, OPERATOR, anchor=ADMIN.public_key) as op:
+            await request(op, "v1", vcpu=2)
+            first = await _scheduler(store, path)
+            assert await first.reconcile() == 1
+            await first.catch_up()
+            assert first.checkpoint is not None
+            first.checkpoint.close()
+            saved = first.view.cursor
+            roomy = HostJoined(host_id="h9", vcpu=64, memory_mb=65536)
+            await forge(url, STRANGER, "dstack.host.h9", roomy)
+            await request(op, "v2", vcpu=2)
+        second = await _scheduler(store, path)
+        with capture_logs() as logs:
+            await second.reconcile()
+        assert any(e["event"] == "resumed from checkpoint" for e in logs), logs
+        assert second.view.folded == 2 and second.view.cursor == saved + 2  # the tail only
+        assert "h9" not in second.view.hosts
+        log = await read_log(store)
+        assert [type(d) for d in log.decisions["v2"]] == [VmRejected]
+        assert "h9" not in log.placed
