@@ -129,12 +129,17 @@ NO_CHAIN: dict[str, object] = {
 
 async def chain_meta(backend: AuthBackend) -> dict[str, object]:
     """GetMeta's optional chain fields as dstack v0.5.11 fills them from its auth API: the
-    contract's (eth: read from the chain; webhook: its `GET /`), the dev backend's gateway
-    app id, null otherwise. A backend that cannot be read leaves them null (logged): GetMeta
-    also serves the KMS root a guest checks, which must not depend on the chain."""
+    contract's (eth: read from the chain; webhook: its `GET /`), the dev and log backends'
+    configured gateway app id, null otherwise. A backend that cannot be read leaves them null
+    (logged): GetMeta also serves the KMS root a guest checks, which must not depend on the
+    chain."""
     if isinstance(backend, DevBackend):
         return NO_CHAIN | {"gateway_app_id": backend.gateway_app_id}
     read = getattr(backend, "meta", None)
+    gateway = getattr(backend, "gateway_app_id", None)
+    if read is None and isinstance(gateway, str) and gateway:
+        # the log backend's configured gateway app (`gateway_app_id_option`)
+        return NO_CHAIN | {"gateway_app_id": gateway}
     if read is None:
         return dict(NO_CHAIN)
     try:
@@ -186,6 +191,20 @@ def eth_backend(rpc_url: str, kms_contract: str) -> AuthBackend:
     return EthAuthBackend.connect(rpc_url, "0x" + text)
 
 
+def gateway_app_id_option(text: str) -> str:
+    """An operator's gateway app id for the dev and log backends, as they answer it
+    (`gateway_app_id` of GetAppKey and GetMeta): one app id, 40 hex digits, lowercase.
+    dstack's guest takes any certificate whose app id is a substring of it, and none at all
+    for "any": a longer string would admit several apps, "any" every server."""
+    app = text.strip().lower().removeprefix("0x")
+    if len(app) != 40 or any(c not in "0123456789abcdef" for c in app):
+        raise BackendConfigError(
+            f"gateway app id {text[:60]!r} is not one app id (40 hex digits); dstack's guests "
+            "trust a gateway certificate whose app id is within it ('any': every certificate)"
+        )
+    return app
+
+
 def make_backend(
     kind: str,
     *,
@@ -194,17 +213,24 @@ def make_backend(
     store: EventStore | None = None,
     eth_rpc_url: str = "",
     kms_contract: str = "",
+    gateway_app_id: str = "",
 ) -> AuthBackend:
+    """`gateway_app_id` (dev and log: the others read theirs from the webhook or chain): the
+    app whose KMS certificate dstack's guests accept from a gateway."""
+    gateway = gateway_app_id_option(gateway_app_id) if gateway_app_id else ""
+    if gateway and kind in ("webhook", "eth"):
+        raise BackendConfigError(f"the {kind} backend names its own gateway app id "
+                                 "(gatewayAppId): do not give one")  # fmt: skip
     if kind == "webhook":
         return WebhookBackend(url)
     if kind == "eth":
         return eth_backend(eth_rpc_url, kms_contract)
     if kind == "dev":
-        return DevBackend(enabled=allow_dev)
+        return DevBackend(enabled=allow_dev, gateway_app_id=gateway)
     if kind == "log":
         if store is None:
             raise BackendConfigError("the log backend reads the app's events: give it the store")
         from .log_backend import LogBackend
 
-        return LogBackend(store)
+        return LogBackend(store, gateway_app_id=gateway)
     raise BackendConfigError(f"unknown auth backend {kind!r}: use log, webhook, eth or dev")
