@@ -60,11 +60,11 @@ class Gateways:
             return url
         raise RuntimeError("; ".join(errors) or "no gateway URL")
 
-    async def converge_s(self, peers: int, timeout_s: float = 60.0) -> float:
-        """Seconds after the last registration until every node serves one table digest with
-        its device's peers equal to it and at least ``peers`` peers."""
+    async def converged_at(self, peers: int, timeout_s: float) -> float:
+        """Wall time at which every node first serves one table digest with its device's peers
+        equal to it and ``peers`` peers (polled every 0.1 s from the start of the storm)."""
         await wait_identical(self.nodes, min_peers=peers, timeout=timeout_s)
-        return time.time() - self.last_at
+        return time.time()
 
 
 def _files(tmp: Path, ca: DevCa, dev: DevPki) -> dict[str, Path]:
