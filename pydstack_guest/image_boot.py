@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydstack.adapters.sandbox._docker import Docker
 from pydstack.adapters.sandbox._outbound import LOOPBACK, relay_targets, split_endpoint
@@ -51,6 +52,32 @@ RUNTIME_LOG = Path("/run/log/dstack/runtime_events.log")
 DOCKER_SOCK = Path("/var/run/docker.sock")
 AGENT_TCP = "127.0.0.1:8090"  # as in the sandbox: the agent's API on the guest's loopback
 CONSOLE = Path("/dev/ttyS0")  # the apps' output joins the serial console (serial.log)
+DOCKER_CONFIG = Path("/etc/docker/daemon.json")  # read by docker.service, which starts later
+MAX_URL = 512
+
+
+def registry_mirror(sysc: dict[str, object]) -> str:
+    """sys-config's ``docker_registry`` (dstack's mirror, named by the untrusted host) once
+    checked: an http(s) URL with a host and nothing else, or "" when none is named. A mirror
+    can only serve what a digest in the measured compose accepts; a tag it can swap, as any
+    registry on the host's network path could."""
+    url = sysc.get("docker_registry")
+    if url in (None, ""):
+        return ""
+    parts = urlsplit(url) if isinstance(url, str) and len(url) <= MAX_URL else None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.username or parts.password or parts.query or parts.fragment
+            or any(c.isspace() or ord(c) < 0x20 for c in str(url))):  # fmt: skip
+        raise BootFailed("host-shared", "sys-config docker_registry is not a plain http(s) URL")
+    return str(url)
+
+
+def write_docker_config(mirror: str, path: Path = DOCKER_CONFIG) -> None:
+    """The guest engine's registry mirror, before docker.service starts (after "storage")."""
+    if not mirror:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"registry-mirrors": [mirror]}) + "\n")
 
 
 def report(stage: str, detail: str = "") -> None:
@@ -127,9 +154,15 @@ async def run(stop: asyncio.Event, *, share: Path = SHARE, tee: TeePaths | None 
     # First: nothing reaches the KMS, the gateway or docker before the TEE is settled.
     td = await asyncio.to_thread(open_td, share, shared, state_dir=STATE, name=name, vcpu=vcpu,
                                  memory_mb=mem, paths=tee)  # fmt: skip
+    mirror = registry_mirror(sysc)
+    write_docker_config(mirror)
     async with contextlib.AsyncExitStack() as stack:
         for server in await relay_host_services(
-            [*sysc.get("kms_urls", []), *sysc.get("gateway_urls", [])]
+            [
+                *sysc.get("kms_urls", []),
+                *sysc.get("gateway_urls", []),
+                *([mirror] if mirror else []),
+            ]
         ):
             stack.callback(server.close)
         await asyncio.to_thread(subprocess.run, ["modprobe", "tun"], capture_output=True)

@@ -106,6 +106,8 @@ class VmmConfig:
     kms_urls: tuple[str, ...] = ()
     gateway_urls: tuple[str, ...] = ()
     gateway_ca: str = ""  # PEM of the CA behind gateway_urls' certificates (sys-config)
+    # sys-config's docker_registry (dstack's one mirror, set by the host): `up --registry`'s
+    docker_registry: str = ""
 
 
 def observed(st: CvmStatus) -> Observed:
@@ -358,7 +360,7 @@ class Vmm:
                 rec = msgspec.structs.replace(rec, image=names[0])
         return build_spec(rec, self.view.composes, app_compose=self.view.app_compose,
                           kms_urls=c.kms_urls, gateway_urls=c.gateway_urls,
-                          gateway_ca=c.gateway_ca)  # fmt: skip
+                          gateway_ca=c.gateway_ca, docker_registry=c.docker_registry)  # fmt: skip
 
     async def _start(self, rec: VmRecord, attempt: int) -> None:
         vm_id, subj = rec.vm.vm_id, subject("vm", rec.vm.vm_id)

@@ -54,7 +54,8 @@ class VmmLaunch:
     guest_services: HostServices = field(default_factory=HostServices)
     # qemu: auto | tdx | kvm | tcg (`up --platform`), resolved by adapters.qemu.probe
     platform: str = "auto"
-    # sandbox: the registry mirrors of every CVM's docker engine (`up --registry`)
+    # the registry mirrors of every CVM's docker engine (`up --registry`): the sandbox's engines
+    # take them all, the first is sys-config's docker_registry (QEMU guests configure theirs)
     registry_mirrors: tuple[str, ...] = ()
     # bench.scale and tests only, never a CLI or `up` option: the "sim" load generator backend
     # (adapters.sim) instead of ``backend``; its platform reason says it is no CVM.
@@ -204,8 +205,11 @@ async def running_vmm(
             platform, reason = SIM_PLATFORM
         else:
             platform, reason = await asyncio.to_thread(resolve_platform, launch.backend, wanted)
+        mirror = next(iter(launch.registry_mirrors), "")  # dstack's sys-config names one
         launch = replace(launch, config=replace(launch.config, platform=platform,
-                                                platform_reason=reason))  # fmt: skip
+                                                platform_reason=reason,
+                                                docker_registry=launch.config.docker_registry
+                                                or mirror))  # fmt: skip
         backend = await build_backend(launch, sv)
         if (close_backend := getattr(backend, "aclose", None)) is not None:
             stack.push_async_callback(close_backend)  # the sim backend's host-side boots

@@ -80,6 +80,7 @@ def build_spec(
     kms_urls: tuple[str, ...] = (),
     gateway_urls: tuple[str, ...] = (),
     gateway_ca: str = "",
+    docker_registry: str = "",
 ) -> CvmSpec:
     vm, res = rec.vm, rec.resources
     compose = compose_of(rec, composes, app_compose)
@@ -88,7 +89,7 @@ def build_spec(
     sys_config: dict[str, object] = {
         "kms_urls": list(rec.kms_urls or kms_urls),
         "gateway_urls": list(rec.gateway_urls or gateway_urls),
-        "pccs_url": None, "docker_registry": None, "host_api_url": None,
+        "pccs_url": None, "docker_registry": docker_registry or None, "host_api_url": None,
         "vm_config": json.dumps(vm_config(rec), separators=(",", ":")),
     }  # fmt: skip
     if gateway_ca:  # pydstack: the CA the gateways' registration certificates chain to
