@@ -34,8 +34,10 @@ def _relevant(f: Finding, story: AppStory) -> bool:
 async def _read(
     conn: Conn, app_id: str, ring: Keyring | None
 ) -> tuple[
-    AppStory, list[Finding], dict[str, list[tuple[int, bytes]]], list[tuple[int, str, object]]
+    AppStory, list[Finding], dict[str, list[tuple[int, bytes]]], list[tuple[int, str, object]],
+    dict[str, bytes],
 ]:  # fmt: skip
+    from ._evidence import fetch_evidence
     from .audit import image_record
 
     auditor = Auditor(keyring=ring, first_seq=1, anchor=conn.anchor)
@@ -61,7 +63,8 @@ async def _read(
                 if line is not None and rec.subject.startswith("dstack.kms."):
                     kms.setdefault(rec.subject, []).append((rec.seq, rec.data))
         findings += auditor.finish(last)
-    return story, findings, kms, images
+        blobs, missing = await fetch_evidence(store, kms)  # the app's requests' evidence
+    return story, findings + missing, kms, images, blobs
 
 
 def audit_app(
@@ -76,12 +79,12 @@ def audit_app(
     from .audit import recheck_kms
 
     app_id = app_id.lower().removeprefix("0x")
-    story, findings, kms, images = run(_read(conn, app_id, ring))
+    story, findings, kms, images, blobs = run(_read(conn, app_id, ring))
     if not story.lines:
         raise click.ClickException(f"no events of app {app_id} on the log (pydstack app ls)")
     mine = [f for f in findings if _relevant(f, story)]
     for subj, recs in kms.items():
-        mine += recheck_kms(subj, recs, collateral, dev_pki, images)
+        mine += recheck_kms(subj, recs, collateral, dev_pki, images, blobs)
     elsewhere = sum(f.severity == "error" and not _relevant(f, story) for f in findings)
     by_seq: dict[int, list[Finding]] = {}
     story_seqs = {ln.seq for ln in story.lines}

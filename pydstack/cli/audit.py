@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from pydstack.adapters.nats.identity import load_anchor, load_keyring
 from pydstack.core.audit import Auditor, Finding, Keyring, Summary
 
 from ._common import connect, connection_options, echo_json, json_option, progress, resolve, run
+from ._evidence import fetch_evidence
 
 
 def _summary_line(s: Summary, keyring: Path | None, anchor: bytes | None) -> str:
@@ -119,8 +121,9 @@ def audit_cmd(
                                                    auditor.refused))  # fmt: skip
                         bar.update()
             emit(auditor.finish(last))
-        extra = [f for subj, recs in kms_logs.items()
-                 for f in recheck_kms(subj, recs, collateral, dev_pki, images)]  # fmt: skip
+            blobs, extra = await fetch_evidence(store, kms_logs)  # missing / altered blobs
+        extra += [f for subj, recs in kms_logs.items()
+                  for f in recheck_kms(subj, recs, collateral, dev_pki, images, blobs)]  # fmt: skip
         emit(extra)
         s = auditor.summary()
         errors = sum(f.severity == "error" for f in extra)
@@ -199,15 +202,17 @@ def recheck_images(
 
 def recheck_kms(
     subj: str, recs: list[tuple[int, bytes]], collateral: Path | None, dev_pki: Path | None,
-    images: list[tuple[int, str, object]] | None = None,
+    images: list[tuple[int, str, object]] | None = None, blobs: Mapping[str, bytes] | None = None,
 ) -> list[Finding]:  # fmt: skip
     """Re-verify one KMS aggregate's decisions against their recorded evidence and policy,
-    and (with `images`, the admitted image events) their image checks."""
+    and (with `images`, the admitted image events) their image checks. `blobs`: the evidence
+    bucket's blobs that hash right (`fetch_evidence`), for lean requests."""
     from pydstack.actors.kms import make_recheck
     from pydstack.actors.kms.certgrants import boot_time_of
     from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json
-    from pydstack.core.events import CodecError, KeyIssued, decode_body, open_envelope
+    from pydstack.core.events import CodecError, KeyIssued, KeyRequested, decode_body, open_envelope
     from pydstack.core.kms import audit_kms_log
+    from pydstack.core.kms.blobs import with_blob
 
     events = []
     sequenced: list[tuple[int, object]] = []
@@ -217,6 +222,8 @@ def recheck_kms(
             body = decode_body(open_envelope(data))
         except CodecError:
             continue  # already reported by the log audit
+        if isinstance(body, KeyRequested) and body.attestation_sha256:  # lean: re-check as inline
+            body = with_blob(body, (blobs or {}).get(body.attestation_sha256))
         events.append(body)
         sequenced.append((seq, body))
         rid = getattr(body, "request_id", None)

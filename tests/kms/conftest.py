@@ -31,6 +31,7 @@ from pydstack.actors.kms import (
     serve_kms,
 )
 from pydstack.adapters.nats import EventStore
+from pydstack.adapters.nats.objectstore import EvidenceBucket
 from pydstack.adapters.tdx.attestation import Attestation
 from pydstack.adapters.tdx.backend import SimulatorBackend
 from pydstack.adapters.tdx.collateral import Collateral, collateral_from_json
@@ -38,8 +39,9 @@ from pydstack.adapters.tdx.eventlog import runtime_events_of
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.adapters.tdx.ratls import build_ratls_cert, ratls_report_data
 from pydstack.adapters.tdx.simulator import QuoteSimulator, TdMeasurements
-from pydstack.core.events import decode_body, open_envelope, subject
+from pydstack.core.events import KeyRequested, decode_body, open_envelope, subject
 from pydstack.core.kms import boot_info_from_webhook
+from pydstack.core.kms.blobs import with_blob
 from pydstack.core.measure import ImageParts, VmShape
 from pydstack_guest import GuestAgent, GuestConfig, LocalKeyProvider, create_dev_app_keys
 from tests import images
@@ -229,8 +231,17 @@ class Kms:
     temp: dict[str, Any]
 
     async def events(self) -> list[Any]:
+        """The cluster's events as the auditor reads them: a lean KeyRequested with its
+        attestation fetched from the evidence bucket (only if it hashes right)."""
         records, _ = await self.store.read_aggregate(subject("kms", CLUSTER))
-        return [decode_body(open_envelope(r.data)) for r in records]
+        bucket = EvidenceBucket.of(self.store)
+        out = []
+        for r in records:
+            ev = decode_body(open_envelope(r.data))
+            if isinstance(ev, KeyRequested) and ev.attestation_sha256:
+                ev = with_blob(ev, await bucket.get(ev.attestation_sha256))
+            out.append(ev)
+        return out
 
     def client(self, identity: tuple[str, str] | None = None) -> KmsClient:
         return KmsClient(self.url, ca_pem=self.temp["ca_cert"], identity=identity)

@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pydstack.adapters.nats import EventStore
-from pydstack.adapters.nats.errors import ConflictError
+from pydstack.adapters.nats.errors import ConflictError, StoreError
+from pydstack.adapters.nats.objectstore import EvidenceBucket
 from pydstack.adapters.nats.store import new_event_id
 from pydstack.adapters.tdx.identity import kms_bootstrap_report_data
 from pydstack.adapters.tdx.ratls import Attester, build_ratls_cert
@@ -71,6 +72,7 @@ from pydstack.core.kms import (
     temp_ca_scalar,
     undecided,
 )
+from pydstack.core.kms.blobs import lean
 from pydstack.core.kms.derive import PerAppKeys, k256_public, per_app_keys
 
 from ..trust import Judge
@@ -133,6 +135,10 @@ class KmsSettings(msgspec.Struct, frozen=True, kw_only=True):
     # claimed shape are the quote's (actors/kms/images). Off only for a KMS whose clients'
     # images are out of scope, e.g. a test of another rule; `up` and `pydstack kms` keep it.
     check_images: bool = True
+    # Lean events (issue 18.2): a KeyRequested names its attestation by sha256 and the bytes go
+    # to the stream's evidence bucket (adapters.nats.objectstore), stored while the request is
+    # appended. False, or a bucket this KMS cannot open: inline, as before (with a warning).
+    evidence_blobs: bool = True
 
 
 def pem(cert: x509.Certificate) -> str:
@@ -179,6 +185,7 @@ class KmsService:
         attester: Attester | None = None,
         clock: Callable[[], float] = time.time,
         authority: KmsAuthority | None = None,
+        bucket: EvidenceBucket | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -194,7 +201,7 @@ class KmsService:
         self.attester = attester
         self.clock = clock
         self.subject = subject("kms", settings.cluster)
-        self.log = DecisionLog(store, self.subject)
+        self.log = DecisionLog(store, self.subject, bucket)  # bucket None: evidence inline
         self._policy_json = policy_json(settings.policy)
         self.ca_cert = x509.load_pem_x509_certificate(created.ca_cert_pem.encode())
         if self.ca_cert.public_key() != root.ca_key().public_key():
@@ -236,6 +243,7 @@ class KmsService:
                     "`python -m pydstack.actors.kms --onboard-from URL`)"
                 )
             root, created = await keyfile.load(), state.root
+        bucket = await _evidence_bucket(store) if settings.evidence_blobs else None
         return cls(
             store,
             settings,
@@ -246,6 +254,7 @@ class KmsService:
             attester=attester,
             clock=clock,
             authority=authority,
+            bucket=bucket,
         )
 
     @staticmethod
@@ -538,7 +547,10 @@ class KmsService:
         )
         # The request goes on the log while the image is checked and the backend is asked:
         # the append's round trip hides behind theirs instead of adding to it.
-        stored = asyncio.ensure_future(self.log.append([key_requested(req)]))
+        requested, blob = key_requested(req), b""
+        if self.log.bucket is not None:  # lean: the attestation to the bucket, by its hash
+            requested, blob = lean(requested)
+        stored = asyncio.ensure_future(self.log.append([requested], blobs=[blob]))
         image_check = ""
         if self.settings.check_images and not kms and ev.boot is not None:
             try:
@@ -688,6 +700,17 @@ class KmsService:
             not_after=now + 10 * YEAR,
         )
         return cert, key
+
+
+async def _evidence_bucket(store: EventStore) -> EvidenceBucket | None:
+    """The stream's evidence bucket, created if missing; None (evidence inline, warned) when
+    this KMS cannot open it (a NATS cluster whose permissions predate the bucket)."""
+    try:
+        return await EvidenceBucket.ensure(store)
+    except StoreError as exc:
+        log.warning("evidence bucket unavailable: KeyRequested keeps its attestation inline",
+                    error=str(exc))  # fmt: skip
+        return None
 
 
 async def _io_turns() -> None:

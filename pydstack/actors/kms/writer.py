@@ -15,8 +15,12 @@ request ran at ~7-14 req/s against ~200-350 with group commit (`python -m bench.
 An item of several events (a GetKmsKey decision and its
 KmsReplicaOnboarded) is always stored all or none.
 
-    async with DecisionLog(store, subject) as log:
-        await log.append([requested])                 # returns once stored
+Evidence blobs (a lean KeyRequested's attestation, `core.kms.blobs`) go to the evidence
+bucket while the event is queued and appended: the two round trips overlap, and `append`
+returns once both are stored, so a decision appended after it always finds its evidence.
+
+    async with DecisionLog(store, subject, EvidenceBucket.of(store)) as log:
+        await log.append([requested], blobs=[attestation])  # returns once both are stored
         await log.append([decided])
 """
 
@@ -30,6 +34,7 @@ from typing import Self
 
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.nats.errors import ConflictError
+from pydstack.adapters.nats.objectstore import EvidenceBucket
 from pydstack.adapters.nats.store import Change, Version, new_event_id
 from pydstack.core.events import Event, message_hash
 
@@ -39,9 +44,12 @@ _Item = tuple[list[Event], list[str], asyncio.Future[None]]
 
 
 class DecisionLog:
-    def __init__(self, store: EventStore, subject: str) -> None:
+    def __init__(
+        self, store: EventStore, subject: str, bucket: EvidenceBucket | None = None
+    ) -> None:
         self.store = store
         self.subject = subject
+        self.bucket = bucket  # None: evidence stays inline (no blobs may be given)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._version: Version | None = None
         self._task: asyncio.Task[None] | None = None
@@ -62,11 +70,26 @@ class DecisionLog:
             if not fut.done():
                 fut.set_exception(RuntimeError("KMS decision log closed"))
 
-    async def append(self, events: Sequence[Event]) -> None:
-        """Store `events` together (all or none) after everything queued before them."""
+    async def append(self, events: Sequence[Event], blobs: Sequence[bytes] = ()) -> None:
+        """Store `events` together (all or none) after everything queued before them, and
+        `blobs` in the evidence bucket meanwhile; returns once all are stored."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        puts = [b for b in blobs if b]
+        if puts and self.bucket is None:
+            raise ValueError("evidence blobs given to a decision log without a bucket")
+        bucket = self.bucket
+        stored = asyncio.gather(*(bucket.put(b) for b in puts)) if bucket and puts else None
         await self._queue.put((list(events), [new_event_id() for _ in events], fut))
-        await fut
+        try:
+            await fut
+        except BaseException:  # the events' error; the blobs' puts still end before it is told
+            if stored is not None:
+                await asyncio.wait([stored])
+                if not stored.cancelled():
+                    stored.exception()  # retrieved: reported through the events' error
+            raise
+        if stored is not None:
+            await stored
 
     async def _run(self) -> None:
         while True:

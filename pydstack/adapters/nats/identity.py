@@ -33,7 +33,16 @@ import nkeys
 from pydstack.adapters.secretfile import write_secret
 from pydstack.core.audit import Signatory, make_keyring
 from pydstack.core.events import ALL_SUBJECTS, Signer
-from pydstack.core.policy import ADMIN, AUDITOR, HOST_BOUND, NAME, ROLES, Keyring, Role
+from pydstack.core.policy import (
+    ADMIN,
+    AUDITOR,
+    BLOB_WRITERS,
+    HOST_BOUND,
+    NAME,
+    ROLES,
+    Keyring,
+    Role,
+)
 
 __all__ = [
     "ROLES", "Identity", "IdentityStore", "Role", "durables_of", "inbox_prefix", "load_anchor",
@@ -42,6 +51,7 @@ __all__ = [
 ]  # fmt: skip
 
 from .errors import StoreError
+from .objectstore import blob_subjects, bucket_stream, evidence_bucket
 from .server import NatsUser
 from .store import DEFAULT_STREAM, inbox_prefix
 
@@ -63,6 +73,10 @@ def _reader_api(stream: str, durables: Iterable[str]) -> list[str]:
         f"{api}.CONSUMER.INFO.{stream}.>",
         f"{api}.CONSUMER.LIST.{stream}",
         f"{api}.CONSUMER.NAMES.{stream}",
+        # the evidence bucket beside it, read like the stream (direct gets only)
+        f"{api}.STREAM.INFO.{bucket_stream(evidence_bucket(stream))}",
+        f"{api}.DIRECT.GET.{bucket_stream(evidence_bucket(stream))}",
+        f"{api}.DIRECT.GET.{bucket_stream(evidence_bucket(stream))}.>",
     ]
     for d in dict.fromkeys(durables):
         out += [
@@ -138,7 +152,8 @@ def nats_user(
     identity: Identity, stream: str = DEFAULT_STREAM, hosts: Iterable[str] = ()
 ) -> NatsUser:
     """Server permissions of one identity (admin: all): its role's event subjects (a
-    host-bound role's ``dstack.host.*`` narrowed to ``hosts``), reading the stream, its own
+    host-bound role's ``dstack.host.*`` narrowed to ``hosts``; a blob writer's, the evidence
+    bucket's), reading the stream and its evidence bucket, its own
     durable consumers only, and replies only on its own inboxes (``inbox_prefix``)."""
     return nats_user_of(identity.nkey, identity.name, identity.role, stream, hosts)
 
@@ -155,6 +170,9 @@ def nats_user_of(
     if role_name in HOST_BOUND:
         subjects = tuple(s for s in subjects if s != "dstack.host.*")
         subjects += tuple(f"dstack.host.{h}" for h in hosts)
+    if role_name in BLOB_WRITERS:  # put evidence blobs; create the bucket, never change it
+        bucket = evidence_bucket(stream)
+        subjects += (*blob_subjects(bucket), f"$JS.API.STREAM.CREATE.{bucket_stream(bucket)}")
     return NatsUser(
         nkey,
         publish=(*subjects, *_reader_api(stream, durables_of(name, role_name, hosts))),

@@ -63,6 +63,11 @@ class KeyRequested(Event, tag="KeyRequested", frozen=True):
     # Added: SignCert only, the certificate usage the decision is for ("server", "client",
     # "server+client", "none"): its grant is reused per (instance, compose hash, usage).
     usage: str = ""
+    # Added (issue 18.2, lean events): the hex sha256 of the SCALE attestation when it is
+    # stored in the log's evidence bucket (a JetStream Object Store, object name = this hash)
+    # instead of inline; `attestation` is then empty. "": the attestation is inline (every
+    # event written before the field, and a KMS running without the bucket).
+    attestation_sha256: str = ""
 
 
 class KeyIssued(Event, tag="KeyIssued", frozen=True):

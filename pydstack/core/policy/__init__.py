@@ -19,6 +19,7 @@ from ._table import (
     APP_ADMINS,
     APP_BOUND,
     AUDITOR,
+    BLOB_WRITERS,
     GATEWAY,
     HOST_BOUND,
     KMS,
@@ -49,8 +50,8 @@ KEYRING_SUBJECT = "dstack.keyring.main"
 KEYRING_FILTER = "dstack.keyring.*"
 
 __all__ = [
-    "ADMIN", "APP_ADMINS", "APP_BOUND", "AUDITOR", "GATEWAY", "HOST_BOUND", "KEYRING_FILTER",
-    "KEYRING_SUBJECT", "KMS",
+    "ADMIN", "APP_ADMINS", "APP_BOUND", "AUDITOR", "BLOB_WRITERS", "GATEWAY", "HOST_BOUND",
+    "KEYRING_FILTER", "KEYRING_SUBJECT", "KMS",
     "NAME", "OPERATOR", "POLICY", "REASONS", "ROLES", "SCHEDULER", "STRUCTURAL", "TENANT", "VMM",
     "WRITERS", "Allowed", "Binding", "Gate", "Keyring", "Policy", "Refused", "Role", "Verdict",
     "additions", "app_owner_key", "apply_keyring", "entry_error", "verdict", "vm_app_key",

@@ -108,6 +108,11 @@ ROLES: Final[dict[str, Role]] = {
     ),
 }
 
+# Roles that may put blobs into the evidence bucket (JetStream Object Store beside the stream,
+# ``adapters.nats.objectstore``): the KMS's attestations, named by sha256 from KeyRequested.
+# Everyone who reads the stream may read the bucket; no other role may write it.
+BLOB_WRITERS: Final = frozenset({KMS})
+
 # Roles whose keys are bound to hosts (the keyring entry names them).
 HOST_BOUND: Final = frozenset({VMM})
 # Roles whose VM commands are bound to the apps they own (see the app owner rule in _verdict).
