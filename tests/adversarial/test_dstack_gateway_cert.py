@@ -141,9 +141,9 @@ async def serving(
 
 
 def node_reg(kms: Kms, attester: Any, app_id: bytes = GW_APP, **kw: Any) -> RegistrationLaunch:
-    root = kw.pop("root", kms.temp["ca_cert"])
+    root, vm_config = kw.pop("root", kms.temp["ca_cert"]), kw.pop("vm_config", VM_CONFIG)
     spec = KmsAppCert(kms_url=kms.url, kms_root_pem=root, app_id=app_id,
-                      alt_names=("localhost", HOST), vm_config=VM_CONFIG)  # fmt: skip
+                      alt_names=("localhost", HOST), vm_config=vm_config)  # fmt: skip
     return RegistrationLaunch("", "", kms.svc.created.ca_cert_pem, kms_cert=spec,
                               attester=attester)  # fmt: skip
 
@@ -173,7 +173,8 @@ async def test_a_dstack_guest_accepts_the_nodes_kms_certificate_for_the_gateway_
     the KMS root, registers too."""
     admit_gateway_app(webhook)
     gw_td = make_cvm(pki, compose=GW_COMPOSE, instance_id=b"\x61" * 20)
-    chain, key = await registration_identity("gw1", node_reg(kms, gw_td))
+    # vm_config "": the one the TD's evidence carries (a guest agent's sys-config)
+    chain, key = await registration_identity("gw1", node_reg(kms, gw_td, vm_config=""))
     certs = x509.load_pem_x509_certificates(chain.encode())
     assert [app_id_of(c) for c in certs[:2]] == [GW_APP, GW_APP] and len(certs) == 3
     assert certs[2] == x509.load_pem_x509_certificate(kms.temp["ca_cert"].encode())

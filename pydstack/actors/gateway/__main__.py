@@ -6,7 +6,10 @@
         --registration-port 8011 --tls-chain node.pem --tls-key node.key --client-ca kms-ca.pem
 
 The RegisterCvm endpoint admits a CVM only with its KMS ``SignCert`` chain under
-``--client-ca`` (the KMS root CA; KMS temp CAs are never trusted); ``--log-auth`` also admits
+``--client-ca`` (the KMS root CA; KMS temp CAs are never trusted). Its own certificate is
+``--tls-chain/--tls-key``, or, with ``--kms-url URL --gateway-app-id HEX --guest-agent
+SOCKET``, the KMS's for the gateway app, as dstack's gateway CVM gets it (what dstack guests
+check: ``app_cert.py``); ``--log-auth`` also admits
 only compose hashes the app's events on the log name, ``--auth-webhook URL`` asks a webhook.
 
 ``--netns NAME`` runs the whole node inside that network namespace (its WireGuard device, the
@@ -113,6 +116,17 @@ def _read(path: str | None) -> str | None:
     "it; KMS temp CAs are never trusted",
 )  # fmt: skip
 @click.option(
+    "--kms-url", default="", metavar="URL",
+    help="RegisterCvm's certificate from this KMS's SignCert as --gateway-app-id (what dstack "
+    "guests check; TLS and the chain must end at --client-ca), instead of --tls-chain/--tls-key",
+)  # fmt: skip
+@click.option("--gateway-app-id", default="", metavar="HEX",
+              help="with --kms-url: the gateway app (the KMS's gateway_app_id)")  # fmt: skip
+@click.option(
+    "--guest-agent", default="", metavar="SOCKET",
+    help="with --kms-url: the dstack guest agent of the CVM this node runs in (its evidence)",
+)  # fmt: skip
+@click.option(
     "--log-auth/--no-log-auth", default=False, show_default=True,
     help="admit only a compose hash the app's own events on the log name (the KMS's log backend)",
 )  # fmt: skip
@@ -150,8 +164,11 @@ def main(**o: Any) -> None:
     chain, key = o.pop("cert_chain"), o.pop("cert_key")
     o["cert_pair"] = (Path(chain).read_bytes(), Path(key).read_bytes()) if chain and key else None
     o["tls"] = tuple(_read(o.pop(k)) for k in ("tls_chain", "tls_key", "client_ca"))
-    if o["registration_port"] and not all(o["tls"]):
-        raise click.ClickException("--registration-port needs --tls-chain, --tls-key, --client-ca")
+    o["kms_cert"] = _kms_cert(o)
+    own = o["tls"][:2] if o["kms_cert"] is None else ("-", "-")
+    if o["registration_port"] and not all((*own, o["tls"][2])):
+        raise click.ClickException("--registration-port needs --client-ca and --tls-chain, "
+                                   "--tls-key (or --kms-url)")  # fmt: skip
     if o["cluster_secret"] and o["cert_pair"]:
         raise click.ClickException(
             "--cluster-secret and --cert-chain/--cert-key exclude each other"
@@ -172,6 +189,35 @@ def main(**o: Any) -> None:
         run_loop(run(**o))  # uvloop when installed: the proxy's data plane
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _kms_cert(o: dict[str, Any]) -> Any:
+    """--kms-url/--gateway-app-id/--guest-agent: a `KmsAppCert`, or None without --kms-url."""
+    from urllib.parse import urlsplit
+
+    from pydstack.actors.kms.backends import BackendConfigError, gateway_app_id_option
+
+    from .app_cert import KmsAppCert
+
+    url, app, agent = (o.pop(k) for k in ("kms_url", "gateway_app_id", "guest_agent"))
+    if not url:
+        if app or agent:
+            raise click.ClickException("--gateway-app-id and --guest-agent need --kms-url")
+        return None
+    if o["tls"][0] or o["tls"][1]:
+        raise click.ClickException("--kms-url and --tls-chain/--tls-key exclude each other")
+    if not (app and agent and o["tls"][2]):
+        raise click.ClickException("--kms-url needs --gateway-app-id, --guest-agent (the node's "
+                                   "evidence) and --client-ca (the KMS root)")  # fmt: skip
+    try:
+        app_id = bytes.fromhex(gateway_app_id_option(app))
+    except BackendConfigError as e:
+        raise click.ClickException(str(e)) from None
+    # the names dstack's gateway asks for: its RPC domain and its own URL's host
+    names = [n for n in (urlsplit(o["url"]).hostname, o["registration_host"]) if n]
+    names = [n for n in dict.fromkeys(names) if n not in ("0.0.0.0", "::")]
+    return KmsAppCert(kms_url=url, kms_root_pem=o["tls"][2], app_id=app_id,
+                      alt_names=tuple(names), guest_agent=agent)  # fmt: skip
 
 
 async def run(**o: Any) -> None:
@@ -195,9 +241,10 @@ async def run(**o: Any) -> None:
         certs = StaticCertProvider({o["base_domain"]: o["cert_pair"]})
     registration = None
     if o["registration_port"]:
-        chain, key, ca = o["tls"]
+        chain, key, ca = (t or "" for t in o["tls"])
         registration = RegistrationLaunch(
             chain, key, ca, host=o["registration_host"], port=o["registration_port"],
+            kms_cert=o["kms_cert"],
             dev_pki=o["dev_pki"], pccs_url=o["pccs_url"] or None, log_auth=o["log_auth"],
             auth_webhook=o["auth_webhook"] or None,
         )  # fmt: skip

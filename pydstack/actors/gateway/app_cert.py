@@ -26,6 +26,7 @@ of `app_id` (the app id its event log measures): the node cannot name an app id 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import structlog
@@ -56,8 +57,18 @@ class KmsAppCert:
     kms_root_pem: str
     app_id: bytes
     alt_names: tuple[str, ...] = ()
-    vm_config: str = ""  # the node's TD's vm_config, as a CVM sends it with SignCert
+    # the node's TD's vm_config, as a CVM sends it with SignCert; "": the one the evidence's
+    # sys-config names (what a guest agent's Attest carries)
+    vm_config: str = ""
     guest_agent: str | None = None  # the dstack.sock of the CVM the node runs in
+
+
+def _vm_config_of(sys_config: str) -> str:
+    try:
+        value = json.loads(sys_config).get("vm_config", "") if sys_config else ""
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 async def kms_app_cert(
@@ -74,11 +85,12 @@ async def kms_app_cert(
     config = CertConfig(subject=SUBJECT, subject_alt_names=spec.alt_names,
                         usage_server_auth=True, usage_client_auth=True, ext_quote=True,
                         ext_app_info=True)  # fmt: skip
+    vm_config = spec.vm_config or _vm_config_of(att.config)
     keys = AppKeys(k256_key=b"", k256_signature=b"", ca_cert_pem="", ca_key_pem="",
                    kms_url=spec.kms_url.rstrip("/"), kms_ca_cert_pem=spec.kms_root_pem)  # fmt: skip
     try:
         chain = await request_certificate(keys, key, config, encode_attestation(att),
-                                          vm_config=spec.vm_config, app_id=spec.app_id,
+                                          vm_config=vm_config, app_id=spec.app_id,
                                           timeout=timeout)  # fmt: skip
     except CertRequestError as e:
         raise AppCertError(f"gateway app {spec.app_id.hex()}: {e}") from None
