@@ -53,6 +53,7 @@ class Soak:
     removes: int = 0
     appends: int = 0
     appends_failed: int = 0
+    append_results: list[tuple[float, bool]] = field(default_factory=list)  # (t, acked)
     injecting_since: float | None = None  # a fault is being injected since
 
     def in_fault(self, start: float, end: float) -> bool:
@@ -149,6 +150,19 @@ class Soak:
             out.append((round(since - self.t0, 1), round(self.probes[-1][0] - since, 1)))
         return out
 
+    def append_gaps(self) -> list[tuple[float, float]]:
+        """(start s since the soak's start, seconds) from each first failed append to the
+        next acknowledged one."""
+        out: list[tuple[float, float]] = []
+        since: float | None = None
+        for t, ok in self.append_results:
+            if ok and since is not None:
+                out.append((round(since - self.t0, 1), round(t - since, 1)))
+                since = None
+            elif not ok and since is None:
+                since = t
+        return out
+
     def max_outage(self) -> float:
         """The longest run of probe rounds no gateway answered, in seconds."""
         return max((d for _, d in self.outages(2)), default=0.0)
@@ -198,8 +212,10 @@ async def writer(soak: Soak, end: float) -> None:
             try:
                 await store.append(subj, [app], NEW)
                 soak.acked.append((subj, "AppRegistered"))
+                soak.append_results.append((start, True))
             except (StoreError, nats.errors.Error, OSError, TimeoutError) as exc:
                 soak.appends_failed += 1
+                soak.append_results.append((start, False))
                 soak.failed(f"append {soak.appends}", start, None, f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - start)))
     finally:

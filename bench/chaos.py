@@ -28,7 +28,10 @@ and killed `up`s are started again after 2-6 s (as an operator or systemd would)
   (goal 0); ``nodes_agree``: the three NATS nodes hold the same log; ``audit``: `pydstack
   audit` passes; ``tracebacks``: none in any `up`'s output.
 - ``unexplained_failures``: a CLI command or append that failed outside a fault's window
-  (the fault until 20 s after it healed) or with a traceback (goal 0).
+  (the fault until 20 s after it healed) or with a traceback (goal 0); ``append_gaps``: from
+  each failed append to the next acknowledged one.
+- ``faults``: each one's time, target, how long what was killed took to come back, and the
+  probe rounds that failed until the next fault, per gateway.
 
 Exits non-zero when a goal is missed. Ctrl-C (or SIGTERM) stops it; everything is cleaned up
 on any exit. --quick runs 10 minutes of faults (the setup and checks add ~3), --minutes N
@@ -284,6 +287,7 @@ async def _check(soak: Soak, cluster: NatsCluster, keep: Path | None) -> dict[st
         "deploys": len(soak.deployed), "deploys_ready": len(ready & soak.deployed),
         "upgrades": soak.upgrades, "removes": soak.removes,
         "appends": soak.appends, "appends_failed": soak.appends_failed,
+        "append_gaps": soak.append_gaps()[:10],
         "cli_failures": len(soak.failures), "unexplained_failures": soak.unexplained(),
         "unexplained": [f for f in soak.failures if not f["explained"]][:5],
         "faults": soak.faults, "log_messages": len(logs[0]),
