@@ -29,6 +29,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
 
 from pydstack.actors.gateway import Registrar, RegistrarConfig
 from pydstack.actors.gateway.app_cert import KmsAppCert
@@ -44,10 +45,17 @@ from pydstack.actors.gateway.registration import (
 )
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.tdx.pki import DevPki
-from pydstack.adapters.tdx.ratls import app_id_of, build_ratls_cert, ratls_report_data
+from pydstack.adapters.tdx.ratls import (
+    app_id_of,
+    app_info_of,
+    build_ratls_cert,
+    ratls_report_data,
+)
 from pydstack.adapters.tdx.ratls_tls import server_ssl_context
 from pydstack.adapters.wireguard import DeviceError
 from pydstack.core.events import CvmRegistered, GatewayNodeJoined, decode_body, open_envelope
+from pydstack_guest import GuestAgent, GuestConfig, create_dev_app_keys
+from pydstack_guest.app import serve_agent
 from pydstack_guest.gateway_client import register_cvm
 from tests.adversarial.test_dstack_guest_admission import dstack_gateway_certs, get_app_key
 from tests.gateway.given import key as wg_key
@@ -143,7 +151,8 @@ async def serving(
 def node_reg(kms: Kms, attester: Any, app_id: bytes = GW_APP, **kw: Any) -> RegistrationLaunch:
     root, vm_config = kw.pop("root", kms.temp["ca_cert"]), kw.pop("vm_config", VM_CONFIG)
     spec = KmsAppCert(kms_url=kms.url, kms_root_pem=root, app_id=app_id,
-                      alt_names=("localhost", HOST), vm_config=vm_config)  # fmt: skip
+                      alt_names=("localhost", HOST), vm_config=vm_config,
+                      guest_agent=kw.pop("guest_agent", None))  # fmt: skip
     return RegistrationLaunch("", "", kms.svc.created.ca_cert_pem, kms_cert=spec,
                               attester=attester)  # fmt: skip
 
@@ -174,7 +183,9 @@ async def test_a_dstack_guest_accepts_the_nodes_kms_certificate_for_the_gateway_
     admit_gateway_app(webhook)
     gw_td = make_cvm(pki, compose=GW_COMPOSE, instance_id=b"\x61" * 20)
     # vm_config "": the one the TD's evidence carries (a guest agent's sys-config)
-    chain, key = await registration_identity("gw1", node_reg(kms, gw_td, vm_config=""))
+    with capture_logs() as logs:
+        chain, key = await registration_identity("gw1", node_reg(kms, gw_td, vm_config=""))
+    assert any("SIMULATED" in e["event"] and e["log_level"] == "warning" for e in logs)
     certs = x509.load_pem_x509_certificates(chain.encode())
     assert [app_id_of(c) for c in certs[:2]] == [GW_APP, GW_APP] and len(certs) == 3
     assert certs[2] == x509.load_pem_x509_certificate(kms.temp["ca_cert"].encode())
@@ -188,6 +199,26 @@ async def test_a_dstack_guest_accepts_the_nodes_kms_certificate_for_the_gateway_
                                   wg_public_key=wg_key(12))  # fmt: skip
         assert ours.client_ip
     assert {r.instance_id for r in await registered(store)} == {(b"\x62" * 20).hex()}
+
+
+@pytest.mark.timeout(120)
+async def test_a_node_in_a_cvm_gets_its_evidence_from_the_guest_agent(
+    kms: Kms, pki: DevPki, webhook: Webhook, tmp_path: Path
+) -> None:
+    """`--guest-agent SOCKET`: the node quotes through the agent's `Attest` (here our agent
+    on a real socket over the gateway app's simulated TD), vm_config from its sys-config."""
+    admit_gateway_app(webhook)
+    gw_td = make_cvm(pki, compose=GW_COMPOSE, instance_id=b"\x69" * 20)
+    keys, _ = create_dev_app_keys(GW_APP, now=0)
+    agent = GuestAgent(gw_td.backend, keys, GuestConfig(vm_config=VM_CONFIG))
+    sock = str(tmp_path / "dstack.sock")
+    async with serve_agent(agent, dstack_sock=sock):
+        reg = node_reg(kms, None, vm_config="", guest_agent=sock)
+        chain, _ = await registration_identity("gw1", reg)
+    leaf = x509.load_pem_x509_certificates(chain.encode())[0]
+    assert app_id_of(leaf) == GW_APP
+    stated = app_info_of(leaf)
+    assert stated is not None and stated.instance_id == b"\x69" * 20
 
 
 @pytest.mark.timeout(120)
@@ -269,8 +300,13 @@ async def test_an_unadmitted_gateway_app_gets_no_certificate(
         await registration_identity("gw1", node_reg(kms, gw_td))
 
 
-async def test_a_kms_certificate_needs_evidence() -> None:
-    """Neither a guest agent nor an attester: refused before anything is asked."""
+async def test_a_kms_certificate_needs_one_source_of_evidence(pki: DevPki) -> None:
+    """Neither a guest agent nor an attester, or both: refused before anything is asked."""
     spec = KmsAppCert(kms_url="https://127.0.0.1:1", kms_root_pem="", app_id=GW_APP)
     with pytest.raises(DeviceError, match="needs evidence"):
         await registration_identity("gw1", RegistrationLaunch("", "", "", kms_cert=spec))
+    both = KmsAppCert(kms_url="https://127.0.0.1:1", kms_root_pem="", app_id=GW_APP,
+                      guest_agent="/nonexistent.sock")  # fmt: skip
+    reg = RegistrationLaunch("", "", "", kms_cert=both, attester=make_cvm(pki))
+    with pytest.raises(DeviceError, match="not both"):
+        await registration_identity("gw1", reg)
