@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pydstack.actors.gateway.__main__ import main
+from pydstack.actors.gateway.app_cert import KmsAppCert
 
 GW = "0a" * 20
 
@@ -52,3 +53,24 @@ def test_a_static_certificate_and_the_kms_exclude_each_other(tmp_path: Path) -> 
     out = run(tmp_path, "--kms-url", "https://kms:8000", "--gateway-app-id", GW,
               "--guest-agent", "/s", "--tls-chain", str(pem), "--tls-key", str(pem))  # fmt: skip
     assert "exclude each other" in out
+
+
+def test_the_certificate_names_the_advertised_url_and_the_listen_address(tmp_path: Path) -> None:
+    """As dstack's gateway asks (its `rpc_domain` and `my_url`'s host): the names a guest's
+    TLS hostname check sees; a wildcard listen address is no name."""
+    from pydstack.actors.gateway.__main__ import _kms_cert
+
+    def spec(host: str) -> KmsAppCert:
+        out = _kms_cert({
+            "kms_url": "https://kms:8000", "gateway_app_id": "0x" + GW.upper(),
+            "guest_agent": "/s", "tls": (None, None, "ROOT"),
+            "url": "https://gw.example.com:8011", "registration_host": host,
+        })  # fmt: skip
+        assert isinstance(out, KmsAppCert)
+        return out
+
+    one = spec("0.0.0.0")
+    assert one == KmsAppCert(kms_url="https://kms:8000", kms_root_pem="ROOT",
+                             app_id=bytes.fromhex(GW), alt_names=("gw.example.com",),
+                             guest_agent="/s")  # fmt: skip
+    assert spec("10.0.0.5").alt_names == ("gw.example.com", "10.0.0.5")
