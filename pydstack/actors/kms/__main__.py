@@ -10,12 +10,15 @@ about itself (bootAuth/kms; refused: one line and exit 1; `--auth dev` allows it
 Prints `KMS_URL=<url>` once serving. With `--auth dev` no replica gets the root keys without
 this KMS's onboarding token (`--replica-token-file`) or an allow-listed measurement
 (`--allow-mr`); a replica passes the source's token with `--onboard-token-file`.
+`--workers N` (default: one per core) serves from N processes on one port (`workers.py`);
+`--metrics-port P` then gives worker i the port P + i.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import sys
 
@@ -123,8 +126,24 @@ from pydstack.loop import run as run_loop
     help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off); pydstack_kms_refused_total "
     "counts the requests refused without an event",
 )
-def main(**o: object) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=os.cpu_count() or 1,
+    show_default="the number of cores",
+    help="serve from this many processes on one port (SO_REUSEPORT), each with its own NATS "
+    "connection and decision log; a worker that exits is restarted",
+)
+@click.option("--worker-index", type=int, default=-1, hidden=True)  # set by the supervisor
+@click.option("--worker-restart", is_flag=True, hidden=True)
+def main(workers: int, **o: object) -> None:
     configure(level="info")
+    if workers > 1 and o["worker_index"] == -1:  # the supervisor: no NATS, no keys
+        from .workers import supervise
+
+        args = sys.argv[1:]
+        port, metrics = int(o["port"]), int(o["metrics_port"])  # type: ignore[call-overload]
+        sys.exit(asyncio.run(supervise(args, workers, port, metrics)))
     run_loop(run(**o))  # type: ignore[arg-type]  # uvloop when installed: cheaper TLS per request
 
 
@@ -135,6 +154,7 @@ async def run(
     onboard_from: str = "", metrics_port: int = 0, onboard_token_file: str | None = None,
     replica_token_file: str | None = None, allow_mrs: tuple[str, ...] = (),
     keyring: str | None = None, eth_rpc_url: str = "", kms_contract: str = "",
+    worker_index: int = -1, worker_restart: bool = False,
 ) -> None:  # fmt: skip
     from pydstack.adapters.nats import EventStore, StoreError
     from pydstack.adapters.nats.identity import standalone_identity
@@ -156,6 +176,7 @@ async def run(
         dev_pki=dev_pki, pccs_url=pccs_url, instance_id=instance_id, onboard_from=onboard_from,
         onboard_token_file=onboard_token_file or "", replica_token_file=replica_token_file or "",
         allow_mrs=allow_mrs, eth_rpc_url=eth_rpc_url, kms_contract=kms_contract,
+        worker=worker_index, worker_restart=worker_restart,
     )  # fmt: skip
     store = await EventStore.connect(nats_url, signer, nkey_seed=nkey, anchor=anchor)
     await store.ensure_stream()

@@ -303,11 +303,16 @@ def rpc_ssl_context(chain_pem: str, key_pem: str, temp_ca_pem: str) -> ssl.SSLCo
 
 
 @contextlib.asynccontextmanager
-async def serve_kms(svc: KmsService, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Serve the KMS RPC over TLS; yields its base URL (`https://host:port`)."""
+async def serve_kms(
+    svc: KmsService, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False
+) -> AsyncIterator[str]:
+    """Serve the KMS RPC over TLS; yields its base URL (`https://host:port`). `reuse_port`:
+    `SO_REUSEPORT`, so the other workers of this KMS listen on the same port (`workers`)."""
     runner = web.AppRunner(make_app(svc), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=await server_context(svc))
+    site = web.TCPSite(
+        runner, host, port, ssl_context=await server_context(svc), reuse_port=reuse_port or None
+    )
     await site.start()
     server = site._server  # aiohttp keeps the bound socket here; port 0 needs the real one
     sockets = getattr(server, "sockets", None) or []

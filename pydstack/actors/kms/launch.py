@@ -36,6 +36,7 @@ from .http import serve_kms
 from .keystore import RootKeyFile
 from .selfevidence import SelfEvidenceError, self_evidence
 from .service import KmsService, KmsSettings
+from .workers import close_worker_cut_offs, worker_label
 
 log = structlog.get_logger("pydstack.kms")
 
@@ -68,6 +69,15 @@ class KmsLaunch:
     # must present, and the measurements (MRTD, mr_aggregated, mr_system) allowed to onboard
     replica_token_file: str = ""
     allow_mrs: tuple[str, ...] = ()
+    # one of several worker processes (`workers`): its index (-1: the only process) and
+    # whether the supervisor restarted it (then it leaves its siblings' requests alone)
+    worker: int = -1
+    worker_restart: bool = False
+
+    @property
+    def label(self) -> str:
+        """The `kms_instance` this process's requests carry."""
+        return self.instance_id if self.worker < 0 else worker_label(self.instance_id, self.worker)
 
 
 @asynccontextmanager
@@ -93,9 +103,7 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
         if isinstance(backend, WebhookBackend):
             stack.push_async_callback(backend.close)
         authority = _authority(opts, backend.name)
-        settings = KmsSettings(
-            cluster=opts.cluster, root_ca_der=root_der, instance_id=opts.instance_id
-        )
+        settings = KmsSettings(cluster=opts.cluster, root_ca_der=root_der, instance_id=opts.label)
         try:
             await authorize_self(backend, attester, collateral, policy=settings.policy,
                                  root_ca_der=root_der, now=int(time.time()))  # fmt: skip
@@ -104,11 +112,13 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
         keyfile = RootKeyFile(opts.key_file, opts.cluster, ev.seal)
         if opts.onboard_from and not keyfile.exists():
             await _onboard(store, opts, attester, backend, collateral, keyfile, root_der, authority)
+        if opts.worker <= 0 and not opts.worker_restart:  # nothing of this KMS serves yet
+            await close_worker_cut_offs(store, opts.cluster, opts.instance_id)
         svc = await KmsService.open(
             store, settings, backend=backend, collateral=collateral, keyfile=keyfile,
             attester=attester, authority=authority,
         )  # fmt: skip
-        async with svc, serve_kms(svc, opts.host, opts.port) as url:
+        async with svc, serve_kms(svc, opts.host, opts.port, reuse_port=opts.worker >= 0) as url:
             _ready(url, backend.name, authority, ev.source)
             yield url
 

@@ -1,0 +1,163 @@
+"""A KMS served by several worker processes (`--workers`): one port, every worker issues,
+each decision once, revocations seen by each worker, a killed worker replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pydstack.actors.image_registry import revoke_image
+from pydstack.actors.kms import KmsCallError, KmsClient
+from pydstack.adapters.nats import EventStore, NatsServer
+from pydstack.adapters.secretfile import write_secret
+from pydstack.adapters.tdx.pki import DevPki
+from pydstack.core.events import KeyDenied, KeyIssued, KeyRequested, decode_body, open_envelope
+from pydstack_guest import create_dev_app_keys
+from tests import images
+
+from .conftest import CLUSTER, VM_CONFIG, bound_identity, make_cvm
+
+WORKERS = 2
+LABELS = {f"#w{i}" for i in range(WORKERS)}  # no --instance-id: the workers' own labels
+
+
+async def _start(nats_url: str, tmp: Path, pki: DevPki) -> tuple[subprocess.Popen[bytes], str]:
+    pki.save(tmp / "pki")
+    (tmp / "appkeys.json").write_text(create_dev_app_keys(b"\x42" * 20, now=0)[1])
+    seed = tmp / "kms-identity.seed"
+    write_secret(seed, os.urandom(32).hex())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_url, "--cluster", CLUSTER,
+         "--port", "0", "--key-file", str(tmp / "root.sealed"), "--seal-appkeys",
+         str(tmp / "appkeys.json"), "--auth", "dev", "--allow-dev-auth", "--dev-pki",
+         str(tmp / "pki"), "--signer-seed-file", str(seed), "--workers", str(WORKERS)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+    assert line.startswith(b"KMS_URL="), line
+    every = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+    assert every == f"KMS_WORKERS={WORKERS}\n".encode(), every  # all of them serve
+    return proc, line.decode().strip().split("=", 1)[1]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
+def _children(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+async def _events(store: EventStore) -> list[Any]:
+    records, _ = await store.read_aggregate(f"dstack.kms.{CLUSTER}")
+    return [decode_body(open_envelope(r.data)) for r in records]
+
+
+class Boots:
+    """Simulated CVMs, each with its own quote-bearing client certificate."""
+
+    def __init__(self, url: str, pki: DevPki) -> None:
+        self.url, self.pki, self.n = url, pki, 0
+        self.temp: dict[str, Any] = {}
+
+    async def open(self) -> None:
+        async with KmsClient(self.url, dev_pki=self.pki) as c:
+            self.temp = await c.call("GetTempCaCert")
+
+    async def one(self) -> dict[str, Any] | KmsCallError:
+        self.n += 1
+        ident = await bound_identity(
+            make_cvm(self.pki, instance_id=self.n.to_bytes(20, "big")), self.temp
+        )
+        async with KmsClient(self.url, ca_pem=self.temp["ca_cert"], identity=ident) as c:
+            try:
+                return await c.call("GetAppKey", {"api_version": 1, "vm_config": VM_CONFIG})
+            except KmsCallError as e:
+                return e
+
+    async def many(self, n: int) -> list[dict[str, Any] | KmsCallError]:
+        return await asyncio.gather(*(self.one() for _ in range(n)))
+
+
+def _by_label(evs: list[Any], kind: type[KeyIssued | KeyDenied]) -> Counter[str]:
+    """Decisions of `kind` per worker label (of their KeyRequested)."""
+    label = {e.request_id: e.kms_instance for e in evs if isinstance(e, KeyRequested)}
+    return Counter(label[e.request_id] for e in evs if isinstance(e, kind))
+
+
+@pytest.mark.timeout(180)
+async def test_workers_issue_each_once_and_all_see_a_revocation(
+    nats_server: NatsServer, store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    """24 concurrent boots against 2 workers: 24 answers, 24 requests each with exactly one
+    KeyIssued, issued by both workers. The image revoked while they run: every worker's next
+    request is denied (a KeyDenied from each), none issued."""
+    await images.register_test_image(store)
+    proc, url = await _start(nats_server.url, tmp_path, pki)
+    try:
+        boots = Boots(url, pki)
+        await boots.open()
+        answers = await boots.many(24)
+        assert all(isinstance(a, dict) and len(a["disk_crypt_key"]) == 64 for a in answers)
+        evs = await _events(store)
+        reqs = [e for e in evs if isinstance(e, KeyRequested)]
+        issued = Counter(e.request_id for e in evs if isinstance(e, KeyIssued))
+        assert len(reqs) == 24 and len({r.request_id for r in reqs}) == 24
+        assert issued == Counter({r.request_id: 1 for r in reqs})
+        assert set(_by_label(evs, KeyIssued)) == LABELS
+
+        await revoke_image(store, images.TEST_IMAGE.os_image_hash, "test: revoked")
+        denied: Counter[str] = Counter()
+        for _ in range(20):  # until each worker has answered (connections spread by hash)
+            after = await boots.many(8)
+            assert all(isinstance(a, KmsCallError) and a.status == 403 for a in after), after
+            evs2 = await _events(store)
+            denied = _by_label(evs2, KeyDenied)
+            if set(denied) == LABELS:
+                break
+        assert set(denied) == LABELS
+        assert _by_label(evs2, KeyIssued) == _by_label(evs, KeyIssued)  # nothing issued since
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_worker_is_replaced(
+    nats_server: NatsServer, store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    """SIGKILL one worker: the supervisor starts another in its place on the same port, and
+    the KMS keeps answering; both processes issue again."""
+    await images.register_test_image(store)
+    proc, url = await _start(nats_server.url, tmp_path, pki)
+    try:
+        before = _children(proc.pid)
+        assert len(before) == WORKERS
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(600):
+            now = _children(proc.pid)
+            if len(now) == WORKERS and victim not in now:
+                break
+            await asyncio.sleep(0.1)
+        assert len(now) == WORKERS and victim not in now and proc.poll() is None
+        boots = Boots(url, pki)
+        await boots.open()
+        for _ in range(60):  # the new worker serves once started: until both have issued
+            answers = await boots.many(8)
+            assert all(isinstance(a, dict) for a in answers), answers
+            if set(_by_label(await _events(store), KeyIssued)) == LABELS:
+                break
+            await asyncio.sleep(0.5)
+        assert set(_by_label(await _events(store), KeyIssued)) == LABELS
+    finally:
+        _stop(proc)
