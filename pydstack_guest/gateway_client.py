@@ -25,8 +25,15 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from cryptography import x509
 
-from pydstack.adapters.tdx.ratls_tls import RaTlsConnector, RaTlsVerifier, client_ssl_context
+from pydstack.adapters.tdx.ratls import app_id_of
+from pydstack.adapters.tdx.ratls_tls import (
+    RaTlsConnector,
+    RaTlsVerifier,
+    client_ssl_context,
+    peer_cert_der,
+)
 from pydstack.adapters.wireguard import (
     DeviceConfig,
     PeerConfig,
@@ -99,6 +106,43 @@ def port_policy_of(app_compose: str) -> tuple[list[dict[str, Any]], bool]:
     return ports, doc.port_policy.restrict_mode
 
 
+class GatewayAppCheck:
+    """The gateway's certificate must name this app id (OID 1.3, as dstack's guest checks
+    its gateway's, `AppIdValidator`): needed when the pinned CA is the KMS root, under which
+    every admitted app can get a server certificate."""
+
+    def __init__(self, gateway_app_id: str) -> None:
+        self.want = gateway_app_id.lower().removeprefix("0x")
+
+    def refusal(self, der: bytes | None) -> str | None:
+        if der is None:
+            return "the gateway sent no certificate"
+        try:
+            got = app_id_of(x509.load_der_x509_certificate(der))
+        except ValueError as exc:
+            return f"the gateway's certificate does not parse: {exc}"
+        if got is None or got.hex() != self.want:
+            return (f"the gateway's certificate names app {got.hex() if got else '(none)'}, "
+                    f"not the KMS's gateway app {self.want}")  # fmt: skip
+        return None
+
+
+class _AppCheckedConnector(aiohttp.TCPConnector):
+    """Refuses the connection before any request byte when the gateway's leaf is another
+    app's (same post-handshake hook as ratls_tls.RaTlsConnector)."""
+
+    def __init__(self, check: GatewayAppCheck, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._check = check
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        proto = await super()._create_connection(req, traces, timeout)
+        if (why := self._check.refusal(peer_cert_der(proto.transport))) is not None:
+            proto.close()
+            raise GatewayRegistrationError(why)
+        return proto
+
+
 async def register_cvm(
     url: str,
     *,
@@ -110,6 +154,7 @@ async def register_cvm(
     verifier: RaTlsVerifier | None = None,
     timeout_s: float = 30.0,
     quoted_identity: tuple[str, str] | None = None,
+    app_check: GatewayAppCheck | None = None,
 ) -> Registration:
     """POST RegisterCvm presenting ``identity`` (RA-TLS chain and key PEM); the gateway's
     certificate must chain to ``ca_pem`` (and carry evidence ``verifier`` accepts, if given).
@@ -121,11 +166,11 @@ async def register_cvm(
     policy = {"ports": ports or [], "restrict_mode": restrict}
     body = json.dumps({"client_public_key": wg_public_key, "port_policy": policy})
     try:
-        return await _post(url, identity, ca_pem, body, verifier, timeout_s)
+        return await _post(url, identity, ca_pem, body, verifier, timeout_s, app_check)
     except GatewayRegistrationError as e:
         if quoted_identity is None or NO_ATTESTATION not in str(e):
             raise
-    return await _post(url, quoted_identity, ca_pem, body, verifier, timeout_s)
+    return await _post(url, quoted_identity, ca_pem, body, verifier, timeout_s, app_check)
 
 
 async def _post(
@@ -135,11 +180,16 @@ async def _post(
     body: str,
     verifier: RaTlsVerifier | None,
     timeout_s: float,
+    app_check: GatewayAppCheck | None = None,
 ) -> Registration:
     ctx: ssl.SSLContext = client_ssl_context(identity[0], identity[1], ca_pem)
-    conn: aiohttp.TCPConnector = (
-        RaTlsConnector(verifier, ssl=ctx) if verifier else aiohttp.TCPConnector(ssl=ctx)
-    )
+    conn: aiohttp.TCPConnector
+    if verifier is not None:
+        conn = RaTlsConnector(verifier, ssl=ctx)
+    elif app_check is not None:
+        conn = _AppCheckedConnector(app_check, ssl=ctx)
+    else:
+        conn = aiohttp.TCPConnector(ssl=ctx)
     try:
         async with aiohttp.ClientSession(
             connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)

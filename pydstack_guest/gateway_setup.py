@@ -32,6 +32,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+from cryptography import x509
+
 from pydstack.adapters.wireguard import (
     PrivateKey,
     WireGuardBackend,
@@ -42,6 +44,7 @@ from pydstack.adapters.wireguard import (
 from .agent import GuestAgent
 from .boot import AppCompose, BootFailed, BootPlan, Report
 from .gateway_client import (
+    GatewayAppCheck,
     GatewayRegistrationError,
     Registration,
     await_handshake,
@@ -50,6 +53,7 @@ from .gateway_client import (
     refresh_tunnel,
     register_cvm,
 )
+from .provider import AppKeys
 
 Reach = Callable[[str], Awaitable[str]]  # a gateway's "host:port" -> the endpoint to dial
 Reregister = Callable[[], Awaitable[tuple[str, Registration]]]  # -> (url, registration)
@@ -156,10 +160,30 @@ async def _identity(agent: GuestAgent) -> tuple[str, str]:
     return "".join(tls["certificate_chain"]), str(tls["key"])
 
 
+def gateway_app_check(ca_pem: str, keys: AppKeys) -> GatewayAppCheck | None:
+    """When the pinned gateway CA includes the KMS root, every app the KMS admits can get a
+    server certificate under it: the gateway must then be the KMS's gateway app (its
+    ``gateway_app_id``, exactly), as dstack's guest requires. Another CA (`up`'s own): None."""
+    root = keys.kms_ca_cert_pem
+    if not root:
+        return None
+    kms_root = x509.load_pem_x509_certificate(root.encode())
+    pinned = x509.load_pem_x509_certificates(ca_pem.encode())
+    if kms_root not in pinned:
+        return None
+    app = keys.gateway_app_id.lower().removeprefix("0x")
+    if len(app) != 40 or any(c not in "0123456789abcdef" for c in app):
+        raise BootFailed("gateway", "gateway_ca is the KMS root but the KMS names no single "
+                         f"gateway app id ({keys.gateway_app_id!r}): refusing any app as the "
+                         "gateway")  # fmt: skip
+    return GatewayAppCheck(app)
+
+
 async def _register(
     urls: tuple[str, ...], agent: GuestAgent, ca_pem: str, key: PrivateKey
 ) -> tuple[str, Registration]:
     identity = await _identity(agent)
+    app_check = gateway_app_check(ca_pem, agent.keys)
     try:  # sent as dstack-util does, from the measured app-compose
         ports, restrict = port_policy_of(agent.config.app_compose)
     except GatewayRegistrationError as e:
@@ -169,7 +193,8 @@ async def _register(
         try:
             reg = await register_cvm(url, identity=identity, ca_pem=ca_pem,
                                      wg_public_key=key.public_key().b64,
-                                     ports=ports, restrict=restrict)  # fmt: skip
+                                     ports=ports, restrict=restrict,
+                                     app_check=app_check)  # fmt: skip
             return url, reg
         except GatewayRegistrationError as e:
             errors.append(str(e))

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -56,7 +57,11 @@ from pydstack.adapters.wireguard import DeviceError
 from pydstack.core.events import CvmRegistered, GatewayNodeJoined, decode_body, open_envelope
 from pydstack_guest import GuestAgent, GuestConfig, create_dev_app_keys
 from pydstack_guest.app import serve_agent
-from pydstack_guest.gateway_client import register_cvm
+from pydstack_guest.gateway_client import (
+    GatewayAppCheck,
+    GatewayRegistrationError,
+    register_cvm,
+)
 from tests.adversarial.test_dstack_guest_admission import dstack_gateway_certs, get_app_key
 from tests.gateway.given import key as wg_key
 from tests.gateway.simcvm import DevCa
@@ -238,6 +243,17 @@ async def test_a_kms_certificate_of_another_app_fails_the_dstack_guests_check(
         # dstack's documented escape hatch, never what our KMS answers
         await dstack_checks_gateway(url, identity, kms.temp["ca_cert"], "any",
                                     {"client_public_key": wg_key(14)})  # fmt: skip
+        # our own guest, pinning the KMS root, checks the app id the same way
+        with pytest.raises(GatewayRegistrationError, match=f"names app {APP_ID.hex()}, not "
+                           f"the KMS's gateway app {GW_APP.hex()}"):  # fmt: skip
+            await register_cvm(
+                url,
+                identity=identity,
+                ca_pem=kms.temp["ca_cert"],
+                wg_public_key=wg_key(15),
+                app_check=GatewayAppCheck(GW_APP.hex()),
+            )
+    assert {r.instance_id for r in await registered(store)} == {(b"\x64" * 20).hex()}
 
 
 @pytest.mark.timeout(120)
@@ -310,3 +326,22 @@ async def test_a_kms_certificate_needs_one_source_of_evidence(pki: DevPki) -> No
     reg = RegistrationLaunch("", "", "", kms_cert=both, attester=make_cvm(pki))
     with pytest.raises(DeviceError, match="not both"):
         await registration_identity("gw1", reg)
+
+
+def test_our_guest_checks_the_gateway_app_only_under_the_kms_root() -> None:
+    """gateway_app_check: a gateway CA that includes the KMS root demands the KMS's single
+    gateway app id (none, "any" or two ids stop the boot); another CA (`up`'s own) needs none."""
+    from pydstack_guest.boot import BootFailed
+    from pydstack_guest.gateway_setup import gateway_app_check
+
+    keys, _ = create_dev_app_keys(APP_ID, now=0)
+    root = create_dev_app_keys(b"\x01" * 20, now=0)[0].ca_cert_pem  # stands for the KMS root
+    under_kms = msgspec.structs.replace(keys, kms_ca_cert_pem=root, gateway_app_id=GW_APP.hex())
+    check = gateway_app_check(root, under_kms)
+    assert check is not None and check.want == GW_APP.hex()
+    other_ca = create_dev_app_keys(GW_APP, now=0)[0].ca_cert_pem
+    assert gateway_app_check(other_ca, under_kms) is None
+    assert gateway_app_check(root, keys) is None  # local keys: no KMS root to confuse
+    for bad in ("", "any", GW_APP.hex() + APP_ID.hex(), "zz" * 20):
+        with pytest.raises(BootFailed, match="no single gateway app id"):
+            gateway_app_check(root, msgspec.structs.replace(under_kms, gateway_app_id=bad))
