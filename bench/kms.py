@@ -28,13 +28,25 @@ Last line: {"p50_ms", "p99_ms", "ratio" (p50 / dcap-qvl verify p50), "errors", "
 Any failed request (GetAppKey or the floor's) makes the run exit 1: its figures would be
 over the survivors only.
 
-    python -m bench.kms [--quick]
+Workers, same run: the KMS above runs as one process (`--workers 1`); its CPU time (user +
+system, /proc) over the 50-client phase per answered GetAppKey is `server_cpu_ms`. A second
+KMS (another cluster, same nats-server) then runs with one worker per core (`--workers N`,
+`workers`) and serves the same 50-client load: `workers_rps`, its `workers_server_cpu_ms`,
+and `workers_ratio` = its throughput / the one process's. The clients run on the same cores:
+on a 2-core machine they take about as much CPU as the KMS, which bounds the ratio.
+`--storm N`: then N simulated CVMs boot at once against the N-worker KMS (each its own quote,
+certificate, connection and GetAppKey, none waiting for another): `all_ready_s` (first
+connection to the last answer), `storm_errors`; every failed boot counts in `errors` (exit 1).
+
+    python -m bench.kms [--quick] [--storm 1000]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import resource
 import signal
 import ssl
 import subprocess
@@ -48,7 +60,7 @@ import aiohttp
 import dcap_qvl
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench._common import bench_signer, finish, parse_quick, percentile, temp_server
+from bench._common import bench_signer, finish, percentile, temp_server
 from pydstack.actors.kms import KmsClient
 from pydstack.actors.kms.client import client_context
 from pydstack.actors.kms.http import rpc_ssl_context
@@ -149,7 +161,107 @@ def _connect_trace(out: list[float]) -> aiohttp.TraceConfig:
     return trace
 
 
-async def main(quick: bool) -> int:
+def start_kms(
+    nats_url: str, tmp: Path, workers: int, cluster: str = "main"
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A KMS process (dev PKI, dev auth) serving once all its `workers` do; (process, URL)."""
+    seed = tmp / "kms-identity.seed"  # the KMS signs with an identity's seed
+    if not seed.exists():
+        write_secret(seed, os.urandom(32).hex())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_url, "--port", "0",
+         "--cluster", cluster, "--key-file", str(tmp / f"root-{cluster}"),
+         "--seal-appkeys", str(tmp / "appkeys.json"), "--auth", "dev", "--allow-dev-auth",
+         "--dev-pki", str(tmp / "pki"), "--signer-seed-file", str(seed),
+         "--workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    url = proc.stdout.readline().decode().strip().split("=", 1)[1]
+    if workers > 1:  # the supervisor says when every worker serves
+        line = proc.stdout.readline().decode().strip()
+        if line != f"KMS_WORKERS={workers}":
+            proc.kill()
+            raise RuntimeError(f"the KMS's workers did not all start: {line!r}")
+    return proc, url
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` and its child processes (a KMS's workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    total = 0
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
+    return total / tick
+
+
+def stop_kms(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(20)
+
+
+async def identities(
+    pki: DevPki, url: str, n: int, first: int = 0
+) -> tuple[str, list[tuple[str, str]]]:
+    """(root CA, `n` CVM identities under this KMS's temp CA), one CVM per request."""
+    async with KmsClient(url, dev_pki=pki) as c:
+        temp = await c.call("GetTempCaCert")
+    ids = []
+    for i in range(first, first + n):
+        ids.append(await bound_identity(make_cvm(pki, instance_id=i.to_bytes(20, "big")), temp))
+    return temp["ca_cert"], ids
+
+
+async def load(
+    url: str, ca: str, ids: list[tuple[str, str]], conc: int | None, failures: list[str]
+) -> tuple[list[float], float]:
+    """Every identity's GetAppKey, `conc` at a time (None: all at once); (latencies, wall s).
+    A failed request is appended to `failures` in words."""
+    sem = asyncio.Semaphore(conc or len(ids) or 1)
+    lat: list[float] = []
+
+    async def boot(ident: tuple[str, str]) -> None:
+        async with sem:
+            try:
+                lat.append(await one(url, ca, ident, [], []))
+            except Exception as exc:  # counted: any failure fails the run
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(boot(i) for i in ids))
+    return lat, time.perf_counter() - t0
+
+
+async def workers_run(
+    nats_url: str, tmp: Path, pki: DevPki, n: int, conc: int, storm: int, failures: list[str]
+) -> dict[str, float]:
+    """The same 50-client load on a KMS with one worker per core, then the storm."""
+    workers = os.cpu_count() or 1
+    proc, url = start_kms(nats_url, tmp, workers, cluster="workers")
+    try:
+        ca, ids = await identities(pki, url, n + storm, first=1 << 20)
+        cpu0 = cpu_seconds(proc.pid)
+        lat, wall = await load(url, ca, ids[:n], conc, failures)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        out = {
+            "workers": float(workers), "workers_rps": len(lat) / wall,
+            "workers_p99_ms": percentile(lat, 99),
+            "workers_server_cpu_ms": cpu * 1000 / max(len(lat), 1),
+        }  # fmt: skip
+        if storm:
+            before = len(failures)
+            lat, wall = await load(url, ca, ids[n:], None, failures)
+            out |= {"storm": float(storm), "all_ready_s": wall,
+                    "storm_p99_ms": percentile(lat, 99),
+                    "storm_errors": float(len(failures) - before)}  # fmt: skip
+        return out
+    finally:
+        stop_kms(proc)
+
+
+async def main(quick: bool, storm: int = 0) -> int:
     """Run the bench; returns the exit status (1 when any request failed)."""
     n_seq, n_conc, conc = (60, 200, 50) if quick else (300, 1500, 50)
     pki = DevPki.generate()
@@ -158,17 +270,7 @@ async def main(quick: bool) -> int:
             tmp = Path(d)
             pki.save(tmp / "pki")
             (tmp / "appkeys.json").write_text(create_dev_app_keys(b"\x01" * 20, now=0)[1])
-            seed = tmp / "kms-identity.seed"  # the KMS signs with an identity's seed
-            write_secret(seed, os.urandom(32).hex())
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats.url, "--port", "0",
-                 "--key-file", str(tmp / "root"), "--seal-appkeys", str(tmp / "appkeys.json"),
-                 "--auth", "dev", "--allow-dev-auth", "--dev-pki", str(tmp / "pki"),
-                 "--signer-seed-file", str(seed)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            assert proc.stdout is not None
-            url = proc.stdout.readline().decode().strip().split("=", 1)[1]
+            proc, url = start_kms(nats.url, tmp, workers=1)  # one process: the base line
             try:
                 # the KMS serves only TDs measured as an image on its log (make_cvm's)
                 async with await EventStore.connect(nats.url, bench_signer("admin")) as store:
@@ -203,12 +305,14 @@ async def main(quick: bool) -> int:
                     async with sem:
                         await timed(lat, one(url, ca, ident, setup, []))
 
+                cpu0 = cpu_seconds(proc.pid)
                 t0 = time.perf_counter()
                 await asyncio.gather(*(worker(i) for i in ids[n_seq : n_seq + n_conc]))
                 wall = time.perf_counter() - t0
+                server_cpu = cpu_seconds(proc.pid) - cpu0
             finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(10)
+                stop_kms(proc)
+            multi = await workers_run(nats.url, tmp, pki, n_conc, conc, storm, failures)
     # dcap-qvl alone on a quote of the same kind, same run.
     cvm = make_cvm(pki)
     quote, _ = cvm.backend.attest(bytes(64))
@@ -237,7 +341,15 @@ async def main(quick: bool) -> int:
     print(f"mutual TLS handshake alone (both ends, in memory, {ssl.OPENSSL_VERSION}) "
           f"p50 {hs50:.2f} ms")  # fmt: skip
     print(f"client TLS context build (untimed) p50 {percentile(setup, 50):.2f} ms")
-    attempts = 2 * n_seq + n_conc
+    rps1 = len(lat) / wall
+    print(f"{conc} clients, {multi['workers']:.0f} workers  {multi['workers_rps']:.0f} req/s "
+          f"(x{multi['workers_rps'] / rps1:.2f} of 1 process)  KMS CPU "
+          f"{multi['workers_server_cpu_ms']:.2f} ms/request (1 process: "
+          f"{server_cpu * 1000 / max(len(lat), 1):.2f})")  # fmt: skip
+    if storm:
+        print(f"storm: {storm} CVMs booting at once, all answered in "
+              f"{multi['all_ready_s']:.2f} s, {multi['storm_errors']:.0f} errors")  # fmt: skip
+    attempts = 2 * n_seq + 2 * n_conc + storm
     for why in sorted(set(failures))[:5]:
         print(f"failed request: {why}", file=sys.stderr)
     return finish({
@@ -248,8 +360,27 @@ async def main(quick: bool) -> int:
         "client_setup_p50_ms": percentile(setup, 50), "connect_p50_ms": c50,
         "floor_p50_ms": f50, "handshake_alone_p50_ms": hs50,
         "over_floor_ratio": (p50 - f50) / v50,
+        "server_cpu_ms": server_cpu * 1000 / max(len(lat), 1),
+        "workers_ratio": multi["workers_rps"] / rps1, **multi,
     }, errors=len(failures), attempts=attempts, what="bench.kms requests")  # fmt: skip
 
 
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, finishes in ~40 s")
+    ap.add_argument(
+        "--storm",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N simulated CVMs boot at once against the N-worker KMS",
+    )
+    return ap.parse_args()
+
+
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main(parse_quick(__doc__))))
+    a = _args()
+    # a storm holds a client socket per CVM at once
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * a.storm + 1024)), hard))
+    raise SystemExit(asyncio.run(main(a.quick, a.storm)))

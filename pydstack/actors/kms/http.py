@@ -45,6 +45,9 @@ from .refusal import NO_CERTIFICATE, Refused, refuse
 from .service import Denied, KmsService, pem
 
 SERVICE: web.AppKey[KmsService] = web.AppKey("kms", KmsService)
+# Connections the kernel queues per listening socket before one is accepted: a boot storm's
+# CVMs connect at once (aiohttp's default, 128, drops SYNs and stalls them a second or more).
+BACKLOG = 1024
 SIGN_CERT_VERSIONS = (1, 2)  # dstack v0.5.11 `sign_cert`: V1 (pre-0.5 guests), V2
 Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 
@@ -311,7 +314,12 @@ async def serve_kms(
     runner = web.AppRunner(make_app(svc), access_log=None)
     await runner.setup()
     site = web.TCPSite(
-        runner, host, port, ssl_context=await server_context(svc), reuse_port=reuse_port or None
+        runner,
+        host,
+        port,
+        ssl_context=await server_context(svc),
+        reuse_port=reuse_port or None,
+        backlog=BACKLOG,
     )
     await site.start()
     server = site._server  # aiohttp keeps the bound socket here; port 0 needs the real one
