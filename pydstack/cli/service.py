@@ -144,9 +144,11 @@ def install_cmd(
     try:
         unit_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        tmp.replace(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # whatever the umask: systemd reads it as any user
+            f.write(text)
+        tmp.replace(path)  # whole or not at all
     except OSError as exc:
         raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
     click.echo(f"wrote {path}")
