@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from pydstack.actors.image_registry import revoke_image
 from pydstack.actors.kms import KmsCallError, KmsClient
@@ -20,6 +21,7 @@ from pydstack.adapters.nats import EventStore, NatsServer
 from pydstack.adapters.secretfile import write_secret
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.core.events import KeyDenied, KeyIssued, KeyRequested, decode_body, open_envelope
+from pydstack.core.kms import ABANDONED
 from pydstack_guest import create_dev_app_keys
 from tests import images
 
@@ -29,7 +31,12 @@ WORKERS = 2
 LABELS = {f"#w{i}" for i in range(WORKERS)}  # no --instance-id: the workers' own labels
 
 
-async def _start(nats_url: str, tmp: Path, pki: DevPki) -> tuple[subprocess.Popen[bytes], str]:
+async def _start(
+    nats_url: str,
+    tmp: Path,
+    pki: DevPki,
+    auth: tuple[str, ...] = ("--auth", "dev", "--allow-dev-auth"),
+) -> tuple[subprocess.Popen[bytes], str]:
     pki.save(tmp / "pki")
     (tmp / "appkeys.json").write_text(create_dev_app_keys(b"\x42" * 20, now=0)[1])
     seed = tmp / "kms-identity.seed"
@@ -37,7 +44,7 @@ async def _start(nats_url: str, tmp: Path, pki: DevPki) -> tuple[subprocess.Pope
     proc = subprocess.Popen(
         [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_url, "--cluster", CLUSTER,
          "--port", "0", "--key-file", str(tmp / "root.sealed"), "--seal-appkeys",
-         str(tmp / "appkeys.json"), "--auth", "dev", "--allow-dev-auth", "--dev-pki",
+         str(tmp / "appkeys.json"), *auth, "--dev-pki",
          str(tmp / "pki"), "--signer-seed-file", str(seed), "--workers", str(WORKERS)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -161,3 +168,78 @@ async def test_a_killed_worker_is_replaced(
         assert set(_by_label(await _events(store), KeyIssued)) == LABELS
     finally:
         _stop(proc)
+
+
+def _worker_pid(supervisor: int, index: int) -> int:
+    """The pid of the supervisor's worker `index` (from its command line)."""
+    for pid in _children(supervisor):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if argv[argv.index(b"--worker-index") + 1] == str(index).encode():
+            return pid
+    raise AssertionError(f"no worker {index}")
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_workers_open_request_is_closed_by_its_replacement_once(
+    nats_server: NatsServer, store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    """SIGKILL the worker whose request waits for the backend: its replacement closes that
+    request (KeyDenied, abandoned) before serving, the other worker's work is untouched, and
+    the request has exactly one decision even after the backend answers."""
+    hold, arrived = asyncio.Event(), asyncio.Event()
+
+    async def boot_auth(request: web.Request) -> web.Response:
+        arrived.set()
+        await hold.wait()
+        return web.json_response({"isAllowed": True, "reason": "", "gatewayAppId": ""})
+
+    async def kms_auth(request: web.Request) -> web.Response:
+        return web.json_response({"isAllowed": True, "reason": "", "gatewayAppId": ""})
+
+    app = web.Application()
+    app.router.add_post("/bootAuth/app", boot_auth)
+    app.router.add_post("/bootAuth/kms", kms_auth)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    await images.register_test_image(store)
+    proc, url = await _start(
+        nats_server.url, tmp_path, pki, ("--auth", "webhook", "--auth-url", hook)
+    )
+    try:
+        boots = Boots(url, pki)
+        await boots.open()
+        pending = asyncio.create_task(boots.one())
+        await asyncio.wait_for(arrived.wait(), 30)
+        for _ in range(200):  # stored while the backend decides
+            reqs = [e for e in await _events(store) if isinstance(e, KeyRequested)]
+            if reqs:
+                break
+            await asyncio.sleep(0.05)
+        (req,) = reqs
+        index = int(req.kms_instance.removeprefix("#w"))
+        victim = _worker_pid(proc.pid, index)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(Exception):  # noqa: B017 - any transport error: its worker died
+            await pending
+        closed: list[KeyDenied] = []
+        for _ in range(600):  # the replacement closes it before it serves
+            closed = [e for e in await _events(store) if isinstance(e, KeyDenied)]
+            if closed:
+                break
+            await asyncio.sleep(0.1)
+        assert [(d.request_id, d.reason) for d in closed] == [(req.request_id, ABANDONED)]
+        assert _worker_pid(proc.pid, index) != victim and proc.poll() is None
+        hold.set()
+        answers = await boots.many(8)  # served again, by both workers in time
+        assert all(isinstance(a, dict) for a in answers), answers
+        evs = await _events(store)
+        decided = [e for e in evs if isinstance(e, KeyIssued | KeyDenied)]
+        assert [e.request_id for e in decided].count(req.request_id) == 1
+        assert len(decided) == len([e for e in evs if isinstance(e, KeyRequested)])
+    finally:
+        hold.set()
+        _stop(proc)
+        await runner.cleanup()
