@@ -170,6 +170,14 @@ async def test_a_killed_worker_is_replaced(
         _stop(proc)
 
 
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _alive(pids: set[int]) -> bool:
+    return any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
 def _worker_pid(supervisor: int, index: int) -> int:
     """The pid of the supervisor's worker `index` (from its command line)."""
     for pid in _children(supervisor):
@@ -243,3 +251,40 @@ async def test_a_killed_workers_open_request_is_closed_by_its_replacement_once(
         hold.set()
         _stop(proc)
         await runner.cleanup()
+
+
+@pytest.mark.timeout(120)
+async def test_running_kms_workers_serves_from_a_launch_and_stops_its_processes(
+    nats_server: NatsServer, store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    """`running_kms_workers` (what an in-process launcher such as `up` uses) starts the
+    workers from a KmsLaunch with only file paths on their command lines, serves GetAppKey,
+    and leaves no process behind at exit."""
+    from pydstack.actors.kms.launch import KmsLaunch
+    from pydstack.actors.kms.workers import running_kms_workers
+
+    await images.register_test_image(store)
+    pki.save(tmp_path / "pki")
+    (tmp_path / "appkeys.json").write_text(create_dev_app_keys(b"\x42" * 20, now=0)[1])
+    seed_hex = os.urandom(32).hex()
+    seed = write_secret(tmp_path / "kms.seed", seed_hex)
+    launch = KmsLaunch(
+        key_file=str(tmp_path / "root.sealed"), cluster=CLUSTER, seal_appkeys=str(tmp_path /
+        "appkeys.json"), auth="dev", allow_dev_auth=True, dev_pki=str(tmp_path / "pki"),
+    )  # fmt: skip
+    async with running_kms_workers(
+        launch, WORKERS, nats_url=nats_server.url, seed_file=str(seed)
+    ) as url:
+        (sup,) = [p for p in _children(os.getpid()) if b"pydstack.actors.kms" in _cmdline(p)]
+        workers = _children(sup)
+        assert len(workers) == WORKERS
+        for pid in {sup, *workers}:
+            assert seed_hex.encode() not in _cmdline(pid)
+        boots = Boots(url, pki)
+        await boots.open()
+        assert all(isinstance(a, dict) for a in await boots.many(4))
+    for _ in range(100):  # the supervisor was reaped; its workers, by it, just before
+        if not _alive({sup, *workers}):
+            break
+        await asyncio.sleep(0.1)
+    assert not _alive({sup, *workers})

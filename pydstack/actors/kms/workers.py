@@ -29,7 +29,8 @@ import ctypes
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -38,6 +39,9 @@ from pydstack.adapters.nats import EventStore
 from pydstack.adapters.nats.errors import ConflictError
 from pydstack.core.events import KeyRequested, subject
 from pydstack.core.kms import abandoned, undecided
+
+if TYPE_CHECKING:
+    from .launch import KmsLaunch
 
 log = structlog.get_logger("pydstack.kms")
 
@@ -239,3 +243,66 @@ async def supervise(args: Sequence[str], workers: int, port: int, metrics_port: 
     finally:
         await sup.stop()
     return 0
+
+
+def launch_argv(opts: KmsLaunch, *, nats_url: str, seed_file: str, keyring: str = "") -> list[str]:
+    """`python -m pydstack.actors.kms` options for `opts`: file paths only, never a secret
+    (the identity's seed, the root keys, tokens stay in their files)."""
+    args = ["--nats", nats_url, "--cluster", opts.cluster, "--host", opts.host,
+            "--port", str(opts.port), "--key-file", opts.key_file, "--auth", opts.auth,
+            "--pccs-url", opts.pccs_url, "--signer-seed-file", seed_file]  # fmt: skip
+    for flag, value in (
+        ("--seal-appkeys", opts.seal_appkeys), ("--guest-agent", opts.guest_agent),
+        ("--auth-url", opts.auth_url), ("--eth-rpc-url", opts.eth_rpc_url),
+        ("--kms-contract", opts.kms_contract), ("--dev-pki", opts.dev_pki),
+        ("--instance-id", opts.instance_id), ("--onboard-from", opts.onboard_from),
+        ("--onboard-token-file", opts.onboard_token_file),
+        ("--replica-token-file", opts.replica_token_file), ("--keyring", keyring),
+    ):  # fmt: skip
+        if value:
+            args += [flag, value]
+    for mr in opts.allow_mrs:
+        args += ["--allow-mr", mr]
+    if opts.allow_dev_auth:
+        args.append("--allow-dev-auth")
+    return args
+
+
+@contextlib.asynccontextmanager
+async def running_kms_workers(
+    opts: KmsLaunch, workers: int, *, nats_url: str, seed_file: str, keyring: str = ""
+) -> AsyncIterator[str]:
+    """`running_kms` as `workers` processes (a supervisor process and its workers): yields
+    the URL once worker 0 serves, stops them at exit. Their log lines go to this process's
+    stderr; one that cannot start says why there, and this raises WorkerFailed.
+
+        async with running_kms_workers(launch, 4, nats_url=url, seed_file="ids/kms.nk") as url:
+            ...
+    """
+    argv = launch_argv(opts, nats_url=nats_url, seed_file=seed_file, keyring=keyring)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pydstack.actors.kms", *argv, "--workers", str(workers),
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = await proc.stdout.readline()
+        if not line.startswith(b"KMS_URL="):
+            code = await proc.wait()
+            raise WorkerFailed(f"the KMS exited with status {code} before serving (its own "
+                               "line above says why)", status=code)  # fmt: skip
+        drain = asyncio.create_task(_drain(proc.stdout))
+        try:
+            yield line.decode().strip().split("=", 1)[1]
+        finally:
+            drain.cancel()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
