@@ -78,7 +78,9 @@ class DecisionLog:
         if puts and self.bucket is None:
             raise ValueError("evidence blobs given to a decision log without a bucket")
         bucket = self.bucket
-        stored = asyncio.gather(*(bucket.put(b) for b in puts)) if bucket and puts else None
+        stored = None  # one task per blob, started now: the put overlaps the append
+        if bucket is not None and puts:
+            stored = asyncio.gather(*(bucket.put(b) for b in puts))
         await self._queue.put((list(events), [new_event_id() for _ in events], fut))
         try:
             await fut
