@@ -36,6 +36,7 @@ async def _start(
     tmp: Path,
     pki: DevPki,
     auth: tuple[str, ...] = ("--auth", "dev", "--allow-dev-auth"),
+    stderr: int = subprocess.DEVNULL,
 ) -> tuple[subprocess.Popen[bytes], str]:
     pki.save(tmp / "pki")
     (tmp / "appkeys.json").write_text(create_dev_app_keys(b"\x42" * 20, now=0)[1])
@@ -46,7 +47,7 @@ async def _start(
          "--port", "0", "--key-file", str(tmp / "root.sealed"), "--seal-appkeys",
          str(tmp / "appkeys.json"), *auth, "--dev-pki",
          str(tmp / "pki"), "--signer-seed-file", str(seed), "--workers", str(WORKERS)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=stderr,
     )  # fmt: skip
     assert proc.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
@@ -288,3 +289,38 @@ async def test_running_kms_workers_serves_from_a_launch_and_stops_its_processes(
             break
         await asyncio.sleep(0.1)
     assert not _alive({sup, *workers})
+
+
+@pytest.mark.timeout(180)
+async def test_a_worker_that_keeps_dying_stops_the_kms_with_one_line(
+    nats_server: NatsServer, store: EventStore, pki: DevPki, tmp_path: Path
+) -> None:
+    """Past the restart budget (RESTARTS exits within RESTART_WINDOW) the supervisor stops
+    every worker and exits 1 with one line naming what happened, rather than looping."""
+    from pydstack.actors.kms.workers import RESTARTS
+
+    await images.register_test_image(store)
+    proc, _ = await _start(nats_server.url, tmp_path, pki, stderr=subprocess.PIPE)
+    try:
+        for _kill in range(RESTARTS + 1):
+            victim = _worker_pid(proc.pid, 1)
+            os.kill(victim, signal.SIGKILL)
+            for _ in range(300):  # replaced (or, past the budget, the supervisor is gone)
+                if proc.poll() is not None or _replaced(proc.pid, victim):
+                    break
+                await asyncio.sleep(0.05)
+        code = await asyncio.to_thread(proc.wait, 60)
+        assert proc.stderr is not None
+        errors = [ln for ln in proc.stderr.read().decode().splitlines() if ln.startswith("Error:")]
+        assert code == 1
+        assert len(errors) == 1 and f"exited {RESTARTS + 1} times" in errors[0], errors
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+
+
+def _replaced(supervisor: int, victim: int) -> bool:
+    try:
+        return victim not in _children(supervisor) and len(_children(supervisor)) == WORKERS
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return False
