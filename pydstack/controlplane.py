@@ -194,6 +194,7 @@ class UpOptions:
     # Further KMS replicas this host's CVMs may ask, in order, after this up's own KMS (if any)
     kms_urls: tuple[str, ...] = ()
     kms_instance: str = ""  # this up's KMS instance id [default: the host id]
+    kms_workers: int = 1  # > 1: the KMS runs as that many processes (actors/kms/workers.py)
     dashboard_port: int = 8080  # taken: any free port; 0: any free port; -1: no dashboard
     dashboard_kms: str = ""  # KMS URL for the deploy form's env keys [default: up's own KMS]
     # Where the dashboard listens; not loopback: every request needs its login token
@@ -577,22 +578,21 @@ class ControlPlane:
         self, stack: contextlib.AsyncExitStack, ident: Identity, settings: StreamSettings
     ) -> None:
         """Run one KMS instance of cluster `main` with its own identity."""
-        from pydstack.actors.kms.launch import running_kms
-
         launch = self._kms_launch()
         from pydstack.actors.kms.client import KmsCallError
         from pydstack.actors.kms.pin import cluster_root, write_pin
         from pydstack.actors.kms.service import KmsError, NotOnboarded
+        from pydstack.actors.kms.workers import WorkerFailed
 
         store = await self._connect(ident, settings)
         stack.push_async_callback(_close, store)
         try:
             self.kms_url = await stack.enter_async_context(
-                _bounded(running_kms(store, launch), "kms")
+                _bounded(self._running_kms(store, ident, settings, launch), "kms")
             )
         except NotOnboarded as exc:
             raise StoreError(f"{exc}; or start without a KMS (--no-kms)") from None
-        except (KmsError, KmsCallError) as exc:  # e.g. a source KMS refusing the onboarding
+        except (KmsError, KmsCallError, WorkerFailed) as exc:  # e.g. a refused onboarding
             raise StoreError(f"KMS: {exc}") from None
         # The data dir now knows its cluster and root: env keys are checked against them.
         created = await cluster_root(store, launch.cluster)
@@ -769,6 +769,26 @@ class ControlPlane:
             acme_ca_bundle=o.gateway_acme_ca_bundle or None, challtestsrv=o.gateway_challtestsrv,
             rfc2136=o.gateway_rfc2136,
             forward_guard=o.gateway_forward_guard, log_auth=(o.kms_auth or "log") == "log",
+        )  # fmt: skip
+
+    def _running_kms(
+        self, store: EventStore, ident: Identity, settings: StreamSettings, launch: KmsLaunch
+    ) -> contextlib.AbstractAsyncContextManager[str]:
+        """The KMS in this process, or (`kms_workers` > 1) as worker processes logging in
+        with the kms identity's seed file."""
+        from pydstack.actors.kms.launch import LaunchError, running_kms
+        from pydstack.actors.kms.workers import running_kms_workers
+        from pydstack.adapters.nats import DEFAULT_STREAM
+
+        if self.opts.kms_workers <= 1:
+            return running_kms(store, launch)
+        if settings.name != DEFAULT_STREAM:
+            raise LaunchError(f"--kms-workers runs on stream {DEFAULT_STREAM} only, not "
+                              f"{settings.name}: leave --kms-workers at 1")  # fmt: skip
+        ids = self.data.identities
+        return running_kms_workers(
+            launch, self.opts.kms_workers, nats_url=self.url,
+            seed_file=str(ids.path(ident.name)), keyring=str(ids.keyring_path),
         )  # fmt: skip
 
     def _kms_launch(self) -> KmsLaunch:

@@ -181,6 +181,13 @@ def _loopback_unless_allowed(data: DataDir, opts: UpOptions, allow: bool) -> Non
 )
 @click.option("--kms-port", type=click.IntRange(0, 65535), default=0, help="[default: 9100]")
 @click.option(
+    "--kms-workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    help="serve the KMS from this many processes on its port (boot storms; one per core "
+    "scales with the cores); 1: inside up",
+)
+@click.option(
     "--kms-auth",
     type=click.Choice(["log", "webhook", "eth", "dev"]),
     default=None,
@@ -360,6 +367,7 @@ def up_cmd(
     log_json: bool | None,
     kms: bool | None,
     kms_port: int,
+    kms_workers: int,
     kms_auth: str | None,
     kms_auth_url: str,
     eth_rpc_url: str,
@@ -426,7 +434,8 @@ def up_cmd(
         port=port, host=host, nats_url=join or s.nats, stream=s.stream, allow_delete=allow_delete,
         metrics_port=metrics_port, host_id=None if no_host else host_id, host_vcpu=host_vcpu,
         host_memory_mb=host_memory_mb, reconcile_interval_s=reconcile_interval, kms=kms,
-        kms_port=kms_port, kms_auth=kms_auth or "", kms_auth_url=kms_auth_url,
+        kms_port=kms_port, kms_workers=kms_workers, kms_auth=kms_auth or "",
+        kms_auth_url=kms_auth_url,
         kms_eth_rpc_url=eth_rpc_url, kms_contract=kms_contract,
         kms_onboard=kms_onboard, kms_onboard_token_file=kms_onboard_token_file or "",
         kms_allow_mrs=kms_allow_mrs, kms_urls=kms_urls,
