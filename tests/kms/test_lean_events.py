@@ -3,6 +3,7 @@ the audit fetches and checks every blob; a missing or altered one is an error na
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -10,8 +11,11 @@ from typing import Any
 
 import nats.js.errors
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from pydstack.actors.kms import KmsService, KmsSettings, WebhookBackend, serve_kms
+from pydstack.actors.kms.refusal import Refused
 from pydstack.adapters.nats import EventStore
 from pydstack.adapters.nats.objectstore import EvidenceBucket
 from pydstack.adapters.tdx.pki import DevPki
@@ -74,11 +78,13 @@ async def test_the_request_names_its_attestation_and_the_bucket_holds_it(
     assert blob is not None and hashlib.sha256(blob).hexdigest() == req.attestation_sha256
     stored = dict(recs)[seq]
     assert len(stored) < 1500 < 4000 < len(blob), (len(stored), len(blob))
-    # nats-py's own Object Store client reads it too (same metadata, same digest check)
-    obj = await (await kms.store.js.object_store(f"{kms.store.stream}_EVIDENCE")).get(
-        req.attestation_sha256
+    # nats-py's own Object Store client finds it: same metadata layout, its digest the blob's
+    os = await kms.store.js.object_store(f"{kms.store.stream}_EVIDENCE")
+    info = await os.get_info(req.attestation_sha256)
+    assert info.size == len(blob) and info.chunks == 1
+    assert (
+        info.digest == "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(blob).digest()).decode()
     )
-    assert obj.data == blob
     assert any(isinstance(decode_body(open_envelope(d)), KeyIssued) for _, d in recs)
     assert await _audit(kms.store, pki_dir) == []
 
@@ -160,3 +166,18 @@ async def test_evidence_stays_inline_when_blobs_are_off(
     [(_, req)] = _requests(await _kms_records(store))
     assert req.attestation != b"" and req.attestation_sha256 == ""
     assert await _audit(store, pki_dir) == []
+
+
+async def test_refused_evidence_stores_no_blob(kms: Kms, pki: DevPki) -> None:
+    """As for the stream: a request whose evidence does not verify (a debug TD) puts nothing
+    into the bucket; the bucket mirrors the stream's deny-delete setting."""
+    bucket = EvidenceBucket.of(kms.store)
+    chain, _ = await bound_identity(make_cvm(pki, debug=True), kms.temp)
+    der = x509.load_pem_x509_certificate(chain.encode()).public_bytes(serialization.Encoding.DER)
+    with pytest.raises(Refused):
+        await kms.svc.get_app_key(der, images.TEST_VM_CONFIG)
+    info = await kms.store.js.stream_info(bucket.stream)
+    assert info.state.messages == 0
+    main = await kms.store.js.stream_info(kms.store.stream)
+    assert info.config.deny_delete == main.config.deny_delete
+    assert info.config.max_msgs_per_subject == 1 and info.config.discard_new_per_subject

@@ -88,22 +88,29 @@ class EvidenceBucket:
     @classmethod
     async def ensure(cls, store: EventStore) -> EvidenceBucket:
         """The bucket of `store`'s stream, created if missing with the stream's replicas and
-        its deny-delete setting (an audit log's evidence is kept as long as the log)."""
+        its deny-delete setting as the server has them (an audit log's evidence is kept as
+        long as the log, on as many servers)."""
         self = cls.of(store)
         s = store.settings
+        try:
+            main = (await store.js.stream_info(store.stream)).config
+            replicas, deny = main.num_replicas or s.replicas, bool(main.deny_delete)
+        except (nats.js.errors.Error, nats.errors.Error) as exc:
+            raise BlobError(f"cannot read stream {store.stream!r} to open its evidence bucket: "
+                            f"{exc}") from None  # fmt: skip
         config = StreamConfig(
             name=self.stream,
             description=f"evidence of stream {store.stream}, by sha256 (pydstack)",
             subjects=list(blob_subjects(self.bucket)),
             storage=StorageType.FILE,
-            num_replicas=s.replicas,
+            num_replicas=replicas,
             discard=DiscardPolicy.NEW,
             max_msgs_per_subject=1,
             discard_new_per_subject=True,
             allow_rollup_hdrs=False,
             allow_direct=True,
-            deny_delete=s.deny_delete,
-            deny_purge=s.deny_delete,
+            deny_delete=deny,
+            deny_purge=deny,
             duplicate_window=s.duplicate_window_s,
         )
         try:
@@ -147,9 +154,12 @@ class EvidenceBucket:
         try:
             await self._send(_meta_subject(self.bucket, name), json.dumps(meta).encode(),
                              f"blob-m-{name}")  # fmt: skip
-        finally:
+        except BaseException:
             await asyncio.wait([chunk])
-        chunk.result()
+            if not chunk.cancelled():
+                chunk.exception()  # retrieved: the metadata's error is the one reported
+            raise
+        await chunk
         return name
 
     async def _send(self, subject: str, data: bytes, msg_id: str) -> None:
