@@ -21,7 +21,16 @@ from pydstack.adapters.nats.objectstore import EvidenceBucket
 from pydstack.adapters.tdx.pki import DevPki
 from pydstack.cli._evidence import fetch_evidence
 from pydstack.cli.audit import recheck_kms
-from pydstack.core.events import KeyIssued, KeyRequested, decode_body, open_envelope, subject
+from pydstack.core.events import (
+    KeyDenied,
+    KeyIssued,
+    KeyRequested,
+    decode_body,
+    open_envelope,
+    subject,
+)
+from pydstack.core.kms import abandoned
+from pydstack.core.kms.blobs import lean
 from tests import images
 
 from .conftest import CLUSTER, CollateralBox, Kms, Webhook, bound_identity, kms_guest, make_cvm
@@ -181,3 +190,22 @@ async def test_refused_evidence_stores_no_blob(kms: Kms, pki: DevPki) -> None:
     main = await kms.store.js.stream_info(kms.store.stream)
     assert info.config.deny_delete == main.config.deny_delete
     assert info.config.max_msgs_per_subject == 1 and info.config.discard_new_per_subject
+
+
+async def test_a_blob_lost_with_its_kms_is_a_warning_when_the_request_was_abandoned(
+    store: EventStore,
+) -> None:
+    """A KMS that died between the KeyRequested append and the blob's put leaves a request
+    its restart closes as ABANDONED (no key left): the missing blob is a warning; the same
+    blob missing behind any other decision is an error."""
+    subj = "dstack.kms.gone"
+    cut, _ = lean(KeyRequested(request_id="r-cut", app_id="a", attestation=b"never stored"))
+    kept, _ = lean(KeyRequested(request_id="r-denied", app_id="a", attestation=b"lost too"))
+    denied = KeyDenied(request_id="r-denied", reason="backend said no")
+    await store.append(subj, [cut, abandoned(cut), kept, denied], 0)
+    recs, _ = await store.read_aggregate(subj)
+    _, found = await fetch_evidence(store, {subj: [(r.seq, r.data) for r in recs]})
+    by_rid = {f.reason.split(": ")[2]: f for f in found}
+    assert by_rid["r-cut"].severity == "warning" and "abandoned" in by_rid["r-cut"].reason
+    assert by_rid["r-denied"].severity == "error"
+    assert "is missing from the evidence bucket" in by_rid["r-denied"].reason
