@@ -138,3 +138,32 @@ def test_a_crashed_gateway_node_is_rebuilt_inside_up_and_the_app_answers_again(
         _cleanup(short_tmp, sandboxes)
         assert stopped == 0, text
         assert "Traceback" not in text, text[text.find("Traceback") :][:2000]
+
+
+@pytest.mark.timeout(300)
+def test_up_killed_9_brings_its_gateway_back_on_the_same_wireguard_port(short_tmp: Path) -> None:
+    """kill -9 of `up` (found by bench.chaos): its wireguard-go outlives it and held the port
+    while the next `up` picked ports, so the gateway came back on another one and no CVM
+    tunnel reached it again. Now the leftover interface goes first: same ports, one carrier,
+    and the new `up` took over the old nats-server's store."""
+    home, plane = _up_with_gateway(short_tmp)
+    second = None
+    try:
+        before = msgspec.json.decode((home / "state.json").read_bytes())
+        [old_carrier] = _wireguard_go(home)
+        assert plane.proc is not None
+        plane.proc.kill()
+        plane.proc.wait(timeout=10)
+        assert _wireguard_go(home) == [old_carrier]  # left behind by the killed `up`
+        second = plane.start()
+        after = msgspec.json.decode((home / "state.json").read_bytes())
+        for key in ("gateway_wireguard_port", "gateway_proxy", "gateway_registration_url"):
+            assert after[key] == before[key], key
+        carriers = _wireguard_go(home)
+        assert len(carriers) == 1 and carriers != [old_carrier], carriers
+        assert cli(home, "audit").code == 0
+    finally:
+        stopped = plane.stop()
+        _cleanup(short_tmp, {})
+    assert stopped == 0, plane.text()
+    assert second is not None and "Traceback" not in plane.text()
