@@ -324,3 +324,34 @@ def _replaced(supervisor: int, victim: int) -> bool:
         return victim not in _children(supervisor) and len(_children(supervisor)) == WORKERS
     except (FileNotFoundError, ProcessLookupError, ValueError):
         return False
+
+
+async def test_the_gateway_app_id_option_reaches_every_workers_get_meta(
+    nats_server: NatsServer, pki: DevPki, tmp_path: Path
+) -> None:
+    """`--gateway-app-id HEX` (log/dev backends) is what GetMeta names, from whichever
+    worker answers; a value that is not one app id stops the start in one line."""
+    gw = "ab" * 20
+    auth = ("--auth", "dev", "--allow-dev-auth", "--gateway-app-id", gw)
+    proc, url = await _start(nats_server.url, tmp_path, pki, auth=auth)
+    try:
+        for _ in range(6):  # new connections: SO_REUSEPORT spreads them over the workers
+            async with KmsClient(url, dev_pki=pki) as c:
+                assert (await c.call("GetMeta"))["gateway_app_id"] == gw
+    finally:
+        _stop(proc)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.actors.kms", "--nats", nats_server.url, "--cluster",
+         "other", "--port", "0", "--key-file", str(bad / "root.sealed"), "--auth", "dev",
+         "--allow-dev-auth", "--gateway-app-id", "any", "--dev-pki", str(tmp_path / "pki"),
+         "--seal-appkeys", str(tmp_path / "appkeys.json"), "--workers", "1",
+         "--signer-seed-file", str(tmp_path / "kms-identity.seed")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    errors = [ln for ln in err.decode().splitlines() if ln.startswith("Error")]
+    assert proc.returncode != 0 and b"KMS_URL=" not in out
+    assert len(errors) == 1 and "gateway" in errors[0], err.decode()[-1500:]
+    assert not (bad / "root.sealed").exists()

@@ -66,6 +66,11 @@ from pydstack.loop import run as run_loop
 )
 @click.option("--allow-dev-auth", is_flag=True, envvar="PYDSTACK_KMS_ALLOW_DEV")
 @click.option(
+    "--gateway-app-id", default="", metavar="HEX",
+    help="--auth log/dev: the gateway's app id (40 hex digits) dstack guests are told to "
+    "accept a gateway certificate of (GetMeta, GetAppKey gateway_app_id)",
+)  # fmt: skip
+@click.option(
     "--dev-pki",
     type=click.Path(file_okay=False),
     default=None,
@@ -154,7 +159,7 @@ async def run(
     onboard_from: str = "", metrics_port: int = 0, onboard_token_file: str | None = None,
     replica_token_file: str | None = None, allow_mrs: tuple[str, ...] = (),
     keyring: str | None = None, eth_rpc_url: str = "", kms_contract: str = "",
-    worker_index: int = -1, worker_restart: bool = False,
+    worker_index: int = -1, worker_restart: bool = False, gateway_app_id: str = "",
 ) -> None:  # fmt: skip
     from pydstack.adapters.nats import EventStore, StoreError
     from pydstack.adapters.nats.identity import standalone_identity
@@ -176,7 +181,7 @@ async def run(
         dev_pki=dev_pki, pccs_url=pccs_url, instance_id=instance_id, onboard_from=onboard_from,
         onboard_token_file=onboard_token_file or "", replica_token_file=replica_token_file or "",
         allow_mrs=allow_mrs, eth_rpc_url=eth_rpc_url, kms_contract=kms_contract,
-        worker=worker_index, worker_restart=worker_restart,
+        worker=worker_index, worker_restart=worker_restart, gateway_app_id=gateway_app_id,
     )  # fmt: skip
     store = await EventStore.connect(nats_url, signer, nkey_seed=nkey, anchor=anchor)
     await store.ensure_stream()

@@ -59,6 +59,9 @@ class KmsLaunch:
     auth_url: str = ""
     eth_rpc_url: str = ""  # auth "eth": the chain's JSON-RPC endpoint
     kms_contract: str = ""  # auth "eth": the DstackKms contract's address
+    # auth "log"/"dev": the app whose KMS certificate dstack's guests take from a gateway
+    # (GetMeta / GetAppKey gateway_app_id; webhook and eth name their own)
+    gateway_app_id: str = ""
     allow_dev_auth: bool = False
     dev_pki: str | None = None  # simulator PKI: trusted, and the simulated TD's (no agent)
     pccs_url: str = INTEL_PCCS
@@ -96,6 +99,7 @@ async def running_kms(store: EventStore, opts: KmsLaunch) -> AsyncIterator[str]:
         backend = make_backend(
             opts.auth, url=opts.auth_url, allow_dev=opts.allow_dev_auth, store=store,
             eth_rpc_url=opts.eth_rpc_url, kms_contract=opts.kms_contract,
+            gateway_app_id=opts.gateway_app_id,
         )  # fmt: skip
     except BackendConfigError as exc:
         raise LaunchError(str(exc)) from None

@@ -258,6 +258,7 @@ def launch_argv(opts: KmsLaunch, *, nats_url: str, seed_file: str, keyring: str 
         ("--instance-id", opts.instance_id), ("--onboard-from", opts.onboard_from),
         ("--onboard-token-file", opts.onboard_token_file),
         ("--replica-token-file", opts.replica_token_file), ("--keyring", keyring),
+        ("--gateway-app-id", opts.gateway_app_id),
     ):  # fmt: skip
         if value:
             args += [flag, value]
