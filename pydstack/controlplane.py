@@ -617,8 +617,6 @@ class ControlPlane:
             return
         from pydstack.actors.vmm import VmmConfig, VmmLaunch, running_vmm
 
-        store = await self._connect(ident, settings)
-        stack.push_async_callback(_close, store)
         config = VmmConfig(
             host_id=self.opts.host_id, state_dir=self.data.path / "vmm",
             vcpu=self.opts.host_vcpu, memory_mb=self.opts.host_memory_mb,
