@@ -291,6 +291,20 @@ async def test_second_supervisor_on_the_same_state_dir_refuses(harness: Supervis
         assert "another supervisor already owns" in log
 
 
+async def test_a_second_supervisor_on_a_socket_in_use_leaves_it_to_its_owner(
+    harness: SupervisorHarness, tmp_path: Path
+) -> None:
+    """A supervisor started on a socket another one serves (e.g. the VMM's watchdog relaunch
+    after a ping timed out under load) exits naming it, and the socket stays the running
+    one's: it once removed the path on its way out, and nobody could reach the CVMs' owner."""
+    async with await harness.start() as client:
+        other = launch_supervisor(harness.socket, tmp_path / "other-state")
+        assert await asyncio.to_thread(other.wait, 15) != 0
+        assert "is in use by a running server" in (tmp_path / "other-state" /
+                                                    "supervisor.log").read_text()  # fmt: skip
+        assert harness.socket.exists() and await client.ping()
+
+
 async def test_logs_rotate_by_size_keeping_backups(harness: SupervisorHarness) -> None:
     """A chatty process's log is cut at the size limit into at most ``log_backups`` copies."""
     code = "import time\nwhile True:\n    print('x' * 99, flush=True)\n    time.sleep(0.002)"

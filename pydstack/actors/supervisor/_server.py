@@ -55,6 +55,7 @@ async def serve(
     socket_path: Path, settings: SupervisorSettings, *, stop_all_on_exit: bool = False
 ) -> None:
     lock_fd = _lock_state_dir(settings.state_dir)
+    bound = False  # only a socket this process bound is its to remove
     try:
         _clear_stale_socket(socket_path)
         socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,7 @@ async def serve(
             await runner.setup()
             try:
                 await web.UnixSite(runner, str(socket_path)).start()
+                bound = True
                 os.chmod(socket_path, 0o600)
                 log.info("supervisor ready", socket=str(socket_path), processes=len(sup.list()))
                 loop = asyncio.get_running_loop()
@@ -76,6 +78,7 @@ async def serve(
             if stop_all_on_exit:
                 await sup.close(stop_all=True)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
+        if bound:  # a start refused "in use" must not take a running supervisor's socket
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
         os.close(lock_fd)
