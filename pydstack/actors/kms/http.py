@@ -21,12 +21,14 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+import nats.errors
 import structlog
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pydstack.adapters.nats import StoreError
 from pydstack.adapters.tdx.attestation import Attestation, decode_attestation, encode_attestation
 from pydstack.adapters.tdx.errors import TdxError
 from pydstack.adapters.tdx.eventlog import EventLogError, parse_json_event_log, runtime_events_of
@@ -43,6 +45,8 @@ from .certgrants import usage_of
 from .evidence import MALFORMED, MAX_CERTIFICATE, OVERSIZE
 from .refusal import NO_CERTIFICATE, Refused, refuse
 from .service import Denied, KmsService, pem
+
+log = structlog.get_logger("pydstack.kms")
 
 SERVICE: web.AppKey[KmsService] = web.AppKey("kms", KmsService)
 # Connections the kernel queues per listening socket before one is accepted: a boot storm's
@@ -273,6 +277,15 @@ async def _handle(request: web.Request, handler: Handler, method: str) -> web.St
         return await handler(request, body)
     except BadRequest as e:
         return _bad(method, e)
+    except (StoreError, nats.errors.Error, TimeoutError) as e:
+        # The log did not take the request or its decision (e.g. the stream had no leader
+        # during an election): nothing is decided, nothing released; the caller retries.
+        log.warning("the log is unavailable; request not decided", method=method,
+                    error=str(e) or type(e).__name__)  # fmt: skip
+        return web.json_response(
+            {"error": f"the KMS's log is unavailable ({str(e) or type(e).__name__}); retry"},
+            status=503,
+        )
 
 
 def _bad(method: str, e: BadRequest) -> web.Response:
