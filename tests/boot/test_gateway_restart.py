@@ -33,6 +33,21 @@ from .test_gateway_deploy import (
 BOUND_S = 15.0  # the goal is 5 s (bench.recover's restart_reachable_s); this is a ceiling
 
 
+def _deploy_and_save(
+    home: Path, root: Path, sandboxes: dict[str, dict[str, str]]
+) -> tuple[str, str, str]:
+    """Deploy the example as hello1, see it answer through the gateway and wait until the
+    gateway saved the CVM's endpoint; (proxy address, app URL, gateway CA file)."""
+    state = msgspec.json.decode((home / "state.json").read_bytes())
+    proxy, ca = state["gateway_proxy"], state["gateway_ca"]
+    url = _line(_deploy_example(home, root, "hello1", "hi", sandboxes).out, "url")
+    assert _get(proxy, url, ca)[0] == 200
+    saved = home / "gateway" / "gw1" / "endpoints.json"
+    wait_for(lambda: saved.exists() and json.loads(saved.read_text()), timeout=10,
+             what="the gateway to save the CVM's endpoint")  # fmt: skip
+    return proxy, url, ca
+
+
 @pytest.mark.timeout(300)
 def test_a_restarted_up_serves_the_running_app_through_the_gateway_within_seconds(
     short_tmp: Path,
@@ -44,13 +59,7 @@ def test_a_restarted_up_serves_the_running_app_through_the_gateway_within_second
     sandboxes: dict[str, dict[str, str]] = {}
     first_run = ""
     try:
-        state = msgspec.json.decode((home / "state.json").read_bytes())
-        proxy, ca = state["gateway_proxy"], state["gateway_ca"]
-        url = _line(_deploy_example(home, short_tmp, "hello1", "hi", sandboxes).out, "url")
-        assert _get(proxy, url, ca)[0] == 200
-        saved = home / "gateway" / "gw1" / "endpoints.json"
-        wait_for(lambda: saved.exists() and json.loads(saved.read_text()), timeout=10,
-                 what="the gateway to save the CVM's endpoint")  # fmt: skip
+        proxy, url, ca = _deploy_and_save(home, short_tmp, sandboxes)
 
         assert plane.stop() == 0, plane.text()
         first_run = plane.text()
@@ -99,13 +108,7 @@ def test_a_crashed_gateway_node_is_rebuilt_inside_up_and_the_app_answers_again(
     home, plane = _up_with_gateway(short_tmp)
     sandboxes: dict[str, dict[str, str]] = {}
     try:
-        state = msgspec.json.decode((home / "state.json").read_bytes())
-        proxy, ca = state["gateway_proxy"], state["gateway_ca"]
-        url = _line(_deploy_example(home, short_tmp, "hello1", "hi", sandboxes).out, "url")
-        assert _get(proxy, url, ca)[0] == 200
-        saved = home / "gateway" / "gw1" / "endpoints.json"
-        wait_for(lambda: saved.exists() and json.loads(saved.read_text()), timeout=10,
-                 what="the gateway to save the CVM's endpoint")  # fmt: skip
+        proxy, url, ca = _deploy_and_save(home, short_tmp, sandboxes)
         [carrier] = _wireguard_go(home)
         os.kill(carrier, signal.SIGKILL)
         t0 = time.monotonic()
