@@ -65,15 +65,24 @@ def _opt(v: bytes | None) -> bytes:
     return b"\x00" if v is None else b"\x01" + v
 
 
-def encode_csr(csr: Csr, attestation: bytes) -> bytes:
+def csr_head(csr: Csr) -> list[bytes]:
+    """The fields both CSR versions (V1: csr_v1, V2 here) start with, in dstack's order, up
+    to the usage flags where the two part."""
     c = csr.config
-    parts = [
+    return [
         _str(csr.confirm),
         _bytes(csr.pubkey),
         _opt(None if c.org_name is None else _str(c.org_name)),
         _str(c.subject),
         _compact(len(c.subject_alt_names)),
         *(_str(n) for n in c.subject_alt_names),
+    ]
+
+
+def encode_csr(csr: Csr, attestation: bytes) -> bytes:
+    c = csr.config
+    parts = [
+        *csr_head(csr),
         bytes([c.usage_server_auth, c.usage_client_auth, c.ext_quote, c.ext_app_info]),
         _opt(None if c.not_before is None else c.not_before.to_bytes(8, "little")),
         _opt(None if c.not_after is None else c.not_after.to_bytes(8, "little")),

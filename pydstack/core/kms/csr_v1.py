@@ -19,18 +19,13 @@ dstack verifies the signature over the re-encoded request, so `encode_csr_v1` of
 
 from __future__ import annotations
 
-from .csr import CertConfig, Csr, CsrError, _bytes, _compact, _opt, _Reader, _str
+from .csr import CertConfig, Csr, CsrError, _bytes, _Reader, csr_head
 
 
 def encode_csr_v1(csr: Csr, quote: bytes, event_log: bytes) -> bytes:
     c = csr.config
     parts = [
-        _str(csr.confirm),
-        _bytes(csr.pubkey),
-        _opt(None if c.org_name is None else _str(c.org_name)),
-        _str(c.subject),
-        _compact(len(c.subject_alt_names)),
-        *(_str(n) for n in c.subject_alt_names),
+        *csr_head(csr),
         bytes([c.usage_server_auth, c.usage_client_auth, c.ext_quote]),
         _bytes(quote),
         _bytes(event_log),
